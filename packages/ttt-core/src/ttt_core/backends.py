@@ -1,0 +1,118 @@
+"""Backend registry: ``torch`` and ``generic`` built in, others through the entry-point group
+``ttt_core.backends`` (e.g. ttt-cuda registers ``cuda``) or :func:`register_backend`.
+
+A backend is any object with
+
+- ``name: str`` and ``device_types: tuple[str, ...]`` (devices it serves under ``backend="auto"``),
+- ``supports(op, q, **kwargs) -> str | None``: ``None`` when it can run the call, else the reason,
+- ``ttt_linear(q, k, v, eta, W1, b1, ln_weight, ln_bias, **kwargs)`` and
+  ``ttt_mlp(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, **kwargs)`` with ttt-core's signature
+  (inputs already validated; ``initial_state`` is always a ``TTTState``).
+
+An entry point may name the backend object itself or a zero-argument callable returning it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from importlib.metadata import entry_points
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = ["Backend", "available_backends", "get_backend", "register_backend"]
+
+ENTRY_POINT_GROUP = "ttt_core.backends"
+BUILTIN = ("torch", "generic")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    device_types: tuple[str, ...]
+
+    def supports(self, op: str, q: Any, **kwargs: Any) -> str | None: ...
+
+    def ttt_linear(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def ttt_mlp(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+_registry: dict[str, Backend] = {}
+_entry_points_loaded = False
+_warned: set[tuple[str, str]] = set()
+
+
+def register_backend(backend: Backend, *, replace: bool = False) -> None:
+    """Make ``backend`` selectable by name and under ``backend="auto"`` on its device types."""
+    if not isinstance(backend, Backend):
+        raise TypeError(
+            "backend must define name, device_types, supports(), ttt_linear() and ttt_mlp(); "
+            f"got {type(backend).__name__}"
+        )
+    if backend.name in BUILTIN:
+        raise ValueError(f"backend name {backend.name!r} is reserved for a built-in backend")
+    if backend.name in _registry and not replace:
+        raise ValueError(f"a backend named {backend.name!r} is already registered (pass replace=True)")
+    _registry[backend.name] = backend
+
+
+def unregister_backend(name: str) -> None:
+    _registry.pop(name, None)
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+            backend = obj() if callable(obj) and not isinstance(obj, Backend) else obj
+            register_backend(backend, replace=True)
+        except Exception as err:  # a broken optional backend must not break ttt-core
+            warnings.warn(f"ttt_core: could not load backend {ep.name!r} ({ep.value}): {err}", stacklevel=2)
+
+
+def available_backends() -> list[str]:
+    """Names usable as ``backend=``: the built-ins, then registered ones (e.g. ``"cuda"``)."""
+    _load_entry_points()
+    return [*BUILTIN, *_registry]
+
+
+def get_backend(name: str) -> Backend:
+    _load_entry_points()
+    if name not in _registry:
+        raise ValueError(f"unknown backend {name!r}; available: {available_backends()} (or 'auto')")
+    return _registry[name]
+
+
+def resolve(name: str, op: str, q, **kwargs) -> Backend | str:
+    """Pick the implementation for one call: a built-in name ("torch"/"generic") or a Backend.
+
+    ``auto`` uses the first registered backend serving q's device type that supports the call; when
+    one serves the device but not the call, it warns once with its reason and uses ``torch``. A
+    backend asked for by name that cannot run the call raises ValueError with its reason.
+    """
+    if name in BUILTIN:
+        return name
+    if name != "auto":
+        backend = get_backend(name)
+        reason = backend.supports(op, q, **kwargs)
+        if reason is not None:
+            raise ValueError(f"backend {name!r} cannot run this {op} call: {reason}")
+        return backend
+    _load_entry_points()
+    for backend in _registry.values():
+        if q.device.type not in backend.device_types:
+            continue
+        reason = backend.supports(op, q, **kwargs)
+        if reason is None:
+            return backend
+        if (backend.name, reason) not in _warned:
+            _warned.add((backend.name, reason))
+            warnings.warn(
+                f"ttt_core: backend {backend.name!r} cannot run this {op} call ({reason}); "
+                "falling back to the torch backend",
+                stacklevel=4,
+            )
+    return "torch"

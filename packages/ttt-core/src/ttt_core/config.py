@@ -1,0 +1,72 @@
+"""`TTTConfig`: every option of a :class:`~ttt_core.TTTLayer`, grouped in one dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["TTTConfig"]
+
+INNER = ("linear", "mlp")
+GATES = ("none", "gelu", "tanh_alpha")
+TOKEN_SCALES = ("mean", "sum", "learnable")
+
+
+@dataclass
+class TTTConfig:
+    """Configuration of a TTT layer ``[B, L, C] -> [B, L, C]``."""
+
+    hidden_size: int  # C, the model width
+    num_heads: int  # H
+    head_dim: int | None = None  # D; default C // H
+    inner: str = "linear"  # fast model: "linear" (x W + b) or "mlp" (gelu MLP, F = mlp_ratio * D)
+    mlp_ratio: int = 4  # F / D for the mlp fast model
+    mini_batch_size: int | None = 16  # b; None: the whole sequence is one mini-batch
+    causal: bool = True  # False: batch-parallel update, every query sees the mini-batch's end weights
+    token_scale: str = "mean"  # s_i: "mean" 1/(i+1), "sum" 1, "learnable" (init 1/(i+1), needs b)
+    base_lr: float = 1.0  # eta_j = base_lr * sigmoid(x_j W_lr + b_lr) / D
+    titans: bool = False  # learnable per-token momentum and decay (Titans form; causal only)
+    gate: str = "none"  # "none" | "gelu" (g_proj, TTT paper) | "tanh_alpha" (static per-dim tanh(alpha))
+    gate_init: float = 0.1  # alpha at init for "tanh_alpha" (and the reverse pass); 0 -> output exactly 0
+    qk_l2_norm: bool = False  # L2-normalise q and k per head
+    normalize_target: bool = False  # standardise the target v - k per token (zero mean, unit var)
+    bidirectional: bool = False  # also run on the reversed sequence (same weights, own tanh gate)
+    post_norm: bool = True  # LayerNorm over the heads' output before o_proj
+    use_dual_form: bool = True  # False: primal form (same result; explicit per-token weights)
+    bias: bool = False  # biases in the q/k/v/o projections
+    ln_eps: float = 1e-6  # epsilon of the inner per-head LayerNorm
+    init_std: float = 0.02  # std of projection and fast-weight init
+    backend: str = "auto"  # "auto" | "torch" | "generic" | a registered backend
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_heads", "mlp_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TTTConfig.{name} must be a positive int, got {value!r}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(
+                    f"TTTConfig.hidden_size={self.hidden_size} is not divisible by "
+                    f"num_heads={self.num_heads}; set head_dim explicitly"
+                )
+            self.head_dim = self.hidden_size // self.num_heads
+        elif self.head_dim < 1:
+            raise ValueError(f"TTTConfig.head_dim must be >= 1, got {self.head_dim}")
+        if self.inner not in INNER:
+            raise ValueError(f"TTTConfig.inner must be one of {INNER}, got {self.inner!r}")
+        if self.gate not in GATES:
+            raise ValueError(f"TTTConfig.gate must be one of {GATES}, got {self.gate!r}")
+        if self.token_scale not in TOKEN_SCALES:
+            raise ValueError(f"TTTConfig.token_scale must be one of {TOKEN_SCALES}, got {self.token_scale!r}")
+        if self.mini_batch_size is not None and self.mini_batch_size < 1:
+            raise ValueError(f"TTTConfig.mini_batch_size must be >= 1 or None, got {self.mini_batch_size}")
+        if self.token_scale == "learnable" and self.mini_batch_size is None:
+            raise ValueError("TTTConfig.token_scale='learnable' needs a finite mini_batch_size")
+        if self.titans and not self.causal:
+            raise ValueError("TTTConfig.titans=True (momentum/decay) needs causal=True")
+        if self.base_lr <= 0:
+            raise ValueError(f"TTTConfig.base_lr must be > 0, got {self.base_lr}")
+
+    @property
+    def inner_width(self) -> int:
+        """H * D, the width of the heads' concatenated output."""
+        return self.num_heads * self.head_dim

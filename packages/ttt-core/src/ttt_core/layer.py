@@ -1,0 +1,170 @@
+"""`TTTLayer`: a sequence-mixing layer ``[B, L, C] -> [B, L, C]`` whose hidden state is a fast model.
+
+    q, k, v = x Wq, x Wk, x Wv                       (per head, [B, H, L, D]; optional L2 norm)
+    eta     = base_lr * sigmoid(x W_lr + b_lr) / D   ([B, H, L], learnable per-token inner lr)
+    o, S    = inner(q, k, v, eta, state)             (TTT-Linear / TTT-MLP, see ttt_core.functional)
+    y       = o_proj(gate(post_norm(o)))              (+ the reversed pass when bidirectional)
+
+Gates: "none"; "gelu" multiplies by ``gelu(x W_g)`` before o_proj (TTT paper); "tanh_alpha" scales
+the projected output per dimension by ``tanh(alpha)`` (video TTT), so ``gate_init=0`` makes the
+layer output exactly zero: adding it residually to a pretrained model starts from that model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import vmap
+
+from .config import TTTConfig
+from .learners import InnerLearner, LinearLearner, MLPLearner
+from .ops.common import layer_norm_heads
+from .state import TTTState
+
+__all__ = ["TTTLayer"]
+
+
+class TTTLayer(nn.Module):
+    """TTT layer built from a :class:`TTTConfig`.
+
+    Examples:
+        >>> layer = TTTLayer(TTTConfig(hidden_size=64, num_heads=4))
+        >>> y, state = layer(torch.randn(2, 40, 64))                 # y [2, 40, 64]
+        >>> y2, state = layer(torch.randn(2, 1, 64), state=state)    # streaming, one token
+    """
+
+    def __init__(self, config: TTTConfig) -> None:
+        super().__init__()
+        if not isinstance(config, TTTConfig):
+            raise TypeError(f"config must be a TTTConfig, got {type(config).__name__}")
+        self.config = c = config
+        C, H, D, std = c.hidden_size, c.num_heads, c.head_dim, c.init_std
+        W = c.inner_width
+        self.q_proj = nn.Linear(C, W, bias=c.bias)
+        self.k_proj = nn.Linear(C, W, bias=c.bias)
+        self.v_proj = nn.Linear(C, W, bias=c.bias)
+        self.o_proj = nn.Linear(W, C, bias=c.bias)
+        self.lr_proj = nn.Linear(C, H)  # eta logits per head
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.o_proj, self.lr_proj):
+            nn.init.normal_(lin.weight, std=std)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        self.inner: InnerLearner = (
+            LinearLearner(H, D, eps=c.ln_eps, init_std=std)
+            if c.inner == "linear"
+            else MLPLearner(H, D, c.mlp_ratio, eps=c.ln_eps, init_std=std)
+        )
+        if c.token_scale == "learnable":
+            b = c.mini_batch_size
+            self.token_scale = nn.Parameter(1.0 / torch.arange(1, b + 1, dtype=torch.float32))
+        if c.titans:
+            self.momentum_proj = nn.Linear(C, H)  # sigmoid -> m_j, init ~0.82
+            self.decay_proj = nn.Linear(C, H)  # sigmoid -> a_j, init ~0.007
+            for lin, b0 in ((self.momentum_proj, 1.5), (self.decay_proj, -5.0)):
+                nn.init.normal_(lin.weight, std=std)
+                nn.init.constant_(lin.bias, b0)
+        self.post_norm = nn.LayerNorm(W, eps=1e-6) if c.post_norm else nn.Identity()
+        if c.gate == "gelu":
+            self.g_proj = nn.Linear(C, W, bias=c.bias)
+            nn.init.normal_(self.g_proj.weight, std=std)
+        elif c.gate == "tanh_alpha":
+            self.gate_alpha = nn.Parameter(torch.full((C,), float(c.gate_init)))
+        if c.bidirectional:
+            self.reverse_alpha = nn.Parameter(torch.full((C,), float(c.gate_init)))
+
+    # ------------------------------------------------------------------------------------------
+    def _heads(self, t: Tensor) -> Tensor:  # [B, L, H*D] -> [B, H, L, D]
+        B, L, _ = t.shape
+        return t.view(B, L, self.config.num_heads, self.config.head_dim).transpose(1, 2)
+
+    def inner_inputs(self, x: Tensor) -> dict[str, Tensor]:
+        """q, k, v [B, H, L, D], eta [B, H, L] (and momentum/decay) of the inner loop for x [B, L, C]."""
+        c = self.config
+        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+        if c.qk_l2_norm:
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        if c.normalize_target:  # target v - k standardised per token
+            t = v - k
+            t = (t - t.mean(-1, keepdim=True)) * torch.rsqrt(t.var(-1, keepdim=True, unbiased=False) + 1e-6)
+            v = k + t
+        eta = c.base_lr * torch.sigmoid(self.lr_proj(x)).transpose(1, 2) / c.head_dim  # (B, H, L)
+        out = {"q": q, "k": k, "v": v, "eta": eta}
+        if c.titans:
+            out["momentum"] = torch.sigmoid(self.momentum_proj(x)).transpose(1, 2)
+            out["decay"] = torch.sigmoid(self.decay_proj(x)).transpose(1, 2)
+        return out
+
+    def _inner_kwargs(self) -> dict:
+        c = self.config
+        ts = self.token_scale if c.token_scale == "learnable" else c.token_scale
+        return dict(mini_batch_size=c.mini_batch_size, causal=c.causal, token_scale=ts,
+                    backend=c.backend, form="dual" if c.use_dual_form else "primal")  # fmt: skip
+
+    def _run_inner(self, inputs: dict[str, Tensor], state: TTTState | None, stream: bool):
+        i = inputs
+        extra = {"momentum": i["momentum"], "decay": i["decay"]} if "momentum" in i else {}
+        return self.inner(i["q"], i["k"], i["v"], i["eta"], state=state, output_final_state=stream,
+                          **extra, **self._inner_kwargs())  # fmt: skip
+
+    def _merge(self, o: Tensor) -> Tensor:  # [B, H, L, D] -> [B, L, H*D]
+        B, H, L, D = o.shape
+        return o.transpose(1, 2).reshape(B, L, H * D)
+
+    def forward(self, x: Tensor, state: TTTState | None = None) -> tuple[Tensor, TTTState | None]:
+        """x [B, L, C] -> (y [B, L, C], state). The state (causal, one-directional layers) lets the
+        next call continue the sequence exactly; it is None otherwise."""
+        c = self.config
+        if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != c.hidden_size:
+            shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be [B, L, C={c.hidden_size}], got {shape}")
+        stream = c.causal and not c.bidirectional
+        if state is not None and not stream:
+            raise ValueError("state is only accepted by causal, one-directional TTT layers (streaming)")
+        inputs = self.inner_inputs(x)
+        o, new_state = self._run_inner(inputs, state, stream)
+        y = self.post_norm(self._merge(o))  # (B, L, H*D)
+        if c.gate == "gelu":
+            y = F.gelu(self.g_proj(x), approximate="tanh") * y
+        y = self.o_proj(y)  # (B, L, C)
+        if c.gate == "tanh_alpha":
+            y = torch.tanh(self.gate_alpha) * y
+        if c.bidirectional:
+            rev = {n: t.flip(2) for n, t in inputs.items()}  # reversed along L
+            o_rev, _ = self._run_inner(rev, None, False)
+            y_rev = self.o_proj(self.post_norm(self._merge(o_rev.flip(2))))
+            y = y + torch.tanh(self.reverse_alpha) * y_rev
+        return y, new_state
+
+    @torch.no_grad()
+    def inner_loss_report(self, x: Tensor) -> dict[str, Tensor]:
+        """Mean inner token loss of x's tokens at their mini-batch's start weights ("before") and at
+        the weights after that mini-batch's update ("after") -- how much the inner loop learns.
+
+        Returns scalars ``{"before": ..., "after": ...}`` (fp32)."""
+        c = self.config
+        inputs = self.inner_inputs(x)
+        L = x.shape[1]
+        b = L if c.mini_batch_size is None else c.mini_batch_size
+        kw = {**self._inner_kwargs(), "causal": True, "mini_batch_size": b}
+        if not c.causal:  # a non-causal mini-batch ends at W - sum_j eta_j grad_j: the "sum" scale
+            kw["token_scale"] = "sum"
+        learner, total = self.inner, {"before": 0.0, "after": 0.0}
+        state = learner.init_state(x.shape[0])
+        for s in range(0, L, b):
+            chunk = {n: t[:, :, s : s + b] for n, t in inputs.items()}
+            total["before"] += self._token_loss(state.fast_weights(kw["token_scale"]), chunk).sum()
+            extra = {"momentum": chunk["momentum"], "decay": chunk["decay"]} if c.titans else {}
+            _, state = learner(chunk["q"], chunk["k"], chunk["v"], chunk["eta"], state=state,
+                               output_final_state=True, **extra, **kw)  # fmt: skip
+            total["after"] += self._token_loss(state.fast_weights(kw["token_scale"]), chunk).sum()
+        n = x.shape[0] * c.num_heads * L
+        return {name: (t / n).float() for name, t in total.items()}
+
+    def _token_loss(self, weights: dict[str, Tensor], chunk: dict[str, Tensor]) -> Tensor:
+        """l_j at per-sample weights [B, H, ...] for the chunk's tokens: [B, H, n]."""
+        f = vmap(vmap(self.inner.fast_model))  # over B, H
+        k = chunk["k"].float()
+        z = f(weights, k)  # (B, H, n, D)
+        pred = layer_norm_heads(z, self.inner.ln_weight.float(), self.inner.ln_bias.float(), self.inner.eps)
+        return 0.5 * (pred - (chunk["v"].float() - k)).pow(2).sum(-1)

@@ -1,0 +1,171 @@
+"""Inner learners: the fast-weight model of a TTT layer, as an ``nn.Module``.
+
+An :class:`InnerLearner` owns the *start* fast weights (per head, ``[H, ...]``; outer-loop
+parameters) and the per-head LayerNorm of the token loss. ``forward`` runs the inner loop:
+
+    l_j(W) = 0.5 * ||LN_h(f_W(k_j)) - (v_j - k_j)||^2,   o_i = q_i + LN_h(f_{W_i}(q_i))
+
+A subclass that only defines the fast model (:meth:`InnerLearner.fast_model`) and its parameters
+gets the generic torch.func path for free; :class:`LinearLearner` and :class:`MLPLearner` route to
+the closed-form ``ttt_linear`` / ``ttt_mlp``.
+
+Examples:
+    >>> class SwiGLULearner(InnerLearner):
+    ...     def __init__(self, num_heads, head_dim, hidden):
+    ...         super().__init__(num_heads, head_dim)
+    ...         self.Wg = nn.Parameter(torch.randn(num_heads, head_dim, hidden) * 0.02)
+    ...         self.Wu = nn.Parameter(torch.randn(num_heads, head_dim, hidden) * 0.02)
+    ...         self.Wd = nn.Parameter(torch.randn(num_heads, hidden, head_dim) * 0.02)
+    ...     def fast_model(self, p, x):  # x [N, D] -> [N, D]
+    ...         return (F.silu(x @ p["Wg"]) * (x @ p["Wu"])) @ p["Wd"]
+    >>> o, state = SwiGLULearner(4, 16, 64)(q, k, v, eta)
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+from .fast_models import linear_fast_model, mlp_fast_model
+from .functional import ttt_linear, ttt_mlp
+from .ops.common import compute_dtype
+from .ops.generic import ttt_generic
+from .state import TensorDict, TTTState
+from .validation import validate
+
+__all__ = ["InnerLearner", "LinearLearner", "MLPLearner"]
+
+
+class InnerLearner(nn.Module, ABC):
+    """Abstract fast-weight model trained by the TTT inner loop.
+
+    Args:
+        num_heads: H.
+        head_dim: D (fast models map D -> D).
+        eps: epsilon of the per-head LayerNorm (weight ``ln_weight``, bias ``ln_bias``: [H, D]).
+
+    Every ``nn.Parameter`` of the subclass other than ``ln_weight``/``ln_bias`` is a fast weight with
+    a leading head dim; the fast model sees it per head, without that dim.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        if num_heads < 1 or head_dim < 1:
+            raise ValueError(f"num_heads and head_dim must be >= 1, got {num_heads}, {head_dim}")
+        self.num_heads, self.head_dim, self.eps = num_heads, head_dim, eps
+        self.ln_weight = nn.Parameter(torch.ones(num_heads, head_dim))
+        self.ln_bias = nn.Parameter(torch.zeros(num_heads, head_dim))
+
+    @abstractmethod
+    def fast_model(self, params: TensorDict, x: Tensor) -> Tensor:
+        """f_W(x) for one head: ``params`` without the head dim, ``x [N, D] -> [N, D]``."""
+
+    def fast_params(self) -> TensorDict:
+        """The start fast weights ``{name: [H, ...]}`` (outer-loop parameters)."""
+        return {n: p for n, p in self.named_parameters(recurse=False) if not n.startswith("ln_")}
+
+    def init_state(self, batch: int, dtype: torch.dtype = torch.float32) -> TTTState:
+        """A fresh state: the start weights for each of ``batch`` samples (differentiable)."""
+        return TTTState.from_params(self.fast_params(), batch, None, dtype)
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        eta: Tensor,
+        *,
+        state: TTTState | None = None,
+        mini_batch_size: int | None = 16,
+        causal: bool = True,
+        token_scale: str | Tensor = "mean",
+        momentum: Tensor | None = None,
+        decay: Tensor | None = None,
+        output_final_state: bool = False,
+        backend: str = "auto",
+    ) -> tuple[Tensor, TTTState | None]:
+        """Run the inner loop over q, k, v [B, H, L, D] with per-token lr eta [B, H, L].
+
+        Returns ``(o [B, H, L, D], state or None)``; the keywords mean what they mean in
+        :func:`ttt_core.ttt_linear`. This default runs the generic torch.func path.
+        """
+        if backend not in ("auto", "generic"):
+            raise ValueError(
+                f"{type(self).__name__} defines its own fast model: only backend 'generic' (or 'auto') "
+                f"can run it, got {backend!r}"
+            )
+        weights = self.fast_params()
+        B = q.shape[0] if isinstance(q, Tensor) and q.ndim == 4 else 0
+        _check_generic(q, k, v, eta, weights, self, mini_batch_size, causal, token_scale,
+                       momentum, decay, state, output_final_state)  # fmt: skip
+        if state is None:
+            state = TTTState.from_params(weights, B, mini_batch_size, compute_dtype(q.dtype))
+        o, new_state = ttt_generic(
+            self.fast_model, q, k, v, eta, state, self.ln_weight, self.ln_bias,
+            mini_batch_size=mini_batch_size, causal=causal, token_scale=token_scale,
+            momentum=momentum, decay=decay, eps=self.eps,
+        )  # fmt: skip
+        return o, (new_state if output_final_state else None)
+
+
+def _check_generic(q, k, v, eta, weights, learner, mini_batch_size, causal, token_scale,
+                   momentum, decay, state, output_final_state) -> None:  # fmt: skip
+    """Shape checks for a user fast model: everything but the fast weights' inner shapes."""
+    H, D = learner.num_heads, learner.head_dim
+    validate(q=q, k=k, v=v, eta=eta, weights={}, ln_weight=learner.ln_weight,
+             ln_bias=learner.ln_bias, mini_batch_size=mini_batch_size, causal=causal,
+             token_scale=token_scale, momentum=momentum, decay=decay, initial_state=None,
+             output_final_state=output_final_state, eps=learner.eps, backend="generic")  # fmt: skip
+    for name, p in weights.items():
+        if p.ndim < 1 or p.shape[0] != H:
+            raise ValueError(f"fast weight {name!r} must have a leading head dim of {H}, got {list(p.shape)}")
+    if q.shape[1] != H or q.shape[3] != D:
+        raise ValueError(f"q must be [B, H={H}, L, D={D}] for this learner, got {list(q.shape)}")
+    if state is not None:
+        if not isinstance(state, TTTState):
+            raise TypeError(f"state must be a TTTState, got {type(state).__name__}")
+        if set(state.params) != set(weights):
+            raise ValueError(f"state holds {sorted(state.params)} but the learner has {sorted(weights)}")
+
+
+class LinearLearner(InnerLearner):
+    """TTT-Linear: ``f_W(x) = x W1 + b1`` with W1 [H, D, D] (init N(0, 0.02)), b1 [H, 1, D] (zeros)."""
+
+    def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-6, init_std: float = 0.02):
+        super().__init__(num_heads, head_dim, eps)
+        self.W1 = nn.Parameter(torch.randn(num_heads, head_dim, head_dim) * init_std)
+        self.b1 = nn.Parameter(torch.zeros(num_heads, 1, head_dim))
+
+    def fast_model(self, params: TensorDict, x: Tensor) -> Tensor:
+        return linear_fast_model(params, x)
+
+    def forward(self, q, k, v, eta, *, state=None, output_final_state=False, backend="auto", **kw):
+        """Closed-form TTT-Linear (:func:`ttt_core.ttt_linear`); ``backend="generic"`` works too."""
+        return ttt_linear(q, k, v, eta, self.W1, self.b1, self.ln_weight, self.ln_bias,
+                          initial_state=state, output_final_state=output_final_state,
+                          eps=self.eps, backend=backend, **kw)  # fmt: skip
+
+
+class MLPLearner(InnerLearner):
+    """TTT-MLP: ``f_W(x) = gelu_tanh(x W1 + b1) W2 + b2``, hidden F = ``mlp_ratio * D``."""
+
+    def __init__(self, num_heads: int, head_dim: int, mlp_ratio: int = 4, eps: float = 1e-6,
+                 init_std: float = 0.02):  # fmt: skip
+        super().__init__(num_heads, head_dim, eps)
+        F = mlp_ratio * head_dim
+        self.W1 = nn.Parameter(torch.randn(num_heads, head_dim, F) * init_std)
+        self.b1 = nn.Parameter(torch.zeros(num_heads, 1, F))
+        self.W2 = nn.Parameter(torch.randn(num_heads, F, head_dim) * init_std / math.sqrt(mlp_ratio))
+        self.b2 = nn.Parameter(torch.zeros(num_heads, 1, head_dim))
+
+    def fast_model(self, params: TensorDict, x: Tensor) -> Tensor:
+        return mlp_fast_model(params, x)
+
+    def forward(self, q, k, v, eta, *, state=None, output_final_state=False, backend="auto", **kw):
+        """Closed-form TTT-MLP (:func:`ttt_core.ttt_mlp`); ``backend="generic"`` works too."""
+        return ttt_mlp(q, k, v, eta, self.W1, self.b1, self.W2, self.b2, self.ln_weight,
+                       self.ln_bias, initial_state=state, output_final_state=output_final_state,
+                       eps=self.eps, backend=backend, **kw)  # fmt: skip

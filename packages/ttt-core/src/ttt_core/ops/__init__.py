@@ -1,0 +1,1 @@
+"""Implementations behind the functional API: ``scan`` (torch backend), ``generic`` (torch.func)."""

@@ -1,0 +1,274 @@
+"""The ``torch`` backend: TTT-Linear and TTT-MLP as a scan over mini-batches, closed form per segment.
+
+Within a mini-batch every gradient is taken at the start weights P. For a fast layer with inputs
+X (keys) / Xq (queries) and output gradients g_j (at P), query i sees
+
+    plain:   W_i = P - s_i * (G + sum_{j<=i} eta_j X_j^T g_j)        (G: what a cut already read)
+    Titans:  W_i = D_i W_0 + c0_i S_0 - sum_{t<=i} C_it eta_t X_t^T g_t
+
+so ``Xq_i W_i`` is, in the *dual* form, a masked attention over the mini-batch:
+``Xq_i P - s_i (Xq_i G) - sum_j coef_ij eta_j (Xq_i . X_j + 1) g_j`` (the +1 is the bias), and in the
+*primal* form the explicit per-token weights applied to Xq_i. Both are exact; dual is the default,
+primal is cheaper for a single token. The Titans coefficients come from the per-token momentum m and
+decay a: ``M_jt = prod_{t<r<=j} m_r``, ``A_ij = prod_{j<r<=i} (1 - a_r)``, ``C = A M``,
+``c0 = A mcum``, ``D_i = prod_{r<=i} (1 - a_r)`` (see DESIGN.md for the recurrence).
+
+Work is vectorised over batch, heads and, for the coefficients, over all mini-batches at once; only
+the weight-dependent part runs in the Python loop over mini-batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..state import TTTState, TensorDict
+from .common import (
+    Segment,
+    compute_dtype,
+    gelu_tanh,
+    gelu_tanh_grad,
+    layer_norm_heads,
+    ln_loss_grad,
+    plan_segments,
+    position_scales,
+)
+
+LAYERS = {"linear": (("W1", "b1"),), "mlp": (("W1", "b1"), ("W2", "b2"))}
+
+
+# ----------------------------------------------------------------------------------------------
+# coefficients of one group of equally shaped segments (N segments of n tokens), no weights needed
+# ----------------------------------------------------------------------------------------------
+def _segment_products(x: Tensor) -> tuple[Tensor, Tensor]:
+    """For x [..., n]: ``mat[..., j, t] = prod_{t<r<=j} x_r`` (j >= t, else 0) and ``cum_j = prod_{r<=j} x_r``."""
+    n = x.shape[-1]
+    idx = torch.arange(n, device=x.device)
+    strictly_below = idx[:, None] > idx[None, :]  # (j, t): j > t
+    X = torch.where(strictly_below, x.unsqueeze(-1).expand(*x.shape, n), torch.ones_like(x).unsqueeze(-1))
+    mat = torch.cumprod(X, dim=-2) * (idx[:, None] >= idx[None, :])
+    return mat, torch.cumprod(x, dim=-1)
+
+
+@dataclass
+class _Coefs:
+    """Per-group coefficients, leading dim N (one entry per segment)."""
+
+    coef: Tensor  # [N, B, H, n, n] or [n, n]: weight of token j's step in query i's weights (no eta)
+    eta: Tensor  # [N, B, H, n]
+    # plain form
+    s: Tensor | None = None  # [n] scales of the group's positions
+    s_last: Tensor | None = None  # [] scale applied at the mini-batch end
+    # Titans form
+    D: Tensor | None = None  # [N, B, H, n]   weight of W_0 in W_i
+    c0: Tensor | None = None  # [N, B, H, n]   weight of S_0 in W_i
+    m_last: Tensor | None = None  # [N, B, H]     weight of S_0 in S_last
+    M_last: Tensor | None = None  # [N, B, H, n]  weight of step t in S_last
+
+    def select(self, i: int) -> _Coefs:
+        """The coefficients of segment i of the group (shared plain-form ones pass through)."""
+        per_segment = ("eta", "D", "c0", "m_last", "M_last") + (("coef",) if self.D is not None else ())
+        return _Coefs(
+            **{
+                f: (getattr(self, f)[i] if f in per_segment and getattr(self, f) is not None
+                    else getattr(self, f))
+                for f in self.__dataclass_fields__
+            }
+        )
+
+
+def _coefs(seg: Segment, eta, momentum, decay, causal, token_scale) -> _Coefs:
+    """eta, momentum, decay: [N, B, H, n] (momentum/decay None outside the Titans form)."""
+    n, dev, dt = seg.length, eta.device, eta.dtype
+    if momentum is not None:
+        M, mcum = _segment_products(momentum)
+        A, D = _segment_products(1.0 - decay)
+        return _Coefs(
+            coef=A @ M, eta=eta, D=D, c0=(A @ mcum.unsqueeze(-1)).squeeze(-1),
+            m_last=mcum[..., -1], M_last=M[..., -1, :],
+        )  # fmt: skip
+    if not causal:
+        one = torch.ones((), device=dev, dtype=dt)
+        return _Coefs(coef=torch.ones(n, n, device=dev, dtype=dt), eta=eta, s=one.expand(n), s_last=one)
+    s = position_scales(token_scale, seg.offset, n, dev, dt)
+    coef = s[:, None] * torch.ones(n, n, device=dev, dtype=dt).tril()
+    return _Coefs(coef=coef, eta=eta, s=s, s_last=s[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# one segment: gradients at P, queries, state update
+# ----------------------------------------------------------------------------------------------
+def _bcast(x: Tensor, ndim: int) -> Tensor:
+    """[B, H] or [B, H, n] scalars viewed against [B, H, ..., n?, ...] of rank ndim (append dims)."""
+    return x.reshape(*x.shape, *([1] * (ndim - x.ndim)))
+
+
+def _key_grads(P: TensorDict, k: Tensor, tgt: Tensor, ln_w, ln_b, eps, kind):
+    """Inputs X_l and output gradients g_l of every fast layer for the keys, at the start weights P.
+
+    k, tgt: [B, H, n, D]. Returns lists over layers of X [B, H, n, Din] and g [B, H, n, Dout]."""
+    if kind == "linear":
+        z = k @ P["W1"] + P["b1"]  # (B, H, n, D)
+        return [k], [ln_loss_grad(z, tgt, ln_w, ln_b, eps)]
+    z1 = k @ P["W1"] + P["b1"]  # (B, H, n, F)
+    x2 = gelu_tanh(z1)
+    z2 = x2 @ P["W2"] + P["b2"]  # (B, H, n, D)
+    g2 = ln_loss_grad(z2, tgt, ln_w, ln_b, eps)
+    g1 = (g2 @ P["W2"].transpose(-1, -2)) * gelu_tanh_grad(z1)  # (B, H, n, F)
+    return [k, x2], [g1, g2]
+
+
+def _query_layer(xq, xk, g, wname, bname, carry, c: _Coefs, primal: bool, attn=None):
+    """Pre-activation output of one fast layer for the queries: xq [B, H, n, Din] -> [B, H, n, Dout]."""
+    W, b = wname, bname
+    if c.D is not None:  # Titans: D_i (xq W_0 + b_0) + c0_i (xq S_0 + Sb_0) - steps
+        Wc, S = carry["W"], carry["S"]
+        base = _bcast(c.D, 4) * (xq @ Wc[W] + Wc[b]) + _bcast(c.c0, 4) * (xq @ S[W] + S[b])
+    else:  # plain: xq P + b - s_i (xq G + Gb) - steps
+        P, G = carry["P"], carry["G"]
+        base = xq @ P[W] + P[b]
+        if G is not None:
+            base = base - _bcast(c.s, 2) * (xq @ G[W] + G[b])
+    if primal:  # explicit per-query weights: sum_j coef_ij eta_j X_j^T g_j
+        eg = c.eta.unsqueeze(-1) * g  # (B, H, n, Dout)
+        dW = torch.einsum("...ij,...jd,...je->...ide", c.coef, xk, eg)  # (B, H, n, Din, Dout)
+        db = c.coef @ eg  # (B, H, n, Dout)
+        return base - (xq.unsqueeze(-2) @ dW).squeeze(-2) - db
+    if attn is None:
+        attn = _attention(xq, xk, c)
+    return base - attn @ g
+
+
+def _attention(xq: Tensor, xk: Tensor, c: _Coefs) -> Tensor:
+    """Dual-form mixing matrix ``coef_ij * eta_j * (xq_i . xk_j + 1)``: [..., n, n]."""
+    return (xq @ xk.transpose(-1, -2) + 1.0) * c.coef * c.eta.unsqueeze(-2)
+
+
+def _update(carry, xs, gs, layers, c: _Coefs, seg: Segment, causal: bool) -> None:
+    """Advance the carry past the segment (in place on the dict): sum_j w_j X_j^T g_j style steps."""
+
+    def step(weights: Tensor):  # -> {name: -sum_j w_j X_j^T g_j}
+        out = {}
+        for (W, b), x, g in zip(layers, xs, gs):
+            wg = weights.unsqueeze(-1) * g  # (B, H, n, Dout)
+            out[W] = x.transpose(-1, -2) @ wg
+            out[b] = wg.sum(dim=-2, keepdim=True)
+        return out
+
+    if c.D is not None:  # Titans
+        Wc, S = carry["W"], carry["S"]
+        dS = step(c.M_last * c.eta)
+        dW = step(c.coef[..., -1, :] * c.eta)
+        m, D, c0 = _bcast(c.m_last, 4), _bcast(c.D[..., -1], 4), _bcast(c.c0[..., -1], 4)
+        carry["S"] = {n: m * S[n] - dS[n] for n in S}
+        carry["W"] = {n: D * Wc[n] + c0 * S[n] - dW[n] for n in Wc}
+        if seg.completes:
+            carry["P"] = carry["W"]
+        return
+    d = step(c.eta)
+    P, G = carry["P"], carry["G"]
+    G = d if G is None else {n: G[n] + d[n] for n in G}
+    if seg.completes or not causal:
+        carry["P"] = {n: P[n] - c.s_last * G[n] for n in P}
+        carry["G"] = None
+    else:
+        carry["G"] = G
+
+
+# ----------------------------------------------------------------------------------------------
+# the scan
+# ----------------------------------------------------------------------------------------------
+def _groups(segs: list[Segment]) -> list[list[Segment]]:
+    """Consecutive segments of equal length and offset run as one group (coefficients batched)."""
+    groups: list[list[Segment]] = []
+    for s in segs:
+        g = groups[-1] if groups else None
+        if g and g[-1].length == s.length and g[-1].offset == s.offset and g[-1].completes:
+            g.append(s)
+        else:
+            groups.append([s])
+    return groups
+
+
+def _stack(x: Tensor | None, group: list[Segment]) -> Tensor | None:
+    """[B, H, L, ...] -> [N, B, H, n, ...] for a group of N consecutive segments of n tokens."""
+    if x is None:
+        return None
+    start, n, N = group[0].start, group[0].length, len(group)
+    y = x[:, :, start : start + n * N]
+    y = y.reshape(*y.shape[:2], N, n, *y.shape[3:])
+    return y.movedim(2, 0)
+
+
+def ttt_scan(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    eta: Tensor,
+    state: TTTState,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    *,
+    kind: str,
+    mini_batch_size: int | None,
+    causal: bool,
+    token_scale: str | Tensor,
+    momentum: Tensor | None,
+    decay: Tensor | None,
+    eps: float,
+    form: str = "auto",
+) -> tuple[Tensor, TTTState]:
+    """Run TTT over a [B, H, L, D] sequence from ``state``; returns o [B, H, L, D] (q's dtype) and the
+    state after the last token. Inputs are validated by the caller (``ttt_core.functional``)."""
+    layers = LAYERS[kind]
+    titans = momentum is not None or decay is not None
+    dt = compute_dtype(q.dtype)
+    qf, kf = q.to(dt), k.to(dt)
+    tgt = v.to(dt) - kf  # (B, H, L, D) reconstruction target
+    etaf = eta.to(dt)
+    ln_w, ln_b = ln_weight.to(dt), ln_bias.to(dt)
+    if titans:
+        momentum = torch.zeros_like(etaf) if momentum is None else momentum.to(dt)
+        decay = torch.zeros_like(etaf) if decay is None else decay.to(dt)
+        S0 = state.momentum
+        if S0 is None:
+            S0 = {n: torch.zeros_like(t) for n, t in state.params.items()}
+        carry = {"P": state.params, "G": None, "S": S0, "W": state.current or state.params}
+    else:
+        carry = {"P": state.params, "G": state.grad_sum, "S": None, "W": None}
+
+    L = q.shape[2]
+    outs: list[Tensor] = []
+    segs = plan_segments(L, mini_batch_size, state.offset)
+    for group in _groups(segs):
+        seg = group[0]
+        qs, ks, ts, es = (_stack(x, group) for x in (qf, kf, tgt, etaf))
+        c = _coefs(seg, es, _stack(momentum, group), _stack(decay, group), causal, token_scale)
+        primal = form == "primal" or (form == "auto" and seg.length == 1)
+        attn = None if primal else _attention(qs, ks, c)  # layer-1 mixing for every segment at once
+        for i, segi in enumerate(group):
+            ci = c.select(i)
+            xs, gs = _key_grads(carry["P"], ks[i], ts[i], ln_w, ln_b, eps, kind)
+            h = qs[i]
+            for li, (W, b) in enumerate(layers):
+                a = attn[i] if (li == 0 and attn is not None) else None
+                z = _query_layer(h, xs[li], gs[li], W, b, carry, ci, primal, a)
+                h = gelu_tanh(z) if li + 1 < len(layers) else z
+            outs.append(h)
+            _update(carry, xs, gs, layers, ci, segi, causal)
+
+    z = torch.cat(outs, dim=2) if outs else qf.new_zeros(qf.shape)  # (B, H, L, D)
+    o = (qf + layer_norm_heads(z, ln_w, ln_b, eps)).to(q.dtype)
+    end = (state.offset + L) if mini_batch_size is None else (state.offset + L) % mini_batch_size
+    new_state = TTTState(
+        params=carry["P"],
+        offset=end,
+        mini_batch_size=mini_batch_size,
+        grad_sum=carry["G"] if end > 0 else None,
+        momentum=carry["S"],
+        current=carry["W"] if (titans and end > 0) else None,
+    )
+    return o, new_state
+
