@@ -1,0 +1,85 @@
+"""The backend registry: names, auto dispatch by device, one-time fallback warning, errors."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import call, make_inputs
+
+from ttt_core import available_backends, register_backend
+from ttt_core.backends import resolve, unregister_backend
+
+
+class RecordingBackend:
+    """A backend that serves CPU tensors by delegating to the torch backend and counting calls."""
+
+    name = "recording"
+    device_types = ("cpu",)
+
+    def __init__(self, max_len):
+        self.max_len, self.calls = max_len, 0
+
+    def supports(self, op, q, **kwargs):
+        return None if q.shape[2] <= self.max_len else f"L={q.shape[2]} > {self.max_len}"
+
+    def _run(self, kind, q, k, v, eta, *rest, initial_state, output_final_state, **kw):
+        from ttt_core.ops.scan import ttt_scan
+
+        self.calls += 1
+        *_, ln_w, ln_b = rest
+        return ttt_scan(q, k, v, eta, initial_state, ln_w, ln_b, kind=kind, **kw)
+
+    def ttt_linear(self, *args, **kw):
+        return self._run("linear", *args, **kw)
+
+    def ttt_mlp(self, *args, **kw):
+        return self._run("mlp", *args, **kw)
+
+
+@pytest.fixture
+def recording():
+    backend = RecordingBackend(max_len=16)
+    register_backend(backend)
+    yield backend
+    unregister_backend("recording")
+
+
+def test_builtins_are_listed():
+    assert available_backends()[:2] == ["torch", "generic"]
+
+
+def test_auto_uses_a_registered_backend_and_falls_back_with_one_warning(recording):
+    assert "recording" in available_backends()
+    x, w, ln, _ = make_inputs("linear", L=10)
+    o_auto, _ = call("linear", x, w, ln)
+    assert recording.calls == 1
+    o_torch, _ = call("linear", x, w, ln, backend="torch")
+    torch.testing.assert_close(o_auto, o_torch)
+    xl, *_ = make_inputs("linear", L=20)
+    with pytest.warns(UserWarning, match="'recording' cannot run this ttt_linear call"):
+        call("linear", xl, w, ln)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        call("linear", xl, w, ln)  # the same reason warns only once
+    assert recording.calls == 1
+
+
+def test_named_backend_that_cannot_run_raises(recording):
+    x, w, ln, _ = make_inputs("linear", L=20)
+    with pytest.raises(ValueError, match="backend 'recording' cannot run this ttt_linear call: L=20 > 16"):
+        call("linear", x, w, ln, backend="recording")
+
+
+def test_register_rejects_bad_objects(recording):
+    with pytest.raises(TypeError, match="backend must define"):
+        register_backend(object())
+    with pytest.raises(ValueError, match="already registered"):
+        register_backend(RecordingBackend(1))
+
+
+def test_auto_ignores_backends_for_other_devices(recording):
+    recording.device_types = ("cuda",)
+    x, *_ = make_inputs("linear", L=4)
+    assert resolve("auto", "ttt_linear", x["q"]) == "torch"
