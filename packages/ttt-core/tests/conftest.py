@@ -20,7 +20,12 @@ def make_inputs(kind="linear", B=2, H=3, L=23, D=12, F=None, dtype=torch.float64
         t = (lo + (hi - lo) * torch.rand(*shape, generator=g, dtype=torch.float64)).to(dtype)
         return t.requires_grad_(requires_grad)
 
-    x = {"q": r(B, H, L, D), "k": r(B, H, L, D), "v": r(B, H, L, D), "eta": u(B, H, L, lo=0.05, hi=0.5)}
+    x = {
+        "q": r(B, H, L, D),
+        "k": r(B, H, L, D),
+        "v": r(B, H, L, D),
+        "eta": u(B, H, L, lo=0.05, hi=0.5),
+    }
     if kind == "linear":
         w = {"W1": r(H, D, D, scale=0.3), "b1": r(H, 1, D, scale=0.1)}
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from importlib.metadata import EntryPoint
 
 import pytest
 import torch
@@ -68,7 +69,9 @@ def test_auto_uses_a_registered_backend_and_falls_back_with_one_warning(recordin
 
 def test_named_backend_that_cannot_run_raises(recording):
     x, w, ln, _ = make_inputs("linear", L=20)
-    with pytest.raises(ValueError, match="backend 'recording' cannot run this ttt_linear call: L=20 > 16"):
+    with pytest.raises(
+        ValueError, match="backend 'recording' cannot run this ttt_linear call: L=20 > 16"
+    ):
         call("linear", x, w, ln, backend="recording")
 
 
@@ -83,3 +86,42 @@ def test_auto_ignores_backends_for_other_devices(recording):
     recording.device_types = ("cuda",)
     x, *_ = make_inputs("linear", L=4)
     assert resolve("auto", "ttt_linear", x["q"]) == "torch"
+
+
+def make_recording_backend():
+    """Entry-point target: a zero-argument callable returning the backend."""
+    return RecordingBackend(max_len=1000)
+
+
+def test_entry_point_group_registers_a_backend(monkeypatch):
+    """A package declaring `ttt_core.backends` entry point is picked up lazily and used by auto."""
+    import ttt_core.backends as registry
+
+    ep = EntryPoint(
+        name="recording",
+        value="test_backends:make_recording_backend",
+        group=registry.ENTRY_POINT_GROUP,
+    )
+    monkeypatch.setattr(registry, "entry_points", lambda group: [ep] if group == ep.group else [])
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    try:
+        assert "recording" in available_backends()
+        backend = registry.get_backend("recording")
+        x, w, ln, _ = make_inputs("linear", L=6)
+        call("linear", x, w, ln)
+        assert backend.calls == 1
+    finally:
+        unregister_backend("recording")
+
+
+def test_broken_entry_point_warns_and_is_skipped(monkeypatch):
+    import ttt_core.backends as registry
+
+    ep = EntryPoint(
+        name="broken", value="no_such_module_xyz:backend", group=registry.ENTRY_POINT_GROUP
+    )
+    monkeypatch.setattr(registry, "entry_points", lambda group: [ep])
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    with pytest.warns(UserWarning, match="could not load backend 'broken'"):
+        names = available_backends()
+    assert "broken" not in names

@@ -34,7 +34,9 @@ def _kw(kw, dtype):
 
 
 def _inputs(kind, titans, dtype, requires_grad=False, **shape):
-    x, w, ln, extra = make_inputs(kind, dtype=dtype, titans=bool(titans), requires_grad=requires_grad, **shape)
+    x, w, ln, extra = make_inputs(
+        kind, dtype=dtype, titans=bool(titans), requires_grad=requires_grad, **shape
+    )
     if titans == "momentum":
         extra.pop("decay")
     return x, w, ln, extra
@@ -110,7 +112,10 @@ def test_eta_zero_leaves_weights_untouched(kind):
     x["eta"] = torch.zeros_like(x["eta"])
     o, state = call(kind, x, w, ln, mini_batch_size=4, output_final_state=True)
     z = FAST_MODELS[kind]({n: t.unsqueeze(0) for n, t in w.items()}, x["q"])
-    lnz = torch.nn.functional.layer_norm(z, z.shape[-1:], eps=1e-6) * ln["ln_weight"][:, None] + ln["ln_bias"][:, None]
+    lnz = (
+        torch.nn.functional.layer_norm(z, z.shape[-1:], eps=1e-6) * ln["ln_weight"][:, None]
+        + ln["ln_bias"][:, None]
+    )
     torch.testing.assert_close(o, x["q"] + lnz)
     for n, t in w.items():
         torch.testing.assert_close(state.params[n], t.expand_as(state.params[n]))
@@ -120,11 +125,16 @@ def test_learning_reduces_the_token_loss():
     """One non-causal step with a small lr lowers every head's mean token loss (a real descent step)."""
     x, w, ln, _ = make_inputs("linear", B=1, H=2, L=32, D=8, dtype=torch.float64)
     x["eta"] = torch.full_like(x["eta"], 0.02)
-    _, state = call("linear", x, w, ln, mini_batch_size=32, token_scale="sum", output_final_state=True)
+    _, state = call(
+        "linear", x, w, ln, mini_batch_size=32, token_scale="sum", output_final_state=True
+    )
 
     def loss(W1, b1):
         z = x["k"] @ W1 + b1
-        pred = torch.nn.functional.layer_norm(z, z.shape[-1:], eps=1e-6) * ln["ln_weight"][:, None] + ln["ln_bias"][:, None]
+        pred = (
+            torch.nn.functional.layer_norm(z, z.shape[-1:], eps=1e-6) * ln["ln_weight"][:, None]
+            + ln["ln_bias"][:, None]
+        )
         return 0.5 * (pred - (x["v"] - x["k"])).pow(2).sum(-1).mean(-1)  # (B, H)
 
     before = loss(w["W1"], w["b1"])

@@ -30,4 +30,6 @@ def test_gradcheck(kind, kw, titans):
         args = [a["q"], a["k"], a["v"], a["eta"], *(a[n] for n in w), a["ln_weight"], a["ln_bias"]]
         return fn(*args, **{n: a[n] for n in extra}, **kw)[0]
 
-    assert torch.autograd.gradcheck(f, tuple({**x, **w, **ln, **extra}.values()), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(
+        f, tuple({**x, **w, **ln, **extra}.values()), eps=1e-6, atol=1e-5
+    )

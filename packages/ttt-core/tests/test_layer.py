@@ -21,7 +21,9 @@ VARIANTS = {
 
 def _layer(seed=0, **kw):
     torch.manual_seed(seed)
-    return TTTLayer(TTTConfig(hidden_size=24, num_heads=3, mini_batch_size=kw.pop("mini_batch_size", 4), **kw))
+    return TTTLayer(
+        TTTConfig(hidden_size=24, num_heads=3, mini_batch_size=kw.pop("mini_batch_size", 4), **kw)
+    )
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import pickle
 
 import pytest
@@ -16,7 +17,7 @@ L = 19
 def _run_in_pieces(kind, x, w, ln, extra, cuts, **kw):
     bounds = [0, *sorted(set(cuts)), L]
     outs, state = [], None
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in itertools.pairwise(bounds):
         if a == b:
             continue
         xs = {n: t[:, :, a:b] for n, t in x.items()}
@@ -59,7 +60,7 @@ def test_one_token_at_a_time(kind, titans):
 
 def test_gradients_flow_through_the_carried_state():
     """Outer gradients of a two-piece run equal those of one call (the state is differentiable)."""
-    x, w, ln, extra = make_inputs("linear", B=1, H=2, L=L, D=6, requires_grad=True)
+    x, w, ln, _ = make_inputs("linear", B=1, H=2, L=L, D=6, requires_grad=True)
     full, _ = call("linear", x, w, ln, mini_batch_size=4)
     g_full = torch.autograd.grad(full.square().sum(), [*x.values(), *w.values()])
     pieces, _ = _run_in_pieces("linear", x, w, ln, {}, [6], mini_batch_size=4)

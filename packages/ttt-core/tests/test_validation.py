@@ -22,19 +22,46 @@ def _args(x, w, ln):
     ("mutate", "exc", "match"),
     [
         (lambda a: a.__setitem__(0, a[0][0]), ValueError, r"q must be 4-D \[B, H, L, D\]"),
-        (lambda a: a.__setitem__(1, a[1][:, :, :5]), ValueError, r"k must have shape \[B=2, H=3, L=10, D=4\]"),
-        (lambda a: a.__setitem__(2, a[2].double()), TypeError, "v has dtype torch.float64 but q has torch.float32"),
-        (lambda a: a.__setitem__(3, a[3][:, :2]), ValueError, r"eta must have shape \[B=2, H=3, L=10\]"),
+        (
+            lambda a: a.__setitem__(1, a[1][:, :, :5]),
+            ValueError,
+            r"k must have shape \[B=2, H=3, L=10, D=4\]",
+        ),
+        (
+            lambda a: a.__setitem__(2, a[2].double()),
+            TypeError,
+            "v has dtype torch.float64 but q has torch.float32",
+        ),
+        (
+            lambda a: a.__setitem__(3, a[3][:, :2]),
+            ValueError,
+            r"eta must have shape \[B=2, H=3, L=10\]",
+        ),
         (lambda a: a.__setitem__(4, a[4][:2]), ValueError, r"W1 must have shape \[H=3, D=4, F=4\]"),
         (lambda a: a.__setitem__(5, a[5][:, 0]), ValueError, r"b1 must be 3-D"),
-        (lambda a: a.__setitem__(6, a[6][:, :3]), ValueError, r"ln_weight must have shape \[H=3, D=4\]"),
+        (
+            lambda a: a.__setitem__(6, a[6][:, :3]),
+            ValueError,
+            r"ln_weight must have shape \[H=3, D=4\]",
+        ),
         (lambda a: a.__setitem__(0, a[0].long()), TypeError, "q must be a floating-point tensor"),
         (lambda a: a.__setitem__(3, a[3].numpy()), TypeError, "eta must be a torch.Tensor"),
         (lambda a: a.__setitem__(1, a[1].to("meta")), ValueError, "k is on meta but q is on cpu"),
         (lambda a: a.__setitem__(0, a[0][:, :, :0]), ValueError, "at least one token"),
     ],
-    ids=["rank", "k-shape", "dtype-mix", "eta-shape", "W1-shape", "b1-rank", "ln-shape", "int-q",
-         "numpy-eta", "device-mix", "empty"],  # fmt: skip
+    ids=[
+        "rank",
+        "k-shape",
+        "dtype-mix",
+        "eta-shape",
+        "W1-shape",
+        "b1-rank",
+        "ln-shape",
+        "int-q",
+        "numpy-eta",
+        "device-mix",
+        "empty",
+    ],
 )
 def test_bad_tensors(lin, mutate, exc, match):
     args = _args(*lin[:3])
@@ -49,8 +76,16 @@ def test_bad_tensors(lin, mutate, exc, match):
         (dict(mini_batch_size=0), ValueError, "mini_batch_size must be >= 1"),
         (dict(mini_batch_size=2.0), TypeError, "mini_batch_size must be an int"),
         (dict(token_scale="median"), ValueError, "token_scale must be 'mean', 'sum'"),
-        (dict(token_scale=torch.ones(3)), ValueError, r"token_scale must have shape \[mini_batch_size=16\]"),
-        (dict(token_scale=torch.ones(3), mini_batch_size=None), ValueError, "needs a finite mini_batch_size"),
+        (
+            dict(token_scale=torch.ones(3)),
+            ValueError,
+            r"token_scale must have shape \[mini_batch_size=16\]",
+        ),
+        (
+            dict(token_scale=torch.ones(3), mini_batch_size=None),
+            ValueError,
+            "needs a finite mini_batch_size",
+        ),
         (dict(causal=False, momentum="m"), ValueError, "need causal=True"),
         (dict(causal=False, output_final_state=True), ValueError, "non-causal TTT cannot stream"),
         (dict(causal=1), TypeError, "causal must be a bool"),
@@ -82,7 +117,9 @@ def test_state_of_other_op_or_batch_raises(lin):
     with pytest.raises(ValueError, match=r"initial_state holds fast weights \['W1', 'b1'\]"):
         call("mlp", xm, wm, lnm, initial_state=state)
     x1 = {n: t[:1] for n, t in x.items()}
-    with pytest.raises(ValueError, match=r"initial_state.params\['W1'\] must have shape \[1, 3, 4, 4\]"):
+    with pytest.raises(
+        ValueError, match=r"initial_state.params\['W1'\] must have shape \[1, 3, 4, 4\]"
+    ):
         call("linear", x1, w, ln, initial_state=state)
 
 
@@ -101,7 +138,10 @@ def test_mlp_shapes_are_named(lin):
         (dict(hidden_size=32, num_heads=4, inner="rnn"), "TTTConfig.inner must be one of"),
         (dict(hidden_size=32, num_heads=4, gate="sigmoid"), "TTTConfig.gate must be one of"),
         (dict(hidden_size=32, num_heads=4, titans=True, causal=False), "titans=True"),
-        (dict(hidden_size=32, num_heads=4, token_scale="learnable", mini_batch_size=None), "learnable"),
+        (
+            dict(hidden_size=32, num_heads=4, token_scale="learnable", mini_batch_size=None),
+            "learnable",
+        ),
         (dict(hidden_size=0, num_heads=4), "hidden_size must be a positive int"),
     ],
 )

@@ -4,7 +4,9 @@
 A backend is any object with
 
 - ``name: str`` and ``device_types: tuple[str, ...]`` (devices it serves under ``backend="auto"``),
-- ``supports(op, q, **kwargs) -> str | None``: ``None`` when it can run the call, else the reason,
+- ``supports(op, q, **kwargs) -> str | None``: ``None`` when it can run the call, else the reason;
+  kwargs: mini_batch_size, causal, token_scale, momentum, decay, eps, initial_state (always a
+  ``TTTState``, fresh or given) and output_final_state,
 - ``ttt_linear(q, k, v, eta, W1, b1, ln_weight, ln_bias, **kwargs)`` and
   ``ttt_mlp(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, **kwargs)`` with ttt-core's signature
   (inputs already validated; ``initial_state`` is always a ``TTTState``).
@@ -51,7 +53,9 @@ def register_backend(backend: Backend, *, replace: bool = False) -> None:
     if backend.name in BUILTIN:
         raise ValueError(f"backend name {backend.name!r} is reserved for a built-in backend")
     if backend.name in _registry and not replace:
-        raise ValueError(f"a backend named {backend.name!r} is already registered (pass replace=True)")
+        raise ValueError(
+            f"a backend named {backend.name!r} is already registered (pass replace=True)"
+        )
     _registry[backend.name] = backend
 
 
@@ -70,7 +74,9 @@ def _load_entry_points() -> None:
             backend = obj() if callable(obj) and not isinstance(obj, Backend) else obj
             register_backend(backend, replace=True)
         except Exception as err:  # a broken optional backend must not break ttt-core
-            warnings.warn(f"ttt_core: could not load backend {ep.name!r} ({ep.value}): {err}", stacklevel=2)
+            warnings.warn(
+                f"ttt_core: could not load backend {ep.name!r} ({ep.value}): {err}", stacklevel=2
+            )
 
 
 def available_backends() -> list[str]:

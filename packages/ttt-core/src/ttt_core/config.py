@@ -21,12 +21,18 @@ class TTTConfig:
     inner: str = "linear"  # fast model: "linear" (x W + b) or "mlp" (gelu MLP, F = mlp_ratio * D)
     mlp_ratio: int = 4  # F / D for the mlp fast model
     mini_batch_size: int | None = 16  # b; None: the whole sequence is one mini-batch
-    causal: bool = True  # False: batch-parallel update, every query sees the mini-batch's end weights
+    causal: bool = (
+        True  # False: batch-parallel update, every query sees the mini-batch's end weights
+    )
     token_scale: str = "mean"  # s_i: "mean" 1/(i+1), "sum" 1, "learnable" (init 1/(i+1), needs b)
     base_lr: float = 1.0  # eta_j = base_lr * sigmoid(x_j W_lr + b_lr) / D
     titans: bool = False  # learnable per-token momentum and decay (Titans form; causal only)
-    gate: str = "none"  # "none" | "gelu" (g_proj, TTT paper) | "tanh_alpha" (static per-dim tanh(alpha))
-    gate_init: float = 0.1  # alpha at init for "tanh_alpha" (and the reverse pass); 0 -> output exactly 0
+    gate: str = (
+        "none"  # "none" | "gelu" (g_proj, TTT paper) | "tanh_alpha" (static per-dim tanh(alpha))
+    )
+    gate_init: float = (
+        0.1  # alpha at init for "tanh_alpha" (and the reverse pass); 0 -> output exactly 0
+    )
     qk_l2_norm: bool = False  # L2-normalise q and k per head
     normalize_target: bool = False  # standardise the target v - k per token (zero mean, unit var)
     bidirectional: bool = False  # also run on the reversed sequence (same weights, own tanh gate)
@@ -56,9 +62,13 @@ class TTTConfig:
         if self.gate not in GATES:
             raise ValueError(f"TTTConfig.gate must be one of {GATES}, got {self.gate!r}")
         if self.token_scale not in TOKEN_SCALES:
-            raise ValueError(f"TTTConfig.token_scale must be one of {TOKEN_SCALES}, got {self.token_scale!r}")
+            raise ValueError(
+                f"TTTConfig.token_scale must be one of {TOKEN_SCALES}, got {self.token_scale!r}"
+            )
         if self.mini_batch_size is not None and self.mini_batch_size < 1:
-            raise ValueError(f"TTTConfig.mini_batch_size must be >= 1 or None, got {self.mini_batch_size}")
+            raise ValueError(
+                f"TTTConfig.mini_batch_size must be >= 1 or None, got {self.mini_batch_size}"
+            )
         if self.token_scale == "learnable" and self.mini_batch_size is None:
             raise ValueError("TTTConfig.token_scale='learnable' needs a finite mini_batch_size")
         if self.titans and not self.causal:

@@ -29,14 +29,19 @@ def _run(kind: str, weights: dict[str, Tensor], q, k, v, eta, ln_weight, ln_bias
     if state is None:
         state = TTTState.from_params(weights, B, kw["mini_batch_size"], compute_dtype(q.dtype))
     output_final_state = kw.pop("output_final_state")
-    impl = backends.resolve(kw.pop("backend"), f"ttt_{kind}", q, **kw)
+    impl = backends.resolve(kw.pop("backend"), f"ttt_{kind}", q, initial_state=state,
+                            output_final_state=output_final_state, **kw)  # fmt: skip
     common = dict(mini_batch_size=kw["mini_batch_size"], causal=kw["causal"],
                   token_scale=kw["token_scale"], momentum=kw["momentum"], decay=kw["decay"],
                   eps=kw["eps"])  # fmt: skip
     if impl == "torch":
-        o, new_state = ttt_scan(q, k, v, eta, state, ln_weight, ln_bias, kind=kind, form=form, **common)
+        o, new_state = ttt_scan(
+            q, k, v, eta, state, ln_weight, ln_bias, kind=kind, form=form, **common
+        )
     elif impl == "generic":
-        o, new_state = ttt_generic(FAST_MODELS[kind], q, k, v, eta, state, ln_weight, ln_bias, **common)
+        o, new_state = ttt_generic(
+            FAST_MODELS[kind], q, k, v, eta, state, ln_weight, ln_bias, **common
+        )
     else:
         fn = impl.ttt_linear if kind == "linear" else impl.ttt_mlp
         o, new_state = fn(q, k, v, eta, *weights.values(), ln_weight, ln_bias, initial_state=state,

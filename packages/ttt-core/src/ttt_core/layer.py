@@ -81,12 +81,18 @@ class TTTLayer(nn.Module):
     def inner_inputs(self, x: Tensor) -> dict[str, Tensor]:
         """q, k, v [B, H, L, D], eta [B, H, L] (and momentum/decay) of the inner loop for x [B, L, C]."""
         c = self.config
-        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+        q, k, v = (
+            self._heads(self.q_proj(x)),
+            self._heads(self.k_proj(x)),
+            self._heads(self.v_proj(x)),
+        )
         if c.qk_l2_norm:
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         if c.normalize_target:  # target v - k standardised per token
             t = v - k
-            t = (t - t.mean(-1, keepdim=True)) * torch.rsqrt(t.var(-1, keepdim=True, unbiased=False) + 1e-6)
+            t = (t - t.mean(-1, keepdim=True)) * torch.rsqrt(
+                t.var(-1, keepdim=True, unbiased=False) + 1e-6
+            )
             v = k + t
         eta = c.base_lr * torch.sigmoid(self.lr_proj(x)).transpose(1, 2) / c.head_dim  # (B, H, L)
         out = {"q": q, "k": k, "v": v, "eta": eta}
@@ -120,7 +126,9 @@ class TTTLayer(nn.Module):
             raise ValueError(f"x must be [B, L, C={c.hidden_size}], got {shape}")
         stream = c.causal and not c.bidirectional
         if state is not None and not stream:
-            raise ValueError("state is only accepted by causal, one-directional TTT layers (streaming)")
+            raise ValueError(
+                "state is only accepted by causal, one-directional TTT layers (streaming)"
+            )
         inputs = self.inner_inputs(x)
         o, new_state = self._run_inner(inputs, state, stream)
         y = self.post_norm(self._merge(o))  # (B, L, H*D)
@@ -166,5 +174,7 @@ class TTTLayer(nn.Module):
         f = vmap(vmap(self.inner.fast_model))  # over B, H
         k = chunk["k"].float()
         z = f(weights, k)  # (B, H, n, D)
-        pred = layer_norm_heads(z, self.inner.ln_weight.float(), self.inner.ln_bias.float(), self.inner.eps)
+        pred = layer_norm_heads(
+            z, self.inner.ln_weight.float(), self.inner.ln_bias.float(), self.inner.eps
+        )
         return 0.5 * (pred - (chunk["v"].float() - k)).pow(2).sum(-1)

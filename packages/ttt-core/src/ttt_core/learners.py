@@ -121,14 +121,18 @@ def _check_generic(q, k, v, eta, weights, learner, mini_batch_size, causal, toke
              output_final_state=output_final_state, eps=learner.eps, backend="generic")  # fmt: skip
     for name, p in weights.items():
         if p.ndim < 1 or p.shape[0] != H:
-            raise ValueError(f"fast weight {name!r} must have a leading head dim of {H}, got {list(p.shape)}")
+            raise ValueError(
+                f"fast weight {name!r} must have a leading head dim of {H}, got {list(p.shape)}"
+            )
     if q.shape[1] != H or q.shape[3] != D:
         raise ValueError(f"q must be [B, H={H}, L, D={D}] for this learner, got {list(q.shape)}")
     if state is not None:
         if not isinstance(state, TTTState):
             raise TypeError(f"state must be a TTTState, got {type(state).__name__}")
         if set(state.params) != set(weights):
-            raise ValueError(f"state holds {sorted(state.params)} but the learner has {sorted(weights)}")
+            raise ValueError(
+                f"state holds {sorted(state.params)} but the learner has {sorted(weights)}"
+            )
 
 
 class LinearLearner(InnerLearner):
@@ -158,7 +162,9 @@ class MLPLearner(InnerLearner):
         F = mlp_ratio * head_dim
         self.W1 = nn.Parameter(torch.randn(num_heads, head_dim, F) * init_std)
         self.b1 = nn.Parameter(torch.zeros(num_heads, 1, F))
-        self.W2 = nn.Parameter(torch.randn(num_heads, F, head_dim) * init_std / math.sqrt(mlp_ratio))
+        self.W2 = nn.Parameter(
+            torch.randn(num_heads, F, head_dim) * init_std / math.sqrt(mlp_ratio)
+        )
         self.b2 = nn.Parameter(torch.zeros(num_heads, 1, head_dim))
 
     def fast_model(self, params: TensorDict, x: Tensor) -> Tensor:

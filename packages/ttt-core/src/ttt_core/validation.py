@@ -57,7 +57,9 @@ def validate(
         _tensor(name, t)
         _expect(name, t, (B, H, L, D), "B,H,L,D")
         if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: q, k, v must share one dtype")
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but q has {q.dtype}: q, k, v must share one dtype"
+            )
     for name, t in (("eta", eta), ("momentum", momentum), ("decay", decay)):
         if t is None and name != "eta":
             continue
@@ -70,7 +72,9 @@ def validate(
     for name, t in weights.items():
         _tensor(name, t)
         if t.ndim != 3:
-            raise ValueError(f"{name} must be 3-D {expected[name][1].replace(',', ', ')}, got {_shape(t)}")
+            raise ValueError(
+                f"{name} must be 3-D {expected[name][1].replace(',', ', ')}, got {_shape(t)}"
+            )
         _expect(name, t, *expected[name])
     for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         _tensor(name, t)
@@ -79,13 +83,19 @@ def validate(
                   "ln_weight": ln_weight, "ln_bias": ln_bias, **weights}  # fmt: skip
     for name, t in everything.items():
         if t is not None and t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}: move all inputs to one device")
+            raise ValueError(
+                f"{name} is on {t.device} but q is on {q.device}: move all inputs to one device"
+            )
 
     if mini_batch_size is not None:
         if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int):
-            raise TypeError(f"mini_batch_size must be an int or None, got {type(mini_batch_size).__name__}")
+            raise TypeError(
+                f"mini_batch_size must be an int or None, got {type(mini_batch_size).__name__}"
+            )
         if mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be >= 1 (or None for the whole sequence), got {mini_batch_size}")
+            raise ValueError(
+                f"mini_batch_size must be >= 1 (or None for the whole sequence), got {mini_batch_size}"
+            )
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if isinstance(token_scale, Tensor):
@@ -96,7 +106,9 @@ def validate(
         if token_scale.device != q.device:
             raise ValueError(f"token_scale is on {token_scale.device} but q is on {q.device}")
     elif token_scale not in TOKEN_SCALES:
-        raise ValueError(f"token_scale must be 'mean', 'sum' or a [mini_batch_size] tensor, got {token_scale!r}")
+        raise ValueError(
+            f"token_scale must be 'mean', 'sum' or a [mini_batch_size] tensor, got {token_scale!r}"
+        )
     if not isinstance(eps, (int, float)) or eps <= 0:
         raise ValueError(f"eps must be a positive number, got {eps!r}")
     if not isinstance(backend, str):
@@ -125,7 +137,9 @@ def _check_state(state, weights, B, H, D, F, mini_batch_size, titans) -> None:
     for name, t in state.params.items():
         want = (B, *weights[name].shape)
         if tuple(t.shape) != want:
-            raise ValueError(f"initial_state.params[{name!r}] must have shape {list(want)}, got {_shape(t)}")
+            raise ValueError(
+                f"initial_state.params[{name!r}] must have shape {list(want)}, got {_shape(t)}"
+            )
     if state.offset > 0 and state.mini_batch_size != mini_batch_size:
         raise ValueError(
             f"initial_state was cut inside a mini-batch of size {state.mini_batch_size}; resume it with "
@@ -133,4 +147,6 @@ def _check_state(state, weights, B, H, D, F, mini_batch_size, titans) -> None:
         )
     if state.offset > 0 and titans != state.is_titans:
         form = "Titans (momentum/decay)" if state.is_titans else "plain"
-        raise ValueError(f"initial_state was cut inside a mini-batch of the {form} form; resume it in that form")
+        raise ValueError(
+            f"initial_state was cut inside a mini-batch of the {form} form; resume it in that form"
+        )

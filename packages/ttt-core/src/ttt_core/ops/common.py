@@ -41,9 +41,7 @@ def ln_loss_grad(z: Tensor, target: Tensor, weight: Tensor, bias: Tensor, eps: f
     x = (z - mu) * rstd
     w = head_view(weight, z.ndim)
     dx = w * (x * w + head_view(bias, z.ndim) - target)
-    return rstd * (
-        dx - dx.mean(dim=-1, keepdim=True) - x * (dx * x).mean(dim=-1, keepdim=True)
-    )
+    return rstd * (dx - dx.mean(dim=-1, keepdim=True) - x * (dx * x).mean(dim=-1, keepdim=True))
 
 
 def gelu_tanh(x: Tensor) -> Tensor:

@@ -76,7 +76,11 @@ def ttt_generic(
     G = None if state.grad_sum is None else _flat(state.grad_sum)
     S = W = None
     if titans:
-        S = _flat(state.momentum) if state.momentum is not None else {n: torch.zeros_like(t) for n, t in P.items()}
+        S = (
+            _flat(state.momentum)
+            if state.momentum is not None
+            else {n: torch.zeros_like(t) for n, t in P.items()}
+        )
         W = _flat(state.current) if state.current is not None else dict(P)
 
     outs: list[Tensor] = []

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..state import TTTState, TensorDict
+from ..state import TensorDict, TTTState
 from .common import (
     Segment,
     compute_dtype,
@@ -47,7 +47,9 @@ def _segment_products(x: Tensor) -> tuple[Tensor, Tensor]:
     n = x.shape[-1]
     idx = torch.arange(n, device=x.device)
     strictly_below = idx[:, None] > idx[None, :]  # (j, t): j > t
-    X = torch.where(strictly_below, x.unsqueeze(-1).expand(*x.shape, n), torch.ones_like(x).unsqueeze(-1))
+    X = torch.where(
+        strictly_below, x.unsqueeze(-1).expand(*x.shape, n), torch.ones_like(x).unsqueeze(-1)
+    )
     mat = torch.cumprod(X, dim=-2) * (idx[:, None] >= idx[None, :])
     return mat, torch.cumprod(x, dim=-1)
 
@@ -56,7 +58,9 @@ def _segment_products(x: Tensor) -> tuple[Tensor, Tensor]:
 class _Coefs:
     """Per-group coefficients, leading dim N (one entry per segment)."""
 
-    coef: Tensor  # [N, B, H, n, n] or [n, n]: weight of token j's step in query i's weights (no eta)
+    coef: (
+        Tensor  # [N, B, H, n, n] or [n, n]: weight of token j's step in query i's weights (no eta)
+    )
     eta: Tensor  # [N, B, H, n]
     # plain form
     s: Tensor | None = None  # [n] scales of the group's positions
@@ -69,11 +73,16 @@ class _Coefs:
 
     def select(self, i: int) -> _Coefs:
         """The coefficients of segment i of the group (shared plain-form ones pass through)."""
-        per_segment = ("eta", "D", "c0", "m_last", "M_last") + (("coef",) if self.D is not None else ())
+        per_segment = ("eta", "D", "c0", "m_last", "M_last") + (
+            ("coef",) if self.D is not None else ()
+        )
         return _Coefs(
             **{
-                f: (getattr(self, f)[i] if f in per_segment and getattr(self, f) is not None
-                    else getattr(self, f))
+                f: (
+                    getattr(self, f)[i]
+                    if f in per_segment and getattr(self, f) is not None
+                    else getattr(self, f)
+                )
                 for f in self.__dataclass_fields__
             }
         )
@@ -91,7 +100,9 @@ def _coefs(seg: Segment, eta, momentum, decay, causal, token_scale) -> _Coefs:
         )  # fmt: skip
     if not causal:
         one = torch.ones((), device=dev, dtype=dt)
-        return _Coefs(coef=torch.ones(n, n, device=dev, dtype=dt), eta=eta, s=one.expand(n), s_last=one)
+        return _Coefs(
+            coef=torch.ones(n, n, device=dev, dtype=dt), eta=eta, s=one.expand(n), s_last=one
+        )
     s = position_scales(token_scale, seg.offset, n, dev, dt)
     coef = s[:, None] * torch.ones(n, n, device=dev, dtype=dt).tril()
     return _Coefs(coef=coef, eta=eta, s=s, s_last=s[-1])
@@ -271,4 +282,3 @@ def ttt_scan(
         current=carry["W"] if (titans and end > 0) else None,
     )
     return o, new_state
-

@@ -1,0 +1,294 @@
+"""ttt-core on CPU, side by side in one run: the torch backend vs the paths it replaces.
+
+Measured (forward, and forward+backward) at B=2, H=4, D=64, b=16, L in {512, 2048}, TTT-Linear and
+TTT-MLP, 1 thread (2 threads are erratic on shared 2-core machines):
+
+- ``torch``: ttt-core's torch backend (dual form, coefficients batched over mini-batches)
+- ``generic``: ttt-core's torch.func reference (per-token gradients, explicit per-token weights)
+- ``per_token_loop``: a Python loop over tokens, each token's gradient and weights by hand
+- ``paper_dual``: the dual form as the TTT paper's PyTorch reference writes it: a Python loop over
+  mini-batches, batched over B and H, everything (LN forward included) inside the loop
+
+Run: ``python benchmarks/core_cpu.py`` (writes benchmarks/results/core_cpu.json; ``--quick`` for a
+smoke run). Figures are medians of ``--repeat`` runs after one warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ttt_core import ttt_linear, ttt_mlp
+
+RESULTS = Path(__file__).parent / "results"
+
+
+# ---------------------------------------------------------------------------------------------
+# the two simpler paths, written here the way one would without ttt-core
+# ---------------------------------------------------------------------------------------------
+def _ln_fwd(z, w, b, eps=1e-6):
+    mu = z.mean(-1, keepdim=True)
+    var = z.var(-1, keepdim=True, unbiased=False)
+    return (z - mu) / torch.sqrt(var + eps) * w + b
+
+
+def _ln_l2_bwd(z, target, w, b, eps=1e-6):
+    """Gradient of 0.5||LN(z) - target||^2 wrt z (the paper's ln_fused_l2_bwd)."""
+    D = z.shape[-1]
+    mu = z.mean(-1, keepdim=True)
+    var = z.var(-1, keepdim=True, unbiased=False)
+    std = torch.sqrt(var + eps)
+    x_hat = (z - mu) / std
+    y = w * x_hat + b
+    grad_x_hat = (y - target) * w
+    return (
+        (1.0 / D)
+        * (
+            D * grad_x_hat
+            - grad_x_hat.sum(-1, keepdim=True)
+            - x_hat * (grad_x_hat * x_hat).sum(-1, keepdim=True)
+        )
+        / std
+    )
+
+
+def paper_dual_linear(q, k, v, eta, W1, b1, lw, lb, b):
+    """Loop over mini-batches; the 'mean' token scale folded into an eta matrix as in the paper."""
+    B, _, L, _ = q.shape
+    W, bias = W1.unsqueeze(0).expand(B, -1, -1, -1), b1.unsqueeze(0).expand(B, -1, -1, -1)
+    w, bb = lw[None, :, None], lb[None, :, None]
+    scale = 1.0 / torch.arange(1, b + 1, dtype=q.dtype)
+    outs = []
+    for s in range(0, L, b):
+        XQ, XK, XV, e = (
+            q[:, :, s : s + b],
+            k[:, :, s : s + b],
+            v[:, :, s : s + b],
+            eta[:, :, s : s + b],
+        )
+        n = XQ.shape[2]
+        Eta = torch.tril(scale[:n, None] * e[:, :, None, :])  # (B, H, n, n)
+        Z1 = XK @ W + bias
+        grad = _ln_l2_bwd(Z1, XV - XK, w, bb)
+        Attn = torch.tril(XQ @ XK.transpose(-1, -2))
+        b_bar = bias - Eta @ grad
+        Z_bar = XQ @ W - (Eta * Attn) @ grad + b_bar
+        last = Eta[:, :, -1, :, None]  # (B, H, n, 1)
+        W = W - (last * XK).transpose(-1, -2) @ grad
+        bias = bias - (last * grad).sum(-2, keepdim=True)
+        outs.append(XQ + _ln_fwd(Z_bar, w, bb))
+    return torch.cat(outs, 2)
+
+
+def paper_dual_mlp(q, k, v, eta, W1, b1, W2, b2, lw, lb, b):
+    B, _, L, _ = q.shape
+    Wa, ba = W1.unsqueeze(0).expand(B, -1, -1, -1), b1.unsqueeze(0).expand(B, -1, -1, -1)
+    Wb, bb2 = W2.unsqueeze(0).expand(B, -1, -1, -1), b2.unsqueeze(0).expand(B, -1, -1, -1)
+    w, bb = lw[None, :, None], lb[None, :, None]
+    scale = 1.0 / torch.arange(1, b + 1, dtype=q.dtype)
+    outs = []
+    for s in range(0, L, b):
+        XQ, XK, XV, e = (
+            q[:, :, s : s + b],
+            k[:, :, s : s + b],
+            v[:, :, s : s + b],
+            eta[:, :, s : s + b],
+        )
+        n = XQ.shape[2]
+        Eta = torch.tril(scale[:n, None] * e[:, :, None, :])
+        Z1 = XK @ Wa + ba
+        X2 = F.gelu(Z1, approximate="tanh")
+        Z2 = X2 @ Wb + bb2
+        g2 = _ln_l2_bwd(Z2, XV - XK, w, bb)
+        t = torch.tanh(math.sqrt(2 / math.pi) * (Z1 + 0.044715 * Z1**3))
+        dgelu = 0.5 * (1 + t) + 0.5 * Z1 * (1 - t * t) * math.sqrt(2 / math.pi) * (
+            1 + 3 * 0.044715 * Z1**2
+        )
+        g1 = (g2 @ Wb.transpose(-1, -2)) * dgelu
+        Attn1 = torch.tril(XQ @ XK.transpose(-1, -2))
+        Z1_bar = XQ @ Wa - (Eta * Attn1) @ g1 + ba - Eta @ g1
+        X2_bar = F.gelu(Z1_bar, approximate="tanh")
+        Attn2 = torch.tril(X2_bar @ X2.transpose(-1, -2))
+        Z2_bar = X2_bar @ Wb - (Eta * Attn2) @ g2 + bb2 - Eta @ g2
+        last = Eta[:, :, -1, :, None]
+        Wa = Wa - (last * XK).transpose(-1, -2) @ g1
+        ba = ba - (last * g1).sum(-2, keepdim=True)
+        Wb = Wb - (last * X2).transpose(-1, -2) @ g2
+        bb2 = bb2 - (last * g2).sum(-2, keepdim=True)
+        outs.append(XQ + _ln_fwd(Z2_bar, w, bb))
+    return torch.cat(outs, 2)
+
+
+def per_token_loop(q, k, v, eta, weights, lw, lb, b, kind):
+    """A loop over tokens: each token's gradient at its mini-batch's start weights, weights by hand."""
+    B, _, L, _ = q.shape
+    w, bb = lw[None, :], lb[None, :]
+    P = {n: t.unsqueeze(0).expand(B, *t.shape) for n, t in weights.items()}
+    outs = []
+    for s in range(0, L, b):
+        acc = {n: torch.zeros_like(t) for n, t in P.items()}
+        for i in range(s, min(s + b, L)):
+            x, tgt, e = (
+                k[:, :, i : i + 1],
+                v[:, :, i : i + 1] - k[:, :, i : i + 1],
+                eta[:, :, i, None, None],
+            )
+            if kind == "linear":
+                g = _ln_l2_bwd(x @ P["W1"] + P["b1"], tgt, w[:, :, None], bb[:, :, None])
+                step = {"W1": x.transpose(-1, -2) @ g, "b1": g}
+            else:
+                z1 = x @ P["W1"] + P["b1"]
+                x2 = F.gelu(z1, approximate="tanh")
+                g2 = _ln_l2_bwd(x2 @ P["W2"] + P["b2"], tgt, w[:, :, None], bb[:, :, None])
+                z1r = z1.detach().requires_grad_(True)  # gelu' by autograd on a detached copy
+                with torch.enable_grad():
+                    (dg,) = torch.autograd.grad(F.gelu(z1r, approximate="tanh").sum(), z1r)
+                g1 = (g2 @ P["W2"].transpose(-1, -2)) * dg
+                step = {
+                    "W1": x.transpose(-1, -2) @ g1,
+                    "b1": g1,
+                    "W2": x2.transpose(-1, -2) @ g2,
+                    "b2": g2,
+                }
+            acc = {n: acc[n] + e * step[n] for n in acc}
+            Wi = {n: P[n] - acc[n] / (i - s + 1) for n in P}
+            xq = q[:, :, i : i + 1]
+            if kind == "linear":
+                z = xq @ Wi["W1"] + Wi["b1"]
+            else:
+                z = F.gelu(xq @ Wi["W1"] + Wi["b1"], approximate="tanh") @ Wi["W2"] + Wi["b2"]
+            outs.append(xq + _ln_fwd(z, w[:, :, None], bb[:, :, None]))
+        P = Wi
+    return torch.cat(outs, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+def make(kind, B, H, L, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = [torch.randn(B, H, L, D, generator=g) for _ in range(3)]
+    eta = 0.1 * torch.rand(B, H, L, generator=g)
+    if kind == "linear":
+        w = {"W1": 0.02 * torch.randn(H, D, D, generator=g), "b1": torch.zeros(H, 1, D)}
+    else:
+        w = {"W1": 0.02 * torch.randn(H, D, 4 * D, generator=g), "b1": torch.zeros(H, 1, 4 * D),
+             "W2": 0.01 * torch.randn(H, 4 * D, D, generator=g), "b2": torch.zeros(H, 1, D)}  # fmt: skip
+    ln = [torch.ones(H, D), torch.zeros(H, D)]
+    return x, eta, w, ln
+
+
+def runner(impl, kind, b):
+    def run(x, eta, w, ln):
+        q, k, v = x
+        if impl in ("torch", "generic"):
+            fn = ttt_linear if kind == "linear" else ttt_mlp
+            return fn(q, k, v, eta, *w.values(), *ln, mini_batch_size=b, backend=impl)[0]
+        if impl == "paper_dual":
+            fn = paper_dual_linear if kind == "linear" else paper_dual_mlp
+            return fn(q, k, v, eta, *w.values(), *ln, b)
+        return per_token_loop(q, k, v, eta, w, *ln, b, kind)
+
+    return run
+
+
+def measure(fn, inputs, backward, repeat):
+    x, eta, w, ln = inputs
+    leaves = [*x, eta, *w.values(), *ln]
+
+    def once():
+        for t in leaves:
+            t.grad = None
+            t.requires_grad_(backward)
+        t0 = time.perf_counter()
+        if backward:
+            fn(x, eta, w, ln).sum().backward()
+        else:
+            with torch.no_grad():
+                fn(x, eta, w, ln)
+        return time.perf_counter() - t0
+
+    once()  # warm-up
+    return statistics.median(once() for _ in range(repeat))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small L and one repeat (smoke test)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--out", type=Path, default=RESULTS / "core_cpu.json")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    B, H, D, b = 2, 4, 64, 16
+    lengths = [64, 128] if a.quick else [512, 2048]
+    repeat = 1 if a.quick else a.repeat
+    impls = ["torch", "paper_dual", "generic", "per_token_loop"]
+    rows = []
+    for kind in ("linear", "mlp"):
+        for L in lengths:
+            inputs = make(kind, B, H, L, D)
+            ref = runner("torch", kind, b)(*inputs)
+            for impl in impls:
+                out = runner(impl, kind, b)(*inputs)
+                err = (out - ref).abs().max().item()  # every path computes the same thing
+                for mode in ("forward", "forward+backward"):
+                    sec = measure(runner(impl, kind, b), inputs, mode != "forward", repeat)
+                    rows.append(
+                        dict(
+                            kind=kind,
+                            L=L,
+                            impl=impl,
+                            mode=mode,
+                            seconds=sec,
+                            max_abs_diff_vs_torch=err,
+                        )
+                    )
+                    print(
+                        f"{kind:6} L={L:5} {impl:15} {mode:17} {sec * 1e3:9.1f} ms  (|diff| {err:.1e})",
+                        flush=True,
+                    )
+    ratios = []
+    for r in rows:
+        if r["impl"] == "torch":
+            continue
+        t = next(
+            x
+            for x in rows
+            if x["impl"] == "torch" and all(x[f] == r[f] for f in ("kind", "L", "mode"))
+        )
+        ratios.append(dict(kind=r["kind"], L=r["L"], mode=r["mode"], vs=r["impl"],
+                           speedup_of_torch_backend=r["seconds"] / t["seconds"]))  # fmt: skip
+    result = {
+        "benchmark": "ttt-core CPU: torch backend vs generic, per-token loop, paper-style dual form",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "shapes": dict(B=B, H=H, D=D, mini_batch_size=b, lengths=lengths, dtype="float32"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "rows": rows,
+        "speedups": ratios,
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=2))
+    print("\nspeed-up of the torch backend (time of other / time of torch):")
+    for r in ratios:
+        print(
+            f"  {r['kind']:6} L={r['L']:5} {r['mode']:17} vs {r['vs']:15} x{r['speedup_of_torch_backend']:.2f}"
+        )
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
