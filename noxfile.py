@@ -146,12 +146,20 @@ DEMOS = {
 }
 
 
-@nox.session
-def demo(session: nox.Session) -> None:
-    """The main job: TTT at work in each integration; plots + JSON under demo_outputs/."""
+def _install_present_packages(session: nox.Session) -> list[str]:
+    """torch, then every package of the tree with a demo (one venv); returns their dirs."""
     _install_torch(session)
     present = [p for p in DEMOS if (ROOT / p / "pyproject.toml").exists()]
     session.install(*[f"./{p}" for p in present])
+    if "packages/ttt-moshi" in present:
+        session.install("--no-deps", "moshi==0.2.13")  # moshi pins torch<2.10: not its deps
+    return present
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: TTT at work in each integration; plots + JSON under demo_outputs/."""
+    present = _install_present_packages(session)
     out = ROOT / "demo_outputs"
     for p in present:
         name = Path(p).name
@@ -162,9 +170,7 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Side-by-side CPU benchmarks; JSON figures land in benchmarks/results/."""
-    _install_torch(session)
-    present = [p for p in DEMOS if (ROOT / p / "pyproject.toml").exists()]
-    session.install(*[f"./{p}" for p in present])
+    present = _install_present_packages(session)
     scripts = {
         "packages/ttt-core": "benchmarks/core_cpu.py",
         "packages/ttt-gemma": "benchmarks/gemma.py",

@@ -140,3 +140,17 @@ def test_learning_reduces_the_token_loss():
     before = loss(w["W1"], w["b1"])
     after = loss(state.params["W1"], state.params["b1"])
     assert (after < before).all(), (before, after)
+
+
+def test_closed_form_ln_loss_grad_matches_autograd():
+    """The closed-form gradient of 0.5 ||LN_h(z) - t||^2 used inside every mini-batch."""
+    from ttt_core.ops.common import ln_loss_grad
+
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(2, 3, 7, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 3, 7, 10, generator=g, dtype=torch.float64)
+    w = 1 + 0.3 * torch.randn(3, 10, generator=g, dtype=torch.float64)
+    b = 0.1 * torch.randn(3, 10, generator=g, dtype=torch.float64)
+    ln = torch.nn.functional.layer_norm(z, (10,), eps=1e-6) * w[:, None] + b[:, None]
+    (ref,) = torch.autograd.grad(0.5 * (ln - t).pow(2).sum(), z)
+    torch.testing.assert_close(ln_loss_grad(z, t, w, b, 1e-6), ref)

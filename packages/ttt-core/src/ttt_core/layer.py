@@ -105,7 +105,7 @@ class TTTLayer(nn.Module):
         c = self.config
         ts = self.token_scale if c.token_scale == "learnable" else c.token_scale
         return dict(mini_batch_size=c.mini_batch_size, causal=c.causal, token_scale=ts,
-                    backend=c.backend, form="dual" if c.use_dual_form else "primal")  # fmt: skip
+                    backend=c.backend, form="auto" if c.use_dual_form else "primal")  # fmt: skip
 
     def _run_inner(self, inputs: dict[str, Tensor], state: TTTState | None, stream: bool):
         i = inputs

@@ -36,12 +36,19 @@ def ln_loss_grad(z: Tensor, target: Tensor, weight: Tensor, bias: Tensor, eps: f
 
     z, target: [B, H, ..., D]; weight, bias: [H, D].
     """
+    w = head_view(weight, z.ndim)
+    return ln_loss_grad_pre(z, w * (head_view(bias, z.ndim) - target), w * w, eps)
+
+
+def ln_loss_grad_pre(z: Tensor, wbt: Tensor, w2: Tensor, eps: float) -> Tensor:
+    """:func:`ln_loss_grad` with the z-independent parts precomputed (a hot loop's version):
+    ``wbt = weight * (bias - target)`` and ``w2 = weight**2``, broadcastable against z."""
     var, mu = torch.var_mean(z, dim=-1, keepdim=True, correction=0)
     rstd = torch.rsqrt(var + eps)
     x = (z - mu) * rstd
-    w = head_view(weight, z.ndim)
-    dx = w * (x * w + head_view(bias, z.ndim) - target)
-    return rstd * (dx - dx.mean(dim=-1, keepdim=True) - x * (dx * x).mean(dim=-1, keepdim=True))
+    dx = torch.addcmul(wbt, x, w2)  # weight * (weight * x + bias - target)
+    t = dx - dx.mean(dim=-1, keepdim=True)
+    return rstd * torch.addcmul(t, x, (dx * x).mean(dim=-1, keepdim=True), value=-1.0)
 
 
 def gelu_tanh(x: Tensor) -> Tensor:

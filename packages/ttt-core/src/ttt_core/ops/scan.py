@@ -30,8 +30,9 @@ from .common import (
     compute_dtype,
     gelu_tanh,
     gelu_tanh_grad,
+    head_view,
     layer_norm_heads,
-    ln_loss_grad,
+    ln_loss_grad_pre,
     plan_segments,
     position_scales,
 )
@@ -70,10 +71,15 @@ class _Coefs:
     c0: Tensor | None = None  # [N, B, H, n]   weight of S_0 in W_i
     m_last: Tensor | None = None  # [N, B, H]     weight of S_0 in S_last
     M_last: Tensor | None = None  # [N, B, H, n]  weight of step t in S_last
+    coef_eta: Tensor | None = None  # [N, B, H, n, n]  coef_ij * eta_j (the dual form's mask)
+
+    def __post_init__(self) -> None:
+        if self.coef_eta is None:
+            self.coef_eta = self.coef * self.eta.unsqueeze(-2)
 
     def select(self, i: int) -> _Coefs:
         """The coefficients of segment i of the group (shared plain-form ones pass through)."""
-        per_segment = ("eta", "D", "c0", "m_last", "M_last") + (
+        per_segment = ("eta", "D", "c0", "m_last", "M_last", "coef_eta") + (
             ("coef",) if self.D is not None else ()
         )
         return _Coefs(
@@ -116,17 +122,18 @@ def _bcast(x: Tensor, ndim: int) -> Tensor:
     return x.reshape(*x.shape, *([1] * (ndim - x.ndim)))
 
 
-def _key_grads(P: TensorDict, k: Tensor, tgt: Tensor, ln_w, ln_b, eps, kind):
+def _key_grads(P: TensorDict, k: Tensor, wbt: Tensor, w2: Tensor, eps, kind):
     """Inputs X_l and output gradients g_l of every fast layer for the keys, at the start weights P.
 
-    k, tgt: [B, H, n, D]. Returns lists over layers of X [B, H, n, Din] and g [B, H, n, Dout]."""
+    k: [B, H, n, D]; wbt = ln_w * (ln_b - target) [B, H, n, D]; w2 = ln_w**2 (see ln_loss_grad_pre).
+    Returns lists over layers of X [B, H, n, Din] and g [B, H, n, Dout]."""
     if kind == "linear":
         z = k @ P["W1"] + P["b1"]  # (B, H, n, D)
-        return [k], [ln_loss_grad(z, tgt, ln_w, ln_b, eps)]
+        return [k], [ln_loss_grad_pre(z, wbt, w2, eps)]
     z1 = k @ P["W1"] + P["b1"]  # (B, H, n, F)
     x2 = gelu_tanh(z1)
     z2 = x2 @ P["W2"] + P["b2"]  # (B, H, n, D)
-    g2 = ln_loss_grad(z2, tgt, ln_w, ln_b, eps)
+    g2 = ln_loss_grad_pre(z2, wbt, w2, eps)
     g1 = (g2 @ P["W2"].transpose(-1, -2)) * gelu_tanh_grad(z1)  # (B, H, n, F)
     return [k, x2], [g1, g2]
 
@@ -154,7 +161,7 @@ def _query_layer(xq, xk, g, wname, bname, carry, c: _Coefs, primal: bool, attn=N
 
 def _attention(xq: Tensor, xk: Tensor, c: _Coefs) -> Tensor:
     """Dual-form mixing matrix ``coef_ij * eta_j * (xq_i . xk_j + 1)``: [..., n, n]."""
-    return (xq @ xk.transpose(-1, -2) + 1.0) * c.coef * c.eta.unsqueeze(-2)
+    return (xq @ xk.transpose(-1, -2) + 1.0) * c.coef_eta
 
 
 def _update(carry, xs, gs, layers, c: _Coefs, seg: Segment, causal: bool) -> None:
@@ -178,8 +185,12 @@ def _update(carry, xs, gs, layers, c: _Coefs, seg: Segment, causal: bool) -> Non
         if seg.completes:
             carry["P"] = carry["W"]
         return
-    d = step(c.eta)
     P, G = carry["P"], carry["G"]
+    if G is None and (seg.completes or not causal):  # the common case: one step, pre-scaled
+        d = step(c.s_last * c.eta)
+        carry["P"] = {n: P[n] - d[n] for n in P}
+        return
+    d = step(c.eta)
     G = d if G is None else {n: G[n] + d[n] for n in G}
     if seg.completes or not causal:
         carry["P"] = {n: P[n] - c.s_last * G[n] for n in P}
@@ -237,9 +248,11 @@ def ttt_scan(
     titans = momentum is not None or decay is not None
     dt = compute_dtype(q.dtype)
     qf, kf = q.to(dt), k.to(dt)
-    tgt = v.to(dt) - kf  # (B, H, L, D) reconstruction target
     etaf = eta.to(dt)
     ln_w, ln_b = ln_weight.to(dt), ln_bias.to(dt)
+    w = head_view(ln_w, 4)
+    wbt = w * (head_view(ln_b, 4) - (v.to(dt) - kf))  # (B, H, L, D): w * (b - target), target v - k
+    w2 = w * w
     if titans:
         momentum = torch.zeros_like(etaf) if momentum is None else momentum.to(dt)
         decay = torch.zeros_like(etaf) if decay is None else decay.to(dt)
@@ -255,13 +268,13 @@ def ttt_scan(
     segs = plan_segments(L, mini_batch_size, state.offset)
     for group in _groups(segs):
         seg = group[0]
-        qs, ks, ts, es = (_stack(x, group) for x in (qf, kf, tgt, etaf))
+        qs, ks, ts, es = (_stack(x, group) for x in (qf, kf, wbt, etaf))
         c = _coefs(seg, es, _stack(momentum, group), _stack(decay, group), causal, token_scale)
         primal = form == "primal" or (form == "auto" and seg.length == 1)
         attn = None if primal else _attention(qs, ks, c)  # layer-1 mixing for every segment at once
         for i, segi in enumerate(group):
             ci = c.select(i)
-            xs, gs = _key_grads(carry["P"], ks[i], ts[i], ln_w, ln_b, eps, kind)
+            xs, gs = _key_grads(carry["P"], ks[i], ts[i], w2, eps, kind)
             h = qs[i]
             for li, (W, b) in enumerate(layers):
                 a = attn[i] if (li == 0 and attn is not None) else None
