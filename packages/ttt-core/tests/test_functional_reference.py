@@ -154,3 +154,21 @@ def test_closed_form_ln_loss_grad_matches_autograd():
     ln = torch.nn.functional.layer_norm(z, (10,), eps=1e-6) * w[:, None] + b[:, None]
     (ref,) = torch.autograd.grad(0.5 * (ln - t).pow(2).sum(), z)
     torch.testing.assert_close(ln_loss_grad(z, t, w, b, 1e-6), ref)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_inputs_stay_close_to_fp32(kind, dtype):
+    """bf16/fp16 inputs (fp32 state inside): the error vs fp32 is that of rounding the inputs."""
+    x, w, ln, extra = make_inputs(kind, dtype=torch.float32, titans=True)
+    ref, _ = call(kind, x, w, ln, extra, mini_batch_size=8)
+    low = {n: t.to(dtype) for n, t in x.items()}
+    o, _ = call(kind, low, w, ln, extra, mini_batch_size=8)
+    assert o.dtype == dtype
+    # the same computation from inputs rounded to the low dtype, done in fp32, bounds the error
+    rounded, _ = call(kind, {n: t.float() for n, t in low.items()}, w, ln, extra, mini_batch_size=8)
+    err, err_rounding = (o.float() - ref).abs().max(), (rounded - ref).abs().max()
+    assert err <= 2 * err_rounding + 2 * torch.finfo(dtype).eps * ref.abs().max(), (
+        err,
+        err_rounding,
+    )
