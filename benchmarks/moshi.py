@@ -1,0 +1,195 @@
+"""Moshi layer with vs without TTT on CPU: streaming step latency and training throughput.
+
+For each width (dim 1024 / 16 heads, and the 7B layer's dim 4096 / 32 heads) one Moshi
+`StreamingTransformerLayer` with the 7B recipe (rope, RMSNorm f32, SiLU gating, hidden 4.125 x dim,
+local attention window) is timed side by side with the same layer converted by ttt-moshi
+(attention -> TTT-Linear, mini-batch 16, tanh(alpha) gate -> feed-forward):
+
+- streaming: batch 1, one token per call inside ``layer.streaming(1)`` (a KV ring cache for the
+  attention, the fast weights + partial mini-batch for TTT), median ms per step over 2 mini-batches;
+- training: one full sequence [1, T, C], forward + backward, tokens per second.
+
+Variants: ``moshi`` (plain layer, window 100), ``moshi+ttt`` (TTT heads = attention heads, inner
+width = dim, window 50), ``moshi+ttt-half`` (same heads with head_dim / 2, inner width = dim / 2).
+
+Run: ``python benchmarks/moshi.py`` (full, ~1-3 min on 2 cores) or ``--quick`` (dim 256, seconds).
+On a shared machine add ``--threads 1``: with 2 OpenMP threads and other processes on the cores, the
+many small ops of a single-token step wait on descheduled threads and the timings become noise.
+Writes ``benchmarks/results/moshi_cpu.json`` (machine, torch, threads and the exact command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# This file is named like the `moshi` package: keep its folder off sys.path so that `import moshi`
+# finds the package, not this script.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import torch  # noqa: E402
+from moshi.modules.rope import RotaryEmbedding  # noqa: E402
+from moshi.modules.transformer import StreamingTransformerLayer  # noqa: E402
+from moshi.utils.compile import no_compile  # noqa: E402
+
+from ttt_core import TTTConfig  # noqa: E402
+from ttt_moshi import convert_layer  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "moshi_cpu.json"
+
+
+def make_layer(dim: int, heads: int, variant: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    context = 100 if variant == "moshi" else 50
+    layer = StreamingTransformerLayer(
+        d_model=dim, num_heads=heads, dim_feedforward=int(4.125 * dim), causal=True,
+        context=context, rope=RotaryEmbedding(interleave=True, max_period=10000),
+        norm="rms_norm_f32",
+        layer_scale=None, gating="silu",
+    )  # fmt: skip
+    if variant != "moshi":
+        head_dim = dim // heads if variant == "moshi+ttt" else dim // heads // 2
+        cfg = TTTConfig(hidden_size=dim, num_heads=heads, head_dim=head_dim, inner="linear",
+                        mini_batch_size=16, gate="tanh_alpha", gate_init=0.1)  # fmt: skip
+        convert_layer(layer, cfg)
+    return layer
+
+
+@torch.no_grad()
+def stream_step_ms(
+    layers: dict[str, torch.nn.Module], dim: int, warmup: int, steps: int
+) -> dict[str, list[float]]:
+    """Wall time (ms) of each streaming step (batch 1, one token), per variant.
+
+    The variants step in turn (round robin, same inputs), so a load change on a shared machine
+    hits all of them alike.
+    """
+    x = torch.randn(1, warmup + steps, dim)
+    times: dict[str, list[float]] = {name: [] for name in layers}
+    for layer in layers.values():
+        layer.eval()
+        layer.streaming_forever(1)
+    for t in range(warmup + steps):
+        for name, layer in layers.items():
+            t0 = time.perf_counter()
+            layer(x[:, t : t + 1])
+            if t >= warmup:
+                times[name].append(1e3 * (time.perf_counter() - t0))
+    for layer in layers.values():
+        layer._stop_streaming()
+    return times
+
+
+def train_ms(
+    layers: dict[str, torch.nn.Module], dim: int, seq_len: int, reps: int
+) -> dict[str, float]:
+    """Forward + backward of one sequence [1, T, C]: best ms per iteration, per variant."""
+    x = torch.randn(1, seq_len, dim)
+    best = dict.fromkeys(layers, float("inf"))
+    for layer in layers.values():  # warm-up on a short sequence
+        layer.train()
+        layer(x[:, :16]).square().mean().backward()
+    for _ in range(reps):
+        for name, layer in layers.items():
+            layer.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            layer(x).square().mean().backward()
+            best[name] = min(best[name], 1e3 * (time.perf_counter() - t0))
+    return best
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="dim 256 only, few steps (pipeline check)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+    )
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        sizes = [(256, 4, 64, 2)]  # (dim, heads, train seq_len, reps)
+        warmup, steps = 4, 16
+    else:
+        sizes = [(1024, 16, 256, 3), (4096, 32, 128, 1)]
+        warmup, steps = 8, 32
+    variants = ["moshi", "moshi+ttt", "moshi+ttt-half"]
+    rows = []
+    t_start = time.perf_counter()
+    with no_compile():
+        for dim, heads, seq_len, reps in sizes:
+            layers = {v: make_layer(dim, heads, v) for v in variants}
+            step_times = stream_step_ms(layers, dim, warmup, steps)
+            iter_ms = train_ms(layers, dim, seq_len, reps)
+            for variant, layer in layers.items():
+                st = step_times[variant]
+                row = {
+                    "dim": dim, "heads": heads, "variant": variant,
+                    "params": sum(p.numel() for p in layer.parameters()),
+                    "attention_context": layer.self_attn.context,
+                    "stream_step_ms_median": round(statistics.median(st), 3),
+                    "stream_step_ms_min": round(min(st), 3), "stream_steps": steps,
+                    "train_seq_len": seq_len, "train_ms_per_iter": round(iter_ms[variant], 1),
+                    "train_tokens_per_s": round(1e3 * seq_len / iter_ms[variant], 1),
+                }  # fmt: skip
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del layers
+    overhead = {}
+    for dim, *_ in sizes:
+        base = next(r for r in rows if r["dim"] == dim and r["variant"] == "moshi")
+        for r in rows:
+            if r["dim"] == dim and r["variant"] != "moshi":
+                overhead[f"{dim}/{r['variant']}"] = {
+                    "stream_step_added_pct_median": round(
+                        100 * (r["stream_step_ms_median"] / base["stream_step_ms_median"] - 1), 1),
+                    "stream_step_added_pct_min": round(
+                        100 * (r["stream_step_ms_min"] / base["stream_step_ms_min"] - 1), 1),
+                    "train_throughput_ratio": round(
+                        r["train_tokens_per_s"] / base["train_tokens_per_s"], 3),
+                }  # fmt: skip
+    out = {
+        "benchmark": "ttt-moshi layer: streaming step latency and training throughput (CPU)",
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "quick": args.quick,
+        "machine": {
+            "platform": platform.platform(),
+            "cpu": cpu_name(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+        },
+        "target": "TTT adds at most 20% to a streaming step",
+        "results": rows,
+        "overhead_vs_moshi": overhead,
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(json.dumps(out, indent=2))
+    os.replace(tmp, args.out)
+    print(json.dumps(overhead, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""ttt-moshi: Test-Time Training layers inside Kyutai Moshi's streaming transformer.
+
+- `TTTStreamingTransformerLayer`: Moshi's layer with attention -> TTT (gated) -> feed-forward; the
+  fast weights and the partial TTT mini-batch live in Moshi's streaming state.
+- `patch_lm` / `unpatch_lm` / `export_plain_state_dict`: convert chosen layers of an `LMModel` in
+  place, with per-layer local attention windows, and export a plain-Moshi checkpoint.
+- Fine-tuning (`FinetuneConfig`, `Trainer`), shard loading (`TokenShards`), long-context evaluation
+  (`per_position_loss`, `loss_slope`).
+
+moshi 0.2.13 pins torch<2.10: install it with ``pip install --no-deps moshi==0.2.13`` (see README).
+"""
+
+from .checkpoint import build_lm, load_checkpoint, save_checkpoint, ttt_config_for
+from .config import FinetuneConfig
+from .data import TokenShards, load_shard, save_shard
+from .evaluate import loss_slope, per_position_loss, plot_loss_curves
+from .fsdp import fsdp_wrap_policy, ttt_layer_policy
+from .layer import TTTStreamingTransformerLayer, convert_layer, revert_layer
+from .losses import token_losses
+from .patch import (
+    export_plain_state_dict,
+    patch_info,
+    patch_lm,
+    set_attention_contexts,
+    ttt_layer_indices,
+    unpatch_lm,
+)
+from .train import Trainer, TrainingDiverged
+
+__all__ = [
+    "FinetuneConfig",
+    "TTTStreamingTransformerLayer",
+    "TokenShards",
+    "Trainer",
+    "TrainingDiverged",
+    "build_lm",
+    "convert_layer",
+    "export_plain_state_dict",
+    "fsdp_wrap_policy",
+    "load_checkpoint",
+    "load_shard",
+    "loss_slope",
+    "patch_info",
+    "patch_lm",
+    "per_position_loss",
+    "plot_loss_curves",
+    "revert_layer",
+    "save_checkpoint",
+    "save_shard",
+    "set_attention_contexts",
+    "token_losses",
+    "ttt_config_for",
+    "ttt_layer_indices",
+    "ttt_layer_policy",
+    "unpatch_lm",
+]
+__version__ = "0.1.0"

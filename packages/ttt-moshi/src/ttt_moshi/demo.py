@@ -1,0 +1,268 @@
+"""``ttt-moshi-demo --out DIR``: a small Moshi-architecture LM fine-tuned with vs without TTT.
+
+Data (a real signal that installs everywhere, offline): the English text of the Python language
+reference help topics that ship inside CPython itself (``pydoc_data.topics``, ~465k characters of
+human-written documentation with code), as UTF-8 bytes in Moshi's text stream (``text_card=256``).
+Mimi codes of speech would be the real target, but the Mimi weights cannot be downloaded here; the
+TTT layers sit in Moshi's temporal transformer, which sees the same kind of token stream either way.
+The model is Moshi's ``LMModel`` in its text-only form (``n_q=0``, no depformer), random init.
+
+Both variants use the same local attention windows (the issue's setup, scaled down: the TTT layers
+attend ``W/2`` steps, the others ``W``); the TTT variant adds TTT-Linear blocks (mini-batch 16,
+tanh(alpha) gate) to half the layers. Written to DIR: ``loss_per_position.png``,
+``loss_difference.png``, ``train_loss.png``, ``summary.json`` (+ the shards and the metrics of each run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import FinetuneConfig
+from .data import save_shard
+from .evaluate import loss_slope, per_position_loss, plot_loss_curves, smooth
+from .layer import TTTStreamingTransformerLayer
+from .train import Trainer
+
+DATA_SOURCE = (
+    "CPython's bundled help topics (pydoc_data.topics: the Python language reference text, "
+    "PSF license), UTF-8 bytes as Moshi text tokens"
+)
+
+
+def corpus_bytes() -> np.ndarray:
+    """The help-topic texts, sorted by topic name, as uint8 tokens [N]."""
+    import pydoc_data.topics as topics
+
+    text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+
+
+def lm_kwargs(dim: int, layers: int, heads: int) -> dict[str, Any]:
+    """Moshi 7B's main-transformer recipe (rope, RMSNorm f32, SiLU gating), text only, small."""
+    return dict(
+        delays=[0], n_q=0, dep_q=0, card=1, text_card=256, dim=dim, num_heads=heads,
+        num_layers=layers, hidden_scale=4.125, causal=True, layer_scale=None, context=3000,
+        gating="silu", norm="rms_norm_f32", positional_embedding="rope", max_period=10000,
+        existing_text_padding_id=3,
+    )  # fmt: skip
+
+
+def _write_shards(
+    out: Path, tokens: np.ndarray, seq_len: int, eval_frac: float
+) -> tuple[Path, Path]:
+    n_eval = int(len(tokens) * eval_frac)
+    train, held = tokens[:-n_eval], tokens[-n_eval:]
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    # one [K=1, T] recording per shard; the loader cuts it into seq_len windows
+    return save_shard(data / "train.npz", train[None]), save_shard(data / "eval.npz", held[None])
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokens = corpus_bytes()
+    train_path, eval_path = _write_shards(out, tokens, args.seq_len, 0.2)
+    kwargs = lm_kwargs(args.dim, args.layers, args.heads)
+    ttt_layers = list(range(1, args.layers, 2))
+    window = args.window
+    base = {
+        "data": {"train_data": [str(train_path)], "eval_data": [str(eval_path)]},
+        "duration_sec": args.seq_len / 12.5, "batch_size": args.batch_size,
+        "max_steps": args.steps, "max_norm": 1.0, "log_freq": 25, "seed": args.seed,
+        "optim": {"lr": args.lr, "weight_decay": 0.1, "pct_start": 0.1},
+        "model": {"lm_kwargs": kwargs},
+        # every layer attends `window` steps; the TTT variant's TTT layers attend window // 2
+        "attention_context": {i: (window // 2 if i in ttt_layers else window)
+                              for i in range(args.layers)},
+        "ttt_attention_context": None,
+    }  # fmt: skip
+    variants = {
+        "moshi (local attention)": {"ttt": {"layers": []}},
+        "moshi + TTT-Linear": {
+            "ttt": {
+                "layers": ttt_layers,
+                "inner": "linear",
+                "mini_batch_size": 16,
+                "gate_init": 0.1,
+            },
+        },
+    }
+    curves: dict[str, np.ndarray] = {}
+    summary: dict[str, Any] = {"variants": {}}
+    eval_windows = None
+    histories = {}
+    for name, extra in variants.items():
+        slug = "ttt" if extra["ttt"]["layers"] else "baseline"
+        cfg = FinetuneConfig.from_dict({**base, **extra, "run_dir": str(out / f"run_{slug}")})
+        metrics = Path(cfg.run_dir) / "metrics.jsonl"
+        metrics.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        trainer = Trainer(cfg, progress=True)
+        trainer.fit()
+        train_s = time.perf_counter() - t0
+        if eval_windows is None:
+            assert trainer.eval_data is not None
+            g = torch.Generator().manual_seed(123)
+            n_eval = len(trainer.eval_data) if args.eval_windows <= 0 else args.eval_windows
+            idx = torch.randperm(len(trainer.eval_data), generator=g)[:n_eval]
+            eval_windows = trainer.eval_data.windows[idx]  # (N, 1, T)
+        t0 = time.perf_counter()
+        curve = per_position_loss(trainer.lm, eval_windows, batch_size=8, progress=True)
+        eval_s = time.perf_counter() - t0
+        curves[name] = curve
+        histories[name] = [r["loss"] for r in trainer.history]
+        w = window
+        contexts = [m.self_attn.context for m in trainer.lm.transformer.layers]
+        # stacked local attention reaches sum(c - 1) steps back; beyond that only TTT remembers
+        reach = sum(c - 1 for c in contexts)
+        rec: dict[str, Any] = {
+            "ttt_layers": extra["ttt"]["layers"],
+            "attention_context": contexts,
+            "attention_receptive_field": reach,
+            "parameters": sum(p.numel() for p in trainer.lm.parameters()),
+            "train_seconds": round(train_s, 2),
+            "eval_seconds": round(eval_s, 2),
+            "final_train_loss_avg_last_20": float(np.mean(histories[name][-20:])),
+            "eval_loss_mean": float(curve.mean()),
+            "eval_loss_inside_window": float(curve[:w].mean()),
+            "eval_loss_beyond_window": float(curve[w:].mean()),
+            "eval_loss_last_quarter": float(curve[-len(curve) // 4 :].mean()),
+            "eval_loss_beyond_receptive_field": float(curve[reach:].mean()),
+            "slope_per_doubling_beyond_window": loss_slope(curve, start=w),
+            "slope_per_doubling_beyond_receptive_field": loss_slope(curve, start=reach),
+            "skipped_steps": sum(r["skipped"] for r in trainer.history),
+        }
+        inner = {k: v for k, v in trainer.history[-1 - (len(trainer.history) - 1) % 25].items()
+                 if "inner_loss" in k}  # fmt: skip
+        if inner:
+            rec["inner_loss_last_monitored_step"] = inner
+        if slug == "ttt":
+            rec["streaming_max_abs_diff"] = _streaming_check(trainer.lm, eval_windows[:1, :, :64])
+        summary["variants"][name] = rec
+    names = list(variants)
+    b, t = (summary["variants"][n] for n in names)
+    summary["ttt_minus_baseline"] = {
+        k: t[k] - b[k]
+        for k in (
+            "eval_loss_mean",
+            "eval_loss_inside_window",
+            "eval_loss_beyond_window",
+            "eval_loss_beyond_receptive_field",
+            "eval_loss_last_quarter",
+        )
+    }
+    summary.update(
+        data_source=DATA_SOURCE, corpus_tokens=len(tokens), seq_len=args.seq_len,
+        attention_window=window, ttt_attention_window=window // 2, eval_windows=len(eval_windows),
+        model=kwargs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
+    )  # fmt: skip
+    plot_loss_curves(
+        curves, out / "loss_per_position.png",
+        windows={
+            f"window {window}": window,
+            f"attention reach {b['attention_receptive_field']}": b["attention_receptive_field"],
+        },
+        title=f"held-out per-position loss ({len(eval_windows)} windows of {args.seq_len} bytes)",
+    )  # fmt: skip
+    _plot_train(histories, out / "train_loss.png")
+    _plot_difference(curves, out / "loss_difference.png", b["attention_receptive_field"])
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    np.savez(out / "curves.npz", **{n.replace(" ", "_"): c for n, c in curves.items()})
+    return summary
+
+
+@torch.no_grad()
+def _streaming_check(lm: torch.nn.Module, codes: torch.Tensor) -> float:
+    """Max |logits| difference between step-by-step streaming and one forward pass."""
+    from moshi.utils.compile import no_compile
+
+    lm.eval()
+    with no_compile():
+        _, full = lm.forward_text(codes)
+        outs = []
+        with lm.streaming(codes.shape[0]):
+            for t in range(codes.shape[-1]):
+                outs.append(lm.forward_text(codes[:, :, t : t + 1])[1])
+    assert any(isinstance(m, TTTStreamingTransformerLayer) for m in lm.modules())
+    return float((torch.cat(outs, 2) - full).abs().max())
+
+
+def _plot_train(histories: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, h in histories.items():
+        ax.plot(smooth(np.asarray(h), 9), label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats / byte)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_difference(curves: dict[str, np.ndarray], path: Path, reach: int) -> None:
+    """Per-position loss of the TTT variant minus the baseline's (negative: TTT helps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base, ttt = curves.values()
+    diff = ttt - base
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(diff, lw=0.6, alpha=0.4, label="per position")
+    ax.plot(smooth(diff, 25), lw=1.5, label="moving average (25)")
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.axvline(reach, ls="--", lw=0.8, color="gray", label=f"attention reach {reach}")
+    ax.set_xlabel("position in the sequence (step)")
+    ax.set_ylabel("loss(TTT) - loss(baseline) (nats)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--window", type=int, default=16, help="attention window of non-TTT layers")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--eval-windows", type=int, default=0, help="held-out windows (0: all)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a few steps, to check the pipeline")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.eval_windows = 20, 8
+    summary = run(args)
+    for name, rec in summary["variants"].items():
+        print(f"{name:28s} eval loss {rec['eval_loss_mean']:.4f} (inside window "
+              f"{rec['eval_loss_inside_window']:.4f}, beyond {rec['eval_loss_beyond_window']:.4f}, "
+              f"slope/doubling beyond {rec['slope_per_doubling_beyond_window']:+.4f}) "
+              f"train {rec['train_seconds']:.0f}s")  # fmt: skip
+    print(f"wrote {Path(args.out) / 'summary.json'}")
+
+
+if __name__ == "__main__":
+    main()

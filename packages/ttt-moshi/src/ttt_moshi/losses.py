@@ -1,0 +1,100 @@
+"""Token losses of a Moshi `LMModel` on codes [B, K, T] (codebook 0 = text, 1.. = audio).
+
+``lm(codes)`` returns logits aligned with ``codes`` (Moshi applies the acoustic delays and undoes
+them), so the loss of codebook k at step t is ``CE(logits[:, k, t], codes[:, k, t])`` where the mask
+is true. Text-only models (``dep_q == 0``, no depformer, e.g. an ASR-style Moshi) are handled by the
+same delay logic on the main transformer only.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from moshi.models.lm import LMModel
+from moshi.models.lm_utils import _delay_sequence, _undelay_sequence
+from moshi.utils.compile import no_compile
+from torch import Tensor
+
+__all__ = ["TokenLosses", "token_losses"]
+
+
+@dataclass
+class TokenLosses:
+    """Per-token cross-entropies and their masks.
+
+    Attributes:
+        text: [B, 1, T] CE of the text stream (0 where masked); text_mask: [B, 1, T] bool.
+        audio: [B, dep_q, T] CE of the audio codebooks (depformer outputs), None if dep_q == 0;
+        audio_mask: [B, dep_q, T] bool (None if dep_q == 0).
+    """
+
+    text: Tensor
+    text_mask: Tensor
+    audio: Tensor | None
+    audio_mask: Tensor | None
+
+    def loss(self, text_weight: float = 1.0) -> Tensor:
+        """Scalar loss ``text_weight * mean_text_CE + mean_audio_CE`` over the valid tokens."""
+        total = text_weight * _masked_mean(self.text, self.text_mask)
+        if self.audio is not None:
+            total = total + _masked_mean(self.audio, self.audio_mask)
+        return total
+
+    def per_position(self) -> tuple[Tensor, Tensor]:
+        """Sum over batch and codebooks of the CE at each step, and the valid-token count: [T]."""
+        s = (self.text * self.text_mask).sum(dim=(0, 1))  # (T,)
+        n = self.text_mask.sum(dim=(0, 1))
+        if self.audio is not None:
+            s = s + (self.audio * self.audio_mask).sum(dim=(0, 1))
+            n = n + self.audio_mask.sum(dim=(0, 1))
+        return s, n
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return (x * mask).sum() / mask.sum().clamp_min(1)
+
+
+def _ce(logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """CE per token: logits [B, K, T, V], target [B, K, T] -> [B, K, T] (0 where masked)."""
+    safe_logits = torch.where(mask[..., None], logits, torch.zeros_like(logits))  # NaN-free
+    safe_target = torch.where(mask, target, torch.zeros_like(target))
+    ce = F.cross_entropy(
+        safe_logits.float().flatten(0, 2), safe_target.flatten(), reduction="none"
+    ).view_as(target)
+    return ce * mask
+
+
+def lm_logits(lm: LMModel, codes: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """``(text_logits [B,1,T,Vt], text_mask, audio_logits [B,dep_q,T,V] | None, audio_mask)``."""
+    if lm.depformer is not None:
+        out = lm(codes)
+        return out.text_logits, out.text_mask, out.logits, out.mask
+    B, K, _ = codes.shape
+    if lm.num_codebooks != K:
+        raise ValueError(f"codes must be [B, {lm.num_codebooks}, T], got {tuple(codes.shape)}")
+    initial = lm._get_initial_token().expand(B, -1, -1)  # (B, K, 1)
+    delayed = torch.cat([initial, _delay_sequence(lm.delays, codes, initial)], dim=2)
+    _, text_logits = lm.forward_text(delayed[:, :, :-1])  # (B, 1, T, Vt)
+    text_logits, text_mask = _undelay_sequence(lm.delays[:1], text_logits, fill_value=float("nan"))
+    text_mask = text_mask & (codes[:, :1] != lm.zero_token_id)
+    return text_logits, text_mask, None, None
+
+
+def token_losses(lm: LMModel, codes: Tensor) -> TokenLosses:
+    """Per-token CE of ``lm`` on ``codes`` [B, K, T] (teacher forcing, one forward pass)."""
+    if codes.dim() != 3:
+        raise ValueError(f"codes must be [B, K, T], got shape {tuple(codes.shape)}")
+    with ExitStack() as stack:
+        if (
+            codes.device.type != "cuda"
+        ):  # moshi compiles its out_norm lazily; on CPU only costs time
+            stack.enter_context(no_compile())
+        text_logits, text_mask, audio_logits, audio_mask = lm_logits(lm, codes)
+    text = _ce(text_logits, codes[:, :1], text_mask)
+    audio = None
+    if audio_logits is not None:
+        audio = _ce(audio_logits, codes[:, 1 : 1 + lm.dep_q], audio_mask)
+    return TokenLosses(text, text_mask, audio, audio_mask)

@@ -1,0 +1,50 @@
+"""The console scripts end to end on tiny settings: finetune from YAML, and the demo."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from conftest import TINY_KWARGS, random_codes
+
+from ttt_moshi import load_checkpoint, save_shard, ttt_layer_indices
+from ttt_moshi.demo import corpus_bytes
+from ttt_moshi.demo import main as demo_main
+from ttt_moshi.finetune import main as finetune_main
+
+
+def test_finetune_cli(tmp_path, capsys):
+    shard = save_shard(tmp_path / "train.safetensors", random_codes(3, 40, seed=4))
+    cfg = {
+        "run_dir": str(tmp_path / "run"),
+        "data": {"train_data": [str(shard)], "eval_data": [str(shard)]},
+        "duration_sec": 1.6, "batch_size": 2, "max_steps": 6, "log_freq": 3,
+        "optim": {"lr": 1e-3, "pct_start": 0.34},
+        "model": {"lm_kwargs": TINY_KWARGS},
+        "ttt": {"layers": [1], "mini_batch_size": 4, "inner": "mlp"},
+    }  # fmt: skip
+    (tmp_path / "ft.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+    finetune_main(["--config", str(tmp_path / "ft.yaml"), "--no-progress"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["steps"] == 6 and np.isfinite(out["eval_loss"])
+    lm, payload = load_checkpoint(tmp_path / "run" / "final.pt")
+    assert ttt_layer_indices(lm) == [1] and payload["step"] == 6
+    assert payload["patch"]["ttt"]["inner"] == "mlp"
+
+
+def test_demo_runs_and_writes_summary(tmp_path):
+    tokens = corpus_bytes()
+    assert len(tokens) > 100_000 and tokens.min() >= 0 and tokens.max() < 256
+    demo_main([
+        "--out", str(tmp_path), "--steps", "12", "--eval-windows", "4", "--seq-len", "48",
+        "--window", "8", "--dim", "32", "--layers", "2", "--batch-size", "2",
+    ])  # fmt: skip
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    base, ttt = summary["variants"].values()
+    assert base["ttt_layers"] == [] and ttt["ttt_layers"] == [1]
+    assert base["attention_context"] == ttt["attention_context"] == [8, 4]
+    assert ttt["parameters"] > base["parameters"]
+    assert ttt["streaming_max_abs_diff"] < 1e-4
+    assert (tmp_path / "loss_per_position.png").stat().st_size > 0
+    assert (tmp_path / "train_loss.png").stat().st_size > 0
+    assert (tmp_path / "loss_difference.png").stat().st_size > 0
