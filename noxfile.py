@@ -171,6 +171,8 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Side-by-side CPU benchmarks; JSON figures land in benchmarks/results/."""
     present = _install_present_packages(session)
+    if "packages/ttt-titans" in present:
+        session.install("./packages/ttt-titans[bench]")  # titans-pytorch, the peer it is timed against
     scripts = {
         "packages/ttt-core": "benchmarks/core_cpu.py",
         "packages/ttt-gemma": "benchmarks/gemma.py",

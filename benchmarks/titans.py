@@ -1,0 +1,229 @@
+"""ttt-titans CPU benchmark: seconds per training epoch per mode, and the memory workload vs
+titans-pytorch's NeuralMemory, in one process.
+
+1. Epoch time: ``baseline``, ``simple_ttt`` and ``meta_ttt`` forecasters (same data: the embedded
+   Victoria 2014 demand set, same Titans backbone, same batches) train for ``--epochs`` timed
+   epochs each (modes interleaved, one untimed warm-up epoch); median seconds per epoch and the
+   ratio to the baseline.
+2. Memory workload: one forward + backward of a Titans neural memory on x (B, L, C) with an MLP
+   memory (depth 2, expansion 4) or a linear one, ``heads`` heads, momentum and forgetting, chunk
+   size ``chunk``:
+   ``ttt_titans.NeuralMemory`` (ttt-core's chunk-parallel Titans form, rates from a MetaLearner)
+   vs ``titans_pytorch.NeuralMemory`` (``pip install titans-pytorch``); median of ``--repeats``.
+
+Run (about 3-4 minutes on one core)::
+
+    python benchmarks/titans.py                 # full run -> benchmarks/results/titans_cpu.json
+    python benchmarks/titans.py --quick         # seconds, for checking the script
+
+``torch.set_num_threads(1)`` is used for stable figures (``--threads`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_rev() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def bench_epochs(epochs: int, max_batches: int | None, max_rows: int) -> dict:
+    from ttt_titans.config import load_config
+    from ttt_titans.train import Runner, build_splits
+
+    over = [f"data.max_rows={max_rows}", "threads=0"]
+    if max_batches is not None:
+        over.append(f"train.max_batches_per_epoch={max_batches}")
+    base = load_config("base.yaml", over)
+    splits = build_splits(base)
+    runners = {}
+    for mode in ("baseline", "simple_ttt", "meta_ttt"):
+        runners[mode] = Runner(load_config("base.yaml", [*over, f"mode={mode}"]), splits, False)
+    for r in runners.values():  # warm-up epoch, untimed
+        r.train_epoch()
+        r.history.epoch_seconds.clear()
+    for _ in range(epochs):
+        for r in runners.values():
+            r.epoch += 1
+            r.train_epoch()
+    out = {}
+    base_s = statistics.median(runners["baseline"].history.epoch_seconds)
+    for mode, r in runners.items():
+        s = statistics.median(r.history.epoch_seconds)
+        out[mode] = {
+            "seconds_per_epoch": s,
+            "all_epoch_seconds": r.history.epoch_seconds,
+            "ratio_to_baseline": s / base_s,
+            "batches_per_epoch": min(
+                -(-len(r.train_ds) // r.cfg.train.batch_size),
+                max_batches or 10**9,
+            ),
+            "batch_size": r.cfg.train.batch_size,
+            "lookback": r.cfg.data.lookback,
+            "backbone": r.cfg.model.backbone,
+            "memory_chunk": r.cfg.memory.chunk,
+        }
+    return out
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def bench_memory(shapes: list[tuple[int, int, int, int, int, str]], repeats: int) -> list[dict]:
+    from ttt_titans.config import MemoryConfig, MetaConfig
+    from ttt_titans.memory import NeuralMemory
+    from ttt_titans.meta import MetaLearner
+
+    try:
+        import titans_pytorch
+        from titans_pytorch import MemoryMLP
+        from titans_pytorch import NeuralMemory as TPNeuralMemory
+    except ImportError:
+        titans_pytorch = None
+    rows = []
+    for b, n, c, h, chunk, inner in shapes:
+        torch.manual_seed(0)
+        x = torch.randn(b, n, c)
+        mem = NeuralMemory(c, MemoryConfig(inner=inner, num_heads=h, chunk=chunk, mlp_ratio=4))
+        meta = MetaLearner(c, h, MetaConfig(hidden=c))
+
+        def ours(meta=meta, mem=mem, x=x):
+            th, et, al = meta(x)
+            out, _ = mem(x, th, et, al)
+            out.sum().backward()
+
+        row = {
+            "B": b,
+            "L": n,
+            "C": c,
+            "heads": h,
+            "head_dim": c // h,
+            "chunk": chunk,
+            "memory_model": (
+                "MLP depth 2, hidden 4*head_dim" if inner == "mlp" else "linear (one matrix)"
+            ),
+            "ttt_titans_ms": 1e3 * _time(ours, repeats),
+        }
+        if titans_pytorch is not None:
+            # linear: titans-pytorch's MemoryMLP with depth 1 is one (D, D) matrix
+            model = None if inner == "mlp" else MemoryMLP(c // h, depth=1)
+            tp = TPNeuralMemory(dim=c, chunk_size=chunk, heads=h, dim_head=c // h, model=model)
+
+            def theirs(tp=tp, x=x):
+                out, _ = tp(x)
+                out.sum().backward()
+
+            row["titans_pytorch_ms"] = 1e3 * _time(theirs, repeats)
+            row["speedup_vs_titans_pytorch"] = row["titans_pytorch_ms"] / row["ttt_titans_ms"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, to check the script")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(ROOT / "results" / "titans_cpu.json"))
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.quick:
+        epochs, max_batches, max_rows, repeats = 1, 4, 3000, 2
+        shapes = [(16, 48, 32, 2, 16, "mlp"), (16, 48, 32, 2, 16, "linear")]
+    else:
+        epochs, max_batches, max_rows, repeats = a.epochs, None, 8760, a.repeats
+        shapes = [
+            (64, 48, 32, 2, 16, "linear"),  # the forecaster's default memory workload
+            (64, 48, 32, 2, 16, "mlp"),
+            (64, 48, 32, 2, 8, "mlp"),
+            (8, 256, 64, 4, 16, "mlp"),
+            (8, 256, 64, 4, 64, "mlp"),
+        ]
+    t0 = time.perf_counter()
+    epochs_res = bench_epochs(epochs, max_batches, max_rows)
+    for mode, r in epochs_res.items():
+        print(f"{mode:>10}: {r['seconds_per_epoch']:.3f} s/epoch ({r['ratio_to_baseline']:.2f}x)")
+    mem_res = bench_memory(shapes, repeats)
+    try:
+        import titans_pytorch
+
+        tp_version = getattr(titans_pytorch, "__version__", None)
+        if tp_version is None:
+            from importlib.metadata import version
+
+            tp_version = version("titans-pytorch")
+    except ImportError:
+        tp_version = None
+    result = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "quick": a.quick,
+        "machine": {
+            "platform": platform.platform(),
+            "cpu": _cpu_name(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "titans_pytorch": tp_version,
+            "git": _git_rev(),
+        },
+        "epoch_time": epochs_res,
+        "memory_workload": mem_res,
+        "notes": (
+            "Same shapes, different rule: ttt_titans takes each token's gradient at its own "
+            "chunk's start weights (chunks are sequential, exact per-step at chunk 1); "
+            "titans_pytorch (store_memories) takes every chunk's surprise at the weights the "
+            "call started from, with per-chunk averaged rates, then scans momentum/decay over "
+            "chunks, which is fully parallel over the sequence. Epoch times: one untimed "
+            "warm-up epoch per mode, median of the timed epochs, modes interleaved."
+        ),
+        "total_seconds": time.perf_counter() - t0,
+    }
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
