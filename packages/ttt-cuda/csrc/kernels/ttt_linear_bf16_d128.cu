@@ -1,0 +1,7 @@
+// TTT-Linear forward + backward kernels, inputs __nv_bfloat16, head dim 128 (fp32 state).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "../ttt_linear_kernel.cuh"
+
+TTT_INSTANTIATE_LINEAR(__nv_bfloat16, 128)

@@ -1,0 +1,475 @@
+// The fused TTT-Linear math for one (batch, head) chain, written once for the CPU and the GPU.
+//
+// Per mini-batch of n tokens (start weights W [D, D], b [D]; target t_j = v_j - k_j):
+//   Z = K W + b,  X = LN(Z) (rstd = 1/sigma),  U = gamma * (gamma * X + beta - T)
+//   G = rstd * (U - mean(U) - X * mean(U * X))          rows: d l_j / d z_j
+//   A_ij = c_ij eta_j, c_ij = s_i [j <= i] (causal) or 1 (non-causal);  a_j = A_{n-1, j}
+//   P = A * (Q K^T + 1),  Z' = Q W + b - P G,  o = q + LN(Z')      (= q_i W_i + b_i, closed form)
+//   W <- W - K^T diag(a) G,  b <- b - a^T G                         (the next start weights)
+// The backward walks the mini-batches in reverse, recomputing the forward from the stored start
+// weights, and differentiates each line above (see the comments in linear_bwd_chain).
+//
+// Parallel loops: on the GPU TTT_PAR_FOR strides over the block's threads and TTT_SYNC is
+// __syncthreads(); on the CPU they are a plain loop and a no-op. Every output element is written
+// by one thread in a fixed order, so both paths are deterministic (no atomics).
+#pragma once
+#include <math.h>
+
+#include "ttt_params.h"
+
+#if defined(__CUDACC__)
+#define TTT_HD __host__ __device__ __forceinline__
+#else
+#define TTT_HD inline
+#endif
+#if defined(__CUDA_ARCH__)
+#define TTT_TID (static_cast<int>(threadIdx.x))
+#define TTT_NT (static_cast<int>(blockDim.x))
+#define TTT_SYNC() __syncthreads()
+#define TTT_PAR_FOR(i, N) for (int i = TTT_TID; i < (N); i += TTT_NT)
+#elif defined(TTT_EMULATE_BLOCK)  // CPU check of the phase structure: see ttt_linear_cpu_block.cpp
+#define TTT_TID (::ttt_block::tid)
+#define TTT_NT (::ttt_block::nt)
+#define TTT_SYNC() (::ttt_block::sync())
+#define TTT_PAR_FOR(i, N) for (int i = TTT_TID; i < (N); i += TTT_NT, ::ttt_block::maybe_yield())
+#else
+#define TTT_TID 0
+#define TTT_NT 1
+#define TTT_SYNC() ((void)0)
+#define TTT_PAR_FOR(i, N) for (int i = TTT_TID; i < (N); i += TTT_NT)
+#endif
+
+namespace ttt {
+
+TTT_HD float rsqrt_acc(float x) { return 1.0f / sqrtf(x); }
+TTT_HD double rsqrt_acc(double x) { return 1.0 / sqrt(x); }
+
+// Scratch of one chain: n <= bmax rows of D columns per buffer.
+template <typename acc_t>
+struct ChainBuffers {
+  acc_t *W, *bw;                                   // [D, D], [D] current start weights
+  acc_t *K, *Q, *T, *X, *G, *Xp, *P, *eta, *a, *rstd;  // forward
+  acc_t *U, *DZ, *dQ, *dK, *KdW, *dP, *rstdp, *da;     // backward only
+  acc_t *dW, *db, *dlnw, *dlnb, *dscale;               // backward accumulators
+};
+
+// Lays the buffers out from `base` (or only counts when base is null); returns the element count.
+template <typename acc_t>
+TTT_HD int64_t carve_chain(acc_t* base, int D, int bmax, bool bwd, ChainBuffers<acc_t>* c) {
+  int64_t off = 0;
+  auto take = [&](acc_t** ptr, int64_t n) {
+    if (ptr != nullptr) *ptr = base == nullptr ? nullptr : base + off;
+    off += (n + 3) / 4 * 4;  // 16-byte aligned for float
+  };
+  const int64_t nD = static_cast<int64_t>(bmax) * D, nn = static_cast<int64_t>(bmax) * bmax;
+  take(&c->W, static_cast<int64_t>(D) * D);
+  take(&c->bw, D);
+  take(&c->K, nD), take(&c->Q, nD), take(&c->T, nD), take(&c->X, nD), take(&c->G, nD);
+  take(&c->Xp, nD), take(&c->P, nn), take(&c->eta, bmax), take(&c->a, bmax), take(&c->rstd, bmax);
+  if (bwd) {
+    take(&c->U, nD), take(&c->DZ, nD), take(&c->dQ, nD), take(&c->dK, nD), take(&c->KdW, nD);
+    take(&c->dP, nn), take(&c->rstdp, bmax), take(&c->da, bmax);
+    take(&c->dW, static_cast<int64_t>(D) * D), take(&c->db, D), take(&c->dlnw, D);
+    take(&c->dlnb, D), take(&c->dscale, bmax);
+  }
+  return off;
+}
+
+template <typename acc_t>
+TTT_HD acc_t coef(const LinearParams& p, const acc_t* scale, int i, int j) {
+  if (!p.causal) return acc_t(1);
+  return j <= i ? scale[i] : acc_t(0);
+}
+
+// Coefficient of eta_j in the end update of a mini-batch of n tokens (a_j = end_coef * eta_j).
+template <typename acc_t>
+TTT_HD acc_t end_coef(const LinearParams& p, const acc_t* scale, int n, int j, bool unscaled) {
+  return unscaled ? acc_t(1) : coef(p, scale, n - 1, j);
+}
+
+// True when mini-batch mb (n tokens) ends with the unscaled update (see LinearParams).
+TTT_HD bool ends_unscaled(const LinearParams& p, int mb, int n) {
+  return p.end_unscaled && p.causal && mb == p.num_mini_batches() - 1 && n < p.mini_batch_size;
+}
+
+template <typename scalar_t, typename acc_t>
+TTT_HD acc_t ld(const void* ptr, int64_t idx) {
+  return static_cast<acc_t>(static_cast<const scalar_t*>(ptr)[idx]);
+}
+
+// Loads tokens [t0, t0 + n) of chain (bi, hi) and recomputes Z, X, (U), G, P, Z' into the buffers.
+// On return X and Xp hold the normalised rows, rstd / rstdp (if given) their 1/sigma.
+template <typename scalar_t, typename acc_t>
+TTT_HD void chain_recompute(const LinearParams& p, const ChainBuffers<acc_t>& c, int D, int bi,
+                            int hi, int t0, int n, bool bwd, bool unscaled_end) {
+  const acc_t* lnw = static_cast<const acc_t*>(p.ln_w) + static_cast<int64_t>(hi) * D;
+  const acc_t* lnb = static_cast<const acc_t*>(p.ln_b) + static_cast<int64_t>(hi) * D;
+  const acc_t* scale = static_cast<const acc_t*>(p.scale);
+  const acc_t* eta = static_cast<const acc_t*>(p.eta) + (static_cast<int64_t>(bi) * p.H + hi) * p.L;
+  const acc_t eps = static_cast<acc_t>(p.eps);
+  const acc_t invD = acc_t(1) / static_cast<acc_t>(D);
+  // load K, Q, T = V - K (rows of this mini-batch) and eta
+  TTT_PAR_FOR(e, n * D) {
+    const int i = e / D, col = e % D;
+    const int64_t t = t0 + i;
+    const acc_t kv = ld<scalar_t, acc_t>(p.k, bi * p.k_sb + hi * p.k_sh + t * p.k_sl + col);
+    c.K[e] = kv;
+    c.Q[e] = ld<scalar_t, acc_t>(p.q, bi * p.q_sb + hi * p.q_sh + t * p.q_sl + col);
+    c.T[e] = ld<scalar_t, acc_t>(p.v, bi * p.v_sb + hi * p.v_sh + t * p.v_sl + col) - kv;
+  }
+  TTT_PAR_FOR(i, n) { c.eta[i] = eta[t0 + i]; }
+  TTT_SYNC();
+  TTT_PAR_FOR(j, n) { c.a[j] = end_coef(p, scale, n, j, unscaled_end) * c.eta[j]; }
+  // Z = K W + b
+  TTT_PAR_FOR(e, n * D) {
+    const int i = e / D, col = e % D;
+    acc_t s = c.bw[col];
+    for (int d = 0; d < D; ++d) s += c.K[i * D + d] * c.W[d * D + col];
+    c.X[e] = s;
+  }
+  TTT_SYNC();
+  // rows: X = LN(Z), G = d l / d z
+  TTT_PAR_FOR(i, n) {
+    acc_t* x = c.X + i * D;
+    const acc_t* tt = c.T + i * D;
+    acc_t* g = c.G + i * D;
+    acc_t mu = 0, var = 0;
+    for (int d = 0; d < D; ++d) mu += x[d];
+    mu *= invD;
+    for (int d = 0; d < D; ++d) var += (x[d] - mu) * (x[d] - mu);
+    const acc_t rs = rsqrt_acc(var * invD + eps);
+    c.rstd[i] = rs;
+    acc_t mu_u = 0, mu_ux = 0;
+    for (int d = 0; d < D; ++d) {
+      x[d] = (x[d] - mu) * rs;
+      const acc_t u = lnw[d] * (lnw[d] * x[d] + lnb[d] - tt[d]);
+      g[d] = u;
+      mu_u += u;
+      mu_ux += u * x[d];
+    }
+    mu_u *= invD, mu_ux *= invD;
+    for (int d = 0; d < D; ++d) {
+      if (bwd) c.U[i * D + d] = g[d];
+      g[d] = rs * (g[d] - mu_u - x[d] * mu_ux);
+    }
+  }
+  // P = A * (Q K^T + 1)
+  TTT_PAR_FOR(e, n * n) {
+    const int i = e / n, j = e % n;
+    const acc_t cf = coef(p, scale, i, j);
+    acc_t s = 0;
+    if (cf != acc_t(0)) {
+      for (int d = 0; d < D; ++d) s += c.Q[i * D + d] * c.K[j * D + d];
+      s = cf * c.eta[j] * (s + acc_t(1));
+    }
+    c.P[e] = s;
+  }
+  TTT_SYNC();
+  // Z' = Q W + b - P G
+  TTT_PAR_FOR(e, n * D) {
+    const int i = e / D, col = e % D;
+    acc_t s = c.bw[col];
+    for (int d = 0; d < D; ++d) s += c.Q[i * D + d] * c.W[d * D + col];
+    for (int j = 0; j < n; ++j) s -= c.P[i * n + j] * c.G[j * D + col];
+    c.Xp[e] = s;
+  }
+  TTT_SYNC();
+  // rows: Xp = LN(Z')
+  TTT_PAR_FOR(i, n) {
+    acc_t* x = c.Xp + i * D;
+    acc_t mu = 0, var = 0;
+    for (int d = 0; d < D; ++d) mu += x[d];
+    mu *= invD;
+    for (int d = 0; d < D; ++d) var += (x[d] - mu) * (x[d] - mu);
+    const acc_t rs = rsqrt_acc(var * invD + eps);
+    if (bwd) c.rstdp[i] = rs;
+    for (int d = 0; d < D; ++d) x[d] = (x[d] - mu) * rs;
+  }
+  TTT_SYNC();
+}
+
+// W <- W - K^T diag(a) G, b <- b - a^T G (reads K, G, a of the current mini-batch).
+template <typename acc_t>
+TTT_HD void chain_update(const ChainBuffers<acc_t>& c, int D, int n) {
+  TTT_PAR_FOR(e, D * D) {
+    const int d = e / D, col = e % D;
+    acc_t s = 0;
+    for (int j = 0; j < n; ++j) s += c.a[j] * c.K[j * D + d] * c.G[j * D + col];
+    c.W[e] -= s;
+  }
+  TTT_PAR_FOR(col, D) {
+    acc_t s = 0;
+    for (int j = 0; j < n; ++j) s += c.a[j] * c.G[j * D + col];
+    c.bw[col] -= s;
+  }
+  TTT_SYNC();
+}
+
+// Forward of chain (bi, hi): o, W_end, b_end and (if p.W_starts) every mini-batch's start weights.
+template <typename scalar_t, typename acc_t>
+TTT_HD void linear_fwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, int hi) {
+  ChainBuffers<acc_t> c;
+  carve_chain<acc_t>(ws, D, p.mini_batch_size, false, &c);
+  const int64_t bh = static_cast<int64_t>(bi) * p.H + hi;
+  const acc_t* lnw = static_cast<const acc_t*>(p.ln_w) + static_cast<int64_t>(hi) * D;
+  const acc_t* lnb = static_cast<const acc_t*>(p.ln_b) + static_cast<int64_t>(hi) * D;
+  TTT_PAR_FOR(e, D * D) { c.W[e] = static_cast<const acc_t*>(p.W0)[bh * D * D + e]; }
+  TTT_PAR_FOR(e, D) { c.bw[e] = static_cast<const acc_t*>(p.b0)[bh * D + e]; }
+  TTT_SYNC();
+  const int nmb = p.num_mini_batches();
+  for (int mb = 0; mb < nmb; ++mb) {
+    const int t0 = mb * p.mini_batch_size;
+    const int n = (p.L - t0) < p.mini_batch_size ? (p.L - t0) : p.mini_batch_size;
+    if (p.W_starts != nullptr) {
+      acc_t* Ws = static_cast<acc_t*>(p.W_starts) + (bh * nmb + mb) * D * D;
+      acc_t* bs = static_cast<acc_t*>(p.b_starts) + (bh * nmb + mb) * D;
+      TTT_PAR_FOR(e, D * D) { Ws[e] = c.W[e]; }
+      TTT_PAR_FOR(e, D) { bs[e] = c.bw[e]; }
+    }
+    chain_recompute<scalar_t, acc_t>(p, c, D, bi, hi, t0, n, false, ends_unscaled(p, mb, n));
+    // o = q + gamma * LN(Z') + beta
+    scalar_t* o = static_cast<scalar_t*>(p.o) + (bh * p.L + t0) * D;
+    TTT_PAR_FOR(e, n * D) {
+      const int col = e % D;
+      o[e] = static_cast<scalar_t>(c.Q[e] + lnw[col] * c.Xp[e] + lnb[col]);
+    }
+    chain_update(c, D, n);
+  }
+  TTT_PAR_FOR(e, D * D) { static_cast<acc_t*>(p.W_end)[bh * D * D + e] = c.W[e]; }
+  TTT_PAR_FOR(e, D) { static_cast<acc_t*>(p.b_end)[bh * D + e] = c.bw[e]; }
+}
+
+// Backward of chain (bi, hi), mini-batches in reverse order; dW / db carry d/dW_start backwards.
+template <typename scalar_t, typename acc_t>
+TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, int hi) {
+  ChainBuffers<acc_t> c;
+  const int bmax = p.mini_batch_size;
+  carve_chain<acc_t>(ws, D, bmax, true, &c);
+  const int64_t bh = static_cast<int64_t>(bi) * p.H + hi;
+  const acc_t* lnw = static_cast<const acc_t*>(p.ln_w) + static_cast<int64_t>(hi) * D;
+  const acc_t* lnb = static_cast<const acc_t*>(p.ln_b) + static_cast<int64_t>(hi) * D;
+  const acc_t* scale = static_cast<const acc_t*>(p.scale);
+  const acc_t invD = acc_t(1) / static_cast<acc_t>(D);
+  const acc_t* dWe = static_cast<const acc_t*>(p.dW_end);
+  const acc_t* dbe = static_cast<const acc_t*>(p.db_end);
+  TTT_PAR_FOR(e, D * D) { c.dW[e] = dWe != nullptr ? dWe[bh * D * D + e] : acc_t(0); }
+  TTT_PAR_FOR(e, D) {
+    c.db[e] = dbe != nullptr ? dbe[bh * D + e] : acc_t(0);
+    c.dlnw[e] = 0;
+    c.dlnb[e] = 0;
+  }
+  TTT_PAR_FOR(e, bmax) { c.dscale[e] = 0; }
+  const int nmb = p.num_mini_batches();
+  for (int mb = nmb - 1; mb >= 0; --mb) {
+    const int t0 = mb * bmax;
+    const int n = (p.L - t0) < bmax ? (p.L - t0) : bmax;
+    const acc_t* Ws = static_cast<const acc_t*>(p.W_starts) + (bh * nmb + mb) * D * D;
+    const acc_t* bs = static_cast<const acc_t*>(p.b_starts) + (bh * nmb + mb) * D;
+    TTT_PAR_FOR(e, D * D) { c.W[e] = Ws[e]; }
+    TTT_PAR_FOR(e, D) { c.bw[e] = bs[e]; }
+    TTT_PAR_FOR(e, n * D) {  // dQ starts as dO (the residual o = q + ...)
+      const int64_t i = e / D, col = e % D;
+      c.dQ[e] = ld<scalar_t, acc_t>(p.dO, bi * p.do_sb + hi * p.do_sh + (t0 + i) * p.do_sl + col);
+      c.dK[e] = 0;
+    }
+    TTT_SYNC();
+    const bool unscaled_end = ends_unscaled(p, mb, n);
+    chain_recompute<scalar_t, acc_t>(p, c, D, bi, hi, t0, n, true, unscaled_end);
+    // output LN: DZ = d/dZ' of gamma * LN(Z') + beta
+    TTT_PAR_FOR(i, n) {
+      const acc_t* x = c.Xp + i * D;
+      const acc_t* dO = c.dQ + i * D;
+      acc_t m1 = 0, m2 = 0;
+      for (int d = 0; d < D; ++d) {
+        m1 += dO[d] * lnw[d];
+        m2 += dO[d] * lnw[d] * x[d];
+      }
+      m1 *= invD, m2 *= invD;
+      for (int d = 0; d < D; ++d) c.DZ[i * D + d] = c.rstdp[i] * (dO[d] * lnw[d] - m1 - x[d] * m2);
+    }
+    TTT_PAR_FOR(col, D) {  // d gamma, d beta of the output LN
+      acc_t sw = 0, sb = 0;
+      for (int i = 0; i < n; ++i) {
+        sw += c.dQ[i * D + col] * c.Xp[i * D + col];
+        sb += c.dQ[i * D + col];
+      }
+      c.dlnw[col] += sw;
+      c.dlnb[col] += sb;
+    }
+    TTT_PAR_FOR(e, n * D) {  // KdW = K dW_end
+      const int i = e / D, col = e % D;
+      acc_t s = 0;
+      for (int d = 0; d < D; ++d) s += c.K[i * D + d] * c.dW[d * D + col];
+      c.KdW[e] = s;
+    }
+    TTT_SYNC();
+    // da_j = -(k_j dW_end + db_end) . g_j   (from W_end = W - K^T diag(a) G, b_end = b - a^T G)
+    TTT_PAR_FOR(j, n) {
+      acc_t s = 0;
+      for (int d = 0; d < D; ++d) s += (c.KdW[j * D + d] + c.db[d]) * c.G[j * D + d];
+      c.da[j] = -s;
+    }
+    // dK = -diag(a) G dW_end^T ; dP = -DZ G^T
+    TTT_PAR_FOR(e, n * D) {
+      const int j = e / D, col = e % D;
+      acc_t s = 0;
+      for (int d = 0; d < D; ++d) s += c.G[j * D + d] * c.dW[col * D + d];
+      c.dK[e] -= c.a[j] * s;
+    }
+    TTT_PAR_FOR(e, n * n) {
+      const int i = e / n, j = e % n;
+      acc_t s = 0;
+      for (int d = 0; d < D; ++d) s += c.DZ[i * D + d] * c.G[j * D + d];
+      c.dP[e] = -s;
+    }
+    TTT_SYNC();
+    // dG = -P^T DZ - a (K dW_end + db_end), in place over KdW
+    TTT_PAR_FOR(e, n * D) {
+      const int j = e / D, col = e % D;
+      acc_t s = c.a[j] * (c.KdW[e] + c.db[col]);
+      for (int i = 0; i < n; ++i) s += c.P[i * n + j] * c.DZ[i * D + col];
+      c.KdW[e] = -s;
+    }
+    TTT_SYNC();  // dG reads db before it moves on to d/dW_start
+    // through Z' = Q W + b - P G: dW += Q^T DZ, db += sum DZ, dQ += DZ W^T
+    TTT_PAR_FOR(e, D * D) {
+      const int d = e / D, col = e % D;
+      acc_t s = 0;
+      for (int i = 0; i < n; ++i) s += c.Q[i * D + d] * c.DZ[i * D + col];
+      c.dW[e] += s;
+    }
+    TTT_PAR_FOR(col, D) {
+      acc_t s = 0;
+      for (int i = 0; i < n; ++i) s += c.DZ[i * D + col];
+      c.db[col] += s;
+    }
+    TTT_PAR_FOR(e, n * D) {
+      const int i = e / D, d = e % D;
+      acc_t s = 0;
+      for (int col = 0; col < D; ++col) s += c.DZ[i * D + col] * c.W[d * D + col];
+      c.dQ[e] += s;
+    }
+    // through P = A * (Q K^T + 1), A_ij = c_ij eta_j and a_j = c_{n-1,j} eta_j
+    acc_t* deta = static_cast<acc_t*>(p.deta) + bh * p.L + t0;
+    TTT_PAR_FOR(j, n) {
+      acc_t s = c.da[j] * end_coef(p, scale, n, j, unscaled_end);
+      for (int i = 0; i < n; ++i) {
+        const acc_t cf = coef(p, scale, i, j);
+        if (cf == acc_t(0)) continue;
+        acc_t qk = 0;
+        for (int d = 0; d < D; ++d) qk += c.Q[i * D + d] * c.K[j * D + d];
+        s += c.dP[i * n + j] * (qk + acc_t(1)) * cf;
+      }
+      deta[j] = s;
+    }
+    if (p.causal) {
+      TTT_PAR_FOR(i, n) {
+        acc_t s = 0;
+        for (int j = 0; j <= i; ++j) {
+          acc_t qk = 0;
+          for (int d = 0; d < D; ++d) qk += c.Q[i * D + d] * c.K[j * D + d];
+          s += c.dP[i * n + j] * (qk + acc_t(1)) * c.eta[j];
+        }
+        if (i == n - 1 && !unscaled_end)
+          for (int j = 0; j < n; ++j) s += c.da[j] * c.eta[j];
+        c.dscale[i] += s;
+      }
+    }
+    TTT_SYNC();
+    TTT_PAR_FOR(e, n * n) {  // dS = dP * A, the gradient of Q K^T (stored over P)
+      const int i = e / n, j = e % n;
+      c.P[e] = c.dP[e] * coef(p, scale, i, j) * c.eta[j];
+    }
+    TTT_SYNC();
+    TTT_PAR_FOR(e, n * D) {  // dQ += dS K ; dK += dS^T Q
+      const int i = e / D, col = e % D;
+      acc_t sq = 0, sk = 0;
+      for (int j = 0; j < n; ++j) {
+        sq += c.P[i * n + j] * c.K[j * D + col];
+        sk += c.P[j * n + i] * c.Q[j * D + col];
+      }
+      c.dQ[e] += sq;
+      c.dK[e] += sk;
+    }
+    // rows: through G = rstd * (U - mean U - X mean(U X)), U = gamma (gamma X + beta - T),
+    // X = LN(Z). Writes dZ over DZ and dU over U.
+    TTT_PAR_FOR(i, n) {
+      const acc_t* dg = c.KdW + i * D;
+      const acc_t* x = c.X + i * D;
+      const acc_t* g = c.G + i * D;
+      acc_t* u = c.U + i * D;
+      acc_t* dz = c.DZ + i * D;
+      const acc_t rs = c.rstd[i];
+      acc_t m1 = 0, m2 = 0, xu = 0, gdg = 0;
+      for (int d = 0; d < D; ++d) {
+        m1 += dg[d];
+        m2 += dg[d] * x[d];
+        xu += x[d] * u[d];
+        gdg += g[d] * dg[d];
+      }
+      m1 *= invD, m2 *= invD;
+      const acc_t xdg = m2 * static_cast<acc_t>(D);
+      acc_t m3 = 0, m4 = 0;
+      for (int d = 0; d < D; ++d) {
+        const acc_t du = rs * (dg[d] - m1 - x[d] * m2);
+        const acc_t dx = -(rs * invD) * (xu * dg[d] + xdg * u[d]) + lnw[d] * lnw[d] * du;
+        u[d] = du;
+        dz[d] = dx;
+        m3 += dx;
+        m4 += dx * x[d];
+      }
+      m3 *= invD, m4 *= invD;
+      const acc_t dsig = -rs * gdg;  // d/d sigma, sigma = 1/rstd
+      for (int d = 0; d < D; ++d) dz[d] = rs * (dz[d] - m3 - x[d] * m4) + dsig * x[d] * invD;
+    }
+    TTT_SYNC();
+    TTT_PAR_FOR(col, D) {  // d gamma, d beta through U
+      acc_t sw = 0, sb = 0;
+      for (int i = 0; i < n; ++i) {
+        const int e = i * D + col;
+        sw += c.U[e] * (acc_t(2) * lnw[col] * c.X[e] + lnb[col] - c.T[e]);
+        sb += c.U[e] * lnw[col];
+      }
+      c.dlnw[col] += sw;
+      c.dlnb[col] += sb;
+    }
+    const int64_t row0 = (bh * p.L + t0) * D;
+    TTT_PAR_FOR(e, n * D) {  // dK += dZ W^T + gamma dU (T = V - K);  dV = -gamma dU
+      const int i = e / D, d = e % D;
+      acc_t s = 0;
+      for (int col = 0; col < D; ++col) s += c.DZ[i * D + col] * c.W[d * D + col];
+      const acc_t gdu = lnw[d] * c.U[e];
+      static_cast<scalar_t*>(p.dk)[row0 + e] = static_cast<scalar_t>(c.dK[e] + s + gdu);
+      static_cast<scalar_t*>(p.dv)[row0 + e] = static_cast<scalar_t>(-gdu);
+      static_cast<scalar_t*>(p.dq)[row0 + e] = static_cast<scalar_t>(c.dQ[e]);
+    }
+    TTT_PAR_FOR(e, D * D) {  // dW += K^T dZ
+      const int d = e / D, col = e % D;
+      acc_t s = 0;
+      for (int i = 0; i < n; ++i) s += c.K[i * D + d] * c.DZ[i * D + col];
+      c.dW[e] += s;
+    }
+    TTT_PAR_FOR(col, D) {
+      acc_t s = 0;
+      for (int i = 0; i < n; ++i) s += c.DZ[i * D + col];
+      c.db[col] += s;
+    }
+    TTT_SYNC();
+    if (p.dW_starts != nullptr) {  // W_starts[mb] is an output too: its gradient joins dW_start
+      const acc_t* dWs = static_cast<const acc_t*>(p.dW_starts) + (bh * nmb + mb) * D * D;
+      const acc_t* dbs = static_cast<const acc_t*>(p.db_starts) + (bh * nmb + mb) * D;
+      TTT_PAR_FOR(e, D * D) { c.dW[e] += dWs[e]; }
+      TTT_PAR_FOR(e, D) { c.db[e] += dbs[e]; }
+      TTT_SYNC();
+    }
+  }
+  TTT_PAR_FOR(e, D * D) { static_cast<acc_t*>(p.dW0)[bh * D * D + e] = c.dW[e]; }
+  TTT_PAR_FOR(e, D) {
+    static_cast<acc_t*>(p.db0)[bh * D + e] = c.db[e];
+    static_cast<acc_t*>(p.dln_w)[bh * D + e] = c.dlnw[e];
+    static_cast<acc_t*>(p.dln_b)[bh * D + e] = c.dlnb[e];
+  }
+  TTT_PAR_FOR(e, bmax) { static_cast<acc_t*>(p.dscale)[bh * bmax + e] = c.dscale[e]; }
+}
+
+}  // namespace ttt

@@ -1,0 +1,43 @@
+// C++ CPU implementation of the fused TTT-Linear ops: the chain math of ttt_linear_chain.h run
+// serially, one (batch, head) chain after the other, with heap scratch.
+#include <stdexcept>
+#include <vector>
+
+#include "ttt_linear_chain.h"
+
+namespace ttt {
+
+int64_t linear_workspace_elems(int D, int mini_batch_size, bool backward) {
+  ChainBuffers<float> c;
+  return carve_chain<float>(nullptr, D, mini_batch_size, backward, &c);
+}
+
+namespace {
+template <typename acc_t, bool kBackward>
+void run_cpu(const LinearParams& p) {
+  std::vector<acc_t> ws(linear_workspace_elems(p.D, p.mini_batch_size, kBackward));
+  for (int bi = 0; bi < p.B; ++bi)
+    for (int hi = 0; hi < p.H; ++hi) {
+      if (kBackward)
+        linear_bwd_chain<acc_t, acc_t>(p, ws.data(), p.D, bi, hi);
+      else
+        linear_fwd_chain<acc_t, acc_t>(p, ws.data(), p.D, bi, hi);
+    }
+}
+
+template <bool kBackward>
+void dispatch_cpu(const LinearParams& p) {
+  if (p.B < 0 || p.H < 0 || p.L < 1 || p.D < 1 || p.mini_batch_size < 1)
+    throw std::invalid_argument("ttt linear (cpu): bad shape parameters");
+  switch (p.dtype) {
+    case DType::kFloat32: return run_cpu<float, kBackward>(p);
+    case DType::kFloat64: return run_cpu<double, kBackward>(p);
+    default: throw std::invalid_argument("ttt linear (cpu): dtype must be float32 or float64");
+  }
+}
+}  // namespace
+
+void linear_fwd_cpu(const LinearParams& p) { dispatch_cpu<false>(p); }
+void linear_bwd_cpu(const LinearParams& p) { dispatch_cpu<true>(p); }
+
+}  // namespace ttt

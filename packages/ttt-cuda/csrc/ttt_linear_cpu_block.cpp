@@ -1,0 +1,94 @@
+// A CPU check of the GPU kernels' phase structure: the chain math of ttt_linear_chain.h run by T
+// real threads per chain, with TTT_PAR_FOR strided over them (random yields to shuffle their
+// interleaving) and TTT_SYNC a barrier, exactly as the CUDA block runs it. Every output element is
+// computed by one thread in a fixed order, so the result must equal the serial run bit for bit;
+// a missing __syncthreads (a read of a value another thread writes in the same phase) shows up as
+// a mismatch. Used by the tests only; it is slow.
+#include <math.h>
+
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "ttt_params.h"
+
+namespace ttt_block {
+
+struct Barrier {
+  explicit Barrier(int n) : n(n) {}
+  void wait() {
+    std::unique_lock<std::mutex> lock(m);
+    const int64_t g = generation;
+    if (++count == n) {
+      count = 0;
+      ++generation;
+      cv.notify_all();
+    } else {
+      cv.wait(lock, [&] { return generation != g; });
+    }
+  }
+  std::mutex m;
+  std::condition_variable cv;
+  int n, count = 0;
+  int64_t generation = 0;
+};
+
+thread_local int tid = 0;
+thread_local int nt = 1;
+thread_local Barrier* barrier = nullptr;
+thread_local uint32_t rng = 1;
+
+inline void sync() { barrier->wait(); }
+inline void maybe_yield() {
+  rng ^= rng << 13, rng ^= rng >> 17, rng ^= rng << 5;  // xorshift32
+  if ((rng & 7u) == 0u) std::this_thread::yield();
+}
+
+namespace ttt {
+using ::ttt::DType;
+using ::ttt::LinearParams;
+}  // namespace ttt
+
+#define TTT_EMULATE_BLOCK
+#include "ttt_linear_chain.h"
+
+}  // namespace ttt_block
+
+namespace ttt {
+
+namespace {
+template <typename acc_t>
+void run_block(const LinearParams& p, bool backward, int threads) {
+  const int64_t elems = linear_workspace_elems(p.D, p.mini_batch_size, backward);
+  for (int bi = 0; bi < p.B; ++bi)
+    for (int hi = 0; hi < p.H; ++hi) {
+      std::vector<acc_t> ws(elems);
+      ttt_block::Barrier bar(threads);
+      std::vector<std::thread> pool;
+      for (int t = 0; t < threads; ++t)
+        pool.emplace_back([&, t] {
+          ttt_block::tid = t, ttt_block::nt = threads, ttt_block::barrier = &bar;
+          ttt_block::rng = 2654435761u * static_cast<uint32_t>(t + 1 + 7 * (bi * p.H + hi));
+          if (backward)
+            ttt_block::ttt::linear_bwd_chain<acc_t, acc_t>(p, ws.data(), p.D, bi, hi);
+          else
+            ttt_block::ttt::linear_fwd_chain<acc_t, acc_t>(p, ws.data(), p.D, bi, hi);
+        });
+      for (auto& th : pool) th.join();
+    }
+}
+}  // namespace
+
+void linear_cpu_block(const LinearParams& p, bool backward, int threads) {
+  if (threads < 1) throw std::invalid_argument("threads must be >= 1");
+  switch (p.dtype) {
+    case DType::kFloat32: return run_block<float>(p, backward, threads);
+    case DType::kFloat64: return run_block<double>(p, backward, threads);
+    default: throw std::invalid_argument("ttt linear (cpu): dtype must be float32 or float64");
+  }
+}
+
+}  // namespace ttt

@@ -1,0 +1,7 @@
+// Stubs for a build without nvcc (TTT_ENABLE_CUDA=OFF): the CUDA entry points report why.
+#include "ttt_params.h"
+
+namespace ttt {
+const char* linear_fwd_cuda(const LinearParams&) { return "ttt-cuda was built without CUDA"; }
+const char* linear_bwd_cuda(const LinearParams&) { return "ttt-cuda was built without CUDA"; }
+}  // namespace ttt

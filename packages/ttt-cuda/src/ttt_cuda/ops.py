@@ -1,0 +1,282 @@
+"""The fused TTT-Linear ops as ``torch.library`` custom ops: ``ttt::linear_fwd`` and
+``ttt::linear_bwd``, each with a fake (meta) implementation, and autograd linking the two.
+
+Layers (flash-linear-attention style): kernel (csrc/) -> launcher (``_launch``: fills the params
+struct with pointers, strides and the stream) -> these custom ops -> the public function in
+``ttt_cuda.linear``, which validates inputs. The ops assume validated inputs:
+
+    q, k, v   [B, H, L, D]  fp32/fp64 (CPU) or fp32/bf16/fp16 (CUDA); last dim contiguous
+    eta       [B, H, L]     acc dtype (fp32; fp64 for fp64 inputs)
+    W0        [B, H, D, D]  acc dtype, start weights;  b0 [B, H, D]
+    ln_weight, ln_bias [H, D] acc dtype;  scale [b] acc dtype (token scale s_i, causal only)
+
+``linear_fwd`` returns ``(o [B,H,L,D], W_end [B,H,D,D], b_end [B,H,D], W_starts [B,H,nmb,D,D],
+b_starts [B,H,nmb,D])``; the last two are the per-mini-batch start weights the backward recomputes
+from (nmb = ceil(L / b)): nmb * D * (D + 1) floats per chain instead of L * D * (D + 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ttt_cuda._ext import extension
+
+__all__ = ["acc_dtype", "linear_bwd", "linear_fwd"]
+
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+}
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the fast-weight state and accumulators: fp32, or fp64 for fp64 inputs (CPU)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rowmajor(t: Tensor) -> Tensor:
+    """Last dim contiguous (what the kernels index), copying only when needed."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _params(q, k, v, eta, ln_weight, ln_bias, scale, mini_batch_size, causal, eps, end_unscaled):
+    C = extension()
+    p = C.LinearParams()
+    p.B, p.H, p.L, p.D = q.shape
+    p.mini_batch_size, p.causal, p.eps = int(mini_batch_size), int(bool(causal)), float(eps)
+    p.end_unscaled = int(bool(end_unscaled))
+    p.dtype = getattr(C.DType, _DTYPE_NAMES[q.dtype])
+    p.q_sb, p.q_sh, p.q_sl = q.stride()[:3]
+    p.k_sb, p.k_sh, p.k_sl = k.stride()[:3]
+    p.v_sb, p.v_sh, p.v_sl = v.stride()[:3]
+    p.q, p.k, p.v, p.eta = q.data_ptr(), k.data_ptr(), v.data_ptr(), eta.data_ptr()
+    p.ln_w, p.ln_b, p.scale = ln_weight.data_ptr(), ln_bias.data_ptr(), scale.data_ptr()
+    return p
+
+
+# Tests only: > 0 runs the CPU path with this many threads per chain and barriers, the way a CUDA
+# block runs the kernel (a CPU check of the kernels' __syncthreads structure; slow).
+CPU_BLOCK_THREADS = 0
+
+
+def _launch(p, device: torch.device, backward: bool) -> None:
+    """Runs the CPU or CUDA entry point on the current stream (no host synchronisation)."""
+    C = extension()
+    if device.type == "cpu":
+        if CPU_BLOCK_THREADS > 0:
+            C.linear_cpu_block(p, backward, CPU_BLOCK_THREADS)
+        else:
+            (C.linear_bwd_cpu if backward else C.linear_fwd_cpu)(p)
+        return
+    if device.type != "cuda":
+        raise ValueError(f"ttt_cuda: tensors must be on CPU or CUDA, got {device}")
+    if not C.WITH_CUDA:
+        raise RuntimeError(
+            "ttt_cuda was built without CUDA (TTT_ENABLE_CUDA=OFF or no nvcc): reinstall it with "
+            "TTT_ENABLE_CUDA=ON on a machine with nvcc to run on CUDA tensors"
+        )
+    elems = C.linear_workspace_elems(p.D, p.mini_batch_size, backward)
+    props = torch.cuda.get_device_properties(device)
+    p.max_smem = int(props.shared_memory_per_block_optin)
+    workspace = None
+    if elems * 4 > p.max_smem:  # scratch in global memory (L2-resident), one slice per chain
+        workspace = torch.empty(p.B * p.H * elems, device=device, dtype=torch.float32)
+        p.workspace = workspace.data_ptr()
+    with torch.cuda.device(device):
+        p.stream = torch.cuda.current_stream(device).cuda_stream
+        (C.linear_bwd_cuda if backward else C.linear_fwd_cuda)(p)
+
+
+def _num_mini_batches(L, mini_batch_size):
+    return (L + mini_batch_size - 1) // mini_batch_size
+
+
+@torch.library.custom_op("ttt::linear_fwd", mutates_args=())
+def linear_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    eta: Tensor,
+    W0: Tensor,
+    b0: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    scale: Tensor,
+    mini_batch_size: int,
+    causal: bool,
+    eps: float,
+    end_unscaled: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused TTT-Linear forward; see the module docstring for shapes.
+
+    ``end_unscaled`` (causal): a shorter last mini-batch ends with ``W_start - sum_j eta_j
+    grad_j`` instead of the token-scaled update, so ``W_starts[:, :, -1] - W_end`` is the streaming
+    state's ``grad_sum`` for a sequence cut inside a mini-batch.
+    """
+    q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
+    eta, W0, b0 = eta.contiguous(), W0.contiguous(), b0.contiguous()
+    ln_weight, ln_bias, scale = ln_weight.contiguous(), ln_bias.contiguous(), scale.contiguous()
+    B, H, L, D = q.shape
+    nmb = _num_mini_batches(L, mini_batch_size)
+    o = torch.empty(B, H, L, D, device=q.device, dtype=q.dtype)
+    W_end, b_end = torch.empty_like(W0), torch.empty_like(b0)
+    W_starts = W0.new_empty(B, H, nmb, D, D)
+    b_starts = b0.new_empty(B, H, nmb, D)
+    p = _params(q, k, v, eta, ln_weight, ln_bias, scale, mini_batch_size, causal, eps, end_unscaled)
+    p.W0, p.b0, p.o = W0.data_ptr(), b0.data_ptr(), o.data_ptr()
+    p.W_end, p.b_end = W_end.data_ptr(), b_end.data_ptr()
+    p.W_starts, p.b_starts = W_starts.data_ptr(), b_starts.data_ptr()
+    _launch(p, q.device, backward=False)
+    return o, W_end, b_end, W_starts, b_starts
+
+
+@linear_fwd.register_fake
+def _(
+    q,
+    k,
+    v,
+    eta,
+    W0,
+    b0,
+    ln_weight,
+    ln_bias,
+    scale,
+    mini_batch_size,
+    causal,
+    eps,
+    end_unscaled=False,
+):
+    B, H, L, D = q.shape
+    nmb = _num_mini_batches(L, mini_batch_size)
+    o = q.new_empty(B, H, L, D)
+    return (
+        o,
+        W0.new_empty(B, H, D, D),
+        b0.new_empty(B, H, D),
+        W0.new_empty(B, H, nmb, D, D),
+        b0.new_empty(B, H, nmb, D),
+    )
+
+
+@torch.library.custom_op("ttt::linear_bwd", mutates_args=())
+def linear_bwd(
+    dO: Tensor,
+    dW_end: Tensor,
+    db_end: Tensor,
+    dW_starts: Tensor | None,
+    db_starts: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    eta: Tensor,
+    W_starts: Tensor,
+    b_starts: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    scale: Tensor,
+    mini_batch_size: int,
+    causal: bool,
+    eps: float,
+    end_unscaled: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused TTT-Linear backward: recomputes each mini-batch from its start weights.
+
+    Returns ``(dq, dk, dv, deta, dW0, db0, dln_weight, dln_bias, dscale)`` with the shapes of the
+    forward's inputs; dln_* and dscale are reduced over the batch here (fixed order, deterministic).
+    """
+    q, k, v, dO = _rowmajor(q), _rowmajor(k), _rowmajor(v), _rowmajor(dO)
+    eta, W_starts, b_starts = eta.contiguous(), W_starts.contiguous(), b_starts.contiguous()
+    dW_end, db_end = dW_end.contiguous(), db_end.contiguous()
+    ln_weight, ln_bias, scale = ln_weight.contiguous(), ln_bias.contiguous(), scale.contiguous()
+    B, H, L, D = q.shape
+    acc = W_starts.dtype
+    dq, dk, dv = (torch.empty(B, H, L, D, device=q.device, dtype=q.dtype) for _ in range(3))
+    deta = torch.empty(B, H, L, device=q.device, dtype=acc)
+    dW0 = torch.empty(B, H, D, D, device=q.device, dtype=acc)
+    db0, dlnw, dlnb = (torch.empty(B, H, D, device=q.device, dtype=acc) for _ in range(3))
+    dscale = torch.empty(B, H, mini_batch_size, device=q.device, dtype=acc)
+    p = _params(q, k, v, eta, ln_weight, ln_bias, scale, mini_batch_size, causal, eps, end_unscaled)
+    if dW_starts is not None and db_starts is not None:
+        dW_starts, db_starts = dW_starts.contiguous(), db_starts.contiguous()
+        p.dW_starts, p.db_starts = dW_starts.data_ptr(), db_starts.data_ptr()
+    p.do_sb, p.do_sh, p.do_sl = dO.stride()[:3]
+    p.dO, p.dW_end, p.db_end = dO.data_ptr(), dW_end.data_ptr(), db_end.data_ptr()
+    p.W_starts, p.b_starts = W_starts.data_ptr(), b_starts.data_ptr()
+    p.dq, p.dk, p.dv, p.deta = dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), deta.data_ptr()
+    p.dW0, p.db0, p.dln_w, p.dln_b = (
+        dW0.data_ptr(),
+        db0.data_ptr(),
+        dlnw.data_ptr(),
+        dlnb.data_ptr(),
+    )
+    p.dscale = dscale.data_ptr()
+    _launch(p, q.device, backward=True)
+    dscale = dscale.sum(dim=(0, 1))[: scale.shape[0]]
+    return dq, dk, dv, deta, dW0, db0, dlnw.sum(0), dlnb.sum(0), dscale
+
+
+@linear_bwd.register_fake
+def _(
+    dO, dW_end, db_end, dWs, dbs, q, k, v, eta, W_starts, b_starts, ln_weight, ln_bias, scale, *a
+):
+    B, H, L, D = q.shape
+    acc = W_starts.dtype
+    return (
+        q.new_empty(B, H, L, D),
+        q.new_empty(B, H, L, D),
+        q.new_empty(B, H, L, D),
+        eta.new_empty(B, H, L, dtype=acc),
+        W_starts.new_empty(B, H, D, D),
+        b_starts.new_empty(B, H, D),
+        ln_weight.new_empty(H, D),
+        ln_bias.new_empty(H, D),
+        scale.new_empty(scale.shape[0]),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, eta, _W0, _b0, ln_weight, ln_bias, scale, mini_batch_size, causal, eps, *rest = inputs
+    _, _, _, W_starts, b_starts = output
+    ctx.save_for_backward(q, k, v, eta, W_starts, b_starts, ln_weight, ln_bias, scale)
+    ctx.mini_batch_size, ctx.causal, ctx.eps = mini_batch_size, causal, eps
+    ctx.end_unscaled = bool(rest[0]) if rest else False
+
+
+def _backward(ctx, dO, dW_end, db_end, dW_starts, db_starts):
+    q, k, v, eta, W_starts, b_starts, ln_weight, ln_bias, scale = ctx.saved_tensors
+    B, H, _, D = q.shape
+    if dO is None:
+        dO = torch.zeros_like(q)
+    if dW_end is None:
+        dW_end = W_starts.new_zeros(B, H, D, D)
+    if db_end is None:
+        db_end = b_starts.new_zeros(B, H, D)
+    if dW_starts is None or db_starts is None:
+        dW_starts = db_starts = None
+    dq, dk, dv, deta, dW0, db0, dlnw, dlnb, dscale = linear_bwd(
+        dO,
+        dW_end,
+        db_end,
+        dW_starts,
+        db_starts,
+        q,
+        k,
+        v,
+        eta,
+        W_starts,
+        b_starts,
+        ln_weight,
+        ln_bias,
+        scale,
+        ctx.mini_batch_size,
+        ctx.causal,
+        ctx.eps,
+        ctx.end_unscaled,
+    )
+    return dq, dk, dv, deta, dW0, db0, dlnw, dlnb, dscale, None, None, None, None
+
+
+linear_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,207 @@
+"""Device tests of the CUDA kernels (skipped without a GPU; TTT_REQUIRE_GPU=1 makes that a failure).
+
+References: ttt-core's torch backend on the same GPU (fp32), the same backend's own low-precision
+run for the bf16/fp16 accuracy rule, eager runs for the CUDA-graph and determinism checks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from ttt_cuda_reference import make_inputs
+
+from ttt_core import ttt_linear
+
+pytestmark = pytest.mark.gpu
+
+CASES = [
+    # B, H, L, D, b, causal
+    (2, 3, 64, 64, 16, True),
+    (2, 2, 100, 64, 32, True),  # L not a multiple of b
+    (1, 2, 128, 64, 64, True),  # scratch of the backward in global memory
+    (2, 2, 80, 128, 16, True),
+    (1, 2, 96, 128, 32, False),
+    (2, 2, 48, 64, 16, False),
+]
+
+
+def _id(c):
+    B, H, L, D, b, causal = c
+    return f"B{B}-H{H}-L{L}-D{D}-b{b}-{'causal' if causal else 'noncausal'}"
+
+
+def _grads(o, x, go):
+    return torch.autograd.grad((o.float() * go).sum(), list(x.values()))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_fp32_matches_torch_backend(cuda_device, case):
+    B, H, L, D, b, causal = case
+    x = make_inputs(B, H, L, D, dtype=torch.float32, device=cuda_device, seed=21)
+    kw = dict(mini_batch_size=b, causal=causal)
+    o, _ = ttt_linear(*x.values(), backend="cuda", **kw)
+    ref, _ = ttt_linear(*x.values(), backend="torch", **kw)
+    torch.testing.assert_close(o, ref, rtol=1e-4, atol=1e-4)
+    go = torch.randn_like(ref)
+    for name, g, w in zip(x, _grads(o, x, go), _grads(ref, x, go)):
+        atol = 1e-4 * max(1.0, w.abs().max().item())
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_low_precision_accuracy_rule(cuda_device, dtype, D):
+    """Error vs the fp32 reference at most 2x the torch backend's own error in the same dtype.
+
+    Both read the same rounded inputs and keep fp32 state, so their errors come from rounding
+    o (and the gradients) to the dtype; the floor is one rounding of the largest output.
+    """
+    x32 = make_inputs(2, 2, 96, D, dtype=torch.float32, device=cuda_device, seed=22)
+    xlo = {n: t.detach().to(dtype).requires_grad_() for n, t in x32.items()}
+    ref, _ = ttt_linear(*x32.values(), backend="torch")
+    o_torch, _ = ttt_linear(*xlo.values(), backend="torch")
+    o_cuda, _ = ttt_linear(*xlo.values(), backend="cuda")
+    assert o_cuda.dtype == dtype
+    ulp = torch.finfo(dtype).eps * ref.abs().max().item()
+    err_torch = (o_torch.float() - ref).abs().max().item()
+    err_cuda = (o_cuda.float() - ref).abs().max().item()
+    assert err_cuda <= 2 * err_torch + ulp, (err_cuda, err_torch)
+    go = torch.randn_like(ref)
+    g_ref = _grads(ref, x32, go)
+    for name, g_c, g_t, g_r in zip(x32, _grads(o_cuda, xlo, go), _grads(o_torch, xlo, go), g_ref):
+        floor = torch.finfo(dtype).eps * g_r.abs().max().item()
+        e_c = (g_c.float() - g_r).abs().max().item()
+        e_t = (g_t.float() - g_r).abs().max().item()
+        assert e_c <= 2 * e_t + floor, (name, e_c, e_t)
+
+
+def test_state_round_trip_and_auto_backend(cuda_device):
+    """auto picks the kernels on CUDA (no warning); boundary states stream exactly like one call."""
+    x = make_inputs(
+        2, 2, 64, 64, dtype=torch.float32, device=cuda_device, seed=23, requires_grad=False
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        o_full, _ = ttt_linear(*x.values(), backend="auto", output_final_state=True)
+    o_cuda, _ = ttt_linear(*x.values(), backend="cuda")
+    torch.testing.assert_close(o_full, o_cuda, rtol=0, atol=0)
+    first = {**x, **{n: x[n][:, :, :32] for n in ("q", "k", "v", "eta")}}
+    second = {**x, **{n: x[n][:, :, 32:] for n in ("q", "k", "v", "eta")}}
+    o1, st = ttt_linear(*first.values(), backend="cuda", output_final_state=True)
+    o2, st = ttt_linear(*second.values(), backend="cuda", initial_state=st, output_final_state=True)
+    torch.testing.assert_close(torch.cat([o1, o2], 2), o_full, rtol=1e-5, atol=1e-5)
+    _, st_torch = ttt_linear(*x.values(), backend="torch", output_final_state=True)
+    torch.testing.assert_close(st.params["W1"], st_torch.params["W1"], rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_head_dim_falls_back_with_warning(cuda_device):
+    x = make_inputs(
+        1, 2, 32, 60, dtype=torch.float32, device=cuda_device, seed=24, requires_grad=False
+    )
+    with pytest.warns(UserWarning, match="head dim 64 or 128"):
+        o, _ = ttt_linear(*x.values(), backend="auto")
+    ref, _ = ttt_linear(*x.values(), backend="torch")
+    torch.testing.assert_close(o, ref)
+
+
+def test_deterministic(cuda_device):
+    x = make_inputs(2, 2, 64, 64, dtype=torch.bfloat16, device=cuda_device, seed=25)
+    runs = []
+    for _ in range(2):
+        o, _ = ttt_linear(*x.values(), backend="cuda")
+        runs.append((o, *torch.autograd.grad(o.float().square().sum(), list(x.values()))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_cuda_graph_capture(cuda_device):
+    """Forward + backward captured in a CUDA graph replay like eager on fresh inputs."""
+    x = make_inputs(
+        1, 2, 48, 64, dtype=torch.float32, device=cuda_device, seed=26, requires_grad=False
+    )
+    static = {n: t.clone().requires_grad_() for n, t in x.items()}
+
+    def step():
+        o, _ = ttt_linear(*static.values(), backend="cuda")
+        return (o, *torch.autograd.grad(o.square().sum(), list(static.values())))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    fresh = make_inputs(1, 2, 48, 64, dtype=torch.float32, device=cuda_device, seed=27,
+                        requires_grad=False)  # fmt: skip
+    with torch.no_grad():
+        for n, t in fresh.items():
+            static[n].copy_(t)
+    graph.replay()
+    eager_in = {n: t.clone().requires_grad_() for n, t in fresh.items()}
+    o, _ = ttt_linear(*eager_in.values(), backend="cuda")
+    want = (o, *torch.autograd.grad(o.square().sum(), list(eager_in.values())))
+    for a, b in zip(outs, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_compute_sanitizer_memcheck_clean(cuda_device):
+    tool = shutil.which("compute-sanitizer") or (
+        "/usr/local/cuda/bin/compute-sanitizer"
+        if os.path.exists("/usr/local/cuda/bin/compute-sanitizer")
+        else None
+    )
+    if tool is None:
+        pytest.skip("compute-sanitizer is not installed")
+    script = textwrap.dedent(
+        """
+        import torch
+        from ttt_core import ttt_linear
+        for D, b, L, dt in ((64, 16, 40, torch.float32), (128, 32, 33, torch.bfloat16),
+                            (64, 64, 70, torch.float16)):
+            g = torch.Generator(device="cuda").manual_seed(0)
+            kw = dict(device="cuda", dtype=dt)
+            q, k, v = (torch.randn(1, 2, L, D, generator=g, **kw) for _ in range(3))
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
+            eta = torch.full((1, 2, L), 0.1, **kw)
+            W1 = (torch.randn(2, D, D, device="cuda") * D**-0.5).to(dt)
+            b1, lnb = torch.zeros(2, 1, D, **kw), torch.zeros(2, D, **kw)
+            lnw = torch.ones(2, D, **kw)
+            o, _ = ttt_linear(q, k, v, eta, W1, b1, lnw, lnb, mini_batch_size=b, backend="cuda")
+            o.float().sum().backward()
+        torch.cuda.synchronize()
+        print("OK")
+        """
+    )
+    res = subprocess.run(
+        [tool, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def test_final_state_cut_inside_a_mini_batch(cuda_device):
+    """L % b != 0 with output_final_state: offset, params and grad_sum as the torch backend."""
+    x = make_inputs(2, 2, 53, 64, dtype=torch.float32, device=cuda_device, seed=28)
+    o_c, st_c = ttt_linear(*x.values(), backend="cuda", output_final_state=True)
+    o_t, st_t = ttt_linear(*x.values(), backend="torch", output_final_state=True)
+    assert st_c.offset == st_t.offset == 53 % 16
+    torch.testing.assert_close(o_c, o_t, rtol=1e-4, atol=1e-4)
+    for field in ("params", "grad_sum"):
+        for name in ("W1", "b1"):
+            got, want = getattr(st_c, field)[name], getattr(st_t, field)[name]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    got = torch.autograd.grad(o_c.sum() + st_c.grad_sum["W1"].sum(), list(x.values()))
+    want = torch.autograd.grad(o_t.sum() + st_t.grad_sum["W1"].sum(), list(x.values()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * max(1.0, w.abs().max().item()))

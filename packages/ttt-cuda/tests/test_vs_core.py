@@ -1,0 +1,201 @@
+"""ttt-core's ``ttt_linear(backend="cuda")`` (the C++ CPU path here) against ttt-core's torch
+backend: outputs and every gradient at fp32, rtol 1e-4; streaming states at mini-batch
+boundaries."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from ttt_cuda_reference import make_inputs
+
+import ttt_core
+from ttt_core import ttt_linear
+
+CASES = [
+    # B, H, L, D, b, causal, token_scale
+    (2, 3, 64, 16, 16, True, "mean"),
+    (2, 2, 45, 32, 16, True, "mean"),  # L not a multiple of b
+    (1, 2, 40, 16, 8, True, "sum"),
+    (2, 2, 33, 16, 8, True, "vector"),
+    (2, 2, 40, 16, 16, False, "mean"),
+    (1, 2, 24, 16, None, False, "mean"),
+    (1, 2, 30, 60, 16, True, "mean"),  # odd head dim
+]
+
+
+def _id(c):
+    B, H, L, D, b, causal, ts = c
+    return f"B{B}-H{H}-L{L}-D{D}-b{b}-{'causal' if causal else 'noncausal'}-{ts}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_outputs_and_gradients_match_torch_backend(case):
+    B, H, L, D, b, causal, ts = case
+    x = make_inputs(B, H, L, D, dtype=torch.float32, seed=11)
+    token_scale = ts
+    if ts == "vector":
+        token_scale = (
+            0.2 + torch.rand(b, generator=torch.Generator().manual_seed(1))
+        ).requires_grad_()
+    kw = dict(mini_batch_size=b, causal=causal, token_scale=token_scale)
+    o, _ = ttt_linear(*x.values(), backend="cuda", **kw)
+    ref, _ = ttt_linear(*x.values(), backend="torch", **kw)
+    torch.testing.assert_close(o, ref, rtol=1e-4, atol=1e-4)
+    go = torch.randn_like(ref)
+    inputs = list(x.values()) + ([token_scale] if ts == "vector" else [])
+    got = torch.autograd.grad((o * go).sum(), inputs)
+    want = torch.autograd.grad((ref * go).sum(), inputs)
+    names = list(x) + (["token_scale"] if ts == "vector" else [])
+    for name, g, w in zip(names, got, want):
+        # scale-aware: atol relative to the gradient's magnitude (sums over L*B terms)
+        atol = 1e-4 * max(1.0, w.abs().max().item())
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_streaming_at_mini_batch_boundaries_matches_one_call():
+    """Chunks cut at multiples of b, carrying the state, equal one call; so do the end weights."""
+    x = make_inputs(2, 2, 48, 16, dtype=torch.float32, seed=12, requires_grad=False)
+    o_full, st_full = ttt_linear(*x.values(), backend="cuda", output_final_state=True)
+    outs, st = [], None
+    for t0, t1 in ((0, 16), (16, 32), (32, 48)):
+        part = {**x, **{n: x[n][:, :, t0:t1] for n in ("q", "k", "v", "eta")}}
+        o, st = ttt_linear(
+            *part.values(), backend="cuda", initial_state=st, output_final_state=True
+        )
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, dim=2), o_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st.params["W1"], st_full.params["W1"], rtol=1e-5, atol=1e-5)
+    _, st_torch = ttt_linear(*x.values(), backend="torch", output_final_state=True)
+    assert st_full.offset == 0 and st_full.params["b1"].shape == (2, 2, 1, 16)
+    for name in ("W1", "b1"):
+        torch.testing.assert_close(
+            st_full.params[name], st_torch.params[name], rtol=1e-4, atol=1e-4
+        )
+
+
+@pytest.mark.parametrize("token_scale", ["mean", "sum"])
+def test_final_state_cut_inside_a_mini_batch_matches_torch_backend(token_scale):
+    """L % b != 0: the state (offset, start params, grad_sum) equals ttt-core's, gradients flow
+    through it, and resuming from it with the torch backend continues the sequence exactly."""
+    x = make_inputs(2, 2, 40, 16, dtype=torch.float32, seed=13)
+    first = {**x, **{n: x[n][:, :, :21] for n in ("q", "k", "v", "eta")}}  # 21 = 16 + 5
+    second = {**x, **{n: x[n][:, :, 21:] for n in ("q", "k", "v", "eta")}}
+    kw = dict(token_scale=token_scale, output_final_state=True)
+    o_c, st_c = ttt_linear(*first.values(), backend="cuda", **kw)
+    o_t, st_t = ttt_linear(*first.values(), backend="torch", **kw)
+    assert st_c.offset == st_t.offset == 5 and st_c.mini_batch_size == 16
+    torch.testing.assert_close(o_c, o_t, rtol=1e-4, atol=1e-4)
+    for field in ("params", "grad_sum"):
+        for name in ("W1", "b1"):
+            got, want = getattr(st_c, field)[name], getattr(st_t, field)[name]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    full, _ = ttt_linear(*x.values(), backend="torch", token_scale=token_scale)
+    rest, _ = ttt_linear(
+        *second.values(), backend="torch", initial_state=st_c, token_scale=token_scale
+    )
+    torch.testing.assert_close(torch.cat([o_c, rest], 2), full, rtol=1e-4, atol=1e-4)
+
+    # gradients through the state's tensors (params and grad_sum) as well as o
+    def loss(o, st):
+        return (
+            o.square().sum()
+            + st.params["W1"].sum()
+            + (st.grad_sum["W1"] * 3).sum()
+            + (st.grad_sum["b1"].square().sum() + st.params["b1"].sum())
+        )
+
+    got = torch.autograd.grad(loss(o_c, st_c), list(x.values()))
+    want = torch.autograd.grad(loss(o_t, st_t), list(x.values()))
+    for name, g, w in zip(x, got, want):
+        atol = 1e-4 * max(1.0, w.abs().max().item())
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_initial_state_inside_a_mini_batch_is_refused_by_name():
+    """supports() sees the streaming arguments: a start inside a mini-batch is refused with why."""
+    x = make_inputs(1, 2, 20, 16, dtype=torch.float32, seed=13, requires_grad=False)
+    _, st = ttt_linear(*x.values(), backend="cuda", output_final_state=True)
+    assert st.offset == 4
+    with pytest.raises(ValueError, match="offset > 0"):
+        ttt_linear(*x.values(), backend="cuda", initial_state=st)
+
+
+def test_backend_called_directly_with_cut_state_uses_torch_with_one_warning():
+    """The backend's own safety net: a call supports() would refuse runs ttt-core's torch path."""
+    import ttt_cuda.backend as be
+    from ttt_core.backends import get_backend
+
+    be._warned.clear()
+    x = make_inputs(1, 2, 20, 16, dtype=torch.float32, seed=13, requires_grad=False)
+    _, st = ttt_linear(*x.values(), backend="torch", output_final_state=True)
+    ref, _ = ttt_linear(*x.values(), backend="torch", initial_state=st)
+    kw = dict(mini_batch_size=16, causal=True, token_scale="mean", momentum=None, decay=None,
+              eps=1e-6, initial_state=st, output_final_state=False)  # fmt: skip
+    with pytest.warns(UserWarning, match="offset > 0") as rec:
+        o, _ = get_backend("cuda").ttt_linear(*x.values(), **kw)
+    assert len(rec) == 1
+    torch.testing.assert_close(o, ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same reason warns only once
+        get_backend("cuda").ttt_linear(*x.values(), **kw)
+
+
+def test_backend_registered_through_entry_point():
+    assert "cuda" in ttt_core.available_backends()
+    from ttt_core.backends import get_backend
+
+    backend = get_backend("cuda")
+    assert backend.name == "cuda" and backend.device_types == ("cuda",)
+    q = torch.zeros(1, 1, 4, 64)
+    assert backend.supports("ttt_linear", q, mini_batch_size=4, causal=True) is None
+    assert "TTT-MLP" in backend.supports("ttt_mlp", q)
+    assert "Titans" in backend.supports("ttt_linear", q, momentum=torch.zeros(1, 1, 4))
+    assert "float32/float64" in backend.supports("ttt_linear", q.bfloat16())
+
+
+def test_auto_on_cpu_keeps_torch_backend_silently():
+    """device_types=("cuda",): auto on CPU tensors never consults the fused path (no warning)."""
+    x = make_inputs(1, 2, 16, 8, dtype=torch.bfloat16, seed=14, requires_grad=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        o, _ = ttt_linear(*x.values(), backend="auto")
+    assert o.dtype == torch.bfloat16
+
+
+def test_mlp_by_name_is_refused_with_reason():
+    H, D = 2, 8
+    x = make_inputs(1, H, 8, D, dtype=torch.float32, seed=15, requires_grad=False)
+    W1, b1 = torch.randn(H, D, 4 * D) * 0.1, torch.zeros(H, 1, 4 * D)
+    W2, b2 = torch.randn(H, 4 * D, D) * 0.1, torch.zeros(H, 1, D)
+    with pytest.raises(ValueError, match="TTT-MLP is not fused"):
+        ttt_core.ttt_mlp(x["q"], x["k"], x["v"], x["eta"], W1, b1, W2, b2, x["ln_weight"],
+                         x["ln_bias"], backend="cuda")  # fmt: skip
+
+
+@pytest.mark.parametrize("token_scale", ["mean", "learnable"])
+def test_ttt_layer_with_cuda_backend_matches_torch_backend(token_scale):
+    """A whole TTTLayer (projections, learnable lr and token scale, post-norm) trains the same
+    through backend "cuda" as through "torch": outputs and every parameter gradient."""
+    from ttt_core import TTTConfig, TTTLayer
+
+    cfg = dict(hidden_size=64, num_heads=4, mini_batch_size=8, token_scale=token_scale)
+    torch.manual_seed(0)
+    layer_torch = TTTLayer(TTTConfig(**cfg, backend="torch"))
+    layer_cuda = TTTLayer(TTTConfig(**cfg, backend="cuda"))
+    layer_cuda.load_state_dict(layer_torch.state_dict())
+    x = torch.randn(2, 37, 64)
+    y_torch, _ = layer_torch(x)
+    y_cuda, _ = layer_cuda(x)
+    torch.testing.assert_close(y_cuda, y_torch, rtol=1e-4, atol=1e-4)
+    y_torch.square().sum().backward()
+    y_cuda.square().sum().backward()
+    grads_torch = dict(layer_torch.named_parameters())
+    for name, p in layer_cuda.named_parameters():
+        want = grads_torch[name].grad
+        assert p.grad is not None and want is not None, name
+        atol = 1e-4 * max(1.0, want.abs().max().item())
+        torch.testing.assert_close(
+            p.grad, want, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"{n}: {m}"
+        )
