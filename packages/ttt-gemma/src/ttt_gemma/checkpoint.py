@@ -1,0 +1,185 @@
+"""Checkpoints: load pi0.5 action-expert weights (openpi / lerobot naming); save/load our own.
+
+Name mapping (``<i>`` a layer index; ``{...}`` alternatives), ours on the right:
+
+=====================================================================  ==========================
+openpi ``model.safetensors`` (converted PyTorch pi0.5)                  ``FlowMatchingPolicy``
+=====================================================================  ==========================
+``paligemma_with_expert.gemma_expert.model.layers.<i>.<rest>``          ``expert.layers.<i>.<rest>``
+``paligemma_with_expert.gemma_expert.model.norm.<rest>``                ``expert.norm.<rest>``
+``{action_in_proj,action_out_proj,time_mlp_in,time_mlp_out}.<p>``       same name
+``paligemma_with_expert.paligemma.*``, ``...gemma_expert.lm_head.*``,   ignored (the VLM, unused
+``...gemma_expert.model.embed_tokens.*``                                expert embeddings)
+=====================================================================  ==========================
+
+lerobot's pi05 policy stores the same tensors under one more ``model.`` prefix
+(``model.paligemma_with_expert.gemma_expert.model.layers.<i>...``, ``model.action_in_proj...``).
+``<rest>`` is ``input_layernorm.dense.{weight,bias}``, ``post_attention_layernorm.dense.{weight,
+bias}``, ``self_attn.{q,k,v,o}_proj.weight``, ``mlp.{gate,up,down}_proj.weight`` (pi0.5: AdaRMS
+``dense``; a pi0 checkpoint has ``input_layernorm.weight`` instead and loads into
+``use_adarms=False``). Loading is strict: every parameter except the new TTT ones must be present
+with the right shape, and every expert/head tensor of the file must be used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .policy import FlowMatchingPolicy
+
+NAMINGS = ("openpi", "lerobot")
+_EXPERT = "paligemma_with_expert.gemma_expert."
+_HEAD_NAMES = (
+    "action_in_proj",
+    "action_out_proj",
+    "time_mlp_in",
+    "time_mlp_out",
+    "action_time_mlp_in",
+    "action_time_mlp_out",
+)
+_IGNORED = re.compile(
+    r"^(paligemma_with_expert\.paligemma\.|paligemma_with_expert\.gemma_expert\.lm_head\."
+    r"|paligemma_with_expert\.gemma_expert\.model\.embed_tokens\.|state_proj\.)"
+)
+
+
+@dataclass
+class LoadReport:
+    """What a pi0.5 load did: ``loaded`` our parameter names, ``ignored`` file keys (VLM etc.),
+    ``missing_ttt`` the TTT parameters left at their initialisation."""
+
+    naming: str
+    loaded: list[str]
+    ignored: list[str]
+    missing_ttt: list[str]
+
+
+def detect_naming(keys) -> str:
+    """``"lerobot"`` if keys carry the ``model.`` prefix, ``"openpi"`` if not."""
+    keys = list(keys)
+    if any(k.startswith("model." + _EXPERT) for k in keys):
+        return "lerobot"
+    if any(k.startswith(_EXPERT) for k in keys):
+        return "openpi"
+    raise ValueError(
+        "checkpoint: no 'paligemma_with_expert.gemma_expert.' keys found; not a pi0/pi0.5 file"
+    )
+
+
+def pi05_to_policy_names(state: dict[str, Tensor], naming: str) -> tuple[dict, list[str]]:
+    """Rename a pi0.5 state dict to :class:`FlowMatchingPolicy` names.
+
+    Returns:
+        (renamed tensors, ignored keys). Keys that are neither mapped nor ignored raise ValueError.
+    """
+    if naming not in NAMINGS:
+        raise ValueError(f"naming must be one of {NAMINGS}, got {naming!r}")
+    out, ignored = {}, []
+    for key, tensor in state.items():
+        k = key
+        if naming == "lerobot":
+            if not k.startswith("model."):
+                ignored.append(key)  # lerobot's normalisation buffers etc. live outside model.
+                continue
+            k = k[len("model.") :]
+        if _IGNORED.match(k):
+            ignored.append(key)
+        elif k.startswith(_EXPERT + "model.layers.") or k.startswith(_EXPERT + "model.norm."):
+            out["expert." + k[len(_EXPERT + "model.") :]] = tensor
+        elif k.split(".")[0] in _HEAD_NAMES:
+            out[k] = tensor
+        else:
+            raise ValueError(f"checkpoint: unexpected key {key!r} ({naming} naming)")
+    return out, ignored
+
+
+def policy_to_pi05_names(policy: FlowMatchingPolicy, naming: str) -> dict[str, Tensor]:
+    """Our state dict (without TTT parameters) under openpi or lerobot names (the inverse map)."""
+    if naming not in NAMINGS:
+        raise ValueError(f"naming must be one of {NAMINGS}, got {naming!r}")
+    pre = "model." if naming == "lerobot" else ""
+    out = {}
+    for name, t in policy.state_dict().items():
+        if ".ttt." in name:
+            continue
+        if name.startswith("expert."):
+            out[pre + _EXPERT + "model." + name[len("expert.") :]] = t
+        else:
+            out[pre + name] = t
+    return out
+
+
+def load_pi05(
+    policy: FlowMatchingPolicy, path: str | os.PathLike, naming: str = "auto"
+) -> LoadReport:
+    """Load pi0.5 action-expert + head weights from a safetensors file into ``policy``.
+
+    Strict about everything but the TTT branches: a missing or mis-shaped parameter, or an unused
+    expert/head tensor in the file (e.g. a layer the config does not have), raises ValueError.
+
+    Args:
+        policy: the target (its config must match the checkpoint's sizes).
+        path: a ``model.safetensors`` file.
+        naming: ``"openpi"``, ``"lerobot"`` or ``"auto"`` (detected from the keys).
+    """
+    state = load_file(str(path))
+    if naming == "auto":
+        naming = detect_naming(state)
+    mapped, ignored = pi05_to_policy_names(state, naming)
+    own = policy.state_dict()
+    ttt = [n for n in own if ".ttt." in n]
+    missing = sorted(set(own) - set(mapped) - set(ttt))
+    unexpected = sorted(set(mapped) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {os.fspath(path)!r} ({naming} naming) does not match the config: "
+            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
+    for name, t in mapped.items():
+        if t.shape != own[name].shape:
+            raise ValueError(
+                f"checkpoint: {name} has shape {tuple(t.shape)}, the model wants "
+                f"{tuple(own[name].shape)}"
+            )
+    result = policy.load_state_dict(mapped, strict=False)
+    assert sorted(result.missing_keys) == sorted(ttt), result  # internal invariant
+    return LoadReport(naming, sorted(mapped), ignored, ttt)
+
+
+def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_pi05(policy: FlowMatchingPolicy, path: str | os.PathLike, naming: str = "openpi") -> None:
+    """Write the non-TTT weights in openpi or lerobot naming (atomically)."""
+    _atomic_save(policy_to_pi05_names(policy, naming), Path(path))
+
+
+def save_checkpoint(policy: FlowMatchingPolicy, path: str | os.PathLike) -> None:
+    """Write the whole policy (TTT included) in our naming, atomically (tmp file + os.replace)."""
+    _atomic_save(dict(policy.state_dict()), Path(path), {"format": "ttt_gemma"})
+
+
+def load_checkpoint(policy: FlowMatchingPolicy, path: str | os.PathLike) -> None:
+    """Load a :func:`save_checkpoint` file strictly (bit-identical tensors)."""
+    state = load_file(str(path))
+    with torch.no_grad():
+        policy.load_state_dict(state, strict=True)

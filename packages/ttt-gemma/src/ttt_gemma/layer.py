@@ -1,0 +1,144 @@
+"""A Gemma decoder layer with AdaRMS conditioning and an optional TTT branch after attention."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers.models.gemma.modeling_gemma import (
+    GemmaAttention,
+    GemmaMLP,
+    apply_rotary_pos_emb,
+)
+
+from ttt_core import TTTConfig, TTTLayer
+
+from .adarms import AdaRMSNorm, gated_residual
+from .attention import attend, gemma_config
+from .config import TTTOptions
+
+
+class TTTBranch(nn.Module):
+    """``(y, gate) = (TTT(AdaRMS_ttt(h, cond)), gate_ttt)``: non-causal TTT over the whole chunk.
+
+    The branch owns its AdaRMS norm (zero-initialised dense: scale = shift = gate = 0, so the branch
+    starts switched off) and a ttt-core ``TTTLayer`` with ``mini_batch_size=None`` (the whole
+    action chunk is one mini-batch: every token sees ``W' = W0 - sum_j eta_j grad l_j(W0)``),
+    ``causal=False`` and no positions, so it is permutation-equivariant over the action tokens.
+
+    Args:
+        width: model width C.
+        cond_dim: AdaRMS condition size, or None (plain RMSNorm; gate None).
+        options: the TTT options; ``gating`` picks the AdaRMS gate, the layer's static
+            ``tanh(alpha)`` gate, or both.
+        default_heads: heads when ``options.num_heads`` is None.
+        eps: RMSNorm eps.
+    """
+
+    def __init__(
+        self, width: int, cond_dim: int | None, options: TTTOptions, default_heads: int, eps: float
+    ):
+        super().__init__()
+        self.use_adarms_gate = options.gating in ("adarms", "both")
+        self.norm = AdaRMSNorm(width, cond_dim, eps, zero_init=options.zero_init_adarms)
+        self.layer = TTTLayer(
+            TTTConfig(
+                hidden_size=width,
+                num_heads=options.num_heads or default_heads,
+                head_dim=options.head_dim,
+                inner=options.layer_type,
+                mlp_ratio=options.mlp_ratio,
+                mini_batch_size=None,
+                causal=False,
+                base_lr=options.base_lr,
+                gate="tanh_alpha" if options.gating in ("tanh_alpha", "both") else "none",
+                gate_init=options.gate_init,
+                qk_l2_norm=options.qk_l2_norm,
+                normalize_target=options.normalize_target,
+                bidirectional=options.bidirectional,
+                use_dual_form=options.use_dual_form,
+            )
+        )
+
+    def forward(self, h: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """h: [B, L, C]; cond: [B, C_cond] or None -> (y [B, L, C], gate [B, 1, C] or None)."""
+        x, gate = self.norm(h, cond)  # (B, L, C), (B, 1, C) | None
+        y, _ = self.layer(x)  # non-causal: no state
+        return y, (gate if self.use_adarms_gate else None)
+
+
+class GemmaBlock(nn.Module):
+    """One decoder layer: attention -> gated residual -> [TTT branch] -> MLP -> gated residual.
+
+    ``h1 = h + g_a * o_proj(Attn(AdaRMS_in(h)))``; ``h2 = h1 + g_t * TTT(AdaRMS_ttt(h1))`` (if
+    TTT); ``out = h2 + g_m * MLP(AdaRMS_post(h2))``. Gates are [B, 1, C] with AdaRMS, else None
+    (plain residual). Submodule names follow Gemma (``input_layernorm``, ``self_attn.{q,k,v,o}_proj``,
+    ``post_attention_layernorm``, ``mlp.{gate,up,down}_proj``) so pi0.5 weights load by name.
+
+    The attention is split in two halves (:meth:`attn_in`, :meth:`attn_out`) so the same layer
+    serves the cached-prefix path and the layer-by-layer joint path (:mod:`ttt_gemma.joint`).
+    """
+
+    def __init__(
+        self,
+        *,
+        width: int,
+        mlp_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rms_eps: float,
+        rope_theta: float,
+        cond_dim: int | None,
+        ttt: TTTOptions | None = None,
+        layer_idx: int = 0,
+    ):
+        super().__init__()
+        cfg = gemma_config(
+            width=width,
+            mlp_dim=mlp_dim,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            depth=layer_idx + 1,
+            rms_eps=rms_eps,
+            rope_theta=rope_theta,
+        )
+        self.head_dim = head_dim
+        self.input_layernorm = AdaRMSNorm(width, cond_dim, rms_eps)
+        self.self_attn = GemmaAttention(cfg, layer_idx)
+        self.ttt = None if ttt is None else TTTBranch(width, cond_dim, ttt, num_heads, rms_eps)
+        self.post_attention_layernorm = AdaRMSNorm(width, cond_dim, rms_eps)
+        self.mlp = GemmaMLP(cfg)
+
+    def attn_in(self, h: Tensor, cond: Tensor | None, cos: Tensor, sin: Tensor):
+        """Normalise and project. h: [B, L, C]; cos, sin: [B, L, D].
+
+        Returns:
+            q [B, H, L, D], k [B, KV, L, D], v [B, KV, L, D] (q, k rotated), gate_attn.
+        """
+        x, gate = self.input_layernorm(h, cond)
+        B, L, _ = x.shape
+        a = self.self_attn
+        q = a.q_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)  # (B, H, L, D)
+        k = a.k_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)  # (B, KV, L, D)
+        v = a.v_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)  # (B, KV, L, D)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v, gate
+
+    def attn_out(self, h: Tensor, ctx: Tensor, gate_attn: Tensor | None, cond: Tensor | None):
+        """Finish the layer from the attention context ctx [B, L, H*D]; returns [B, L, C]."""
+        h = gated_residual(h, self.self_attn.o_proj(ctx), gate_attn)
+        if self.ttt is not None:
+            y, gate_ttt = self.ttt(h, cond)
+            h = gated_residual(h, y, gate_ttt)
+        x, gate_mlp = self.post_attention_layernorm(h, cond)
+        return gated_residual(h, self.mlp(x), gate_mlp)
+
+    def forward(self, h, cond, cos, sin, prefix_k, prefix_v, mask):
+        """h: [B, L, C]; prefix_k/v: [B, KV, P, D] or None; mask: [B, L, P + L] bool."""
+        q, k, v, gate = self.attn_in(h, cond, cos, sin)
+        if prefix_k is not None:
+            k = torch.cat([prefix_k.to(k.dtype), k], dim=2)  # (B, KV, P + L, D)
+            v = torch.cat([prefix_v.to(v.dtype), v], dim=2)
+        ctx = attend(q, k, v, mask, self.head_dim**-0.5)  # (B, L, H*D)
+        return self.attn_out(h, ctx, gate, cond)
