@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine import machine_info
 
 from ttt_core import ttt_linear, ttt_mlp
 
@@ -269,13 +269,7 @@ def main(argv=None):
         "benchmark": "ttt-core CPU: torch backend vs generic, per-token loop, paper-style dual form",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "shapes": dict(B=B, H=H, D=D, mini_batch_size=b, lengths=lengths, dtype="float32"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
+        "machine": machine_info(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "rows": rows,
         "speedups": ratios,

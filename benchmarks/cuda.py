@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
 import torch
+from machine import machine_info
 
 H100_BW = 3.35e12  # bytes/s
 H100_BF16 = 989e12  # FLOP/s dense
@@ -153,14 +153,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "command": " ".join([sys.executable, *sys.argv]),
-        "machine": {
-            "platform": platform.platform(),
-            "cpu": platform.processor(),
-            "device": name,
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "threads": torch.get_num_threads(),
-        },
+        "machine": machine_info(device=name, cuda=torch.version.cuda),
         "shape": {"B": B, "H": H, "D": D, "mini_batch_size": b, "dtype": str(dtype)},
         "peaks": {"bytes_per_s": H100_BW, "bf16_flops": H100_BF16},
         "results": rows,

@@ -26,13 +26,13 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from machine import machine_info
 from tqdm.auto import tqdm
 
 from ttt_gemma import (
@@ -82,16 +82,6 @@ def _timed(fn, warmup: int, reps: int, desc: str) -> tuple[list[float], float]:
         fn()
         times.append(time.perf_counter() - t0)
     return times, _rss_mb("VmHWM") - base
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_steps(policy: FlowMatchingPolicy, prefix, actions, noise):
@@ -260,14 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
             w["sample_10_steps_s_median"] / b["sample_10_steps_s_median"] - 1.0
         ),
         "target": "TTT in all 18 layers adds at most 30% to the training step time",
-        "machine": {
-            "platform": platform.platform(),
-            "cpu": _cpu_name(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-        },
+        "machine": machine_info(),
         "command": " ".join(["python", *sys.argv]) if argv is None else " ".join(argv),
         "wall_s": time.perf_counter() - t0,
     }

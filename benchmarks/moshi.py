@@ -23,11 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from machine import machine_info  # before the folder leaves sys.path (below)
 
 # This file is named like the `moshi` package: keep its folder off sys.path so that `import moshi`
 # finds the package, not this script.
@@ -105,16 +106,6 @@ def train_ms(
     return best
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="dim 256 only, few steps (pipeline check)")
@@ -170,14 +161,7 @@ def main() -> None:
         "benchmark": "ttt-moshi layer: streaming step latency and training throughput (CPU)",
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "quick": args.quick,
-        "machine": {
-            "platform": platform.platform(),
-            "cpu": cpu_name(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-        },
+        "machine": machine_info(),
         "target": "TTT adds at most 20% to a streaming step",
         "results": rows,
         "overhead_vs_moshi": overhead,

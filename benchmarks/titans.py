@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,18 +31,9 @@ import time
 from pathlib import Path
 
 import torch
+from machine import machine_info
 
 ROOT = Path(__file__).resolve().parent
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _git_rev() -> str | None:
@@ -195,16 +185,7 @@ def main() -> None:
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "quick": a.quick,
-        "machine": {
-            "platform": platform.platform(),
-            "cpu": _cpu_name(),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "titans_pytorch": tp_version,
-            "git": _git_rev(),
-        },
+        "machine": machine_info(titans_pytorch=tp_version, git=_git_rev()),
         "epoch_time": epochs_res,
         "memory_workload": mem_res,
         "notes": (

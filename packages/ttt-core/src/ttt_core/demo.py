@@ -113,7 +113,13 @@ def _plot(out: Path, curves: dict, train_losses: dict) -> None:
     plt.close("all")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point ``ttt-core-demo`` (exit status 0 on success)."""
+    run(argv)
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Train both models, write the plots and summary.json; returns the summary."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("demo_outputs/ttt-core"))
     p.add_argument("--steps", type=int, default=200)

@@ -234,5 +234,10 @@ def _expert_chunk(obs: np.ndarray, horizon: int) -> np.ndarray:
     return scripted_expert(obs)[:, None].repeat(horizon, axis=1)
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """Console entry point ``ttt-gemma-demo``: runs :func:`main`, exit status 0 on success."""
+    main(argv)
+
+
 if __name__ == "__main__":
-    main()
+    cli()
