@@ -92,13 +92,18 @@ def test_cpu_entry_point_rejects_bad_dtype():
 
 
 BAD = [
-    ("q", lambda x: {**x, "q": x["q"][0]}, ValueError, r"q must be \[B, H, L, D\]"),
-    ("k", lambda x: {**x, "k": x["k"][:, :, :3]}, ValueError, "k must have q's shape"),
+    ("q", lambda x: {**x, "q": x["q"][0]}, ValueError, r"q must be 4-D \[B, H, L, D\]"),
+    ("k", lambda x: {**x, "k": x["k"][:, :, :3]}, ValueError, "k must have shape"),
     ("eta", lambda x: {**x, "eta": x["eta"][..., :3]}, ValueError, "eta must have shape"),
     ("W1", lambda x: {**x, "W1": x["W1"][:, :3]}, ValueError, "W1 must have shape"),
     ("ln_weight", lambda x: {**x, "ln_weight": x["ln_weight"][0]}, ValueError, "ln_weight"),
-    ("v-dtype", lambda x: {**x, "v": x["v"].double()}, TypeError, "v must have q's dtype"),
-    ("q-type", lambda x: {**x, "q": x["q"].tolist()}, TypeError, "must be tensors"),
+    (
+        "v-dtype",
+        lambda x: {**x, "v": x["v"].double()},
+        TypeError,
+        "v has dtype torch.float64 but q has torch.float32",
+    ),
+    ("q-type", lambda x: {**x, "q": x["q"].tolist()}, TypeError, "q must be a torch.Tensor"),
 ]
 
 
@@ -116,9 +121,9 @@ def test_bad_keywords():
         fused_ttt_linear(**x, mini_batch_size=0)
     with pytest.raises(ValueError, match="token_scale"):
         fused_ttt_linear(**x, token_scale="median")
-    with pytest.raises(ValueError, match=r"token_scale tensor must have shape"):
+    with pytest.raises(ValueError, match=r"token_scale must have shape \[mini_batch_size=4\]"):
         fused_ttt_linear(**x, mini_batch_size=4, token_scale=torch.ones(3))
-    with pytest.raises(ValueError, match="output_final_state needs causal"):
+    with pytest.raises(ValueError, match="non-causal TTT cannot stream"):
         fused_ttt_linear(**x, causal=False, output_final_state=True)
     with pytest.raises(ValueError, match="does not support this call: the C\\+\\+ CPU path"):
         fused_ttt_linear(**{n: t.half() for n, t in x.items()})

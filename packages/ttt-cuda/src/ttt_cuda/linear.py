@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ttt_core.validation import validate
 from ttt_cuda.ops import acc_dtype, linear_fwd
 
 __all__ = ["fused_ttt_linear", "linear_unsupported_reason"]
@@ -90,42 +91,6 @@ def _token_scale(token_scale: str | Tensor, b: int, causal: bool, ref: Tensor) -
     return token_scale.to(acc)
 
 
-def _check(q, k, v, eta, W1, b1, ln_weight, ln_bias, mini_batch_size) -> None:
-    if not all(isinstance(t, Tensor) for t in (q, k, v, eta, W1, b1, ln_weight, ln_bias)):
-        raise TypeError("q, k, v, eta, W1, b1, ln_weight, ln_bias must be tensors")
-    if q.dim() != 4:
-        raise ValueError(f"q must be [B, H, L, D], got shape {_shape(q)}")
-    B, H, L, D = q.shape
-    for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(
-                f"{name} must have q's shape [B, H, L, D]={tuple(q.shape)}, got {_shape(t)}"
-            )
-    expect = {
-        "eta": (B, H, L),
-        "W1": (H, D, D),
-        "b1": (H, 1, D),
-        "ln_weight": (H, D),
-        "ln_bias": (H, D),
-    }
-    for name, t in zip(expect, (eta, W1, b1, ln_weight, ln_bias)):
-        if tuple(t.shape) != expect[name]:
-            raise ValueError(f"{name} must have shape {expect[name]}, got {_shape(t)}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-    for name, t in zip(
-        ("k", "v", "eta", "W1", "b1", "ln_weight", "ln_bias"),
-        (k, v, eta, W1, b1, ln_weight, ln_bias),
-    ):
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if mini_batch_size is not None and (
-        not isinstance(mini_batch_size, int) or mini_batch_size < 1
-    ):
-        raise ValueError(f"mini_batch_size must be a positive int or None, got {mini_batch_size!r}")
-
-
 def fused_ttt_linear(
     q: Tensor,
     k: Tensor,
@@ -167,11 +132,15 @@ def fused_ttt_linear(
     Examples:
         >>> o, _ = fused_ttt_linear(q, k, v, eta, W1, b1, ln_w, ln_b, mini_batch_size=16)
     """
-    _check(q, k, v, eta, W1, b1, ln_weight, ln_bias, mini_batch_size)
-    if not causal and output_final_state:
-        raise ValueError("non-causal TTT cannot stream: output_final_state needs causal=True")
-    if not causal and (momentum is not None or decay is not None):
-        raise ValueError("momentum/decay (Titans form) need causal=True")
+    # ttt-core's checks: shapes/dtypes/devices named per argument, mode conflicts. As a backend,
+    # ttt-core hands every call its start state, non-causal ones included (the start weights per
+    # sample), so only a causal call's state is checked as a streaming state.
+    validate(
+        q=q, k=k, v=v, eta=eta, weights={"W1": W1, "b1": b1}, ln_weight=ln_weight,
+        ln_bias=ln_bias, mini_batch_size=mini_batch_size, causal=causal, token_scale=token_scale,
+        momentum=momentum, decay=decay, initial_state=initial_state if causal else None,
+        output_final_state=output_final_state, eps=eps, backend="cuda",
+    )  # fmt: skip
     reason = linear_unsupported_reason(
         q,
         mini_batch_size=mini_batch_size,
