@@ -132,7 +132,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff check + ruff format --check over the whole tree."""
-    session.install("ruff==0.15.*")
+    session.install("ruff==0.17.6")  # the version the tree is formatted with
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
@@ -172,7 +172,9 @@ def bench(session: nox.Session) -> None:
     """Side-by-side CPU benchmarks; JSON figures land in benchmarks/results/."""
     present = _install_present_packages(session)
     if "packages/ttt-titans" in present:
-        session.install("./packages/ttt-titans[bench]")  # titans-pytorch, the peer it is timed against
+        session.install(
+            "./packages/ttt-titans[bench]"
+        )  # titans-pytorch, the peer it is timed against
     scripts = {
         "packages/ttt-core": "benchmarks/core_cpu.py",
         "packages/ttt-gemma": "benchmarks/gemma.py",
