@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from transformers.models.gemma.modeling_gemma import GemmaRotaryEmbedding
 
 from .adarms import AdaRMSNorm
-from .attention import gemma_config, positions
+from .attention import positions
 from .config import ActionExpertConfig
-from .layer import GemmaBlock
+from .layer import gemma_stack
 from .prefix import PrefixKV
 
 
@@ -37,32 +36,8 @@ class ActionExpert(nn.Module):
         self.config = c = config
         cond_dim = c.width if c.use_adarms else None
         ttt_layers = set(c.ttt_layers())
-        self.rotary = GemmaRotaryEmbedding(
-            gemma_config(
-                width=c.width,
-                mlp_dim=c.mlp_dim,
-                num_heads=c.num_heads,
-                num_kv_heads=c.num_kv_heads,
-                head_dim=c.head_dim,
-                depth=c.depth,
-                rms_eps=c.rms_eps,
-                rope_theta=c.rope_theta,
-            )
-        )
-        self.layers = nn.ModuleList(
-            GemmaBlock(
-                width=c.width,
-                mlp_dim=c.mlp_dim,
-                num_heads=c.num_heads,
-                num_kv_heads=c.num_kv_heads,
-                head_dim=c.head_dim,
-                rms_eps=c.rms_eps,
-                rope_theta=c.rope_theta,
-                cond_dim=cond_dim,
-                ttt=c.ttt if i in ttt_layers else None,
-                layer_idx=i,
-            )
-            for i in range(c.depth)
+        self.rotary, self.layers = gemma_stack(
+            c, cond_dim=cond_dim, ttt_for=lambda i: c.ttt if i in ttt_layers else None
         )
         self.norm = AdaRMSNorm(c.width, cond_dim, c.rms_eps)
 

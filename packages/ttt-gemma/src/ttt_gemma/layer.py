@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from transformers.models.gemma.modeling_gemma import (
     GemmaAttention,
     GemmaMLP,
+    GemmaRotaryEmbedding,
     apply_rotary_pos_emb,
 )
 
@@ -142,3 +145,21 @@ class GemmaBlock(nn.Module):
             v = torch.cat([prefix_v.to(v.dtype), v], dim=2)
         ctx = attend(q, k, v, mask, self.head_dim**-0.5)  # (B, L, H*D)
         return self.attn_out(h, ctx, gate, cond)
+
+
+def gemma_stack(
+    c, *, cond_dim: int | None, ttt_for: Callable[[int], TTTOptions | None] = lambda i: None
+) -> tuple[GemmaRotaryEmbedding, nn.ModuleList]:
+    """The RoPE table and the ``c.depth`` blocks of a Gemma stack.
+
+    ``c`` is any config with width, mlp_dim, num_heads, num_kv_heads, head_dim, depth, rms_eps and
+    rope_theta (the expert's and the stand-in prefix encoder's); ``ttt_for(i)`` gives layer i's TTT
+    options (None: no TTT branch)."""
+    dims = dict(width=c.width, mlp_dim=c.mlp_dim, num_heads=c.num_heads,
+                num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, rms_eps=c.rms_eps,
+                rope_theta=c.rope_theta)  # fmt: skip
+    rotary = GemmaRotaryEmbedding(gemma_config(depth=c.depth, **dims))
+    layers = nn.ModuleList(
+        GemmaBlock(**dims, cond_dim=cond_dim, ttt=ttt_for(i), layer_idx=i) for i in range(c.depth)
+    )
+    return rotary, layers

@@ -6,12 +6,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers.models.gemma.modeling_gemma import GemmaRotaryEmbedding
 
 from .adarms import AdaRMSNorm
-from .attention import attend, gemma_config, make_att_2d_masks, positions
+from .attention import attend, make_att_2d_masks, positions
 from .config import PrefixEncoderConfig
-from .layer import GemmaBlock
+from .layer import gemma_stack
 
 
 @dataclass
@@ -75,32 +74,7 @@ class StandInPrefixEncoder(nn.Module):
         super().__init__()
         self.config = c = config
         self.in_proj = nn.Linear(c.feature_dim, c.width)
-        self.rotary = GemmaRotaryEmbedding(
-            gemma_config(
-                width=c.width,
-                mlp_dim=c.mlp_dim,
-                num_heads=c.num_heads,
-                num_kv_heads=c.num_kv_heads,
-                head_dim=c.head_dim,
-                depth=c.depth,
-                rms_eps=c.rms_eps,
-                rope_theta=c.rope_theta,
-            )
-        )
-        self.layers = nn.ModuleList(
-            GemmaBlock(
-                width=c.width,
-                mlp_dim=c.mlp_dim,
-                num_heads=c.num_heads,
-                num_kv_heads=c.num_kv_heads,
-                head_dim=c.head_dim,
-                rms_eps=c.rms_eps,
-                rope_theta=c.rope_theta,
-                cond_dim=None,
-                layer_idx=i,
-            )
-            for i in range(c.depth)
-        )
+        self.rotary, self.layers = gemma_stack(c, cond_dim=None)
         self.norm = AdaRMSNorm(c.width, None, c.rms_eps)
 
     def embed(self, features: Tensor, pad_mask: Tensor | None):
