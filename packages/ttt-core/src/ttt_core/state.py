@@ -114,4 +114,5 @@ class TTTState:
 
 
 def zeros_like_dict(d: TensorDict) -> TensorDict:
+    """Zeros shaped like every tensor of d (the Titans momentum S before the first token)."""
     return {n: torch.zeros_like(t) for n, t in d.items()}

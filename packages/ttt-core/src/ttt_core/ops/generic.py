@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad, vmap
 
-from ..state import TensorDict, TTTState
+from ..state import TensorDict, TTTState, zeros_like_dict
 from .common import compute_dtype, layer_norm_heads, plan_segments, position_scales
 
 FastModel = Callable[[TensorDict, Tensor], Tensor]
@@ -76,11 +76,7 @@ def ttt_generic(
     G = None if state.grad_sum is None else _flat(state.grad_sum)
     S = W = None
     if titans:
-        S = (
-            _flat(state.momentum)
-            if state.momentum is not None
-            else {n: torch.zeros_like(t) for n, t in P.items()}
-        )
+        S = _flat(state.momentum) if state.momentum is not None else zeros_like_dict(P)
         W = _flat(state.current) if state.current is not None else dict(P)
 
     outs: list[Tensor] = []

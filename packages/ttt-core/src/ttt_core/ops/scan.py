@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..state import TensorDict, TTTState
+from ..state import TensorDict, TTTState, zeros_like_dict
 from .common import (
     Segment,
     compute_dtype,
@@ -277,7 +277,7 @@ def ttt_scan(
         decay = torch.zeros_like(etaf) if decay is None else decay.to(dt)
         S0 = state.momentum
         if S0 is None:
-            S0 = {n: torch.zeros_like(t) for n, t in state.params.items()}
+            S0 = zeros_like_dict(state.params)
         carry = {"P": state.params, "G": None, "S": S0, "W": state.current or state.params}
     else:
         carry = {"P": state.params, "G": state.grad_sum, "S": None, "W": None}
