@@ -9,8 +9,9 @@ local attention window) is timed side by side with the same layer converted by t
   attention, the fast weights + partial mini-batch for TTT), median ms per step over 2 mini-batches;
 - training: one full sequence [1, T, C], forward + backward, tokens per second.
 
-Variants: ``moshi`` (plain layer, window 100), ``moshi+ttt`` (TTT heads = attention heads, inner
-width = dim, window 50), ``moshi+ttt-half`` (same heads with head_dim / 2, inner width = dim / 2).
+Variants: ``moshi`` (plain layer, window 100) and the TTT layer (window 50) at three TTT widths, all
+with the attention's head dim: ``moshi+ttt-full`` (TTT heads = attention heads, inner width = dim),
+``moshi+ttt-half`` (heads / 2) and ``moshi+ttt-quarter`` (heads / 4, ttt-moshi's default width).
 
 Run: ``python benchmarks/moshi.py`` (full, ~1-3 min on 2 cores) or ``--quick`` (dim 256, seconds).
 On a shared machine add ``--threads 1``: with 2 OpenMP threads and other processes on the cores, the
@@ -56,8 +57,9 @@ def make_layer(dim: int, heads: int, variant: str) -> torch.nn.Module:
         layer_scale=None, gating="silu",
     )  # fmt: skip
     if variant != "moshi":
-        head_dim = dim // heads if variant == "moshi+ttt" else dim // heads // 2
-        cfg = TTTConfig(hidden_size=dim, num_heads=heads, head_dim=head_dim, inner="linear",
+        # TTT width as a fraction of dim: fewer TTT heads of the attention's head dim
+        ttt_heads = heads // {"moshi+ttt-full": 1, "moshi+ttt-half": 2, "moshi+ttt-quarter": 4}[variant]
+        cfg = TTTConfig(hidden_size=dim, num_heads=ttt_heads, head_dim=dim // heads, inner="linear",
                         mini_batch_size=16, gate="tanh_alpha", gate_init=0.1)  # fmt: skip
         convert_layer(layer, cfg)
     return layer
@@ -122,7 +124,7 @@ def main() -> None:
     else:
         sizes = [(1024, 16, 256, 3), (4096, 32, 128, 1)]
         warmup, steps = 8, 32
-    variants = ["moshi", "moshi+ttt", "moshi+ttt-half"]
+    variants = ["moshi", "moshi+ttt-full", "moshi+ttt-half", "moshi+ttt-quarter"]
     rows = []
     t_start = time.perf_counter()
     with no_compile():

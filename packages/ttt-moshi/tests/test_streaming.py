@@ -71,7 +71,7 @@ def test_streaming_state_holds_partial_mini_batch():
         st = lm.transformer.layers[0]._streaming_state.ttt_state
         assert st.offset == 6 % 4  # 2 tokens into the second mini-batch
         assert st.grad_sum is not None
-        assert st.params["W1"].shape == (1, 4, 8, 8)  # (B, H, D, D)
+        assert st.params["W1"].shape == (1, 1, 8, 8)  # (B, H, D, D): default 4 heads // 4
 
 
 def test_lmgen_steps_match_one_transformer_pass():

@@ -9,6 +9,7 @@ from torch import Tensor
 from . import backends
 from .fast_models import FAST_MODELS
 from .ops.common import compute_dtype
+from .ops.decode import decode_step
 from .ops.generic import ttt_generic
 from .ops.scan import ttt_scan
 from .state import TTTState
@@ -34,7 +35,12 @@ def _run(kind: str, weights: dict[str, Tensor], q, k, v, eta, ln_weight, ln_bias
     common = dict(mini_batch_size=kw["mini_batch_size"], causal=kw["causal"],
                   token_scale=kw["token_scale"], momentum=kw["momentum"], decay=kw["decay"],
                   eps=kw["eps"])  # fmt: skip
-    if impl == "torch":
+    if impl == "torch" and q.shape[2] == 1 and kw["causal"] and form != "dual":
+        o, new_state = decode_step(  # one streaming token: skip the scan's segment machinery
+            q, k, v, eta, state, ln_weight, ln_bias, kind=kind,
+            **{n: common[n] for n in ("mini_batch_size", "token_scale", "momentum", "decay", "eps")},
+        )  # fmt: skip
+    elif impl == "torch":
         o, new_state = ttt_scan(
             q, k, v, eta, state, ln_weight, ln_bias, kind=kind, form=form, **common
         )

@@ -2,6 +2,8 @@
 
     q, k, v = x Wq, x Wk, x Wv                       (per head, [B, H, L, D]; optional L2 norm)
     eta     = base_lr * sigmoid(x W_lr + b_lr) / D   ([B, H, L], learnable per-token inner lr)
+
+(q, k, v, the gelu gate's and the rates' projections are one fused ``in_proj``: one GEMM per call.)
     o, S    = inner(q, k, v, eta, state)             (TTT-Linear / TTT-MLP, see ttt_core.functional)
     y       = o_proj(gate(post_norm(o)))              (+ the reversed pass when bidirectional)
 
@@ -41,15 +43,19 @@ class TTTLayer(nn.Module):
         self.config = c = config
         C, H, D, std = c.hidden_size, c.num_heads, c.head_dim, c.init_std
         W = c.inner_width
-        self.q_proj = nn.Linear(C, W, bias=c.bias)
-        self.k_proj = nn.Linear(C, W, bias=c.bias)
-        self.v_proj = nn.Linear(C, W, bias=c.bias)
+        # one input projection, rows: q | k | v | (g: gelu gate) | lr | (momentum | decay)
+        self._widths = [W] * (4 if c.gate == "gelu" else 3) + [H] * (3 if c.titans else 1)
+        self.in_proj = nn.Linear(C, sum(self._widths), bias=False)
+        nn.init.normal_(self.in_proj.weight, std=std)
+        n_wide = len(self._widths) - (3 if c.titans else 1)
+        self.in_bias = nn.Parameter(torch.zeros(n_wide * W)) if c.bias else None
+        # rate logits' biases: lr 0, momentum 1.5 (sigmoid ~0.82), decay -5 (sigmoid ~0.007)
+        rate_bias = [0.0, 1.5, -5.0] if c.titans else [0.0]
+        self.rate_bias = nn.Parameter(torch.tensor(rate_bias).repeat_interleave(H))
         self.o_proj = nn.Linear(W, C, bias=c.bias)
-        self.lr_proj = nn.Linear(C, H)  # eta logits per head
-        for lin in (self.q_proj, self.k_proj, self.v_proj, self.o_proj, self.lr_proj):
-            nn.init.normal_(lin.weight, std=std)
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
+        nn.init.normal_(self.o_proj.weight, std=std)
+        if self.o_proj.bias is not None:
+            nn.init.zeros_(self.o_proj.bias)
         self.inner: InnerLearner = (
             LinearLearner(H, D, eps=c.ln_eps, init_std=std)
             if c.inner == "linear"
@@ -58,17 +64,8 @@ class TTTLayer(nn.Module):
         if c.token_scale == "learnable":
             b = c.mini_batch_size
             self.token_scale = nn.Parameter(1.0 / torch.arange(1, b + 1, dtype=torch.float32))
-        if c.titans:
-            self.momentum_proj = nn.Linear(C, H)  # sigmoid -> m_j, init ~0.82
-            self.decay_proj = nn.Linear(C, H)  # sigmoid -> a_j, init ~0.007
-            for lin, b0 in ((self.momentum_proj, 1.5), (self.decay_proj, -5.0)):
-                nn.init.normal_(lin.weight, std=std)
-                nn.init.constant_(lin.bias, b0)
         self.post_norm = nn.LayerNorm(W, eps=1e-6) if c.post_norm else nn.Identity()
-        if c.gate == "gelu":
-            self.g_proj = nn.Linear(C, W, bias=c.bias)
-            nn.init.normal_(self.g_proj.weight, std=std)
-        elif c.gate == "tanh_alpha":
+        if c.gate == "tanh_alpha":
             self.gate_alpha = nn.Parameter(torch.full((C,), float(c.gate_init)))
         if c.bidirectional:
             self.reverse_alpha = nn.Parameter(torch.full((C,), float(c.gate_init)))
@@ -78,14 +75,22 @@ class TTTLayer(nn.Module):
         B, L, _ = t.shape
         return t.view(B, L, self.config.num_heads, self.config.head_dim).transpose(1, 2)
 
-    def inner_inputs(self, x: Tensor) -> dict[str, Tensor]:
-        """q, k, v [B, H, L, D], eta [B, H, L] (and momentum/decay) of the inner loop for x [B, L, C]."""
+    def project(self, x: Tensor) -> list[Tensor]:
+        """The fused input projection of x [B, L, C]: [q, k, v, (g), lr, (momentum, decay)] logits,
+        each [B, L, width] (H*D for q/k/v/g, H for the rates)."""
+        bias = self.rate_bias
+        if self.in_bias is not None:
+            bias = torch.cat([self.in_bias, bias])
+        else:  # no q/k/v/g bias: zeros in front of the rate biases
+            bias = F.pad(bias, (sum(self._widths) - bias.numel(), 0))
+        return list(F.linear(x, self.in_proj.weight, bias).split(self._widths, dim=-1))
+
+    def inner_inputs(self, x: Tensor, parts: list[Tensor] | None = None) -> dict[str, Tensor]:
+        """q, k, v [B, H, L, D], eta [B, H, L] (and momentum/decay) of the inner loop for x [B, L, C]
+        (``parts``: ``self.project(x)`` when already computed)."""
         c = self.config
-        q, k, v = (
-            self._heads(self.q_proj(x)),
-            self._heads(self.k_proj(x)),
-            self._heads(self.v_proj(x)),
-        )
+        parts = self.project(x) if parts is None else parts
+        q, k, v = (self._heads(t) for t in parts[:3])
         if c.qk_l2_norm:
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         if c.normalize_target:  # target v - k standardised per token
@@ -94,11 +99,12 @@ class TTTLayer(nn.Module):
                 t.var(-1, keepdim=True, unbiased=False) + 1e-6
             )
             v = k + t
-        eta = c.base_lr * torch.sigmoid(self.lr_proj(x)).transpose(1, 2) / c.head_dim  # (B, H, L)
+        rates = parts[4:] if c.gate == "gelu" else parts[3:]
+        eta = c.base_lr * torch.sigmoid(rates[0]).transpose(1, 2) / c.head_dim  # (B, H, L)
         out = {"q": q, "k": k, "v": v, "eta": eta}
         if c.titans:
-            out["momentum"] = torch.sigmoid(self.momentum_proj(x)).transpose(1, 2)
-            out["decay"] = torch.sigmoid(self.decay_proj(x)).transpose(1, 2)
+            out["momentum"] = torch.sigmoid(rates[1]).transpose(1, 2)  # (B, H, L)
+            out["decay"] = torch.sigmoid(rates[2]).transpose(1, 2)
         return out
 
     def _inner_kwargs(self) -> dict:
@@ -129,11 +135,12 @@ class TTTLayer(nn.Module):
             raise ValueError(
                 "state is only accepted by causal, one-directional TTT layers (streaming)"
             )
-        inputs = self.inner_inputs(x)
+        parts = self.project(x)
+        inputs = self.inner_inputs(x, parts)
         o, new_state = self._run_inner(inputs, state, stream)
         y = self.post_norm(self._merge(o))  # (B, L, H*D)
         if c.gate == "gelu":
-            y = F.gelu(self.g_proj(x), approximate="tanh") * y
+            y = F.gelu(parts[3], approximate="tanh") * y
         y = self.o_proj(y)  # (B, L, C)
         if c.gate == "tanh_alpha":
             y = torch.tanh(self.gate_alpha) * y

@@ -48,10 +48,19 @@ def ttt_config_for(
     gate_init: float = 0.1,
     **extra: Any,
 ) -> TTTConfig:
-    """The TTTConfig matching ``lm``'s width: causal, tanh(alpha) gate, learnable per-token eta."""
+    """The TTTConfig matching ``lm``'s width: causal, tanh(alpha) gate, learnable per-token eta.
+
+    Default TTT width: a quarter of the model's heads (at least one), each of the attention's head
+    dim, so the inner width is ``dim / 4`` (Moshi 7B: 8 TTT heads of 128). The TTT block's
+    projections are read for every streamed token, so its width sets its share of a streaming step:
+    at a quarter width the block adds about 10-20% to a step (``benchmarks/moshi.py``), at full
+    width 30-50%. Pass ``num_heads`` (and ``head_dim``) for another width.
+    """
     layer0 = transformer_of(lm).layers[0]
     dim = int(layer0.self_attn.embed_dim)
-    heads = int(num_heads or layer0.self_attn.num_heads)
+    attn_heads = int(layer0.self_attn.num_heads)
+    heads = int(num_heads or max(1, attn_heads // 4))
+    extra.setdefault("head_dim", dim // attn_heads)
     return TTTConfig(
         hidden_size=dim,
         num_heads=heads,

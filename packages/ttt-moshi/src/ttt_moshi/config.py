@@ -60,7 +60,7 @@ class ModelConfig:
 class TTTSection:
     layers: list[int] = field(default_factory=list)  # main-transformer layers that get TTT
     inner: str = "linear"  # "linear" | "mlp"
-    num_heads: int | None = None  # TTT heads; None: the model's heads
+    num_heads: int | None = None  # TTT heads of the attention head dim; None: model heads // 4
     mini_batch_size: int = 16
     base_lr: float = 1.0  # eta = base_lr * sigmoid(x W_lr + b_lr) / head_dim
     gate_init: float = 0.1  # tanh(alpha) gate; 0.0 = exact start from the checkpoint

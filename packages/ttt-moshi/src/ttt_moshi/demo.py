@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "ttt": {
                 "layers": ttt_layers,
                 "inner": "linear",
+                "num_heads": args.heads,  # full TTT width for the small demo model
                 "mini_batch_size": 16,
                 "gate_init": 0.1,
             },
