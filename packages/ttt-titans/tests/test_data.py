@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
+import itertools
+from datetime import datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from ttt_titans.config import load_config
 from ttt_titans.data import (
     WindowDataset,
     embedded_path,
@@ -14,6 +19,9 @@ from ttt_titans.data import (
     load_ett_csv,
     make_splits,
 )
+from ttt_titans.train import build_splits
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "make_beijing_pm25.py"
 
 
 def _write_csv(path, n=40, cols=("HUFL", "MULL", "OT"), seed=0):
@@ -109,14 +117,76 @@ def test_window_dataset_items():
         WindowDataset(arr[:7], lookback=5, horizon=3)
 
 
-def test_embedded_dataset_ships_with_package():
-    assert embedded_path().is_file()
-    s = load_embedded()
-    assert s.columns == ["WorkDay", "Temperature", "Demand"]
-    assert s.values.shape == (17520, 3)  # 365 days x 48 half-hours
-    assert s.dates[0] == "2014-01-01 00:00:00" and s.dates[-1] == "2014-12-31 23:30:00"
-    demand = s.values[:, 2]
-    assert 2.0 < demand.min() < demand.max() < 10.0  # GW, Victoria
-    # a real demand series has a strong daily cycle: lag-48 autocorrelation is high
-    d = demand - demand.mean()
-    assert np.dot(d[:-48], d[48:]) / np.dot(d, d) > 0.7
+EMBEDDED_COLUMNS = ["DEWP", "TEMP", "PRES", "Iws", "Is", "Ir", "wd_NE", "wd_NW", "wd_SE", "PM2.5"]
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return load_embedded()
+
+
+def test_embedded_dataset_columns_length_and_values(embedded):
+    s = embedded
+    assert embedded_path().is_file() and embedded_path().name.endswith(".csv.gz")
+    assert s.columns == EMBEDDED_COLUMNS and s.target == "PM2.5"
+    assert s.values.shape == (43800, 10)  # 1825 days x 24 h: 2010-01-02 .. 2014-12-31
+    assert np.isfinite(s.values).all()  # no NaN (the source's missing PM2.5 are interpolated)
+    col = dict(zip(s.columns, s.values.T))
+    assert col["PM2.5"].min() >= 0.0 and col["PM2.5"].max() < 1000.0  # ug/m3
+    assert -25.0 < col["TEMP"].min() < 0.0 < 30.0 < col["TEMP"].max() < 45.0  # deg C, Beijing
+    assert 980.0 < col["PRES"].min() < col["PRES"].max() < 1050.0  # hPa
+    assert (col["DEWP"] <= col["TEMP"] + 1.0).all()  # dew point <= air temperature (integer data)
+    wind = s.values[:, 6:9]
+    assert set(np.unique(wind)) == {0.0, 1.0} and (wind.sum(axis=1) <= 1).all()  # one-hot (+ calm)
+    # a real weather series: strong daily cycle in temperature, PM2.5 persistent hour to hour
+    for name, lag, floor in (("TEMP", 24, 0.8), ("PM2.5", 1, 0.9)):
+        d = col[name] - col[name].mean()
+        assert np.dot(d[:-lag], d[lag:]) / np.dot(d, d) > floor, name
+
+
+def test_embedded_dataset_dates_strictly_hourly(embedded):
+    dates = [datetime.strptime(d, "%Y-%m-%d %H:%M:%S") for d in embedded.dates]
+    assert dates[0] == datetime(2010, 1, 2) and dates[-1] == datetime(2014, 12, 31, 23)
+    steps = {b - a for a, b in itertools.pairwise(dates)}
+    assert steps == {timedelta(hours=1)}  # strictly increasing, no gap, no duplicate
+
+
+def test_embedded_default_config_splits_by_time(embedded):
+    cfg = load_config("base.yaml")
+    assert cfg.data.path is None and cfg.data.target == "PM2.5" and cfg.data.max_rows == 17520
+    sp = build_splits(cfg)
+    n, lb = 17520, cfg.data.lookback  # the last two years, 2013-01-01 00:00 .. 2014-12-31 23:00
+    n_train, n_val = int(0.7 * n), int(0.1 * n)
+    vals, dates = embedded.values[-n:], embedded.dates[-n:]
+    assert dates[0] == "2013-01-01 00:00:00"
+    assert sp.columns == EMBEDDED_COLUMNS and sp.target_idx == 9 and sp.in_idx == list(range(10))
+    n_test = n - n_train - n_val
+    assert (len(sp.train), len(sp.val), len(sp.test)) == (n_train, n_val + lb, n_test + lb)
+    mean, std = vals[:n_train].mean(0), vals[:n_train].std(0)  # train split only
+    np.testing.assert_allclose(sp.mean, mean)
+    np.testing.assert_allclose(sp.test, (vals[n_train + n_val - lb :] - mean) / std)
+    assert sp.test_dates[0] == dates[n_train + n_val - lb]
+    # test targets come strictly after every train and val step
+    assert sp.test_dates[lb] > dates[n_train + n_val - 1] > dates[n_train - 1]
+
+
+def test_convert_tool_on_a_small_source():
+    """tools/make_beijing_pm25.py: dates, dropped first day, interpolation, wind one-hot."""
+    spec = importlib.util.spec_from_file_location("make_beijing_pm25", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    head = "No,year,month,day,hour,pm2.5,DEWP,TEMP,PRES,cbwd,Iws,Is,Ir"
+    src = [head, "1,2010,1,1,23,NA,-21,-11,1021,NW,1.79,0,0"]
+    pm = ["10", "NA", "NA", "NA", "18", "20"]
+    wd = ["NE", "NW", "SE", "cv", "NW", "NE"]
+    for h, (v, w) in enumerate(zip(pm, wd)):
+        src.append(f"{h + 2},2010,1,2,{h},{v},-16,-4,1020,{w},1.79,0,1")
+    lines = tool.convert("\n".join(src).encode()).splitlines()
+    assert lines[0] == "date," + ",".join(EMBEDDED_COLUMNS)
+    assert len(lines) == 1 + 6 and lines[1].startswith("2010-01-02 00:00:00,-16,-4,1020,1.79,0,1,")
+    rows = [line.split(",") for line in lines[1:]]
+    assert [r[-1] for r in rows] == ["10", "12", "14", "16", "18", "20"]
+    wind = [r[7:10] for r in rows[:4]]  # NE, NW, SE, cv
+    assert wind == [["1", "0", "0"], ["0", "1", "0"], ["0", "0", "1"], ["0", "0", "0"]]
+    with pytest.raises(ValueError, match="sha256"):
+        tool.read_source(TOOL)

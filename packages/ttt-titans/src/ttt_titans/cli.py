@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from .config import MODES, apply_overrides, from_dict, list_packaged_configs, load_yaml_chain
+from .data import EMBEDDED_NAME
 from .plots import plot_cumulative_mse, plot_forecast
 from .train import Runner, build_splits
 
@@ -110,7 +111,7 @@ def compare(
     for r in rows:
         r["epoch_time_vs_baseline"] = r["seconds_per_epoch"] / base_sec
     summary = {
-        "data": base.get("data", {}).get("path") or "embedded: vic_elec_2014 (fpp2::elecdemand)",
+        "data": base.get("data", {}).get("path") or f"embedded: {EMBEDDED_NAME}",
         "config": config,
         "overrides": overrides,
         "torch_threads": torch.get_num_threads(),

