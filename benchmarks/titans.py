@@ -2,16 +2,20 @@
 titans-pytorch's NeuralMemory, in one process.
 
 1. Epoch time: ``baseline``, ``simple_ttt`` and ``meta_ttt`` forecasters (same data: the embedded
-   Victoria 2014 demand set, same Titans backbone, same batches) train for ``--epochs`` timed
+   Beijing PM2.5 set at its default size, same Titans backbone, same batches) train for ``--epochs`` timed
    epochs each (modes interleaved, one untimed warm-up epoch); median seconds per epoch and the
    ratio to the baseline.
 2. Memory workload: one forward + backward of a Titans neural memory on x (B, L, C) with an MLP
    memory (depth 2, expansion 4) or a linear one, ``heads`` heads, momentum and forgetting, chunk
-   size ``chunk``:
+   size ``chunk``, fp32:
    ``ttt_titans.NeuralMemory`` (ttt-core's chunk-parallel Titans form, rates from a MetaLearner)
-   vs ``titans_pytorch.NeuralMemory`` (``pip install titans-pytorch``); median of ``--repeats``.
+   vs ``titans_pytorch.NeuralMemory`` (``pip install titans-pytorch``) in its default
+   configuration; one warm-up call each, then ``--repeats`` rounds that time each side once, in
+   alternating order (a busy machine's load falls on both alike); medians. For context it also
+   times titans-pytorch with ``batch_size=chunk`` (its weights updated after every chunk, so
+   every chunk's surprise is taken at that chunk's start weights: ttt-titans' rule).
 
-Run (about 3-4 minutes on one core)::
+Run (about 1-2 minutes on one core)::
 
     python benchmarks/titans.py                 # full run -> benchmarks/results/titans_cpu.json
     python benchmarks/titans.py --quick         # seconds, for checking the script
@@ -85,14 +89,18 @@ def bench_epochs(epochs: int, max_batches: int | None, max_rows: int) -> dict:
     return out
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+def _time_interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function: one warm-up call each, then ``repeats`` rounds
+    that call every function once, the order alternating between rounds."""
+    for fn in fns.values():
+        fn()  # warm-up
+    ts: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(repeats):
+        for name in list(fns)[:: 1 if i % 2 == 0 else -1]:
+            t = time.perf_counter()
+            fns[name]()
+            ts[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in ts.items()}
 
 
 def bench_memory(shapes: list[tuple[int, int, int, int, int, str]], repeats: int) -> list[dict]:
@@ -128,19 +136,32 @@ def bench_memory(shapes: list[tuple[int, int, int, int, int, str]], repeats: int
             "memory_model": (
                 "MLP depth 2, hidden 4*head_dim" if inner == "mlp" else "linear (one matrix)"
             ),
-            "ttt_titans_ms": 1e3 * _time(ours, repeats),
         }
+        fns = {"ttt_titans": ours}
         if titans_pytorch is not None:
-            # linear: titans-pytorch's MemoryMLP with depth 1 is one (D, D) matrix
-            model = None if inner == "mlp" else MemoryMLP(c // h, depth=1)
-            tp = TPNeuralMemory(dim=c, chunk_size=chunk, heads=h, dim_head=c // h, model=model)
+            for key, extra in (
+                ("titans_pytorch", {}),
+                ("titans_pytorch_same_rule", {"batch_size": chunk}),
+            ):
+                # linear: titans-pytorch's MemoryMLP with depth 1 is one (D, D) matrix
+                model = None if inner == "mlp" else MemoryMLP(c // h, depth=1)
+                tp = TPNeuralMemory(dim=c, chunk_size=chunk, heads=h, dim_head=c // h, model=model,
+                                    **extra)  # fmt: skip
 
-            def theirs(tp=tp, x=x):
-                out, _ = tp(x)
-                out.sum().backward()
+                def theirs(tp=tp, x=x):
+                    out, _ = tp(x)
+                    out.sum().backward()
 
-            row["titans_pytorch_ms"] = 1e3 * _time(theirs, repeats)
+                fns[key] = theirs
+        load = os.getloadavg()[0]
+        for key, sec in _time_interleaved(fns, repeats).items():
+            row[f"{key}_ms"] = 1e3 * sec
+        if titans_pytorch is not None:
             row["speedup_vs_titans_pytorch"] = row["titans_pytorch_ms"] / row["ttt_titans_ms"]
+            row["speedup_vs_titans_pytorch_same_rule"] = (
+                row["titans_pytorch_same_rule_ms"] / row["ttt_titans_ms"]
+            )
+        row["load_average_1min"] = [load, os.getloadavg()[0]]  # before, after
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -159,7 +180,8 @@ def main() -> None:
         epochs, max_batches, max_rows, repeats = 1, 4, 3000, 2
         shapes = [(16, 48, 32, 2, 16, "mlp"), (16, 48, 32, 2, 16, "linear")]
     else:
-        epochs, max_batches, max_rows, repeats = a.epochs, None, 8760, a.repeats
+        # max_rows 17520: base.yaml default
+        epochs, max_batches, max_rows, repeats = a.epochs, None, 17520, a.repeats
         shapes = [
             (64, 48, 32, 2, 16, "linear"),  # the forecaster's default memory workload
             (64, 48, 32, 2, 16, "mlp"),
@@ -168,6 +190,7 @@ def main() -> None:
             (8, 256, 64, 4, 64, "mlp"),
         ]
     t0 = time.perf_counter()
+    load_start = os.getloadavg()
     epochs_res = bench_epochs(epochs, max_batches, max_rows)
     for mode, r in epochs_res.items():
         print(f"{mode:>10}: {r['seconds_per_epoch']:.3f} s/epoch ({r['ratio_to_baseline']:.2f}x)")
@@ -188,13 +211,22 @@ def main() -> None:
         "machine": machine_info(titans_pytorch=tp_version, git=_git_rev()),
         "epoch_time": epochs_res,
         "memory_workload": mem_res,
+        "load_average": {"start": load_start, "end": (load_end := os.getloadavg())},
+        "busy_machine": max(load_start[0], load_end[0]) > (os.cpu_count() or 1),
         "notes": (
             "Same shapes, different rule: ttt_titans takes each token's gradient at its own "
-            "chunk's start weights (chunks are sequential, exact per-step at chunk 1); "
-            "titans_pytorch (store_memories) takes every chunk's surprise at the weights the "
-            "call started from, with per-chunk averaged rates, then scans momentum/decay over "
-            "chunks, which is fully parallel over the sequence. Epoch times: one untimed "
-            "warm-up epoch per mode, median of the timed epochs, modes interleaved."
+            "chunk's start weights (chunks are sequential, exact per-step at chunk 1) and gives "
+            "every token its own weights (per-token momentum and forgetting); titans_pytorch "
+            "(default, store_memories) takes every chunk's surprise at the weights the call "
+            "started from, with per-chunk averaged momentum/decay, then scans them over chunks, "
+            "which is fully parallel over the sequence, and retrieves with one weight set per "
+            "chunk. titans_pytorch_same_rule (batch_size=chunk) updates its weights after every "
+            "chunk, so its surprises are taken at each chunk's start weights as in ttt_titans. "
+            "Memory workload: ours and theirs timed in alternating rounds after one warm-up "
+            "call each; medians. Epoch times: one untimed warm-up epoch per mode, median of the "
+            "timed epochs, modes interleaved. load_average: os.getloadavg() (the machine has "
+            f"{os.cpu_count()} CPUs and is shared; a 1-minute load above that means other "
+            "processes competed for the cores during the run)."
         ),
         "total_seconds": time.perf_counter() - t0,
     }

@@ -66,7 +66,7 @@ class NeuralMemory(nn.Module):
         """x: (B, L, C) -> q, k, v each (B, H, L, D); q, k L2-normalised over D."""
         b, n, _ = x.shape
         qkv = self.qkv_proj(x).view(b, n, 3, self.num_heads, self.head_dim)  # (B, L, 3, H, D)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, L, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous()  # each (B, H, L, D), one copy
         return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v
 
     def fast_weights(self) -> tuple[torch.Tensor, ...]:

@@ -43,9 +43,10 @@ def ln_loss_grad(z: Tensor, target: Tensor, weight: Tensor, bias: Tensor, eps: f
 def ln_loss_grad_pre(z: Tensor, wbt: Tensor, w2: Tensor, eps: float) -> Tensor:
     """:func:`ln_loss_grad` with the z-independent parts precomputed (a hot loop's version):
     ``wbt = weight * (bias - target)`` and ``w2 = weight**2``, broadcastable against z."""
-    var, mu = torch.var_mean(z, dim=-1, keepdim=True, correction=0)
-    rstd = torch.rsqrt(var + eps)
-    x = (z - mu) * rstd
+    # not torch.var_mean: over a short last dim (D = 16) it is ~10x slower on CPU
+    zc = z - z.mean(dim=-1, keepdim=True)
+    rstd = torch.rsqrt((zc * zc).mean(dim=-1, keepdim=True) + eps)
+    x = zc * rstd
     dx = torch.addcmul(wbt, x, w2)  # weight * (weight * x + bias - target)
     t = dx - dx.mean(dim=-1, keepdim=True)
     return rstd * torch.addcmul(t, x, (dx * x).mean(dim=-1, keepdim=True), value=-1.0)
@@ -98,3 +99,37 @@ def plan_segments(L: int, b: int | None, offset: int) -> list[Segment]:
         segs.append(Segment(pos, n, off, off + n == b))
         pos, off = pos + n, (off + n) % b
     return segs
+
+
+def group_segments(segs: list[Segment]) -> list[list[Segment]]:
+    """Consecutive segments of equal length and offset run as one group (coefficients batched)."""
+    groups: list[list[Segment]] = []
+    for s in segs:
+        g = groups[-1] if groups else None
+        if g and g[-1].length == s.length and g[-1].offset == s.offset and g[-1].completes:
+            g.append(s)
+        else:
+            groups.append([s])
+    return groups
+
+
+def stack_group(x: Tensor | None, group: list[Segment]) -> Tensor | None:
+    """[B, H, L, ...] -> [N, B, H, n, ...] for a group of N consecutive segments of n tokens."""
+    if x is None:
+        return None
+    start, n, N = group[0].start, group[0].length, len(group)
+    y = x[:, :, start : start + n * N]
+    y = y.reshape(*y.shape[:2], N, n, *y.shape[3:])
+    return y.movedim(2, 0)
+
+
+def segment_products(x: Tensor) -> tuple[Tensor, Tensor]:
+    """For x [..., n]: ``mat[..., j, t] = prod_{t<r<=j} x_r`` (j >= t, else 0) and ``cum_j = prod_{r<=j} x_r``."""
+    n = x.shape[-1]
+    idx = torch.arange(n, device=x.device)
+    strictly_below = idx[:, None] > idx[None, :]  # (j, t): j > t
+    X = torch.where(
+        strictly_below, x.unsqueeze(-1).expand(*x.shape, n), torch.ones_like(x).unsqueeze(-1)
+    )
+    mat = torch.cumprod(X, dim=-2) * (idx[:, None] >= idx[None, :])
+    return mat, torch.cumprod(x, dim=-1)

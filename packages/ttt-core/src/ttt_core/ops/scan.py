@@ -15,6 +15,10 @@ decay a: ``M_jt = prod_{t<r<=j} m_r``, ``A_ij = prod_{j<r<=i} (1 - a_r)``, ``C =
 
 Work is vectorised over batch, heads and, for the coefficients, over all mini-batches at once; only
 the weight-dependent part runs in the Python loop over mini-batches.
+
+The Titans form in the dual form (``form="auto"``/``"dual"``) runs in :mod:`.titans_scan`, one
+autograd Function with a hand-written backward (same closed form); the loop below serves the plain
+form and ``form="primal"`` (plain autograd, also the reference the Function is tested against).
 """
 
 from __future__ import annotations
@@ -30,12 +34,16 @@ from .common import (
     compute_dtype,
     gelu_tanh,
     gelu_tanh_grad,
+    group_segments,
     head_view,
     layer_norm_heads,
     ln_loss_grad_pre,
     plan_segments,
     position_scales,
+    segment_products,
+    stack_group,
 )
+from .titans_scan import titans_scan
 
 LAYERS = {"linear": (("W1", "b1"),), "mlp": (("W1", "b1"), ("W2", "b2"))}
 
@@ -43,18 +51,6 @@ LAYERS = {"linear": (("W1", "b1"),), "mlp": (("W1", "b1"), ("W2", "b2"))}
 # ----------------------------------------------------------------------------------------------
 # coefficients of one group of equally shaped segments (N segments of n tokens), no weights needed
 # ----------------------------------------------------------------------------------------------
-def _segment_products(x: Tensor) -> tuple[Tensor, Tensor]:
-    """For x [..., n]: ``mat[..., j, t] = prod_{t<r<=j} x_r`` (j >= t, else 0) and ``cum_j = prod_{r<=j} x_r``."""
-    n = x.shape[-1]
-    idx = torch.arange(n, device=x.device)
-    strictly_below = idx[:, None] > idx[None, :]  # (j, t): j > t
-    X = torch.where(
-        strictly_below, x.unsqueeze(-1).expand(*x.shape, n), torch.ones_like(x).unsqueeze(-1)
-    )
-    mat = torch.cumprod(X, dim=-2) * (idx[:, None] >= idx[None, :])
-    return mat, torch.cumprod(x, dim=-1)
-
-
 @dataclass
 class _Coefs:
     """Per-group coefficients, leading dim N (one entry per segment)."""
@@ -77,29 +73,32 @@ class _Coefs:
         if self.coef_eta is None:
             self.coef_eta = self.coef * self.eta.unsqueeze(-2)
 
-    def select(self, i: int) -> _Coefs:
-        """The coefficients of segment i of the group (shared plain-form ones pass through)."""
+    def unbind(self) -> list[_Coefs]:
+        """The coefficients of every segment of the group (shared plain-form ones pass through).
+
+        One ``unbind`` per field, not N selects: the backward of N selects would allocate and
+        fill N zero tensors of the whole group's size (quadratic in the number of segments)."""
         per_segment = ("eta", "D", "c0", "m_last", "M_last", "coef_eta") + (
             ("coef",) if self.D is not None else ()
         )
-        return _Coefs(
-            **{
-                f: (
-                    getattr(self, f)[i]
-                    if f in per_segment and getattr(self, f) is not None
-                    else getattr(self, f)
-                )
-                for f in self.__dataclass_fields__
-            }
-        )
+        N = self.eta.shape[0]
+        parts = {
+            f: (
+                getattr(self, f).unbind(0)
+                if f in per_segment and getattr(self, f) is not None
+                else [getattr(self, f)] * N
+            )
+            for f in self.__dataclass_fields__
+        }
+        return [_Coefs(**{f: parts[f][i] for f in parts}) for i in range(N)]
 
 
 def _coefs(seg: Segment, eta, momentum, decay, causal, token_scale) -> _Coefs:
     """eta, momentum, decay: [N, B, H, n] (momentum/decay None outside the Titans form)."""
     n, dev, dt = seg.length, eta.device, eta.dtype
     if momentum is not None:
-        M, mcum = _segment_products(momentum)
-        A, D = _segment_products(1.0 - decay)
+        M, mcum = segment_products(momentum)
+        A, D = segment_products(1.0 - decay)
         return _Coefs(
             coef=A @ M, eta=eta, D=D, c0=(A @ mcum.unsqueeze(-1)).squeeze(-1),
             m_last=mcum[..., -1], M_last=M[..., -1, :],
@@ -221,26 +220,32 @@ def _update(carry, xs, gs, layers, c: _Coefs, seg: Segment, causal: bool) -> Non
 # ----------------------------------------------------------------------------------------------
 # the scan
 # ----------------------------------------------------------------------------------------------
-def _groups(segs: list[Segment]) -> list[list[Segment]]:
-    """Consecutive segments of equal length and offset run as one group (coefficients batched)."""
-    groups: list[list[Segment]] = []
-    for s in segs:
-        g = groups[-1] if groups else None
-        if g and g[-1].length == s.length and g[-1].offset == s.offset and g[-1].completes:
-            g.append(s)
-        else:
-            groups.append([s])
-    return groups
-
-
-def _stack(x: Tensor | None, group: list[Segment]) -> Tensor | None:
-    """[B, H, L, ...] -> [N, B, H, n, ...] for a group of N consecutive segments of n tokens."""
-    if x is None:
-        return None
-    start, n, N = group[0].start, group[0].length, len(group)
-    y = x[:, :, start : start + n * N]
-    y = y.reshape(*y.shape[:2], N, n, *y.shape[3:])
-    return y.movedim(2, 0)
+def _scan_segments(qf, kf, wbt, w2, etaf, momentum, decay, carry, segs, *, kind, causal,
+                   token_scale, eps, form) -> Tensor:  # fmt: skip
+    """The loop over mini-batch segments (plain form, or the Titans form with autograd); advances
+    ``carry`` in place and returns z [B, H, L, D] (the fast model's output before LN)."""
+    layers = LAYERS[kind]
+    outs: list[Tensor] = []
+    for group in group_segments(segs):
+        seg = group[0]
+        qs, ks, ts, es = (stack_group(x, group) for x in (qf, kf, wbt, etaf))
+        c = _coefs(
+            seg, es, stack_group(momentum, group), stack_group(decay, group), causal, token_scale
+        )
+        primal = form == "primal" or (form == "auto" and seg.length == 1)
+        attn = None if primal else _attention(qs, ks, c)  # layer-1 mixing for every segment at once
+        attns = [None] * len(group) if attn is None else attn.unbind(0)
+        per_seg = zip(group, c.unbind(), qs.unbind(0), ks.unbind(0), ts.unbind(0), attns)
+        for segi, ci, qi, ki, ti, attni in per_seg:
+            xs, gs = _key_grads(carry["P"], ki, ti, w2, eps, kind)
+            h = qi
+            for li, (W, b) in enumerate(layers):
+                a = attni if li == 0 else None
+                z = _query_layer(h, xs[li], gs[li], W, b, carry, ci, primal, a)
+                h = gelu_tanh(z) if li + 1 < len(layers) else z
+            outs.append(h)
+            _update(carry, xs, gs, layers, ci, segi, causal)
+    return torch.cat(outs, dim=2) if outs else qf.new_zeros(qf.shape)  # (B, H, L, D)
 
 
 def ttt_scan(
@@ -283,26 +288,16 @@ def ttt_scan(
         carry = {"P": state.params, "G": state.grad_sum, "S": None, "W": None}
 
     L = q.shape[2]
-    outs: list[Tensor] = []
     segs = plan_segments(L, mini_batch_size, state.offset)
-    for group in _groups(segs):
-        seg = group[0]
-        qs, ks, ts, es = (_stack(x, group) for x in (qf, kf, wbt, etaf))
-        c = _coefs(seg, es, _stack(momentum, group), _stack(decay, group), causal, token_scale)
-        primal = form == "primal" or (form == "auto" and seg.length == 1)
-        attn = None if primal else _attention(qs, ks, c)  # layer-1 mixing for every segment at once
-        for i, segi in enumerate(group):
-            ci = c.select(i)
-            xs, gs = _key_grads(carry["P"], ks[i], ts[i], w2, eps, kind)
-            h = qs[i]
-            for li, (W, b) in enumerate(layers):
-                a = attn[i] if (li == 0 and attn is not None) else None
-                z = _query_layer(h, xs[li], gs[li], W, b, carry, ci, primal, a)
-                h = gelu_tanh(z) if li + 1 < len(layers) else z
-            outs.append(h)
-            _update(carry, xs, gs, layers, ci, segi, causal)
-
-    z = torch.cat(outs, dim=2) if outs else qf.new_zeros(qf.shape)  # (B, H, L, D)
+    if titans and form != "primal" and L > 0:  # one autograd Function, hand-written backward
+        z, P, W, S = titans_scan(
+            qf, kf, wbt, w2, etaf, momentum, decay, carry["P"], carry["W"], carry["S"], layers,
+            segs, eps,
+        )  # fmt: skip
+        carry = {"P": P, "G": None, "S": S, "W": W}
+    else:
+        z = _scan_segments(qf, kf, wbt, w2, etaf, momentum, decay, carry, segs, kind=kind,
+                           causal=causal, token_scale=token_scale, eps=eps, form=form)  # fmt: skip
     o = (qf + layer_norm_heads(z, ln_w, ln_b, eps)).to(q.dtype)
     end = (state.offset + L) if mini_batch_size is None else (state.offset + L) % mini_batch_size
     new_state = TTTState(

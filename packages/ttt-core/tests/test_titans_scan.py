@@ -1,0 +1,126 @@
+"""The Titans form's autograd Function (hand-written backward, ``ops/titans_scan.py``) against the
+autograd path through the primal form: outputs, every gradient (inputs, weights, LN, rates, the
+carried state) in fp64, streaming cuts and blocks inside long mini-batches included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import call, make_inputs
+from naive import naive_ttt
+
+from ttt_core.fast_models import FAST_MODELS
+from ttt_core.ops import titans_scan
+
+
+def _run(kind, form, b, L, cut=None, rates="both", seed=0):
+    """Outputs and the gradients of a random projection of (outputs, final state) w.r.t. every
+    leaf, optionally cutting the sequence at ``cut`` and carrying the state."""
+    x, w, ln, extra = make_inputs(kind, B=2, H=2, L=L, D=5, F=7, titans=True, requires_grad=True,
+                                  seed=seed)  # fmt: skip
+    if rates != "both":
+        extra.pop("decay" if rates == "momentum" else "momentum")
+    leaves = {**x, **w, **ln, **extra}
+    kw = dict(mini_batch_size=b, form=form, output_final_state=True)
+    if cut is None:
+        o, st = call(kind, x, w, ln, extra, **kw)
+    else:
+        head = lambda d: {n: t[:, :, :cut] for n, t in d.items()}
+        tail = lambda d: {n: t[:, :, cut:] for n, t in d.items()}
+        o1, st = call(kind, head(x), w, ln, head(extra), **kw)
+        o2, st = call(kind, tail(x), w, ln, tail(extra), initial_state=st, **kw)
+        o = torch.cat([o1, o2], dim=2)
+    g = torch.Generator().manual_seed(1)
+    loss = (o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum()
+    for d in (st.params, st.momentum, st.current or {}):
+        for t in d.values():
+            loss = loss + (t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return o.detach(), {n: gr for n, gr in zip(leaves, grads)}, st
+
+
+CASES = [  # (id, b, L, cut)
+    ("b1-L9", 1, 9, None),
+    ("b4-L23", 4, 23, None),
+    ("b4-L23-cut6", 4, 23, 6),
+    ("b16-L40-cut21", 16, 40, 21),
+    ("b40-L70-blocks", 40, 70, None),  # 40 = 16 + 16 + 8 queries per mini-batch
+    ("b64-L70-cut37-blocks", 64, 70, 37),
+    ("b17-L70-cut50", 17, 70, 50),
+]
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize(("case", "b", "L", "cut"), CASES, ids=[c[0] for c in CASES])
+def test_function_matches_autograd_primal_fp64(kind, case, b, L, cut):
+    od, gd, sd = _run(kind, "dual", b, L, cut)
+    op, gp, sp = _run(kind, "primal", b, L, cut)
+    torch.testing.assert_close(od, op, rtol=1e-10, atol=1e-10)
+    for name in gp:
+        assert gd[name] is not None, name
+        torch.testing.assert_close(gd[name], gp[name], rtol=1e-9, atol=1e-10, msg=name)
+    assert sd.offset == sp.offset
+    for field in ("params", "momentum", "current"):
+        a, r = getattr(sd, field), getattr(sp, field)
+        assert (a is None) == (r is None), field
+        for n in r or {}:
+            torch.testing.assert_close(a[n], r[n], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("rates", ["momentum", "decay"])
+def test_function_with_one_rate_fp64(rates):
+    od, gd, _ = _run("mlp", "dual", 6, 20, 9, rates=rates)
+    op, gp, _ = _run("mlp", "primal", 6, 20, 9, rates=rates)
+    torch.testing.assert_close(od, op, rtol=1e-10, atol=1e-10)
+    for name in gp:
+        torch.testing.assert_close(gd[name], gp[name], rtol=1e-9, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_blocks_match_the_naive_loop_fp64(kind, monkeypatch):
+    """Blocks of 3 queries inside mini-batches of 7: the same outputs as the per-token loop."""
+    monkeypatch.setattr(titans_scan, "BLOCK", 3)
+    x, w, ln, extra = make_inputs(kind, B=2, H=2, L=17, D=6, dtype=torch.float64, titans=True)
+    ref = naive_ttt(FAST_MODELS[kind], w, x["q"], x["k"], x["v"], x["eta"], ln["ln_weight"],
+                    ln["ln_bias"], b=7, **extra)  # fmt: skip
+    o, _ = call(kind, x, w, ln, extra, mini_batch_size=7)
+    torch.testing.assert_close(o, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_gradcheck_with_blocks(kind, monkeypatch):
+    monkeypatch.setattr(titans_scan, "BLOCK", 2)
+    x, w, ln, extra = make_inputs(kind, B=1, H=2, L=7, D=3, F=4, titans=True, requires_grad=True)
+    names = [*x, *w, *ln, *extra]
+
+    def f(*tensors):
+        a = dict(zip(names, tensors))
+        xs = {n: a[n] for n in x}
+        o, st = call(kind, xs, {n: a[n] for n in w}, {n: a[n] for n in ln},
+                     {n: a[n] for n in extra}, mini_batch_size=5, output_final_state=True)  # fmt: skip
+        return o, *st.current.values(), *st.momentum.values()
+
+    assert torch.autograd.gradcheck(
+        f, tuple({**x, **w, **ln, **extra}.values()), eps=1e-6, atol=1e-5
+    )
+
+
+def test_no_grad_forward_equals_grad_forward():
+    x, w, ln, extra = make_inputs("mlp", B=2, H=2, L=30, D=6, titans=True, dtype=torch.float32)
+    q = x["q"].clone().requires_grad_(True)
+    o_grad, _ = call("mlp", {**x, "q": q}, w, ln, extra, mini_batch_size=20)
+    with torch.no_grad():
+        o_plain, _ = call("mlp", x, w, ln, extra, mini_batch_size=20)
+    torch.testing.assert_close(o_grad.detach(), o_plain, rtol=0, atol=0)
+
+
+def test_double_backward_is_refused():
+    """The hand-written backward is first order: create_graph=True is an error, not a silently
+    incomplete second derivative; the primal form (plain autograd) still gives one."""
+    x, w, ln, extra = make_inputs("linear", B=1, H=1, L=6, D=3, titans=True, requires_grad=True)
+    o, _ = call("linear", x, w, ln, extra, mini_batch_size=4)
+    with pytest.raises(RuntimeError, match="first-order backward only"):
+        torch.autograd.grad(o.square().sum(), x["q"], create_graph=True)
+    o, _ = call("linear", x, w, ln, extra, mini_batch_size=4, form="primal")
+    (gq,) = torch.autograd.grad(o.square().sum(), x["q"], create_graph=True)
+    torch.autograd.grad(gq.sum(), x["k"])
