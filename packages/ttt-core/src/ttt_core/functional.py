@@ -103,7 +103,9 @@ def ttt_linear(
         eps: LayerNorm epsilon.
         backend: "auto" | "torch" | "generic" | a registered name (see ``available_backends()``).
         form: torch backend only: "dual" (closed form over the mini-batch), "primal" (explicit
-            per-token weights) or "auto" (dual, primal for single tokens). Same result.
+            per-token weights) or "auto" (dual, primal for single tokens). Same result. The
+            Titans dual form runs as one autograd Function with a hand-written backward: it has
+            no double backward (``create_graph=True`` raises; use ``form="primal"`` for that).
 
     Returns:
         o: [B, H, L, D] in q's dtype; state: ``TTTState`` or None (unless ``output_final_state``).
