@@ -1,18 +1,22 @@
-"""Side-by-side GPU benchmark of fused TTT-Linear (ttt-cuda) against ttt-core's torch backend
-(eager and torch.compile) and flash-linear-attention's ``chunk_ttt_linear`` where it is installed.
+"""Side-by-side GPU benchmark of fused TTT-Linear and TTT-MLP (ttt-cuda) against ttt-core's torch
+backend (eager and torch.compile) and, for TTT-Linear, flash-linear-attention's
+``chunk_ttt_linear`` where it is installed.
 
 GPU-only: on a machine without CUDA (or a ttt-cuda built without nvcc) it prints why and exits 0.
 
     python benchmarks/cuda.py                 # B=8, H=12, D=64, b=16, bf16, L in 2048/8192/32768
     python benchmarks/cuda.py --quick         # one small L, few iterations (a smoke run)
+    python benchmarks/cuda.py --ops mlp       # only TTT-MLP (F = 4D = 256)
 
 Writes ``benchmarks/results/cuda_<device>.json``: the machine, the exact command, and per (L, impl)
 forward and forward+backward milliseconds with achieved GB/s and TFLOP/s against the H100 SXM's
 3.35 TB/s and 989 TFLOP/s (bf16 dense). FLOP model per token and head (D = head dim,
 b = mini-batch):
-forward 6 D^2 + 4 b D (K W, Q W, K^T G and the two b x b x D products); forward+backward counted as
-4x forward (the backward recomputes the forward, then about twice its work). Bytes: inputs read and
-outputs written once (q, k, v, o, eta; plus dO, dq, dk, dv, deta and the stored start weights).
+forward 6 D^2 + 4 b D (K W, Q W, K^T G and the two b x b x D products); TTT-MLP (F = 4D)
+14 D F + 4 b (D + F) (K W1, X2 W2, G2 W2^T, Q W1, Xq2 W2, the two weight updates and the four
+b x b products); forward+backward counted as 4x forward (the backward recomputes the forward, then
+about twice its work). Bytes: inputs read and outputs written once (q, k, v, o, eta; plus dO, dq,
+dk, dv, deta and the stored start weights).
 flash-linear-attention's TTT-Linear uses one learning rate per query row, so its math differs; it is
 timed as a speed reference only.
 """
@@ -50,22 +54,51 @@ def _time_ms(fn, iters: int, warmup: int) -> float:
     return start.elapsed_time(end) / iters
 
 
-def _inputs(B, H, L, D, dtype, device):
+def _inputs(op, B, H, L, D, dtype, device):
+    """ttt_linear / ttt_mlp positional arguments (TTT-MLP: F = 4D)."""
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, generator=g) for _ in range(3))
     eta = torch.full((B, H, L), 1.0 / D, device=device, dtype=dtype)
-    W1 = (torch.randn(H, D, D, device=device, generator=g) * D**-0.5).to(dtype)
-    b1 = torch.zeros(H, 1, D, device=device, dtype=dtype)
     lnw, lnb = (
         torch.ones(H, D, device=device, dtype=dtype),
         torch.zeros(H, D, device=device, dtype=dtype),
     )
+    if op == "mlp":
+        F = 4 * D
+        W1 = (torch.randn(H, D, F, device=device, generator=g) * D**-0.5).to(dtype)
+        W2 = (torch.randn(H, F, D, device=device, generator=g) * F**-0.5).to(dtype)
+        b1 = torch.zeros(H, 1, F, device=device, dtype=dtype)
+        b2 = torch.zeros(H, 1, D, device=device, dtype=dtype)
+        return [q, k, v, eta, W1, b1, W2, b2, lnw, lnb]
+    W1 = (torch.randn(H, D, D, device=device, generator=g) * D**-0.5).to(dtype)
+    b1 = torch.zeros(H, 1, D, device=device, dtype=dtype)
     return [q, k, v, eta, W1, b1, lnw, lnb]
 
 
-def _impls(b: int):
-    from ttt_core import ttt_linear
+def _cost(op, B, H, L, D, b, esize):
+    """(forward FLOPs, forward bytes, forward+backward bytes) of one call (see the docstring)."""
+    nmb = -(-L // b)
+    if op == "mlp":
+        F = 4 * D
+        flops = B * H * L * (14 * D * F + 4 * b * (D + F))
+        state = nmb * (2 * D * F + F + D) * 4
+    else:
+        flops = B * H * L * (6 * D * D + 4 * b * D)
+        state = nmb * D * (D + 1) * 4
+    bytes_fwd = B * H * (4 * L * D * esize + L * esize + state)
+    return flops, bytes_fwd, bytes_fwd + B * H * (4 * L * D * esize + L * 4)
 
+
+def _impls(op: str, b: int):
+    from ttt_core import ttt_linear, ttt_mlp
+
+    if op == "mlp":
+        impls = {
+            "ttt-cuda": lambda *a: ttt_mlp(*a, mini_batch_size=b, backend="cuda")[0],
+            "torch-eager": lambda *a: ttt_mlp(*a, mini_batch_size=b, backend="torch")[0],
+        }
+        impls["torch-compile"] = torch.compile(impls["torch-eager"])
+        return impls
     impls = {
         "ttt-cuda": lambda *a: ttt_linear(*a, mini_batch_size=b, backend="cuda")[0],
         "torch-eager": lambda *a: ttt_linear(*a, mini_batch_size=b, backend="torch")[0],
@@ -95,6 +128,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="L=2048 only, 3 iterations")
     ap.add_argument("--lengths", type=int, nargs="*", default=[2048, 8192, 32768])
+    ap.add_argument("--ops", nargs="*", default=["linear", "mlp"], choices=["linear", "mlp"])
     ap.add_argument(
         "--out", type=Path, default=None, help="JSON path (default results/cuda_<device>.json)"
     )
@@ -112,17 +146,12 @@ def main() -> None:
     iters, warmup = (3, 1) if args.quick else (10, 3)
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
-    impls = _impls(b)
     rows = []
-    for L in tqdm(lengths, desc="lengths"):
-        x = _inputs(B, H, L, D, dtype, dev)
-        nmb = -(-L // b)
-        flops_fwd = B * H * L * (6 * D * D + 4 * b * D)
-        esize = x[0].element_size()
-        bytes_fwd = B * H * (4 * L * D * esize + L * esize + nmb * D * (D + 1) * 4)
-        bytes_bwd = bytes_fwd + B * H * (4 * L * D * esize + L * 4)
-        for impl_name, fn in impls.items():
-            row = {"L": L, "impl": impl_name}
+    for op, L in tqdm([(op, L) for op in args.ops for L in lengths], desc="op x length"):
+        x = _inputs(op, B, H, L, D, dtype, dev)
+        flops_fwd, bytes_fwd, bytes_bwd = _cost(op, B, H, L, D, b, x[0].element_size())
+        for impl_name, fn in _impls(op, b).items():
+            row = {"op": op, "L": L, "impl": impl_name}
             try:
                 with torch.no_grad():
                     row["fwd_ms"] = _time_ms(lambda fn=fn, x=x: fn(*x), iters, warmup)
@@ -154,7 +183,14 @@ def main() -> None:
     doc = {
         "command": " ".join([sys.executable, *sys.argv]),
         "machine": machine_info(device=name, cuda=torch.version.cuda),
-        "shape": {"B": B, "H": H, "D": D, "mini_batch_size": b, "dtype": str(dtype)},
+        "shape": {
+            "B": B,
+            "H": H,
+            "D": D,
+            "F_mlp": 4 * D,
+            "mini_batch_size": b,
+            "dtype": str(dtype),
+        },
         "peaks": {"bytes_per_s": H100_BW, "bf16_flops": H100_BF16},
         "results": rows,
     }

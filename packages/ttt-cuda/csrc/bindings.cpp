@@ -21,13 +21,14 @@ void check_cuda(const char* err) {
 }
 }  // namespace
 
-#define TTT_PTR_PROPERTY(cls, name, T)                                                        \
-  cls.def_property(                                                                           \
-      #name, [](const ttt::LinearParams& p) { return reinterpret_cast<std::uintptr_t>(p.name); }, \
-      [](ttt::LinearParams& p, std::uintptr_t v) { p.name = as_ptr<T>(v); })
+#define TTT_PTR_PROPERTY(cls, name, T) TTT_PTR_PROPERTY_OF(cls, ttt::LinearParams, name, T)
+#define TTT_PTR_PROPERTY_OF(cls, S, name, T)                                                \
+  cls.def_property(                                                                         \
+      #name, [](const S& p) { return reinterpret_cast<std::uintptr_t>(p.name); },           \
+      [](S& p, std::uintptr_t v) { p.name = as_ptr<T>(v); })
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "ttt-cuda extension: fused TTT-Linear forward/backward (C++ CPU and CUDA).";
+  m.doc() = "ttt-cuda extension: fused TTT-Linear / TTT-MLP forward+backward (C++ CPU and CUDA).";
 #ifdef TTT_WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else
@@ -55,6 +56,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("causal", &ttt::LinearParams::causal)
       .def_readwrite("eps", &ttt::LinearParams::eps)
       .def_readwrite("end_unscaled", &ttt::LinearParams::end_unscaled)
+      .def_readwrite("offset", &ttt::LinearParams::offset)
+      .def_readwrite("unbounded", &ttt::LinearParams::unbounded)
       .def_readwrite("dtype", &ttt::LinearParams::dtype)
       .def_readwrite("q_sb", &ttt::LinearParams::q_sb)
       .def_readwrite("q_sh", &ttt::LinearParams::q_sh)
@@ -79,6 +82,8 @@ PYBIND11_MODULE(_C, m) {
   TTT_PTR_PROPERTY(cls, scale, const void);
   TTT_PTR_PROPERTY(cls, W0, const void);
   TTT_PTR_PROPERTY(cls, b0, const void);
+  TTT_PTR_PROPERTY(cls, G0, const void);
+  TTT_PTR_PROPERTY(cls, gb0, const void);
   TTT_PTR_PROPERTY(cls, o, void);
   TTT_PTR_PROPERTY(cls, W_end, void);
   TTT_PTR_PROPERTY(cls, b_end, void);
@@ -95,10 +100,71 @@ PYBIND11_MODULE(_C, m) {
   TTT_PTR_PROPERTY(cls, deta, void);
   TTT_PTR_PROPERTY(cls, dW0, void);
   TTT_PTR_PROPERTY(cls, db0, void);
+  TTT_PTR_PROPERTY(cls, dG0, void);
+  TTT_PTR_PROPERTY(cls, dgb0, void);
   TTT_PTR_PROPERTY(cls, dln_w, void);
   TTT_PTR_PROPERTY(cls, dln_b, void);
   TTT_PTR_PROPERTY(cls, dscale, void);
   TTT_PTR_PROPERTY(cls, workspace, void);
+
+  // TTT-MLP: the LinearParams fields (W0/b0 = W1/b1 etc.) plus F and layer 2's pointers
+  py::class_<ttt::MLPParams, ttt::LinearParams> mlp(m, "MLPParams");
+  mlp.def(py::init<>()).def_readwrite("F", &ttt::MLPParams::F);
+  TTT_PTR_PROPERTY_OF(mlp, ttt::MLPParams, W20, const void);
+  TTT_PTR_PROPERTY_OF(mlp, ttt::MLPParams, b20, const void);
+  TTT_PTR_PROPERTY_OF(mlp, ttt::MLPParams, W2_end, void);
+  TTT_PTR_PROPERTY_OF(mlp, ttt::MLPParams, b2_end, void);
+  TTT_PTR_PROPERTY_OF(mlp, ttt::MLPParams, W2_starts, void);
+  TTT_PTR_PROPERTY_OF(mlp, ttt::MLPParams, b2_starts, void);
+  TTT_PTR_PROPERTY_OF(mlp, ttt::MLPParams, dW2_end, const void);
+  TTT_PTR_PROPERTY_OF(mlp, ttt::MLPParams, db2_end, const void);
+  TTT_PTR_PROPERTY_OF(mlp, ttt::MLPParams, dW2_starts, const void);
+  TTT_PTR_PROPERTY_OF(mlp, ttt::MLPParams, db2_starts, const void);
+  TTT_PTR_PROPERTY_OF(mlp, ttt::MLPParams, dW20, void);
+  TTT_PTR_PROPERTY_OF(mlp, ttt::MLPParams, db20, void);
+  TTT_PTR_PROPERTY_OF(mlp, ttt::MLPParams, G20, const void);
+  TTT_PTR_PROPERTY_OF(mlp, ttt::MLPParams, gb20, const void);
+  TTT_PTR_PROPERTY_OF(mlp, ttt::MLPParams, dG20, void);
+  TTT_PTR_PROPERTY_OF(mlp, ttt::MLPParams, dgb20, void);
+  m.def("mlp_workspace_elems", &ttt::mlp_workspace_elems, py::arg("D"), py::arg("F"),
+        py::arg("mini_batch_size"), py::arg("backward"),
+        "Scratch elements (fp32) one (batch, head) chain of the MLP op needs.");
+  m.def("mlp_fwd_cpu", &ttt::mlp_fwd_cpu, py::call_guard<py::gil_scoped_release>());
+  m.def("mlp_bwd_cpu", &ttt::mlp_bwd_cpu, py::call_guard<py::gil_scoped_release>());
+  m.def("mlp_cpu_block", &ttt::mlp_cpu_block, py::arg("params"), py::arg("backward"),
+        py::arg("threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("mlp_fwd_cuda", [](const ttt::MLPParams& p) { check_cuda(ttt::mlp_fwd_cuda(p)); });
+  m.def("mlp_bwd_cuda", [](const ttt::MLPParams& p) { check_cuda(ttt::mlp_bwd_cuda(p)); });
+
+  // Titans-form TTT-Linear: the LinearParams fields plus momentum/decay and the extra state
+  py::class_<ttt::TitansParams, ttt::LinearParams> titans(m, "TitansParams");
+  titans.def(py::init<>());
+  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, mom, const void);
+  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, dec, const void);
+  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, C0, const void);
+  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, cb0, const void);
+  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, S0, const void);
+  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, sb0, const void);
+  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, S_end, void);
+  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, sb_end, void);
+  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, S_starts, void);
+  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, sb_starts, void);
+  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, dS_end, const void);
+  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, dsb_end, const void);
+  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, dC0, void);
+  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, dcb0, void);
+  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, dS0, void);
+  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, dsb0, void);
+  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, dmom, void);
+  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, ddec, void);
+  m.def("titans_workspace_elems", &ttt::titans_workspace_elems, py::arg("D"),
+        py::arg("mini_batch_size"), py::arg("backward"));
+  m.def("titans_fwd_cpu", &ttt::titans_fwd_cpu, py::call_guard<py::gil_scoped_release>());
+  m.def("titans_bwd_cpu", &ttt::titans_bwd_cpu, py::call_guard<py::gil_scoped_release>());
+  m.def("titans_cpu_block", &ttt::titans_cpu_block, py::arg("params"), py::arg("backward"),
+        py::arg("threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("titans_fwd_cuda", [](const ttt::TitansParams& p) { check_cuda(ttt::titans_fwd_cuda(p)); });
+  m.def("titans_bwd_cuda", [](const ttt::TitansParams& p) { check_cuda(ttt::titans_bwd_cuda(p)); });
 
   m.def("linear_workspace_elems", &ttt::linear_workspace_elems, py::arg("D"),
         py::arg("mini_batch_size"), py::arg("backward"),

@@ -1,11 +1,14 @@
 // The fused TTT-Linear math for one (batch, head) chain, written once for the CPU and the GPU.
 //
-// Per mini-batch of n tokens (start weights W [D, D], b [D]; target t_j = v_j - k_j):
+// Per segment of n tokens at in-mini-batch positions off..off+n-1 (start weights W [D, D], b [D];
+// target t_j = v_j - k_j; a segment is a whole mini-batch except where a streaming state cuts one):
 //   Z = K W + b,  X = LN(Z) (rstd = 1/sigma),  U = gamma * (gamma * X + beta - T)
 //   G = rstd * (U - mean(U) - X * mean(U * X))          rows: d l_j / d z_j
-//   A_ij = c_ij eta_j, c_ij = s_i [j <= i] (causal) or 1 (non-causal);  a_j = A_{n-1, j}
-//   P = A * (Q K^T + 1),  Z' = Q W + b - P G,  o = q + LN(Z')      (= q_i W_i + b_i, closed form)
-//   W <- W - K^T diag(a) G,  b <- b - a^T G                         (the next start weights)
+//   A_ij = c_ij eta_j, c_ij = s_{off+i} [j <= i] (causal) or 1 (non-causal);  a_j = e * eta_j
+//   P = A * (Q K^T + 1),  Z' = Q W + b - s (Q Gw + gb) - P G,  o = q + LN(Z')  (= q_i W_i + b_i)
+//   W <- W - e Gw - K^T diag(a) G,  b <- b - e gb - a^T G           (the next start weights)
+// Gw, gb: what the earlier tokens of a cut mini-batch read (the state's grad_sum; first segment
+// only, else zero). e = s_{off+n-1} (causal), 1 (non-causal, or an unscaled cut end).
 // The backward walks the mini-batches in reverse, recomputing the forward from the stored start
 // weights, and differentiates each line above (see the comments in linear_bwd_chain).
 //
@@ -48,8 +51,8 @@ TTT_HD double rsqrt_acc(double x) { return 1.0 / sqrt(x); }
 template <typename acc_t>
 struct ChainBuffers {
   acc_t *W, *bw;                                   // [D, D], [D] current start weights
-  acc_t *K, *Q, *T, *X, *G, *Xp, *P, *eta, *a, *rstd;  // forward
-  acc_t *U, *DZ, *dQ, *dK, *KdW, *dP, *rstdp, *da;     // backward only
+  acc_t *K, *Q, *T, *X, *G, *Xp, *P, *QG, *eta, *a, *rstd;  // forward (QG = Q Gw + gb)
+  acc_t *U, *DZ, *dQ, *dK, *KdW, *dP, *rstdp, *da, *red;     // backward only
   acc_t *dW, *db, *dlnw, *dlnb, *dscale;               // backward accumulators
 };
 
@@ -65,31 +68,53 @@ TTT_HD int64_t carve_chain(acc_t* base, int D, int bmax, bool bwd, ChainBuffers<
   take(&c->W, static_cast<int64_t>(D) * D);
   take(&c->bw, D);
   take(&c->K, nD), take(&c->Q, nD), take(&c->T, nD), take(&c->X, nD), take(&c->G, nD);
-  take(&c->Xp, nD), take(&c->P, nn), take(&c->eta, bmax), take(&c->a, bmax), take(&c->rstd, bmax);
+  take(&c->Xp, nD), take(&c->P, nn), take(&c->QG, nD), take(&c->eta, bmax), take(&c->a, bmax);
+  take(&c->rstd, bmax);
   if (bwd) {
     take(&c->U, nD), take(&c->DZ, nD), take(&c->dQ, nD), take(&c->dK, nD), take(&c->KdW, nD);
-    take(&c->dP, nn), take(&c->rstdp, bmax), take(&c->da, bmax);
+    take(&c->dP, nn), take(&c->rstdp, bmax), take(&c->da, bmax), take(&c->red, D);
     take(&c->dW, static_cast<int64_t>(D) * D), take(&c->db, D), take(&c->dlnw, D);
     take(&c->dlnb, D), take(&c->dscale, bmax);
   }
   return off;
 }
 
+// A run of n tokens [t0, t0 + n) inside one mini-batch, at in-mini-batch positions off.. ; `G`:
+// it carries the state's grad_sum (the first segment of a call that starts inside a mini-batch).
+struct Segment {
+  int t0, n, off;
+  bool completes, unscaled_end, G;
+};
+
+TTT_HD Segment segment(const LinearParams& p, int s) {
+  const int b = p.mini_batch_size, first = p.first_segment_len();
+  Segment g;
+  g.t0 = s == 0 ? 0 : first + (s - 1) * b;
+  g.off = s == 0 ? p.offset : 0;
+  g.n = s == 0 ? first : ((p.L - g.t0) < b ? (p.L - g.t0) : b);
+  g.completes = !p.unbounded && g.off + g.n == b;
+  // see LinearParams::end_unscaled: only the last segment can be incomplete
+  g.unscaled_end = p.end_unscaled && p.causal && !g.completes;
+  g.G = s == 0 && p.G0 != nullptr;
+  return g;
+}
+
+// s_{off+i}: the token scale of segment row i (1 when non-causal).
 template <typename acc_t>
-TTT_HD acc_t coef(const LinearParams& p, const acc_t* scale, int i, int j) {
+TTT_HD acc_t row_scale(const LinearParams& p, const acc_t* scale, const Segment& g, int i) {
+  return p.causal ? scale[g.off + i] : acc_t(1);
+}
+
+template <typename acc_t>
+TTT_HD acc_t coef(const LinearParams& p, const acc_t* scale, const Segment& g, int i, int j) {
   if (!p.causal) return acc_t(1);
-  return j <= i ? scale[i] : acc_t(0);
+  return j <= i ? scale[g.off + i] : acc_t(0);
 }
 
-// Coefficient of eta_j in the end update of a mini-batch of n tokens (a_j = end_coef * eta_j).
+// e: the coefficient of the segment's steps (and of grad_sum) in its end update (a_j = e * eta_j).
 template <typename acc_t>
-TTT_HD acc_t end_coef(const LinearParams& p, const acc_t* scale, int n, int j, bool unscaled) {
-  return unscaled ? acc_t(1) : coef(p, scale, n - 1, j);
-}
-
-// True when mini-batch mb (n tokens) ends with the unscaled update (see LinearParams).
-TTT_HD bool ends_unscaled(const LinearParams& p, int mb, int n) {
-  return p.end_unscaled && p.causal && mb == p.num_mini_batches() - 1 && n < p.mini_batch_size;
+TTT_HD acc_t end_coef(const LinearParams& p, const acc_t* scale, const Segment& g) {
+  return g.unscaled_end ? acc_t(1) : row_scale(p, scale, g, g.n - 1);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -101,7 +126,9 @@ TTT_HD acc_t ld(const void* ptr, int64_t idx) {
 // On return X and Xp hold the normalised rows, rstd / rstdp (if given) their 1/sigma.
 template <typename scalar_t, typename acc_t>
 TTT_HD void chain_recompute(const LinearParams& p, const ChainBuffers<acc_t>& c, int D, int bi,
-                            int hi, int t0, int n, bool bwd, bool unscaled_end) {
+                            int hi, const Segment& g, bool bwd) {
+  const int t0 = g.t0, n = g.n;
+  const int64_t bh = static_cast<int64_t>(bi) * p.H + hi;
   const acc_t* lnw = static_cast<const acc_t*>(p.ln_w) + static_cast<int64_t>(hi) * D;
   const acc_t* lnb = static_cast<const acc_t*>(p.ln_b) + static_cast<int64_t>(hi) * D;
   const acc_t* scale = static_cast<const acc_t*>(p.scale);
@@ -119,7 +146,8 @@ TTT_HD void chain_recompute(const LinearParams& p, const ChainBuffers<acc_t>& c,
   }
   TTT_PAR_FOR(i, n) { c.eta[i] = eta[t0 + i]; }
   TTT_SYNC();
-  TTT_PAR_FOR(j, n) { c.a[j] = end_coef(p, scale, n, j, unscaled_end) * c.eta[j]; }
+  const acc_t e_end = end_coef(p, scale, g);
+  TTT_PAR_FOR(j, n) { c.a[j] = e_end * c.eta[j]; }
   // Z = K W + b
   TTT_PAR_FOR(e, n * D) {
     const int i = e / D, col = e % D;
@@ -156,7 +184,7 @@ TTT_HD void chain_recompute(const LinearParams& p, const ChainBuffers<acc_t>& c,
   // P = A * (Q K^T + 1)
   TTT_PAR_FOR(e, n * n) {
     const int i = e / n, j = e % n;
-    const acc_t cf = coef(p, scale, i, j);
+    const acc_t cf = coef(p, scale, g, i, j);
     acc_t s = 0;
     if (cf != acc_t(0)) {
       for (int d = 0; d < D; ++d) s += c.Q[i * D + d] * c.K[j * D + d];
@@ -164,13 +192,24 @@ TTT_HD void chain_recompute(const LinearParams& p, const ChainBuffers<acc_t>& c,
     }
     c.P[e] = s;
   }
+  if (g.G) {  // QG = Q Gw + gb (the state's grad_sum seen by every query of the segment)
+    const acc_t* Gw = static_cast<const acc_t*>(p.G0) + bh * D * D;
+    const acc_t* gb = static_cast<const acc_t*>(p.gb0) + bh * D;
+    TTT_PAR_FOR(e, n * D) {
+      const int i = e / D, col = e % D;
+      acc_t s = gb[col];
+      for (int d = 0; d < D; ++d) s += c.Q[i * D + d] * Gw[d * D + col];
+      c.QG[e] = s;
+    }
+  }
   TTT_SYNC();
-  // Z' = Q W + b - P G
+  // Z' = Q W + b - s (Q Gw + gb) - P G
   TTT_PAR_FOR(e, n * D) {
     const int i = e / D, col = e % D;
     acc_t s = c.bw[col];
     for (int d = 0; d < D; ++d) s += c.Q[i * D + d] * c.W[d * D + col];
     for (int j = 0; j < n; ++j) s -= c.P[i * n + j] * c.G[j * D + col];
+    if (g.G) s -= row_scale(p, scale, g, i) * c.QG[e];
     c.Xp[e] = s;
   }
   TTT_SYNC();
@@ -188,17 +227,23 @@ TTT_HD void chain_recompute(const LinearParams& p, const ChainBuffers<acc_t>& c,
   TTT_SYNC();
 }
 
-// W <- W - K^T diag(a) G, b <- b - a^T G (reads K, G, a of the current mini-batch).
+// W <- W - e Gw - K^T diag(a) G, b <- b - e gb - a^T G (reads K, G, a of the current segment).
 template <typename acc_t>
-TTT_HD void chain_update(const ChainBuffers<acc_t>& c, int D, int n) {
+TTT_HD void chain_update(const LinearParams& p, const ChainBuffers<acc_t>& c, int D, int bi,
+                         int hi, const Segment& g) {
+  const int n = g.n;
+  const int64_t bh = static_cast<int64_t>(bi) * p.H + hi;
+  const acc_t e_end = end_coef(p, static_cast<const acc_t*>(p.scale), g);
+  const acc_t* Gw = g.G ? static_cast<const acc_t*>(p.G0) + bh * D * D : nullptr;
+  const acc_t* gb = g.G ? static_cast<const acc_t*>(p.gb0) + bh * D : nullptr;
   TTT_PAR_FOR(e, D * D) {
     const int d = e / D, col = e % D;
-    acc_t s = 0;
+    acc_t s = Gw != nullptr ? e_end * Gw[e] : acc_t(0);
     for (int j = 0; j < n; ++j) s += c.a[j] * c.K[j * D + d] * c.G[j * D + col];
     c.W[e] -= s;
   }
   TTT_PAR_FOR(col, D) {
-    acc_t s = 0;
+    acc_t s = gb != nullptr ? e_end * gb[col] : acc_t(0);
     for (int j = 0; j < n; ++j) s += c.a[j] * c.G[j * D + col];
     c.bw[col] -= s;
   }
@@ -216,24 +261,24 @@ TTT_HD void linear_fwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
   TTT_PAR_FOR(e, D * D) { c.W[e] = static_cast<const acc_t*>(p.W0)[bh * D * D + e]; }
   TTT_PAR_FOR(e, D) { c.bw[e] = static_cast<const acc_t*>(p.b0)[bh * D + e]; }
   TTT_SYNC();
-  const int nmb = p.num_mini_batches();
+  const int nmb = p.num_segments();
   for (int mb = 0; mb < nmb; ++mb) {
-    const int t0 = mb * p.mini_batch_size;
-    const int n = (p.L - t0) < p.mini_batch_size ? (p.L - t0) : p.mini_batch_size;
+    const Segment g = segment(p, mb);
+    const int t0 = g.t0, n = g.n;
     if (p.W_starts != nullptr) {
       acc_t* Ws = static_cast<acc_t*>(p.W_starts) + (bh * nmb + mb) * D * D;
       acc_t* bs = static_cast<acc_t*>(p.b_starts) + (bh * nmb + mb) * D;
       TTT_PAR_FOR(e, D * D) { Ws[e] = c.W[e]; }
       TTT_PAR_FOR(e, D) { bs[e] = c.bw[e]; }
     }
-    chain_recompute<scalar_t, acc_t>(p, c, D, bi, hi, t0, n, false, ends_unscaled(p, mb, n));
+    chain_recompute<scalar_t, acc_t>(p, c, D, bi, hi, g, false);
     // o = q + gamma * LN(Z') + beta
     scalar_t* o = static_cast<scalar_t*>(p.o) + (bh * p.L + t0) * D;
     TTT_PAR_FOR(e, n * D) {
       const int col = e % D;
       o[e] = static_cast<scalar_t>(c.Q[e] + lnw[col] * c.Xp[e] + lnb[col]);
     }
-    chain_update(c, D, n);
+    chain_update(p, c, D, bi, hi, g);
   }
   TTT_PAR_FOR(e, D * D) { static_cast<acc_t*>(p.W_end)[bh * D * D + e] = c.W[e]; }
   TTT_PAR_FOR(e, D) { static_cast<acc_t*>(p.b_end)[bh * D + e] = c.bw[e]; }
@@ -259,10 +304,13 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
     c.dlnb[e] = 0;
   }
   TTT_PAR_FOR(e, bmax) { c.dscale[e] = 0; }
-  const int nmb = p.num_mini_batches();
+  const int nmb = p.num_segments();
   for (int mb = nmb - 1; mb >= 0; --mb) {
-    const int t0 = mb * bmax;
-    const int n = (p.L - t0) < bmax ? (p.L - t0) : bmax;
+    const Segment g = segment(p, mb);
+    const int t0 = g.t0, n = g.n, off = g.off;
+    const acc_t e_end = end_coef(p, scale, g);
+    const acc_t* Gw = g.G ? static_cast<const acc_t*>(p.G0) + bh * D * D : nullptr;
+    const acc_t* gb = g.G ? static_cast<const acc_t*>(p.gb0) + bh * D : nullptr;
     const acc_t* Ws = static_cast<const acc_t*>(p.W_starts) + (bh * nmb + mb) * D * D;
     const acc_t* bs = static_cast<const acc_t*>(p.b_starts) + (bh * nmb + mb) * D;
     TTT_PAR_FOR(e, D * D) { c.W[e] = Ws[e]; }
@@ -273,8 +321,7 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
       c.dK[e] = 0;
     }
     TTT_SYNC();
-    const bool unscaled_end = ends_unscaled(p, mb, n);
-    chain_recompute<scalar_t, acc_t>(p, c, D, bi, hi, t0, n, true, unscaled_end);
+    chain_recompute<scalar_t, acc_t>(p, c, D, bi, hi, g, true);
     // output LN: DZ = d/dZ' of gamma * LN(Z') + beta
     TTT_PAR_FOR(i, n) {
       const acc_t* x = c.Xp + i * D;
@@ -301,6 +348,13 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
       acc_t s = 0;
       for (int d = 0; d < D; ++d) s += c.K[i * D + d] * c.dW[d * D + col];
       c.KdW[e] = s;
+    }
+    if (g.G && !g.unscaled_end && p.causal) {  // <Gw, dW_end> + <gb, db_end> per column
+      TTT_PAR_FOR(col, D) {
+        acc_t s = gb[col] * c.db[col];
+        for (int d = 0; d < D; ++d) s += Gw[d * D + col] * c.dW[d * D + col];
+        c.red[col] = s;
+      }
     }
     TTT_SYNC();
     // da_j = -(k_j dW_end + db_end) . g_j   (from W_end = W - K^T diag(a) G, b_end = b - a^T G)
@@ -331,30 +385,44 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
       c.KdW[e] = -s;
     }
     TTT_SYNC();  // dG reads db before it moves on to d/dW_start
-    // through Z' = Q W + b - P G: dW += Q^T DZ, db += sum DZ, dQ += DZ W^T
+    // through Z' = Q W + b - s (Q Gw + gb) - P G: dW += Q^T DZ, db += sum DZ, dQ += DZ W^T;
+    // with grad_sum: dGw = -e dW_end - Q^T diag(s) DZ, dgb likewise, dQ -= s DZ Gw^T
+    acc_t* dGw = g.G ? static_cast<acc_t*>(p.dG0) + bh * D * D : nullptr;
+    acc_t* dgb = g.G ? static_cast<acc_t*>(p.dgb0) + bh * D : nullptr;
     TTT_PAR_FOR(e, D * D) {
       const int d = e / D, col = e % D;
-      acc_t s = 0;
-      for (int i = 0; i < n; ++i) s += c.Q[i * D + d] * c.DZ[i * D + col];
+      acc_t s = 0, sg = 0;
+      for (int i = 0; i < n; ++i) {
+        const acc_t qdz = c.Q[i * D + d] * c.DZ[i * D + col];
+        s += qdz;
+        if (dGw != nullptr) sg += row_scale(p, scale, g, i) * qdz;
+      }
+      if (dGw != nullptr) dGw[e] = -e_end * c.dW[e] - sg;
       c.dW[e] += s;
     }
     TTT_PAR_FOR(col, D) {
-      acc_t s = 0;
-      for (int i = 0; i < n; ++i) s += c.DZ[i * D + col];
+      acc_t s = 0, sg = 0;
+      for (int i = 0; i < n; ++i) {
+        s += c.DZ[i * D + col];
+        if (dgb != nullptr) sg += row_scale(p, scale, g, i) * c.DZ[i * D + col];
+      }
+      if (dgb != nullptr) dgb[col] = -e_end * c.db[col] - sg;
       c.db[col] += s;
     }
     TTT_PAR_FOR(e, n * D) {
       const int i = e / D, d = e % D;
-      acc_t s = 0;
+      acc_t s = 0, sg = 0;
       for (int col = 0; col < D; ++col) s += c.DZ[i * D + col] * c.W[d * D + col];
-      c.dQ[e] += s;
+      if (Gw != nullptr)
+        for (int col = 0; col < D; ++col) sg += c.DZ[i * D + col] * Gw[d * D + col];
+      c.dQ[e] += s - row_scale(p, scale, g, i) * sg;
     }
     // through P = A * (Q K^T + 1), A_ij = c_ij eta_j and a_j = c_{n-1,j} eta_j
     acc_t* deta = static_cast<acc_t*>(p.deta) + bh * p.L + t0;
     TTT_PAR_FOR(j, n) {
-      acc_t s = c.da[j] * end_coef(p, scale, n, j, unscaled_end);
+      acc_t s = c.da[j] * e_end;
       for (int i = 0; i < n; ++i) {
-        const acc_t cf = coef(p, scale, i, j);
+        const acc_t cf = coef(p, scale, g, i, j);
         if (cf == acc_t(0)) continue;
         acc_t qk = 0;
         for (int d = 0; d < D; ++d) qk += c.Q[i * D + d] * c.K[j * D + d];
@@ -370,15 +438,21 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
           for (int d = 0; d < D; ++d) qk += c.Q[i * D + d] * c.K[j * D + d];
           s += c.dP[i * n + j] * (qk + acc_t(1)) * c.eta[j];
         }
-        if (i == n - 1 && !unscaled_end)
+        if (g.G) {  // Z' -= s_i (q_i Gw + gb)
+          for (int col = 0; col < D; ++col) s -= c.QG[i * D + col] * c.DZ[i * D + col];
+        }
+        if (i == n - 1 && !g.unscaled_end) {  // the end update's e = s_{off+n-1}
           for (int j = 0; j < n; ++j) s += c.da[j] * c.eta[j];
-        c.dscale[i] += s;
+          if (g.G)
+            for (int col = 0; col < D; ++col) s -= c.red[col];
+        }
+        c.dscale[off + i] += s;
       }
     }
     TTT_SYNC();
     TTT_PAR_FOR(e, n * n) {  // dS = dP * A, the gradient of Q K^T (stored over P)
       const int i = e / n, j = e % n;
-      c.P[e] = c.dP[e] * coef(p, scale, i, j) * c.eta[j];
+      c.P[e] = c.dP[e] * coef(p, scale, g, i, j) * c.eta[j];
     }
     TTT_SYNC();
     TTT_PAR_FOR(e, n * D) {  // dQ += dS K ; dK += dS^T Q

@@ -29,6 +29,8 @@ template <bool kBackward>
 void dispatch_cpu(const LinearParams& p) {
   if (p.B < 0 || p.H < 0 || p.L < 1 || p.D < 1 || p.mini_batch_size < 1)
     throw std::invalid_argument("ttt linear (cpu): bad shape parameters");
+  if (p.offset < 0 || p.offset >= p.mini_batch_size || (p.offset > 0 && !p.causal))
+    throw std::invalid_argument("ttt linear (cpu): offset must be in [0, mini_batch_size), causal");
   switch (p.dtype) {
     case DType::kFloat32: return run_cpu<float, kBackward>(p);
     case DType::kFloat64: return run_cpu<double, kBackward>(p);

@@ -14,6 +14,8 @@ namespace {
 template <bool kBackward>
 const char* dispatch(const LinearParams& p) {
   if (p.D != 64 && p.D != 128) return "head dim must be 64 or 128 for the CUDA kernels";
+  if (p.offset < 0 || p.offset >= p.mini_batch_size || (p.offset > 0 && !p.causal))
+    return "offset must be in [0, mini_batch_size) and needs causal";
   const bool d64 = p.D == 64;
   switch (p.dtype) {
     case DType::kFloat32:

@@ -11,7 +11,7 @@ namespace ttt {
 constexpr int kLinearThreads = 256;
 
 template <typename scalar_t, int kD, bool kBackward>
-__global__ void __launch_bounds__(kLinearThreads)
+__global__ void __launch_bounds__(kLinearThreads, 1)
     linear_chain_kernel(const LinearParams p, float* ws_global, int64_t ws_elems) {
   extern __shared__ __align__(16) float ttt_smem[];
   float* ws = ws_global != nullptr ? ws_global + static_cast<int64_t>(blockIdx.x) * ws_elems : ttt_smem;

@@ -4,4 +4,8 @@
 namespace ttt {
 const char* linear_fwd_cuda(const LinearParams&) { return "ttt-cuda was built without CUDA"; }
 const char* linear_bwd_cuda(const LinearParams&) { return "ttt-cuda was built without CUDA"; }
+const char* mlp_fwd_cuda(const MLPParams&) { return "ttt-cuda was built without CUDA"; }
+const char* mlp_bwd_cuda(const MLPParams&) { return "ttt-cuda was built without CUDA"; }
+const char* titans_fwd_cuda(const TitansParams&) { return "ttt-cuda was built without CUDA"; }
+const char* titans_bwd_cuda(const TitansParams&) { return "ttt-cuda was built without CUDA"; }
 }  // namespace ttt

@@ -24,6 +24,11 @@ struct LinearParams {
   // 1: a shorter last mini-batch ends with W_start - sum_j eta_j grad_j (no token scale), so that
   // W_start - W_end is the streaming state's grad_sum (causal, output_final_state, L % b != 0)
   int end_unscaled = 0;
+  // Start inside a mini-batch (a streaming state cut there): token 0 sits at in-mini-batch position
+  // `offset`; the first segment holds the min(b - offset, L) tokens that finish that mini-batch,
+  // with the state's start weights W0/b0 and what its earlier tokens read, G0/gb0 (grad_sum).
+  int offset = 0;
+  int unbounded = 0;  // mini_batch_size=None: one segment that never completes (b = offset + L)
 
   // ---- strides (elements) of the [B, H, L, D] inputs; the last dim must be contiguous --------
   int64_t q_sb = 0, q_sh = 0, q_sl = 0;
@@ -41,26 +46,30 @@ struct LinearParams {
   const void* scale = nullptr;  // [b] acc: token scale s_i (causal only)
   const void* W0 = nullptr;     // [B, H, D, D] acc: start weights
   const void* b0 = nullptr;     // [B, H, D] acc: start bias
+  const void* G0 = nullptr;     // [B, H, D, D] acc or null: grad_sum of the state (offset > 0)
+  const void* gb0 = nullptr;    // [B, H, D] acc or null
 
   // ---- forward outputs ----------------------------------------------------------------------
   void* o = nullptr;         // [B, H, L, D] dtype, contiguous
   void* W_end = nullptr;     // [B, H, D, D] acc: weights after the last mini-batch
   void* b_end = nullptr;     // [B, H, D] acc
-  void* W_starts = nullptr;  // [B, H, nmb, D, D] acc: each mini-batch's start weights (for bwd)
-  void* b_starts = nullptr;  // [B, H, nmb, D] acc
+  void* W_starts = nullptr;  // [B, H, nseg, D, D] acc: each segment's start weights (for bwd)
+  void* b_starts = nullptr;  // [B, H, nseg, D] acc
 
   // ---- backward inputs / outputs --------------------------------------------------------------
   const void* dO = nullptr;     // [B, H, L, D] dtype (strided as above)
   const void* dW_end = nullptr; // [B, H, D, D] acc or null (zero)
   const void* db_end = nullptr; // [B, H, D] acc or null (zero)
-  const void* dW_starts = nullptr;  // [B, H, nmb, D, D] acc or null: gradient of W_starts
-  const void* db_starts = nullptr;  // [B, H, nmb, D] acc or null
+  const void* dW_starts = nullptr;  // [B, H, nseg, D, D] acc or null: gradient of W_starts
+  const void* db_starts = nullptr;  // [B, H, nseg, D] acc or null
   void* dq = nullptr;           // [B, H, L, D] dtype, contiguous
   void* dk = nullptr;
   void* dv = nullptr;
   void* deta = nullptr;   // [B, H, L] acc
   void* dW0 = nullptr;    // [B, H, D, D] acc
   void* db0 = nullptr;    // [B, H, D] acc
+  void* dG0 = nullptr;    // [B, H, D, D] acc (written when G0 is given)
+  void* dgb0 = nullptr;   // [B, H, D] acc
   void* dln_w = nullptr;  // [B, H, D] acc: per-sample partials (summed over B by the caller)
   void* dln_b = nullptr;  // [B, H, D] acc
   void* dscale = nullptr; // [B, H, b] acc: per-sample partials
@@ -70,11 +79,69 @@ struct LinearParams {
   int64_t max_smem = 0;       // CUDA: the device's opt-in shared memory per block (bytes)
   int64_t stream = 0;         // CUDA: cudaStream_t as an integer (0 = legacy default stream)
 
-  TTT_PARAMS_HD int num_mini_batches() const { return (L + mini_batch_size - 1) / mini_batch_size; }
+  // Segments: runs of tokens inside one mini-batch. The first starts at position `offset`.
+  TTT_PARAMS_HD int first_segment_len() const {
+    const int room = mini_batch_size - offset;
+    return L < room ? L : room;
+  }
+  TTT_PARAMS_HD int num_segments() const {
+    const int rest = L - first_segment_len();
+    return 1 + (rest + mini_batch_size - 1) / mini_batch_size;
+  }
+};
+
+// TTT-MLP: f(x) = gelu_tanh(x W1 + b1) W2 + b2. The LinearParams fields keep their meaning with
+// W0/b0 (and W_end, W_starts, dW0, G0, dG0, ...) standing for W1 [D, F] / b1 [F]; these add
+// W2 [F, D] / b2 [D] (and layer 2's grad_sum G20/gb20 for a start inside a mini-batch).
+struct MLPParams : LinearParams {
+  int F = 0;                       // hidden width (4 D in ttt-core)
+  const void* W20 = nullptr;       // [B, H, F, D] acc: start weights of layer 2
+  const void* b20 = nullptr;       // [B, H, D] acc
+  void* W2_end = nullptr;          // [B, H, F, D] acc
+  void* b2_end = nullptr;          // [B, H, D] acc
+  void* W2_starts = nullptr;       // [B, H, nseg, F, D] acc
+  void* b2_starts = nullptr;       // [B, H, nseg, D] acc
+  const void* dW2_end = nullptr;   // [B, H, F, D] acc or null (zero)
+  const void* db2_end = nullptr;   // [B, H, D] acc or null
+  const void* dW2_starts = nullptr;  // [B, H, nseg, F, D] acc or null
+  const void* db2_starts = nullptr;  // [B, H, nseg, D] acc or null
+  void* dW20 = nullptr;            // [B, H, F, D] acc
+  void* db20 = nullptr;            // [B, H, D] acc
+  const void* G20 = nullptr;       // [B, H, F, D] acc or null: layer 2's grad_sum (offset > 0)
+  const void* gb20 = nullptr;      // [B, H, D] acc
+  void* dG20 = nullptr;            // [B, H, F, D] acc (written when G20 is given)
+  void* dgb20 = nullptr;           // [B, H, D] acc
+};
+
+// TTT-Linear in the Titans form (causal): per token j of a segment, gradients at the segment's
+// gradient point P (W0/b0 above, then each completed segment's end), momentum S and weights W:
+//   S_j = m_j S_{j-1} - eta_j grad l_j(P),  W_j = (1 - a_j) W_{j-1} + S_j,  o_j from W_j.
+// W_end/b_end are the weights after the last token, W_starts/b_starts each segment's P.
+struct TitansParams : LinearParams {
+  const void* mom = nullptr;        // [B, H, L] acc: momentum m_j
+  const void* dec = nullptr;        // [B, H, L] acc: decay a_j
+  const void* C0 = nullptr;         // [B, H, D, D] acc: weights W at the start (= W0 at offset 0)
+  const void* cb0 = nullptr;        // [B, H, D] acc
+  const void* S0 = nullptr;         // [B, H, D, D] acc: momentum at the start
+  const void* sb0 = nullptr;        // [B, H, D] acc
+  void* S_end = nullptr;            // [B, H, D, D] acc: momentum after the last token
+  void* sb_end = nullptr;           // [B, H, D] acc
+  void* S_starts = nullptr;         // [B, H, nseg, D, D] acc: momentum at each segment start
+  void* sb_starts = nullptr;        // [B, H, nseg, D] acc
+  const void* dS_end = nullptr;     // [B, H, D, D] acc or null (zero)
+  const void* dsb_end = nullptr;    // [B, H, D] acc or null
+  void* dC0 = nullptr;              // [B, H, D, D] acc
+  void* dcb0 = nullptr;             // [B, H, D] acc
+  void* dS0 = nullptr;              // [B, H, D, D] acc
+  void* dsb0 = nullptr;             // [B, H, D] acc
+  void* dmom = nullptr;             // [B, H, L] acc
+  void* ddec = nullptr;             // [B, H, L] acc
 };
 
 // Scratch elements (acc type) one (batch, head) chain needs; the same layout on CPU and GPU.
 int64_t linear_workspace_elems(int D, int mini_batch_size, bool backward);
+int64_t titans_workspace_elems(int D, int mini_batch_size, bool backward);
+int64_t mlp_workspace_elems(int D, int F, int mini_batch_size, bool backward);
 
 // C++ CPU implementation (float32 / float64 inputs; acc type = input type).
 void linear_fwd_cpu(const LinearParams& p);
@@ -87,5 +154,20 @@ void linear_cpu_block(const LinearParams& p, bool backward, int threads);
 // Returns an empty string on success, else the reason (unsupported shape, launch error).
 const char* linear_fwd_cuda(const LinearParams& p);
 const char* linear_bwd_cuda(const LinearParams& p);
+
+// TTT-MLP: the C++ CPU path (float32 / float64), the block-schedule check, and the CUDA kernels
+// (float32 / bfloat16 / float16 inputs, D = 64 and F = 256).
+void mlp_fwd_cpu(const MLPParams& p);
+void mlp_bwd_cpu(const MLPParams& p);
+void mlp_cpu_block(const MLPParams& p, bool backward, int threads);
+const char* mlp_fwd_cuda(const MLPParams& p);
+const char* mlp_bwd_cuda(const MLPParams& p);
+
+// Titans-form TTT-Linear: the same four entry points (CUDA: head dim 64 or 128).
+void titans_fwd_cpu(const TitansParams& p);
+void titans_bwd_cpu(const TitansParams& p);
+void titans_cpu_block(const TitansParams& p, bool backward, int threads);
+const char* titans_fwd_cuda(const TitansParams& p);
+const char* titans_bwd_cuda(const TitansParams& p);
 
 }  // namespace ttt

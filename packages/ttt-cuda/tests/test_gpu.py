@@ -101,6 +101,28 @@ def test_state_round_trip_and_auto_backend(cuda_device):
     torch.testing.assert_close(st.params["W1"], st_torch.params["W1"], rtol=1e-4, atol=1e-4)
 
 
+def test_streaming_one_token_at_a_time_matches_torch_backend(cuda_device):
+    """States cut inside mini-batches (offset > 0, grad_sum) resume in the kernels: 21 tokens fed
+    one by one (b = 16) equal one torch-backend call, outputs and gradients (fp32)."""
+    x = make_inputs(1, 2, 21, 64, dtype=torch.float32, device=cuda_device, seed=29)
+    outs, st = [], None
+    for t in range(21):
+        part = {**x, **{n: x[n][:, :, t : t + 1] for n in ("q", "k", "v", "eta")}}
+        o, st = ttt_linear(
+            *part.values(), backend="cuda", initial_state=st, output_final_state=True
+        )
+        outs.append(o)
+    o = torch.cat(outs, dim=2)
+    ref, st_ref = ttt_linear(*x.values(), backend="torch", output_final_state=True)
+    torch.testing.assert_close(o, ref, rtol=1e-4, atol=1e-4)
+    assert st.offset == st_ref.offset == 5
+    torch.testing.assert_close(st.grad_sum["W1"], st_ref.grad_sum["W1"], rtol=1e-4, atol=1e-4)
+    go = torch.randn_like(ref)
+    for name, g, w in zip(x, _grads(o, x, go), _grads(ref, x, go)):
+        atol = 1e-4 * max(1.0, w.abs().max().item())
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
 def test_unsupported_head_dim_falls_back_with_warning(cuda_device):
     x = make_inputs(
         1, 2, 32, 60, dtype=torch.float32, device=cuda_device, seed=24, requires_grad=False

@@ -68,6 +68,10 @@ def test_extension_reports_its_build():
     fwd = C.linear_workspace_elems(64, 16, False)
     bwd = C.linear_workspace_elems(64, 16, True)
     assert 64 * 64 + 6 * 16 * 64 <= fwd < bwd  # W plus six [b, D] tiles at least; bwd needs more
+    mlp = C.mlp_workspace_elems(64, 256, 16, False)
+    assert 2 * 64 * 256 + 6 * 16 * 256 <= mlp < C.mlp_workspace_elems(64, 256, 16, True)
+    titans = C.titans_workspace_elems(64, 16, False)  # P, current, momentum + tiles
+    assert 3 * 64 * 64 + 8 * 16 * 64 <= titans < C.titans_workspace_elems(64, 16, True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a CPU-only machine")
@@ -75,13 +79,20 @@ def test_cuda_entry_point_without_gpu_says_why():
     C = extension()
     p = C.LinearParams()
     p.D = 64
+    mp, tp = C.MLPParams(), C.TitansParams()
+    mp.D, mp.F, tp.D = 64, 128, 60  # shapes the kernels do not take: rejected before any launch
     if C.WITH_CUDA:
-        p.D = 60  # rejected before any launch
+        p.D = 60
         with pytest.raises(RuntimeError, match="head dim must be 64 or 128"):
             C.linear_fwd_cuda(p)
+        with pytest.raises(RuntimeError, match="D = 64 and F = 256"):
+            C.mlp_bwd_cuda(mp)
+        with pytest.raises(RuntimeError, match="head dim must be 64 or 128"):
+            C.titans_fwd_cuda(tp)
     else:
-        with pytest.raises(RuntimeError, match="built without CUDA"):
-            C.linear_fwd_cuda(p)
+        for fn, params in ((C.linear_fwd_cuda, p), (C.mlp_bwd_cuda, mp), (C.titans_fwd_cuda, tp)):
+            with pytest.raises(RuntimeError, match="built without CUDA"):
+                fn(params)
 
 
 def test_cpu_entry_point_rejects_bad_dtype():

@@ -1,6 +1,6 @@
 """ttt-core's ``ttt_linear(backend="cuda")`` (the C++ CPU path here) against ttt-core's torch
 backend: outputs and every gradient at fp32, rtol 1e-4; streaming states at mini-batch
-boundaries."""
+boundaries (cuts inside a mini-batch: test_streaming.py)."""
 
 from __future__ import annotations
 
@@ -113,27 +113,19 @@ def test_final_state_cut_inside_a_mini_batch_matches_torch_backend(token_scale):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"d{n}: {m}")
 
 
-def test_initial_state_inside_a_mini_batch_is_refused_by_name():
-    """supports() sees the streaming arguments: a start inside a mini-batch is refused with why."""
-    x = make_inputs(1, 2, 20, 16, dtype=torch.float32, seed=13, requires_grad=False)
-    _, st = ttt_linear(*x.values(), backend="cuda", output_final_state=True)
-    assert st.offset == 4
-    with pytest.raises(ValueError, match="offset > 0"):
-        ttt_linear(*x.values(), backend="cuda", initial_state=st)
-
-
-def test_backend_called_directly_with_cut_state_uses_torch_with_one_warning():
-    """The backend's own safety net: a call supports() would refuse runs ttt-core's torch path."""
+def test_backend_called_directly_with_unsupported_call_uses_torch_with_one_warning():
+    """The backend's own safety net: a call supports() would refuse (bf16 on the C++ CPU path)
+    runs ttt-core's torch path with one warning naming the reason."""
     import ttt_cuda.backend as be
     from ttt_core.backends import get_backend
 
     be._warned.clear()
-    x = make_inputs(1, 2, 20, 16, dtype=torch.float32, seed=13, requires_grad=False)
+    x = make_inputs(1, 2, 20, 16, dtype=torch.bfloat16, seed=13, requires_grad=False)
     _, st = ttt_linear(*x.values(), backend="torch", output_final_state=True)
     ref, _ = ttt_linear(*x.values(), backend="torch", initial_state=st)
     kw = dict(mini_batch_size=16, causal=True, token_scale="mean", momentum=None, decay=None,
               eps=1e-6, initial_state=st, output_final_state=False)  # fmt: skip
-    with pytest.warns(UserWarning, match="offset > 0") as rec:
+    with pytest.warns(UserWarning, match="float32/float64 inputs") as rec:
         o, _ = get_backend("cuda").ttt_linear(*x.values(), **kw)
     assert len(rec) == 1
     torch.testing.assert_close(o, ref)
@@ -150,8 +142,9 @@ def test_backend_registered_through_entry_point():
     assert backend.name == "cuda" and backend.device_types == ("cuda",)
     q = torch.zeros(1, 1, 4, 64)
     assert backend.supports("ttt_linear", q, mini_batch_size=4, causal=True) is None
-    assert "TTT-MLP" in backend.supports("ttt_mlp", q)
-    assert "Titans" in backend.supports("ttt_linear", q, momentum=torch.zeros(1, 1, 4))
+    assert backend.supports("ttt_mlp", q, mini_batch_size=4, causal=True) is None
+    assert backend.supports("ttt_linear", q, momentum=torch.zeros(1, 1, 4)) is None  # Titans
+    assert "Titans" in backend.supports("ttt_mlp", q, momentum=torch.zeros(1, 1, 4))
     assert "float32/float64" in backend.supports("ttt_linear", q.bfloat16())
 
 
@@ -164,23 +157,15 @@ def test_auto_on_cpu_keeps_torch_backend_silently():
     assert o.dtype == torch.bfloat16
 
 
-def test_mlp_by_name_is_refused_with_reason():
-    H, D = 2, 8
-    x = make_inputs(1, H, 8, D, dtype=torch.float32, seed=15, requires_grad=False)
-    W1, b1 = torch.randn(H, D, 4 * D) * 0.1, torch.zeros(H, 1, 4 * D)
-    W2, b2 = torch.randn(H, 4 * D, D) * 0.1, torch.zeros(H, 1, D)
-    with pytest.raises(ValueError, match="TTT-MLP is not fused"):
-        ttt_core.ttt_mlp(x["q"], x["k"], x["v"], x["eta"], W1, b1, W2, b2, x["ln_weight"],
-                         x["ln_bias"], backend="cuda")  # fmt: skip
-
-
-@pytest.mark.parametrize("token_scale", ["mean", "learnable"])
-def test_ttt_layer_with_cuda_backend_matches_torch_backend(token_scale):
+@pytest.mark.parametrize(
+    "inner,token_scale", [("linear", "mean"), ("linear", "learnable"), ("mlp", "learnable")]
+)
+def test_ttt_layer_with_cuda_backend_matches_torch_backend(inner, token_scale):
     """A whole TTTLayer (projections, learnable lr and token scale, post-norm) trains the same
     through backend "cuda" as through "torch": outputs and every parameter gradient."""
     from ttt_core import TTTConfig, TTTLayer
 
-    cfg = dict(hidden_size=64, num_heads=4, mini_batch_size=8, token_scale=token_scale)
+    cfg = dict(hidden_size=64, num_heads=4, mini_batch_size=8, token_scale=token_scale, inner=inner)
     torch.manual_seed(0)
     layer_torch = TTTLayer(TTTConfig(**cfg, backend="torch"))
     layer_cuda = TTTLayer(TTTConfig(**cfg, backend="cuda"))

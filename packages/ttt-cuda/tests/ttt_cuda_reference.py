@@ -1,7 +1,8 @@
-"""A plain fp64 reference of DESIGN.md's TTT-Linear semantics, independent of the fused op.
+"""A plain fp64 reference of DESIGN.md's TTT semantics (TTT-Linear and TTT-MLP), independent of
+the fused ops.
 
 Primal form, token by token: every token's gradient comes from ``torch.func.grad`` of the token
-loss (no closed form), W_i is materialised, and the output reads q_i W_i + b_i. It is slow and
+loss (no closed form), W_i is materialised, and the output reads f_{W_i}(q_i). It is slow and
 obviously right; outer gradients flow through it with ordinary autograd.
 """
 
@@ -17,13 +18,13 @@ def layer_norm(z: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     return weight * (z - mu) / torch.sqrt(var + eps) + bias
 
 
-def reference_ttt_linear(
+def reference_ttt(
+    fast_model,  # f(params: dict, x [D]) -> [D]
     q: Tensor,  # (B, H, L, D)
     k: Tensor,
     v: Tensor,
     eta: Tensor,  # (B, H, L)
-    W0: Tensor,  # (B, H, D, D)
-    b0: Tensor,  # (B, H, D)
+    params0: dict[str, Tensor],  # name -> (B, H, ...) start weights per chain
     ln_weight: Tensor,  # (H, D)
     ln_bias: Tensor,
     *,
@@ -31,40 +32,121 @@ def reference_ttt_linear(
     causal: bool,
     scale: Tensor,  # (b,) token scale s_i (causal)
     eps: float = 1e-6,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (o [B, H, L, D], W_end [B, H, D, D], b_end [B, H, D])."""
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Any fast model, primal form: returns (o [B, H, L, D], end weights {name: (B, H, ...)})."""
     B, H, L, D = q.shape
+    names = list(params0)
 
-    def token_loss(W, b, kj, vj, h):
-        return (
-            0.5 * ((layer_norm(kj @ W + b, ln_weight[h], ln_bias[h], eps) - (vj - kj)) ** 2).sum()
-        )
+    def token_loss(P, kj, vj, h):
+        pred = layer_norm(fast_model(P, kj), ln_weight[h], ln_bias[h], eps)
+        return 0.5 * ((pred - (vj - kj)) ** 2).sum()
 
-    grad = torch.func.grad(token_loss, argnums=(0, 1))
-    outs, W_ends, b_ends = [], [], []
+    grad = torch.func.grad(token_loss)
+    outs, ends = [], {n: [] for n in names}
     for bi in range(B):
         for h in range(H):
-            W, b = W0[bi, h], b0[bi, h]
+            P = {n: params0[n][bi, h] for n in names}
             rows = []
             for t0 in range(0, L, mini_batch_size):
-                n = min(mini_batch_size, L - t0)
-                gs = [grad(W, b, k[bi, h, t0 + j], v[bi, h, t0 + j], h) for j in range(n)]
-                for i in range(n):
-                    if causal:
-                        gW = scale[i] * sum(eta[bi, h, t0 + j] * gs[j][0] for j in range(i + 1))
-                        gb = scale[i] * sum(eta[bi, h, t0 + j] * gs[j][1] for j in range(i + 1))
-                    else:
-                        gW = sum(eta[bi, h, t0 + j] * gs[j][0] for j in range(n))
-                        gb = sum(eta[bi, h, t0 + j] * gs[j][1] for j in range(n))
-                    Wi, bi_ = W - gW, b - gb
+                n_tok = min(mini_batch_size, L - t0)
+                gs = [grad(P, k[bi, h, t0 + j], v[bi, h, t0 + j], h) for j in range(n_tok)]
+                for i in range(n_tok):
+                    seen = range(i + 1) if causal else range(n_tok)
+                    s = scale[i] if causal else 1.0
+                    Wi = {
+                        n: P[n] - s * sum(eta[bi, h, t0 + j] * gs[j][n] for j in seen)
+                        for n in names
+                    }
                     qi = q[bi, h, t0 + i]
-                    rows.append(qi + layer_norm(qi @ Wi + bi_, ln_weight[h], ln_bias[h], eps))
-                W, b = Wi, bi_  # the last query's weights start the next mini-batch
+                    rows.append(qi + layer_norm(fast_model(Wi, qi), ln_weight[h], ln_bias[h], eps))
+                P = Wi  # the last query's weights start the next mini-batch
             outs.append(torch.stack(rows))
-            W_ends.append(W)
-            b_ends.append(b)
+            for n in names:
+                ends[n].append(P[n])
     o = torch.stack(outs).reshape(B, H, L, D)
-    return o, torch.stack(W_ends).reshape(B, H, D, D), torch.stack(b_ends).reshape(B, H, D)
+    return o, {n: torch.stack(ends[n]).reshape(params0[n].shape) for n in names}
+
+
+def linear_model(P, x):
+    return x @ P["W"] + P["b"]
+
+
+def mlp_model(P, x):
+    """gelu_tanh written out (not F.gelu): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    z = x @ P["W1"] + P["b1"]
+    z = 0.5 * z * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (z + 0.044715 * z**3)))
+    return z @ P["W2"] + P["b2"]
+
+
+def reference_ttt_linear(q, k, v, eta, W0, b0, ln_weight, ln_bias, *, mini_batch_size, causal,
+                         scale, eps=1e-6):  # fmt: skip
+    """TTT-Linear: W0 (B, H, D, D), b0 (B, H, D). Returns (o, W_end, b_end)."""
+    o, end = reference_ttt(linear_model, q, k, v, eta, {"W": W0, "b": b0}, ln_weight, ln_bias,
+                           mini_batch_size=mini_batch_size, causal=causal, scale=scale, eps=eps)  # fmt: skip
+    return o, end["W"], end["b"]
+
+
+def reference_ttt_titans(q, k, v, eta, mom, dec, W0, b0, ln_weight, ln_bias, *, mini_batch_size,
+                         eps=1e-6):  # fmt: skip
+    """Titans-form TTT-Linear, token by token: gradients at the mini-batch's start P,
+    S_j = m_j S_{j-1} - eta_j grad_j, W_j = (1 - a_j) W_{j-1} + S_j, o_j from W_j; P <- W at each
+    mini-batch end. W0 (B, H, D, D), b0 (B, H, D). Returns (o, W_end, b_end, S_end, sb_end)."""
+    B, H, L, D = q.shape
+    params0 = {"W": W0, "b": b0}
+
+    def token_loss(P, kj, vj, h):
+        pred = layer_norm(linear_model(P, kj), ln_weight[h], ln_bias[h], eps)
+        return 0.5 * ((pred - (vj - kj)) ** 2).sum()
+
+    grad = torch.func.grad(token_loss)
+    outs, ends = [], {n: [] for n in ("W", "b", "SW", "Sb")}
+    for bi in range(B):
+        for h in range(H):
+            P = {n: params0[n][bi, h] for n in params0}
+            W, S = dict(P), {n: torch.zeros_like(t) for n, t in P.items()}
+            rows = []
+            for t0 in range(0, L, mini_batch_size):
+                n_tok = min(mini_batch_size, L - t0)
+                gs = [grad(P, k[bi, h, t0 + j], v[bi, h, t0 + j], h) for j in range(n_tok)]
+                for i in range(n_tok):
+                    t = t0 + i
+                    S = {n: mom[bi, h, t] * S[n] - eta[bi, h, t] * gs[i][n] for n in S}
+                    W = {n: (1 - dec[bi, h, t]) * W[n] + S[n] for n in W}
+                    qi = q[bi, h, t]
+                    rows.append(qi + layer_norm(linear_model(W, qi), ln_weight[h], ln_bias[h], eps))
+                P = dict(W)
+            outs.append(torch.stack(rows))
+            for name, val in (("W", W["W"]), ("b", W["b"]), ("SW", S["W"]), ("Sb", S["b"])):
+                ends[name].append(val)
+    o = torch.stack(outs).reshape(B, H, L, D)
+    W_end, b_end = (torch.stack(ends[n]).reshape(B, H, *ends[n][0].shape) for n in ("W", "b"))
+    S_end, sb_end = (torch.stack(ends[n]).reshape(B, H, *ends[n][0].shape) for n in ("SW", "Sb"))
+    return o, W_end, b_end, S_end, sb_end
+
+
+def make_titans(B, H, L, *, dtype=torch.float64, seed=0, requires_grad=True):
+    """Per-token momentum m in [0.5, 0.95] and decay a in [0, 0.3] (Titans' usual ranges)."""
+    g = torch.Generator().manual_seed(seed + 2000)
+    mom = 0.5 + 0.45 * torch.rand(B, H, L, generator=g, dtype=torch.float64)
+    dec = 0.3 * torch.rand(B, H, L, generator=g, dtype=torch.float64)
+    return mom.to(dtype).requires_grad_(requires_grad), dec.to(dtype).requires_grad_(requires_grad)
+
+
+def make_mlp_inputs(B, H, L, D, *, F=None, dtype=torch.float64, device="cpu", seed=0,
+                    requires_grad=True):  # fmt: skip
+    """TTT-MLP inputs (F = 4D by default): make_inputs' plus W1 [H, D, F], b1, W2 [H, F, D], b2."""
+    F = 4 * D if F is None else F
+    x = make_inputs(B, H, L, D, dtype=dtype, device=device, seed=seed, requires_grad=requires_grad)
+    g = torch.Generator().manual_seed(seed + 1000)
+
+    def rnd(*shape, scale):
+        t = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+        return t.requires_grad_(requires_grad)
+
+    W1, b1 = rnd(H, D, F, scale=D**-0.5), rnd(H, 1, F, scale=0.1)
+    W2, b2 = rnd(H, F, D, scale=F**-0.5), rnd(H, 1, D, scale=0.1)
+    return dict(q=x["q"], k=x["k"], v=x["v"], eta=x["eta"], W1=W1, b1=b1, W2=W2, b2=b2,
+                ln_weight=x["ln_weight"], ln_bias=x["ln_bias"])  # fmt: skip
 
 
 def make_inputs(B, H, L, D, *, dtype=torch.float64, device="cpu", seed=0, requires_grad=True):

@@ -2,8 +2,8 @@
 
 ``backend="auto"`` picks it for CUDA tensors (``device_types = ("cuda",)``); ``backend="cuda"``
 also runs the C++ CPU path on CPU tensors (single-threaded; ttt-core's torch backend is usually
-faster on CPU, so auto leaves CPU alone). Calls it cannot fuse (TTT-MLP, Titans, a start inside a
-mini-batch, unsupported dtype/head dim) are refused in ``supports`` with the reason: ttt-core then
+faster on CPU, so auto leaves CPU alone). Calls it cannot fuse (TTT-MLP in the Titans form,
+unsupported dtype/head dim) are refused in ``supports`` with the reason: ttt-core then
 warns once and uses its torch backend under ``auto``, or raises under ``backend="cuda"``. As a
 safety net, ``ttt_linear`` called directly with such a call warns once and runs the torch backend.
 """
@@ -17,24 +17,26 @@ from torch import Tensor
 
 from ttt_cuda._ext import extension_error
 from ttt_cuda.linear import fused_ttt_linear, linear_unsupported_reason
+from ttt_cuda.mlp import fused_ttt_mlp, mlp_unsupported_reason
 
 __all__ = ["CudaBackend", "backend"]
 
 _warned: set[str] = set()
 
 
-def _warn_once(reason: str) -> None:
+def _warn_once(reason: str, op: str = "ttt_linear") -> None:
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(
-            f"ttt_cuda: backend 'cuda' cannot run this ttt_linear call ({reason}); "
+            f"ttt_cuda: backend 'cuda' cannot run this {op} call ({reason}); "
             "falling back to the torch backend",
             stacklevel=4,
         )
 
 
 class CudaBackend:
-    """Fused TTT-Linear (CUDA kernels on GPU, C++ on CPU) behind ttt-core's backend protocol."""
+    """Fused TTT-Linear and TTT-MLP (CUDA kernels on GPU, C++ on CPU) behind ttt-core's backend
+    protocol."""
 
     name = "cuda"
     device_types = ("cuda",)
@@ -45,7 +47,7 @@ class CudaBackend:
         if err is not None:
             return err
         if op == "ttt_mlp":
-            return "TTT-MLP is not fused yet (TTT-Linear only)"
+            return mlp_unsupported_reason(q, **kwargs)
         if op != "ttt_linear":
             return f"unknown op {op!r}"
         return linear_unsupported_reason(q, **kwargs)
@@ -53,15 +55,23 @@ class CudaBackend:
     def ttt_linear(self, q, k, v, eta, W1, b1, ln_weight, ln_bias, **kwargs: Any):
         """ttt-core's ``ttt_linear`` (validated inputs; ``initial_state`` always a TTTState)."""
         reason = linear_unsupported_reason(q, **kwargs)
-        if reason is not None:  # e.g. a streaming state cut inside a mini-batch
+        if reason is not None:  # e.g. an input dtype the device path does not take
             from ttt_core import ttt_linear
 
             _warn_once(reason)
             return ttt_linear(q, k, v, eta, W1, b1, ln_weight, ln_bias, backend="torch", **kwargs)
         return fused_ttt_linear(q, k, v, eta, W1, b1, ln_weight, ln_bias, **kwargs)
 
-    def ttt_mlp(self, *args: Any, **kwargs: Any):
-        raise NotImplementedError("ttt_cuda fuses TTT-Linear only; supports() refuses ttt_mlp")
+    def ttt_mlp(self, q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, **kwargs: Any):
+        """ttt-core's ``ttt_mlp`` (validated inputs; ``initial_state`` always a TTTState)."""
+        reason = mlp_unsupported_reason(q, **kwargs)
+        if reason is not None:
+            from ttt_core import ttt_mlp
+
+            _warn_once(reason, "ttt_mlp")
+            return ttt_mlp(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, backend="torch",
+                           **kwargs)  # fmt: skip
+        return fused_ttt_mlp(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, **kwargs)
 
 
 backend = CudaBackend()

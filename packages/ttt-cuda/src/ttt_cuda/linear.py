@@ -7,6 +7,8 @@ while reading; tokens in mini-batches of b, gradients at the mini-batch's start 
     causal:      W_i = W_start - s_i * sum_{j<=i} eta_j grad l_j(W_start)
     non-causal:  W_i = W_start - sum_j eta_j grad l_j(W_start)
     o_i = q_i + LN_h(q_i W_i + b_i);  the next mini-batch starts from the last W_i.
+
+With ``momentum``/``decay`` (the Titans form) the call goes to ``ttt_cuda.titans``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import Tensor
 
 from ttt_core.validation import validate
 from ttt_cuda.ops import acc_dtype, linear_fwd
+from ttt_cuda.titans import titans_linear
 
 __all__ = ["fused_ttt_linear", "linear_unsupported_reason"]
 
@@ -41,20 +44,23 @@ def linear_unsupported_reason(
     decay: Tensor | None = None,
     initial_state: Any = None,
     output_final_state: bool = False,
+    head_dims: tuple[int, ...] = CUDA_HEAD_DIMS,
     **_: Any,
 ) -> str | None:
     """None when the fused op computes this call, else why not (metadata only, no value reads)."""
-    b = (q.shape[-2] if q.dim() == 4 else 0) if mini_batch_size is None else mini_batch_size
-    if momentum is not None or decay is not None:
-        return "Titans momentum/decay is not fused yet"
+    offset = getattr(initial_state, "offset", 0) if initial_state is not None else 0
+    L = q.shape[-2] if q.dim() == 4 else 0
+    b = offset + L if mini_batch_size is None else mini_batch_size
+    titans = momentum is not None or decay is not None
     if q.device.type == "cpu":
         if q.dtype not in CPU_DTYPES:
             return f"the C++ CPU path takes float32/float64 inputs, got {q.dtype}"
     elif q.device.type == "cuda":
         if q.dtype not in CUDA_DTYPES:
             return f"the CUDA kernels take float32/bfloat16/float16 inputs, got {q.dtype}"
-        if q.dim() == 4 and q.shape[-1] not in CUDA_HEAD_DIMS:
-            return f"the CUDA kernels take head dim 64 or 128, got {q.shape[-1]}"
+        if q.dim() == 4 and q.shape[-1] not in head_dims:
+            dims = " or ".join(str(d) for d in head_dims)
+            return f"the CUDA kernels take head dim {dims}, got {q.shape[-1]}"
         if b > CUDA_MAX_MINI_BATCH:
             return f"the CUDA kernels take mini_batch_size <= {CUDA_MAX_MINI_BATCH}, got {b}"
         from ttt_cuda._ext import extension
@@ -65,11 +71,8 @@ def linear_unsupported_reason(
         return f"device {q.device.type} is not supported"
     if isinstance(token_scale, Tensor) and token_scale.dim() != 1:
         return f"token_scale must be a per-position vector [b], got shape {_shape(token_scale)}"
-    if initial_state is not None:
-        if getattr(initial_state, "offset", 0) != 0:
-            return "initial_state cut inside a mini-batch (offset > 0)"
-        if getattr(initial_state, "momentum", None) is not None:
-            return "initial_state in Titans form"
+    if not titans and getattr(initial_state, "momentum", None) is not None:
+        return "initial_state in Titans form for a call without momentum/decay"
     return None
 
 
@@ -120,10 +123,15 @@ def fused_ttt_linear(
         mini_batch_size: b (None: the whole sequence is one mini-batch).
         causal: query i sees W_i (True) or the mini-batch's end weights (False).
         token_scale: "mean" (s_i = 1/(i+1)), "sum" (s_i = 1) or a [b] tensor (differentiable).
-        initial_state: a ``ttt_core.TTTState`` at a mini-batch boundary (offset 0).
-        output_final_state: return the state after the last token as a ``TTTState``; when L is
-            not a multiple of b it is cut inside the last mini-batch (offset = L % b, params = that
-            mini-batch's start weights, grad_sum = its tokens' summed eta_j grad_j), as ttt-core.
+        momentum, decay: [B, H, L] Titans momentum m_j and decay a_j (causal; either may be None
+            = zeros): S_j = m_j S_{j-1} - eta_j grad l_j(W_start), W_j = (1 - a_j) W_{j-1} + S_j.
+        initial_state: a ``ttt_core.TTTState`` to start from, also one cut inside a mini-batch
+            (offset > 0: the call first finishes that mini-batch from the state's params and
+            grad_sum, which both get gradients).
+        output_final_state: return the state after the last token as a ``TTTState``; when it ends
+            inside a mini-batch (offset = (offset_in + L) % b, or offset_in + L for b = None),
+            params = that mini-batch's start weights and grad_sum = its tokens' summed
+            eta_j grad_j, as ttt-core.
 
     Returns:
         ``(o, state)``: o [B, H, L, D] in q's dtype; state a ``TTTState`` (fp32 params
@@ -153,9 +161,19 @@ def fused_ttt_linear(
     )
     if reason is not None:
         raise ValueError(f"fused_ttt_linear does not support this call: {reason}")
+    if momentum is not None or decay is not None:  # the Titans form
+        return titans_linear(q, k, v, eta, W1, b1, ln_weight, ln_bias,
+                             mini_batch_size=mini_batch_size, momentum=momentum, decay=decay,
+                             initial_state=initial_state, output_final_state=output_final_state,
+                             eps=eps)  # fmt: skip
     B, H, L, D = q.shape
-    b = L if mini_batch_size is None else mini_batch_size
+    offset = initial_state.offset if (causal and initial_state is not None) else 0
+    b = offset + L if mini_batch_size is None else mini_batch_size  # None: one unbounded segment
     acc = acc_dtype(q.dtype)
+    G0 = gb0 = None
+    if offset > 0:  # what the cut mini-batch's earlier tokens read
+        G0 = initial_state.grad_sum["W1"].to(acc)  # (B, H, D, D)
+        gb0 = initial_state.grad_sum["b1"].to(acc).reshape(B, H, D)  # (B, H, D)
     if initial_state is not None:
         W0 = initial_state.params["W1"].to(acc)  # (B, H, D, D)
         b0 = initial_state.params["b1"].to(acc).reshape(B, H, D)
@@ -165,7 +183,8 @@ def fused_ttt_linear(
         W0 = W1.to(acc).unsqueeze(0).expand(B, H, D, D)  # (B, H, D, D)
         b0 = b1.to(acc).reshape(1, H, D).expand(B, H, D)  # (B, H, D)
     scale = _token_scale(token_scale, b, causal, q)  # (b,)
-    cut = bool(output_final_state and L % b != 0)  # the state ends inside a mini-batch
+    end = offset + L if mini_batch_size is None else (offset + L) % b
+    cut = bool(output_final_state and end != 0)  # the state ends inside a mini-batch
     o, W_end, b_end, W_starts, b_starts = linear_fwd(
         q,
         k,
@@ -180,6 +199,10 @@ def fused_ttt_linear(
         bool(causal),
         float(eps),
         cut,
+        offset,
+        mini_batch_size is None,
+        G0 if G0 is None else G0.contiguous(),
+        gb0 if gb0 is None else gb0.contiguous(),
     )
     state = None
     if output_final_state:
@@ -192,7 +215,7 @@ def fused_ttt_linear(
             W_s, b_s = W_starts[:, :, -1], b_starts[:, :, -1].unsqueeze(-2)
             state = TTTState(
                 params={"W1": W_s, "b1": b_s},
-                offset=L % b,
+                offset=end,
                 mini_batch_size=mini_batch_size,
                 grad_sum={"W1": W_s - W_end, "b1": b_s - b_end.unsqueeze(-2)},
             )

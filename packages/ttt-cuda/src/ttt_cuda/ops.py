@@ -10,9 +10,12 @@ struct with pointers, strides and the stream) -> these custom ops -> the public 
     W0        [B, H, D, D]  acc dtype, start weights;  b0 [B, H, D]
     ln_weight, ln_bias [H, D] acc dtype;  scale [b] acc dtype (token scale s_i, causal only)
 
-``linear_fwd`` returns ``(o [B,H,L,D], W_end [B,H,D,D], b_end [B,H,D], W_starts [B,H,nmb,D,D],
-b_starts [B,H,nmb,D])``; the last two are the per-mini-batch start weights the backward recomputes
-from (nmb = ceil(L / b)): nmb * D * (D + 1) floats per chain instead of L * D * (D + 1).
+``linear_fwd`` returns ``(o [B,H,L,D], W_end [B,H,D,D], b_end [B,H,D], W_starts [B,H,nseg,D,D],
+b_starts [B,H,nseg,D])``; the last two are the per-segment start weights the backward recomputes
+from. A segment is a mini-batch, except that a call starting inside one (``offset`` > 0, from a
+streaming state with grad_sum ``G0`` [B,H,D,D] / ``gb0`` [B,H,D]) first finishes it:
+nseg = 1 + ceil((L - min(b - offset, L)) / b), i.e. ceil(L / b) at offset 0. Stored:
+nseg * D * (D + 1) floats per chain instead of L * D * (D + 1).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from torch import Tensor
 
 from ttt_cuda._ext import extension
 
-__all__ = ["acc_dtype", "linear_bwd", "linear_fwd"]
+__all__ = ["acc_dtype", "linear_bwd", "linear_fwd", "num_segments"]
 
 _DTYPE_NAMES = {
     torch.float32: "float32",
@@ -42,12 +45,20 @@ def _rowmajor(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _params(q, k, v, eta, ln_weight, ln_bias, scale, mini_batch_size, causal, eps, end_unscaled):
+def _params(
+    q, k, v, eta, ln_weight, ln_bias, scale, mini_batch_size, causal, eps, end_unscaled,
+    offset=0, unbounded=False, G0=None, gb0=None, kind="linear",
+):  # fmt: skip
+    """The params struct (``LinearParams``; ``MLPParams`` / ``TitansParams`` for kind "mlp" /
+    "titans") with the fields the ops share: shapes, modes, q/k/v strides and the pointers of the per-token inputs."""
     C = extension()
-    p = C.LinearParams()
+    p = {"mlp": C.MLPParams, "titans": C.TitansParams}.get(kind, C.LinearParams)()
     p.B, p.H, p.L, p.D = q.shape
     p.mini_batch_size, p.causal, p.eps = int(mini_batch_size), int(bool(causal)), float(eps)
     p.end_unscaled = int(bool(end_unscaled))
+    p.offset, p.unbounded = int(offset), int(bool(unbounded))
+    if G0 is not None:
+        p.G0, p.gb0 = G0.data_ptr(), gb0.data_ptr()
     p.dtype = getattr(C.DType, _DTYPE_NAMES[q.dtype])
     p.q_sb, p.q_sh, p.q_sl = q.stride()[:3]
     p.k_sb, p.k_sh, p.k_sl = k.stride()[:3]
@@ -62,14 +73,15 @@ def _params(q, k, v, eta, ln_weight, ln_bias, scale, mini_batch_size, causal, ep
 CPU_BLOCK_THREADS = 0
 
 
-def _launch(p, device: torch.device, backward: bool) -> None:
-    """Runs the CPU or CUDA entry point on the current stream (no host synchronisation)."""
+def _launch(p, device: torch.device, backward: bool, kind: str = "linear") -> None:
+    """Runs the CPU or CUDA entry point of ``kind`` ("linear" | "mlp" | "titans") on the current stream (no
+    host synchronisation)."""
     C = extension()
     if device.type == "cpu":
         if CPU_BLOCK_THREADS > 0:
-            C.linear_cpu_block(p, backward, CPU_BLOCK_THREADS)
+            getattr(C, f"{kind}_cpu_block")(p, backward, CPU_BLOCK_THREADS)
         else:
-            (C.linear_bwd_cpu if backward else C.linear_fwd_cpu)(p)
+            getattr(C, f"{kind}_{'bwd' if backward else 'fwd'}_cpu")(p)
         return
     if device.type != "cuda":
         raise ValueError(f"ttt_cuda: tensors must be on CPU or CUDA, got {device}")
@@ -78,7 +90,10 @@ def _launch(p, device: torch.device, backward: bool) -> None:
             "ttt_cuda was built without CUDA (TTT_ENABLE_CUDA=OFF or no nvcc): reinstall it with "
             "TTT_ENABLE_CUDA=ON on a machine with nvcc to run on CUDA tensors"
         )
-    elems = C.linear_workspace_elems(p.D, p.mini_batch_size, backward)
+    if kind == "mlp":
+        elems = C.mlp_workspace_elems(p.D, p.F, p.mini_batch_size, backward)
+    else:
+        elems = getattr(C, f"{kind}_workspace_elems")(p.D, p.mini_batch_size, backward)
     props = torch.cuda.get_device_properties(device)
     p.max_smem = int(props.shared_memory_per_block_optin)
     workspace = None
@@ -87,11 +102,13 @@ def _launch(p, device: torch.device, backward: bool) -> None:
         p.workspace = workspace.data_ptr()
     with torch.cuda.device(device):
         p.stream = torch.cuda.current_stream(device).cuda_stream
-        (C.linear_bwd_cuda if backward else C.linear_fwd_cuda)(p)
+        getattr(C, f"{kind}_{'bwd' if backward else 'fwd'}_cuda")(p)
 
 
-def _num_mini_batches(L, mini_batch_size):
-    return (L + mini_batch_size - 1) // mini_batch_size
+def num_segments(L: int, mini_batch_size: int, offset: int = 0) -> int:
+    """Segments of a call of L tokens starting at in-mini-batch position ``offset``."""
+    first = min(mini_batch_size - offset, L)
+    return 1 + (L - first + mini_batch_size - 1) // mini_batch_size
 
 
 @torch.library.custom_op("ttt::linear_fwd", mutates_args=())
@@ -109,23 +126,33 @@ def linear_fwd(
     causal: bool,
     eps: float,
     end_unscaled: bool = False,
+    offset: int = 0,
+    unbounded: bool = False,
+    G0: Tensor | None = None,
+    gb0: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fused TTT-Linear forward; see the module docstring for shapes.
 
-    ``end_unscaled`` (causal): a shorter last mini-batch ends with ``W_start - sum_j eta_j
+    ``end_unscaled`` (causal): an incomplete last segment ends with ``W_start - G0 - sum_j eta_j
     grad_j`` instead of the token-scaled update, so ``W_starts[:, :, -1] - W_end`` is the streaming
-    state's ``grad_sum`` for a sequence cut inside a mini-batch.
+    state's ``grad_sum`` for a sequence cut inside a mini-batch. ``offset`` (causal): token 0 sits
+    at that in-mini-batch position, and ``G0``/``gb0`` hold what the mini-batch's earlier tokens
+    read (a state's grad_sum). ``unbounded``: mini_batch_size=None (``mini_batch_size`` is then
+    offset + L, the one segment never completes). ``scale`` is indexed by in-mini-batch position.
     """
     q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
     eta, W0, b0 = eta.contiguous(), W0.contiguous(), b0.contiguous()
     ln_weight, ln_bias, scale = ln_weight.contiguous(), ln_bias.contiguous(), scale.contiguous()
+    if G0 is not None:
+        G0, gb0 = G0.contiguous(), gb0.contiguous()
     B, H, L, D = q.shape
-    nmb = _num_mini_batches(L, mini_batch_size)
+    nmb = num_segments(L, mini_batch_size, offset)
     o = torch.empty(B, H, L, D, device=q.device, dtype=q.dtype)
     W_end, b_end = torch.empty_like(W0), torch.empty_like(b0)
     W_starts = W0.new_empty(B, H, nmb, D, D)
     b_starts = b0.new_empty(B, H, nmb, D)
-    p = _params(q, k, v, eta, ln_weight, ln_bias, scale, mini_batch_size, causal, eps, end_unscaled)
+    p = _params(q, k, v, eta, ln_weight, ln_bias, scale, mini_batch_size, causal, eps, end_unscaled,
+                offset, unbounded, G0, gb0)  # fmt: skip
     p.W0, p.b0, p.o = W0.data_ptr(), b0.data_ptr(), o.data_ptr()
     p.W_end, p.b_end = W_end.data_ptr(), b_end.data_ptr()
     p.W_starts, p.b_starts = W_starts.data_ptr(), b_starts.data_ptr()
@@ -148,9 +175,13 @@ def _(
     causal,
     eps,
     end_unscaled=False,
+    offset=0,
+    unbounded=False,
+    G0=None,
+    gb0=None,
 ):
     B, H, L, D = q.shape
-    nmb = _num_mini_batches(L, mini_batch_size)
+    nmb = num_segments(L, mini_batch_size, offset)
     o = q.new_empty(B, H, L, D)
     return (
         o,
@@ -181,11 +212,16 @@ def linear_bwd(
     causal: bool,
     eps: float,
     end_unscaled: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Fused TTT-Linear backward: recomputes each mini-batch from its start weights.
+    offset: int = 0,
+    unbounded: bool = False,
+    G0: Tensor | None = None,
+    gb0: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused TTT-Linear backward: recomputes each segment from its start weights.
 
-    Returns ``(dq, dk, dv, deta, dW0, db0, dln_weight, dln_bias, dscale)`` with the shapes of the
-    forward's inputs; dln_* and dscale are reduced over the batch here (fixed order, deterministic).
+    Returns ``(dq, dk, dv, deta, dW0, db0, dln_weight, dln_bias, dscale, dG0, dgb0)`` with the
+    shapes of the forward's inputs (dG0/dgb0 empty [0] when G0 is None); dln_* and dscale are
+    reduced over the batch here (fixed order, deterministic).
     """
     q, k, v, dO = _rowmajor(q), _rowmajor(k), _rowmajor(v), _rowmajor(dO)
     eta, W_starts, b_starts = eta.contiguous(), W_starts.contiguous(), b_starts.contiguous()
@@ -198,7 +234,15 @@ def linear_bwd(
     dW0 = torch.empty(B, H, D, D, device=q.device, dtype=acc)
     db0, dlnw, dlnb = (torch.empty(B, H, D, device=q.device, dtype=acc) for _ in range(3))
     dscale = torch.empty(B, H, mini_batch_size, device=q.device, dtype=acc)
-    p = _params(q, k, v, eta, ln_weight, ln_bias, scale, mini_batch_size, causal, eps, end_unscaled)
+    if G0 is not None:
+        G0, gb0 = G0.contiguous(), gb0.contiguous()
+        dG0, dgb0 = torch.empty_like(G0), torch.empty_like(gb0)
+    else:
+        dG0, dgb0 = q.new_empty(0, dtype=acc), q.new_empty(0, dtype=acc)
+    p = _params(q, k, v, eta, ln_weight, ln_bias, scale, mini_batch_size, causal, eps, end_unscaled,
+                offset, unbounded, G0, gb0)  # fmt: skip
+    if G0 is not None:
+        p.dG0, p.dgb0 = dG0.data_ptr(), dgb0.data_ptr()
     if dW_starts is not None and db_starts is not None:
         dW_starts, db_starts = dW_starts.contiguous(), db_starts.contiguous()
         p.dW_starts, p.db_starts = dW_starts.data_ptr(), db_starts.data_ptr()
@@ -215,15 +259,20 @@ def linear_bwd(
     p.dscale = dscale.data_ptr()
     _launch(p, q.device, backward=True)
     dscale = dscale.sum(dim=(0, 1))[: scale.shape[0]]
-    return dq, dk, dv, deta, dW0, db0, dlnw.sum(0), dlnb.sum(0), dscale
+    return dq, dk, dv, deta, dW0, db0, dlnw.sum(0), dlnb.sum(0), dscale, dG0, dgb0
 
 
 @linear_bwd.register_fake
 def _(
-    dO, dW_end, db_end, dWs, dbs, q, k, v, eta, W_starts, b_starts, ln_weight, ln_bias, scale, *a
-):
+    dO, dW_end, db_end, dWs, dbs, q, k, v, eta, W_starts, b_starts, ln_weight, ln_bias, scale,
+    mini_batch_size, causal, eps, end_unscaled=False, offset=0, unbounded=False, G0=None, gb0=None,
+):  # fmt: skip
     B, H, L, D = q.shape
     acc = W_starts.dtype
+    if G0 is not None:
+        dG0, dgb0 = G0.new_empty(G0.shape), gb0.new_empty(gb0.shape)
+    else:
+        dG0, dgb0 = q.new_empty(0, dtype=acc), q.new_empty(0, dtype=acc)
     return (
         q.new_empty(B, H, L, D),
         q.new_empty(B, H, L, D),
@@ -234,19 +283,27 @@ def _(
         ln_weight.new_empty(H, D),
         ln_bias.new_empty(H, D),
         scale.new_empty(scale.shape[0]),
+        dG0,
+        dgb0,
     )
 
 
+_FWD_DEFAULTS = {"end_unscaled": False, "offset": 0, "unbounded": False, "G0": None, "gb0": None}
+_FWD_NAMES = ("q", "k", "v", "eta", "W0", "b0", "ln_weight", "ln_bias", "scale",
+              "mini_batch_size", "causal", "eps", *_FWD_DEFAULTS)  # fmt: skip
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, eta, _W0, _b0, ln_weight, ln_bias, scale, mini_batch_size, causal, eps, *rest = inputs
+    a = {**_FWD_DEFAULTS, **dict(zip(_FWD_NAMES, inputs))}  # by name (trailing defaults omitted)
     _, _, _, W_starts, b_starts = output
-    ctx.save_for_backward(q, k, v, eta, W_starts, b_starts, ln_weight, ln_bias, scale)
-    ctx.mini_batch_size, ctx.causal, ctx.eps = mini_batch_size, causal, eps
-    ctx.end_unscaled = bool(rest[0]) if rest else False
+    ctx.save_for_backward(a["q"], a["k"], a["v"], a["eta"], W_starts, b_starts, a["ln_weight"],
+                          a["ln_bias"], a["scale"], a["G0"], a["gb0"])  # fmt: skip
+    ctx.mini_batch_size, ctx.causal, ctx.eps = a["mini_batch_size"], a["causal"], a["eps"]
+    ctx.end_unscaled, ctx.offset, ctx.unbounded = a["end_unscaled"], a["offset"], a["unbounded"]
 
 
 def _backward(ctx, dO, dW_end, db_end, dW_starts, db_starts):
-    q, k, v, eta, W_starts, b_starts, ln_weight, ln_bias, scale = ctx.saved_tensors
+    q, k, v, eta, W_starts, b_starts, ln_weight, ln_bias, scale, G0, gb0 = ctx.saved_tensors
     B, H, _, D = q.shape
     if dO is None:
         dO = torch.zeros_like(q)
@@ -256,7 +313,7 @@ def _backward(ctx, dO, dW_end, db_end, dW_starts, db_starts):
         db_end = b_starts.new_zeros(B, H, D)
     if dW_starts is None or db_starts is None:
         dW_starts = db_starts = None
-    dq, dk, dv, deta, dW0, db0, dlnw, dlnb, dscale = linear_bwd(
+    dq, dk, dv, deta, dW0, db0, dlnw, dlnb, dscale, dG0, dgb0 = linear_bwd(
         dO,
         dW_end,
         db_end,
@@ -275,8 +332,15 @@ def _backward(ctx, dO, dW_end, db_end, dW_starts, db_starts):
         ctx.causal,
         ctx.eps,
         ctx.end_unscaled,
+        ctx.offset,
+        ctx.unbounded,
+        G0,
+        gb0,
     )
-    return dq, dk, dv, deta, dW0, db0, dlnw, dlnb, dscale, None, None, None, None
+    if G0 is None:
+        dG0 = dgb0 = None
+    return (dq, dk, dv, deta, dW0, db0, dlnw, dlnb, dscale, None, None, None, None, None, None,
+            dG0, dgb0)  # fmt: skip
 
 
 linear_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,323 @@
+// Backward of the fused TTT-MLP chain (see ttt_mlp_chain.h for the forward it differentiates).
+// Segments in reverse; each is recomputed from its stored start weights, then every line of the
+// forward is differentiated in phases separated by TTT_SYNC. dW1/db1/dW2/db2 carry d/dW_start
+// backwards through the segments. Every element is written by one thread (deterministic).
+#pragma once
+#include "ttt_mlp_chain.h"
+
+namespace ttt {
+
+template <typename scalar_t, typename acc_t>
+TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, int hi) {
+  MLPBuffers<acc_t> c;
+  const int bmax = p.mini_batch_size;
+  carve_mlp<acc_t>(ws, D, F, bmax, true, &c);
+  const int64_t bh = static_cast<int64_t>(bi) * p.H + hi;
+  const int64_t DF = static_cast<int64_t>(D) * F;
+  const acc_t* lnw = static_cast<const acc_t*>(p.ln_w) + static_cast<int64_t>(hi) * D;
+  const acc_t* lnb = static_cast<const acc_t*>(p.ln_b) + static_cast<int64_t>(hi) * D;
+  const acc_t* scale = static_cast<const acc_t*>(p.scale);
+  {  // the carried gradients start as those of the end weights
+    const acc_t* dW1e = static_cast<const acc_t*>(p.dW_end);
+    const acc_t* db1e = static_cast<const acc_t*>(p.db_end);
+    const acc_t* dW2e = static_cast<const acc_t*>(p.dW2_end);
+    const acc_t* db2e = static_cast<const acc_t*>(p.db2_end);
+    TTT_PAR_FOR(e, D * F) {
+      c.dW1[e] = dW1e != nullptr ? dW1e[bh * DF + e] : acc_t(0);
+      c.dW2[e] = dW2e != nullptr ? dW2e[bh * DF + e] : acc_t(0);
+    }
+    TTT_PAR_FOR(f, F) { c.db1[f] = db1e != nullptr ? db1e[bh * F + f] : acc_t(0); }
+    TTT_PAR_FOR(d, D) {
+      c.db2[d] = db2e != nullptr ? db2e[bh * D + d] : acc_t(0);
+      c.dlnw[d] = 0, c.dlnb[d] = 0;
+    }
+    TTT_PAR_FOR(i, bmax) { c.dscale[i] = 0; }
+  }
+  const int nseg = p.num_segments();
+  for (int s = nseg - 1; s >= 0; --s) {
+    const Segment g = segment(p, s);
+    const int t0 = g.t0, n = g.n;
+    const acc_t e_end = end_coef(p, scale, g);
+    // the state's grad_sum (first segment of a call started inside a mini-batch), else null
+    const acc_t* G1w = g.G ? static_cast<const acc_t*>(p.G0) + bh * DF : nullptr;
+    const acc_t* g1b = g.G ? static_cast<const acc_t*>(p.gb0) + bh * F : nullptr;
+    const acc_t* G2w = g.G ? static_cast<const acc_t*>(p.G20) + bh * DF : nullptr;
+    const acc_t* g2b = g.G ? static_cast<const acc_t*>(p.gb20) + bh * D : nullptr;
+    mlp_copy(c, D, F, bh * nseg + s, true, p.W_starts, p.b_starts, p.W2_starts, p.b2_starts);
+    TTT_PAR_FOR(e, n * D) {  // dQ starts as dO (the residual o = q + ...)
+      const int64_t i = e / D, col = e % D;
+      c.dQ[e] = ld<scalar_t, acc_t>(p.dO, bi * p.do_sb + hi * p.do_sh + (t0 + i) * p.do_sl + col);
+    }
+    TTT_SYNC();
+    mlp_recompute<scalar_t, acc_t>(p, c, D, F, bi, hi, g, true);
+
+    // B1: output LN (DZ = d/dZq2); the end update against the carried dW_end (not yet moved)
+    ln_out_bwd_rows(n, D, lnw, c.Xp, c.rstdp, c.dQ, c.DZ);
+    TTT_PAR_FOR(col, D) {
+      acc_t sw = 0, sb = 0;
+      for (int i = 0; i < n; ++i) sw += c.dQ[i * D + col] * c.Xp[i * D + col], sb += c.dQ[i * D + col];
+      c.dlnw[col] += sw, c.dlnb[col] += sb;
+    }
+    TTT_PAR_FOR(e, n * F) {  // KdW1 = K dW1_end + db1_end;  dX2 = -diag(a) G2 dW2_end^T
+      const int j = e / F, f = e % F;
+      acc_t s1 = c.db1[f], s2 = 0;
+      for (int d = 0; d < D; ++d) s1 += c.K[j * D + d] * c.dW1[d * F + f];
+      for (int d = 0; d < D; ++d) s2 += c.G2[j * D + d] * c.dW2[f * D + d];
+      c.KdW1[e] = s1;
+      c.dX2[e] = -c.a[j] * s2;
+    }
+    TTT_PAR_FOR(e, n * D) {  // XdW2 = X2 dW2_end + db2_end;  dK = -diag(a) G1 dW1_end^T
+      const int j = e / D, d = e % D;
+      acc_t s1 = c.db2[d], s2 = 0;
+      for (int f = 0; f < F; ++f) s1 += c.X2[j * F + f] * c.dW2[f * D + d];
+      for (int f = 0; f < F; ++f) s2 += c.G1[j * F + f] * c.dW1[d * F + f];
+      c.XdW2[e] = s1;
+      c.dK[e] = -c.a[j] * s2;
+    }
+    if (g.G && p.causal && !g.unscaled_end) {  // <grad_sum, d end weights> partials (for d e)
+      TTT_PAR_FOR(f, F) {
+        acc_t s = g1b[f] * c.db1[f];
+        for (int d = 0; d < D; ++d) s += G1w[d * F + f] * c.dW1[d * F + f];
+        c.red1[f] = s;
+      }
+      TTT_PAR_FOR(d, D) {
+        acc_t s = g2b[d] * c.db2[d];
+        for (int f = 0; f < F; ++f) s += G2w[f * D + d] * c.dW2[f * D + d];
+        c.red2[d] = s;
+      }
+    }
+    TTT_SYNC();
+    // B2: da; layer 2 of the queries: dP2 = -DZ G2^T, dXq2 = DZ W2^T, dG2 = -a XdW2 - P2^T DZ
+    TTT_PAR_FOR(j, n) {
+      acc_t s = 0;
+      for (int f = 0; f < F; ++f) s += c.KdW1[j * F + f] * c.G1[j * F + f];
+      for (int d = 0; d < D; ++d) s += c.XdW2[j * D + d] * c.G2[j * D + d];
+      c.da[j] = -s;
+    }
+    TTT_PAR_FOR(e, n * n) {
+      const int i = e / n, j = e % n;
+      acc_t s = 0;
+      for (int d = 0; d < D; ++d) s += c.DZ[i * D + d] * c.G2[j * D + d];
+      c.dP2[e] = -s;
+    }
+    TTT_PAR_FOR(e, n * F) {  // (with grad_sum: Zq2 -= s_i (xq2_i G2w + g2b))
+      const int i = e / F, f = e % F;
+      acc_t s = 0, sg = 0;
+      for (int d = 0; d < D; ++d) s += c.DZ[i * D + d] * c.W2[f * D + d];
+      if (G2w != nullptr)
+        for (int d = 0; d < D; ++d) sg += c.DZ[i * D + d] * G2w[f * D + d];
+      c.dXq2[e] = s - (G2w != nullptr ? row_scale(p, scale, g, i) * sg : acc_t(0));
+    }
+    TTT_PAR_FOR(e, n * D) {
+      const int j = e / D, d = e % D;
+      acc_t s = c.a[j] * c.XdW2[e];
+      for (int i = 0; i < n; ++i) s += c.P2[i * n + j] * c.DZ[i * D + d];
+      c.dG2[e] = -s;
+    }
+    TTT_SYNC();
+    // B3: through P2 = A * (Xq2 X2^T + 1): dXq2 += (dP2 * A) X2, dX2 += (dP2 * A)^T Xq2;
+    // then dZq1 = dXq2 * gelu'(Zq1), in place
+    TTT_PAR_FOR(e, n * F) {
+      const int i = e / F, f = e % F;
+      acc_t sq = 0, sk = 0;
+      for (int j = 0; j < n; ++j) {
+        sq += c.dP2[i * n + j] * coef(p, scale, g, i, j) * c.eta[j] * c.X2[j * F + f];
+        sk += c.dP2[j * n + i] * coef(p, scale, g, j, i) * c.eta[i] * c.Xq2[j * F + f];
+      }
+      c.dXq2[e] = (c.dXq2[e] + sq) * gelu_tanh(c.Zq1[e]).d1;
+      c.dX2[e] += sk;
+    }
+    TTT_SYNC();
+    // B4: layer 1 of the queries: dP1 = -dZq1 G1^T, dG1 = -a KdW1 - P1^T dZq1, dQ += dZq1 W1^T
+    TTT_PAR_FOR(e, n * n) {
+      const int i = e / n, j = e % n;
+      acc_t s = 0;
+      for (int f = 0; f < F; ++f) s += c.dXq2[i * F + f] * c.G1[j * F + f];
+      c.dP1[e] = -s;
+    }
+    TTT_PAR_FOR(e, n * F) {
+      const int j = e / F, f = e % F;
+      acc_t s = c.a[j] * c.KdW1[e];
+      for (int i = 0; i < n; ++i) s += c.P1[i * n + j] * c.dXq2[i * F + f];
+      c.dG1[e] = -s;
+    }
+    TTT_PAR_FOR(e, n * D) {  // (with grad_sum: Zq1 -= s_i (q_i G1w + g1b))
+      const int i = e / D, d = e % D;
+      acc_t s = 0, sg = 0;
+      for (int f = 0; f < F; ++f) s += c.dXq2[i * F + f] * c.W1[d * F + f];
+      if (G1w != nullptr)
+        for (int f = 0; f < F; ++f) sg += c.dXq2[i * F + f] * G1w[d * F + f];
+      c.dQ[e] += s - (G1w != nullptr ? row_scale(p, scale, g, i) * sg : acc_t(0));
+    }
+    TTT_SYNC();
+    // B5: through P1 = A * (Q K^T + 1); dA = dP1 * (Q K^T + 1) + dP2 * (Xq2 X2^T + 1) over dP2;
+    // through G1 = H1 * gelu'(Z1): dZ1 = dG1 * H1 * gelu''(Z1) (over KdW1), dH1 = dG1 * GP
+    TTT_PAR_FOR(e, n * D) {
+      const int i = e / D, col = e % D;
+      acc_t sq = 0, sk = 0;
+      for (int j = 0; j < n; ++j) {
+        sq += c.dP1[i * n + j] * coef(p, scale, g, i, j) * c.eta[j] * c.K[j * D + col];
+        sk += c.dP1[j * n + i] * coef(p, scale, g, j, i) * c.eta[i] * c.Q[j * D + col];
+      }
+      c.dQ[e] += sq;
+      c.dK[e] += sk;
+    }
+    TTT_PAR_FOR(e, n * n) {
+      const int i = e / n, j = e % n;
+      acc_t s = 0;
+      if (coef(p, scale, g, i, j) != acc_t(0)) {
+        acc_t qk = 0, xx = 0;
+        for (int d = 0; d < D; ++d) qk += c.Q[i * D + d] * c.K[j * D + d];
+        for (int f = 0; f < F; ++f) xx += c.Xq2[i * F + f] * c.X2[j * F + f];
+        s = c.dP1[e] * (qk + acc_t(1)) + c.dP2[e] * (xx + acc_t(1));
+      }
+      c.dP2[e] = s;
+    }
+    TTT_PAR_FOR(e, n * F) {
+      const acc_t dg1 = c.dG1[e];
+      c.KdW1[e] = dg1 * c.H1[e] * gelu_tanh(c.Z1[e]).d2;
+      c.dG1[e] = dg1 * c.GP[e];
+    }
+    TTT_SYNC();
+    // B6: dG2 += dH1 W2; deta and the token-scale gradient from dA and da
+    TTT_PAR_FOR(e, n * D) {
+      const int j = e / D, d = e % D;
+      acc_t s = 0;
+      for (int f = 0; f < F; ++f) s += c.dG1[j * F + f] * c.W2[f * D + d];
+      c.dG2[e] += s;
+    }
+    acc_t* deta = static_cast<acc_t*>(p.deta) + bh * p.L + t0;
+    TTT_PAR_FOR(j, n) {
+      acc_t s = c.da[j] * e_end;
+      for (int i = 0; i < n; ++i) s += c.dP2[i * n + j] * coef(p, scale, g, i, j);
+      deta[j] = s;
+    }
+    if (p.causal) {
+      TTT_PAR_FOR(i, n) {
+        acc_t s = 0;
+        for (int j = 0; j <= i; ++j) s += c.dP2[i * n + j] * c.eta[j];
+        if (g.G) {  // the grad_sum terms of the queries
+          for (int f = 0; f < F; ++f) s -= c.QG1[i * F + f] * c.dXq2[i * F + f];
+          for (int d = 0; d < D; ++d) s -= c.XqG2[i * D + d] * c.DZ[i * D + d];
+        }
+        if (i == n - 1 && !g.unscaled_end) {  // the end update's e = s_{off+n-1}
+          for (int j = 0; j < n; ++j) s += c.da[j] * c.eta[j];
+          if (g.G) {
+            for (int f = 0; f < F; ++f) s -= c.red1[f];
+            for (int d = 0; d < D; ++d) s -= c.red2[d];
+          }
+        }
+        c.dscale[g.off + i] += s;
+      }
+    }
+    TTT_SYNC();
+    // B7 rows: through G2 = rstd (U - mean U - X mean(U X)), U = gamma (gamma X + beta - T),
+    // X = LN(Z2): dZ2, and dU over U (as ttt_linear_chain.h)
+    ln_loss_grad_bwd_rows(n, D, lnw, c.X, c.G2, c.rstd, c.dG2, c.U, c.dZ2);
+    TTT_SYNC();
+    // B8: d gamma, d beta through U; dK += gamma dU, dV = -gamma dU (T = V - K);
+    // through Z2 = X2 W2 + b2 and X2 = gelu(Z1): dX2 += dZ2 W2^T, dZ1 += dX2 * gelu'(Z1)
+    TTT_PAR_FOR(col, D) {
+      acc_t sw = 0, sb = 0;
+      for (int i = 0; i < n; ++i) {
+        const int e = i * D + col;
+        sw += c.U[e] * (acc_t(2) * lnw[col] * c.X[e] + lnb[col] - c.T[e]);
+        sb += c.U[e] * lnw[col];
+      }
+      c.dlnw[col] += sw, c.dlnb[col] += sb;
+    }
+    const int64_t row0 = (bh * p.L + t0) * D;
+    TTT_PAR_FOR(e, n * D) {
+      const acc_t gdu = lnw[e % D] * c.U[e];
+      c.dK[e] += gdu;
+      static_cast<scalar_t*>(p.dv)[row0 + e] = static_cast<scalar_t>(-gdu);
+    }
+    TTT_PAR_FOR(e, n * F) {
+      const int j = e / F, f = e % F;
+      acc_t s = c.dX2[e];
+      for (int d = 0; d < D; ++d) s += c.dZ2[j * D + d] * c.W2[f * D + d];
+      c.KdW1[e] += s * c.GP[e];
+    }
+    TTT_SYNC();
+    // B9: through Z1 = K W1 + b1: dK += dZ1 W1^T; the weight gradients of this segment join the
+    // carry: dW1 += Q^T dZq1 + K^T dZ1, dW2 += Xq2^T DZ + dH1^T G2 + X2^T dZ2 (and the biases)
+    TTT_PAR_FOR(e, n * D) {
+      const int j = e / D, d = e % D;
+      acc_t s = 0;
+      for (int f = 0; f < F; ++f) s += c.KdW1[j * F + f] * c.W1[d * F + f];
+      static_cast<scalar_t*>(p.dk)[row0 + e] = static_cast<scalar_t>(c.dK[e] + s);
+      static_cast<scalar_t*>(p.dq)[row0 + e] = static_cast<scalar_t>(c.dQ[e]);
+    }
+    // with grad_sum: d G1w = -e dW1_end - Q^T diag(s) dZq1, d G2w = -e dW2_end - Xq2^T diag(s) DZ
+    // (and the biases), read from the carries before this segment joins them
+    acc_t* dG1w = g.G ? static_cast<acc_t*>(p.dG0) + bh * DF : nullptr;
+    acc_t* dg1b = g.G ? static_cast<acc_t*>(p.dgb0) + bh * F : nullptr;
+    acc_t* dG2w = g.G ? static_cast<acc_t*>(p.dG20) + bh * DF : nullptr;
+    acc_t* dg2b = g.G ? static_cast<acc_t*>(p.dgb20) + bh * D : nullptr;
+    TTT_PAR_FOR(e, D * F) {
+      const int d = e / F, f = e % F;
+      acc_t s = 0, sg = 0;
+      for (int i = 0; i < n; ++i) {
+        const acc_t qz = c.Q[i * D + d] * c.dXq2[i * F + f];
+        s += qz + c.K[i * D + d] * c.KdW1[i * F + f];
+        if (dG1w != nullptr) sg += row_scale(p, scale, g, i) * qz;
+      }
+      if (dG1w != nullptr) dG1w[e] = -e_end * c.dW1[e] - sg;
+      c.dW1[e] += s;
+    }
+    TTT_PAR_FOR(f, F) {
+      acc_t s = 0, sg = 0;
+      for (int i = 0; i < n; ++i) {
+        s += c.dXq2[i * F + f] + c.KdW1[i * F + f];
+        if (dg1b != nullptr) sg += row_scale(p, scale, g, i) * c.dXq2[i * F + f];
+      }
+      if (dg1b != nullptr) dg1b[f] = -e_end * c.db1[f] - sg;
+      c.db1[f] += s;
+    }
+    TTT_PAR_FOR(e, F * D) {
+      const int f = e / D, d = e % D;
+      acc_t s = 0, sg = 0;
+      for (int i = 0; i < n; ++i) {
+        const acc_t xz = c.Xq2[i * F + f] * c.DZ[i * D + d];
+        s += xz + c.dG1[i * F + f] * c.G2[i * D + d] + c.X2[i * F + f] * c.dZ2[i * D + d];
+        if (dG2w != nullptr) sg += row_scale(p, scale, g, i) * xz;
+      }
+      if (dG2w != nullptr) dG2w[e] = -e_end * c.dW2[e] - sg;
+      c.dW2[e] += s;
+    }
+    TTT_PAR_FOR(d, D) {
+      acc_t s = 0, sg = 0;
+      for (int i = 0; i < n; ++i) {
+        s += c.DZ[i * D + d] + c.dZ2[i * D + d];
+        if (dg2b != nullptr) sg += row_scale(p, scale, g, i) * c.DZ[i * D + d];
+      }
+      if (dg2b != nullptr) dg2b[d] = -e_end * c.db2[d] - sg;
+      c.db2[d] += s;
+    }
+    TTT_SYNC();
+    if (p.dW_starts != nullptr) {  // the stored start weights are outputs too
+      const int64_t slot = bh * nseg + s;
+      const acc_t* dW1s = static_cast<const acc_t*>(p.dW_starts) + slot * DF;
+      const acc_t* db1s = static_cast<const acc_t*>(p.db_starts) + slot * F;
+      const acc_t* dW2s = static_cast<const acc_t*>(p.dW2_starts) + slot * DF;
+      const acc_t* db2s = static_cast<const acc_t*>(p.db2_starts) + slot * D;
+      TTT_PAR_FOR(e, D * F) { c.dW1[e] += dW1s[e], c.dW2[e] += dW2s[e]; }
+      TTT_PAR_FOR(f, F) { c.db1[f] += db1s[f]; }
+      TTT_PAR_FOR(d, D) { c.db2[d] += db2s[d]; }
+      TTT_SYNC();
+    }
+  }
+  TTT_PAR_FOR(e, D * F) {
+    static_cast<acc_t*>(p.dW0)[bh * DF + e] = c.dW1[e];
+    static_cast<acc_t*>(p.dW20)[bh * DF + e] = c.dW2[e];
+  }
+  TTT_PAR_FOR(f, F) { static_cast<acc_t*>(p.db0)[bh * F + f] = c.db1[f]; }
+  TTT_PAR_FOR(d, D) {
+    static_cast<acc_t*>(p.db20)[bh * D + d] = c.db2[d];
+    static_cast<acc_t*>(p.dln_w)[bh * D + d] = c.dlnw[d];
+    static_cast<acc_t*>(p.dln_b)[bh * D + d] = c.dlnb[d];
+  }
+  TTT_PAR_FOR(i, bmax) { static_cast<acc_t*>(p.dscale)[bh * bmax + i] = c.dscale[i]; }
+}
+
+}  // namespace ttt

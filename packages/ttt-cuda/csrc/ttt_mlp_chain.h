@@ -1,0 +1,284 @@
+// The fused TTT-MLP math for one (batch, head) chain, written once for the CPU and the GPU.
+//
+// Fast model f(x) = gelu_tanh(x W1 + b1) W2 + b2 (W1 [D, F], W2 [F, D]). Per segment of n tokens
+// (start weights W1, b1, W2, b2; target t_j = v_j - k_j; A_ij = c_ij eta_j, a_j = e eta_j as in
+// ttt_linear_chain.h):
+//   keys:    Z1 = K W1 + b1, X2 = gelu(Z1), Z2 = X2 W2 + b2, G2 = d l / d Z2 (the LN loss, rows)
+//            G1 = (G2 W2^T) * gelu'(Z1)                                   (d l / d Z1)
+//   queries: Zq1 = Q W1 + b1 - [A * (Q K^T + 1)] G1,    Xq2 = gelu(Zq1)
+//            Zq2 = Xq2 W2 + b2 - [A * (Xq2 X2^T + 1)] G2,  o = q + LN(Zq2)
+//   end:     W1 -= K^T diag(a) G1, b1 -= a^T G1, W2 -= X2^T diag(a) G2, b2 -= a^T G2
+// (the dual form of ttt-core's scan: query i sees W_i = W_start - s_i sum_{j<=i} eta_j grad l_j).
+// A call that starts inside a mini-batch (offset > 0) carries the state's grad_sum (G1w, g1b,
+// G2w, g2b) into its first segment: Zq1 -= s_i (q_i G1w + g1b), Zq2 -= s_i (xq2_i G2w + g2b), and
+// the end update subtracts e times it too (e = s_{off+n-1}, or 1 for an unscaled cut end).
+// The backward walks the segments in reverse, recomputing them from the stored start weights.
+#pragma once
+#include "ttt_linear_chain.h"
+#include "ttt_ln_rows.h"
+
+namespace ttt {
+
+TTT_HD float tanh_acc(float x) { return tanhf(x); }
+TTT_HD double tanh_acc(double x) { return tanh(x); }
+
+// gelu_tanh and its first two derivatives (u = c (x + k x^3), t = tanh(u)):
+//   g = x (1 + t) / 2,  g' = (1 + t) / 2 + x (1 - t^2) u' / 2,
+//   g'' = (1 - t^2) (u' + x (u'' - 2 t u'^2) / 2)
+template <typename acc_t>
+struct Gelu {
+  acc_t g, d1, d2;
+};
+
+template <typename acc_t>
+TTT_HD Gelu<acc_t> gelu_tanh(acc_t x) {
+  const acc_t c = acc_t(0.7978845608028654), k = acc_t(0.044715);
+  const acc_t u = c * (x + k * x * x * x), du = c * (acc_t(1) + acc_t(3) * k * x * x);
+  const acc_t ddu = acc_t(6) * c * k * x;
+  const acc_t t = tanh_acc(u), sech2 = acc_t(1) - t * t;
+  Gelu<acc_t> r;
+  r.g = acc_t(0.5) * x * (acc_t(1) + t);
+  r.d1 = acc_t(0.5) * (acc_t(1) + t) + acc_t(0.5) * x * sech2 * du;
+  r.d2 = sech2 * (du + acc_t(0.5) * x * (ddu - acc_t(2) * t * du * du));
+  return r;
+}
+
+// Scratch of one chain (n <= bmax rows): weights, forward tiles, backward tiles and accumulators.
+template <typename acc_t>
+struct MLPBuffers {
+  acc_t *W1, *b1, *W2, *b2;                                       // [D,F] [F] [F,D] [D]
+  acc_t *K, *Q, *T, *X, *G2, *Xp;                                 // [n, D]
+  acc_t *Z1, *X2, *GP, *G1, *Zq1, *Xq2;                           // [n, F]
+  acc_t *P1, *P2, *eta, *a, *rstd, *rstdp;                        // [n, n], [n]
+  acc_t *QG1, *XqG2, *red1, *red2;  // grad_sum terms: [n, F], [n, D]; bwd partials [F], [D]
+  acc_t *U, *H1, *DZ, *dZ2, *dQ, *dK, *dG2, *XdW2;                // backward [n, D] / H1 [n, F]
+  acc_t *dG1, *dX2, *dXq2, *KdW1, *dP1, *dP2, *da;                // backward [n, F] / [n, n] / [n]
+  acc_t *dW1, *db1, *dW2, *db2, *dlnw, *dlnb, *dscale;            // backward accumulators
+};
+
+template <typename acc_t>
+TTT_HD int64_t carve_mlp(acc_t* base, int D, int F, int bmax, bool bwd, MLPBuffers<acc_t>* c) {
+  int64_t off = 0;
+  auto take = [&](acc_t** ptr, int64_t n) {
+    *ptr = base == nullptr ? nullptr : base + off;
+    off += (n + 3) / 4 * 4;  // 16-byte aligned for float
+  };
+  const int64_t nD = static_cast<int64_t>(bmax) * D, nF = static_cast<int64_t>(bmax) * F;
+  const int64_t nn = static_cast<int64_t>(bmax) * bmax, DF = static_cast<int64_t>(D) * F;
+  take(&c->W1, DF), take(&c->b1, F), take(&c->W2, DF), take(&c->b2, D);
+  take(&c->K, nD), take(&c->Q, nD), take(&c->T, nD), take(&c->X, nD), take(&c->G2, nD);
+  take(&c->Xp, nD), take(&c->Z1, nF), take(&c->X2, nF), take(&c->GP, nF), take(&c->G1, nF);
+  take(&c->Zq1, nF), take(&c->Xq2, nF), take(&c->P1, nn), take(&c->P2, nn), take(&c->eta, bmax);
+  take(&c->a, bmax), take(&c->rstd, bmax), take(&c->rstdp, bmax), take(&c->QG1, nF);
+  take(&c->XqG2, nD);
+  if (bwd) {
+    take(&c->red1, F), take(&c->red2, D);
+    take(&c->U, nD), take(&c->H1, nF), take(&c->DZ, nD), take(&c->dZ2, nD), take(&c->dQ, nD);
+    take(&c->dK, nD), take(&c->dG2, nD), take(&c->XdW2, nD), take(&c->dG1, nF);
+    take(&c->dX2, nF), take(&c->dXq2, nF), take(&c->KdW1, nF), take(&c->dP1, nn);
+    take(&c->dP2, nn), take(&c->da, bmax), take(&c->dW1, DF), take(&c->db1, F);
+    take(&c->dW2, DF), take(&c->db2, D), take(&c->dlnw, D), take(&c->dlnb, D);
+    take(&c->dscale, bmax);
+  }
+  return off;
+}
+
+// Loads the segment's tokens and recomputes every forward tile from the start weights in c.
+template <typename scalar_t, typename acc_t>
+TTT_HD void mlp_recompute(const MLPParams& p, const MLPBuffers<acc_t>& c, int D, int F, int bi,
+                          int hi, const Segment& g, bool bwd) {
+  const int t0 = g.t0, n = g.n;
+  const int64_t bh = static_cast<int64_t>(bi) * p.H + hi;
+  const acc_t* lnw = static_cast<const acc_t*>(p.ln_w) + static_cast<int64_t>(hi) * D;
+  const acc_t* lnb = static_cast<const acc_t*>(p.ln_b) + static_cast<int64_t>(hi) * D;
+  const acc_t* scale = static_cast<const acc_t*>(p.scale);
+  const acc_t* eta = static_cast<const acc_t*>(p.eta) + bh * p.L;
+  const acc_t eps = static_cast<acc_t>(p.eps);
+  TTT_PAR_FOR(e, n * D) {
+    const int i = e / D, col = e % D;
+    const int64_t t = t0 + i;
+    const acc_t kv = ld<scalar_t, acc_t>(p.k, bi * p.k_sb + hi * p.k_sh + t * p.k_sl + col);
+    c.K[e] = kv;
+    c.Q[e] = ld<scalar_t, acc_t>(p.q, bi * p.q_sb + hi * p.q_sh + t * p.q_sl + col);
+    c.T[e] = ld<scalar_t, acc_t>(p.v, bi * p.v_sb + hi * p.v_sh + t * p.v_sl + col) - kv;
+  }
+  TTT_PAR_FOR(i, n) { c.eta[i] = eta[t0 + i]; }
+  TTT_SYNC();
+  const acc_t e_end = end_coef(p, scale, g);
+  TTT_PAR_FOR(j, n) { c.a[j] = e_end * c.eta[j]; }
+  TTT_PAR_FOR(e, n * F) {  // Z1 = K W1 + b1, X2 = gelu(Z1), GP = gelu'(Z1)
+    const int i = e / F, f = e % F;
+    acc_t s = c.b1[f];
+    for (int d = 0; d < D; ++d) s += c.K[i * D + d] * c.W1[d * F + f];
+    const Gelu<acc_t> gl = gelu_tanh(s);
+    c.Z1[e] = s, c.X2[e] = gl.g, c.GP[e] = gl.d1;
+  }
+  TTT_PAR_FOR(e, n * n) {  // P1 = A * (Q K^T + 1)
+    const int i = e / n, j = e % n;
+    const acc_t cf = coef(p, scale, g, i, j);
+    acc_t s = 0;
+    if (cf != acc_t(0)) {
+      for (int d = 0; d < D; ++d) s += c.Q[i * D + d] * c.K[j * D + d];
+      s = cf * c.eta[j] * (s + acc_t(1));
+    }
+    c.P1[e] = s;
+  }
+  if (g.G) {  // QG1 = Q G1w + g1b (layer 1's grad_sum seen by every query)
+    const acc_t* Gw = static_cast<const acc_t*>(p.G0) + bh * D * F;
+    const acc_t* gb = static_cast<const acc_t*>(p.gb0) + bh * F;
+    TTT_PAR_FOR(e, n * F) {
+      const int i = e / F, f = e % F;
+      acc_t s = gb[f];
+      for (int d = 0; d < D; ++d) s += c.Q[i * D + d] * Gw[d * F + f];
+      c.QG1[e] = s;
+    }
+  }
+  TTT_SYNC();
+  TTT_PAR_FOR(e, n * D) {  // Z2 = X2 W2 + b2 (into X)
+    const int i = e / D, col = e % D;
+    acc_t s = c.b2[col];
+    for (int f = 0; f < F; ++f) s += c.X2[i * F + f] * c.W2[f * D + col];
+    c.X[e] = s;
+  }
+  TTT_SYNC();
+  ln_rows(n, D, eps, lnw, lnb, c.X, c.rstd, c.T, c.G2, bwd ? c.U : nullptr);  // G2 = dl/dZ2
+  TTT_SYNC();
+  TTT_PAR_FOR(e, n * F) {  // G1 = (G2 W2^T) * gelu'(Z1)
+    const int j = e / F, f = e % F;
+    acc_t s = 0;
+    for (int d = 0; d < D; ++d) s += c.G2[j * D + d] * c.W2[f * D + d];
+    if (bwd) c.H1[e] = s;
+    c.G1[e] = s * c.GP[e];
+  }
+  TTT_SYNC();
+  TTT_PAR_FOR(e, n * F) {  // Zq1 = Q W1 + b1 - s QG1 - P1 G1, Xq2 = gelu(Zq1)
+    const int i = e / F, f = e % F;
+    acc_t s = c.b1[f];
+    for (int d = 0; d < D; ++d) s += c.Q[i * D + d] * c.W1[d * F + f];
+    for (int j = 0; j < n; ++j) s -= c.P1[i * n + j] * c.G1[j * F + f];
+    if (g.G) s -= row_scale(p, scale, g, i) * c.QG1[e];
+    c.Zq1[e] = s;
+    c.Xq2[e] = gelu_tanh(s).g;
+  }
+  TTT_SYNC();
+  TTT_PAR_FOR(e, n * n) {  // P2 = A * (Xq2 X2^T + 1)
+    const int i = e / n, j = e % n;
+    const acc_t cf = coef(p, scale, g, i, j);
+    acc_t s = 0;
+    if (cf != acc_t(0)) {
+      for (int f = 0; f < F; ++f) s += c.Xq2[i * F + f] * c.X2[j * F + f];
+      s = cf * c.eta[j] * (s + acc_t(1));
+    }
+    c.P2[e] = s;
+  }
+  if (g.G) {  // XqG2 = Xq2 G2w + g2b (layer 2's grad_sum)
+    const acc_t* Gw = static_cast<const acc_t*>(p.G20) + bh * F * D;
+    const acc_t* gb = static_cast<const acc_t*>(p.gb20) + bh * D;
+    TTT_PAR_FOR(e, n * D) {
+      const int i = e / D, col = e % D;
+      acc_t s = gb[col];
+      for (int f = 0; f < F; ++f) s += c.Xq2[i * F + f] * Gw[f * D + col];
+      c.XqG2[e] = s;
+    }
+  }
+  TTT_SYNC();
+  TTT_PAR_FOR(e, n * D) {  // Zq2 = Xq2 W2 + b2 - s XqG2 - P2 G2 (into Xp)
+    const int i = e / D, col = e % D;
+    acc_t s = c.b2[col];
+    for (int f = 0; f < F; ++f) s += c.Xq2[i * F + f] * c.W2[f * D + col];
+    for (int j = 0; j < n; ++j) s -= c.P2[i * n + j] * c.G2[j * D + col];
+    if (g.G) s -= row_scale(p, scale, g, i) * c.XqG2[e];
+    c.Xp[e] = s;
+  }
+  TTT_SYNC();
+  ln_rows<acc_t>(n, D, eps, lnw, lnb, c.Xp, c.rstdp, nullptr, nullptr, nullptr);
+  TTT_SYNC();
+}
+
+// W1 -= e G1w + K^T diag(a) G1, b1 -= e g1b + a^T G1, W2 -= e G2w + X2^T diag(a) G2,
+// b2 -= e g2b + a^T G2 (the grad_sum terms in the first segment of a call started inside one).
+template <typename acc_t>
+TTT_HD void mlp_update(const MLPParams& p, const MLPBuffers<acc_t>& c, int D, int F, int64_t bh,
+                       const Segment& g) {
+  const int n = g.n;
+  const acc_t e_end = end_coef(p, static_cast<const acc_t*>(p.scale), g);
+  const acc_t* G1w = g.G ? static_cast<const acc_t*>(p.G0) + bh * D * F : nullptr;
+  const acc_t* g1b = g.G ? static_cast<const acc_t*>(p.gb0) + bh * F : nullptr;
+  const acc_t* G2w = g.G ? static_cast<const acc_t*>(p.G20) + bh * F * D : nullptr;
+  const acc_t* g2b = g.G ? static_cast<const acc_t*>(p.gb20) + bh * D : nullptr;
+  TTT_PAR_FOR(e, D * F) {
+    const int d = e / F, f = e % F;
+    acc_t s = G1w != nullptr ? e_end * G1w[e] : acc_t(0);
+    for (int j = 0; j < n; ++j) s += c.a[j] * c.K[j * D + d] * c.G1[j * F + f];
+    c.W1[e] -= s;
+  }
+  TTT_PAR_FOR(e, F * D) {
+    const int f = e / D, col = e % D;
+    acc_t s = G2w != nullptr ? e_end * G2w[e] : acc_t(0);
+    for (int j = 0; j < n; ++j) s += c.a[j] * c.X2[j * F + f] * c.G2[j * D + col];
+    c.W2[e] -= s;
+  }
+  TTT_PAR_FOR(f, F) {
+    acc_t s = g1b != nullptr ? e_end * g1b[f] : acc_t(0);
+    for (int j = 0; j < n; ++j) s += c.a[j] * c.G1[j * F + f];
+    c.b1[f] -= s;
+  }
+  TTT_PAR_FOR(col, D) {
+    acc_t s = g2b != nullptr ? e_end * g2b[col] : acc_t(0);
+    for (int j = 0; j < n; ++j) s += c.a[j] * c.G2[j * D + col];
+    c.b2[col] -= s;
+  }
+  TTT_SYNC();
+}
+
+// Copies (W1, b1, W2, b2) between the chain buffers and [B, H, (nseg,) ...] tensors.
+template <typename acc_t>
+TTT_HD void mlp_copy(const MLPBuffers<acc_t>& c, int D, int F, int64_t slot, bool to_buffers,
+                     const void* W1, const void* b1, const void* W2, const void* b2) {
+  const int64_t DF = static_cast<int64_t>(D) * F;
+  acc_t* w1 = const_cast<acc_t*>(static_cast<const acc_t*>(W1)) + slot * DF;
+  acc_t* w2 = const_cast<acc_t*>(static_cast<const acc_t*>(W2)) + slot * DF;
+  acc_t* v1 = const_cast<acc_t*>(static_cast<const acc_t*>(b1)) + slot * F;
+  acc_t* v2 = const_cast<acc_t*>(static_cast<const acc_t*>(b2)) + slot * D;
+  TTT_PAR_FOR(e, D * F) {
+    if (to_buffers) c.W1[e] = w1[e], c.W2[e] = w2[e];
+    else w1[e] = c.W1[e], w2[e] = c.W2[e];
+  }
+  TTT_PAR_FOR(f, F) {
+    if (to_buffers) c.b1[f] = v1[f];
+    else v1[f] = c.b1[f];
+  }
+  TTT_PAR_FOR(d, D) {
+    if (to_buffers) c.b2[d] = v2[d];
+    else v2[d] = c.b2[d];
+  }
+}
+
+// Forward of chain (bi, hi): o, the end weights and every segment's start weights.
+template <typename scalar_t, typename acc_t>
+TTT_HD void mlp_fwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, int hi) {
+  MLPBuffers<acc_t> c;
+  carve_mlp<acc_t>(ws, D, F, p.mini_batch_size, false, &c);
+  const int64_t bh = static_cast<int64_t>(bi) * p.H + hi;
+  const acc_t* lnw = static_cast<const acc_t*>(p.ln_w) + static_cast<int64_t>(hi) * D;
+  const acc_t* lnb = static_cast<const acc_t*>(p.ln_b) + static_cast<int64_t>(hi) * D;
+  mlp_copy(c, D, F, bh, true, p.W0, p.b0, p.W20, p.b20);
+  TTT_SYNC();
+  const int nseg = p.num_segments();
+  for (int s = 0; s < nseg; ++s) {
+    const Segment g = segment(p, s);
+    mlp_copy(c, D, F, bh * nseg + s, false, p.W_starts, p.b_starts, p.W2_starts, p.b2_starts);
+    mlp_recompute<scalar_t, acc_t>(p, c, D, F, bi, hi, g, false);
+    scalar_t* o = static_cast<scalar_t*>(p.o) + (bh * p.L + g.t0) * D;
+    TTT_PAR_FOR(e, g.n * D) {  // o = q + gamma * LN(Zq2) + beta
+      const int col = e % D;
+      o[e] = static_cast<scalar_t>(c.Q[e] + lnw[col] * c.Xp[e] + lnb[col]);
+    }
+    mlp_update(p, c, D, F, bh, g);
+  }
+  mlp_copy(c, D, F, bh, false, p.W_end, p.b_end, p.W2_end, p.b2_end);
+}
+
+}  // namespace ttt
+
+#include "ttt_mlp_backward.h"

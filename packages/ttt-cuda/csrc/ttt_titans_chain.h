@@ -1,0 +1,202 @@
+// The fused TTT-Linear math in the Titans form for one (batch, head) chain (CPU and GPU).
+//
+// Per token j of a segment of n tokens, gradients are taken at the segment's gradient point P:
+//   S_j = m_j S_{j-1} - eta_j grad l_j(P),   W_j = (1 - a_j) W_{j-1} + S_j,   o_j from W_j.
+// Unrolled over the segment (S_0, W_0: momentum and weights at its start; W_0 = P except where a
+// streaming state starts inside a mini-batch), with per-source coefficients
+//   W_i = D_i W_0 + c0_i S_0 - sum_{t<=i} C_it eta_t X_t^T g_t,   S_last = m S_0 - sum_t M_t ...
+// where every source (token t's step, W_0, S_0) runs the scalar recurrence
+//   s_j = m_j s_{j-1},  w_j = (1 - a_j) w_{j-1} + s_j
+// from (w, s) = (1, 1) at j = t (a step), (1, 0) before token 0 (W_0) or (0, 1) (S_0):
+// C_it = w_i, M_t = s_{n-1} of step t; D_i = w_i of W_0; c0_i = w_i, m = s_{n-1} of S_0.
+// Cx / Mx hold w / s per (row j, source column): steps in columns 0..n-1, W_0 in column bmax,
+// S_0 in column bmax + 1 (row stride NC = bmax + 2). Then, as ttt-core's dual form,
+//   Z'_i = D_i (q_i W_0 + b_0) + c0_i (q_i S_0 + sb_0) - sum_t C_it eta_t (q_i . k_t + 1) g_t.
+// Token scale does not apply. When a segment completes, P <- W_last.
+#pragma once
+#include "ttt_ln_rows.h"
+
+namespace ttt {
+
+template <typename acc_t>
+struct TitansBuffers {
+  acc_t *W, *bw, *Wc, *bc, *S, *sb;              // [D, D], [D]: P, W_0 (current), S_0
+  acc_t *K, *Q, *T, *X, *G, *Xp, *QW, *QS;       // [n, D]
+  acc_t *Pm, *Cx, *Mx;                           // [n, n], [n, NC], [n, NC]
+  acc_t *eta, *m, *dec, *rstd, *rstdp;           // [n]
+  acc_t *U, *DZ, *dQ, *dK, *KdW, *KdS, *dG;      // backward [n, D]
+  acc_t *dPm, *dCx, *cA, *cM, *dMl;              // backward [n, n], [n, NC] x3, [NC]
+  acc_t *dw, *du, *dDv, *dc0, *rW, *rS1, *rS2;   // backward [n] x4, [D] x3
+  acc_t *dW, *db, *dS, *dsb, *dlnw, *dlnb;       // backward carries / accumulators
+};
+
+template <typename acc_t>
+TTT_HD int64_t carve_titans(acc_t* base, int D, int bmax, bool bwd, TitansBuffers<acc_t>* c) {
+  int64_t off = 0;
+  auto take = [&](acc_t** ptr, int64_t n) {
+    *ptr = base == nullptr ? nullptr : base + off;
+    off += (n + 3) / 4 * 4;  // 16-byte aligned for float
+  };
+  const int64_t DD = static_cast<int64_t>(D) * D, nD = static_cast<int64_t>(bmax) * D;
+  const int64_t nn = static_cast<int64_t>(bmax) * bmax, nC = static_cast<int64_t>(bmax) * (bmax + 2);
+  take(&c->W, DD), take(&c->bw, D), take(&c->Wc, DD), take(&c->bc, D), take(&c->S, DD);
+  take(&c->sb, D), take(&c->K, nD), take(&c->Q, nD), take(&c->T, nD), take(&c->X, nD);
+  take(&c->G, nD), take(&c->Xp, nD), take(&c->QW, nD), take(&c->QS, nD), take(&c->Pm, nn);
+  take(&c->Cx, nC), take(&c->Mx, nC), take(&c->eta, bmax), take(&c->m, bmax);
+  take(&c->dec, bmax), take(&c->rstd, bmax), take(&c->rstdp, bmax);
+  if (bwd) {
+    take(&c->U, nD), take(&c->DZ, nD), take(&c->dQ, nD), take(&c->dK, nD), take(&c->KdW, nD);
+    take(&c->KdS, nD), take(&c->dG, nD), take(&c->dPm, nn), take(&c->dCx, nC);
+    take(&c->cA, nC), take(&c->cM, nC), take(&c->dMl, bmax + 2), take(&c->dw, bmax);
+    take(&c->du, bmax), take(&c->dDv, bmax), take(&c->dc0, bmax), take(&c->rW, D);
+    take(&c->rS1, D), take(&c->rS2, D), take(&c->dW, DD), take(&c->db, D), take(&c->dS, DD);
+    take(&c->dsb, D), take(&c->dlnw, D), take(&c->dlnb, D);
+  }
+  return off;
+}
+
+// Column of source index ci in Cx / Mx: steps 0..n-1, then W_0 (bmax) and S_0 (bmax + 1).
+TTT_HD int titans_col(int ci, int n, int bmax) { return ci < n ? ci : bmax + (ci - n); }
+
+// Loads the segment and recomputes Cx, Mx, X, G (U), QW, QS, Pm, Xp from P, W_0 and S_0 in c.
+template <typename scalar_t, typename acc_t>
+TTT_HD void titans_recompute(const TitansParams& p, const TitansBuffers<acc_t>& c, int D, int bi,
+                             int hi, const Segment& g, bool bwd) {
+  const int t0 = g.t0, n = g.n, bmax = p.mini_batch_size, NC = bmax + 2;
+  const int64_t row = (static_cast<int64_t>(bi) * p.H + hi) * p.L + t0;
+  const acc_t* lnw = static_cast<const acc_t*>(p.ln_w) + static_cast<int64_t>(hi) * D;
+  const acc_t* lnb = static_cast<const acc_t*>(p.ln_b) + static_cast<int64_t>(hi) * D;
+  TTT_PAR_FOR(e, n * D) {
+    const int i = e / D, col = e % D;
+    const int64_t t = t0 + i;
+    const acc_t kv = ld<scalar_t, acc_t>(p.k, bi * p.k_sb + hi * p.k_sh + t * p.k_sl + col);
+    c.K[e] = kv;
+    c.Q[e] = ld<scalar_t, acc_t>(p.q, bi * p.q_sb + hi * p.q_sh + t * p.q_sl + col);
+    c.T[e] = ld<scalar_t, acc_t>(p.v, bi * p.v_sb + hi * p.v_sh + t * p.v_sl + col) - kv;
+  }
+  TTT_PAR_FOR(i, n) {
+    c.eta[i] = static_cast<const acc_t*>(p.eta)[row + i];
+    c.m[i] = static_cast<const acc_t*>(p.mom)[row + i];
+    c.dec[i] = static_cast<const acc_t*>(p.dec)[row + i];
+  }
+  TTT_SYNC();
+  TTT_PAR_FOR(ci, n + 2) {  // the scalar recurrence of every source
+    const int col = titans_col(ci, n, bmax), j0 = ci < n ? ci : 0;
+    acc_t w = ci == n ? acc_t(1) : acc_t(0), s = ci == n + 1 ? acc_t(1) : acc_t(0);
+    for (int j = 0; j < n; ++j) {
+      if (j < j0) {
+        w = 0, s = 0;
+      } else if (ci < n && j == j0) {
+        w = 1, s = 1;
+      } else {
+        s = c.m[j] * s;
+        w = (acc_t(1) - c.dec[j]) * w + s;
+      }
+      c.Cx[j * NC + col] = w, c.Mx[j * NC + col] = s;
+    }
+  }
+  TTT_PAR_FOR(e, n * D) {  // Z = K P + b (into X), QW = Q W_0 + b_0, QS = Q S_0 + sb_0
+    const int i = e / D, col = e % D;
+    acc_t z = c.bw[col], qw = c.bc[col], qs = c.sb[col];
+    for (int d = 0; d < D; ++d) {
+      z += c.K[i * D + d] * c.W[d * D + col];
+      qw += c.Q[i * D + d] * c.Wc[d * D + col];
+      qs += c.Q[i * D + d] * c.S[d * D + col];
+    }
+    c.X[e] = z, c.QW[e] = qw, c.QS[e] = qs;
+  }
+  TTT_SYNC();
+  ln_rows(n, D, static_cast<acc_t>(p.eps), lnw, lnb, c.X, c.rstd, c.T, c.G, bwd ? c.U : nullptr);
+  TTT_PAR_FOR(e, n * n) {  // Pm = C * eta * (Q K^T + 1), lower triangle
+    const int i = e / n, t = e % n;
+    acc_t s = 0;
+    if (t <= i) {
+      for (int d = 0; d < D; ++d) s += c.Q[i * D + d] * c.K[t * D + d];
+      s = c.Cx[i * NC + t] * c.eta[t] * (s + acc_t(1));
+    }
+    c.Pm[e] = s;
+  }
+  TTT_SYNC();
+  TTT_PAR_FOR(e, n * D) {  // Z' = D_i QW + c0_i QS - Pm G
+    const int i = e / D, col = e % D;
+    acc_t s = c.Cx[i * NC + bmax] * c.QW[e] + c.Cx[i * NC + bmax + 1] * c.QS[e];
+    for (int t = 0; t <= i; ++t) s -= c.Pm[i * n + t] * c.G[t * D + col];
+    c.Xp[e] = s;
+  }
+  TTT_SYNC();
+  ln_rows<acc_t>(n, D, static_cast<acc_t>(p.eps), lnw, lnb, c.Xp, c.rstdp, nullptr, nullptr,
+                 nullptr);
+  TTT_SYNC();
+}
+
+// W_0 <- D_last W_0 + c0_last S_0 - K^T diag(C_last eta) G,  S_0 <- m S_0 - K^T diag(M eta) G
+// (biases alike); when the segment completes, P <- W_0.
+template <typename acc_t>
+TTT_HD void titans_update(const TitansParams& p, const TitansBuffers<acc_t>& c, int D,
+                          const Segment& g) {
+  const int n = g.n, bmax = p.mini_batch_size, NC = bmax + 2, last = (n - 1) * NC;
+  const acc_t Dl = c.Cx[last + bmax], c0l = c.Cx[last + bmax + 1], ml = c.Mx[last + bmax + 1];
+  TTT_PAR_FOR(e, D * D + D) {
+    const bool bias = e >= D * D;
+    const int d = bias ? -1 : e / D, col = bias ? e - D * D : e % D;
+    acc_t sw = 0, ss = 0;
+    for (int t = 0; t < n; ++t) {
+      const acc_t kg = (bias ? acc_t(1) : c.K[t * D + d]) * c.G[t * D + col] * c.eta[t];
+      sw += c.Cx[last + t] * kg;
+      ss += c.Mx[last + t] * kg;
+    }
+    acc_t& w = bias ? c.bc[col] : c.Wc[e];
+    acc_t& s = bias ? c.sb[col] : c.S[e];
+    w = Dl * w + c0l * s - sw;
+    s = ml * s - ss;
+    if (g.completes) (bias ? c.bw[col] : c.W[e]) = w;
+  }
+  TTT_SYNC();
+}
+
+// Copies a [D, D] + [D] pair between buffers and a [B, H, (nseg,) ...] tensor slot.
+template <typename acc_t>
+TTT_HD void titans_copy(acc_t* W, acc_t* b, const void* Wt, const void* bt, int D, int64_t slot,
+                        bool to_buffers) {
+  acc_t* wt = const_cast<acc_t*>(static_cast<const acc_t*>(Wt)) + slot * D * D;
+  acc_t* vt = const_cast<acc_t*>(static_cast<const acc_t*>(bt)) + slot * D;
+  TTT_PAR_FOR(e, D * D + D) {
+    acc_t& buf = e < D * D ? W[e] : b[e - D * D];
+    acc_t& ten = e < D * D ? wt[e] : vt[e - D * D];
+    if (to_buffers) buf = ten;
+    else ten = buf;
+  }
+}
+
+// Forward of chain (bi, hi): o, the end weights and momentum, each segment's P and S_0.
+template <typename scalar_t, typename acc_t>
+TTT_HD void titans_fwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, int hi) {
+  TitansBuffers<acc_t> c;
+  carve_titans<acc_t>(ws, D, p.mini_batch_size, false, &c);
+  const int64_t bh = static_cast<int64_t>(bi) * p.H + hi;
+  const acc_t* lnw = static_cast<const acc_t*>(p.ln_w) + static_cast<int64_t>(hi) * D;
+  const acc_t* lnb = static_cast<const acc_t*>(p.ln_b) + static_cast<int64_t>(hi) * D;
+  titans_copy(c.W, c.bw, p.W0, p.b0, D, bh, true);
+  titans_copy(c.Wc, c.bc, p.C0, p.cb0, D, bh, true);
+  titans_copy(c.S, c.sb, p.S0, p.sb0, D, bh, true);
+  TTT_SYNC();
+  const int nseg = p.num_segments();
+  for (int s = 0; s < nseg; ++s) {
+    const Segment g = segment(p, s);
+    titans_copy(c.W, c.bw, p.W_starts, p.b_starts, D, bh * nseg + s, false);
+    titans_copy(c.S, c.sb, p.S_starts, p.sb_starts, D, bh * nseg + s, false);
+    titans_recompute<scalar_t, acc_t>(p, c, D, bi, hi, g, false);
+    scalar_t* o = static_cast<scalar_t*>(p.o) + (bh * p.L + g.t0) * D;
+    TTT_PAR_FOR(e, g.n * D) {
+      const int col = e % D;
+      o[e] = static_cast<scalar_t>(c.Q[e] + lnw[col] * c.Xp[e] + lnb[col]);
+    }
+    titans_update(p, c, D, g);
+  }
+  titans_copy(c.Wc, c.bc, p.W_end, p.b_end, D, bh, false);
+  titans_copy(c.S, c.sb, p.S_end, p.sb_end, D, bh, false);
+}
+
+}  // namespace ttt
+
+#include "ttt_titans_backward.h"

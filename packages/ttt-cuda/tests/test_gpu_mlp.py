@@ -1,0 +1,202 @@
+"""Device tests of the CUDA TTT-MLP kernels (D = 64, F = 256; skipped without a GPU,
+TTT_REQUIRE_GPU=1 makes that a failure).
+
+References: ttt-core's torch backend on the same GPU (fp32), the same backend's own low-precision
+run for the bf16/fp16 accuracy rule, eager runs for the CUDA-graph and determinism checks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from ttt_cuda_reference import make_mlp_inputs
+
+from ttt_core import ttt_mlp
+
+pytestmark = pytest.mark.gpu
+
+CASES = [
+    # B, H, L, b, causal, token_scale (D = 64, F = 256)
+    (2, 2, 64, 16, True, "mean"),
+    (1, 2, 70, 32, True, "sum"),  # L not a multiple of b
+    (1, 1, 40, 8, True, "vector"),
+    (2, 2, 48, 16, False, "mean"),
+]
+
+
+def _id(c):
+    B, H, L, b, causal, ts = c
+    return f"B{B}-H{H}-L{L}-D64-F256-b{b}-{'causal' if causal else 'noncausal'}-{ts}"
+
+
+def _grads(o, inputs, go):
+    return torch.autograd.grad((o.float() * go).sum(), inputs)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_fp32_matches_torch_backend(cuda_device, case):
+    B, H, L, b, causal, ts = case
+    x = make_mlp_inputs(B, H, L, 64, dtype=torch.float32, device=cuda_device, seed=51)
+    token_scale = ts
+    if ts == "vector":
+        token_scale = torch.linspace(1.0, 0.2, b, device=cuda_device).requires_grad_()
+    kw = dict(mini_batch_size=b, causal=causal, token_scale=token_scale)
+    o, _ = ttt_mlp(*x.values(), backend="cuda", **kw)
+    ref, _ = ttt_mlp(*x.values(), backend="torch", **kw)
+    torch.testing.assert_close(o, ref, rtol=1e-4, atol=1e-4)
+    inputs = list(x.values()) + ([token_scale] if ts == "vector" else [])
+    go = torch.randn_like(ref)
+    for name, g, w in zip([*x, "token_scale"], _grads(o, inputs, go), _grads(ref, inputs, go)):
+        atol = 1e-4 * max(1.0, w.abs().max().item())
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_accuracy_rule(cuda_device, dtype):
+    """Error vs the fp32 reference at most 2x the torch backend's own error in the same dtype
+    (+ one rounding of the largest value): both read the same rounded inputs and keep fp32
+    state, so the kernel may only add the rounding of its outputs, not a worse accumulation."""
+    x32 = make_mlp_inputs(2, 2, 80, 64, dtype=torch.float32, device=cuda_device, seed=52)
+    xlo = {n: t.detach().to(dtype).requires_grad_() for n, t in x32.items()}
+    ref, _ = ttt_mlp(*x32.values(), backend="torch")
+    o_torch, _ = ttt_mlp(*xlo.values(), backend="torch")
+    o_cuda, _ = ttt_mlp(*xlo.values(), backend="cuda")
+    assert o_cuda.dtype == dtype
+    ulp = torch.finfo(dtype).eps * ref.abs().max().item()
+    err_torch = (o_torch.float() - ref).abs().max().item()
+    err_cuda = (o_cuda.float() - ref).abs().max().item()
+    assert err_cuda <= 2 * err_torch + ulp, (err_cuda, err_torch)
+    go = torch.randn_like(ref)
+    g_ref = _grads(ref, list(x32.values()), go)
+    g_cuda = _grads(o_cuda, list(xlo.values()), go)
+    g_torch = _grads(o_torch, list(xlo.values()), go)
+    for name, g_c, g_t, g_r in zip(x32, g_cuda, g_torch, g_ref):
+        floor = torch.finfo(dtype).eps * g_r.abs().max().item()
+        e_c = (g_c.float() - g_r).abs().max().item()
+        e_t = (g_t.float() - g_r).abs().max().item()
+        assert e_c <= 2 * e_t + floor, (name, e_c, e_t)
+
+
+def test_auto_dispatch_state_and_fallback(cuda_device):
+    """auto runs the kernels (no warning) for D = 64, F = 256; the final state (cut inside a
+    mini-batch) equals the torch backend's; another F falls back with a warning naming why."""
+    x = make_mlp_inputs(1, 2, 37, 64, dtype=torch.float32, device=cuda_device, seed=53,
+                        requires_grad=False)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        o, st = ttt_mlp(*x.values(), backend="auto", output_final_state=True)
+    ref, st_ref = ttt_mlp(*x.values(), backend="torch", output_final_state=True)
+    torch.testing.assert_close(o, ref, rtol=1e-4, atol=1e-4)
+    assert st.offset == st_ref.offset == 37 % 16
+    for name in ("W1", "b1", "W2", "b2"):
+        torch.testing.assert_close(st.grad_sum[name], st_ref.grad_sum[name], rtol=1e-4, atol=1e-4)
+    wide = make_mlp_inputs(1, 2, 16, 64, F=128, dtype=torch.float32, device=cuda_device, seed=54,
+                           requires_grad=False)  # fmt: skip
+    with pytest.warns(UserWarning, match="D = 64 and F = 256"):
+        ttt_mlp(*wide.values(), backend="auto")
+
+
+def test_streaming_one_token_at_a_time(cuda_device):
+    """States cut inside mini-batches (offset > 0, grad_sum of both layers) resume in the kernels:
+    19 tokens fed one by one (b = 16) equal one torch-backend call (fp32), outputs and gradients."""
+    x = make_mlp_inputs(1, 2, 19, 64, dtype=torch.float32, device=cuda_device, seed=58)
+    outs, st = [], None
+    for t in range(19):
+        part = {**x, **{n: x[n][:, :, t : t + 1] for n in ("q", "k", "v", "eta")}}
+        o, st = ttt_mlp(*part.values(), backend="cuda", initial_state=st, output_final_state=True)
+        outs.append(o)
+    o = torch.cat(outs, dim=2)
+    ref, st_ref = ttt_mlp(*x.values(), backend="torch", output_final_state=True)
+    torch.testing.assert_close(o, ref, rtol=1e-4, atol=1e-4)
+    assert st.offset == st_ref.offset == 3
+    go = torch.randn_like(ref)
+    inputs = list(x.values())
+    for name, g, w in zip(x, _grads(o, inputs, go), _grads(ref, inputs, go)):
+        atol = 1e-4 * max(1.0, w.abs().max().item())
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_deterministic(cuda_device):
+    x = make_mlp_inputs(2, 2, 48, 64, dtype=torch.bfloat16, device=cuda_device, seed=55)
+    runs = []
+    for _ in range(2):
+        o, _ = ttt_mlp(*x.values(), backend="cuda")
+        runs.append((o, *torch.autograd.grad(o.float().square().sum(), list(x.values()))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_cuda_graph_capture(cuda_device):
+    """Forward + backward captured in a CUDA graph replay like eager on fresh inputs."""
+    x = make_mlp_inputs(1, 2, 40, 64, dtype=torch.float32, device=cuda_device, seed=56,
+                        requires_grad=False)  # fmt: skip
+    static = {n: t.clone().requires_grad_() for n, t in x.items()}
+
+    def step():
+        o, _ = ttt_mlp(*static.values(), backend="cuda")
+        return (o, *torch.autograd.grad(o.square().sum(), list(static.values())))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    fresh = make_mlp_inputs(1, 2, 40, 64, dtype=torch.float32, device=cuda_device, seed=57,
+                            requires_grad=False)  # fmt: skip
+    with torch.no_grad():
+        for n, t in fresh.items():
+            static[n].copy_(t)
+    graph.replay()
+    eager_in = {n: t.clone().requires_grad_() for n, t in fresh.items()}
+    o, _ = ttt_mlp(*eager_in.values(), backend="cuda")
+    want = (o, *torch.autograd.grad(o.square().sum(), list(eager_in.values())))
+    for a, b in zip(outs, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_compute_sanitizer_memcheck_clean(cuda_device):
+    tool = shutil.which("compute-sanitizer") or (
+        "/usr/local/cuda/bin/compute-sanitizer"
+        if os.path.exists("/usr/local/cuda/bin/compute-sanitizer")
+        else None
+    )
+    if tool is None:
+        pytest.skip("compute-sanitizer is not installed")
+    script = textwrap.dedent(
+        """
+        import torch
+        from ttt_core import ttt_mlp
+        for b, L, dt in ((16, 21, torch.float32), (8, 9, torch.bfloat16)):
+            g = torch.Generator(device="cuda").manual_seed(0)
+            kw = dict(device="cuda", dtype=dt)
+            q, k, v = (torch.randn(1, 2, L, 64, generator=g, **kw).requires_grad_()
+                       for _ in range(3))
+            eta = torch.full((1, 2, L), 0.1, **kw)
+            W1 = (torch.randn(2, 64, 256, device="cuda") * 0.125).to(dt)
+            W2 = (torch.randn(2, 256, 64, device="cuda") * 0.0625).to(dt)
+            b1, b2 = torch.zeros(2, 1, 256, **kw), torch.zeros(2, 1, 64, **kw)
+            lnw, lnb = torch.ones(2, 64, **kw), torch.zeros(2, 64, **kw)
+            o, _ = ttt_mlp(q, k, v, eta, W1, b1, W2, b2, lnw, lnb, mini_batch_size=b,
+                           backend="cuda")
+            o.float().sum().backward()
+        torch.cuda.synchronize()
+        print("OK")
+        """
+    )
+    res = subprocess.run(
+        [tool, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
