@@ -231,6 +231,30 @@ def test_bad_config_raises(changes, match):
         ActionExpertConfig.tiny(**changes)
 
 
+def test_gemma_300m_preset_has_a_narrow_ttt_branch_by_default():
+    """gemma_300m's TTT branch is 8 heads of 64 (width 512, half the expert's); dict changes merge
+    into that default, a TTTOptions replaces it (None heads / head dim: the full width)."""
+    cfg = ActionExpertConfig.gemma_300m(use_ttt=True)
+    assert (cfg.width, cfg.depth, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
+        1024, 18, 8, 1, 256,
+    )  # fmt: skip
+    assert (cfg.ttt.num_heads, cfg.ttt.head_dim) == (8, 64)
+    assert cfg.ttt_layers() == tuple(range(18))
+    assert cfg.replace(ttt=dict(gating="both")).ttt.head_dim == 64  # replace() keeps it
+    mlp = ActionExpertConfig.gemma_300m(ttt=dict(layer_type="mlp"))
+    assert (mlp.ttt.layer_type, mlp.ttt.num_heads, mlp.ttt.head_dim) == ("mlp", 8, 64)
+    full = ActionExpertConfig.gemma_300m(use_ttt=True, ttt=dict(head_dim=128))
+    assert (full.ttt.num_heads, full.ttt.head_dim) == (8, 128)
+    own = ActionExpertConfig.gemma_300m(use_ttt=True, ttt=TTTOptions(layer_type="mlp"))
+    assert own.ttt == TTTOptions(layer_type="mlp")  # num_heads/head_dim None: full width
+    assert ActionExpertConfig.tiny(use_ttt=True).ttt.head_dim is None  # tiny: unchanged
+    branch = TTTBranch(cfg.width, cfg.width, cfg.ttt, cfg.num_heads, cfg.rms_eps)
+    assert branch.layer.config.inner_width == 512
+    assert tuple(branch.layer.inner.W1.shape) == (8, 64, 64)  # per-head fast weights
+    y, gate = branch(torch.randn(1, 50, cfg.width), torch.randn(1, cfg.width))
+    assert y.shape == (1, 50, cfg.width) and gate.shape == (1, 1, cfg.width)
+
+
 def test_bad_inputs_raise():
     cfg = ActionExpertConfig.tiny(use_ttt=True)
     expert = ActionExpert(cfg)
