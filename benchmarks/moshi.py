@@ -6,7 +6,8 @@ local attention window) is timed side by side with the same layer converted by t
 (attention -> TTT-Linear, mini-batch 16, tanh(alpha) gate -> feed-forward):
 
 - streaming: batch 1, one token per call inside ``layer.streaming(1)`` (a KV ring cache for the
-  attention, the fast weights + partial mini-batch for TTT), median ms per step over 2 mini-batches;
+  attention, the fast weights + partial mini-batch for TTT), median ms per step over 160 steps
+  (dim 1024) or 64 (dim 4096), and the median ratio of neighbouring steps (the variants step in turn);
 - training: one full sequence [1, T, C], forward + backward, tokens per second.
 
 Variants: ``moshi`` (plain layer, window 100) and the TTT layer (window 50) at three TTT widths, all
@@ -58,7 +59,9 @@ def make_layer(dim: int, heads: int, variant: str) -> torch.nn.Module:
     )  # fmt: skip
     if variant != "moshi":
         # TTT width as a fraction of dim: fewer TTT heads of the attention's head dim
-        ttt_heads = heads // {"moshi+ttt-full": 1, "moshi+ttt-half": 2, "moshi+ttt-quarter": 4}[variant]
+        ttt_heads = (
+            heads // {"moshi+ttt-full": 1, "moshi+ttt-half": 2, "moshi+ttt-quarter": 4}[variant]
+        )
         cfg = TTTConfig(hidden_size=dim, num_heads=ttt_heads, head_dim=dim // heads, inner="linear",
                         mini_batch_size=16, gate="tanh_alpha", gate_init=0.1)  # fmt: skip
         convert_layer(layer, cfg)
@@ -119,18 +122,20 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        sizes = [(256, 4, 64, 2)]  # (dim, heads, train seq_len, reps)
-        warmup, steps = 4, 16
+        sizes = [(256, 4, 64, 2, 16)]  # (dim, heads, train seq_len, reps, stream steps)
+        warmup = 4
     else:
-        sizes = [(1024, 16, 256, 3), (4096, 32, 128, 1)]
-        warmup, steps = 8, 32
+        sizes = [(1024, 16, 256, 3, 160), (4096, 32, 128, 1, 64)]
+        warmup = 16
     variants = ["moshi", "moshi+ttt-full", "moshi+ttt-half", "moshi+ttt-quarter"]
     rows = []
+    all_steps: dict[int, dict[str, list[float]]] = {}
     t_start = time.perf_counter()
     with no_compile():
-        for dim, heads, seq_len, reps in sizes:
+        for dim, heads, seq_len, reps, steps in sizes:
             layers = {v: make_layer(dim, heads, v) for v in variants}
             step_times = stream_step_ms(layers, dim, warmup, steps)
+            all_steps[dim] = step_times
             iter_ms = train_ms(layers, dim, seq_len, reps)
             for variant, layer in layers.items():
                 st = step_times[variant]
@@ -156,6 +161,10 @@ def main() -> None:
                         100 * (r["stream_step_ms_median"] / base["stream_step_ms_median"] - 1), 1),
                     "stream_step_added_pct_min": round(
                         100 * (r["stream_step_ms_min"] / base["stream_step_ms_min"] - 1), 1),
+                    # the variants step in turn: the ratio of neighbouring steps, median over steps
+                    "stream_step_added_pct_median_of_ratios": round(100 * (statistics.median(
+                        a / b for a, b in zip(all_steps[dim][r["variant"]], all_steps[dim]["moshi"])
+                    ) - 1), 1),
                     "train_throughput_ratio": round(
                         r["train_tokens_per_s"] / base["train_tokens_per_s"], 3),
                 }  # fmt: skip

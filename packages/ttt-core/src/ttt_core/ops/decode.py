@@ -19,62 +19,66 @@ with input x (key side) and output gradient g taken at P:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..state import TensorDict, TTTState, zeros_like_dict
-from .common import (
-    compute_dtype,
-    gelu_tanh,
-    gelu_tanh_grad,
-    head_view,
-    layer_norm_heads,
-    ln_loss_grad_pre,
-    position_scales,
-)
+from .common import compute_dtype, gelu_tanh, gelu_tanh_grad, position_scales
 
 LAYERS = {"linear": (("W1", "b1"),), "mlp": (("W1", "b1"), ("W2", "b2"))}
 
+# Every tensor here is flattened over (batch, head) to [N = B*H, ...] once, so each fast layer is one
+# baddbmm; a single token's step is a few dozen small ops and their dispatch is the cost.
 
-def _apply(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
-    """``x W + b`` for x [B, H, 1, Din], W [B, H, Din, Dout], b [B, H, 1, Dout]."""
-    return torch.baddbmm(b.flatten(0, 1), x.flatten(0, 1), W.flatten(0, 1)).view(
-        *x.shape[:-1], W.shape[-1]
-    )
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _flat(d: TensorDict | None) -> TensorDict | None:
+    """{name: [B, H, ...]} -> {name: [B*H, ...]} (views)."""
+    return None if d is None else {n: t.flatten(0, 1) for n, t in d.items()}
+
+
+def _unflat(d: TensorDict | None, B: int) -> TensorDict | None:
+    return None if d is None else {n: t.unflatten(0, (B, -1)) for n, t in d.items()}
+
+
+def _ln_grad(z: Tensor, wbt: Tensor, w2: Tensor, eps: float) -> Tensor:
+    """d/dz 0.5 ||LN(z) w + b - target||^2 for z [N, 1, D] (see ``common.ln_loss_grad_pre``),
+    with the normalised x from one fused ``layer_norm``."""
+    inv_d = 1.0 / z.shape[-1]
+    x = F.layer_norm(z, z.shape[-1:], eps=eps)
+    rstd = torch.rsqrt(torch.var(z, dim=-1, keepdim=True, correction=0) + eps)
+    dx = torch.addcmul(wbt, x, w2)  # weight * (weight * x + bias - target)
+    t = torch.sub(dx, dx.sum(dim=-1, keepdim=True), alpha=inv_d)
+    return rstd * torch.addcmul(t, x, (dx * x).sum(dim=-1, keepdim=True), value=-inv_d)
 
 
 def _key_side(P: TensorDict, k: Tensor, wbt: Tensor, w2: Tensor, eps: float, kind: str):
-    """Inputs x_l [B, H, 1, Din] and output gradients g_l [B, H, 1, Dout] of each fast layer at P."""
+    """Inputs x_l [N, 1, Din] and output gradients g_l [N, 1, Dout] of each fast layer at P."""
     if kind == "linear":
-        return [k], [ln_loss_grad_pre(_apply(k, P["W1"], P["b1"]), wbt, w2, eps)]
-    z1 = _apply(k, P["W1"], P["b1"])  # (B, H, 1, F)
+        return [k], [_ln_grad(torch.baddbmm(P["b1"], k, P["W1"]), wbt, w2, eps)]
+    z1 = torch.baddbmm(P["b1"], k, P["W1"])  # (N, 1, F)
     x2 = gelu_tanh(z1)
-    g2 = ln_loss_grad_pre(_apply(x2, P["W2"], P["b2"]), wbt, w2, eps)  # (B, H, 1, D)
-    g1 = (g2 @ P["W2"].transpose(-1, -2)) * gelu_tanh_grad(z1)  # (B, H, 1, F)
+    g2 = _ln_grad(torch.baddbmm(P["b2"], x2, P["W2"]), wbt, w2, eps)  # (N, 1, D)
+    g1 = torch.bmm(g2, P["W2"].transpose(-1, -2)) * gelu_tanh_grad(z1)  # (N, 1, F)
     return [k, x2], [g1, g2]
 
 
-def _outer(x: Tensor, g: Tensor) -> Tensor:
-    """x^T g for one token: [B, H, 1, Din] x [B, H, 1, Dout] -> [B, H, Din, Dout]."""
-    return x.transpose(-1, -2) * g
-
-
-def _plain(q, xs, gs, eta, state: TTTState, s: float | Tensor, completes: bool, kind: str):
-    """Plain-form step; returns (z [B, H, 1, D], params, grad_sum or None)."""
-    P, G = state.params, state.grad_sum
-    egs = [eta * g for g in gs]  # eta_j g_j per layer, (B, H, 1, Dout)
+def _plain(q, xs, gs, eta, P, G, s: float | Tensor, completes: bool, kind: str):
+    """Plain-form step on flat tensors; returns (z [N, 1, D], params, grad_sum or None)."""
+    egs = [eta * g for g in gs]  # eta_j g_j per layer, (N, 1, Dout)
     h = q
     for li, ((W, b), x, eg) in enumerate(zip(LAYERS[kind], xs, egs)):
-        hx1 = h @ x.transpose(-1, -2) + 1.0  # (B, H, 1, 1): the new token's step, xq . x + 1
-        corr = hx1 * eg if G is None else torch.addcmul(_apply(h, G[W], G[b]), hx1, eg)
-        z = (
-            torch.sub(_apply(h, P[W], P[b]), corr, alpha=s)
-            if isinstance(s, float)
-            else (_apply(h, P[W], P[b]) - s * corr)
-        )
+        hx1 = torch.bmm(h, x.transpose(-1, -2)) + 1.0  # (N, 1, 1): the new token's step
+        corr = hx1 * eg if G is None else torch.addcmul(torch.baddbmm(G[b], h, G[W]), hx1, eg)
+        z = torch.baddbmm(P[b], h, P[W])
+        z = torch.sub(z, corr, alpha=s) if isinstance(s, float) else z - s * corr
         h = gelu_tanh(z) if li + 1 < len(LAYERS[kind]) else z
     new_G: TensorDict = {}
     for (W, b), x, eg in zip(LAYERS[kind], xs, egs):
-        dW = _outer(x, eg)
+        dW = torch.bmm(x.transpose(-1, -2), eg)  # (N, Din, Dout): x^T eta g
         new_G[W] = dW if G is None else G[W] + dW
         new_G[b] = eg if G is None else G[b] + eg
     if completes:
@@ -82,21 +86,20 @@ def _plain(q, xs, gs, eta, state: TTTState, s: float | Tensor, completes: bool, 
     return h, P, new_G
 
 
-def _titans(q, xs, gs, eta, m, a, state: TTTState, completes: bool, kind: str):
-    """Titans-form step; returns (z [B, H, 1, D], params, momentum, current)."""
-    P = state.params
-    S = state.momentum if state.momentum is not None else zeros_like_dict(P)
-    Wc = state.current if state.current is not None else P
+def _titans(q, xs, gs, eta, m, a, P, S, Wc, completes: bool, kind: str):
+    """Titans-form step on flat tensors; returns (z [N, 1, D], params, momentum, current)."""
+    S = S if S is not None else zeros_like_dict(P)
+    Wc = Wc if Wc is not None else P
     newS, newW = {}, {}
     for (W, b), x, g in zip(LAYERS[kind], xs, gs):
-        eg = eta * g  # (B, H, 1, Dout)
-        newS[W] = m * S[W] - _outer(x, eg)
+        eg = eta * g  # (N, 1, Dout)
+        newS[W] = torch.baddbmm(m * S[W], x.transpose(-1, -2), eg, alpha=-1.0)
         newS[b] = m * S[b] - eg
-        newW[W] = (1.0 - a) * Wc[W] + newS[W]
-        newW[b] = (1.0 - a) * Wc[b] + newS[b]
+        newW[W] = torch.addcmul(newS[W], 1.0 - a, Wc[W])
+        newW[b] = torch.addcmul(newS[b], 1.0 - a, Wc[b])
     h = q
     for li, (W, b) in enumerate(LAYERS[kind]):
-        z = _apply(h, newW[W], newW[b])
+        z = torch.baddbmm(newW[b], h, newW[W])
         h = gelu_tanh(z) if li + 1 < len(LAYERS[kind]) else z
     return h, (newW if completes else P), newS, (None if completes else newW)
 
@@ -121,27 +124,35 @@ def decode_step(
 
     Same result as :func:`ttt_core.ops.scan.ttt_scan` on a one-token call (inputs validated by the
     caller)."""
-    dt = compute_dtype(q.dtype)
-    qf, kf = q.to(dt), k.to(dt)
-    ln_w, ln_b = ln_weight.to(dt), ln_bias.to(dt)
-    w = head_view(ln_w, 4)
-    wbt = w * (head_view(ln_b, 4) - (v.to(dt) - kf))  # (B, H, 1, D): w * (b - target)
-    etaf = eta.to(dt).unsqueeze(-1)  # (B, H, 1, 1)
-    xs, gs = _key_side(state.params, kf, wbt, w * w, eps, kind)
+    B, H, _, D = q.shape
+    N, dt = B * H, compute_dtype(q.dtype)
+    qf, kf = _cast(q, dt).reshape(N, 1, D), _cast(k, dt).reshape(N, 1, D)
+    vf = _cast(v, dt).reshape(N, 1, D)
+    ln_w, ln_b = _cast(ln_weight, dt), _cast(ln_bias, dt)  # (H, D)
+    if B > 1:
+        ln_w, ln_b = ln_w.repeat(B, 1), ln_b.repeat(B, 1)  # (N, D)
+    ln_w, ln_b = ln_w.unsqueeze(1), ln_b.unsqueeze(1)  # (N, 1, D)
+    wbt = ln_w * (ln_b + kf - vf)  # w * (b - target), target v - k
+    etaf = _cast(eta, dt).reshape(N, 1, 1)
+    P = _flat(state.params)
+    xs, gs = _key_side(P, kf, wbt, ln_w * ln_w, eps, kind)
     o = state.offset
     end = o + 1 if mini_batch_size is None else (o + 1) % mini_batch_size
     completes = mini_batch_size is not None and end == 0
     if momentum is not None or decay is not None:
-        m = etaf.new_zeros(()) if momentum is None else momentum.to(dt).unsqueeze(-1)
-        a = etaf.new_zeros(()) if decay is None else decay.to(dt).unsqueeze(-1)
-        z, params, S, current = _titans(qf, xs, gs, etaf, m, a, state, completes, kind)
-        new = TTTState(params, end, mini_batch_size, None, S, current)
+        zero = etaf.new_zeros(())
+        m = zero if momentum is None else _cast(momentum, dt).reshape(N, 1, 1)
+        a = zero if decay is None else _cast(decay, dt).reshape(N, 1, 1)
+        z, params, S, current = _titans(qf, xs, gs, etaf, m, a, P, _flat(state.momentum),
+                                        _flat(state.current), completes, kind)  # fmt: skip
+        new = TTTState(_unflat(params, B), end, mini_batch_size, None, _unflat(S, B),
+                       _unflat(current, B))  # fmt: skip
     else:
         if isinstance(token_scale, Tensor):
             s = position_scales(token_scale, o, 1, q.device, dt)  # (1,) scale of position o
         else:
             s = 1.0 / (o + 1) if token_scale == "mean" else 1.0
-        z, params, G = _plain(qf, xs, gs, etaf, state, s, completes, kind)
-        new = TTTState(params, end, mini_batch_size, G, None, None)
-    out = (qf + layer_norm_heads(z, ln_w, ln_b, eps)).to(q.dtype)
-    return out, new
+        z, params, G = _plain(qf, xs, gs, etaf, P, _flat(state.grad_sum), s, completes, kind)
+        new = TTTState(_unflat(params, B), end, mini_batch_size, _unflat(G, B), None, None)
+    out = qf + torch.addcmul(ln_b, F.layer_norm(z, (D,), eps=eps), ln_w)  # (N, 1, D)
+    return _cast(out.view(B, H, 1, D), q.dtype), new
