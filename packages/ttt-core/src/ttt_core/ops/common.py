@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# (weight, bias) names of each fast layer of the closed-form fast models
+LAYERS = {"linear": (("W1", "b1"),), "mlp": (("W1", "b1"), ("W2", "b2"))}
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Math runs in fp32 for fp32/bf16/fp16 inputs (fp32 fast-weight state) and in fp64 for fp64."""
@@ -43,17 +46,24 @@ def ln_loss_grad(z: Tensor, target: Tensor, weight: Tensor, bias: Tensor, eps: f
 def ln_loss_grad_pre(z: Tensor, wbt: Tensor, w2: Tensor, eps: float) -> Tensor:
     """:func:`ln_loss_grad` with the z-independent parts precomputed (a hot loop's version):
     ``wbt = weight * (bias - target)`` and ``w2 = weight**2``, broadcastable against z."""
+    return ln_loss_grad_parts(z, wbt, w2, eps)[0]
+
+
+def ln_loss_grad_parts(z: Tensor, wbt: Tensor, w2: Tensor, eps: float):
+    """:func:`ln_loss_grad_pre` and the intermediates a hand-written backward needs:
+    ``(g, (x, rstd, dx, s, g))`` with x the normalised z, ``dx = w2 * x + wbt``, ``s = mean(dx * x)``."""
     # not torch.var_mean (over a short last dim, D = 16, ~10x slower on CPU) nor Tensor.mean (four
     # kernels on CPU): sums, with 1/D folded into the next op
-    inv_d = 1.0 / z.shape[-1]
+    D = z.shape[-1]
+    inv_d = 1.0 / D
     zc = torch.sub(z, z.sum(dim=-1, keepdim=True), alpha=inv_d)
-    rstd = torch.rsqrt(torch.add((zc * zc).sum(dim=-1, keepdim=True), eps / inv_d)) * math.sqrt(
-        z.shape[-1]
-    )
+    rstd = torch.rsqrt(torch.add((zc * zc).sum(dim=-1, keepdim=True), eps * D)) * math.sqrt(D)
     x = zc * rstd
     dx = torch.addcmul(wbt, x, w2)  # weight * (weight * x + bias - target)
-    t = torch.sub(dx, dx.sum(dim=-1, keepdim=True), alpha=inv_d)
-    return rstd * torch.addcmul(t, x, (dx * x).sum(dim=-1, keepdim=True), value=-inv_d)
+    s = (dx * x).sum(dim=-1, keepdim=True) * inv_d
+    g = rstd * torch.addcmul(torch.sub(dx, dx.sum(dim=-1, keepdim=True), alpha=inv_d), x, s,
+                             value=-1.0)  # fmt: skip
+    return g, (x, rstd, dx, s, g)
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
@@ -66,6 +76,39 @@ def gelu_tanh_grad(x: Tensor) -> Tensor:
     inner = c * (x + 0.044715 * x.pow(3))
     t = torch.tanh(inner)
     return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * x * x)
+
+
+def affine(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
+    """``x W + b`` as one batched GEMM over every leading dim: x [..., n, Din], W [..., Din, Dout],
+    b [..., 1, Dout] -> [..., n, Dout]."""
+    if x.dim() == 3:
+        return torch.baddbmm(b, x, W)
+    out = torch.baddbmm(b.flatten(0, -3), x.flatten(0, -3), W.flatten(0, -3))
+    return out.view(*x.shape[:-1], W.shape[-1])
+
+
+def key_grads(P: dict[str, Tensor], k: Tensor, wbt: Tensor, w2: Tensor, eps: float, kind: str):
+    """Inputs X_l and output gradients g_l of every fast layer for the keys, at the weights P.
+
+    k: [..., n, D]; wbt = ln_w * (ln_b - target), w2 = ln_w**2 (see ln_loss_grad_pre), against k.
+    Returns lists over layers of X [..., n, Din] and g [..., n, Dout]."""
+    if kind == "linear":
+        return [k], [ln_loss_grad_pre(affine(k, P["W1"], P["b1"]), wbt, w2, eps)]
+    z1 = affine(k, P["W1"], P["b1"])  # (..., n, F)
+    x2 = gelu_tanh(z1)
+    g2 = ln_loss_grad_pre(affine(x2, P["W2"], P["b2"]), wbt, w2, eps)  # (..., n, D)
+    g1 = (g2 @ P["W2"].transpose(-1, -2)) * gelu_tanh_grad(z1)  # (..., n, F)
+    return [k, x2], [g1, g2]
+
+
+def flatten_heads(d: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+    """{name: [B, H, ...]} -> {name: [B*H, ...]} (views); None stays None."""
+    return None if d is None else {n: t.flatten(0, 1) for n, t in d.items()}
+
+
+def unflatten_heads(d: dict[str, Tensor] | None, B: int) -> dict[str, Tensor] | None:
+    """Inverse of :func:`flatten_heads` for batch size B."""
+    return None if d is None else {n: t.unflatten(0, (B, -1)) for n, t in d.items()}
 
 
 def position_scales(token_scale: str | Tensor, start: int, n: int, device, dtype) -> Tensor:

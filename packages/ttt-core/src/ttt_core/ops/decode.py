@@ -23,9 +23,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..state import TensorDict, TTTState, zeros_like_dict
-from .common import compute_dtype, gelu_tanh, gelu_tanh_grad, position_scales
-
-LAYERS = {"linear": (("W1", "b1"),), "mlp": (("W1", "b1"), ("W2", "b2"))}
+from .common import (
+    LAYERS,
+    affine,
+    compute_dtype,
+    flatten_heads,
+    gelu_tanh,
+    key_grads,
+    position_scales,
+    unflatten_heads,
+)
 
 # Every tensor here is flattened over (batch, head) to [N = B*H, ...] once, so each fast layer is one
 # baddbmm; a single token's step is a few dozen small ops and their dispatch is the cost.
@@ -35,45 +42,14 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _flat(d: TensorDict | None) -> TensorDict | None:
-    """{name: [B, H, ...]} -> {name: [B*H, ...]} (views)."""
-    return None if d is None else {n: t.flatten(0, 1) for n, t in d.items()}
-
-
-def _unflat(d: TensorDict | None, B: int) -> TensorDict | None:
-    return None if d is None else {n: t.unflatten(0, (B, -1)) for n, t in d.items()}
-
-
-def _ln_grad(z: Tensor, wbt: Tensor, w2: Tensor, eps: float) -> Tensor:
-    """d/dz 0.5 ||LN(z) w + b - target||^2 for z [N, 1, D] (see ``common.ln_loss_grad_pre``),
-    with the normalised x from one fused ``layer_norm``."""
-    inv_d = 1.0 / z.shape[-1]
-    x = F.layer_norm(z, z.shape[-1:], eps=eps)
-    rstd = torch.rsqrt(torch.var(z, dim=-1, keepdim=True, correction=0) + eps)
-    dx = torch.addcmul(wbt, x, w2)  # weight * (weight * x + bias - target)
-    t = torch.sub(dx, dx.sum(dim=-1, keepdim=True), alpha=inv_d)
-    return rstd * torch.addcmul(t, x, (dx * x).sum(dim=-1, keepdim=True), value=-inv_d)
-
-
-def _key_side(P: TensorDict, k: Tensor, wbt: Tensor, w2: Tensor, eps: float, kind: str):
-    """Inputs x_l [N, 1, Din] and output gradients g_l [N, 1, Dout] of each fast layer at P."""
-    if kind == "linear":
-        return [k], [_ln_grad(torch.baddbmm(P["b1"], k, P["W1"]), wbt, w2, eps)]
-    z1 = torch.baddbmm(P["b1"], k, P["W1"])  # (N, 1, F)
-    x2 = gelu_tanh(z1)
-    g2 = _ln_grad(torch.baddbmm(P["b2"], x2, P["W2"]), wbt, w2, eps)  # (N, 1, D)
-    g1 = torch.bmm(g2, P["W2"].transpose(-1, -2)) * gelu_tanh_grad(z1)  # (N, 1, F)
-    return [k, x2], [g1, g2]
-
-
 def _plain(q, xs, gs, eta, P, G, s: float | Tensor, completes: bool, kind: str):
     """Plain-form step on flat tensors; returns (z [N, 1, D], params, grad_sum or None)."""
     egs = [eta * g for g in gs]  # eta_j g_j per layer, (N, 1, Dout)
     h = q
     for li, ((W, b), x, eg) in enumerate(zip(LAYERS[kind], xs, egs)):
         hx1 = torch.bmm(h, x.transpose(-1, -2)) + 1.0  # (N, 1, 1): the new token's step
-        corr = hx1 * eg if G is None else torch.addcmul(torch.baddbmm(G[b], h, G[W]), hx1, eg)
-        z = torch.baddbmm(P[b], h, P[W])
+        corr = hx1 * eg if G is None else torch.addcmul(affine(h, G[W], G[b]), hx1, eg)
+        z = affine(h, P[W], P[b])
         z = torch.sub(z, corr, alpha=s) if isinstance(s, float) else z - s * corr
         h = gelu_tanh(z) if li + 1 < len(LAYERS[kind]) else z
     new_G: TensorDict = {}
@@ -99,7 +75,7 @@ def _titans(q, xs, gs, eta, m, a, P, S, Wc, completes: bool, kind: str):
         newW[b] = torch.addcmul(newS[b], 1.0 - a, Wc[b])
     h = q
     for li, (W, b) in enumerate(LAYERS[kind]):
-        z = torch.baddbmm(newW[b], h, newW[W])
+        z = affine(h, newW[W], newW[b])
         h = gelu_tanh(z) if li + 1 < len(LAYERS[kind]) else z
     return h, (newW if completes else P), newS, (None if completes else newW)
 
@@ -134,8 +110,8 @@ def decode_step(
     ln_w, ln_b = ln_w.unsqueeze(1), ln_b.unsqueeze(1)  # (N, 1, D)
     wbt = ln_w * (ln_b + kf - vf)  # w * (b - target), target v - k
     etaf = _cast(eta, dt).reshape(N, 1, 1)
-    P = _flat(state.params)
-    xs, gs = _key_side(P, kf, wbt, ln_w * ln_w, eps, kind)
+    P = flatten_heads(state.params)
+    xs, gs = key_grads(P, kf, wbt, ln_w * ln_w, eps, kind)
     o = state.offset
     end = o + 1 if mini_batch_size is None else (o + 1) % mini_batch_size
     completes = mini_batch_size is not None and end == 0
@@ -143,16 +119,20 @@ def decode_step(
         zero = etaf.new_zeros(())
         m = zero if momentum is None else _cast(momentum, dt).reshape(N, 1, 1)
         a = zero if decay is None else _cast(decay, dt).reshape(N, 1, 1)
-        z, params, S, current = _titans(qf, xs, gs, etaf, m, a, P, _flat(state.momentum),
-                                        _flat(state.current), completes, kind)  # fmt: skip
-        new = TTTState(_unflat(params, B), end, mini_batch_size, None, _unflat(S, B),
-                       _unflat(current, B))  # fmt: skip
+        z, params, S, current = _titans(qf, xs, gs, etaf, m, a, P, flatten_heads(state.momentum),
+                                        flatten_heads(state.current), completes, kind)  # fmt: skip
+        new = TTTState(unflatten_heads(params, B), end, mini_batch_size, None, unflatten_heads(S, B),
+                       unflatten_heads(current, B))  # fmt: skip
     else:
         if isinstance(token_scale, Tensor):
             s = position_scales(token_scale, o, 1, q.device, dt)  # (1,) scale of position o
         else:
             s = 1.0 / (o + 1) if token_scale == "mean" else 1.0
-        z, params, G = _plain(qf, xs, gs, etaf, P, _flat(state.grad_sum), s, completes, kind)
-        new = TTTState(_unflat(params, B), end, mini_batch_size, _unflat(G, B), None, None)
+        z, params, G = _plain(
+            qf, xs, gs, etaf, P, flatten_heads(state.grad_sum), s, completes, kind
+        )
+        new = TTTState(
+            unflatten_heads(params, B), end, mini_batch_size, unflatten_heads(G, B), None, None
+        )
     out = qf + torch.addcmul(ln_b, F.layer_norm(z, (D,), eps=eps), ln_w)  # (N, 1, D)
     return _cast(out.view(B, H, 1, D), q.dtype), new

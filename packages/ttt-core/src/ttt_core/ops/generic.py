@@ -21,17 +21,16 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from ..state import TensorDict, TTTState, zeros_like_dict
-from .common import compute_dtype, layer_norm_heads, plan_segments, position_scales
+from .common import (
+    compute_dtype,
+    flatten_heads,
+    layer_norm_heads,
+    plan_segments,
+    position_scales,
+    unflatten_heads,
+)
 
 FastModel = Callable[[TensorDict, Tensor], Tensor]
-
-
-def _flat(d: TensorDict) -> TensorDict:
-    return {n: t.flatten(0, 1) for n, t in d.items()}  # [B, H, ...] -> [BH, ...]
-
-
-def _unflat(d: TensorDict, B: int) -> TensorDict:
-    return {n: t.unflatten(0, (B, -1)) for n, t in d.items()}
 
 
 def ttt_generic(
@@ -72,12 +71,12 @@ def ttt_generic(
     token_grads = vmap(vmap(grad(loss), in_dims=(None, 0, 0, None, None)))
     apply = vmap(vmap(lambda p, x: fast_model(p, x.unsqueeze(0)).squeeze(0)))
 
-    P = _flat(state.params)
-    G = None if state.grad_sum is None else _flat(state.grad_sum)
+    P = flatten_heads(state.params)
+    G = None if state.grad_sum is None else flatten_heads(state.grad_sum)
     S = W = None
     if titans:
-        S = _flat(state.momentum) if state.momentum is not None else zeros_like_dict(P)
-        W = _flat(state.current) if state.current is not None else dict(P)
+        S = flatten_heads(state.momentum) if state.momentum is not None else zeros_like_dict(P)
+        W = flatten_heads(state.current) if state.current is not None else dict(P)
 
     outs: list[Tensor] = []
     for seg in plan_segments(L, mini_batch_size, state.offset):
@@ -120,12 +119,12 @@ def ttt_generic(
     o = (q.to(dt) + layer_norm_heads(z, ln_weight.to(dt), ln_bias.to(dt), eps)).to(q.dtype)
     end = (state.offset + L) if mini_batch_size is None else (state.offset + L) % mini_batch_size
     new_state = TTTState(
-        params=_unflat(P, B),
+        params=unflatten_heads(P, B),
         offset=end,
         mini_batch_size=mini_batch_size,
-        grad_sum=_unflat(G, B) if (G is not None and end > 0) else None,
-        momentum=_unflat(S, B) if titans else None,
-        current=_unflat(W, B) if (titans and end > 0) else None,
+        grad_sum=unflatten_heads(G, B) if (G is not None and end > 0) else None,
+        momentum=unflatten_heads(S, B) if titans else None,
+        current=unflatten_heads(W, B) if (titans and end > 0) else None,
     )
     return o, new_state
 

@@ -28,24 +28,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..state import TensorDict, TTTState, zeros_like_dict
+from ..state import TTTState, zeros_like_dict
 from .common import (
+    LAYERS,
     Segment,
+    affine,
     compute_dtype,
     gelu_tanh,
-    gelu_tanh_grad,
     group_segments,
     head_view,
+    key_grads,
     layer_norm_heads,
-    ln_loss_grad_pre,
     plan_segments,
     position_scales,
     segment_products,
     stack_group,
 )
 from .titans_scan import titans_scan
-
-LAYERS = {"linear": (("W1", "b1"),), "mlp": (("W1", "b1"), ("W2", "b2"))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,28 +120,6 @@ def _bcast(x: Tensor, ndim: int) -> Tensor:
     return x.reshape(*x.shape, *([1] * (ndim - x.ndim)))
 
 
-def _affine(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
-    """``x W + b`` for [B, H, n, Din] x [B, H, Din, Dout] (+ [B, H, 1, Dout]) as one batched GEMM."""
-    out = torch.baddbmm(b.flatten(0, 1), x.flatten(0, 1), W.flatten(0, 1))
-    return out.view(*x.shape[:-1], W.shape[-1])
-
-
-def _key_grads(P: TensorDict, k: Tensor, wbt: Tensor, w2: Tensor, eps, kind):
-    """Inputs X_l and output gradients g_l of every fast layer for the keys, at the start weights P.
-
-    k: [B, H, n, D]; wbt = ln_w * (ln_b - target) [B, H, n, D]; w2 = ln_w**2 (see ln_loss_grad_pre).
-    Returns lists over layers of X [B, H, n, Din] and g [B, H, n, Dout]."""
-    if kind == "linear":
-        z = _affine(k, P["W1"], P["b1"])  # (B, H, n, D)
-        return [k], [ln_loss_grad_pre(z, wbt, w2, eps)]
-    z1 = _affine(k, P["W1"], P["b1"])  # (B, H, n, F)
-    x2 = gelu_tanh(z1)
-    z2 = _affine(x2, P["W2"], P["b2"])  # (B, H, n, D)
-    g2 = ln_loss_grad_pre(z2, wbt, w2, eps)
-    g1 = (g2 @ P["W2"].transpose(-1, -2)) * gelu_tanh_grad(z1)  # (B, H, n, F)
-    return [k, x2], [g1, g2]
-
-
 def _query_layer(xq, xk, g, wname, bname, carry, c: _Coefs, primal: bool, attn=None):
     """Pre-activation output of one fast layer for the queries: xq [B, H, n, Din] -> [B, H, n, Dout]."""
     W, b = wname, bname
@@ -151,7 +128,7 @@ def _query_layer(xq, xk, g, wname, bname, carry, c: _Coefs, primal: bool, attn=N
         base = _bcast(c.D, 4) * (xq @ Wc[W] + Wc[b]) + _bcast(c.c0, 4) * (xq @ S[W] + S[b])
     else:  # plain: xq P + b - s_i (xq G + Gb) - steps
         P, G = carry["P"], carry["G"]
-        base = _affine(xq, P[W], P[b])
+        base = affine(xq, P[W], P[b])
         if G is not None:
             base = base - _bcast(c.s, 2) * (xq @ G[W] + G[b])
     if primal:  # explicit per-query weights: sum_j coef_ij eta_j X_j^T g_j
@@ -237,7 +214,7 @@ def _scan_segments(qf, kf, wbt, w2, etaf, momentum, decay, carry, segs, *, kind,
         attns = [None] * len(group) if attn is None else attn.unbind(0)
         per_seg = zip(group, c.unbind(), qs.unbind(0), ks.unbind(0), ts.unbind(0), attns)
         for segi, ci, qi, ki, ti, attni in per_seg:
-            xs, gs = _key_grads(carry["P"], ki, ti, w2, eps, kind)
+            xs, gs = key_grads(carry["P"], ki, ti, w2, eps, kind)
             h = qi
             for li, (W, b) in enumerate(layers):
                 a = attni if li == 0 else None

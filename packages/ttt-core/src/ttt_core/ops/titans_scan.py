@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import Segment, segment_products, stack_group
+from .common import Segment, ln_loss_grad_parts, segment_products, stack_group
 
 BLOCK = 16  # queries per dual-form block inside a longer mini-batch
 _C = math.sqrt(2.0 / math.pi)
@@ -81,17 +81,6 @@ def _gelu_grad2(x: Tensor, s: Tensor) -> Tensor:
     x2 = x * x
     q = (2.0 * _C) * (1.0 + (3.0 * _K) * x2)
     return (s - s * s) * (2.0 * q + x * (1.0 - 2.0 * s) * q * q + (12.0 * _C * _K) * x2)
-
-
-def _ln_grad_fwd(z: Tensor, t: Tensor, w2: Tensor, eps: float):
-    """g = d/dz 0.5 ||LN_h(z) - target||^2 (``ln_loss_grad_pre``) and what its backward needs."""
-    zc = z - z.mean(dim=-1, keepdim=True)  # not var_mean: ~10x slower on CPU for a short last dim
-    r = torch.rsqrt((zc * zc).mean(dim=-1, keepdim=True) + eps)
-    xh = zc * r
-    dx = torch.addcmul(t, xh, w2)  # weight * (weight * xh + bias - target)
-    s = (dx * xh).mean(dim=-1, keepdim=True)
-    g = r * torch.addcmul(dx - dx.mean(dim=-1, keepdim=True), xh, s, value=-1.0)
-    return g, (xh, r, dx, s, g)
 
 
 def _ln_grad_bwd(a: Tensor, cache, w2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -160,10 +149,10 @@ def _key_fwd(P: list[Tensor], ka: Tensor, t: Tensor, w2: Tensor, eps: float):
     """Inputs X (with the ones column) and output gradients g of every layer at P, and a cache."""
     z1 = ka @ P[0]  # (B, H, n, F)
     if len(P) == 1:
-        g1, ln = _ln_grad_fwd(z1, t, w2, eps)
+        g1, ln = ln_loss_grad_parts(z1, t, w2, eps)
         return [ka], [g1], (ln,)
     x2a, d1, s1 = _gelu_fwd(z1)
-    g2, ln = _ln_grad_fwd(x2a @ P[1], t, w2, eps)  # (B, H, n, D)
+    g2, ln = ln_loss_grad_parts(x2a @ P[1], t, w2, eps)  # (B, H, n, D)
     gp = g2 @ _t(P[1][..., :-1, :])  # (B, H, n, F)
     return [ka, x2a], [gp * d1, g2], (ln, z1, d1, s1, gp)
 
