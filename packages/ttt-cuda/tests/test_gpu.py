@@ -6,15 +6,11 @@ run for the bf16/fp16 accuracy rule, eager runs for the CUDA-graph and determini
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import pytest
 import torch
+from gpu_checks import assert_graph_replay_matches_eager, assert_memcheck_clean, output_grads
 from ttt_cuda_reference import make_inputs
 
 from ttt_core import ttt_linear
@@ -37,10 +33,6 @@ def _id(c):
     return f"B{B}-H{H}-L{L}-D{D}-b{b}-{'causal' if causal else 'noncausal'}"
 
 
-def _grads(o, x, go):
-    return torch.autograd.grad((o.float() * go).sum(), list(x.values()))
-
-
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
 def test_fp32_matches_torch_backend(cuda_device, case):
     B, H, L, D, b, causal = case
@@ -50,7 +42,7 @@ def test_fp32_matches_torch_backend(cuda_device, case):
     ref, _ = ttt_linear(*x.values(), backend="torch", **kw)
     torch.testing.assert_close(o, ref, rtol=1e-4, atol=1e-4)
     go = torch.randn_like(ref)
-    for name, g, w in zip(x, _grads(o, x, go), _grads(ref, x, go)):
+    for name, g, w in zip(x, output_grads(o, x, go), output_grads(ref, x, go)):
         atol = 1e-4 * max(1.0, w.abs().max().item())
         torch.testing.assert_close(g, w, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"d{n}: {m}")
 
@@ -74,8 +66,10 @@ def test_low_precision_accuracy_rule(cuda_device, dtype, D):
     err_cuda = (o_cuda.float() - ref).abs().max().item()
     assert err_cuda <= 2 * err_torch + ulp, (err_cuda, err_torch)
     go = torch.randn_like(ref)
-    g_ref = _grads(ref, x32, go)
-    for name, g_c, g_t, g_r in zip(x32, _grads(o_cuda, xlo, go), _grads(o_torch, xlo, go), g_ref):
+    g_ref = output_grads(ref, x32, go)
+    for name, g_c, g_t, g_r in zip(
+        x32, output_grads(o_cuda, xlo, go), output_grads(o_torch, xlo, go), g_ref
+    ):
         floor = torch.finfo(dtype).eps * g_r.abs().max().item()
         e_c = (g_c.float() - g_r).abs().max().item()
         e_t = (g_t.float() - g_r).abs().max().item()
@@ -118,7 +112,7 @@ def test_streaming_one_token_at_a_time_matches_torch_backend(cuda_device):
     assert st.offset == st_ref.offset == 5
     torch.testing.assert_close(st.grad_sum["W1"], st_ref.grad_sum["W1"], rtol=1e-4, atol=1e-4)
     go = torch.randn_like(ref)
-    for name, g, w in zip(x, _grads(o, x, go), _grads(ref, x, go)):
+    for name, g, w in zip(x, output_grads(o, x, go), output_grads(ref, x, go)):
         atol = 1e-4 * max(1.0, w.abs().max().item())
         torch.testing.assert_close(g, w, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"d{n}: {m}")
 
@@ -145,45 +139,16 @@ def test_deterministic(cuda_device):
 
 def test_cuda_graph_capture(cuda_device):
     """Forward + backward captured in a CUDA graph replay like eager on fresh inputs."""
-    x = make_inputs(
-        1, 2, 48, 64, dtype=torch.float32, device=cuda_device, seed=26, requires_grad=False
+    kw = dict(dtype=torch.float32, device=cuda_device, requires_grad=False)
+    assert_graph_replay_matches_eager(
+        lambda *a: ttt_linear(*a, backend="cuda"),
+        make_inputs(1, 2, 48, 64, seed=26, **kw),
+        make_inputs(1, 2, 48, 64, seed=27, **kw),
     )
-    static = {n: t.clone().requires_grad_() for n, t in x.items()}
-
-    def step():
-        o, _ = ttt_linear(*static.values(), backend="cuda")
-        return (o, *torch.autograd.grad(o.square().sum(), list(static.values())))
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
-    fresh = make_inputs(1, 2, 48, 64, dtype=torch.float32, device=cuda_device, seed=27,
-                        requires_grad=False)  # fmt: skip
-    with torch.no_grad():
-        for n, t in fresh.items():
-            static[n].copy_(t)
-    graph.replay()
-    eager_in = {n: t.clone().requires_grad_() for n, t in fresh.items()}
-    o, _ = ttt_linear(*eager_in.values(), backend="cuda")
-    want = (o, *torch.autograd.grad(o.square().sum(), list(eager_in.values())))
-    for a, b in zip(outs, want):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_compute_sanitizer_memcheck_clean(cuda_device):
-    tool = shutil.which("compute-sanitizer") or (
-        "/usr/local/cuda/bin/compute-sanitizer"
-        if os.path.exists("/usr/local/cuda/bin/compute-sanitizer")
-        else None
-    )
-    if tool is None:
-        pytest.skip("compute-sanitizer is not installed")
-    script = textwrap.dedent(
+    assert_memcheck_clean(
         """
         import torch
         from ttt_core import ttt_linear
@@ -203,13 +168,6 @@ def test_compute_sanitizer_memcheck_clean(cuda_device):
         print("OK")
         """
     )
-    res = subprocess.run(
-        [tool, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
 
 
 def test_final_state_cut_inside_a_mini_batch(cuda_device):

@@ -7,15 +7,11 @@ run for the bf16/fp16 accuracy rule, eager runs for the CUDA-graph and determini
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import pytest
 import torch
+from gpu_checks import assert_graph_replay_matches_eager, assert_memcheck_clean, output_grads
 from ttt_cuda_reference import make_mlp_inputs
 
 from ttt_core import ttt_mlp
@@ -36,10 +32,6 @@ def _id(c):
     return f"B{B}-H{H}-L{L}-D64-F256-b{b}-{'causal' if causal else 'noncausal'}-{ts}"
 
 
-def _grads(o, inputs, go):
-    return torch.autograd.grad((o.float() * go).sum(), inputs)
-
-
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
 def test_fp32_matches_torch_backend(cuda_device, case):
     B, H, L, b, causal, ts = case
@@ -53,7 +45,9 @@ def test_fp32_matches_torch_backend(cuda_device, case):
     torch.testing.assert_close(o, ref, rtol=1e-4, atol=1e-4)
     inputs = list(x.values()) + ([token_scale] if ts == "vector" else [])
     go = torch.randn_like(ref)
-    for name, g, w in zip([*x, "token_scale"], _grads(o, inputs, go), _grads(ref, inputs, go)):
+    for name, g, w in zip(
+        [*x, "token_scale"], output_grads(o, inputs, go), output_grads(ref, inputs, go)
+    ):
         atol = 1e-4 * max(1.0, w.abs().max().item())
         torch.testing.assert_close(g, w, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"d{n}: {m}")
 
@@ -74,9 +68,9 @@ def test_low_precision_accuracy_rule(cuda_device, dtype):
     err_cuda = (o_cuda.float() - ref).abs().max().item()
     assert err_cuda <= 2 * err_torch + ulp, (err_cuda, err_torch)
     go = torch.randn_like(ref)
-    g_ref = _grads(ref, list(x32.values()), go)
-    g_cuda = _grads(o_cuda, list(xlo.values()), go)
-    g_torch = _grads(o_torch, list(xlo.values()), go)
+    g_ref = output_grads(ref, list(x32.values()), go)
+    g_cuda = output_grads(o_cuda, list(xlo.values()), go)
+    g_torch = output_grads(o_torch, list(xlo.values()), go)
     for name, g_c, g_t, g_r in zip(x32, g_cuda, g_torch, g_ref):
         floor = torch.finfo(dtype).eps * g_r.abs().max().item()
         e_c = (g_c.float() - g_r).abs().max().item()
@@ -118,7 +112,7 @@ def test_streaming_one_token_at_a_time(cuda_device):
     assert st.offset == st_ref.offset == 3
     go = torch.randn_like(ref)
     inputs = list(x.values())
-    for name, g, w in zip(x, _grads(o, inputs, go), _grads(ref, inputs, go)):
+    for name, g, w in zip(x, output_grads(o, inputs, go), output_grads(ref, inputs, go)):
         atol = 1e-4 * max(1.0, w.abs().max().item())
         torch.testing.assert_close(g, w, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"d{n}: {m}")
 
@@ -135,44 +129,16 @@ def test_deterministic(cuda_device):
 
 def test_cuda_graph_capture(cuda_device):
     """Forward + backward captured in a CUDA graph replay like eager on fresh inputs."""
-    x = make_mlp_inputs(1, 2, 40, 64, dtype=torch.float32, device=cuda_device, seed=56,
-                        requires_grad=False)  # fmt: skip
-    static = {n: t.clone().requires_grad_() for n, t in x.items()}
-
-    def step():
-        o, _ = ttt_mlp(*static.values(), backend="cuda")
-        return (o, *torch.autograd.grad(o.square().sum(), list(static.values())))
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
-    fresh = make_mlp_inputs(1, 2, 40, 64, dtype=torch.float32, device=cuda_device, seed=57,
-                            requires_grad=False)  # fmt: skip
-    with torch.no_grad():
-        for n, t in fresh.items():
-            static[n].copy_(t)
-    graph.replay()
-    eager_in = {n: t.clone().requires_grad_() for n, t in fresh.items()}
-    o, _ = ttt_mlp(*eager_in.values(), backend="cuda")
-    want = (o, *torch.autograd.grad(o.square().sum(), list(eager_in.values())))
-    for a, b in zip(outs, want):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    kw = dict(dtype=torch.float32, device=cuda_device, requires_grad=False)
+    assert_graph_replay_matches_eager(
+        lambda *a: ttt_mlp(*a, backend="cuda"),
+        make_mlp_inputs(1, 2, 40, 64, seed=56, **kw),
+        make_mlp_inputs(1, 2, 40, 64, seed=57, **kw),
+    )
 
 
 def test_compute_sanitizer_memcheck_clean(cuda_device):
-    tool = shutil.which("compute-sanitizer") or (
-        "/usr/local/cuda/bin/compute-sanitizer"
-        if os.path.exists("/usr/local/cuda/bin/compute-sanitizer")
-        else None
-    )
-    if tool is None:
-        pytest.skip("compute-sanitizer is not installed")
-    script = textwrap.dedent(
+    assert_memcheck_clean(
         """
         import torch
         from ttt_core import ttt_mlp
@@ -193,10 +159,3 @@ def test_compute_sanitizer_memcheck_clean(cuda_device):
         print("OK")
         """
     )
-    res = subprocess.run(
-        [tool, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gpu_checks import assert_graph_replay_matches_eager, output_grads
 from ttt_cuda_reference import make_inputs, make_titans
 
 from ttt_core import ttt_linear
@@ -13,10 +14,6 @@ from ttt_core import ttt_linear
 pytestmark = pytest.mark.gpu
 
 CASES = [(2, 2, 64, 64, 16), (1, 2, 70, 64, 32), (1, 2, 48, 128, 16), (1, 1, 96, 64, 64)]
-
-
-def _grads(o, inputs, go):
-    return torch.autograd.grad((o.float() * go).sum(), inputs)
 
 
 @pytest.mark.parametrize(
@@ -34,7 +31,7 @@ def test_fp32_matches_torch_backend(cuda_device, case):
     inputs = [*x.values(), mom, dec]
     go = torch.randn_like(ref)
     for name, g, w in zip(
-        [*x, "momentum", "decay"], _grads(o, inputs, go), _grads(ref, inputs, go)
+        [*x, "momentum", "decay"], output_grads(o, inputs, go), output_grads(ref, inputs, go)
     ):
         atol = 1e-4 * max(1.0, w.abs().max().item())
         torch.testing.assert_close(g, w, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"d{n}: {m}")
@@ -76,32 +73,13 @@ def test_streaming_one_token_at_a_time(cuda_device):
 
 
 def test_cuda_graph_capture(cuda_device):
-    x = make_inputs(1, 2, 40, 64, dtype=torch.float32, device=cuda_device, seed=74, requires_grad=False)  # fmt: skip
+    kw = dict(dtype=torch.float32, device=cuda_device, requires_grad=False)
     mom, dec = (
         t.to(cuda_device, torch.float32)
         for t in make_titans(1, 2, 40, seed=74, requires_grad=False)
     )
-    static = {n: t.clone().requires_grad_() for n, t in x.items()}
-
-    def step():
-        o, _ = ttt_linear(*static.values(), momentum=mom, decay=dec, backend="cuda")
-        return (o, *torch.autograd.grad(o.square().sum(), list(static.values())))
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
-    fresh = make_inputs(1, 2, 40, 64, dtype=torch.float32, device=cuda_device, seed=75, requires_grad=False)  # fmt: skip
-    with torch.no_grad():
-        for n, t in fresh.items():
-            static[n].copy_(t)
-    graph.replay()
-    eager = {n: t.clone().requires_grad_() for n, t in fresh.items()}
-    o, _ = ttt_linear(*eager.values(), momentum=mom, decay=dec, backend="cuda")
-    want = (o, *torch.autograd.grad(o.square().sum(), list(eager.values())))
-    for a, b in zip(outs, want):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_graph_replay_matches_eager(
+        lambda *a: ttt_linear(*a, momentum=mom, decay=dec, backend="cuda"),
+        make_inputs(1, 2, 40, 64, seed=74, **kw),
+        make_inputs(1, 2, 40, 64, seed=75, **kw),
+    )
