@@ -124,6 +124,21 @@ TTT_HD acc_t ld(const void* ptr, int64_t idx) {
 
 // Loads tokens [t0, t0 + n) of chain (bi, hi) and recomputes Z, X, (U), G, P, Z' into the buffers.
 // On return X and Xp hold the normalised rows, rstd / rstdp (if given) their 1/sigma.
+// Rows t0 .. t0+n-1 of this chain's keys K, queries Q and targets T = V - K into n x D scratch
+// tiles (acc_t), read through the strides of q, k, v (every op's params extend LinearParams).
+template <typename scalar_t, typename acc_t>
+TTT_HD void load_kqt(const LinearParams& p, acc_t* K, acc_t* Q, acc_t* T, int D, int bi, int hi,
+                     int t0, int n) {
+  TTT_PAR_FOR(e, n * D) {
+    const int i = e / D, col = e % D;
+    const int64_t t = t0 + i;
+    const acc_t kv = ld<scalar_t, acc_t>(p.k, bi * p.k_sb + hi * p.k_sh + t * p.k_sl + col);
+    K[e] = kv;
+    Q[e] = ld<scalar_t, acc_t>(p.q, bi * p.q_sb + hi * p.q_sh + t * p.q_sl + col);
+    T[e] = ld<scalar_t, acc_t>(p.v, bi * p.v_sb + hi * p.v_sh + t * p.v_sl + col) - kv;
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 TTT_HD void chain_recompute(const LinearParams& p, const ChainBuffers<acc_t>& c, int D, int bi,
                             int hi, const Segment& g, bool bwd) {
@@ -136,14 +151,7 @@ TTT_HD void chain_recompute(const LinearParams& p, const ChainBuffers<acc_t>& c,
   const acc_t eps = static_cast<acc_t>(p.eps);
   const acc_t invD = acc_t(1) / static_cast<acc_t>(D);
   // load K, Q, T = V - K (rows of this mini-batch) and eta
-  TTT_PAR_FOR(e, n * D) {
-    const int i = e / D, col = e % D;
-    const int64_t t = t0 + i;
-    const acc_t kv = ld<scalar_t, acc_t>(p.k, bi * p.k_sb + hi * p.k_sh + t * p.k_sl + col);
-    c.K[e] = kv;
-    c.Q[e] = ld<scalar_t, acc_t>(p.q, bi * p.q_sb + hi * p.q_sh + t * p.q_sl + col);
-    c.T[e] = ld<scalar_t, acc_t>(p.v, bi * p.v_sb + hi * p.v_sh + t * p.v_sl + col) - kv;
-  }
+  load_kqt<scalar_t, acc_t>(p, c.K, c.Q, c.T, D, bi, hi, t0, n);
   TTT_PAR_FOR(i, n) { c.eta[i] = eta[t0 + i]; }
   TTT_SYNC();
   const acc_t e_end = end_coef(p, scale, g);

@@ -94,14 +94,7 @@ TTT_HD void mlp_recompute(const MLPParams& p, const MLPBuffers<acc_t>& c, int D,
   const acc_t* scale = static_cast<const acc_t*>(p.scale);
   const acc_t* eta = static_cast<const acc_t*>(p.eta) + bh * p.L;
   const acc_t eps = static_cast<acc_t>(p.eps);
-  TTT_PAR_FOR(e, n * D) {
-    const int i = e / D, col = e % D;
-    const int64_t t = t0 + i;
-    const acc_t kv = ld<scalar_t, acc_t>(p.k, bi * p.k_sb + hi * p.k_sh + t * p.k_sl + col);
-    c.K[e] = kv;
-    c.Q[e] = ld<scalar_t, acc_t>(p.q, bi * p.q_sb + hi * p.q_sh + t * p.q_sl + col);
-    c.T[e] = ld<scalar_t, acc_t>(p.v, bi * p.v_sb + hi * p.v_sh + t * p.v_sl + col) - kv;
-  }
+  load_kqt<scalar_t, acc_t>(p, c.K, c.Q, c.T, D, bi, hi, t0, n);
   TTT_PAR_FOR(i, n) { c.eta[i] = eta[t0 + i]; }
   TTT_SYNC();
   const acc_t e_end = end_coef(p, scale, g);

@@ -66,14 +66,7 @@ TTT_HD void titans_recompute(const TitansParams& p, const TitansBuffers<acc_t>& 
   const int64_t row = (static_cast<int64_t>(bi) * p.H + hi) * p.L + t0;
   const acc_t* lnw = static_cast<const acc_t*>(p.ln_w) + static_cast<int64_t>(hi) * D;
   const acc_t* lnb = static_cast<const acc_t*>(p.ln_b) + static_cast<int64_t>(hi) * D;
-  TTT_PAR_FOR(e, n * D) {
-    const int i = e / D, col = e % D;
-    const int64_t t = t0 + i;
-    const acc_t kv = ld<scalar_t, acc_t>(p.k, bi * p.k_sb + hi * p.k_sh + t * p.k_sl + col);
-    c.K[e] = kv;
-    c.Q[e] = ld<scalar_t, acc_t>(p.q, bi * p.q_sb + hi * p.q_sh + t * p.q_sl + col);
-    c.T[e] = ld<scalar_t, acc_t>(p.v, bi * p.v_sb + hi * p.v_sh + t * p.v_sl + col) - kv;
-  }
+  load_kqt<scalar_t, acc_t>(p, c.K, c.Q, c.T, D, bi, hi, t0, n);
   TTT_PAR_FOR(i, n) {
     c.eta[i] = static_cast<const acc_t*>(p.eta)[row + i];
     c.m[i] = static_cast<const acc_t*>(p.mom)[row + i];
