@@ -1,5 +1,5 @@
-"""Checks the GPU test files of every fused op share: output gradients, CUDA-graph replay against
-eager, and a compute-sanitizer memcheck run of a script."""
+"""Checks the GPU test files of every fused op share: output gradients, bit-equal reruns,
+CUDA-graph replay against eager, and a compute-sanitizer memcheck run of a script."""
 
 from __future__ import annotations
 
@@ -18,6 +18,16 @@ def output_grads(o, inputs, go):
     """Gradients of ``sum(o * go)`` with respect to ``inputs`` (a list or a dict's values)."""
     inputs = list(inputs.values()) if isinstance(inputs, dict) else inputs
     return torch.autograd.grad((o.float() * go).sum(), inputs)
+
+
+def assert_deterministic(run: Callable, inputs: dict) -> None:
+    """Two runs of forward + backward of ``run(*inputs)`` (returns (o, state)) are bit-equal."""
+    runs = []
+    for _ in range(2):
+        o, _ = run(*inputs.values())
+        runs.append((o, *torch.autograd.grad(o.float().square().sum(), list(inputs.values()))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 def assert_graph_replay_matches_eager(run: Callable, first: dict, fresh: dict) -> None:

@@ -10,7 +10,12 @@ import warnings
 
 import pytest
 import torch
-from gpu_checks import assert_graph_replay_matches_eager, assert_memcheck_clean, output_grads
+from gpu_checks import (
+    assert_deterministic,
+    assert_graph_replay_matches_eager,
+    assert_memcheck_clean,
+    output_grads,
+)
 from ttt_cuda_reference import make_inputs
 
 from ttt_core import ttt_linear
@@ -129,12 +134,7 @@ def test_unsupported_head_dim_falls_back_with_warning(cuda_device):
 
 def test_deterministic(cuda_device):
     x = make_inputs(2, 2, 64, 64, dtype=torch.bfloat16, device=cuda_device, seed=25)
-    runs = []
-    for _ in range(2):
-        o, _ = ttt_linear(*x.values(), backend="cuda")
-        runs.append((o, *torch.autograd.grad(o.float().square().sum(), list(x.values()))))
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    assert_deterministic(lambda *a: ttt_linear(*a, backend="cuda"), x)
 
 
 def test_cuda_graph_capture(cuda_device):

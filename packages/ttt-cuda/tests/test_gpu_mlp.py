@@ -11,7 +11,12 @@ import warnings
 
 import pytest
 import torch
-from gpu_checks import assert_graph_replay_matches_eager, assert_memcheck_clean, output_grads
+from gpu_checks import (
+    assert_deterministic,
+    assert_graph_replay_matches_eager,
+    assert_memcheck_clean,
+    output_grads,
+)
 from ttt_cuda_reference import make_mlp_inputs
 
 from ttt_core import ttt_mlp
@@ -119,12 +124,7 @@ def test_streaming_one_token_at_a_time(cuda_device):
 
 def test_deterministic(cuda_device):
     x = make_mlp_inputs(2, 2, 48, 64, dtype=torch.bfloat16, device=cuda_device, seed=55)
-    runs = []
-    for _ in range(2):
-        o, _ = ttt_mlp(*x.values(), backend="cuda")
-        runs.append((o, *torch.autograd.grad(o.float().square().sum(), list(x.values()))))
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    assert_deterministic(lambda *a: ttt_mlp(*a, backend="cuda"), x)
 
 
 def test_cuda_graph_capture(cuda_device):
