@@ -57,6 +57,45 @@ def test_layer_streaming_equals_one_call(name):
     torch.testing.assert_close(torch.cat(outs, 1), y, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["linear", "mlp", "titans", "learnable-scale", "gelu-gate"])
+def test_layer_token_by_token_takes_the_decode_step(name, monkeypatch):
+    """One token per call goes from the layer straight to the decode step (the layer built q, k, v
+    and eta, so the functional API's checks are skipped) and equals one call: outputs and every
+    parameter's gradient, fp64."""
+    import ttt_core.functional as functional
+
+    layer = _layer(**VARIANTS[name]).double()
+    x = torch.randn(2, 9, 24, dtype=torch.float64)
+    y, _ = layer(x)
+    want = torch.autograd.grad(y.square().sum(), list(layer.parameters()))
+    calls = {"decode": 0, "validate": 0}
+
+    def count(name, fn):
+        return lambda *a, **k: calls.__setitem__(name, calls[name] + 1) or fn(*a, **k)
+
+    monkeypatch.setattr(functional, "decode_step", count("decode", functional.decode_step))
+    monkeypatch.setattr(functional, "validate", count("validate", functional.validate))
+    outs, state = [], None
+    for t in range(9):
+        yt, state = layer(x[:, t : t + 1], state=state)
+        outs.append(yt)
+    assert calls == {"decode": 9, "validate": 0}
+    streamed = torch.cat(outs, 1)
+    torch.testing.assert_close(streamed, y, rtol=1e-10, atol=1e-10)
+    got = torch.autograd.grad(streamed.square().sum(), list(layer.parameters()))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_layer_token_step_checks_the_state():
+    layer = _layer()
+    _, state = layer(torch.randn(2, 3, 24))
+    with pytest.raises(ValueError, match=r"initial_state\.params"):
+        layer(torch.randn(1, 1, 24), state=state)  # state of a batch of 2
+    with pytest.raises(ValueError, match="mini-batch of size 4"):
+        _layer(mini_batch_size=5)(torch.randn(2, 1, 24), state=state)
+
+
 def test_zero_tanh_gate_is_exactly_zero():
     layer = _layer(gate="tanh_alpha", gate_init=0.0)
     y, _ = layer(torch.randn(2, 9, 24))

@@ -13,7 +13,7 @@ from .ops.decode import decode_step
 from .ops.generic import ttt_generic
 from .ops.scan import ttt_scan
 from .state import TTTState
-from .validation import validate
+from .validation import check_state, validate
 
 __all__ = ["ttt_linear", "ttt_mlp"]
 
@@ -53,6 +53,29 @@ def _run(kind: str, weights: dict[str, Tensor], q, k, v, eta, ln_weight, ln_bias
         o, new_state = fn(q, k, v, eta, *weights.values(), ln_weight, ln_bias, initial_state=state,
                           output_final_state=output_final_state, **common)  # fmt: skip
     return o, (new_state if output_final_state else None)
+
+
+def _token_step(kind: str, weights: dict[str, Tensor], q, k, v, eta, ln_weight, ln_bias, *,
+                state: TTTState | None, mini_batch_size, token_scale, momentum, decay, eps, backend):  # fmt: skip
+    """One causal streaming token for a caller that built q, k, v [B, H, 1, D] and eta [B, H, 1]
+    itself, consistent with the weights (a ``TTTLayer``): only the carried state is checked, then
+    the torch backend's decode step runs. Returns ``(o, state)``, or None when the backend that
+    ``_run`` would pick is not the torch one (call ``ttt_linear``/``ttt_mlp`` then)."""
+    B, H, _, D = q.shape
+    if state is None:
+        state = TTTState.from_params(weights, B, mini_batch_size, compute_dtype(q.dtype))
+    else:
+        F = weights["W1"].shape[-1] if "W2" in weights else D
+        titans = momentum is not None or decay is not None
+        check_state(state, weights, B, H, D, F, mini_batch_size, titans)
+    impl = backends.resolve(backend, f"ttt_{kind}", q, initial_state=state, output_final_state=True,
+                            mini_batch_size=mini_batch_size, causal=True, token_scale=token_scale,
+                            momentum=momentum, decay=decay, eps=eps)  # fmt: skip
+    if impl != "torch":
+        return None
+    return decode_step(q, k, v, eta, state, ln_weight, ln_bias, kind=kind,
+                       mini_batch_size=mini_batch_size, token_scale=token_scale, momentum=momentum,
+                       decay=decay, eps=eps)  # fmt: skip
 
 
 _CHECKED = ("mini_batch_size", "causal", "token_scale", "momentum", "decay", "initial_state",

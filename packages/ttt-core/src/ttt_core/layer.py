@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from .config import TTTConfig
+from .functional import _token_step
 from .learners import InnerLearner, LinearLearner, MLPLearner
 from .ops.common import layer_norm_heads
 from .state import TTTState
@@ -43,11 +44,11 @@ class TTTLayer(nn.Module):
         self.config = c = config
         C, H, D, std = c.hidden_size, c.num_heads, c.head_dim, c.init_std
         W = c.inner_width
-        # one input projection, rows: q | k | v | (g: gelu gate) | lr | (momentum | decay)
-        self._widths = [W] * (4 if c.gate == "gelu" else 3) + [H] * (3 if c.titans else 1)
+        # one input projection, rows: q | k | v | (g: gelu gate) | rates: lr (| momentum | decay)
+        n_wide, n_rates = (4 if c.gate == "gelu" else 3), (3 if c.titans else 1)
+        self._widths = [W] * n_wide + [n_rates * H]
         self.in_proj = nn.Linear(C, sum(self._widths), bias=False)
         nn.init.normal_(self.in_proj.weight, std=std)
-        n_wide = len(self._widths) - (3 if c.titans else 1)
         self.in_bias = nn.Parameter(torch.zeros(n_wide * W)) if c.bias else None
         # rate logits' biases: lr 0, momentum 1.5 (sigmoid ~0.82), decay -5 (sigmoid ~0.007)
         rate_bias = [0.0, 1.5, -5.0] if c.titans else [0.0]
@@ -73,17 +74,20 @@ class TTTLayer(nn.Module):
     # ------------------------------------------------------------------------------------------
     def _heads(self, t: Tensor) -> Tensor:  # [B, L, H*D] -> [B, H, L, D]
         B, L, _ = t.shape
-        return t.view(B, L, self.config.num_heads, self.config.head_dim).transpose(1, 2)
+        H, D = self.config.num_heads, self.config.head_dim
+        if L == 1:  # one token (streaming): the same view in one op
+            return t.view(B, H, 1, D)
+        return t.view(B, L, H, D).transpose(1, 2)
 
     def project(self, x: Tensor) -> list[Tensor]:
-        """The fused input projection of x [B, L, C]: [q, k, v, (g), lr, (momentum, decay)] logits,
-        each [B, L, width] (H*D for q/k/v/g, H for the rates)."""
-        bias = self.rate_bias
+        """The fused input projection of x [B, L, C]: [q, k, v, (g), rates] logits, q/k/v/g
+        [B, L, H*D] and the rates [B, L, H] (lr) or [B, L, 3H] (lr | momentum | decay)."""
+        W = self.in_proj.weight
         if self.in_bias is not None:
-            bias = torch.cat([self.in_bias, bias])
-        else:  # no q/k/v/g bias: zeros in front of the rate biases
-            bias = F.pad(bias, (sum(self._widths) - bias.numel(), 0))
-        return list(F.linear(x, self.in_proj.weight, bias).split(self._widths, dim=-1))
+            y = F.linear(x, W, torch.cat([self.in_bias, self.rate_bias]))
+            return list(y.split_with_sizes(self._widths, dim=-1))
+        *wide, rates = F.linear(x, W).split_with_sizes(self._widths, dim=-1)
+        return [*wide, rates + self.rate_bias]  # no q/k/v/g bias: add the rates' alone
 
     def inner_inputs(self, x: Tensor, parts: list[Tensor] | None = None) -> dict[str, Tensor]:
         """q, k, v [B, H, L, D], eta [B, H, L] (and momentum/decay) of the inner loop for x [B, L, C]
@@ -99,13 +103,12 @@ class TTTLayer(nn.Module):
                 t.var(-1, keepdim=True, unbiased=False) + 1e-6
             )
             v = k + t
-        rates = parts[4:] if c.gate == "gelu" else parts[3:]
-        eta = c.base_lr * torch.sigmoid(rates[0]).transpose(1, 2) / c.head_dim  # (B, H, L)
-        out = {"q": q, "k": k, "v": v, "eta": eta}
-        if c.titans:
-            out["momentum"] = torch.sigmoid(rates[1]).transpose(1, 2)  # (B, H, L)
-            out["decay"] = torch.sigmoid(rates[2]).transpose(1, 2)
-        return out
+        rates = torch.sigmoid(parts[-1]).transpose(1, 2)  # (B, H or 3H, L)
+        if not c.titans:
+            return {"q": q, "k": k, "v": v, "eta": rates * (c.base_lr / c.head_dim)}
+        lr, momentum, decay = rates.split(c.num_heads, dim=1)  # (B, H, L) each
+        return {"q": q, "k": k, "v": v, "eta": lr * (c.base_lr / c.head_dim),
+                "momentum": momentum, "decay": decay}  # fmt: skip
 
     def _inner_kwargs(self) -> dict:
         c = self.config
@@ -116,11 +119,26 @@ class TTTLayer(nn.Module):
     def _run_inner(self, inputs: dict[str, Tensor], state: TTTState | None, stream: bool):
         i = inputs
         extra = {"momentum": i["momentum"], "decay": i["decay"]} if "momentum" in i else {}
-        return self.inner(i["q"], i["k"], i["v"], i["eta"], state=state, output_final_state=stream,
+        inner = self.inner
+        if stream and i["q"].shape[2] == 1 and type(inner) in (LinearLearner, MLPLearner):
+            # one streaming token (generation): q, k, v, eta are built here, so skip the functional
+            # API's input checks (the state is still checked) and go straight to the decode step
+            c = self.config
+            ts = self.token_scale if c.token_scale == "learnable" else c.token_scale
+            out = _token_step(c.inner, inner.fast_params(), i["q"], i["k"], i["v"], i["eta"],
+                              inner.ln_weight, inner.ln_bias, state=state,
+                              mini_batch_size=c.mini_batch_size, token_scale=ts,
+                              momentum=extra.get("momentum"), decay=extra.get("decay"),
+                              eps=inner.eps, backend=c.backend)  # fmt: skip
+            if out is not None:
+                return out
+        return inner(i["q"], i["k"], i["v"], i["eta"], state=state, output_final_state=stream,
                           **extra, **self._inner_kwargs())  # fmt: skip
 
     def _merge(self, o: Tensor) -> Tensor:  # [B, H, L, D] -> [B, L, H*D]
         B, H, L, D = o.shape
+        if L == 1:  # one token: no transpose needed
+            return o.reshape(B, 1, H * D)
         return o.transpose(1, 2).reshape(B, L, H * D)
 
     def forward(self, x: Tensor, state: TTTState | None = None) -> tuple[Tensor, TTTState | None]:

@@ -146,6 +146,9 @@ class LinearLearner(InnerLearner):
     def fast_model(self, params: TensorDict, x: Tensor) -> Tensor:
         return linear_fast_model(params, x)
 
+    def fast_params(self) -> TensorDict:
+        return {"W1": self.W1, "b1": self.b1}
+
     def forward(self, q, k, v, eta, *, state=None, output_final_state=False, backend="auto", **kw):
         """Closed-form TTT-Linear (:func:`ttt_core.ttt_linear`); ``backend="generic"`` works too."""
         return ttt_linear(q, k, v, eta, self.W1, self.b1, self.ln_weight, self.ln_bias,
@@ -169,6 +172,9 @@ class MLPLearner(InnerLearner):
 
     def fast_model(self, params: TensorDict, x: Tensor) -> Tensor:
         return mlp_fast_model(params, x)
+
+    def fast_params(self) -> TensorDict:
+        return {"W1": self.W1, "b1": self.b1, "W2": self.W2, "b2": self.b2}
 
     def forward(self, q, k, v, eta, *, state=None, output_final_state=False, backend="auto", **kw):
         """Closed-form TTT-MLP (:func:`ttt_core.ttt_mlp`); ``backend="generic"`` works too."""

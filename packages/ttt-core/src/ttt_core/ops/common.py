@@ -66,6 +66,20 @@ def ln_loss_grad_parts(z: Tensor, wbt: Tensor, w2: Tensor, eps: float):
     return g, (x, rstd, dx, s, g)
 
 
+def ln_loss_grad_fused(z: Tensor, wbt: Tensor, w2: Tensor, eps: float) -> Tensor:
+    """:func:`ln_loss_grad_pre` in three ops: aten's LayerNorm forward gives x and r, and its
+    backward without affine is exactly ``r * (dx - mean(dx) - x * mean(dx * x))`` for
+    ``dx = w2 * x + wbt`` (differentiable: torch's LayerNorm double backward). A single token's
+    step is bound by the number of ops, not by their size; the scan keeps the explicit sums.
+
+    z: [..., D]; wbt, w2 shaped like z (not broadcast)."""
+    D = z.shape[-1]
+    x, mean, rstd = torch.native_layer_norm(z, (D,), None, None, eps)
+    dx = torch.addcmul(wbt, x, w2)  # weight * (weight * x + bias - target)
+    mask = (True, False, False)
+    return torch.ops.aten.native_layer_norm_backward(dx, z, (D,), mean, rstd, None, None, mask)[0]
+
+
 def gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 
@@ -87,16 +101,18 @@ def affine(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
     return out.view(*x.shape[:-1], W.shape[-1])
 
 
-def key_grads(P: dict[str, Tensor], k: Tensor, wbt: Tensor, w2: Tensor, eps: float, kind: str):
+def key_grads(P: dict[str, Tensor], k: Tensor, wbt: Tensor, w2: Tensor, eps: float, kind: str,
+              loss_grad=ln_loss_grad_pre):  # fmt: skip
     """Inputs X_l and output gradients g_l of every fast layer for the keys, at the weights P.
 
-    k: [..., n, D]; wbt = ln_w * (ln_b - target), w2 = ln_w**2 (see ln_loss_grad_pre), against k.
+    k: [..., n, D]; wbt = ln_w * (ln_b - target), w2 = ln_w**2 (see ln_loss_grad_pre), against k;
+    ``loss_grad``: ln_loss_grad_pre or ln_loss_grad_fused.
     Returns lists over layers of X [..., n, Din] and g [..., n, Dout]."""
     if kind == "linear":
-        return [k], [ln_loss_grad_pre(affine(k, P["W1"], P["b1"]), wbt, w2, eps)]
+        return [k], [loss_grad(affine(k, P["W1"], P["b1"]), wbt, w2, eps)]
     z1 = affine(k, P["W1"], P["b1"])  # (..., n, F)
     x2 = gelu_tanh(z1)
-    g2 = ln_loss_grad_pre(affine(x2, P["W2"], P["b2"]), wbt, w2, eps)  # (..., n, D)
+    g2 = loss_grad(affine(x2, P["W2"], P["b2"]), wbt, w2, eps)  # (..., n, D)
     g1 = (g2 @ P["W2"].transpose(-1, -2)) * gelu_tanh_grad(z1)  # (..., n, F)
     return [k, x2], [g1, g2]
 
@@ -108,7 +124,8 @@ def flatten_heads(d: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
 
 def unflatten_heads(d: dict[str, Tensor] | None, B: int) -> dict[str, Tensor] | None:
     """Inverse of :func:`flatten_heads` for batch size B."""
-    return None if d is None else {n: t.unflatten(0, (B, -1)) for n, t in d.items()}
+    # a view, as unflatten(0, (B, -1)) but without Tensor.unflatten's Python wrapper
+    return None if d is None else {n: t.view(B, -1, *t.shape[1:]) for n, t in d.items()}
 
 
 def position_scales(token_scale: str | Tensor, start: int, n: int, device, dtype) -> Tensor:

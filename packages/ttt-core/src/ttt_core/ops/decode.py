@@ -8,12 +8,13 @@ For one token at in-mini-batch position ``o`` (``offset``) with start weights P,
 with input x (key side) and output gradient g taken at P:
 
     plain:  G' = G + eta x^T g            (gradient sum of the mini-batch so far; G = 0 at o = 0)
-            query sees W = P - s_o G'     so  xq W = xq P - s_o (xq G + Gb + eta (xq . x + 1) g)
-            at the mini-batch end (o = b - 1): P <- P - s_o G', G <- None
+            the query reads W = P - s_o G', which is also the next start P when o = b - 1
     Titans: S' = m S - eta x^T g,  W' = (1 - a) W + S'   (gradient at P, the mini-batch start)
             query sees W'; at the mini-batch end P <- W'
 
-``xq G`` is never formed as a weight matrix: the new step enters through ``(xq . x + 1) g``.
+A step is a few dozen tiny ops whose dispatch is the cost, so it takes the fewest: the outer product
+x^T (eta g) is a broadcast ``addcmul`` into G, and g comes from aten's LayerNorm kernels
+(:func:`~ttt_core.ops.common.ln_loss_grad_fused`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .common import (
     flatten_heads,
     gelu_tanh,
     key_grads,
+    ln_loss_grad_fused,
     position_scales,
     unflatten_heads,
 )
@@ -44,22 +46,21 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _plain(q, xs, gs, eta, P, G, s: float | Tensor, completes: bool, kind: str):
     """Plain-form step on flat tensors; returns (z [N, 1, D], params, grad_sum or None)."""
-    egs = [eta * g for g in gs]  # eta_j g_j per layer, (N, 1, Dout)
-    h = q
-    for li, ((W, b), x, eg) in enumerate(zip(LAYERS[kind], xs, egs)):
-        hx1 = torch.bmm(h, x.transpose(-1, -2)) + 1.0  # (N, 1, 1): the new token's step
-        corr = hx1 * eg if G is None else torch.addcmul(affine(h, G[W], G[b]), hx1, eg)
-        z = affine(h, P[W], P[b])
-        z = torch.sub(z, corr, alpha=s) if isinstance(s, float) else z - s * corr
-        h = gelu_tanh(z) if li + 1 < len(LAYERS[kind]) else z
     new_G: TensorDict = {}
-    for (W, b), x, eg in zip(LAYERS[kind], xs, egs):
-        dW = torch.bmm(x.transpose(-1, -2), eg)  # (N, Din, Dout): x^T eta g
-        new_G[W] = dW if G is None else G[W] + dW
+    for (W, b), x, g in zip(LAYERS[kind], xs, gs):
+        eg = eta * g  # (N, 1, Dout): eta_j g_j
+        xt = x.transpose(1, 2)  # (N, Din, 1)
+        new_G[W] = xt * eg if G is None else torch.addcmul(G[W], xt, eg)  # (N, Din, Dout)
         new_G[b] = eg if G is None else G[b] + eg
-    if completes:
-        return h, {n: P[n] - s * new_G[n] for n in P}, None
-    return h, P, new_G
+    if isinstance(s, float):
+        Wq = {n: torch.sub(p, new_G[n], alpha=s) for n, p in P.items()}  # P - s G'
+    else:
+        Wq = {n: torch.addcmul(p, s, new_G[n], value=-1.0) for n, p in P.items()}
+    h = q
+    for li, (W, b) in enumerate(LAYERS[kind]):
+        z = torch.baddbmm(Wq[b], h, Wq[W])  # (N, 1, Dout)
+        h = gelu_tanh(z) if li + 1 < len(LAYERS[kind]) else z
+    return (h, Wq, None) if completes else (h, P, new_G)
 
 
 def _titans(q, xs, gs, eta, m, a, P, S, Wc, completes: bool, kind: str):
@@ -101,20 +102,21 @@ def decode_step(
     Same result as :func:`ttt_core.ops.scan.ttt_scan` on a one-token call (inputs validated by the
     caller)."""
     B, H, _, D = q.shape
-    N, dt = B * H, compute_dtype(q.dtype)
-    qf, kf = _cast(q, dt).reshape(N, 1, D), _cast(k, dt).reshape(N, 1, D)
-    vf = _cast(v, dt).reshape(N, 1, D)
+    N, dt, in_dtype = B * H, compute_dtype(q.dtype), q.dtype
+    if in_dtype != dt:  # bf16/fp16 inputs: fp32 math
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    qf, kf, vf = q.reshape(N, 1, D), k.reshape(N, 1, D), v.reshape(N, 1, D)
+    etaf = _cast(eta, dt).reshape(N, 1, 1)
     ln_w, ln_b = _cast(ln_weight, dt), _cast(ln_bias, dt)  # (H, D)
     if B > 1:
         ln_w, ln_b = ln_w.repeat(B, 1), ln_b.repeat(B, 1)  # (N, D)
     ln_w, ln_b = ln_w.unsqueeze(1), ln_b.unsqueeze(1)  # (N, 1, D)
     wbt = ln_w * (ln_b + kf - vf)  # w * (b - target), target v - k
-    etaf = _cast(eta, dt).reshape(N, 1, 1)
     P = flatten_heads(state.params)
-    xs, gs = key_grads(P, kf, wbt, ln_w * ln_w, eps, kind)
+    xs, gs = key_grads(P, kf, wbt, ln_w * ln_w, eps, kind, loss_grad=ln_loss_grad_fused)
     o = state.offset
     end = o + 1 if mini_batch_size is None else (o + 1) % mini_batch_size
-    completes = mini_batch_size is not None and end == 0
+    completes = end == 0  # never for a whole-sequence mini-batch (o + 1 > 0)
     if momentum is not None or decay is not None:
         zero = etaf.new_zeros(())
         m = zero if momentum is None else _cast(momentum, dt).reshape(N, 1, 1)
@@ -131,8 +133,6 @@ def decode_step(
         z, params, G = _plain(
             qf, xs, gs, etaf, P, flatten_heads(state.grad_sum), s, completes, kind
         )
-        new = TTTState(
-            unflatten_heads(params, B), end, mini_batch_size, unflatten_heads(G, B), None, None
-        )
+        new = TTTState(unflatten_heads(params, B), end, mini_batch_size, unflatten_heads(G, B))
     out = qf + torch.addcmul(ln_b, F.layer_norm(z, (D,), eps=eps), ln_w)  # (N, 1, D)
-    return _cast(out.view(B, H, 1, D), q.dtype), new
+    return _cast(out.view(B, H, 1, D), in_dtype), new
