@@ -20,9 +20,20 @@ __all__ = ["ttt_linear", "ttt_mlp"]
 TokenScale = Literal["mean", "sum"] | Tensor
 
 
-def _run(kind: str, weights: dict[str, Tensor], q, k, v, eta, ln_weight, ln_bias, **kw):
-    B, *_ = validate(q=q, k=k, v=v, eta=eta, weights=weights, ln_weight=ln_weight, ln_bias=ln_bias,
-                     **{n: kw[n] for n in _CHECKED})  # fmt: skip
+def _run(kind: str, weights: dict[str, Tensor], q, k, v, eta, ln_weight, ln_bias, *,
+         trusted: bool = False, **kw):  # fmt: skip
+    """The functional API's body. ``trusted``: the caller (``TTTLayer``) built q, k, v and eta from
+    these weights itself, so only a carried state is checked (a streaming token's step is bound by
+    its number of ops)."""
+    if trusted:
+        B, H, _, D = q.shape
+        if kw["initial_state"] is not None:
+            F = weights["W1"].shape[-1] if "W2" in weights else D
+            titans = kw["momentum"] is not None or kw["decay"] is not None
+            check_state(kw["initial_state"], weights, B, H, D, F, kw["mini_batch_size"], titans)
+    else:
+        B, *_ = validate(q=q, k=k, v=v, eta=eta, weights=weights, ln_weight=ln_weight,
+                         ln_bias=ln_bias, **{n: kw[n] for n in _CHECKED})  # fmt: skip
     form = kw.pop("form")
     if form not in ("auto", "dual", "primal"):
         raise ValueError(f"form must be 'auto', 'dual' or 'primal', got {form!r}")
@@ -53,29 +64,6 @@ def _run(kind: str, weights: dict[str, Tensor], q, k, v, eta, ln_weight, ln_bias
         o, new_state = fn(q, k, v, eta, *weights.values(), ln_weight, ln_bias, initial_state=state,
                           output_final_state=output_final_state, **common)  # fmt: skip
     return o, (new_state if output_final_state else None)
-
-
-def _token_step(kind: str, weights: dict[str, Tensor], q, k, v, eta, ln_weight, ln_bias, *,
-                state: TTTState | None, mini_batch_size, token_scale, momentum, decay, eps, backend):  # fmt: skip
-    """One causal streaming token for a caller that built q, k, v [B, H, 1, D] and eta [B, H, 1]
-    itself, consistent with the weights (a ``TTTLayer``): only the carried state is checked, then
-    the torch backend's decode step runs. Returns ``(o, state)``, or None when the backend that
-    ``_run`` would pick is not the torch one (call ``ttt_linear``/``ttt_mlp`` then)."""
-    B, H, _, D = q.shape
-    if state is None:
-        state = TTTState.from_params(weights, B, mini_batch_size, compute_dtype(q.dtype))
-    else:
-        F = weights["W1"].shape[-1] if "W2" in weights else D
-        titans = momentum is not None or decay is not None
-        check_state(state, weights, B, H, D, F, mini_batch_size, titans)
-    impl = backends.resolve(backend, f"ttt_{kind}", q, initial_state=state, output_final_state=True,
-                            mini_batch_size=mini_batch_size, causal=True, token_scale=token_scale,
-                            momentum=momentum, decay=decay, eps=eps)  # fmt: skip
-    if impl != "torch":
-        return None
-    return decode_step(q, k, v, eta, state, ln_weight, ln_bias, kind=kind,
-                       mini_batch_size=mini_batch_size, token_scale=token_scale, momentum=momentum,
-                       decay=decay, eps=eps)  # fmt: skip
 
 
 _CHECKED = ("mini_batch_size", "causal", "token_scale", "momentum", "decay", "initial_state",

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from .config import TTTConfig
-from .functional import _token_step
+from .functional import _run
 from .learners import InnerLearner, LinearLearner, MLPLearner
 from .ops.common import layer_norm_heads
 from .state import TTTState
@@ -121,19 +121,14 @@ class TTTLayer(nn.Module):
         extra = {"momentum": i["momentum"], "decay": i["decay"]} if "momentum" in i else {}
         inner = self.inner
         if stream and i["q"].shape[2] == 1 and type(inner) in (LinearLearner, MLPLearner):
-            # one streaming token (generation): q, k, v, eta are built here, so skip the functional
-            # API's input checks (the state is still checked) and go straight to the decode step
-            c = self.config
-            ts = self.token_scale if c.token_scale == "learnable" else c.token_scale
-            out = _token_step(c.inner, inner.fast_params(), i["q"], i["k"], i["v"], i["eta"],
-                              inner.ln_weight, inner.ln_bias, state=state,
-                              mini_batch_size=c.mini_batch_size, token_scale=ts,
-                              momentum=extra.get("momentum"), decay=extra.get("decay"),
-                              eps=inner.eps, backend=c.backend)  # fmt: skip
-            if out is not None:
-                return out
+            # one streaming token (generation): q, k, v, eta are built here, so the functional API
+            # skips its input checks (the carried state is still checked)
+            return _run(self.config.inner, inner.fast_params(), i["q"], i["k"], i["v"], i["eta"],
+                        inner.ln_weight, inner.ln_bias, trusted=True, initial_state=state,
+                        output_final_state=True, momentum=extra.get("momentum"),
+                        decay=extra.get("decay"), eps=inner.eps, **self._inner_kwargs())  # fmt: skip
         return inner(i["q"], i["k"], i["v"], i["eta"], state=state, output_final_state=stream,
-                          **extra, **self._inner_kwargs())  # fmt: skip
+                     **extra, **self._inner_kwargs())  # fmt: skip
 
     def _merge(self, o: Tensor) -> Tensor:  # [B, H, L, D] -> [B, L, H*D]
         B, H, L, D = o.shape

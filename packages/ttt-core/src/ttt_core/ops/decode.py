@@ -58,7 +58,7 @@ def _plain(q, xs, gs, eta, P, G, s: float | Tensor, completes: bool, kind: str):
         Wq = {n: torch.addcmul(p, s, new_G[n], value=-1.0) for n, p in P.items()}
     h = q
     for li, (W, b) in enumerate(LAYERS[kind]):
-        z = torch.baddbmm(Wq[b], h, Wq[W])  # (N, 1, Dout)
+        z = affine(h, Wq[W], Wq[b])  # (N, 1, Dout)
         h = gelu_tanh(z) if li + 1 < len(LAYERS[kind]) else z
     return (h, Wq, None) if completes else (h, P, new_G)
 
