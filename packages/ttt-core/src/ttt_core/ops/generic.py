@@ -72,7 +72,7 @@ def ttt_generic(
     apply = vmap(vmap(lambda p, x: fast_model(p, x.unsqueeze(0)).squeeze(0)))
 
     P = flatten_heads(state.params)
-    G = None if state.grad_sum is None else flatten_heads(state.grad_sum)
+    G = flatten_heads(state.grad_sum)
     S = W = None
     if titans:
         S = flatten_heads(state.momentum) if state.momentum is not None else zeros_like_dict(P)
@@ -122,7 +122,7 @@ def ttt_generic(
         params=unflatten_heads(P, B),
         offset=end,
         mini_batch_size=mini_batch_size,
-        grad_sum=unflatten_heads(G, B) if (G is not None and end > 0) else None,
+        grad_sum=unflatten_heads(G, B) if end > 0 else None,
         momentum=unflatten_heads(S, B) if titans else None,
         current=unflatten_heads(W, B) if (titans and end > 0) else None,
     )
