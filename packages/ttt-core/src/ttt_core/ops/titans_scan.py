@@ -3,12 +3,15 @@
 Same semantics as :mod:`ttt_core.ops.scan` (DESIGN.md). A mini-batch segment has gradient point P
 (its start weights), current weights W_0 and momentum S_0; per fast layer, key-side inputs X_t and
 output gradients g_t (at P). Biases ride along as a last row of ones in the inputs (``x_aug = [x, 1]``,
-``W_aug = [W; b]``), and each layer's carry is one matrix ``Z = [W_aug | S_aug]`` [Din+1, 2 Dout]:
+``W_aug = [W; b]``), and each layer's carry is one matrix Z, stored by columns,
+``[W_aug | S_aug]`` [Din+1, 2 Dout], or, where Din + 1 <= Dout (an MLP's first layer), by rows,
+``[W_aug; S_aug]`` [2 (Din+1), Dout] (the smaller GEMM outputs and elementwise work):
 
-    query i:  Y_i = D_i (h_i W_0) + c0_i (h_i S_0) - sum_t CE_it (h_i . X_t) g_t     (one GEMM h Z;
-              with the ones column, h_i . X_t is the dual form's q.k + 1)
+    query i:  Y_i = D_i (h_i W_0) + c0_i (h_i S_0) - sum_t CE_it (h_i . X_t) g_t     (one GEMM:
+              h Z by columns, [D_i h_i | c0_i h_i] Z by rows; with the ones column, h_i . X_t is
+              the dual form's q.k + 1)
     carry:    W'  = D_last W_0 + c0_last S_0 - X^T (wW g),   S' = m_last S_0 - X^T (wS g)
-              (one GEMM X^T [wW g | wS g])
+              (one GEMM: X^T [wW g | wS g] by columns, [wW X | wS X]^T g by rows)
 
 with ``CE_it = C_it eta_t``, ``C = A M``, ``c0 = A mcum``, ``wS_t = M_{n-1,t} eta_t``,
 ``wW_t = CE_{n-1,t}`` (the coefficient matrices of scan.py, over the tokens of one block).
@@ -56,33 +59,38 @@ def _ones_col(x: Tensor) -> Tensor:
     return F.pad(x, (0, 1), value=1.0)
 
 
-def _sub_mm_(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``out -= a @ b`` in place for [B, H, ...] stacks (fresh outputs cost page faults on CPU)."""
-    out.view(-1, *out.shape[-2:]).baddbmm_(a.flatten(0, 1), b.flatten(0, 1), alpha=-1.0)
+def _add_mm_(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
+    """``out += alpha a @ b`` in place for contiguous [B, H, ...] stacks (fresh outputs cost page
+    faults on CPU; a strided ``out`` would make baddbmm_ copy, slower than a fresh product)."""
+    out.view(-1, *out.shape[-2:]).baddbmm_(a.flatten(0, 1), b.flatten(0, 1), alpha=alpha)
     return out
 
 
-def _gelu_fwd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """[gelu_tanh(x), 1] (the ones column of the next layer's input), gelu_tanh'(x) and
-    ``s = sigmoid(2u)`` (u the tanh argument), with few fresh tensors (each costs page faults).
-    ``0.5 (1 + tanh(u)) = sigmoid(2u)``: one sigmoid instead of a tanh (much faster on CPU)."""
-    x2 = x * x
-    s = x2.mul(2.0 * _C * _K).add_(2.0 * _C).mul_(x).sigmoid_()
-    q = x2.mul_(6.0 * _C * _K).add_(2.0 * _C)  # d(2u)/dx, in x2's memory
+def _sub_mm_(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``out -= a @ b`` in place (:func:`_add_mm_`)."""
+    return _add_mm_(out, a, b, alpha=-1.0)
+
+
+def _gelu_fwd(x: Tensor, grad2: bool = False) -> tuple[Tensor, Tensor]:
+    """[gelu_tanh(x), 1] (the ones column of the next layer's input) and gelu_tanh'(x), with few
+    fresh tensors (each costs page faults on CPU); with ``grad2``, x is overwritten with
+    gelu_tanh''(x) (the key pass's backward needs it), else x is left as it is.
+
+    With u = C (x + K x^3), ``0.5 (1 + tanh(u)) = s = sigmoid(2u)`` (one sigmoid instead of a tanh,
+    much faster on CPU), q = d(2u)/dx = 2C (1 + 3K x^2) and y = gelu(x) = x s:
+    ``gelu' = s + y q (1 - s)`` and ``gelu'' = s (1 - s) (x (1 - 2s) q^2 + 4q - 4C)``
+    (its ``12 C K x^2`` term written as ``2q - 4C``)."""
+    a = (x * x).mul_(2.0 * _C * _K).add_(2.0 * _C)  # 2u / x
+    s = torch.mul(a, x).sigmoid_()
+    q = a.mul_(3.0).sub_(4.0 * _C)  # in a's memory
     ya = x.new_empty((*x.shape[:-1], x.shape[-1] + 1))
     ya[..., -1] = 1.0
     y = torch.mul(x, s, out=ya[..., :-1])
-    dy = (y * s).neg_().add_(y).mul_(q).add_(s)  # s + x s (1 - s) q
-    return ya, dy, s
-
-
-def _gelu_grad2(x: Tensor, s: Tensor) -> Tensor:
-    """d^2 gelu_tanh(x) / dx^2 from ``s = sigmoid(2u)``."""
-    x2 = x * x
-    q = x2.mul(6.0 * _C * _K).add_(2.0 * _C)  # 2C (1 + 3K x^2)
-    out = s.mul(-2.0).add_(1.0).mul_(x).mul_(q).add_(2.0).mul_(q)  # 2q + x (1 - 2s) q^2
-    out.add_(x2, alpha=12.0 * _C * _K)
-    return out.mul_(torch.addcmul(s, s, s, value=-1.0, out=x2))  # times s - s^2 (in x2's memory)
+    if grad2:
+        x.sub_(y, alpha=2.0).mul_(q).mul_(q).add_(q, alpha=4.0).sub_(4.0 * _C)
+        x.mul_(s).addcmul_(x, s, value=-1.0)  # times s (1 - s)
+    dy = q.mul_(y).addcmul_(q, s, value=-1.0).add_(s)  # in q's memory
+    return ya, dy
 
 
 def _ln_grad_bwd(a: Tensor, cache, w2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -102,11 +110,12 @@ def _segment_products_bwd(mat: Tensor, cum: Tensor, dmat: Tensor, dcum: Tensor) 
     mat_{r-1,t} mat_jr`` for t < r <= j and ``d cum_j / d x_r = cum_{r-1} mat_jr``.
 
     Matrix-vector products are written as multiply + sum: a batched matmul of many tiny
-    matrices costs about a microsecond per matrix on CPU."""
-    dx = (mat * dcum.unsqueeze(-1)).sum(dim=-2)  # (..., n): sum_j mat_jr dcum_j
-    dx[..., 1:] *= cum[..., :-1]  # cum_{r-1}; 1 at r = 0
+    matrices costs about a microsecond per matrix on CPU. ``dmat`` (the caller's own) is used as
+    scratch memory (fresh tensors cost page faults on CPU)."""
     Q = _t(mat) @ dmat  # Q[r, t] = sum_j mat_jr dmat_jt
-    dx[..., 1:] += (Q[..., 1:, :] * mat[..., :-1, :]).sum(dim=-1)  # times mat_{r-1,t}; 0 at r = 0
+    dx = torch.mul(mat, dcum.unsqueeze(-1), out=dmat).sum(dim=-2)  # (..., n): sum_j mat_jr dcum_j
+    dx[..., 1:] *= cum[..., :-1]  # cum_{r-1}; 1 at r = 0
+    dx[..., 1:] += Q[..., 1:, :].mul_(mat[..., :-1, :]).sum(dim=-1)  # times mat_{r-1,t}; 0 at r = 0
     return dx
 
 
@@ -118,8 +127,9 @@ def _coefs_fwd(eta: Tensor, mom: Tensor, dec: Tensor) -> dict[str, Tensor]:
     mats, cums = segment_products(torch.stack((mom, 1.0 - dec)))
     (M, A), (mc, Dv) = mats.unbind(0), cums.unbind(0)
     C = A @ M
-    CE = C * eta.unsqueeze(-2)
-    c0 = (A * mc.unsqueeze(-2)).sum(dim=-1)  # A @ mc
+    CE = torch.empty_like(C)  # scratch for A @ mc first (fresh tensors cost page faults on CPU)
+    c0 = torch.mul(A, mc.unsqueeze(-2), out=CE).sum(dim=-1)  # A @ mc
+    torch.mul(C, eta.unsqueeze(-2), out=CE)
     return {
         "mats": mats, "cums": cums, "C": C, "CE": CE,
         "Dc": torch.stack((Dv, c0), dim=-1),  # (..., n, 2): weights of W_0 and S_0 in W_i
@@ -132,18 +142,20 @@ def _coefs_bwd(co, eta, dCE, dw, dDc, dfac):
     """Gradients of eta, momentum and decay [N, B, H, n] from those of the coefficients
     (``dCE``, ``dDc`` are the caller's own stacks: updated in place)."""
     (M, A), mc = co["mats"].unbind(0), co["cums"][0]
-    dCE[..., -1, :] += dw[..., 0]
-    de = (dCE * co["C"]).sum(dim=-2) + dw[..., 1] * M[..., -1, :]
-    dC = dCE.mul_(eta.unsqueeze(-2))
     dmats = torch.empty_like(co["mats"])  # [dM, dA], both sides' products backward in one call
-    dM = torch.matmul(_t(A), dC, out=dmats[0])
-    dM[..., -1, :] += dw[..., 1] * eta
+    scratch = dmats[0]  # for the products below before dM (fresh tensors cost page faults on CPU)
+    dCE[..., -1, :] += dw[..., 0]
+    de = torch.mul(dCE, co["C"], out=scratch).sum(dim=-2) + dw[..., 1] * M[..., -1, :]
     dcums = dDc.movedim(-1, 0).flip(0)  # [dc0, dD]: dc0 becomes dmc below, dD stays
     dD, dc0 = dcums[1], dcums[0].clone()
     dD[..., -1] += dfac[..., 0]
     dc0[..., -1] += dfac[..., 2]
+    dmc = torch.mul(A, dc0.unsqueeze(-1), out=scratch).sum(dim=-2)  # A^T dc0
+    dC = dCE.mul_(eta.unsqueeze(-2))
+    dM = torch.matmul(_t(A), dC, out=dmats[0])
+    dM[..., -1, :] += dw[..., 1] * eta
     torch.matmul(dC, _t(M), out=dmats[1]).addcmul_(dc0.unsqueeze(-1), mc.unsqueeze(-2))  # dA
-    dcums[0] = (A * dc0.unsqueeze(-1)).sum(dim=-2)  # dmc = A^T dc0
+    dcums[0] = dmc
     dcums[0][..., -1] += dfac[..., 1]
     dx = _segment_products_bwd(co["mats"], co["cums"], dmats, dcums)  # [2, N, B, H, n]
     return de, dx[0], dx[1].neg_()
@@ -152,16 +164,16 @@ def _coefs_bwd(co, eta, dCE, dw, dDc, dfac):
 # ----------------------------------------------------------------------------------------------
 # the key pass of a mini-batch segment (at P) and one block of queries
 # ----------------------------------------------------------------------------------------------
-def _key_fwd(P: list[Tensor], ka: Tensor, t: Tensor, w2: Tensor, eps: float):
+def _key_fwd(P: list[Tensor], ka: Tensor, t: Tensor, w2: Tensor, eps: float, save: bool):
     """Inputs X (with the ones column) and output gradients g of every layer at P, and a cache."""
     z1 = ka @ P[0]  # (B, H, n, F)
     if len(P) == 1:
         g1, ln = ln_loss_grad_parts(z1, t, w2, eps)
         return [ka], [g1], (ln,)
-    x2a, d1, s1 = _gelu_fwd(z1)
+    x2a, d1 = _gelu_fwd(z1, grad2=save)  # z1 becomes gelu''(z1)
     g2, ln = ln_loss_grad_parts(x2a @ P[1], t, w2, eps)  # (B, H, n, D)
     gp = g2 @ _t(P[1][..., :-1, :])  # (B, H, n, F)
-    return [ka, x2a], [gp * d1, g2], (ln, z1, d1, s1, gp)
+    return [ka, x2a], [gp * d1, g2], (ln, z1, d1, gp)
 
 
 def _key_bwd(P: list[Tensor], xs, gs, cache, dX, dg, w2):
@@ -171,13 +183,13 @@ def _key_bwd(P: list[Tensor], xs, gs, cache, dX, dg, w2):
         dz1, dt, dw2 = _ln_grad_bwd(dg[0], ln, w2)
         dP = []
     else:
-        ln, z1, d1, s1, gp = cache
+        ln, gelu2, d1, gp = cache
         W2 = P[1][..., :-1, :]
         dgp = dg[0] * d1
-        dz2, dt, dw2 = _ln_grad_bwd(dg[1] + dgp @ W2, ln, w2)
+        # dg is this backward's own accumulator: updated in place (fresh tensors cost page faults)
+        dz2, dt, dw2 = _ln_grad_bwd(_add_mm_(dg[1], dgp, W2), ln, w2)
         dx2 = (dz2 @ _t(W2)).add_(dX[1][..., :-1])  # (B, H, n, F): dL/d gelu(z1)
-        # dg[0] is this backward's own accumulator: reused in place (fresh tensors cost page faults)
-        dz1 = dg[0].mul_(gp).mul_(_gelu_grad2(z1, s1)).addcmul_(dx2, d1)
+        dz1 = dg[0].mul_(gp).mul_(gelu2).addcmul_(dx2, d1)
         dP2 = _t(xs[1]) @ dz2
         dP2[..., :-1, :] += _t(dgp) @ gs[1]
         dP = [dP2]
@@ -185,44 +197,103 @@ def _key_bwd(P: list[Tensor], xs, gs, cache, dX, dg, w2):
     return dk, dt, dw2, [_t(xs[0]) @ dz1, *dP]
 
 
-def _block_fwd(Z: list[Tensor], qa, xs, gs, co, kern1, att1, save: bool):
-    """One block of queries: z [B, H, n, D] and the carry Z after it (and a cache)."""
-    Dc, CE, w = co["Dc"], co["CE"], co["w"]
+def _halves(Zl: Tensor, rows: bool) -> tuple[Tensor, Tensor]:
+    """Views (W_aug, S_aug) of a carry stored by rows [2 (Din+1), Dout] or by columns [Din+1, 2 Dout]."""
+    if rows:
+        n = Zl.shape[-2] // 2
+        return Zl[..., :n, :], Zl[..., n:, :]
+    d = Zl.shape[-1] // 2
+    return Zl[..., :d], Zl[..., d:]
+
+
+def _pair(a: Tensor, w: Tensor) -> Tensor:
+    """[w_0 a | w_1 a] for a (B, H, n, m) and w (B, H, n, 2): (B, H, n, 2m)."""
+    return (w.unsqueeze(-1) * a.unsqueeze(-2)).flatten(-2)
+
+
+def _read_fwd(Zl: Tensor, h: Tensor, Dc: Tensor, rows: bool) -> tuple[Tensor, Tensor]:
+    """The queries' read of the start weights, ``y_i = D_i (h_i W_0) + c0_i (h_i S_0)`` (B, H, n, Dout),
+    and its backward's cache: by rows one GEMM ``[D_i h_i | c0_i h_i] [W_0; S_0]`` (cache the scaled
+    h), by columns one GEMM ``h [W_0 | S_0]`` and the mix (cache that product, ``base``)."""
+    if rows:
+        hs = _pair(h, Dc)  # (B, H, n, 2 (Din+1))
+        return hs @ Zl, hs
+    base = h @ Zl  # (B, H, n, 2 Dout): h W_0 | h S_0
+    bw, bs = _halves(base, False)
+    return (bw * Dc[..., :1]).addcmul_(bs, Dc[..., 1:]), base
+
+
+def _read_bwd(Zl, h, Dc, rc, dy, rows: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of :func:`_read_fwd` for ``dy``: (dZ, dh, dDc (B, H, n, 2))."""
+    if rows:
+        dhs = (dy @ _t(Zl)).unflatten(-1, (2, h.shape[-1]))  # (B, H, n, 2, Din+1)
+        dDc = (dhs * h.unsqueeze(-2)).sum(dim=-1)
+        dh = (dhs[..., 0, :] * Dc[..., :1]).addcmul_(dhs[..., 1, :], Dc[..., 1:])
+        return _t(rc) @ dy, dh, dDc
+    dbase = _pair(dy, Dc)  # (B, H, n, 2 Dout)
+    dDc = (dy.unsqueeze(-2) * rc.unflatten(-1, (2, dy.shape[-1]))).sum(dim=-1)
+    return _t(h) @ dbase, dbase @ _t(Zl), dDc
+
+
+def _carry_fwd(Zl: Tensor, x: Tensor, g: Tensor, w: Tensor, fac: Tensor, rows: bool):
+    """The carry after a block, ``W' = D_last W_0 + c0_last S_0 - X^T (wW g)``,
+    ``S' = m_last S_0 - X^T (wS g)``: one GEMM ``[wW x | wS x]^T g`` by rows, ``x^T [wW g | wS g]``
+    by columns. Returns Z' and that GEMM's weighted factor (the backward's cache)."""
+    Zo = torch.empty_like(Zl)
+    (W, S), (Wo, So) = _halves(Zl, rows), _halves(Zo, rows)
+    fl = fac[..., None, None]  # (B, H, 3, 1, 1): D_last, m_last, c0_last
+    torch.mul(W, fl[..., 0, :, :], out=Wo).addcmul_(S, fl[..., 2, :, :])
+    torch.mul(S, fl[..., 1, :, :], out=So)
+    if rows:
+        xw = _pair(x, w)  # (B, H, n, 2 (Din+1)): [wW x | wS x]
+        return _sub_mm_(Zo, _t(xw), g), xw
+    gw = _pair(g, w)  # (B, H, n, 2 Dout): [wW g | wS g]
+    return _sub_mm_(Zo, _t(x), gw), gw
+
+
+def _carry_bwd(Zl, x, g, w, fac, cc, dZo, dZl, dX, dg, rows: bool):
+    """Backward of :func:`_carry_fwd` for ``dZo``: adds into dZl, dX, dg (in place) and returns
+    (dL/dw (B, H, n, 2), dL/dfac (B, H, 3))."""
+    (W, S), (dW, dS) = _halves(Zl, rows), _halves(dZo, rows)
+    dfac = torch.stack([(a * b).sum(dim=(-1, -2)) for a, b in ((dW, W), (dS, S), (dW, S))], dim=-1)
+    fl = fac[..., None, None]
+    dZW, dZS = _halves(dZl, rows)
+    dZW.addcmul_(dW, fl[..., 0, :, :])
+    dZS.addcmul_(dS, fl[..., 1, :, :]).addcmul_(dW, fl[..., 2, :, :])
+    # a = the factor that is not weighted (g by rows, x by columns), V = -dL/d(weighted factor)
+    a, da, b, db = (g, dg, x, dX) if rows else (x, dX, g, dg)
+    V = (a @ (_t(dZo) if rows else dZo)).unflatten(-1, (2, b.shape[-1]))  # (B, H, n, 2, m)
+    dw = (V * b.unsqueeze(-2)).sum(dim=-1).neg_()
+    db.sub_((V * w.unsqueeze(-1)).sum(dim=-2))
+    _sub_mm_(da, cc, dZo if rows else _t(dZo))
+    return dw, dfac
+
+
+def _block_fwd(Z: list[Tensor], qa, xs, gs, co, kern1, att1, rows, save: bool):
+    """One block of queries: z [B, H, n, D] and the carry Z after it (and a cache per layer:
+    h, the read's cache, kernel, att, gelu' of the output (None at the last layer), the carry's)."""
+    Dc, CE = co["Dc"], co["CE"]
     h, cache = qa, []
     for li, (Zl, x, g) in enumerate(zip(Z, xs, gs)):
-        d = g.shape[-1]
-        base = h @ Zl  # (B, H, n, 2 Dout): h W_0 | h S_0
         kern, att = (kern1, att1) if li == 0 else (None, None)
         if kern is None:
             kern = h @ _t(x)  # (B, H, n, n): h_i . x_t + 1
             att = kern * CE
-        y = (base[..., :d] * Dc[..., :1]).addcmul_(base[..., d:], Dc[..., 1:])
+        y, rc = _read_fwd(Zl, h, Dc, rows[li])
         y = _sub_mm_(y, att, g)
-        entry = [h, base, kern, att]
+        entry = [h, rc, kern, att, None]
         if li + 1 < len(Z):
-            h, dy, _ = _gelu_fwd(y)  # with the ones column
-            entry.append(dy)
-        if save:
-            cache.append(entry)
-    fac = co["fac"]  # (B, H, 3): D_last, m_last, c0_last
+            h, entry[4] = _gelu_fwd(y)  # with the ones column
+        cache.append(entry)
     Zn = []
     for li, (Zl, x, g) in enumerate(zip(Z, xs, gs)):
-        d = g.shape[-1]
-        gw = (g.unsqueeze(-2) * w.unsqueeze(-1)).flatten(-2)  # (B, H, n, 2 Dout): [wW g | wS g]
-        Zo = _sub_mm_(Zl * _scale(fac, d), _t(x), gw)  # [D_last W - U_W | m_last S - U_S]
-        Zo[..., :d].addcmul_(Zl[..., d:], fac[..., 2, None, None])  # + c0_last S
+        Zo, cc = _carry_fwd(Zl, x, g, co["w"], co["fac"], rows[li])
         Zn.append(Zo)
-        if save:
-            cache[li].append(gw)
-    return y, Zn, cache
+        cache[li].append(cc)
+    return y, Zn, cache if save else []
 
 
-def _scale(fac: Tensor, d: int) -> Tensor:
-    """The carry's per-column factor [D_last] * d + [m_last] * d as a row (B, H, 1, 2d)."""
-    return fac[..., :2, None].expand(*fac.shape[:-1], 2, d).flatten(-2).unsqueeze(-2)
-
-
-def _block_bwd(Z, xs, gs, cache, co, dz, dZo):
+def _block_bwd(Z, xs, gs, cache, co, dz, dZo, rows):
     """Backward of one block: dq, dX, dg of its tokens, dZ before it, coefficient gradients."""
     Dc, CE, w, fac = co["Dc"], co["CE"], co["w"], co["fac"]
     n = dz.shape[-2]
@@ -232,40 +303,23 @@ def _block_bwd(Z, xs, gs, cache, co, dz, dZo):
     dy = dz
     for li in reversed(range(len(Z))):
         Zl, x, g = Z[li], xs[li], gs[li]
-        h, base, kern, att = cache[li][:4]
-        d = g.shape[-1]
-        dbase = (dy.unsqueeze(-2) * Dc.unsqueeze(-1)).flatten(-2)  # (B, H, n, 2 Dout)
-        dDc = dDc + (dy.unsqueeze(-2) * base.unflatten(-1, (2, d))).sum(dim=-1)
-        dZl = _t(h) @ dbase
+        h, rc, kern, att, _, cc = cache[li]
+        dZl, dh, dDc_l = _read_bwd(Zl, h, Dc, rc, dy, rows[li])
+        dDc = dDc + dDc_l
         datt = dy @ _t(g)  # (B, H, n, n), sign: y = ... - att @ g
         dCE = -(datt * kern) if li == len(Z) - 1 else dCE.addcmul_(datt, kern, value=-1.0)
         dkern = datt.mul_(CE)  # minus the kernel's gradient
-        dh = _sub_mm_(dbase @ _t(Zl), dkern, x)
+        dh = _sub_mm_(dh, dkern, x)
         dX_l = (_t(dkern) @ h).neg_()
         dg_l = (_t(att) @ dy).neg_()
-        if dZo is not None:  # Z' = Z * [D_last | m_last] + [c0_last S | 0] - X^T [wW g | wS g]
-            dZol = dZo[li]
-            prod = (dZol * Zl).sum(dim=-2)  # (B, H, 2 Dout)
-            fl = torch.stack(
-                (
-                    prod[..., :d].sum(dim=-1),
-                    prod[..., d:].sum(dim=-1),
-                    (dZol[..., :d] * Zl[..., d:]).sum(dim=(-1, -2)),
-                ),
-                dim=-1,
-            )
-            dfac = fl if dfac is None else dfac + fl
-            dZl.addcmul_(dZol, _scale(fac, d))
-            dZl[..., d:].addcmul_(dZol[..., :d], fac[..., 2, None, None])
-            V = (x @ dZol).unflatten(-1, (2, d))  # (B, H, n, 2, Dout) = -dL/d[wW g | wS g]
-            dwl = (V * g.unsqueeze(-2)).sum(dim=-1)  # (B, H, n, 2), minus dL/dw
-            dw = dwl.neg_() if dw is None else dw.sub_(dwl)
-            dg_l.addcmul_(V[..., 0, :], w[..., :1], value=-1.0)
-            dg_l.addcmul_(V[..., 1, :], w[..., 1:], value=-1.0)
-            _sub_mm_(dX_l, cache[li][-1], _t(dZol))  # gw = [wW g | wS g]
+        if dZo is not None:
+            dwl, fl = _carry_bwd(Zl, x, g, w, fac, cc, dZo[li], dZl, dX_l, dg_l, rows[li])
+            dw = dwl if dw is None else dw.add_(dwl)
+            dfac = fl if dfac is None else dfac.add_(fl)
         dX[li], dg[li], dZ[li] = dX_l, dg_l, dZl
         if li > 0:
-            dy = dh[..., :-1] * cache[li - 1][4]  # through gelu of the previous layer's output
+            # through gelu of the previous layer's output, in dh's memory (dead after this)
+            dy = dh[..., :-1].mul_(cache[li - 1][4])
     if dw is None:  # nothing flows back from the carry after this block
         dw, dfac = dz.new_zeros((*dz.shape[:2], n, 2)), dz.new_zeros((*dz.shape[:2], 3))
     return dh[..., :-1], dX, dg, dZ, (dCE, dw, dDc, dfac)
@@ -299,6 +353,7 @@ def _plan(segs: list[Segment]):
 
 def _scan_fwd(q, k, t, w2, eta, mom, dec, P, Z, segs, eps, save):
     """All segments. Returns z [B, H, L, D], the final P and Z (per layer) and the cache."""
+    rows = _layouts(P, Z)
     qa, ka = _ones_col(q), _ones_col(k)
     per_seg, groups = _plan(segs)
     coefs = {}
@@ -315,14 +370,14 @@ def _scan_fwd(q, k, t, w2, eta, mom, dec, P, Z, segs, eps, save):
     outs, saved = [], []
     for seg, blocks in zip(segs, per_seg):
         sl = slice(seg.start, seg.start + seg.length)
-        xs, gs, kcache = _key_fwd(P, ka[:, :, sl], t[:, :, sl], w2, eps)
+        xs, gs, kcache = _key_fwd(P, ka[:, :, sl], t[:, :, sl], w2, eps, save)
         bsaved = []
         for b in blocks:
             r = slice(b.rel, b.rel + b.length)
             xb, gb = [x[:, :, r] for x in xs], [g[:, :, r] for g in gs]
             co, kern, att = coefs[b]
             y, Zn, cache = _block_fwd(Z, qa[:, :, b.start : b.start + b.length], xb, gb, co,
-                                      kern, att, save)  # fmt: skip
+                                      kern, att, rows, save)  # fmt: skip
             outs.append(y)
             if save:
                 bsaved.append((b, Z, xb, gb, cache))
@@ -330,8 +385,13 @@ def _scan_fwd(q, k, t, w2, eta, mom, dec, P, Z, segs, eps, save):
         if save:
             saved.append((seg, P, xs, gs, kcache, bsaved))
         if seg.completes:
-            P = [Zl[..., : Pl.shape[-1]] for Zl, Pl in zip(Z, P)]
-    return torch.cat(outs, dim=2), P, Z, (saved, gsaved, coefs)
+            P = [_halves(Zl, r)[0] for Zl, r in zip(Z, rows)]
+    return torch.cat(outs, dim=2), P, Z, (saved, gsaved, coefs, rows)
+
+
+def _layouts(P: list[Tensor], Z: list[Tensor]) -> list[bool]:
+    """Per layer: is its carry stored by rows (``Z.shape[-1] == Dout``)? See :func:`titans_scan`."""
+    return [Zl.shape[-1] == Pl.shape[-1] for Zl, Pl in zip(Z, P)]
 
 
 class _TitansScan(torch.autograd.Function):
@@ -352,7 +412,7 @@ class _TitansScan(torch.autograd.Function):
                 "the torch backend's Titans form has a first-order backward only; for double "
                 "backward (create_graph=True) use form='primal' or backend='generic'"
             )
-        (saved, gsaved, coefs), w2, like = ctx.saved, ctx.w2, ctx.like
+        (saved, gsaved, coefs, rows), w2, like = ctx.saved, ctx.w2, ctx.like
         nl = len(like) // 2
         full = lambda g, r: torch.zeros_like(r) if g is None else g
         dP = None if all(g is None for g in dflat[:nl]) else list(map(full, dflat[:nl], like[:nl]))
@@ -366,8 +426,9 @@ class _TitansScan(torch.autograd.Function):
             if seg.completes and dP is not None:  # P after the segment = W after it
                 if dZ is None:
                     dZ = [torch.zeros_like(r) for r in like[nl:]]
-                dZ = [torch.cat((Zg[..., : Pg.shape[-1]] + Pg, Zg[..., Pg.shape[-1] :]), dim=-1)
-                      for Zg, Pg in zip(dZ, dP)]  # fmt: skip
+                dZ = [Zg.clone() for Zg in dZ]
+                for Zg, Pg, r in zip(dZ, dP, rows):
+                    _halves(Zg, r)[0].add_(Pg)
                 dP = None
             if len(bsaved) > 1:  # accumulated over the segment's blocks
                 dX = [torch.empty_like(x) for x in xs]
@@ -376,7 +437,7 @@ class _TitansScan(torch.autograd.Function):
                 r = slice(b.rel, b.rel + b.length)
                 co = coefs[b][0]
                 dqb, dXb, dgb, dZ, cgrads[b] = _block_bwd(
-                    Z, xb, gb, cache, co, dz[:, :, b.start : b.start + b.length], dZ
+                    Z, xb, gb, cache, co, dz[:, :, b.start : b.start + b.length], dZ, rows
                 )
                 dq[:, :, b.start : b.start + b.length] = dqb
                 if len(bsaved) == 1:
@@ -405,7 +466,9 @@ def titans_scan(q, k, t, w2, eta, mom, dec, P, W, S, layers, segs: list[Segment]
     the queries, before LN) and the final P, W, S dicts."""
     aug = lambda d, Wn, bn: torch.cat((d[Wn], d[bn]), dim=-2)
     Pa = [aug(P, *names) for names in layers]
-    Za = [torch.cat((aug(W, *names), aug(S, *names)), dim=-1) for names in layers]
+    # by rows where Din + 1 <= Dout (the cheaper read and carry), else by columns
+    Za = [torch.cat((aug(W, *nm), aug(S, *nm)), dim=-2 if Pl.shape[-2] <= Pl.shape[-1] else -1)
+          for nm, Pl in zip(layers, Pa)]  # fmt: skip
     tensors = (q, k, t, w2, eta, mom, dec, *Pa, *Za)
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         z, *rest = _TitansScan.apply((segs, eps), *tensors)
@@ -413,8 +476,7 @@ def titans_scan(q, k, t, w2, eta, mom, dec, P, W, S, layers, segs: list[Segment]
     else:
         z, Pf, Zf, _ = _scan_fwd(q, k, t, w2, eta, mom, dec, Pa, Za, segs, eps, False)
     Pd, Wd, Sd = {}, {}, {}
-    for (Wn, bn), Pl, Zl in zip(layers, Pf, Zf):
-        d = Pl.shape[-1]
-        for out, m in ((Pd, Pl), (Wd, Zl[..., :d]), (Sd, Zl[..., d:])):
+    for (Wn, bn), Pl, Zl, r in zip(layers, Pf, Zf, _layouts(Pf, Zf)):
+        for out, m in ((Pd, Pl), (Wd, _halves(Zl, r)[0]), (Sd, _halves(Zl, r)[1])):
             out[Wn], out[bn] = m[..., :-1, :], m[..., -1:, :]
     return z, Pd, Wd, Sd
