@@ -6,11 +6,12 @@ import pytest
 import torch
 from conftest import TINY_KWARGS, make_lm, random_codes
 from moshi.models.lm import LMModel
-from moshi.modules.transformer import StreamingTransformerLayer
+from moshi.modules.transformer import RMSNorm, StreamingTransformerLayer
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from ttt_core import TTTConfig
 from ttt_moshi import (
+    TTTRMSNorm,
     TTTStreamingTransformerLayer,
     export_plain_state_dict,
     fsdp_wrap_policy,
@@ -135,3 +136,32 @@ def test_fsdp_policies_find_layers_by_class(tiny_lm):
     assert chosen == [tiny_lm.transformer.layers[0], tiny_lm.transformer.layers[2]]
     assert all(isinstance(m, TTTStreamingTransformerLayer) for m in chosen)
     assert all(getattr(m, "_fsdp_final", False) for m in chosen)  # moshi's FSDP marker kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, None])
+def test_ttt_rms_norm_equals_moshi_rms_norm(dtype):
+    """The TTT pre-norm (fewer ops) computes Moshi's RMSNorm: same bits in fp32; a bf16 input on
+    an fp32 norm takes Moshi's own path (cast, fp32 math, cast back)."""
+    torch.manual_seed(0)
+    ref = RMSNorm(48, eps=1e-5, dtype=dtype)
+    with torch.no_grad():
+        ref.alpha.uniform_(0.5, 1.5)
+    lean = RMSNorm(48, eps=1e-5, dtype=dtype)
+    lean.load_state_dict(ref.state_dict())
+    lean.__class__ = TTTRMSNorm
+    x = torch.randn(3, 7, 48) * 4
+    assert torch.equal(lean(x), ref(x))
+    xb = x.to(torch.bfloat16)
+    if dtype is not None:
+        assert lean(xb).dtype == torch.bfloat16
+        assert torch.equal(lean(xb), ref(xb))
+    with pytest.raises(ValueError, match="x \\[B, T, C\\]"):
+        lean(x[0])
+
+
+def test_patched_layer_uses_the_lean_norm(tiny_lm):
+    patch_lm(tiny_lm, layers=[1], ttt=ttt_config_for(tiny_lm))
+    layer = tiny_lm.transformer.layers[1]
+    assert type(layer.norm1) is RMSNorm
+    assert type(layer.norm_ttt) is TTTRMSNorm
+    assert torch.equal(layer.norm_ttt.alpha, torch.ones_like(layer.norm1.alpha))

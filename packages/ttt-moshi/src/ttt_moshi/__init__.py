@@ -15,7 +15,7 @@ from .config import FinetuneConfig
 from .data import TokenShards, load_shard, save_shard
 from .evaluate import loss_slope, per_position_loss, plot_loss_curves
 from .fsdp import fsdp_wrap_policy, ttt_layer_policy
-from .layer import TTTStreamingTransformerLayer, convert_layer, revert_layer
+from .layer import TTTRMSNorm, TTTStreamingTransformerLayer, convert_layer, revert_layer
 from .losses import token_losses
 from .patch import (
     export_plain_state_dict,
@@ -29,6 +29,7 @@ from .train import Trainer, TrainingDiverged
 
 __all__ = [
     "FinetuneConfig",
+    "TTTRMSNorm",
     "TTTStreamingTransformerLayer",
     "TokenShards",
     "Trainer",

@@ -26,13 +26,13 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
-from moshi.modules.transformer import StreamingTransformerLayer, _LayerState
+from moshi.modules.transformer import RMSNorm, StreamingTransformerLayer, _LayerState
 from moshi.utils.compile import no_compile
 from torch import Tensor, nn
 
 from ttt_core import TTTConfig, TTTLayer, TTTState
 
-__all__ = ["TTTStreamingTransformerLayer", "convert_layer", "revert_layer"]
+__all__ = ["TTTRMSNorm", "TTTStreamingTransformerLayer", "convert_layer", "revert_layer"]
 
 
 @dataclass
@@ -75,9 +75,30 @@ class _TTTLayerState(_LayerState):
         super().set_exec_mask(exec_mask)
 
 
+class TTTRMSNorm(RMSNorm):
+    """Moshi's `RMSNorm` (same parameter ``alpha`` [1, 1, C], same result) in fewer ops.
+
+    ``y = x * (alpha * rsqrt(mean(x * x) + eps))``. Moshi's version adds ``x**2`` and three
+    ``.to`` casts; in a streaming step every op runs cache-cold (the layer's weights stream through
+    the caches between two tokens), so one token's TTT pre-norm costs about half. Inputs whose dtype
+    differs from the norm's compute dtype take Moshi's path.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.alpha
+        if x.dtype != a.dtype or (self.dtype is not None and self.dtype != x.dtype):
+            return super().forward(x)
+        if x.dim() != 3:
+            raise ValueError(f"RMSNorm expects x [B, T, C], got {list(x.shape)}")
+        return x * (a * torch.rsqrt(torch.mean(x * x, dim=2, keepdim=True) + self.eps))
+
+
 def _fresh_norm(norm: nn.Module) -> nn.Module:
-    """A copy of a Moshi norm module (RMSNorm / LayerNorm) with scale 1 and bias 0."""
+    """A copy of a Moshi norm module (RMSNorm / LayerNorm) with scale 1 and bias 0 (an RMSNorm
+    becomes the equivalent `TTTRMSNorm`)."""
     new = copy.deepcopy(norm)
+    if type(new) is RMSNorm:
+        new.__class__ = TTTRMSNorm
     with torch.no_grad():
         for name, p in new.named_parameters():
             if name.endswith("bias"):

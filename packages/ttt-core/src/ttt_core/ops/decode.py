@@ -12,9 +12,12 @@ with input x (key side) and output gradient g taken at P:
     Titans: S' = m S - eta x^T g,  W' = (1 - a) W + S'   (gradient at P, the mini-batch start)
             query sees W'; at the mini-batch end P <- W'
 
-A step is a few dozen tiny ops whose dispatch is the cost, so it takes the fewest: the outer product
-x^T (eta g) is a broadcast ``addcmul`` into G, and g comes from aten's LayerNorm kernels
-(:func:`~ttt_core.ops.common.ln_loss_grad_fused`).
+A step is a few dozen tiny ops and, in a real model, every one of them runs cache-cold (the host
+layer's weight matrices stream through the caches between two tokens), so it is bound by the number
+of ops, not their size. It takes the fewest: every tensor is flattened over (batch, head) to
+[N = B*H, ...] once, so ``x W + b`` is one ``baddbmm`` (a 4-d ``matmul`` costs twice as much), the
+outer product x^T (eta g) is a broadcast ``addcmul`` into G, and g comes from aten's LayerNorm
+kernels (:func:`_loss_grad`).
 """
 
 from __future__ import annotations
@@ -26,22 +29,58 @@ from torch import Tensor
 from ..state import TensorDict, TTTState, zeros_like_dict
 from .common import (
     LAYERS,
-    affine,
     compute_dtype,
     flatten_heads,
     gelu_tanh,
-    key_grads,
-    ln_loss_grad_fused,
+    gelu_tanh_grad,
     position_scales,
     unflatten_heads,
 )
 
-# Every tensor here is flattened over (batch, head) to [N = B*H, ...] once, so each fast layer is one
-# baddbmm; a single token's step is a few dozen small ops and their dispatch is the cost.
+_MASK = (True, False, False)  # native_layer_norm_backward: the input gradient only
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def _affine(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
+    """``x W + b``: x [N, 1, Din], W [N, Din, Dout], b [N, 1, Dout] -> [N, 1, Dout]."""
+    return torch.baddbmm(b, x, W)
+
+
+def _loss_grad(z: Tensor, k: Tensor, v: Tensor, ln_w: Tensor, ln_b: Tensor, eps: float) -> Tensor:
+    """d/dz of ``0.5 ||LN_h(z) - (v - k)||^2`` in three aten ops: LayerNorm's forward gives the
+    normalised x and r = 1/sqrt(var + eps); its backward without affine, fed
+    ``dx = w (w x + b + k - v)``, is exactly ``r (dx - mean(dx) - x mean(dx x))``
+    (differentiable: torch's LayerNorm double backward).
+
+    z, k, v: [N, 1, D]; ln_w, ln_b: [N, 1, D] (or [H, 1, D] when B = 1)."""
+    D = z.shape[-1]
+    x, mean, rstd = torch.native_layer_norm(z, (D,), None, None, eps)
+    dx = ln_w * torch.addcmul(torch.sub(ln_b + k, v), x, ln_w)  # (N, 1, D)
+    return torch.ops.aten.native_layer_norm_backward(dx, z, (D,), mean, rstd, None, None, _MASK)[0]
+
+
+def _key_grads(P: TensorDict, k, v, ln_w, ln_b, eps: float, kind: str):
+    """Inputs X_l and output gradients g_l of every fast layer for the key k, at the weights P."""
+    if kind == "linear":
+        return [k], [_loss_grad(_affine(k, P["W1"], P["b1"]), k, v, ln_w, ln_b, eps)]
+    z1 = _affine(k, P["W1"], P["b1"])  # (N, 1, F)
+    x2 = gelu_tanh(z1)
+    g2 = _loss_grad(_affine(x2, P["W2"], P["b2"]), k, v, ln_w, ln_b, eps)  # (N, 1, D)
+    g1 = torch.bmm(g2, P["W2"].transpose(-1, -2)).mul_(gelu_tanh_grad(z1))  # (N, 1, F)
+    return [k, x2], [g1, g2]
+
+
+def _query(q: Tensor, W: TensorDict, kind: str) -> Tensor:
+    """f_W(q): q [N, 1, D] -> [N, 1, D]."""
+    h = q
+    for li, (w, b) in enumerate(LAYERS[kind]):
+        h = _affine(h, W[w], W[b])
+        if li + 1 < len(LAYERS[kind]):
+            h = gelu_tanh(h)
+    return h
 
 
 def _plain(q, xs, gs, eta, P, G, s: float | Tensor, completes: bool, kind: str):
@@ -49,18 +88,15 @@ def _plain(q, xs, gs, eta, P, G, s: float | Tensor, completes: bool, kind: str):
     new_G: TensorDict = {}
     for (W, b), x, g in zip(LAYERS[kind], xs, gs):
         eg = eta * g  # (N, 1, Dout): eta_j g_j
-        xt = x.transpose(1, 2)  # (N, Din, 1)
+        xt = x.transpose(-1, -2)  # (N, Din, 1)
         new_G[W] = xt * eg if G is None else torch.addcmul(G[W], xt, eg)  # (N, Din, Dout)
         new_G[b] = eg if G is None else G[b] + eg
     if isinstance(s, float):
         Wq = {n: torch.sub(p, new_G[n], alpha=s) for n, p in P.items()}  # P - s G'
     else:
         Wq = {n: torch.addcmul(p, s, new_G[n], value=-1.0) for n, p in P.items()}
-    h = q
-    for li, (W, b) in enumerate(LAYERS[kind]):
-        z = affine(h, Wq[W], Wq[b])  # (N, 1, Dout)
-        h = gelu_tanh(z) if li + 1 < len(LAYERS[kind]) else z
-    return (h, Wq, None) if completes else (h, P, new_G)
+    z = _query(q, Wq, kind)
+    return (z, Wq, None) if completes else (z, P, new_G)
 
 
 def _titans(q, xs, gs, eta, m, a, P, S, Wc, completes: bool, kind: str):
@@ -74,11 +110,8 @@ def _titans(q, xs, gs, eta, m, a, P, S, Wc, completes: bool, kind: str):
         newS[b] = m * S[b] - eg
         newW[W] = torch.addcmul(newS[W], 1.0 - a, Wc[W])
         newW[b] = torch.addcmul(newS[b], 1.0 - a, Wc[b])
-    h = q
-    for li, (W, b) in enumerate(LAYERS[kind]):
-        z = affine(h, newW[W], newW[b])
-        h = gelu_tanh(z) if li + 1 < len(LAYERS[kind]) else z
-    return h, (newW if completes else P), newS, (None if completes else newW)
+    z = _query(q, newW, kind)
+    return z, (newW if completes else P), newS, (None if completes else newW)
 
 
 def decode_step(
@@ -105,23 +138,22 @@ def decode_step(
     N, dt, in_dtype = B * H, compute_dtype(q.dtype), q.dtype
     if in_dtype != dt:  # bf16/fp16 inputs: fp32 math
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    qf, kf, vf = q.reshape(N, 1, D), k.reshape(N, 1, D), v.reshape(N, 1, D)
-    etaf = _cast(eta, dt).reshape(N, 1, 1)
+    q, k, v = q.reshape(N, 1, D), k.reshape(N, 1, D), v.reshape(N, 1, D)
+    eta = _cast(eta, dt).reshape(N, 1, 1)
     ln_w, ln_b = _cast(ln_weight, dt), _cast(ln_bias, dt)  # (H, D)
     if B > 1:
         ln_w, ln_b = ln_w.repeat(B, 1), ln_b.repeat(B, 1)  # (N, D)
     ln_w, ln_b = ln_w.unsqueeze(1), ln_b.unsqueeze(1)  # (N, 1, D)
-    wbt = ln_w * (ln_b + kf - vf)  # w * (b - target), target v - k
     P = flatten_heads(state.params)
-    xs, gs = key_grads(P, kf, wbt, ln_w * ln_w, eps, kind, loss_grad=ln_loss_grad_fused)
+    xs, gs = _key_grads(P, k, v, ln_w, ln_b, eps, kind)
     o = state.offset
     end = o + 1 if mini_batch_size is None else (o + 1) % mini_batch_size
     completes = end == 0  # never for a whole-sequence mini-batch (o + 1 > 0)
     if momentum is not None or decay is not None:
-        zero = etaf.new_zeros(())
+        zero = eta.new_zeros(())
         m = zero if momentum is None else _cast(momentum, dt).reshape(N, 1, 1)
         a = zero if decay is None else _cast(decay, dt).reshape(N, 1, 1)
-        z, params, S, current = _titans(qf, xs, gs, etaf, m, a, P, flatten_heads(state.momentum),
+        z, params, S, current = _titans(q, xs, gs, eta, m, a, P, flatten_heads(state.momentum),
                                         flatten_heads(state.current), completes, kind)  # fmt: skip
         new = TTTState(unflatten_heads(params, B), end, mini_batch_size, None, unflatten_heads(S, B),
                        unflatten_heads(current, B))  # fmt: skip
@@ -130,9 +162,7 @@ def decode_step(
             s = position_scales(token_scale, o, 1, q.device, dt)  # (1,) scale of position o
         else:
             s = 1.0 / (o + 1) if token_scale == "mean" else 1.0
-        z, params, G = _plain(
-            qf, xs, gs, etaf, P, flatten_heads(state.grad_sum), s, completes, kind
-        )
+        z, params, G = _plain(q, xs, gs, eta, P, flatten_heads(state.grad_sum), s, completes, kind)
         new = TTTState(unflatten_heads(params, B), end, mini_batch_size, unflatten_heads(G, B))
-    out = qf + torch.addcmul(ln_b, F.layer_norm(z, (D,), eps=eps), ln_w)  # (N, 1, D)
+    out = q + torch.addcmul(ln_b, F.layer_norm(z, (D,), eps=eps), ln_w)  # (N, 1, D)
     return _cast(out.view(B, H, 1, D), in_dtype), new
