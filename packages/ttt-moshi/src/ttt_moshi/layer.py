@@ -80,8 +80,9 @@ class TTTRMSNorm(RMSNorm):
 
     ``y = x * (alpha * rsqrt(mean(x * x) + eps))``. Moshi's version adds ``x**2`` and three
     ``.to`` casts; in a streaming step every op runs cache-cold (the layer's weights stream through
-    the caches between two tokens), so one token's TTT pre-norm costs about half. Inputs whose dtype
-    differs from the norm's compute dtype take Moshi's path.
+    the caches between two tokens): one token [1, 1, 1024] with flushed caches took ~300 us here
+    against ~420 us for Moshi's. Inputs whose dtype differs from the norm's compute dtype take
+    Moshi's path.
     """
 
     def forward(self, x: Tensor) -> Tensor:

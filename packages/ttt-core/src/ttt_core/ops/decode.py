@@ -17,7 +17,7 @@ layer's weight matrices stream through the caches between two tokens), so it is 
 of ops, not their size. It takes the fewest: every tensor is flattened over (batch, head) to
 [N = B*H, ...] once, so ``x W + b`` is one ``baddbmm`` (a 4-d ``matmul`` costs twice as much), the
 outer product x^T (eta g) is a broadcast ``addcmul`` into G, and g comes from aten's LayerNorm
-kernels (:func:`_loss_grad`).
+kernels (:func:`~ttt_core.ops.common.ln_loss_grad_fused`).
 """
 
 from __future__ import annotations
@@ -29,55 +29,26 @@ from torch import Tensor
 from ..state import TensorDict, TTTState, zeros_like_dict
 from .common import (
     LAYERS,
+    affine,
     compute_dtype,
     flatten_heads,
     gelu_tanh,
-    gelu_tanh_grad,
+    key_grads,
+    ln_loss_grad_fused,
     position_scales,
     unflatten_heads,
 )
-
-_MASK = (True, False, False)  # native_layer_norm_backward: the input gradient only
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _affine(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
-    """``x W + b``: x [N, 1, Din], W [N, Din, Dout], b [N, 1, Dout] -> [N, 1, Dout]."""
-    return torch.baddbmm(b, x, W)
-
-
-def _loss_grad(z: Tensor, k: Tensor, v: Tensor, ln_w: Tensor, ln_b: Tensor, eps: float) -> Tensor:
-    """d/dz of ``0.5 ||LN_h(z) - (v - k)||^2`` in three aten ops: LayerNorm's forward gives the
-    normalised x and r = 1/sqrt(var + eps); its backward without affine, fed
-    ``dx = w (w x + b + k - v)``, is exactly ``r (dx - mean(dx) - x mean(dx x))``
-    (differentiable: torch's LayerNorm double backward).
-
-    z, k, v: [N, 1, D]; ln_w, ln_b: [N, 1, D] (or [H, 1, D] when B = 1)."""
-    D = z.shape[-1]
-    x, mean, rstd = torch.native_layer_norm(z, (D,), None, None, eps)
-    dx = ln_w * torch.addcmul(torch.sub(ln_b + k, v), x, ln_w)  # (N, 1, D)
-    return torch.ops.aten.native_layer_norm_backward(dx, z, (D,), mean, rstd, None, None, _MASK)[0]
-
-
-def _key_grads(P: TensorDict, k, v, ln_w, ln_b, eps: float, kind: str):
-    """Inputs X_l and output gradients g_l of every fast layer for the key k, at the weights P."""
-    if kind == "linear":
-        return [k], [_loss_grad(_affine(k, P["W1"], P["b1"]), k, v, ln_w, ln_b, eps)]
-    z1 = _affine(k, P["W1"], P["b1"])  # (N, 1, F)
-    x2 = gelu_tanh(z1)
-    g2 = _loss_grad(_affine(x2, P["W2"], P["b2"]), k, v, ln_w, ln_b, eps)  # (N, 1, D)
-    g1 = torch.bmm(g2, P["W2"].transpose(-1, -2)).mul_(gelu_tanh_grad(z1))  # (N, 1, F)
-    return [k, x2], [g1, g2]
-
-
 def _query(q: Tensor, W: TensorDict, kind: str) -> Tensor:
     """f_W(q): q [N, 1, D] -> [N, 1, D]."""
     h = q
     for li, (w, b) in enumerate(LAYERS[kind]):
-        h = _affine(h, W[w], W[b])
+        h = affine(h, W[w], W[b])  # (N, 1, Dout)
         if li + 1 < len(LAYERS[kind]):
             h = gelu_tanh(h)
     return h
@@ -144,8 +115,9 @@ def decode_step(
     if B > 1:
         ln_w, ln_b = ln_w.repeat(B, 1), ln_b.repeat(B, 1)  # (N, D)
     ln_w, ln_b = ln_w.unsqueeze(1), ln_b.unsqueeze(1)  # (N, 1, D)
+    wbt = ln_w * (ln_b + k - v)  # w * (b - target), target v - k
     P = flatten_heads(state.params)
-    xs, gs = _key_grads(P, k, v, ln_w, ln_b, eps, kind)
+    xs, gs = key_grads(P, k, wbt, ln_w * ln_w, eps, kind, loss_grad=ln_loss_grad_fused)
     o = state.offset
     end = o + 1 if mini_batch_size is None else (o + 1) % mini_batch_size
     completes = end == 0  # never for a whole-sequence mini-batch (o + 1 > 0)
