@@ -59,32 +59,60 @@ def test_layer_streaming_equals_one_call(name):
 
 @pytest.mark.parametrize("name", ["linear", "mlp", "titans", "learnable-scale", "gelu-gate"])
 def test_layer_token_by_token_takes_the_decode_step(name, monkeypatch):
-    """One token per call goes from the layer straight to the decode step (the layer built q, k, v
-    and eta, so the functional API's checks are skipped) and equals one call: outputs and every
-    parameter's gradient, fp64."""
+    """One token per call goes from the layer straight to the flat decode step (the layer built q,
+    k, v and eta, so the functional API and its checks are skipped) and equals one call: outputs
+    and every parameter's gradient, fp64."""
     import ttt_core.functional as functional
+    import ttt_core.layer as layer_module
 
     layer = _layer(**VARIANTS[name]).double()
     x = torch.randn(2, 9, 24, dtype=torch.float64)
     y, _ = layer(x)
     want = torch.autograd.grad(y.square().sum(), list(layer.parameters()))
-    calls = {"decode": 0, "validate": 0}
+    calls = {"decode": 0, "functional": 0}
 
     def count(name, fn):
         return lambda *a, **k: calls.__setitem__(name, calls[name] + 1) or fn(*a, **k)
 
-    monkeypatch.setattr(functional, "decode_step", count("decode", functional.decode_step))
-    monkeypatch.setattr(functional, "validate", count("validate", functional.validate))
+    monkeypatch.setattr(layer_module, "decode_flat", count("decode", layer_module.decode_flat))
+    monkeypatch.setattr(functional, "_run", count("functional", functional._run))
     outs, state = [], None
     for t in range(9):
         yt, state = layer(x[:, t : t + 1], state=state)
         outs.append(yt)
-    assert calls == {"decode": 9, "validate": 0}
+    assert calls == {"decode": 9, "functional": 0}
     streamed = torch.cat(outs, 1)
     torch.testing.assert_close(streamed, y, rtol=1e-10, atol=1e-10)
     got = torch.autograd.grad(streamed.square().sum(), list(layer.parameters()))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_layer_token_step_falls_back_for_bf16_and_other_backends(monkeypatch):
+    """bf16 tokens and backend="generic" take the general path (the functional API), with the same
+    result as the whole sequence in one call."""
+    import ttt_core.functional as functional
+    import ttt_core.layer as layer_module
+
+    calls = {"decode": 0, "functional": 0}
+
+    def count(name, fn):
+        return lambda *a, **k: calls.__setitem__(name, calls[name] + 1) or fn(*a, **k)
+
+    monkeypatch.setattr(layer_module, "decode_flat", count("decode", layer_module.decode_flat))
+    monkeypatch.setattr(functional, "_run", count("functional", functional._run))
+    for kw, dtype, tol in ((dict(backend="generic"), torch.float64, 1e-9),
+                           (dict(), torch.bfloat16, 3e-2)):  # fmt: skip
+        layer = _layer(**kw).to(dtype)
+        x = torch.randn(2, 6, 24, dtype=dtype)
+        y, _ = layer(x)
+        outs, state = [], None
+        for t in range(6):
+            yt, state = layer(x[:, t : t + 1], state=state)
+            outs.append(yt)
+        err = (torch.cat(outs, 1).double() - y.double()).abs().max() / y.double().abs().max()
+        assert err < tol, (kw, dtype, err)
+    assert calls == {"decode": 0, "functional": 14}  # 2 x (one whole call + 6 tokens)
 
 
 def test_layer_token_step_checks_the_state():

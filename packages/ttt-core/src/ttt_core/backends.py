@@ -92,6 +92,18 @@ def get_backend(name: str) -> Backend:
     return _registry[name]
 
 
+def is_torch(name: str, device_type: str) -> bool:
+    """Whether ``backend=name`` is the ``torch`` backend on this device type whatever the call:
+    "torch", or "auto" where no registered backend serves the device (:func:`resolve` would
+    pick "torch" without asking any)."""
+    if name == "torch":
+        return True
+    if name != "auto":
+        return False
+    _load_entry_points()
+    return not _registry or not any(device_type in b.device_types for b in _registry.values())
+
+
 def resolve(name: str, op: str, q, **kwargs) -> Backend | str:
     """Pick the implementation for one call: a built-in name ("torch"/"generic") or a Backend.
 

@@ -13,27 +13,17 @@ from .ops.decode import decode_step
 from .ops.generic import ttt_generic
 from .ops.scan import ttt_scan
 from .state import TTTState
-from .validation import check_state, validate
+from .validation import validate
 
 __all__ = ["ttt_linear", "ttt_mlp"]
 
 TokenScale = Literal["mean", "sum"] | Tensor
 
 
-def _run(kind: str, weights: dict[str, Tensor], q, k, v, eta, ln_weight, ln_bias, *,
-         trusted: bool = False, **kw):  # fmt: skip
-    """The functional API's body. ``trusted``: the caller (``TTTLayer``) built q, k, v and eta from
-    these weights itself, so only a carried state is checked (a streaming token's step is bound by
-    its number of ops)."""
-    if trusted:
-        B, H, _, D = q.shape
-        if kw["initial_state"] is not None:
-            F = weights["W1"].shape[-1] if "W2" in weights else D
-            titans = kw["momentum"] is not None or kw["decay"] is not None
-            check_state(kw["initial_state"], weights, B, H, D, F, kw["mini_batch_size"], titans)
-    else:
-        B, *_ = validate(q=q, k=k, v=v, eta=eta, weights=weights, ln_weight=ln_weight,
-                         ln_bias=ln_bias, **{n: kw[n] for n in _CHECKED})  # fmt: skip
+def _run(kind: str, weights: dict[str, Tensor], q, k, v, eta, ln_weight, ln_bias, **kw):
+    """The functional API's body."""
+    B, *_ = validate(q=q, k=k, v=v, eta=eta, weights=weights, ln_weight=ln_weight,
+                     ln_bias=ln_bias, **{n: kw[n] for n in _CHECKED})  # fmt: skip
     form = kw.pop("form")
     if form not in ("auto", "dual", "primal"):
         raise ValueError(f"form must be 'auto', 'dual' or 'primal', got {form!r}")

@@ -19,13 +19,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
+from . import backends
 from .config import TTTConfig
-from .functional import _run
 from .learners import InnerLearner, LinearLearner, MLPLearner
 from .ops.common import layer_norm_heads
+from .ops.decode import decode_flat
 from .state import TTTState
+from .validation import check_state
 
 __all__ = ["TTTLayer"]
+
+_MATH_DTYPES = (torch.float32, torch.float64)  # the inner loop's own dtypes (compute_dtype)
 
 
 class TTTLayer(nn.Module):
@@ -89,12 +93,19 @@ class TTTLayer(nn.Module):
         *wide, rates = F.linear(x, W).split_with_sizes(self._widths, dim=-1)
         return [*wide, rates + self.rate_bias]  # no q/k/v/g bias: add the rates' alone
 
-    def inner_inputs(self, x: Tensor, parts: list[Tensor] | None = None) -> dict[str, Tensor]:
+    def inner_inputs(
+        self, x: Tensor, parts: list[Tensor] | None = None, *, flat: bool = False
+    ) -> dict[str, Tensor]:
         """q, k, v [B, H, L, D], eta [B, H, L] (and momentum/decay) of the inner loop for x [B, L, C]
-        (``parts``: ``self.project(x)`` when already computed)."""
+        (``parts``: ``self.project(x)`` when already computed). ``flat`` (one token, L = 1): the
+        decode step's layout, q, k, v [B*H, 1, D] and the rates [B*H, 1, 1]."""
         c = self.config
         parts = self.project(x) if parts is None else parts
-        q, k, v = (self._heads(t) for t in parts[:3])
+        B, H = x.shape[0], c.num_heads
+        if flat:
+            q, k, v = (t.reshape(B * H, 1, c.head_dim) for t in parts[:3])
+        else:
+            q, k, v = (self._heads(t) for t in parts[:3])
         if c.qk_l2_norm:
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         if c.normalize_target:  # target v - k standardised per token
@@ -103,12 +114,18 @@ class TTTLayer(nn.Module):
                 t.var(-1, keepdim=True, unbiased=False) + 1e-6
             )
             v = k + t
-        rates = torch.sigmoid(parts[-1]).transpose(1, 2)  # (B, H or 3H, L)
+        rates = torch.sigmoid(parts[-1])  # (B, L, H or 3H)
+        scale = c.base_lr / c.head_dim
+        if flat and not c.titans:  # one token: (B*H, 1, 1), samples and heads flattened
+            rates = rates.view(B * H, 1, 1)
+        elif flat:  # (3*B*H, 1, 1): lr | momentum | decay, each over (sample, head)
+            rates = rates.view(B, 3, H).transpose(0, 1).reshape(3 * B * H, 1, 1)
+        else:
+            rates = rates.transpose(1, 2)  # (B, H or 3H, L)
         if not c.titans:
-            return {"q": q, "k": k, "v": v, "eta": rates * (c.base_lr / c.head_dim)}
-        lr, momentum, decay = rates.split(c.num_heads, dim=1)  # (B, H, L) each
-        return {"q": q, "k": k, "v": v, "eta": lr * (c.base_lr / c.head_dim),
-                "momentum": momentum, "decay": decay}  # fmt: skip
+            return {"q": q, "k": k, "v": v, "eta": rates * scale}
+        lr, momentum, decay = rates.split(B * H if flat else H, dim=0 if flat else 1)
+        return {"q": q, "k": k, "v": v, "eta": lr * scale, "momentum": momentum, "decay": decay}
 
     def _inner_kwargs(self) -> dict:
         c = self.config
@@ -119,16 +136,33 @@ class TTTLayer(nn.Module):
     def _run_inner(self, inputs: dict[str, Tensor], state: TTTState | None, stream: bool):
         i = inputs
         extra = {"momentum": i["momentum"], "decay": i["decay"]} if "momentum" in i else {}
-        inner = self.inner
-        if stream and i["q"].shape[2] == 1 and type(inner) in (LinearLearner, MLPLearner):
-            # one streaming token (generation): q, k, v, eta are built here, so the functional API
-            # skips its input checks (the carried state is still checked)
-            return _run(self.config.inner, inner.fast_params(), i["q"], i["k"], i["v"], i["eta"],
-                        inner.ln_weight, inner.ln_bias, trusted=True, initial_state=state,
-                        output_final_state=True, momentum=extra.get("momentum"),
-                        decay=extra.get("decay"), eps=inner.eps, **self._inner_kwargs())  # fmt: skip
-        return inner(i["q"], i["k"], i["v"], i["eta"], state=state, output_final_state=stream,
-                     **extra, **self._inner_kwargs())  # fmt: skip
+        return self.inner(i["q"], i["k"], i["v"], i["eta"], state=state, output_final_state=stream,
+                          **extra, **self._inner_kwargs())  # fmt: skip
+
+    def _decode_token(self, x: Tensor, parts: list[Tensor], state: TTTState | None):
+        """One streaming token x [B, 1, C] straight to the torch backend's decode step, without the
+        functional API's per-call bookkeeping (a streaming step is bound by its number of Python
+        and tensor ops): the layer builds q, k, v and eta itself, so only the carried state is
+        checked. Same result as the general path. Returns (o [B, 1, H*D], state), or None where the
+        general path must run (another backend, bf16/fp16 inputs, a custom inner learner)."""
+        c, inner = self.config, self.inner
+        if (type(inner) not in (LinearLearner, MLPLearner) or x.dtype not in _MATH_DTYPES
+                or not backends.is_torch(c.backend, x.device.type)):  # fmt: skip
+            return None
+        B, b = x.shape[0], c.mini_batch_size
+        weights = inner.fast_params()
+        if state is None:
+            state = TTTState.from_params(weights, B, b, x.dtype)
+        else:
+            width = weights["W1"].shape[-1]  # D, or the MLP's F
+            check_state(state, weights, B, c.num_heads, c.head_dim, width, b, c.titans)
+        i = self.inner_inputs(x, parts, flat=True)
+        ts = self.token_scale if c.token_scale == "learnable" else c.token_scale
+        o, state = decode_flat(i["q"], i["k"], i["v"], i["eta"], state, inner.ln_weight,
+                               inner.ln_bias, batch=B, kind=c.inner, mini_batch_size=b,
+                               token_scale=ts, momentum=i.get("momentum"), decay=i.get("decay"),
+                               eps=inner.eps)  # fmt: skip
+        return o.view(B, 1, c.inner_width), state
 
     def _merge(self, o: Tensor) -> Tensor:  # [B, H, L, D] -> [B, L, H*D]
         B, H, L, D = o.shape
@@ -149,9 +183,14 @@ class TTTLayer(nn.Module):
                 "state is only accepted by causal, one-directional TTT layers (streaming)"
             )
         parts = self.project(x)
-        inputs = self.inner_inputs(x, parts)
-        o, new_state = self._run_inner(inputs, state, stream)
-        y = self.post_norm(self._merge(o))  # (B, L, H*D)
+        token = self._decode_token(x, parts, state) if stream and x.shape[1] == 1 else None
+        if token is not None:
+            o, new_state = token  # (B, 1, H*D)
+        else:
+            inputs = self.inner_inputs(x, parts)
+            o, new_state = self._run_inner(inputs, state, stream)
+            o = self._merge(o)  # (B, L, H*D)
+        y = self.post_norm(o)
         if c.gate == "gelu":
             y = F.gelu(parts[3], approximate="tanh") * y
         y = self.o_proj(y)  # (B, L, C)

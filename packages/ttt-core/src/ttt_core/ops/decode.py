@@ -104,16 +104,43 @@ def decode_step(
     """One causal token: q, k, v [B, H, 1, D], eta [B, H, 1] -> (o [B, H, 1, D], next state).
 
     Same result as :func:`ttt_core.ops.scan.ttt_scan` on a one-token call (inputs validated by the
-    caller)."""
+    caller); :func:`decode_flat` on the inputs flattened over (batch, head)."""
     B, H, _, D = q.shape
     N, dt, in_dtype = B * H, compute_dtype(q.dtype), q.dtype
-    if in_dtype != dt:  # bf16/fp16 inputs: fp32 math
-        q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    q, k, v = q.reshape(N, 1, D), k.reshape(N, 1, D), v.reshape(N, 1, D)
-    eta = _cast(eta, dt).reshape(N, 1, 1)
+
+    def flat(t: Tensor | None) -> Tensor | None:  # [B, H, 1, d] -> [N, 1, d] in the math dtype
+        return None if t is None else _cast(t, dt).reshape(N, 1, -1)
+
+    o, new = decode_flat(flat(q), flat(k), flat(v), flat(eta), state, ln_weight, ln_bias, batch=B,
+                         kind=kind, mini_batch_size=mini_batch_size, token_scale=token_scale,
+                         momentum=flat(momentum), decay=flat(decay), eps=eps)  # fmt: skip
+    return _cast(o.view(B, H, 1, D), in_dtype), new
+
+
+def decode_flat(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    eta: Tensor,
+    state: TTTState,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    *,
+    batch: int,
+    kind: str,
+    mini_batch_size: int | None,
+    token_scale: str | Tensor,
+    momentum: Tensor | None,
+    decay: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, TTTState]:
+    """:func:`decode_step` on flat inputs: q, k, v [N, 1, D] and eta (momentum, decay) [N, 1, 1],
+    N = batch * H ordered (sample, head), all in the math dtype (fp32 or fp64, the state's) ->
+    (o [N, 1, D], next state). ``TTTLayer`` builds its streaming token's inputs in this layout."""
+    D, dt = q.shape[-1], q.dtype
     ln_w, ln_b = _cast(ln_weight, dt), _cast(ln_bias, dt)  # (H, D)
-    if B > 1:
-        ln_w, ln_b = ln_w.repeat(B, 1), ln_b.repeat(B, 1)  # (N, D)
+    if batch > 1:
+        ln_w, ln_b = ln_w.repeat(batch, 1), ln_b.repeat(batch, 1)  # (N, D)
     ln_w, ln_b = ln_w.unsqueeze(1), ln_b.unsqueeze(1)  # (N, 1, D)
     wbt = ln_w * (ln_b + k - v)  # w * (b - target), target v - k
     P = flatten_heads(state.params)
@@ -123,18 +150,18 @@ def decode_step(
     completes = end == 0  # never for a whole-sequence mini-batch (o + 1 > 0)
     if momentum is not None or decay is not None:
         zero = eta.new_zeros(())
-        m = zero if momentum is None else _cast(momentum, dt).reshape(N, 1, 1)
-        a = zero if decay is None else _cast(decay, dt).reshape(N, 1, 1)
+        m = zero if momentum is None else momentum
+        a = zero if decay is None else decay
         z, params, S, current = _titans(q, xs, gs, eta, m, a, P, flatten_heads(state.momentum),
                                         flatten_heads(state.current), completes, kind)  # fmt: skip
-        new = TTTState(unflatten_heads(params, B), end, mini_batch_size, None, unflatten_heads(S, B),
-                       unflatten_heads(current, B))  # fmt: skip
+        new = TTTState(unflatten_heads(params, batch), end, mini_batch_size, None,
+                       unflatten_heads(S, batch), unflatten_heads(current, batch))  # fmt: skip
     else:
         if isinstance(token_scale, Tensor):
             s = position_scales(token_scale, o, 1, q.device, dt)  # (1,) scale of position o
         else:
             s = 1.0 / (o + 1) if token_scale == "mean" else 1.0
         z, params, G = _plain(q, xs, gs, eta, P, flatten_heads(state.grad_sum), s, completes, kind)
-        new = TTTState(unflatten_heads(params, B), end, mini_batch_size, unflatten_heads(G, B))
-    out = q + torch.addcmul(ln_b, F.layer_norm(z, (D,), eps=eps), ln_w)  # (N, 1, D)
-    return _cast(out.view(B, H, 1, D), in_dtype), new
+        new = TTTState(unflatten_heads(params, batch), end, mini_batch_size,
+                       unflatten_heads(G, batch))  # fmt: skip
+    return q + torch.addcmul(ln_b, F.layer_norm(z, (D,), eps=eps), ln_w), new  # (N, 1, D)
