@@ -117,23 +117,10 @@ def decode_step(
     return _cast(o.view(B, H, 1, D), in_dtype), new
 
 
-def decode_flat(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    eta: Tensor,
-    state: TTTState,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    *,
-    batch: int,
-    kind: str,
-    mini_batch_size: int | None,
-    token_scale: str | Tensor,
-    momentum: Tensor | None,
-    decay: Tensor | None,
-    eps: float,
-) -> tuple[Tensor, TTTState]:
+def decode_flat(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, state: TTTState, ln_weight: Tensor,
+                ln_bias: Tensor, *, batch: int, kind: str, mini_batch_size: int | None,
+                token_scale: str | Tensor, momentum: Tensor | None, decay: Tensor | None,
+                eps: float) -> tuple[Tensor, TTTState]:  # fmt: skip
     """:func:`decode_step` on flat inputs: q, k, v [N, 1, D] and eta (momentum, decay) [N, 1, 1],
     N = batch * H ordered (sample, head), all in the math dtype (fp32 or fp64, the state's) ->
     (o [N, 1, D], next state). ``TTTLayer`` builds its streaming token's inputs in this layout."""
