@@ -9,13 +9,15 @@ import torch
 from conftest import call, make_inputs
 from naive import naive_ttt
 
+from ttt_core import TTTState
 from ttt_core.fast_models import FAST_MODELS
 from ttt_core.ops import titans_scan
 
 
-def _run(kind, form, b, L, cut=None, rates="both", seed=0):
+def _run(kind, form, b, L, cut=None, rates="both", seed=0, backwards=1):
     """Outputs and the gradients of a random projection of (outputs, final state) w.r.t. every
-    leaf, optionally cutting the sequence at ``cut`` and carrying the state."""
+    leaf, optionally cutting the sequence at ``cut`` and carrying the state; with ``backwards``
+    > 1, the gradients of each of that many backward passes through one graph (retain_graph)."""
     x, w, ln, extra = make_inputs(kind, B=2, H=2, L=L, D=5, F=7, titans=True, requires_grad=True,
                                   seed=seed)  # fmt: skip
     if rates != "both":
@@ -35,8 +37,12 @@ def _run(kind, form, b, L, cut=None, rates="both", seed=0):
     for d in (st.params, st.momentum, st.current or {}):
         for t in d.values():
             loss = loss + (t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum()
-    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-    return o.detach(), {n: gr for n, gr in zip(leaves, grads)}, st
+    runs = [
+        torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, retain_graph=True)
+        for _ in range(backwards)
+    ]
+    grads = [{n: gr for n, gr in zip(leaves, gr_)} for gr_ in runs]
+    return o.detach(), grads[0] if backwards == 1 else grads, st
 
 
 CASES = [  # (id, b, L, cut)
@@ -44,9 +50,10 @@ CASES = [  # (id, b, L, cut)
     ("b4-L23", 4, 23, None),
     ("b4-L23-cut6", 4, 23, 6),
     ("b16-L40-cut21", 16, 40, 21),
-    ("b40-L70-blocks", 40, 70, None),  # 40 = 16 + 16 + 8 queries per mini-batch
+    ("b40-L70-blocks", 40, 70, None),  # 40 = 32 + 8 queries per mini-batch (BLOCK = 32)
     ("b64-L70-cut37-blocks", 64, 70, 37),
     ("b17-L70-cut50", 17, 70, 50),
+    ("b72-L150-cut100-blocks", 72, 150, 100),  # 32 + 32 + 8: three blocks carry per mini-batch
 ]
 
 
@@ -124,3 +131,44 @@ def test_double_backward_is_refused():
     o, _ = call("linear", x, w, ln, extra, mini_batch_size=4, form="primal")
     (gq,) = torch.autograd.grad(o.square().sum(), x["q"], create_graph=True)
     torch.autograd.grad(gq.sum(), x["k"])
+
+
+@pytest.mark.parametrize(("b", "L"), [(40, 70), (72, 150)], ids=["b40-L70", "b72-L150"])
+def test_two_backwards_through_one_graph_fp64(b, L):
+    """backward(retain_graph=True) twice gives the same gradients twice: the hand-written
+    backward leaves what the forward saved as it was (the MLP's first layer carries by rows, its
+    second by columns; blocks of 32 queries carry inside the mini-batches)."""
+    _, (g1, g2), _ = _run("mlp", "dual", b, L, backwards=2)
+    _, gp, _ = _run("mlp", "primal", b, L)
+    for name in gp:
+        torch.testing.assert_close(g2[name], g1[name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(g1[name], gp[name], rtol=1e-9, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_results_do_not_alias_the_scratch_fp64(kind):
+    """Outputs, gradients and states of one call stay as they were through the next call of the
+    same shapes (the scratch that a thread's calls share on CPU holds nothing they return): the
+    carried W and S enter as leaves of their own, so their gradients are those of Z itself."""
+
+    def once(seed):
+        x, w, ln, extra = make_inputs(kind, B=2, H=2, L=70, D=5, F=7, titans=True, seed=seed)
+        head = {n: t[:, :, :21] for n, t in {**x, **extra}.items()}
+        _, st = call(kind, {n: head[n] for n in x}, w, ln, {n: head[n] for n in extra},
+                     mini_batch_size=40, output_final_state=True)  # fmt: skip
+        leaf = lambda d: {n: t.detach().clone().requires_grad_(True) for n, t in d.items()}
+        st = TTTState(params=st.params, offset=st.offset, mini_batch_size=40,
+                      momentum=leaf(st.momentum), current=leaf(st.current))  # fmt: skip
+        tail = {n: t[:, :, 21:].clone().requires_grad_(True) for n, t in {**x, **extra}.items()}
+        o, st2 = call(kind, {n: tail[n] for n in x}, w, ln, {n: tail[n] for n in extra},
+                      mini_batch_size=40, initial_state=st, output_final_state=True)  # fmt: skip
+        leaves = [*st.momentum.values(), *st.current.values(), *tail.values()]
+        s_term = sum(t.square().sum() for t in st2.momentum.values())
+        loss = (o * torch.randn_like(o)).sum() + s_term
+        return [o, *torch.autograd.grad(loss, leaves), *st2.params.values(), *st2.momentum.values()]
+
+    first = once(0)
+    kept = [t.detach().clone() for t in first]
+    once(1)
+    for a, b in zip(kept, first):
+        torch.testing.assert_close(b.detach(), a, rtol=0, atol=0)

@@ -188,12 +188,12 @@ def stack_group(x: Tensor | None, group: list[Segment]) -> Tensor | None:
 
 
 def segment_products(x: Tensor) -> tuple[Tensor, Tensor]:
-    """For x [..., n]: ``mat[..., j, t] = prod_{t<r<=j} x_r`` (j >= t, else 0) and ``cum_j = prod_{r<=j} x_r``."""
-    n = x.shape[-1]
-    idx = torch.arange(n, device=x.device)
-    strictly_below = idx[:, None] > idx[None, :]  # (j, t): j > t
-    X = torch.where(
-        strictly_below, x.unsqueeze(-1).expand(*x.shape, n), torch.ones_like(x).unsqueeze(-1)
-    )
-    mat = torch.cumprod(X, dim=-2) * (idx[:, None] >= idx[None, :])
-    return mat, torch.cumprod(x, dim=-1)
+    """For x [..., n]: ``mat[..., j, t] = prod_{t<r<=j} x_r`` (j >= t, else 0) and
+    ``cum_j = prod_{r<=j} x_r``. Without autograd one fresh [..., n, n] tensor, written in place
+    (the largest of a Titans scan; on CPU each fresh tensor costs page faults)."""
+    idx = torch.arange(x.shape[-1], device=x.device)
+    mat = torch.where(idx[:, None] > idx[None, :], x.unsqueeze(-1), 1.0)  # x_j below the diagonal
+    cum = torch.cumprod(x, dim=-1)
+    if x.requires_grad and torch.is_grad_enabled():  # cumprod's backward needs its output
+        return mat.cumprod(dim=-2).tril(), cum
+    return mat.cumprod_(dim=-2).tril_(), cum
