@@ -49,12 +49,16 @@ class MetaLearner(nn.Module):
             a = (cfg.alpha_init - lo) / (hi - lo)
             bias = torch.tensor([0.0, 0.0, _logit(a)]).repeat_interleave(num_heads)
             last.bias.copy_(bias)
+        # per output unit (theta | eta | alpha, H each): rate = lo + (hi - lo) sigmoid(z)
+        lo = torch.tensor([r[0] for r in self.ranges]).repeat_interleave(num_heads)
+        span = torch.tensor([r[1] - r[0] for r in self.ranges]).repeat_interleave(num_heads)
+        self.register_buffer("lo", lo, persistent=False)  # (3H,)
+        self.register_buffer("span", span, persistent=False)  # (3H,)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h: (B, L, C) -> theta, eta, alpha, each (B, H, L)."""
+        """h: (B, L, C) -> theta, eta, alpha, each (B, H, L), contiguous (the memory's scan
+        reads them in blocks; strided rates cost it copies)."""
         b, n, _ = h.shape
-        z = self.net(h).view(b, n, 3, self.num_heads).permute(2, 0, 3, 1)  # (3, B, H, L)
-        out = []
-        for zi, (lo, hi) in zip(z, self.ranges):
-            out.append(lo + (hi - lo) * torch.sigmoid(zi))
-        return out[0], out[1], out[2]
+        rates = torch.addcmul(self.lo, self.span, torch.sigmoid(self.net(h)))  # (B, L, 3H)
+        theta, eta, alpha = rates.view(b, n, 3, self.num_heads).permute(2, 0, 3, 1).contiguous()
+        return theta, eta, alpha
