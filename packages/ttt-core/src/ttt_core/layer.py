@@ -154,8 +154,7 @@ class TTTLayer(nn.Module):
         if state is None:
             state = TTTState.from_params(weights, B, b, x.dtype)
         else:
-            width = weights["W1"].shape[-1]  # D, or the MLP's F
-            check_state(state, weights, B, c.num_heads, c.head_dim, width, b, c.titans)
+            check_state(state, weights, B, b, c.titans)
         i = self.inner_inputs(x, parts, flat=True)
         ts = self.token_scale if c.token_scale == "learnable" else c.token_scale
         o, state = decode_flat(i["q"], i["k"], i["v"], i["eta"], state, inner.ln_weight,

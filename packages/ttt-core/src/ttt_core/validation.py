@@ -123,11 +123,11 @@ def validate(
                 "non-causal TTT cannot stream: initial_state and output_final_state need causal=True"
             )
     if initial_state is not None:
-        check_state(initial_state, weights, B, H, D, F, mini_batch_size, titans)
+        check_state(initial_state, weights, B, mini_batch_size, titans)
     return B, H, L, D, F
 
 
-def check_state(state, weights, B, H, D, F, mini_batch_size, titans) -> None:
+def check_state(state, weights, B, mini_batch_size, titans) -> None:
     """Check a carried ``TTTState`` against the call: fast weights [B, ...weights], same b inside a
     mini-batch, same form (plain / Titans)."""
     if not isinstance(state, TTTState):
