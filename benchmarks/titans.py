@@ -9,11 +9,15 @@ titans-pytorch's NeuralMemory, in one process.
    memory (depth 2, expansion 4) or a linear one, ``heads`` heads, momentum and forgetting, chunk
    size ``chunk``, fp32:
    ``ttt_titans.NeuralMemory`` (ttt-core's chunk-parallel Titans form, rates from a MetaLearner)
-   vs ``titans_pytorch.NeuralMemory`` (``pip install titans-pytorch``) in its default
-   configuration; one warm-up call each, then ``--repeats`` rounds that time each side once, in
-   alternating order (a busy machine's load falls on both alike); medians. For context it also
-   times titans-pytorch with ``batch_size=chunk`` (its weights updated after every chunk, so
-   every chunk's surprise is taken at that chunk's start weights: ttt-titans' rule).
+   vs ``titans_pytorch.NeuralMemory`` (``pip install titans-pytorch``) in three configurations:
+   its default (``chunk_size=chunk``: one surprise and one weight set per chunk, every surprise at
+   the weights the call started from); ``batch_size=chunk`` as well (weights committed after every
+   chunk, so each chunk's surprise is at that chunk's start weights, still one weight set per
+   chunk); and ``chunk_size=1, batch_size=chunk``, which computes ttt-titans' rule (a surprise and a
+   weight set per token, every surprise in a chunk at the chunk's start weights). One warm-up call
+   each, then rounds that time each side once, in alternating order (a busy machine's load falls
+   on both alike); medians. The first two are timed with ours over ``--repeats`` rounds, the
+   same-rule one (about 0.2-2 s a call) with ours over ``--slow-repeats`` rounds.
 
 Run (about 1-2 minutes on one core)::
 
@@ -103,7 +107,9 @@ def _time_interleaved(fns: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(v) for name, v in ts.items()}
 
 
-def bench_memory(shapes: list[tuple[int, int, int, int, int, str]], repeats: int) -> list[dict]:
+def bench_memory(
+    shapes: list[tuple[int, int, int, int, int, str]], repeats: int, slow_repeats: int
+) -> list[dict]:
     from ttt_titans.config import MemoryConfig, MetaConfig
     from ttt_titans.memory import NeuralMemory
     from ttt_titans.meta import MetaLearner
@@ -138,28 +144,34 @@ def bench_memory(shapes: list[tuple[int, int, int, int, int, str]], repeats: int
             ),
         }
         fns = {"ttt_titans": ours}
+        slow = {"ttt_titans": ours}
         if titans_pytorch is not None:
-            for key, extra in (
-                ("titans_pytorch", {}),
-                ("titans_pytorch_same_rule", {"batch_size": chunk}),
+            for group, key, extra in (
+                (fns, "titans_pytorch", {}),
+                (fns, "titans_pytorch_chunk_start", {"batch_size": chunk}),
+                (slow, "titans_pytorch_same_rule", {"chunk_size": 1, "batch_size": chunk}),
             ):
                 # linear: titans-pytorch's MemoryMLP with depth 1 is one (D, D) matrix
                 model = None if inner == "mlp" else MemoryMLP(c // h, depth=1)
-                tp = TPNeuralMemory(dim=c, chunk_size=chunk, heads=h, dim_head=c // h, model=model,
-                                    **extra)  # fmt: skip
+                kw = {"chunk_size": chunk, "heads": h, "dim_head": c // h, "model": model, **extra}
+                tp = TPNeuralMemory(dim=c, **kw)
 
                 def theirs(tp=tp, x=x):
                     out, _ = tp(x)
                     out.sum().backward()
 
-                fns[key] = theirs
+                group[key] = theirs
         load = os.getloadavg()[0]
         for key, sec in _time_interleaved(fns, repeats).items():
             row[f"{key}_ms"] = 1e3 * sec
         if titans_pytorch is not None:
-            row["speedup_vs_titans_pytorch"] = row["titans_pytorch_ms"] / row["ttt_titans_ms"]
+            ms = _time_interleaved(slow, slow_repeats)
+            row["titans_pytorch_same_rule_ms"] = 1e3 * ms["titans_pytorch_same_rule"]
+            row["ttt_titans_ms_beside_same_rule"] = 1e3 * ms["ttt_titans"]
+            for key in ("titans_pytorch", "titans_pytorch_chunk_start"):
+                row[f"speedup_vs_{key}"] = row[f"{key}_ms"] / row["ttt_titans_ms"]
             row["speedup_vs_titans_pytorch_same_rule"] = (
-                row["titans_pytorch_same_rule_ms"] / row["ttt_titans_ms"]
+                row["titans_pytorch_same_rule_ms"] / row["ttt_titans_ms_beside_same_rule"]
             )
         row["load_average_1min"] = [load, os.getloadavg()[0]]  # before, after
         rows.append(row)
@@ -172,16 +184,18 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check the script")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--slow-repeats", type=int, default=3, help="rounds beside the same rule")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "results" / "titans_cpu.json"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     if a.quick:
-        epochs, max_batches, max_rows, repeats = 1, 4, 3000, 2
+        epochs, max_batches, max_rows, repeats, slow = 1, 4, 3000, 2, 1
         shapes = [(16, 48, 32, 2, 16, "mlp"), (16, 48, 32, 2, 16, "linear")]
     else:
         # max_rows 17520: base.yaml default
         epochs, max_batches, max_rows, repeats = a.epochs, None, 17520, a.repeats
+        slow = a.slow_repeats
         shapes = [
             (64, 48, 32, 2, 16, "linear"),  # the forecaster's default memory workload
             (64, 48, 32, 2, 16, "mlp"),
@@ -194,7 +208,7 @@ def main() -> None:
     epochs_res = bench_epochs(epochs, max_batches, max_rows)
     for mode, r in epochs_res.items():
         print(f"{mode:>10}: {r['seconds_per_epoch']:.3f} s/epoch ({r['ratio_to_baseline']:.2f}x)")
-    mem_res = bench_memory(shapes, repeats)
+    mem_res = bench_memory(shapes, repeats, slow)
     try:
         import titans_pytorch
 
@@ -214,14 +228,18 @@ def main() -> None:
         "load_average": {"start": load_start, "end": (load_end := os.getloadavg())},
         "busy_machine": max(load_start[0], load_end[0]) > (os.cpu_count() or 1),
         "notes": (
-            "Same shapes, different rule: ttt_titans takes each token's gradient at its own "
-            "chunk's start weights (chunks are sequential, exact per-step at chunk 1) and gives "
-            "every token its own weights (per-token momentum and forgetting); titans_pytorch "
-            "(default, store_memories) takes every chunk's surprise at the weights the call "
-            "started from, with per-chunk averaged momentum/decay, then scans them over chunks, "
-            "which is fully parallel over the sequence, and retrieves with one weight set per "
-            "chunk. titans_pytorch_same_rule (batch_size=chunk) updates its weights after every "
-            "chunk, so its surprises are taken at each chunk's start weights as in ttt_titans. "
+            "Same shapes; titans-pytorch in three configurations. ttt_titans takes each "
+            "token's surprise at its own chunk's start weights (chunks are sequential, exact "
+            "per-step at chunk 1) and gives every token its own weights (per-token momentum and "
+            "forgetting). titans_pytorch (default, chunk_size=chunk) takes one surprise per chunk, "
+            "all at the weights the call started from, with per-chunk averaged momentum/decay, "
+            "scans them over chunks (fully parallel over the sequence) and retrieves with one "
+            "weight set per chunk: a coarser, cheaper rule. titans_pytorch_chunk_start "
+            "(batch_size=chunk) commits its weights after every chunk, so each chunk's surprise "
+            "is at that chunk's start weights, still one weight set per chunk. "
+            "titans_pytorch_same_rule (chunk_size=1, batch_size=chunk) computes the ttt_titans "
+            "rule: a surprise and a weight set per token, committed after every chunk; it is "
+            "timed beside ttt_titans over fewer rounds (ttt_titans_ms_beside_same_rule). "
             "Memory workload: ours and theirs timed in alternating rounds after one warm-up "
             "call each; medians. Epoch times: one untimed warm-up epoch per mode, median of the "
             "timed epochs, modes interleaved. load_average: os.getloadavg() (the machine has "
