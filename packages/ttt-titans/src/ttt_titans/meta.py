@@ -36,7 +36,6 @@ class MetaLearner(nn.Module):
         if not lo <= cfg.alpha_init <= hi:
             raise ValueError(f"meta.alpha_init {cfg.alpha_init} outside alpha_range {(lo, hi)}")
         self.num_heads = num_heads
-        self.ranges = (cfg.theta_range, cfg.eta_range, cfg.alpha_range)
         self.net = nn.Sequential(
             nn.LayerNorm(d_model),
             nn.Linear(d_model, cfg.hidden),
@@ -50,8 +49,9 @@ class MetaLearner(nn.Module):
             bias = torch.tensor([0.0, 0.0, _logit(a)]).repeat_interleave(num_heads)
             last.bias.copy_(bias)
         # per output unit (theta | eta | alpha, H each): rate = lo + (hi - lo) sigmoid(z)
-        lo = torch.tensor([r[0] for r in self.ranges]).repeat_interleave(num_heads)
-        span = torch.tensor([r[1] - r[0] for r in self.ranges]).repeat_interleave(num_heads)
+        ranges = (cfg.theta_range, cfg.eta_range, cfg.alpha_range)
+        lo = torch.tensor([r[0] for r in ranges]).repeat_interleave(num_heads)
+        span = torch.tensor([r[1] - r[0] for r in ranges]).repeat_interleave(num_heads)
         self.register_buffer("lo", lo, persistent=False)  # (3H,)
         self.register_buffer("span", span, persistent=False)  # (3H,)
 
