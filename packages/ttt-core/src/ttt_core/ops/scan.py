@@ -268,8 +268,8 @@ def ttt_scan(
     segs = plan_segments(L, mini_batch_size, state.offset)
     if titans and form != "primal" and L > 0:  # one autograd Function, hand-written backward
         z, P, W, S = titans_scan(
-            qf, kf, wbt, w2, etaf, momentum, decay, carry["P"], carry["W"], carry["S"], layers,
-            segs, eps,
+            qf, kf, v.to(dt) - kf, ln_w, ln_b, etaf, momentum, decay, carry["P"], carry["W"],
+            carry["S"], layers, segs, eps,
         )  # fmt: skip
         carry = {"P": P, "G": None, "S": S, "W": W}
     else:
