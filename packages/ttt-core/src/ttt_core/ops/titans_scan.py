@@ -239,10 +239,11 @@ def _key_backward(P, X, g, z, dX, dg, target, ln_w, ln_b, eps):
     [B, H, n, D], dtarget [B, H, n, D], d ln_w, d ln_b [H, D] and dP (per layer)."""
     dg, dz = list(dg), [torch.zeros_like(zl) for zl in z]
     dP = [torch.zeros_like(Pl) for Pl in P]
+    d_gelu = [gelu_tanh_grad(zl) for zl in z[:-1]]  # gelu'(z_l) of the hidden layers
     # the gradient chain, g_l = gp_l * gelu'(z_l) with gp_l = g_{l+1} W_{l+1}^T, from the first layer up
     for li in range(len(P) - 1):
         gp = g[li + 1] @ _t(_weights(P[li + 1]))  # (B, H, n, Dout_l)
-        d_gp = dg[li] * gelu_tanh_grad(z[li])
+        d_gp = dg[li] * d_gelu[li]
         dz[li] = dz[li] + dg[li] * gp * _gelu_tanh_grad2(z[li])
         dg[li + 1] = dg[li + 1] + d_gp @ _weights(P[li + 1])
         dP[li + 1] = dP[li + 1] + F.pad(_t(d_gp) @ g[li + 1], (0, 0, 0, 1))  # no bias row
@@ -254,7 +255,7 @@ def _key_backward(P, X, g, z, dX, dg, target, ln_w, ln_b, eps):
         dP[li] = dP[li] + _t(X[li]) @ dz[li]
         dXl = dX[li] + dz[li] @ _t(P[li])  # (B, H, n, Din+1)
         if li > 0:
-            dz[li - 1] = dz[li - 1] + dXl[..., :-1] * gelu_tanh_grad(z[li - 1])
+            dz[li - 1] = dz[li - 1] + dXl[..., :-1] * d_gelu[li - 1]
     return dXl[..., :-1], d_target, d_w, d_b, dP
 
 
