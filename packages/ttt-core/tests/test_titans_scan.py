@@ -4,6 +4,9 @@ carried state) in fp64, streaming cuts and blocks inside long mini-batches inclu
 
 from __future__ import annotations
 
+import ast
+import inspect
+
 import pytest
 import torch
 from conftest import call, make_inputs
@@ -136,8 +139,8 @@ def test_double_backward_is_refused():
 @pytest.mark.parametrize(("b", "L"), [(40, 70), (72, 150)], ids=["b40-L70", "b72-L150"])
 def test_two_backwards_through_one_graph_fp64(b, L):
     """backward(retain_graph=True) twice gives the same gradients twice: the hand-written
-    backward leaves what the forward saved as it was (the MLP's first layer carries by rows, its
-    second by columns; blocks of 32 queries carry inside the mini-batches)."""
+    backward leaves what the forward saved as it was (blocks of 32 queries carry inside the
+    mini-batches)."""
     _, (g1, g2), _ = _run("mlp", "dual", b, L, backwards=2)
     _, gp, _ = _run("mlp", "primal", b, L)
     for name in gp:
@@ -148,8 +151,8 @@ def test_two_backwards_through_one_graph_fp64(b, L):
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_results_do_not_alias_the_scratch_fp64(kind):
     """Outputs, gradients and states of one call stay as they were through the next call of the
-    same shapes (the scratch that a thread's calls share on CPU holds nothing they return): the
-    carried W and S enter as leaves of their own, so their gradients are those of Z itself."""
+    same shapes (nothing a call returns lives in memory that a later call writes): the carried W
+    and S enter as leaves of their own, so their gradients are those of the carry itself."""
 
     def once(seed):
         x, w, ln, extra = make_inputs(kind, B=2, H=2, L=70, D=5, F=7, titans=True, seed=seed)
@@ -172,3 +175,34 @@ def test_results_do_not_alias_the_scratch_fp64(kind):
     once(1)
     for a, b in zip(kept, first):
         torch.testing.assert_close(b.detach(), a, rtol=0, atol=0)
+
+
+def _binds_only_constants(body: list[ast.stmt]) -> list[str]:
+    """The assignments in ``body`` whose value is not a number or string literal."""
+    bad = []
+    for node in body:
+        value = getattr(node, "value", None)
+        assigns = isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and value is not None
+        literal = isinstance(value, ast.Constant) and type(value.value) in (int, float, str)
+        if assigns and not literal:
+            bad.append(ast.unparse(node))
+    return bad
+
+
+def test_module_keeps_no_state_between_calls():
+    """The module's top level and class bodies bind only functions, classes, imports and literal
+    constants: no cache, scratch pool or thread-local that a call could leave behind."""
+    tree = ast.parse(inspect.getsource(titans_scan))
+    classes = [n for n in tree.body if isinstance(n, ast.ClassDef)]
+    bad = _binds_only_constants(tree.body) + [
+        b for c in classes for b in _binds_only_constants(c.body)
+    ]
+    assert bad == []
+    assert not any(isinstance(n, (ast.Global, ast.Nonlocal)) for n in ast.walk(tree))
+    imported = {
+        a.name
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+        for a in n.names
+    }
+    assert not imported & {"threading", "functools", "lru_cache", "cache", "local"}

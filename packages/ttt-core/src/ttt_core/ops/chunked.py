@@ -273,8 +273,8 @@ def ttt_chunked(
         w = head_view(ln_w, 4)
         wbt, w2 = w * (head_view(ln_b, 4) - target), w * w  # its loss-gradient constants
         z, P, W, S = titans_scan(
-            qf, kf, wbt, w2, etaf, momentum, decay, carry["P"], carry["W"], carry["S"], layers,
-            segs, eps,
+            qf, kf, v.to(dt) - kf, ln_w, ln_b, etaf, momentum, decay, carry["P"], carry["W"],
+            carry["S"], layers, segs, eps,
         )  # fmt: skip
         carry = {"P": P, "G": None, "S": S, "W": W}
     else:
