@@ -39,7 +39,6 @@ from .common import (
     compute_dtype,
     gelu_tanh,
     group_segments,
-    head_view,
     key_grads,
     layer_norm_heads,
     output,
@@ -270,10 +269,8 @@ def ttt_chunked(
     L = q.shape[2]
     segs = plan_segments(L, mini_batch_size, state.offset)
     if titans and form != "primal":  # one autograd Function, hand-written backward
-        w = head_view(ln_w, 4)
-        wbt, w2 = w * (head_view(ln_b, 4) - target), w * w  # its loss-gradient constants
         z, P, W, S = titans_scan(
-            qf, kf, v.to(dt) - kf, ln_w, ln_b, etaf, momentum, decay, carry["P"], carry["W"],
+            qf, kf, target, ln_w, ln_b, etaf, momentum, decay, carry["P"], carry["W"],
             carry["S"], layers, segs, eps,
         )  # fmt: skip
         carry = {"P": P, "G": None, "S": S, "W": W}

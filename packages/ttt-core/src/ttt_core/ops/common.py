@@ -62,19 +62,6 @@ def ln_loss_grad(z: Tensor, target: Tensor, weight: Tensor, bias: Tensor, eps: f
     return r * (dx - dx.mean(dim=-1, keepdim=True) - x * (dx * x).mean(dim=-1, keepdim=True))
 
 
-def ln_loss_grad_parts(z: Tensor, wbt: Tensor, w2: Tensor, eps: float):
-    """Legacy: only ``titans_scan.py``'s current version imports it (its rewrite drops it; delete
-    this with that merge). :func:`ln_loss_grad` with ``wbt = weight * (bias - target)``,
-    ``w2 = weight**2``, returning ``(g, (x, rstd, dx, s, g))``, ``s = mean(dx * x)``."""
-    var, mu = torch.var_mean(z, dim=-1, keepdim=True, correction=0)
-    rstd = torch.rsqrt(var + eps)
-    x = (z - mu) * rstd
-    dx = w2 * x + wbt
-    s = (dx * x).mean(dim=-1, keepdim=True)
-    g = rstd * (dx - dx.mean(dim=-1, keepdim=True) - x * s)
-    return g, (x, rstd, dx, s, g)
-
-
 def gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 
