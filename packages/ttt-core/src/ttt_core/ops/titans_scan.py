@@ -94,36 +94,36 @@ def _gelu_tanh_grad2(x: Tensor) -> Tensor:
     return (1.0 - t * t) * (du - x * t * du * du + 3.0 * c * k * x * x)
 
 
-def _proj(v: Tensor, x: Tensor) -> Tensor:
-    """``v - mean(v) - x mean(x v)`` over the last dim (self-adjoint in v)."""
-    return v - v.mean(dim=-1, keepdim=True) - x * (x * v).mean(dim=-1, keepdim=True)
-
-
-def _ln_loss_grad_vjp(a: Tensor, z: Tensor, target: Tensor, weight: Tensor, bias: Tensor,
-                      eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+def _ln_loss_grad_vjp(a: Tensor, z: Tensor, g: Tensor, target: Tensor, weight: Tensor,
+                      bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Backward of ``g = common.ln_loss_grad(z, target, weight, bias, eps)`` for ``a = dL/dg``.
 
-    z, target, a: [B, H, n, D]; weight, bias: [H, D]. Returns dL/dz, dL/dtarget [B, H, n, D] and
-    dL/dweight, dL/dbias [H, D].
+    z, g, target, a: [B, H, n, D]; weight, bias: [H, D]. Returns dL/dz, dL/dtarget [B, H, n, D]
+    and dL/dweight, dL/dbias [H, D].
 
     Forward: ``x = (z - mean z) r``, ``r = (var z + eps)^(-1/2)``, ``e = w x + b - target``,
-    ``dx = w e``, ``g = r proj(dx)`` with ``proj(v) = v - mean(v) - x mean(x v)``.
+    ``dx = w e``, ``g = r proj(dx)`` with ``proj(v) = v - mean(v) - x mean(x v)`` (means over D).
+    ``r proj(v)`` is also LayerNorm's backward (no affine) for an output gradient v: ``ln_bwd(v)``
+    below. proj is self-adjoint in v.
     """
+    D = z.shape[-1]
     w, b = head_view(weight, z.ndim), head_view(bias, z.ndim)
-    zc = z - z.mean(dim=-1, keepdim=True)
-    r = torch.rsqrt(zc.square().mean(dim=-1, keepdim=True) + eps)  # (B, H, n, 1)
-    x = zc * r
+    x, mu, r = torch.native_layer_norm(z, (D,), None, None, eps)  # x; mean and r (B, H, n, 1)
+
+    def ln_bwd(v: Tensor) -> Tensor:  # r proj(v)
+        mask = (True, False, False)
+        return torch.ops.aten.native_layer_norm_backward(v, z, (D,), mu, r, None, None, mask)[0]
+
     e = w * x + b - target  # LN_h(z) - target
     dx = w * e
-    g = r * _proj(dx, x)
-    # dL/d(dx): proj is self-adjoint in its argument
-    d_dx = r * _proj(a, x)
+    # dL/d(dx) = r proj(a): proj is self-adjoint
+    d_dx = ln_bwd(a)
     # dL/dx: through dx = w^2 x + ..., and through x inside proj(dx) = dx - mean(dx) - x s with
     # s = mean(x dx): directly -r s a, via s -r mean(a x) dx
     s = (x * dx).mean(dim=-1, keepdim=True)
     d_x = w * w * d_dx - r * (s * a + (a * x).mean(dim=-1, keepdim=True) * dx)
     # dL/dz: LayerNorm's backward for x, plus g's factor r (dr/dz = -r^2 x / D; dL/dr = sum(a g) / r)
-    d_z = r * (_proj(d_x, x) - x * (a * g).mean(dim=-1, keepdim=True))
+    d_z = ln_bwd(d_x) - r * x * (a * g).mean(dim=-1, keepdim=True)
     # dx = w (w x + b - target): d/dw = e + w x, d/db = w, d/dtarget = -w
     d_w = (d_dx * (e + w * x)).sum(dim=(0, 2))  # (H, D)
     d_b = (d_dx * w).sum(dim=(0, 2))
@@ -248,7 +248,7 @@ def _key_backward(P, X, g, z, dX, dg, target, ln_w, ln_b, eps):
         dg[li + 1] = dg[li + 1] + d_gp @ _weights(P[li + 1])
         dP[li + 1] = dP[li + 1] + F.pad(_t(d_gp) @ g[li + 1], (0, 0, 0, 1))  # no bias row
     # g_last = ln_loss_grad(z_last, ...)
-    dz_last, d_target, d_w, d_b = _ln_loss_grad_vjp(dg[-1], z[-1], target, ln_w, ln_b, eps)
+    dz_last, d_target, d_w, d_b = _ln_loss_grad_vjp(dg[-1], z[-1], g[-1], target, ln_w, ln_b, eps)
     dz[-1] = dz[-1] + dz_last
     # the forward chain, z_l = X_l P_l and X_{l+1} = [gelu(z_l), 1], from the last layer down
     for li in reversed(range(len(P))):
