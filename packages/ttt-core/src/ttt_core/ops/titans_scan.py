@@ -78,6 +78,14 @@ def _ones_col(x: Tensor) -> Tensor:
     return F.pad(x, (0, 1), value=1.0)
 
 
+def _sum(terms: list[Tensor]) -> Tensor:
+    """The sum of a non-empty list of tensors."""
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
+
+
 def _weights(Pl: Tensor) -> Tensor:
     """[W; b] [..., Din+1, Dout] -> W [..., Din, Dout] (without the bias row)."""
     return Pl[..., :-1, :]
@@ -292,39 +300,39 @@ def _block_backward(W, S, X, g, cache, co: _Coefs, dy, dWn, dSn):
     wW, wS = co.wW.unsqueeze(-1), co.wS.unsqueeze(-1)  # (B, H, n, 1)
     nl = len(W)
     dX, dg, dW, dS = [None] * nl, [None] * nl, [None] * nl, [None] * nl
-    sum_md = lambda a, b: (a * b).sum(dim=(-1, -2))
+    d_wW, d_wS, d_D, d_c0, d_CE = [], [], [], [], []  # per-layer terms of the coefficients' grads
     # the carry, per layer: W' = D_last W + c0_last S - X^T (wW g), S' = m_last S - X^T (wS g)
-    dc = _CoefGrads(
-        CE=torch.zeros_like(co.CE), D=torch.zeros_like(co.D), c0=torch.zeros_like(co.c0),
-        wW=torch.zeros_like(co.wW), wS=torch.zeros_like(co.wS),
-        D_last=sum(sum_md(dWn[li], W[li]) for li in range(nl)),
-        c0_last=sum(sum_md(dWn[li], S[li]) for li in range(nl)),
-        mcum_last=sum(sum_md(dSn[li], S[li]) for li in range(nl)),
-    )  # fmt: skip
     for li in range(nl):
         XdW, XdS = X[li] @ dWn[li], X[li] @ dSn[li]  # (B, H, n, Dout)
         dW[li] = D_last * dWn[li]
         dS[li] = c0_last * dWn[li] + m_last * dSn[li]
         dX[li] = -(wW * g[li]) @ _t(dWn[li]) - (wS * g[li]) @ _t(dSn[li])
         dg[li] = -wW * XdW - wS * XdS
-        dc.wW = dc.wW - (g[li] * XdW).sum(dim=-1)
-        dc.wS = dc.wS - (g[li] * XdS).sum(dim=-1)
+        d_wW.append(-(g[li] * XdW).sum(dim=-1))
+        d_wS.append(-(g[li] * XdS).sum(dim=-1))
     # the read, from the last layer down: y = D (h W) + c0 (h S) - att g, att = K * CE, K = h X^T
     for li in reversed(range(nl)):
         h, K, att, _ = cache[li]
         u, v = dy @ _t(W[li]), dy @ _t(S[li])  # (B, H, n, Din+1): dL/d(hW) W^T, dL/d(hS) S^T
-        dc.D = dc.D + (u * h).sum(dim=-1)
-        dc.c0 = dc.c0 + (v * h).sum(dim=-1)
+        d_D.append((u * h).sum(dim=-1))
+        d_c0.append((v * h).sum(dim=-1))
         dW[li] = dW[li] + _t(h) @ (D * dy)
         dS[li] = dS[li] + _t(h) @ (c0 * dy)
         d_att = -dy @ _t(g[li])  # (B, H, n, n)
-        dc.CE = dc.CE + d_att * K
+        d_CE.append(d_att * K)
         dK = d_att * co.CE
         dX[li] = dX[li] + _t(dK) @ h
         dg[li] = dg[li] - _t(att) @ dy
         dh = D * u + c0 * v + dK @ X[li]  # (B, H, n, Din+1)
         if li > 0:  # h = [gelu(y_prev), 1]
             dy = dh[..., :-1] * gelu_tanh_grad(cache[li - 1][3])
+    inner = lambda a, b: (a * b).sum(dim=(-1, -2))  # <a, b> per (B, H)
+    dc = _CoefGrads(
+        CE=_sum(d_CE), D=_sum(d_D), c0=_sum(d_c0), wW=_sum(d_wW), wS=_sum(d_wS),
+        D_last=_sum([inner(dWn[li], W[li]) for li in range(nl)]),
+        c0_last=_sum([inner(dWn[li], S[li]) for li in range(nl)]),
+        mcum_last=_sum([inner(dSn[li], S[li]) for li in range(nl)]),
+    )  # fmt: skip
     return dh[..., :-1], dX, dg, dW, dS, dc
 
 
