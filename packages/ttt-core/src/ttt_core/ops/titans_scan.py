@@ -78,6 +78,14 @@ def _ones_col(x: Tensor) -> Tensor:
     return F.pad(x, (0, 1), value=1.0)
 
 
+def _sum(terms: list[Tensor]) -> Tensor:
+    """The sum of a non-empty list of tensors."""
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
+
+
 def _weights(Pl: Tensor) -> Tensor:
     """[W; b] [..., Din+1, Dout] -> W [..., Din, Dout] (without the bias row)."""
     return Pl[..., :-1, :]
@@ -94,36 +102,36 @@ def _gelu_tanh_grad2(x: Tensor) -> Tensor:
     return (1.0 - t * t) * (du - x * t * du * du + 3.0 * c * k * x * x)
 
 
-def _proj(v: Tensor, x: Tensor) -> Tensor:
-    """``v - mean(v) - x mean(x v)`` over the last dim (self-adjoint in v)."""
-    return v - v.mean(dim=-1, keepdim=True) - x * (x * v).mean(dim=-1, keepdim=True)
-
-
-def _ln_loss_grad_vjp(a: Tensor, z: Tensor, target: Tensor, weight: Tensor, bias: Tensor,
-                      eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+def _ln_loss_grad_vjp(a: Tensor, z: Tensor, g: Tensor, target: Tensor, weight: Tensor,
+                      bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Backward of ``g = common.ln_loss_grad(z, target, weight, bias, eps)`` for ``a = dL/dg``.
 
-    z, target, a: [B, H, n, D]; weight, bias: [H, D]. Returns dL/dz, dL/dtarget [B, H, n, D] and
-    dL/dweight, dL/dbias [H, D].
+    z, g, target, a: [B, H, n, D]; weight, bias: [H, D]. Returns dL/dz, dL/dtarget [B, H, n, D]
+    and dL/dweight, dL/dbias [H, D].
 
     Forward: ``x = (z - mean z) r``, ``r = (var z + eps)^(-1/2)``, ``e = w x + b - target``,
-    ``dx = w e``, ``g = r proj(dx)`` with ``proj(v) = v - mean(v) - x mean(x v)``.
+    ``dx = w e``, ``g = r proj(dx)`` with ``proj(v) = v - mean(v) - x mean(x v)`` (means over D).
+    ``r proj(v)`` is also LayerNorm's backward (no affine) for an output gradient v: ``ln_bwd(v)``
+    below. proj is self-adjoint in v.
     """
+    D = z.shape[-1]
     w, b = head_view(weight, z.ndim), head_view(bias, z.ndim)
-    zc = z - z.mean(dim=-1, keepdim=True)
-    r = torch.rsqrt(zc.square().mean(dim=-1, keepdim=True) + eps)  # (B, H, n, 1)
-    x = zc * r
+    x, mu, r = torch.native_layer_norm(z, (D,), None, None, eps)  # x; mean and r (B, H, n, 1)
+
+    def ln_bwd(v: Tensor) -> Tensor:  # r proj(v)
+        mask = (True, False, False)
+        return torch.ops.aten.native_layer_norm_backward(v, z, (D,), mu, r, None, None, mask)[0]
+
     e = w * x + b - target  # LN_h(z) - target
     dx = w * e
-    g = r * _proj(dx, x)
-    # dL/d(dx): proj is self-adjoint in its argument
-    d_dx = r * _proj(a, x)
+    # dL/d(dx) = r proj(a): proj is self-adjoint
+    d_dx = ln_bwd(a)
     # dL/dx: through dx = w^2 x + ..., and through x inside proj(dx) = dx - mean(dx) - x s with
     # s = mean(x dx): directly -r s a, via s -r mean(a x) dx
     s = (x * dx).mean(dim=-1, keepdim=True)
     d_x = w * w * d_dx - r * (s * a + (a * x).mean(dim=-1, keepdim=True) * dx)
     # dL/dz: LayerNorm's backward for x, plus g's factor r (dr/dz = -r^2 x / D; dL/dr = sum(a g) / r)
-    d_z = r * (_proj(d_x, x) - x * (a * g).mean(dim=-1, keepdim=True))
+    d_z = ln_bwd(d_x) - r * x * (a * g).mean(dim=-1, keepdim=True)
     # dx = w (w x + b - target): d/dw = e + w x, d/db = w, d/dtarget = -w
     d_w = (d_dx * (e + w * x)).sum(dim=(0, 2))  # (H, D)
     d_b = (d_dx * w).sum(dim=(0, 2))
@@ -248,7 +256,7 @@ def _key_backward(P, X, g, z, dX, dg, target, ln_w, ln_b, eps):
         dg[li + 1] = dg[li + 1] + d_gp @ _weights(P[li + 1])
         dP[li + 1] = dP[li + 1] + F.pad(_t(d_gp) @ g[li + 1], (0, 0, 0, 1))  # no bias row
     # g_last = ln_loss_grad(z_last, ...)
-    dz_last, d_target, d_w, d_b = _ln_loss_grad_vjp(dg[-1], z[-1], target, ln_w, ln_b, eps)
+    dz_last, d_target, d_w, d_b = _ln_loss_grad_vjp(dg[-1], z[-1], g[-1], target, ln_w, ln_b, eps)
     dz[-1] = dz[-1] + dz_last
     # the forward chain, z_l = X_l P_l and X_{l+1} = [gelu(z_l), 1], from the last layer down
     for li in reversed(range(len(P))):
@@ -292,39 +300,39 @@ def _block_backward(W, S, X, g, cache, co: _Coefs, dy, dWn, dSn):
     wW, wS = co.wW.unsqueeze(-1), co.wS.unsqueeze(-1)  # (B, H, n, 1)
     nl = len(W)
     dX, dg, dW, dS = [None] * nl, [None] * nl, [None] * nl, [None] * nl
-    sum_md = lambda a, b: (a * b).sum(dim=(-1, -2))
+    d_wW, d_wS, d_D, d_c0, d_CE = [], [], [], [], []  # per-layer terms of the coefficients' grads
     # the carry, per layer: W' = D_last W + c0_last S - X^T (wW g), S' = m_last S - X^T (wS g)
-    dc = _CoefGrads(
-        CE=torch.zeros_like(co.CE), D=torch.zeros_like(co.D), c0=torch.zeros_like(co.c0),
-        wW=torch.zeros_like(co.wW), wS=torch.zeros_like(co.wS),
-        D_last=sum(sum_md(dWn[li], W[li]) for li in range(nl)),
-        c0_last=sum(sum_md(dWn[li], S[li]) for li in range(nl)),
-        mcum_last=sum(sum_md(dSn[li], S[li]) for li in range(nl)),
-    )  # fmt: skip
     for li in range(nl):
         XdW, XdS = X[li] @ dWn[li], X[li] @ dSn[li]  # (B, H, n, Dout)
         dW[li] = D_last * dWn[li]
         dS[li] = c0_last * dWn[li] + m_last * dSn[li]
         dX[li] = -(wW * g[li]) @ _t(dWn[li]) - (wS * g[li]) @ _t(dSn[li])
         dg[li] = -wW * XdW - wS * XdS
-        dc.wW = dc.wW - (g[li] * XdW).sum(dim=-1)
-        dc.wS = dc.wS - (g[li] * XdS).sum(dim=-1)
+        d_wW.append(-(g[li] * XdW).sum(dim=-1))
+        d_wS.append(-(g[li] * XdS).sum(dim=-1))
     # the read, from the last layer down: y = D (h W) + c0 (h S) - att g, att = K * CE, K = h X^T
     for li in reversed(range(nl)):
         h, K, att, _ = cache[li]
         u, v = dy @ _t(W[li]), dy @ _t(S[li])  # (B, H, n, Din+1): dL/d(hW) W^T, dL/d(hS) S^T
-        dc.D = dc.D + (u * h).sum(dim=-1)
-        dc.c0 = dc.c0 + (v * h).sum(dim=-1)
+        d_D.append((u * h).sum(dim=-1))
+        d_c0.append((v * h).sum(dim=-1))
         dW[li] = dW[li] + _t(h) @ (D * dy)
         dS[li] = dS[li] + _t(h) @ (c0 * dy)
         d_att = -dy @ _t(g[li])  # (B, H, n, n)
-        dc.CE = dc.CE + d_att * K
+        d_CE.append(d_att * K)
         dK = d_att * co.CE
         dX[li] = dX[li] + _t(dK) @ h
         dg[li] = dg[li] - _t(att) @ dy
         dh = D * u + c0 * v + dK @ X[li]  # (B, H, n, Din+1)
         if li > 0:  # h = [gelu(y_prev), 1]
             dy = dh[..., :-1] * gelu_tanh_grad(cache[li - 1][3])
+    inner = lambda a, b: (a * b).sum(dim=(-1, -2))  # <a, b> per (B, H)
+    dc = _CoefGrads(
+        CE=_sum(d_CE), D=_sum(d_D), c0=_sum(d_c0), wW=_sum(d_wW), wS=_sum(d_wS),
+        D_last=_sum([inner(dWn[li], W[li]) for li in range(nl)]),
+        c0_last=_sum([inner(dWn[li], S[li]) for li in range(nl)]),
+        mcum_last=_sum([inner(dSn[li], S[li]) for li in range(nl)]),
+    )  # fmt: skip
     return dh[..., :-1], dX, dg, dW, dS, dc
 
 
