@@ -249,7 +249,8 @@ def prepare_run_dir(
 ) -> Path:
     """The one run-directory policy: create, resume or replace ``root / name``.
 
-    - fresh (neither flag): the run dir must not exist or be empty; it is created.
+    - fresh (neither flag): the run dir must not exist or be empty (the marker alone counts as
+      empty: a run that failed before writing anything can start again); it is created.
     - ``resume``: the run dir must hold a file matching ``checkpoints`` (the caller loads it and
       decides which config wins); stale temp files are swept.
     - ``overwrite``: an existing run dir is emptied first, but only if it carries the marker
@@ -277,7 +278,7 @@ def prepare_run_dir(
     run = _inside(root, name)
     if run.exists() and not run.is_dir():
         raise ValueError(f"run dir {str(run)!r} exists and is not a folder")
-    has_content = run.is_dir() and any(run.iterdir())
+    has_content = run.is_dir() and any(p.name != RUN_MARKER for p in run.iterdir())
     if resume:
         if not run.is_dir() or not any(run.glob(checkpoints)):
             raise ValueError(
