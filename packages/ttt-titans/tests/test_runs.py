@@ -158,3 +158,14 @@ def test_kill_during_a_checkpoint_write_then_resume(tmp_path, tiny_overrides):
     ref = tmp_path / "ref"
     assert main([*argv[:4], str(ref), *argv[5:]]) == 0
     assert _metrics(out)["mse"] == _metrics(ref)["mse"]
+
+
+def test_compare_refuses_a_non_empty_folder(tmp_path, tiny_overrides, capsys):
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "notes.md").write_text("mine")
+    assert main(["compare", "--out", str(out), "--no-progress", *tiny_overrides]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["compare", "--out", str(out), "--overwrite", *tiny_overrides]) == 2
+    assert "no .ttt-run marker" in capsys.readouterr().err
+    assert (out / "notes.md").read_text() == "mine"

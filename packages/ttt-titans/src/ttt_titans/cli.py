@@ -192,8 +192,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse, taking ``key=value`` overrides anywhere on the line (also after ``--out DIR``)."""
+    parser = _parser()
+    a, extra = parser.parse_known_args(argv)
+    unknown = [x for x in extra if x.startswith("-") or "=" not in x]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    a.overrides = [*a.overrides, *extra]
+    return a
+
+
 def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
+    a = _parse(argv)
     try:
         if a.cmd == "run":
             _run(a)
