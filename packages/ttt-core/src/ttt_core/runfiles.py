@@ -160,9 +160,17 @@ def _read_errors() -> tuple[type[BaseException], ...]:
 def reading(path: str | os.PathLike[str], what: str = "file") -> Iterator[Path]:
     """Turn the raw errors of reading ``path`` into a ``ValueError`` that names it.
 
+    Keep only the reading itself inside the block: a ``ValueError`` raised there that does not
+    name the file is reported as corruption (one that names it passes through unchanged), so check
+    the content (shapes, dtypes) after the block.
+
     Args:
         path: the file being read.
         what: how the message calls it (``"checkpoint"``, ``"data file"``, ``"shard"``).
+
+    Raises:
+        ValueError: ``"<what> '<path>' does not exist"`` before the block, or ``"<what> '<path>' is
+            truncated or corrupt (<error>)"`` for the errors readers raise.
 
     Examples:
         >>> with reading(path, "shard") as p:
