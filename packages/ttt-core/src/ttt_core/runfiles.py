@@ -190,6 +190,16 @@ def reading(path: str | os.PathLike[str], what: str = "file") -> Iterator[Path]:
         ) from e
 
 
+def _allowing(classes: list[Any]) -> contextlib.AbstractContextManager[Any]:
+    """Allow-list ``classes`` for ``weights_only`` loads within a ``with`` block (torch >= 2.5);
+    torch 2.4 has only the process-wide ``add_safe_globals``, used there instead."""
+    scoped = getattr(torch.serialization, "safe_globals", None)
+    if scoped is not None:
+        return scoped(classes)
+    torch.serialization.add_safe_globals(classes)
+    return contextlib.nullcontext()
+
+
 def safe_load(
     path: str | os.PathLike[str],
     *,
@@ -214,7 +224,7 @@ def safe_load(
             allow-listed (the message gives the global's name).
     """
     path = Path(path)
-    with reading(path, what), torch.serialization.safe_globals([*SAFE_CLASSES, *allow]):
+    with reading(path, what), _allowing([*SAFE_CLASSES, *allow]):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
