@@ -12,8 +12,8 @@ with gradients taken at the weights the chunk started from, ``M_{c(t)}``; ``chun
 per-step rule. It is computed by ttt-core's Titans form (``ttt_linear`` / ``ttt_mlp`` with
 ``momentum=eta``, ``decay=alpha``, ``eta=theta``, ``mini_batch_size=chunk``): within a chunk the
 gradients are batched and momentum/forgetting are linear recurrences, so one call handles a
-whole window. ttt-core's loss targets ``v - k``, so we pass ``v + k`` to target ``v``, and its
-output is ``q + LN_h(M(q))``, so the retrieval is ``o - q``. LN_h (weight/bias (H, D)) is a
+whole window, with ttt-core's options ``reconstruction_target="value"`` (the loss targets ``v``)
+and ``output_residual=False`` (the output is the retrieval ``LN_h(M(q))`` itself). LN_h (weight/bias (H, D)) is a
 learnable outer parameter. q and k are L2-normalised per head (as in Titans).
 
 The memory's initial weights (``W1, b1`` (``W2, b2``)) are *buffers*: never in the outer optimiser.
@@ -80,7 +80,7 @@ class NeuralMemory(nn.Module):
         return fn(
             q,
             k,
-            v + k,  # ttt-core targets v - k: this makes the target v
+            v,
             theta,
             *self.fast_weights(),
             self.ln_weight,
@@ -91,6 +91,8 @@ class NeuralMemory(nn.Module):
             decay=alpha,
             initial_state=state,
             output_final_state=final,
+            reconstruction_target="value",  # l_t targets v_t (Titans), not v_t - k_t
+            output_residual=False,  # the read-out is LN_h(M_t(q_t)) alone
         )
 
     def retrieve(
@@ -115,7 +117,7 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"commit must be in [0, L={n}], got {commit}")
         if commit in (0, n):
             o, final = self._ttt(q, k, v, theta, eta, alpha, state, final=commit == n)
-            return o - q, final
+            return o, final
         c = commit
         o1, mid = self._ttt(
             q[:, :, :c],
@@ -136,7 +138,7 @@ class NeuralMemory(nn.Module):
             mid,
             final=False,
         )
-        return torch.cat([o1, o2], dim=2) - q, mid
+        return torch.cat([o1, o2], dim=2), mid
 
     def forward(
         self,
