@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import call, make_inputs
+from conftest import OPTIONS, call, make_inputs
 from naive import naive_ttt
 
 from ttt_core.fast_models import FAST_MODELS
@@ -183,12 +183,7 @@ OPTION_MODES = [
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 @pytest.mark.parametrize(("mode", "kw", "titans"), OPTION_MODES, ids=[m[0] for m in OPTION_MODES])
-@pytest.mark.parametrize(
-    "options",
-    [dict(reconstruction_target="value"), dict(output_residual=False),
-     dict(reconstruction_target="value", output_residual=False)],
-    ids=["value-target", "no-residual", "both"],
-)  # fmt: skip
+@OPTIONS
 def test_target_and_residual_options_fp64(kind, mode, kw, titans, options):
     """reconstruction_target="value" (target v) and output_residual=False (o = LN(f(q))): the torch
     backend (dual, primal) equals the generic path, outputs and every gradient, and the naive loop
