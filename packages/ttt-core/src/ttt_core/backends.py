@@ -27,6 +27,8 @@ import warnings
 from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
 
+import torch
+
 __all__ = ["Backend", "available_backends", "get_backend", "register_backend"]
 
 ENTRY_POINT_GROUP = "ttt_core.backends"
@@ -71,8 +73,12 @@ def unregister_backend(name: str) -> None:
 
 
 def _load_entry_points() -> None:
+    """Load the entry-point backends once. Reading package metadata cannot be traced: the first
+    call must happen outside ``torch.compile`` (``TTTLayer`` and ``InnerLearner`` settle the
+    registry when built; for bare functional calls, call :func:`available_backends` first).
+    Inside a trace an unsettled registry is left as it is (built-ins and registered ones)."""
     global _entry_points_loaded
-    if _entry_points_loaded:
+    if _entry_points_loaded or torch.compiler.is_compiling():
         return
     _entry_points_loaded = True
     for ep in entry_points(group=ENTRY_POINT_GROUP):
