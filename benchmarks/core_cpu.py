@@ -9,8 +9,14 @@ TTT-MLP, 1 thread (2 threads are erratic on shared 2-core machines):
 - ``paper_dual``: the dual form as the TTT paper's PyTorch reference writes it: a Python loop over
   mini-batches, batched over B and H, everything (LN forward included) inside the loop
 
+Gradient checkpointing (``checkpoint_group_size``): forward+backward of the torch backend at B=2,
+H=4, D=64, b=16, L=8192, without it and with groups of G mini-batches, time and peak memory (the
+process's peak RSS increase over the inputs, each configuration in a fresh process).
+
 Run: ``python benchmarks/core_cpu.py`` (writes benchmarks/results/core_cpu.json; ``--quick`` for a
-smoke run). Figures are medians of ``--repeat`` runs after one warm-up.
+smoke run; ``--checkpoint-only`` for the checkpointing rows alone, written to
+benchmarks/results/core_cpu_checkpoint.json). Figures are medians of ``--repeat`` runs after one
+warm-up.
 """
 
 from __future__ import annotations
@@ -219,14 +225,70 @@ def measure(fn, inputs, backward, repeat):
     return statistics.median(once() for _ in range(repeat))
 
 
+def _checkpoint_child(kind, L, group, repeat, queue):
+    """One checkpointing configuration in a fresh process: (median seconds, peak RSS increase MB)."""
+    import resource
+
+    torch.set_num_threads(1)
+    inputs = make(kind, 2, 4, L, 64)
+    fn = ttt_linear if kind == "linear" else ttt_mlp
+
+    def run(x, eta, w, ln):
+        return fn(*x, eta, *w.values(), *ln, mini_batch_size=16, checkpoint_group_size=group)[0]
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, a high-water mark
+    sec = measure(run, inputs, True, repeat)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    queue.put((sec, (peak - base) / 1024))
+
+
+def checkpoint_rows(L, groups, repeat):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    rows = []
+    for kind in ("linear", "mlp"):
+        for group in groups:
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_checkpoint_child, args=(kind, L, group, repeat, queue))
+            proc.start()
+            sec, peak_mb = queue.get()
+            proc.join()
+            rows.append(dict(kind=kind, L=L, checkpoint_group_size=group, seconds=sec,
+                             peak_rss_increase_mb=round(peak_mb, 1)))  # fmt: skip
+            print(f"{kind:6} L={L} checkpoint_group_size={group!s:5} forward+backward "
+                  f"{sec * 1e3:9.1f} ms  peak +{peak_mb:8.1f} MB", flush=True)  # fmt: skip
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small L and one repeat (smoke test)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: see output_path)")
+    p.add_argument("--checkpoint-only", action="store_true", help="only the checkpointing rows")
     a = p.parse_args(argv)
     a.out = output_path(a.out, a.quick, "core_cpu.json")
     torch.set_num_threads(1)
+    ck_L, ck_groups = (512, [None, 4]) if a.quick else (8192, [None, 4, 16])
+    if a.checkpoint_only:
+        out = (
+            a.out.with_name(a.out.stem + "_checkpoint.json")
+            if a.out.name == "core_cpu.json"
+            else a.out
+        )
+        result = {
+            "benchmark": "ttt-core CPU: forward+backward with and without checkpoint_group_size",
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "shapes": dict(B=2, H=4, D=64, mini_batch_size=16, L=ck_L, dtype="float32"),
+            "machine": machine_info(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "rows": checkpoint_rows(ck_L, ck_groups, 1 if a.quick else a.repeat),
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {out}")
+        return
     B, H, D, b = 2, 4, 64, 16
     lengths = [64, 128] if a.quick else [512, 2048]
     repeat = 1 if a.quick else a.repeat
@@ -274,6 +336,7 @@ def main(argv=None):
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "rows": rows,
         "speedups": ratios,
+        "checkpointing": checkpoint_rows(ck_L, ck_groups, repeat),
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2))

@@ -8,7 +8,8 @@ A backend is any object with
   op: "ttt_linear", "ttt_mlp", "ttt_linear_step" or "ttt_mlp_step"; kwargs: mini_batch_size, causal,
   token_scale, momentum, decay, eps, reconstruction_target, output_residual, initial_state (always
   a ``TTTState``, fresh or given) and output_final_state. A backend that does not implement an
-  option's value (e.g. ``reconstruction_target="value"``) returns the reason,
+  option's value (e.g. ``reconstruction_target="value"``) returns the reason; the op itself gets
+  reconstruction_target and output_residual only when they are not at their defaults,
 - ``ttt_linear(q, k, v, eta, W1, b1, ln_weight, ln_bias, **kwargs)`` and
   ``ttt_mlp(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, **kwargs)`` with ttt-core's signature
   (inputs already validated; ``initial_state`` is always a ``TTTState``),
@@ -25,6 +26,8 @@ from __future__ import annotations
 import warnings
 from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
+
+import torch
 
 __all__ = ["Backend", "available_backends", "get_backend", "register_backend"]
 
@@ -70,8 +73,12 @@ def unregister_backend(name: str) -> None:
 
 
 def _load_entry_points() -> None:
+    """Load the entry-point backends once. Reading package metadata cannot be traced: the first
+    call must happen outside ``torch.compile`` (``TTTLayer`` and ``InnerLearner`` settle the
+    registry when built; for bare functional calls, call :func:`available_backends` first).
+    Inside a trace an unsettled registry is left as it is (built-ins and registered ones)."""
     global _entry_points_loaded
-    if _entry_points_loaded:
+    if _entry_points_loaded or torch.compiler.is_compiling():
         return
     _entry_points_loaded = True
     for ep in entry_points(group=ENTRY_POINT_GROUP):

@@ -48,9 +48,10 @@ class TTTConfig:
     ln_eps: float = 1e-6  # epsilon of the inner per-head LayerNorm
     init_std: float = 0.02  # std of projection and fast-weight init
     backend: str = "auto"  # "auto" | "torch" | "generic" | a registered backend
-    check_finite_state: bool = (
-        False  # raise when a carried state turns NaN/Inf (reads values: syncs)
-    )
+    # G: recompute groups of G mini-batches in the backward (gradient checkpointing); None: off
+    checkpoint_group_size: int | None = None
+    # raise when a carried state turns NaN/Inf (reads values: syncs a GPU)
+    check_finite_state: bool = False
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_heads", "mlp_ratio"):
@@ -89,6 +90,11 @@ class TTTConfig:
             )
         if self.target_norm_affine and not self.normalize_target:
             raise ValueError("TTTConfig.target_norm_affine=True needs normalize_target=True")
+        g = self.checkpoint_group_size
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+            raise ValueError(
+                f"TTTConfig.checkpoint_group_size must be an int >= 1 or None, got {g!r}"
+            )
         if self.base_lr <= 0:
             raise ValueError(f"TTTConfig.base_lr must be > 0, got {self.base_lr}")
 

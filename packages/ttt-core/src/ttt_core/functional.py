@@ -10,8 +10,10 @@ generic backend runs the reference (:mod:`.ops.reference`); a registered backend
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from . import backends
@@ -20,6 +22,7 @@ from .ops.chunked import ttt_chunked
 from .ops.common import compute_dtype
 from .ops.recurrent import ttt_step
 from .ops.reference import FastModel, ttt_generic
+from .split import run_checkpointed, run_varlen, sequence_bounds
 from .state import TTTState
 from .validation import validate
 
@@ -30,20 +33,34 @@ ReconstructionTarget = Literal["residual", "value"]
 # the keywords every op and step passes to a backend (and to its supports())
 _MATH = ("mini_batch_size", "causal", "token_scale", "momentum", "decay", "eps",
          "reconstruction_target", "output_residual")  # fmt: skip
+# options added in 0.2, with their defaults: a registered backend's op gets them only when they are
+# not at the default (its supports() always sees them), so a backend written before them still runs
+_NEW_OPTIONS = {"reconstruction_target": "residual", "output_residual": True}
+
+
+def _backend_kwargs(math: dict) -> dict:
+    return {n: value for n, value in math.items() if _NEW_OPTIONS.get(n, object()) != value}
 
 
 def _dispatch(kind: str | FastModel, weights: dict[str, Tensor], q, k, v, eta, ln_weight, ln_bias,
               *, step: bool, initial_state, output_final_state, backend, form="auto",
-              **math):  # fmt: skip
+              checkpoint_group_size=None, cu_seqlens=None, lengths=None, **math):  # fmt: skip
     """The one road of every call: validate, default the state, resolve the backend, call it.
 
     ``kind``: "linear" | "mlp", or a user fast model ``f(params, x)`` (an ``InnerLearner``'s, run by
-    the generic backend); ``step``: one streaming token (``ttt_*_step``: the state is returned)."""
+    the generic backend); ``step``: one streaming token (``ttt_*_step``: the state is returned).
+    Variable-length calls (``cu_seqlens``/``lengths``) run every sequence through this road alone."""
     B, *_ = validate(q=q, k=k, v=v, eta=eta, weights=weights, ln_weight=ln_weight, ln_bias=ln_bias,
                      initial_state=initial_state, output_final_state=output_final_state,
-                     backend=backend, step=step, **math)  # fmt: skip
+                     backend=backend, step=step, checkpoint_group_size=checkpoint_group_size,
+                     cu_seqlens=cu_seqlens, lengths=lengths, **math)  # fmt: skip
     if form not in ("auto", "dual", "primal"):
         raise ValueError(f"form must be 'auto', 'dual' or 'primal', got {form!r}")
+    if cu_seqlens is not None or lengths is not None:
+        return _dispatch_varlen(kind, weights, q, k, v, eta, ln_weight, ln_bias,
+                                initial_state=initial_state, output_final_state=output_final_state,
+                                backend=backend, form=form, cu_seqlens=cu_seqlens, lengths=lengths,
+                                checkpoint_group_size=checkpoint_group_size, **math)  # fmt: skip
     b = math["mini_batch_size"]
     state = initial_state
     if state is None:
@@ -51,26 +68,72 @@ def _dispatch(kind: str | FastModel, weights: dict[str, Tensor], q, k, v, eta, l
     elif state.mini_batch_size != b:  # at a mini-batch boundary (validated): continue with this b
         state = dataclasses.replace(state, mini_batch_size=b)
     op = f"ttt_{kind if isinstance(kind, str) else 'custom'}" + ("_step" if step else "")
+    extra = (
+        {} if checkpoint_group_size is None else {"checkpoint_group_size": checkpoint_group_size}
+    )
     impl = backends.resolve(backend, op, q, initial_state=state,
-                            output_final_state=output_final_state, **math)  # fmt: skip
-    if impl == "generic":
-        fast_model = FAST_MODELS[kind] if isinstance(kind, str) else kind
-        o, new_state = ttt_generic(fast_model, q, k, v, eta, state, ln_weight, ln_bias, **math)
-    elif impl == "torch" and step:
-        kw = {n: math[n] for n in _MATH if n not in ("mini_batch_size", "causal")}
-        o, new_state = ttt_step(q, k, v, eta, state, ln_weight, ln_bias, kind=kind, **kw)
-    elif impl == "torch":
-        o, new_state = ttt_chunked(q, k, v, eta, state, ln_weight, ln_bias, kind=kind, form=form,
-                                   **math)  # fmt: skip
-    elif step:
-        fn = getattr(impl, op)
-        math.pop("causal")
-        return fn(q, k, v, eta, *weights.values(), ln_weight, ln_bias, state=state, **math)
-    else:
-        fn = getattr(impl, op)
-        o, new_state = fn(q, k, v, eta, *weights.values(), ln_weight, ln_bias, initial_state=state,
-                          output_final_state=output_final_state, **math)  # fmt: skip
+                            output_final_state=output_final_state, **math, **extra)  # fmt: skip
+    seq = {"q": q, "k": k, "v": v, "eta": eta, "momentum": math.pop("momentum"),
+           "decay": math.pop("decay")}  # fmt: skip
+
+    shared = {"ln_weight": ln_weight, "ln_bias": ln_bias}
+    if isinstance(math["token_scale"], Tensor):
+        shared["token_scale"] = math["token_scale"]
+
+    def run(seq: dict, state: TTTState, given: dict) -> tuple[Tensor, TTTState]:
+        """The backend on the per-token inputs ``seq`` from ``state`` (``given``: the shared
+        tensors to use instead of the call's, as a recompute region passes them)."""
+        q, k, v, eta = seq["q"], seq["k"], seq["v"], seq["eta"]
+        ln_w, ln_b = given.get("ln_weight", ln_weight), given.get("ln_bias", ln_bias)
+        kw = {**math, "momentum": seq["momentum"], "decay": seq["decay"]}
+        kw["token_scale"] = given.get("token_scale", kw["token_scale"])
+        if impl == "generic":
+            fast_model = FAST_MODELS[kind] if isinstance(kind, str) else kind
+            return ttt_generic(fast_model, q, k, v, eta, state, ln_w, ln_b, **kw)
+        if impl == "torch" and step:
+            del kw["mini_batch_size"], kw["causal"]
+            return ttt_step(q, k, v, eta, state, ln_w, ln_b, kind=kind, **kw)
+        if impl == "torch":
+            return ttt_chunked(q, k, v, eta, state, ln_w, ln_b, kind=kind, form=form, **kw)
+        kw = _backend_kwargs({**kw, **extra})
+        if step:
+            del kw["causal"]
+            return getattr(impl, op)(q, k, v, eta, *weights.values(), ln_w, ln_b,
+                                     state=state, **kw)  # fmt: skip
+        return getattr(impl, op)(q, k, v, eta, *weights.values(), ln_w, ln_b,
+                                 initial_state=state, output_final_state=True, **kw)  # fmt: skip
+
+    # the math keeps its own dtypes (fp32 state for low-precision inputs) under autocast
+    with torch.autocast(q.device.type, enabled=False):
+        if checkpoint_group_size is not None and impl in backends.BUILTIN and not step:
+            o, new_state = run_checkpointed(run, seq, state, shared, checkpoint_group_size)
+        else:
+            o, new_state = run(seq, state, {})
     return o, (new_state if output_final_state else None)
+
+
+def _dispatch_varlen(kind, weights, q, k, v, eta, ln_weight, ln_bias, *, initial_state,
+                     output_final_state, cu_seqlens, lengths, **options):  # fmt: skip
+    """Every sequence of a packed (``cu_seqlens``) or right-padded (``lengths``) call through
+    :func:`_dispatch` alone, from its own state (``initial_state``: a list, one per sequence)."""
+    bounds = sequence_bounds(cu_seqlens, lengths)
+    if initial_state is not None and len(initial_state) != len(bounds):
+        raise ValueError(
+            f"initial_state must be a list of {len(bounds)} TTTStates (one per sequence), got "
+            f"{len(initial_state)}"
+        )
+    states = initial_state if initial_state is not None else [None] * len(bounds)
+
+    def run(seq: dict, state: TTTState | None, shared: dict):
+        q, k, v, eta, momentum, decay = seq.values()
+        return _dispatch(kind, weights, q, k, v, eta, ln_weight, ln_bias, step=False,
+                         initial_state=state, output_final_state=options["causal"],
+                         momentum=momentum, decay=decay, **options)  # fmt: skip
+
+    seq = {"q": q, "k": k, "v": v, "eta": eta, "momentum": options.pop("momentum"),
+           "decay": options.pop("decay")}  # fmt: skip
+    o, finals = run_varlen(run, seq, states, bounds)
+    return o, (finals if output_final_state else None)
 
 
 def ttt_linear(
@@ -94,8 +157,11 @@ def ttt_linear(
     backend: str = "auto",
     reconstruction_target: ReconstructionTarget = "residual",
     output_residual: bool = True,
+    checkpoint_group_size: int | None = None,
+    cu_seqlens: Tensor | Sequence[int] | None = None,
+    lengths: Tensor | Sequence[int] | None = None,
     form: Literal["auto", "dual", "primal"] = "auto",
-) -> tuple[Tensor, TTTState | None]:
+) -> tuple[Tensor, TTTState | list[TTTState] | None]:
     """TTT-Linear: the fast model is ``f_W(x) = x W1 + b1``, trained on the keys while reading.
 
     Token loss ``l_j(W) = 0.5 * ||LN_h(f_W(k_j)) - (v_j - k_j)||^2``; tokens are grouped in
@@ -121,6 +187,14 @@ def ttt_linear(
         reconstruction_target: the token loss's target: "residual" ``v - k`` (the TTT paper) or
             "value" ``v`` (Titans' associative memory).
         output_residual: ``o = q + LN_h(f(q))`` (True) or ``o = LN_h(f(q))`` (False).
+        checkpoint_group_size: G >= 1: gradient checkpointing; groups of G mini-batches are
+            recomputed in the backward from their start state instead of keeping their
+            intermediates (same result; torch and generic backends). None: off.
+        cu_seqlens: [N + 1] offsets of N packed sequences in a q of batch 1 ([1, H, T, D]; the
+            flash-linear-attention convention); each runs from its own state (``initial_state``: a
+            list of N batch-1 states) and the final state is a list of N states.
+        lengths: [B] real tokens per sample of a right-padded batch; padding never touches the
+            real tokens, its outputs are zeros, states are per sample (lists, as for cu_seqlens).
         form: torch backend only: "dual" (closed form over the mini-batch), "primal" (explicit
             per-token weights) or "auto" (dual, primal for single tokens). Same result. The
             Titans dual form runs as one autograd Function with a hand-written backward: it has
@@ -141,7 +215,8 @@ def ttt_linear(
                      momentum=momentum, decay=decay, initial_state=initial_state,
                      output_final_state=output_final_state, eps=eps, backend=backend,
                      reconstruction_target=reconstruction_target, output_residual=output_residual,
-                     form=form)  # fmt: skip
+                     checkpoint_group_size=checkpoint_group_size, cu_seqlens=cu_seqlens,
+                     lengths=lengths, form=form)  # fmt: skip
 
 
 def ttt_mlp(
@@ -167,8 +242,11 @@ def ttt_mlp(
     backend: str = "auto",
     reconstruction_target: ReconstructionTarget = "residual",
     output_residual: bool = True,
+    checkpoint_group_size: int | None = None,
+    cu_seqlens: Tensor | Sequence[int] | None = None,
+    lengths: Tensor | Sequence[int] | None = None,
     form: Literal["auto", "dual", "primal"] = "auto",
-) -> tuple[Tensor, TTTState | None]:
+) -> tuple[Tensor, TTTState | list[TTTState] | None]:
     """TTT-MLP: the fast model is ``f_W(x) = gelu_tanh(x W1 + b1) W2 + b2``; see :func:`ttt_linear`.
 
     Args:
@@ -189,7 +267,8 @@ def ttt_mlp(
                      token_scale=token_scale, momentum=momentum, decay=decay,
                      initial_state=initial_state, output_final_state=output_final_state, eps=eps,
                      backend=backend, reconstruction_target=reconstruction_target,
-                     output_residual=output_residual, form=form)  # fmt: skip
+                     output_residual=output_residual, checkpoint_group_size=checkpoint_group_size,
+                     cu_seqlens=cu_seqlens, lengths=lengths, form=form)  # fmt: skip
 
 
 def ttt_linear_step(

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
+from . import backends
 from .config import TTTConfig
 from .learners import InnerLearner, LinearLearner, MLPLearner
 from .ops.common import layer_norm_heads, reconstruction
@@ -41,6 +42,7 @@ class TTTLayer(nn.Module):
         if not isinstance(config, TTTConfig):
             raise TypeError(f"config must be a TTTConfig, got {type(config).__name__}")
         self.config = c = config
+        backends.available_backends()  # settle the registry here, outside any traced code
         C, H, D, std = c.hidden_size, c.num_heads, c.head_dim, c.init_std
         W = c.inner_width
         # one input projection, rows: q | k | v | (g: gelu gate) | rates: lr (| momentum | decay)
@@ -140,7 +142,8 @@ class TTTLayer(nn.Module):
             form = "auto" if c.use_dual_form else "primal"
             o, new_state = self.inner(i["q"], i["k"], i["v"], i["eta"], state=state,
                                       output_final_state=stream, causal=c.causal, form=form,
-                                      **extra, **self._inner_kwargs())  # fmt: skip
+                                      checkpoint_group_size=c.checkpoint_group_size, **extra,
+                                      **self._inner_kwargs())  # fmt: skip
         if c.check_finite_state and new_state is not None and not bool(new_state.is_finite().all()):
             raise FloatingPointError(
                 "TTTLayer: the carried fast-weight state became non-finite (NaN/Inf); lower base_lr "

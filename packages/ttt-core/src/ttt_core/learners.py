@@ -29,6 +29,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
+from .backends import available_backends
 from .fast_models import linear_fast_model, mlp_fast_model
 from .functional import _dispatch, ttt_linear, ttt_linear_step, ttt_mlp, ttt_mlp_step
 from .state import TensorDict, TTTState
@@ -55,6 +56,7 @@ class InnerLearner(nn.Module, ABC):
         self.num_heads, self.head_dim, self.eps = num_heads, head_dim, eps
         self.ln_weight = nn.Parameter(torch.ones(num_heads, head_dim))
         self.ln_bias = nn.Parameter(torch.zeros(num_heads, head_dim))
+        available_backends()  # settle the backend registry here, outside any traced code
 
     @abstractmethod
     def fast_model(self, params: TensorDict, x: Tensor) -> Tensor:
@@ -85,7 +87,10 @@ class InnerLearner(nn.Module, ABC):
         backend: str = "auto",
         reconstruction_target: str = "residual",
         output_residual: bool = True,
-    ) -> tuple[Tensor, TTTState | None]:
+        checkpoint_group_size: int | None = None,
+        cu_seqlens: Tensor | None = None,
+        lengths: Tensor | None = None,
+    ) -> tuple[Tensor, TTTState | list[TTTState] | None]:
         """Run the inner loop over q, k, v [B, H, L, D] with per-token lr eta [B, H, L].
 
         Returns ``(o [B, H, L, D], state or None)``; the keywords mean what they mean in
@@ -98,7 +103,9 @@ class InnerLearner(nn.Module, ABC):
                          token_scale=token_scale, momentum=momentum, decay=decay,
                          initial_state=state, output_final_state=output_final_state, eps=self.eps,
                          backend="generic", reconstruction_target=reconstruction_target,
-                         output_residual=output_residual)  # fmt: skip
+                         output_residual=output_residual,
+                         checkpoint_group_size=checkpoint_group_size, cu_seqlens=cu_seqlens,
+                         lengths=lengths)  # fmt: skip
 
     def step(
         self,

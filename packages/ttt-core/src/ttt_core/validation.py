@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 from torch import Tensor
 
@@ -59,6 +60,9 @@ def validate(
     reconstruction_target="residual",
     output_residual=True,
     step: bool = False,
+    checkpoint_group_size=None,
+    cu_seqlens=None,
+    lengths=None,
 ) -> tuple[int, int, int, int]:
     """Check every argument of ``ttt_linear``/``ttt_mlp`` (``step``: of ``ttt_*_step``, one token)
     or of an ``InnerLearner`` with its own fast weights (names other than W1, b1, W2, b2: only the
@@ -69,6 +73,10 @@ def validate(
     B, H, L, D = q.shape
     if L < 1:
         raise ValueError(f"q must hold at least one token (L >= 1), got shape {_shape(q)}")
+    if step and (
+        checkpoint_group_size is not None or cu_seqlens is not None or lengths is not None
+    ):
+        raise ValueError("a step takes no checkpoint_group_size, cu_seqlens or lengths")
     if step and L != 1:
         raise ValueError(
             f"a step takes one token: q must be [B, H, 1, D], got {_shape(q)} "
@@ -107,10 +115,62 @@ def validate(
             raise ValueError(
                 "non-causal TTT cannot stream: initial_state and output_final_state need causal=True"
             )
-    if initial_state is not None:
+    if checkpoint_group_size is not None:
+        if isinstance(checkpoint_group_size, bool) or not isinstance(checkpoint_group_size, int):
+            raise TypeError(
+                f"checkpoint_group_size must be an int >= 1 or None, got {checkpoint_group_size!r}"
+            )
+        if checkpoint_group_size < 1:
+            raise ValueError(
+                f"checkpoint_group_size must be >= 1 (mini-batches per group) or None, got "
+                f"{checkpoint_group_size}"
+            )
+    if cu_seqlens is not None or lengths is not None:
+        _check_varlen(q, cu_seqlens, lengths, initial_state)
+    elif initial_state is not None:
         check_state(initial_state, weights, q, mini_batch_size, titans,
                     name="state" if step else "initial_state")  # fmt: skip
     return B, H, L, D
+
+
+def _index_list(name: str, x) -> list[int]:
+    """A 1-D integer tensor or sequence of ints as a list (host read of a small index tensor)."""
+    if isinstance(x, Tensor):
+        if x.ndim != 1 or x.is_floating_point() or x.is_complex():
+            raise TypeError(f"{name} must be a 1-D integer tensor or a list of ints, got {x.dtype} "
+                            f"{_shape(x)}")  # fmt: skip
+        return x.tolist()
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in x):
+        raise TypeError(f"{name} must be a 1-D integer tensor or a list of ints")
+    return list(x)
+
+
+def _check_varlen(q: Tensor, cu_seqlens, lengths, initial_state) -> None:
+    """Packed (``cu_seqlens``) or right-padded (``lengths``) sequences: their bounds. Reads the
+    index values (they are the call's structure, like a shape)."""
+    B, _, L, _ = q.shape
+    if cu_seqlens is not None and lengths is not None:
+        raise ValueError("pass cu_seqlens (packed sequences) or lengths (right padding), not both")
+    if cu_seqlens is not None:
+        cu = _index_list("cu_seqlens", cu_seqlens)
+        if B != 1:
+            raise ValueError(
+                f"cu_seqlens packs sequences along L: q must be [1, H, T, D], got B={B}"
+            )
+        if len(cu) < 2 or cu[0] != 0 or cu[-1] != L or any(a >= b for a, b in pairwise(cu)):
+            raise ValueError(
+                f"cu_seqlens must increase strictly from 0 to the packed length T={L} "
+                f"(every sequence holds >= 1 token), got {cu}"
+            )
+    else:
+        lens = _index_list("lengths", lengths)
+        if len(lens) != B or any(n < 1 or n > L for n in lens):
+            raise ValueError(f"lengths must hold B={B} ints in [1, L={L}], got {lens}")
+    if initial_state is not None and not isinstance(initial_state, (list, tuple)):
+        raise TypeError(
+            "with cu_seqlens/lengths, initial_state is a list of TTTStates (one per sequence, "
+            f"batch 1), got {type(initial_state).__name__}"
+        )
 
 
 def _check_weights(weights: dict[str, Tensor], H: int, D: int) -> None:
@@ -162,7 +222,7 @@ def _check_options(q, mini_batch_size, causal, token_scale, eps, backend, recons
         or not isinstance(eps, (int, float))
         or not (math.isfinite(eps) and eps > 0)
     ):
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        raise ValueError(f"eps must be a positive number (finite, > 0), got {eps!r}")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if reconstruction_target not in RECONSTRUCTION_TARGETS:
