@@ -150,7 +150,8 @@ def _install_present_packages(session: nox.Session) -> list[str]:
     """torch, then every package of the tree with a demo (one venv); returns their dirs."""
     _install_torch(session)
     present = [p for p in DEMOS if (ROOT / p / "pyproject.toml").exists()]
-    session.install(*[f"./{p}" for p in present])
+    extras = {"packages/ttt-gemma": "[demo]"}  # demo-only dependencies (the simulator)
+    session.install(*[f"./{p}{extras.get(p, '')}" for p in present])
     if "packages/ttt-moshi" in present:
         session.install("--no-deps", "moshi==0.2.13")  # moshi pins torch<2.10: not its deps
     return present

@@ -95,7 +95,7 @@ def _timed(fn, warmup: int, reps: int, desc: str) -> tuple[list[float], float]:
 VARIANTS: dict[str, dict | None] = {
     "without_ttt": None,
     "with_ttt_all_layers": {},  # the gemma_300m preset's branch: 8 heads x 64 (width 512)
-    "with_ttt_all_layers_full_width": {"num_heads": 8, "head_dim": 128},  # width 1024
+    "with_ttt_all_layers_full_width": {"layer": {"num_heads": 8, "head_dim": 128}},  # width 1024
 }
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -130,29 +131,47 @@ def load_pi05(
         path: a ``model.safetensors`` file.
         naming: ``"openpi"``, ``"lerobot"`` or ``"auto"`` (detected from the keys).
     """
-    state = load_file(str(path))
+    state = _read_safetensors(path)
     if naming == "auto":
         naming = detect_naming(state)
     mapped, ignored = pi05_to_policy_names(state, naming)
+    ttt = [n for n in policy.state_dict() if ".ttt." in n]
+    _check_then_copy(policy, mapped, f"checkpoint {os.fspath(path)!r} ({naming} naming)", ttt)
+    return LoadReport(naming, sorted(mapped), ignored, ttt)
+
+
+def _read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    """All tensors of a safetensors file; a corrupt or truncated file raises ValueError naming it."""
+    try:
+        return load_file(os.fspath(path))
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{os.fspath(path)!r} is not a readable safetensors file: {err}") from err
+
+
+def _check_then_copy(
+    policy: torch.nn.Module, tensors: dict[str, Tensor], source: str, may_miss=()
+) -> None:
+    """Copy ``tensors`` into ``policy`` by name after checking them all: every parameter/buffer
+    except ``may_miss`` present, nothing unexpected, every shape equal. Raises ValueError naming
+    ``source`` before anything is written, so a failed load leaves the policy unchanged."""
     own = policy.state_dict()
-    ttt = [n for n in own if ".ttt." in n]
-    missing = sorted(set(own) - set(mapped) - set(ttt))
-    unexpected = sorted(set(mapped) - set(own))
+    missing = sorted(set(own) - set(tensors) - set(may_miss))
+    unexpected = sorted(set(tensors) - set(own))
     if missing or unexpected:
         raise ValueError(
-            f"checkpoint {os.fspath(path)!r} ({naming} naming) does not match the config: "
+            f"{source} does not match the config: "
             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
-    for name, t in mapped.items():
-        if t.shape != own[name].shape:
-            raise ValueError(
-                f"checkpoint: {name} has shape {tuple(t.shape)}, the model wants "
-                f"{tuple(own[name].shape)}"
-            )
-    result = policy.load_state_dict(mapped, strict=False)
-    assert sorted(result.missing_keys) == sorted(ttt), result  # internal invariant
-    return LoadReport(naming, sorted(mapped), ignored, ttt)
+    wrong = [f"{n}: file {tuple(t.shape)}, model {tuple(own[n].shape)}"
+             for n, t in tensors.items() if t.shape != own[n].shape]  # fmt: skip
+    if wrong:
+        raise ValueError(f"{source}: shape mismatch in {len(wrong)} tensor(s): {wrong[:8]}")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            own[name].copy_(t)
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict | None = None) -> None:
@@ -179,7 +198,8 @@ def save_checkpoint(policy: FlowMatchingPolicy, path: str | os.PathLike) -> None
 
 
 def load_checkpoint(policy: FlowMatchingPolicy, path: str | os.PathLike) -> None:
-    """Load a :func:`save_checkpoint` file strictly (bit-identical tensors)."""
-    state = load_file(str(path))
-    with torch.no_grad():
-        policy.load_state_dict(state, strict=True)
+    """Load a :func:`save_checkpoint` file strictly (bit-identical tensors in the policy's dtype).
+
+    Every tensor is checked (names and shapes) before the first is copied: a file that does not fit
+    raises ValueError naming it and leaves the policy unchanged."""
+    _check_then_copy(policy, _read_safetensors(path), f"checkpoint {os.fspath(path)!r}")

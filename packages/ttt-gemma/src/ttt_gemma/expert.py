@@ -35,10 +35,7 @@ class ActionExpert(nn.Module):
         super().__init__()
         self.config = c = config
         cond_dim = c.width if c.use_adarms else None
-        ttt_layers = set(c.ttt_layers())
-        self.rotary, self.layers = gemma_stack(
-            c, cond_dim=cond_dim, ttt_for=lambda i: c.ttt if i in ttt_layers else None
-        )
+        self.rotary, self.layers = gemma_stack(c, cond_dim=cond_dim, ttt_layers=c.ttt_layers())
         self.norm = AdaRMSNorm(c.width, cond_dim, c.rms_eps)
 
     def ttt_parameter_names(self) -> list[str]:

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import gymnasium as gym
 import numpy as np
 import torch
 from torch import Tensor
+
+try:
+    import gymnasium as gym
+except ImportError as err:  # the simulator is a demo-only dependency
+    raise ImportError(
+        "the Reacher demo needs gymnasium with MuJoCo: pip install 'ttt-gemma[demo]'"
+    ) from err
 
 ENV_ID = "Reacher-v5"
 LINKS = (0.1, 0.11)  # link lengths of the arm (shoulder->elbow, elbow->fingertip), metres
