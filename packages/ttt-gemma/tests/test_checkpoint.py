@@ -156,7 +156,7 @@ def test_failed_own_load_leaves_the_policy_unchanged(tmp_path, bad):
     save_file(tensors, str(path))
     dst = FlowMatchingPolicy(cfg)
     before = _snapshot(dst)
-    with pytest.raises(ValueError, match="policy.safetensors"):
+    with pytest.raises(ValueError, match=r"policy\.safetensors"):
         load_checkpoint(dst, path)
     for k, v in dst.state_dict().items():
         assert torch.equal(v, before[k]), k

@@ -6,7 +6,6 @@ from conftest import make_prefix
 from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer
 
 from ttt_core import TTTConfig
-
 from ttt_gemma import (
     ActionExpert,
     ActionExpertConfig,
@@ -68,7 +67,7 @@ def test_block_without_adarms_matches_transformers_gemma_layer():
         "l2norm-normtarget",
         "attn-output",
         "attn-output-mlp-both",
-    ],  # fmt: skip
+    ],
 )
 def test_exact_start_equals_base_expert(ttt):
     """Zero-initialised TTT AdaRMS dense -> gate 0 -> exactly the base expert's output."""
@@ -255,7 +254,7 @@ def test_dual_and_primal_forms_agree():
         "adarms",
         "heads",
         "width",
-    ],  # fmt: skip
+    ],
 )
 def test_bad_config_raises(changes, match):
     changes = dict(changes)
@@ -302,7 +301,7 @@ def test_ttt_options_nest_a_ttt_config():
     assert branch.layer.config is given
     with pytest.raises(ValueError, match="width"):
         cfg.replace(ttt=TTTOptions(layer=TTTConfig(hidden_size=32, num_heads=2)))
-    with pytest.raises(ValueError, match="ttt.gating"):
+    with pytest.raises(ValueError, match=r"ttt\.gating"):
         cfg.replace(ttt=TTTOptions(layer=given, gating="both"))
 
 
