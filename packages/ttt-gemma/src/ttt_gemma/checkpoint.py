@@ -192,12 +192,14 @@ def save_pi05(policy: FlowMatchingPolicy, path: str | os.PathLike, naming: str =
     _atomic_save(policy_to_pi05_names(policy, naming), Path(path))
 
 
-def save_checkpoint(policy: FlowMatchingPolicy, path: str | os.PathLike) -> None:
-    """Write the whole policy (TTT included) in our naming, atomically (tmp file + os.replace)."""
-    _atomic_save(dict(policy.state_dict()), Path(path), {"format": "ttt_gemma"})
+def save_checkpoint(policy: torch.nn.Module | dict[str, Tensor], path: str | os.PathLike) -> None:
+    """Write a whole policy (TTT included; or its state dict) in our naming, atomically (tmp file +
+    os.replace)."""
+    state = policy if isinstance(policy, dict) else policy.state_dict()
+    _atomic_save(dict(state), Path(path), {"format": "ttt_gemma"})
 
 
-def load_checkpoint(policy: FlowMatchingPolicy, path: str | os.PathLike) -> None:
+def load_checkpoint(policy: torch.nn.Module, path: str | os.PathLike) -> None:
     """Load a :func:`save_checkpoint` file strictly (bit-identical tensors in the policy's dtype).
 
     Every tensor is checked (names and shapes) before the first is copied: a file that does not fit

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ttt_core import TTTConfig
+from ttt_core.typed_config import config_from_dict
 
 INPUTS = ("residual", "attn_output")
 GATINGS = ("adarms", "tanh_alpha", "both")
@@ -44,7 +44,7 @@ class TTTOptions:
     ``gating``. :meth:`ActionExpertConfig.ttt_layer_config` gives the resolved ``TTTConfig``.
     """
 
-    layer_positions: str | Sequence[int] = "all"  # "all" or layer indices that get a TTT branch
+    layer_positions: str | tuple[int, ...] = "all"  # "all" or layer indices that get a TTT branch
     input: str = "residual"  # what the branch reads: "residual" | "attn_output" (see above)
     gating: str = "adarms"  # "adarms" (the branch's AdaRMS gate, zero-init -> 0)
     # | "tanh_alpha" (the layer's static per-dimension tanh(alpha), TTTConfig.gate) | "both"
@@ -60,18 +60,12 @@ class TTTOptions:
         gate = _layer_gate(self.gating)
         layer = self.layer
         if isinstance(layer, dict):
-            known = {f.name for f in dataclasses.fields(TTTConfig)}
-            unknown = sorted(set(layer) - known)
-            if unknown:
-                raise ValueError(
-                    f"ttt.layer: unknown TTTConfig fields {unknown}; known: {sorted(known)}"
-                )
             for key in ("hidden_size", "gate"):
                 if key in layer:
                     owner = "width" if key == "hidden_size" else "ttt.gating"
                     raise ValueError(f"ttt.layer.{key} is set by the expert's {owner}; remove it")
-            layer = TTTConfig(**{"hidden_size": width, "num_heads": num_heads, "gate": gate,
-                                 **LAYER_DEFAULTS, **layer})  # fmt: skip
+            full = {"hidden_size": width, "num_heads": num_heads, "gate": gate, **LAYER_DEFAULTS}
+            layer = config_from_dict(TTTConfig, {**full, **layer}, prefix="ttt.layer")  # typed
         elif not isinstance(layer, TTTConfig):
             raise TypeError(f"ttt.layer must be a TTTConfig or a dict, got {type(layer).__name__}")
         if layer.hidden_size != width:
