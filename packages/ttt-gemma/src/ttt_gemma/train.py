@@ -69,6 +69,12 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device or torch.device("cpu")
 
 
+def make_policy(cfg: TrainRunConfig, state_dim: int) -> StatePolicy:
+    """The config's state policy (fresh initialisation from torch's global RNG)."""
+    prefix = cfg.model.prefix
+    return StatePolicy(cfg.model.expert, state_dim, prefix.width, prefix.mlp_dim)
+
+
 def build_model(cfg: TrainRunConfig, frames: LeRobotFrames) -> StatePolicy:
     """The state policy (seeded), its pi0.5 start weights if given, its trainable parameters."""
     expert = cfg.model.expert
@@ -78,8 +84,7 @@ def build_model(cfg: TrainRunConfig, frames: LeRobotFrames) -> StatePolicy:
             f"actions ({frames.actions.shape[1]}); actions are zero-padded, never cut"
         )
     torch.manual_seed(cfg.train.seed)
-    model = StatePolicy(expert, frames.states.shape[1], cfg.model.prefix.width,
-                        cfg.model.prefix.mlp_dim)  # fmt: skip
+    model = make_policy(cfg, frames.states.shape[1])
     if cfg.model.init_pi05 is not None:
         load_pi05(model.policy, cfg.model.init_pi05)
     trains = _TRAINABLE[cfg.train.trainable]
