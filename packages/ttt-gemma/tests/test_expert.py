@@ -59,6 +59,7 @@ def test_block_without_adarms_matches_transformers_gemma_layer():
         dict(layer=dict(qk_l2_norm=True, normalize_target=True)),
         dict(input="attn_output"),
         dict(input="attn_output", layer=dict(inner="mlp"), gating="both"),
+        dict(input="attn_output", layer=dict(normalize_target=True, target_norm_affine=True)),
     ],
     ids=[
         "linear-adarms",
@@ -67,6 +68,7 @@ def test_block_without_adarms_matches_transformers_gemma_layer():
         "l2norm-normtarget",
         "attn-output",
         "attn-output-mlp-both",
+        "attn-output-affine-target-norm",
     ],
 )
 def test_exact_start_equals_base_expert(ttt):
@@ -123,7 +125,9 @@ def test_gate_shapes():
 @pytest.mark.parametrize("placement", ["residual", "attn_output"])
 @pytest.mark.parametrize("layer_type", ["linear", "mlp"])
 def test_gradients_reach_every_ttt_parameter_and_the_time_condition(layer_type, placement):
-    ttt = dict(layer=dict(inner=layer_type), gating="both", input=placement)
+    # the learnable affine target normalisation (video TTT) too: its weight and bias must learn
+    layer = dict(inner=layer_type, normalize_target=True, target_norm_affine=True)
+    ttt = dict(layer=layer, gating="both", input=placement)
     cfg = ActionExpertConfig.tiny(use_ttt=True, ttt=ttt)
     expert = ActionExpert(cfg)
     _open_ttt_gates(expert)
