@@ -42,6 +42,7 @@ import torch
 from machine import machine_info
 from tqdm.auto import tqdm
 
+from ttt_core.runfiles import atomic_write_text
 from ttt_gemma import (
     ActionExpertConfig,
     FlowMatchingPolicy,
@@ -299,7 +300,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sample-reps", type=int, default=1, help="timed 10-step samplings")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps per variant")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "gemma_cpu.json"))
+    p.add_argument(
+        "--out",
+        default=None,
+        help="JSON file (default: results/gemma_cpu.json; --quick writes none unless given)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -394,11 +399,9 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(["python", *sys.argv]) if argv is None else " ".join(argv),
         "wall_s": time.perf_counter() - t0,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out)
+    if args.out is not None or not args.quick:  # a --quick check never replaces the record
+        out = Path(args.out or Path(__file__).parent / "results" / "gemma_cpu.json")
+        atomic_write_text(out, json.dumps(summary, indent=2))
     for name, o in over.items():
         r, tr = results[name], o["train_step"]
         print(
