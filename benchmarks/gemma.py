@@ -181,8 +181,8 @@ def memory_phase(cfg, prefix, actions, noise) -> dict:
     torch.manual_seed(0)
     policy = FlowMatchingPolicy(cfg)
     train_step, sample = make_steps(policy, prefix, actions, noise)
-    heads = cfg.ttt.num_heads or cfg.num_heads
-    head_dim = cfg.ttt.head_dim or cfg.width // heads
+    layer = cfg.ttt_layer_config()
+    heads, head_dim = layer.num_heads, layer.head_dim
     label = f"TTT {heads}x{head_dim}" if cfg.use_ttt else "base"
     _, sample_mem = _timed(sample, 0, 1, f"memory {label} sample")
     _, train_mem = _timed(train_step, 0, 1, f"memory {label} train")
@@ -358,9 +358,10 @@ def main(argv: list[str] | None = None) -> dict:
             "action_dim": base_cfg.action_dim,
             "prefix_len": args.prefix_len,
             "ttt": {
-                "layer_type": base_cfg.ttt.layer_type,
-                "use_dual_form": base_cfg.ttt.use_dual_form,
+                "layer_type": base_cfg.ttt_layer_config().inner,
+                "use_dual_form": base_cfg.ttt_layer_config().use_dual_form,
                 "gating": base_cfg.ttt.gating,
+                "input": base_cfg.ttt.input,
                 "mini_batch_size": None,
                 "causal": False,
                 "variants": {
@@ -399,7 +400,8 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(["python", *sys.argv]) if argv is None else " ".join(argv),
         "wall_s": time.perf_counter() - t0,
     }
-    if args.out is not None or not args.quick:  # a --quick check never replaces the record
+    out = None  # a --quick check never replaces the record
+    if args.out is not None or not args.quick:
         out = Path(args.out or Path(__file__).parent / "results" / "gemma_cpu.json")
         atomic_write_text(out, json.dumps(summary, indent=2))
     for name, o in over.items():
@@ -414,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"base train step {base['train_step_s_min']:.3f}s best, "
         f"{base['train_step_s_median']:.3f}s median; "
-        f"{summary['machine_load']['note']}; wrote {out}"
+        f"{summary['machine_load']['note']}; " + (f"wrote {out}" if out else "nothing written")
     )
     return summary
 
