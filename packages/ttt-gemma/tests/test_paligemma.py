@@ -109,3 +109,100 @@ def test_whole_policy_from_images_prompt_and_state():
     assert chunk.shape == actions.shape and chunk.isfinite().all()
     with pytest.raises(ValueError, match="head_dim"):
         Pi05Policy(PaliGemmaPrefixConfig.tiny(EXPERT, head_dim=8), EXPERT)
+
+
+def openpi_vlm_tensors(cfg: PaliGemmaPrefixConfig, prefix: str) -> dict:
+    """openpi's PaliGemma tensors (transformers 4.x names), spelled out by hand, random values."""
+    V, W, M, D = cfg.vision_width, cfg.width, cfg.mlp_dim, cfg.head_dim
+    p = prefix + "paligemma_with_expert.paligemma."
+    vis = p + "model.vision_tower.vision_model."
+    n_patch = (cfg.image_size // cfg.patch_size) ** 2
+    out = {
+        vis + "embeddings.patch_embedding.weight": torch.randn(
+            V, 3, cfg.patch_size, cfg.patch_size
+        ),
+        vis + "embeddings.patch_embedding.bias": torch.randn(V),
+        vis + "embeddings.position_embedding.weight": torch.randn(n_patch, V),
+        vis + "post_layernorm.weight": torch.randn(V),
+        vis + "post_layernorm.bias": torch.randn(V),
+        p + "model.multi_modal_projector.linear.weight": torch.randn(W, V),
+        p + "model.multi_modal_projector.linear.bias": torch.randn(W),
+        p + "model.language_model.embed_tokens.weight": torch.randn(cfg.vocab_size, W),
+        p + "model.language_model.norm.weight": torch.randn(W),
+    }
+    for i in range(cfg.vision_depth):
+        L = f"{vis}encoder.layers.{i}."
+        for n in ("layer_norm1", "layer_norm2"):
+            out[L + f"{n}.weight"], out[L + f"{n}.bias"] = torch.randn(V), torch.randn(V)
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            out[L + f"self_attn.{n}.weight"], out[L + f"self_attn.{n}.bias"] = (
+                torch.randn(V, V),
+                torch.randn(V),
+            )
+        out[L + "mlp.fc1.weight"], out[L + "mlp.fc1.bias"] = (
+            torch.randn(cfg.vision_mlp_dim, V),
+            torch.randn(cfg.vision_mlp_dim),
+        )
+        out[L + "mlp.fc2.weight"], out[L + "mlp.fc2.bias"] = (
+            torch.randn(V, cfg.vision_mlp_dim),
+            torch.randn(V),
+        )
+    for i in range(cfg.depth):
+        L = f"{p}model.language_model.layers.{i}."
+        out[L + "self_attn.q_proj.weight"] = torch.randn(cfg.num_heads * D, W)
+        out[L + "self_attn.k_proj.weight"] = torch.randn(cfg.num_kv_heads * D, W)
+        out[L + "self_attn.v_proj.weight"] = torch.randn(cfg.num_kv_heads * D, W)
+        out[L + "self_attn.o_proj.weight"] = torch.randn(W, cfg.num_heads * D)
+        out[L + "mlp.gate_proj.weight"] = torch.randn(M, W)
+        out[L + "mlp.up_proj.weight"] = torch.randn(M, W)
+        out[L + "mlp.down_proj.weight"] = torch.randn(W, M)
+        out[L + "input_layernorm.weight"] = torch.randn(W)
+        out[L + "post_attention_layernorm.weight"] = torch.randn(W)
+    out[p + "lm_head.weight"] = out[p + "model.language_model.embed_tokens.weight"].clone()
+    return out
+
+
+@pytest.mark.parametrize("naming,prefix", [("openpi", ""), ("lerobot", "model.")])
+def test_whole_checkpoint_loads_strictly_and_round_trips(tmp_path, naming, prefix):
+    from safetensors.torch import load_file, save_file
+    from test_checkpoint import pi05_tensors
+
+    from ttt_gemma import load_pi05, save_pi05
+
+    tensors = {**pi05_tensors(EXPERT, prefix), **openpi_vlm_tensors(PREFIX, prefix)}
+    # openpi's expert has an (unused) lm_head of the VLM's vocabulary
+    expert_head = prefix + "paligemma_with_expert.gemma_expert.lm_head.weight"
+    tensors[expert_head] = torch.randn(PREFIX.vocab_size, EXPERT.width)
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, str(path))
+    model = Pi05Policy(PREFIX, EXPERT)
+    report = load_pi05(model, path)
+    assert report.naming == naming and report.missing_ttt
+    state = model.state_dict()
+    vis = (
+        prefix
+        + "paligemma_with_expert.paligemma.model.vision_tower.vision_model.encoder.layers.1.mlp.fc2.weight"
+    )
+    assert torch.equal(
+        state["prefix.paligemma.model.vision_tower.encoder.layers.1.mlp.fc2.weight"], tensors[vis]
+    )
+    emb = prefix + "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"
+    assert torch.equal(state["prefix.paligemma.lm_head.weight"], tensors[emb])
+    n_file = sum(1 for k in tensors if "lm_head" not in k)  # the expert's lm_head is ignored
+    assert len(report.loaded) == n_file + 1  # + the VLM's tied lm_head
+    # save -> the same key set as the hand-made file (a strict loader finds nothing missing)
+    save_pi05(model, tmp_path / "out.safetensors", naming)
+    written = load_file(str(tmp_path / "out.safetensors"))
+    assert written.keys() == tensors.keys()
+    again = Pi05Policy(PREFIX, EXPERT)
+    load_pi05(again, tmp_path / "out.safetensors")
+    for k, v in model.state_dict().items():
+        if ".ttt." not in k:
+            assert torch.equal(v, again.state_dict()[k]), k
+    # strict: a missing VLM tensor, or one of the wrong shape, changes nothing
+    before = {k: v.clone() for k, v in again.state_dict().items()}
+    del written[prefix + "paligemma_with_expert.paligemma.model.multi_modal_projector.linear.bias"]
+    save_file(written, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="multi_modal_projector"):
+        load_pi05(again, tmp_path / "bad.safetensors")
+    assert all(torch.equal(v, before[k]) for k, v in again.state_dict().items())

@@ -70,6 +70,7 @@ class PaliGemmaPrefixConfig:
             hidden_size=self.vision_width, intermediate_size=self.vision_mlp_dim,
             num_hidden_layers=self.vision_depth, num_attention_heads=self.vision_heads,
             patch_size=self.patch_size, image_size=self.image_size, projection_dim=self.width,
+            vision_use_head=False,  # PaliGemma reads the patch tokens, not a pooled vector
         )  # fmt: skip
         text = GemmaConfig(
             vocab_size=self.vocab_size, hidden_size=self.width, intermediate_size=self.mlp_dim,
@@ -214,4 +215,3 @@ class Pi05Policy(nn.Module):
     def sample(self, images, image_masks, tokens, token_masks, noise=None) -> Tensor:
         """Action chunks [B, H, A]: the prefix once, then Euler steps of the expert."""
         return self.policy.sample(self.prefix(images, image_masks, tokens, token_masks), noise)
-
