@@ -26,6 +26,7 @@ import yaml
 from .checkpoint import load_checkpoint, save_pi05
 from .cli import main as cli_main
 from .lerobot import read_lerobot, write_lerobot
+from .policy import flow_time, sincos_time_embedding
 from .reacher import OBS_DIM, closed_loop_distance, collect_episodes, scripted_expert
 from .state_policy import StatePolicy
 from .train import make_policy
@@ -71,14 +72,14 @@ def run_config(args, out: Path, name: str, ttt: dict | None) -> dict:
 class Evaluator:
     """Held-out chunks and the simulator, in the dataset's normalisation."""
 
-    def __init__(self, train_root: Path, test_root: Path, horizon: int, seed: int):
+    def __init__(self, train_root: Path, test_root: Path, horizon: int, seed: int, beta):
         self.state_norm, self.action_norm = read_lerobot(train_root).normalizers("zscore")
         test = read_lerobot(test_root)
         states, actions = test.chunks(test.chunk_starts(horizon), horizon)
         self.states, self.actions = states, actions  # raw units
         gen = torch.Generator().manual_seed(seed)
         self.noise = torch.randn(actions.shape, generator=gen)
-        self.t = torch.rand(actions.shape[0], generator=gen).pow(1 / 1.5) * 0.999 + 0.001
+        self.t = flow_time(actions.shape[0], beta, generator=gen)
         self.start = torch.randn(actions.shape, generator=gen)
 
     @torch.no_grad()
@@ -104,7 +105,6 @@ class Evaluator:
 def ttt_gate_magnitude(model: StatePolicy) -> float | None:
     """Mean |g_ttt| of the TTT branches' AdaRMS gates over t in [0, 1] (0 at the exact start)."""
     from .layer import TTTBranch
-    from .policy import sincos_time_embedding
 
     policy, c = model.policy, model.policy.config
     t = torch.linspace(0.001, 1.0, 11)
@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     save_pi05(make_policy(base, OBS_DIM).policy, out / "init_pi05.safetensors")
 
-    evaluate = Evaluator(out / "dataset", out / "test_dataset", args.horizon, args.seed + 2)
+    evaluate = Evaluator(out / "dataset", out / "test_dataset", args.horizon, args.seed + 2,
+                         base.model.expert.time_beta)  # fmt: skip
     curves, results = {}, {}
     for name, ttt in VARIANTS.items():
         folder = name.lower().replace(" ", "_")

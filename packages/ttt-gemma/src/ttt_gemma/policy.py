@@ -34,6 +34,21 @@ def sincos_time_embedding(t: Tensor, dim: int, min_period: float, max_period: fl
     return torch.cat([arg.sin(), arg.cos()], dim=1).float()
 
 
+def flow_time(batch: int, beta: tuple[float, float], device=None, generator=None) -> Tensor:
+    """Training flow times ``t ~ Beta(a, b) * 0.999 + 0.001``, [batch] float32.
+
+    Drawn by the inverse CDF ``u^(1/a)`` when ``b == 1`` (pi0.5's Beta(1.5, 1); takes
+    ``generator``), else with ``torch.distributions.Beta`` (global RNG)."""
+    a, b = beta
+    if b == 1.0:
+        t = torch.rand(batch, generator=generator, device=device).pow(1.0 / a)
+    else:
+        t = torch.distributions.Beta(torch.tensor(float(a)), torch.tensor(float(b))).sample(
+            (batch,)
+        )
+    return t.to(device) * 0.999 + 0.001
+
+
 class FlowMatchingPolicy(nn.Module):
     """pi0.5's action head: a flow-matching denoiser of action chunks built on :class:`ActionExpert`.
 
@@ -98,17 +113,8 @@ class FlowMatchingPolicy(nn.Module):
         return self.action_in_proj.weight.dtype
 
     def sample_time(self, batch: int, device=None, generator: torch.Generator | None = None):
-        """t ~ Beta(a, b) * 0.999 + 0.001 (default a, b = 1.5, 1), [batch] in the policy's dtype.
-
-        Drawn in fp32 by the inverse CDF ``u^(1/a)`` when ``b == 1`` (pi0.5's Beta(1.5, 1); takes
-        ``generator``), else with ``torch.distributions.Beta`` (global RNG)."""
-        a, b = self.config.time_beta
-        if b == 1.0:
-            t = torch.rand(batch, generator=generator, device=device).pow(1.0 / a)
-        else:
-            dist = torch.distributions.Beta(torch.tensor(float(a)), torch.tensor(float(b)))
-            t = dist.sample((batch,)).to(device)
-        return (t * 0.999 + 0.001).to(self.dtype)
+        """:func:`flow_time` with the config's Beta, [batch] in the policy's dtype."""
+        return flow_time(batch, self.config.time_beta, device, generator).to(self.dtype)
 
     def loss(
         self,
