@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from ttt_gemma.demo import VARIANTS, main
 from ttt_gemma.lerobot import read_lerobot
@@ -49,3 +50,5 @@ def test_demo_trains_through_the_cli_and_writes_outputs(tmp_path):
         run = tmp_path / "runs" / folder
         assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
         assert (run / "model.safetensors").is_file() and (run / "checkpoint.pt").is_file()
+    with pytest.raises(ValueError, match="--overwrite"):  # an earlier demo is never mixed in
+        main(args)

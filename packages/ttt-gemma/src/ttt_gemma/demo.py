@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import yaml
 
+from ttt_core.runfiles import prepare_run_dir
+
 from .checkpoint import load_checkpoint, save_pi05
 from .cli import main as cli_main
 from .lerobot import read_lerobot, write_lerobot
@@ -135,7 +137,8 @@ def plot(curves: dict[str, list[float]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="output folder (must not hold an earlier demo)")
+    p.add_argument("--out", required=True, help="output folder (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
     p.add_argument("--steps", type=int, default=300, help="training steps per policy")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -149,7 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.steps < 1 or args.batch < 1:
         raise ValueError("--steps and --batch must be >= 1")
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = Path(args.out).absolute()
+    out = prepare_run_dir(out.parent, out.name, resume=False, overwrite=args.overwrite)
     t0 = time.perf_counter()
     write_lerobot(out / "dataset", collect_episodes(args.train_episodes, args.seed, progress=True),
                   fps=50, robot_type="reacher", task="reach the target")  # fmt: skip
