@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import machine_info
+from machine import machine_info, output_path
 from tqdm.auto import tqdm
 
 from ttt_core.runfiles import atomic_write_text
@@ -300,11 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sample-reps", type=int, default=1, help="timed 10-step samplings")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps per variant")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument(
-        "--out",
-        default=None,
-        help="JSON file (default: results/gemma_cpu.json; --quick writes none unless given)",
-    )
+    p.add_argument("--out", default=None, help="JSON path (default: see output_path)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -400,10 +396,8 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(["python", *sys.argv]) if argv is None else " ".join(argv),
         "wall_s": time.perf_counter() - t0,
     }
-    out = None  # a --quick check never replaces the record
-    if args.out is not None or not args.quick:
-        out = Path(args.out or Path(__file__).parent / "results" / "gemma_cpu.json")
-        atomic_write_text(out, json.dumps(summary, indent=2))
+    out = output_path(args.out, args.quick, "gemma_cpu.json")  # --quick: results/quick/
+    atomic_write_text(out, json.dumps(summary, indent=2))
     for name, o in over.items():
         r, tr = results[name], o["train_step"]
         print(
@@ -416,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"base train step {base['train_step_s_min']:.3f}s best, "
         f"{base['train_step_s_median']:.3f}s median; "
-        f"{summary['machine_load']['note']}; " + (f"wrote {out}" if out else "nothing written")
+        f"{summary['machine_load']['note']}; wrote {out}"
     )
     return summary
 

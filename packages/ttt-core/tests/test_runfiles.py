@@ -174,6 +174,8 @@ def test_kill_during_a_write_leaves_a_tmp_that_is_swept(tmp_path):
 def test_fresh_run_dir_is_created_and_a_second_start_is_refused(tmp_path):
     run = prepare_run_dir(tmp_path / "runs", "exp1", resume=False, overwrite=False)
     assert run == tmp_path / "runs" / "exp1" and run.is_dir()
+    # a run that failed before writing anything (only the marker) may start again
+    assert prepare_run_dir(tmp_path / "runs", "exp1", resume=False, overwrite=False) == run
     (run / "checkpoint.pt").write_bytes(b"x")
     with pytest.raises(ValueError, match=r"not empty: pass --resume .* --overwrite"):
         prepare_run_dir(tmp_path / "runs", "exp1", resume=False, overwrite=False)
