@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ttt_core import TTTConfig, TTTLayer
 
@@ -164,3 +165,41 @@ def test_torch_compile_matches_eager():
     compiled = torch.compile(layer, backend="inductor", fullgraph=False)
     y_comp, _ = compiled(x)
     torch.testing.assert_close(y_comp, y_eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("target", ["residual", "value"])
+def test_target_norm_affine_is_a_learnable_per_head_affine(target):
+    """normalize_target + target_norm_affine: the inner loop's target is the standardised target
+    times a learnable per-head weight plus bias ([H, D], init 1 and 0), checked against the
+    functional generic path fed that target by hand (fp64); the affine gets gradients."""
+    from ttt_core import ttt_linear
+
+    cfg = dict(hidden_size=15, num_heads=3, mini_batch_size=4, normalize_target=True)
+    layer = TTTLayer(TTTConfig(**cfg, target_norm_affine=True, reconstruction_target=target))
+    layer = layer.double()
+    plain = TTTLayer(TTTConfig(**cfg, reconstruction_target=target)).double()
+    plain.load_state_dict(layer.state_dict(), strict=False)
+    x = torch.randn(2, 7, 15, dtype=torch.float64)
+    torch.testing.assert_close(layer(x)[0], plain(x)[0])  # init: weight 1, bias 0
+    with torch.no_grad():
+        layer.target_norm_weight.copy_(1 + 0.3 * torch.randn(3, 5))
+        layer.target_norm_bias.copy_(0.2 * torch.randn(3, 5))
+    y, _ = layer(x)
+    q, k, v, rates = layer.project(x)  # no gelu gate
+    q, k, v = (t.view(2, 7, 3, 5).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+    t = v - k if target == "residual" else v
+    t = (
+        F.layer_norm(t, (5,), eps=1e-6) * layer.target_norm_weight[:, None]
+        + layer.target_norm_bias[:, None]
+    )
+    eta = torch.sigmoid(rates).transpose(1, 2) / 5  # base_lr 1 / D
+    inner = layer.inner
+    o, _ = ttt_linear(q, k, k + t if target == "residual" else t, eta, inner.W1, inner.b1,
+                      inner.ln_weight, inner.ln_bias, mini_batch_size=4, backend="generic",
+                      reconstruction_target=target)  # fmt: skip
+    want = layer.o_proj(layer.post_norm(o.transpose(1, 2).reshape(2, 7, 15)))
+    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
+    gw, gb = torch.autograd.grad(
+        y.square().sum(), [layer.target_norm_weight, layer.target_norm_bias]
+    )
+    assert gw.abs().max() > 0 and gb.abs().max() > 0

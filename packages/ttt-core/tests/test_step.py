@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import call, make_inputs
+from conftest import OPTIONS, call, make_inputs
 from naive import naive_ttt
 
 from ttt_core import ttt_linear_step, ttt_mlp_step
@@ -121,12 +121,7 @@ def test_step_low_precision_keeps_fp32_state():
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 @pytest.mark.parametrize("titans", [False, True], ids=["plain", "titans"])
-@pytest.mark.parametrize(
-    "options",
-    [dict(reconstruction_target="value"), dict(output_residual=False),
-     dict(reconstruction_target="value", output_residual=False)],
-    ids=["value-target", "no-residual", "both"],
-)  # fmt: skip
+@OPTIONS
 def test_step_options_equal_generic_fp64(kind, titans, options):
     """The step with the reconstruction target / output residual options equals the generic
     torch.func path stepping the same tokens and the chunked form over the whole sequence."""

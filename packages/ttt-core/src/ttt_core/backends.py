@@ -8,7 +8,8 @@ A backend is any object with
   op: "ttt_linear", "ttt_mlp", "ttt_linear_step" or "ttt_mlp_step"; kwargs: mini_batch_size, causal,
   token_scale, momentum, decay, eps, reconstruction_target, output_residual, initial_state (always
   a ``TTTState``, fresh or given) and output_final_state. A backend that does not implement an
-  option's value (e.g. ``reconstruction_target="value"``) returns the reason,
+  option's value (e.g. ``reconstruction_target="value"``) returns the reason; the op itself gets
+  reconstruction_target and output_residual only when they are not at their defaults,
 - ``ttt_linear(q, k, v, eta, W1, b1, ln_weight, ln_bias, **kwargs)`` and
   ``ttt_mlp(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, **kwargs)`` with ttt-core's signature
   (inputs already validated; ``initial_state`` is always a ``TTTState``),

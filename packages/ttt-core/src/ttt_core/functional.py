@@ -30,6 +30,13 @@ ReconstructionTarget = Literal["residual", "value"]
 # the keywords every op and step passes to a backend (and to its supports())
 _MATH = ("mini_batch_size", "causal", "token_scale", "momentum", "decay", "eps",
          "reconstruction_target", "output_residual")  # fmt: skip
+# options added in 0.2, with their defaults: a registered backend's op gets them only when they are
+# not at the default (its supports() always sees them), so a backend written before them still runs
+_NEW_OPTIONS = {"reconstruction_target": "residual", "output_residual": True}
+
+
+def _backend_kwargs(math: dict) -> dict:
+    return {n: value for n, value in math.items() if _NEW_OPTIONS.get(n, object()) != value}
 
 
 def _dispatch(kind: str | FastModel, weights: dict[str, Tensor], q, k, v, eta, ln_weight, ln_bias,
@@ -63,13 +70,13 @@ def _dispatch(kind: str | FastModel, weights: dict[str, Tensor], q, k, v, eta, l
         o, new_state = ttt_chunked(q, k, v, eta, state, ln_weight, ln_bias, kind=kind, form=form,
                                    **math)  # fmt: skip
     elif step:
-        fn = getattr(impl, op)
-        math.pop("causal")
-        return fn(q, k, v, eta, *weights.values(), ln_weight, ln_bias, state=state, **math)
+        kw = _backend_kwargs({n: val for n, val in math.items() if n != "causal"})
+        return getattr(impl, op)(q, k, v, eta, *weights.values(), ln_weight, ln_bias, state=state,
+                                 **kw)  # fmt: skip
     else:
-        fn = getattr(impl, op)
-        o, new_state = fn(q, k, v, eta, *weights.values(), ln_weight, ln_bias, initial_state=state,
-                          output_final_state=output_final_state, **math)  # fmt: skip
+        o, new_state = getattr(impl, op)(q, k, v, eta, *weights.values(), ln_weight, ln_bias,
+                                         initial_state=state, output_final_state=output_final_state,
+                                         **_backend_kwargs(math))  # fmt: skip
     return o, (new_state if output_final_state else None)
 
 

@@ -162,7 +162,7 @@ def _check_options(q, mini_batch_size, causal, token_scale, eps, backend, recons
         or not isinstance(eps, (int, float))
         or not (math.isfinite(eps) and eps > 0)
     ):
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        raise ValueError(f"eps must be a positive number (finite, > 0), got {eps!r}")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if reconstruction_target not in RECONSTRUCTION_TARGETS:
