@@ -141,7 +141,7 @@ def lint(session: nox.Session) -> None:
 DEMOS = {
     # package dir -> command line run in the demo venv (output folder appended)
     "packages/ttt-core": ["ttt-core-demo", "--out"],
-    "packages/ttt-gemma": ["ttt-gemma-demo", "--out"],
+    "packages/ttt-gemma": ["ttt-gemma-demo", "--overwrite", "--out"],  # reruns replace it
     "packages/ttt-titans": ["ttt-titans", "compare", "--overwrite", "--out"],  # reruns replace it
     "packages/ttt-moshi": ["ttt-moshi-demo", "--out"],
 }

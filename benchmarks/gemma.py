@@ -42,6 +42,7 @@ import torch
 from machine import machine_info, output_path
 from tqdm.auto import tqdm
 
+from ttt_core.runfiles import atomic_write_text
 from ttt_gemma import (
     ActionExpertConfig,
     FlowMatchingPolicy,
@@ -95,7 +96,7 @@ def _timed(fn, warmup: int, reps: int, desc: str) -> tuple[list[float], float]:
 VARIANTS: dict[str, dict | None] = {
     "without_ttt": None,
     "with_ttt_all_layers": {},  # the gemma_300m preset's branch: 8 heads x 64 (width 512)
-    "with_ttt_all_layers_full_width": {"num_heads": 8, "head_dim": 128},  # width 1024
+    "with_ttt_all_layers_full_width": {"layer": {"num_heads": 8, "head_dim": 128}},  # width 1024
 }
 
 
@@ -180,8 +181,8 @@ def memory_phase(cfg, prefix, actions, noise) -> dict:
     torch.manual_seed(0)
     policy = FlowMatchingPolicy(cfg)
     train_step, sample = make_steps(policy, prefix, actions, noise)
-    heads = cfg.ttt.num_heads or cfg.num_heads
-    head_dim = cfg.ttt.head_dim or cfg.width // heads
+    layer = cfg.ttt_layer_config()
+    heads, head_dim = layer.num_heads, layer.head_dim
     label = f"TTT {heads}x{head_dim}" if cfg.use_ttt else "base"
     _, sample_mem = _timed(sample, 0, 1, f"memory {label} sample")
     _, train_mem = _timed(train_step, 0, 1, f"memory {label} train")
@@ -353,9 +354,10 @@ def main(argv: list[str] | None = None) -> dict:
             "action_dim": base_cfg.action_dim,
             "prefix_len": args.prefix_len,
             "ttt": {
-                "layer_type": base_cfg.ttt.layer_type,
-                "use_dual_form": base_cfg.ttt.use_dual_form,
+                "layer_type": base_cfg.ttt_layer_config().inner,
+                "use_dual_form": base_cfg.ttt_layer_config().use_dual_form,
                 "gating": base_cfg.ttt.gating,
+                "input": base_cfg.ttt.input,
                 "mini_batch_size": None,
                 "causal": False,
                 "variants": {
@@ -394,11 +396,8 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(["python", *sys.argv]) if argv is None else " ".join(argv),
         "wall_s": time.perf_counter() - t0,
     }
-    out = output_path(args.out, args.quick, "gemma_cpu.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out)
+    out = output_path(args.out, args.quick, "gemma_cpu.json")  # --quick: results/quick/
+    atomic_write_text(out, json.dumps(summary, indent=2))
     for name, o in over.items():
         r, tr = results[name], o["train_step"]
         print(

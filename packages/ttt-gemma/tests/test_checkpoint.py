@@ -123,14 +123,61 @@ def test_save_pi05_round_trip(tmp_path, naming):
 
 
 def test_own_checkpoint_is_bit_identical_and_atomic(tmp_path):
-    src = FlowMatchingPolicy(CFG.replace(use_ttt=True, ttt=dict(layer_type="mlp")))
+    src = FlowMatchingPolicy(CFG.replace(use_ttt=True, ttt=dict(layer=dict(inner="mlp"))))
     with torch.no_grad():
         for p in src.parameters():
             p.normal_()
     path = tmp_path / "ckpt" / "policy.safetensors"
     save_checkpoint(src, path)
     assert sorted(p.name for p in path.parent.iterdir()) == ["policy.safetensors"]
-    dst = FlowMatchingPolicy(CFG.replace(use_ttt=True, ttt=dict(layer_type="mlp")))
+    dst = FlowMatchingPolicy(CFG.replace(use_ttt=True, ttt=dict(layer=dict(inner="mlp"))))
     load_checkpoint(dst, path)
     for k, v in src.state_dict().items():
         assert torch.equal(v, dst.state_dict()[k]), k
+
+
+def _snapshot(policy: torch.nn.Module) -> dict:
+    return {k: v.clone() for k, v in policy.state_dict().items()}
+
+
+@pytest.mark.parametrize("bad", ["last-tensor-misshaped", "one-missing", "one-unexpected"])
+def test_failed_own_load_leaves_the_policy_unchanged(tmp_path, bad):
+    cfg = CFG.replace(use_ttt=True)
+    src = FlowMatchingPolicy(cfg)
+    tensors = {k: torch.randn_like(v) for k, v in src.state_dict().items()}
+    names = sorted(tensors)  # the bad tensor sorts after most others: copying first would be seen
+    if bad == "last-tensor-misshaped":
+        tensors[names[-1]] = torch.zeros(3, 5)
+    elif bad == "one-missing":
+        del tensors[names[-1]]
+    else:
+        tensors["expert.layers.9.extra"] = torch.zeros(2)
+    path = tmp_path / "policy.safetensors"
+    save_file(tensors, str(path))
+    dst = FlowMatchingPolicy(cfg)
+    before = _snapshot(dst)
+    with pytest.raises(ValueError, match=r"policy\.safetensors"):
+        load_checkpoint(dst, path)
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_failed_pi05_load_leaves_the_policy_unchanged(tmp_path):
+    t = pi05_tensors(CFG, "")
+    t["time_mlp_out.bias"] = torch.zeros(3)  # sorts last among the mapped names
+    save_file(t, str(tmp_path / "model.safetensors"))
+    dst = FlowMatchingPolicy(CFG)
+    before = _snapshot(dst)
+    with pytest.raises(ValueError, match=r"time_mlp_out\.bias: file \(3,\)"):
+        load_pi05(dst, tmp_path / "model.safetensors")
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("loader", [load_checkpoint, load_pi05], ids=["own", "pi05"])
+def test_truncated_file_names_itself(tmp_path, loader):
+    path = tmp_path / "cut.safetensors"
+    save_checkpoint(FlowMatchingPolicy(CFG), path)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"cut\.safetensors"):
+        loader(FlowMatchingPolicy(CFG), path)

@@ -5,6 +5,7 @@ import torch
 from conftest import make_prefix
 from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer
 
+from ttt_core import TTTConfig
 from ttt_gemma import (
     ActionExpert,
     ActionExpertConfig,
@@ -52,12 +53,23 @@ def test_block_without_adarms_matches_transformers_gemma_layer():
 @pytest.mark.parametrize(
     "ttt",
     [
-        dict(layer_type="linear", gating="adarms"),
-        dict(layer_type="mlp", gating="both", layer_positions=[1]),
-        dict(layer_type="linear", gating="adarms", use_dual_form=False, bidirectional=True),
-        dict(layer_type="linear", gating="adarms", qk_l2_norm=True, normalize_target=True),
+        dict(gating="adarms"),
+        dict(layer=dict(inner="mlp"), gating="both", layer_positions=[1]),
+        dict(layer=dict(use_dual_form=False, bidirectional=True)),
+        dict(layer=dict(qk_l2_norm=True, normalize_target=True)),
+        dict(input="attn_output"),
+        dict(input="attn_output", layer=dict(inner="mlp"), gating="both"),
+        dict(input="attn_output", layer=dict(normalize_target=True, target_norm_affine=True)),
     ],
-    ids=["linear-adarms", "mlp-both-L1", "primal-bidir", "l2norm-normtarget"],
+    ids=[
+        "linear-adarms",
+        "mlp-both-L1",
+        "primal-bidir",
+        "l2norm-normtarget",
+        "attn-output",
+        "attn-output-mlp-both",
+        "attn-output-affine-target-norm",
+    ],
 )
 def test_exact_start_equals_base_expert(ttt):
     """Zero-initialised TTT AdaRMS dense -> gate 0 -> exactly the base expert's output."""
@@ -88,7 +100,7 @@ def test_exact_start_without_adarms_via_tanh_gate_zero():
     cfg = ActionExpertConfig.tiny(use_adarms=False)
     base = FlowMatchingPolicy(cfg)
     ttt = FlowMatchingPolicy(
-        cfg.replace(use_ttt=True, ttt=dict(gating="tanh_alpha", gate_init=0.0))
+        cfg.replace(use_ttt=True, ttt=dict(gating="tanh_alpha", layer=dict(gate_init=0.0)))
     )
     ttt.load_state_dict(base.state_dict(), strict=False)
     x_t, t = torch.randn(2, cfg.action_horizon, cfg.action_dim), torch.rand(2)
@@ -110,9 +122,13 @@ def test_gate_shapes():
     assert expert.layers[0].input_layernorm(h)[1] is None
 
 
+@pytest.mark.parametrize("placement", ["residual", "attn_output"])
 @pytest.mark.parametrize("layer_type", ["linear", "mlp"])
-def test_gradients_reach_every_ttt_parameter_and_the_time_condition(layer_type):
-    cfg = ActionExpertConfig.tiny(use_ttt=True, ttt=dict(layer_type=layer_type, gating="both"))
+def test_gradients_reach_every_ttt_parameter_and_the_time_condition(layer_type, placement):
+    # the learnable affine target normalisation (video TTT) too: its weight and bias must learn
+    layer = dict(inner=layer_type, normalize_target=True, target_norm_affine=True)
+    ttt = dict(layer=layer, gating="both", input=placement)
+    cfg = ActionExpertConfig.tiny(use_ttt=True, ttt=ttt)
     expert = ActionExpert(cfg)
     _open_ttt_gates(expert)
     _, _, _, prefix = make_prefix(cfg)
@@ -125,6 +141,11 @@ def test_gradients_reach_every_ttt_parameter_and_the_time_condition(layer_type):
         if name in names:
             assert p.grad is not None and torch.count_nonzero(p.grad) > 0, name
     assert cond.grad is not None and torch.count_nonzero(cond.grad) > 0
+    # ... and the time condition gets a gradient through the TTT branch itself
+    cond_only = cond.detach().requires_grad_()
+    y, gate = expert.layers[0].ttt(torch.randn(2, 12, cfg.width), cond_only)
+    (y * gate).pow(2).mean().backward()
+    assert torch.count_nonzero(cond_only.grad) > 0
 
 
 def test_zero_started_gate_still_learns():
@@ -185,7 +206,7 @@ def test_pi05_mask_against_a_loop():
 
 
 def test_ttt_branch_is_permutation_equivariant_over_action_tokens():
-    cfg = ActionExpertConfig.tiny(use_ttt=True, ttt=dict(layer_type="mlp"))
+    cfg = ActionExpertConfig.tiny(use_ttt=True, ttt=dict(layer=dict(inner="mlp")))
     branch = ActionExpert(cfg).layers[0].ttt
     _open_ttt_gates(branch)
     h, cond = torch.randn(2, 16, cfg.width), torch.randn(2, cfg.width)
@@ -200,7 +221,7 @@ def test_ttt_branch_is_permutation_equivariant_over_action_tokens():
 def test_dual_and_primal_forms_agree():
     cfg = ActionExpertConfig.tiny(use_ttt=True)
     dual = ActionExpert(cfg)
-    primal = ActionExpert(cfg.replace(ttt=dict(use_dual_form=False)))
+    primal = ActionExpert(cfg.replace(ttt=dict(layer=dict(use_dual_form=False))))
     primal.load_state_dict(dual.state_dict())
     _open_ttt_gates(dual)
     primal.load_state_dict(dual.state_dict())
@@ -215,13 +236,29 @@ def test_dual_and_primal_forms_agree():
         (dict(use_ttt=True, ttt=dict(layer_positions=[-1])), "layer index -1"),
         (dict(use_ttt=True, ttt=dict(layer_positions="some")), "layer_positions"),
         (dict(use_ttt=True, ttt=dict(layer_positions=[0, 0])), "duplicates"),
-        (dict(use_ttt=True, ttt=dict(layer_type="conv")), "layer_type"),
+        (dict(use_ttt=True, ttt=dict(layer=dict(inner="conv"))), "inner"),
+        (dict(use_ttt=True, ttt=dict(input="mlp_out")), "input"),
+        (dict(use_ttt=True, ttt=dict(layer=dict(gate="gelu"))), "ttt.gating"),
+        (dict(use_ttt=True, ttt=dict(layer=dict(heads=2))), r"ttt\.layer\.heads.*unknown key"),
         (dict(use_ttt=True, ttt=dict(gating="sigmoid")), "gating"),
         (dict(use_adarms=False, use_ttt=True), "use_adarms"),
         (dict(num_heads=3), "num_kv_heads|num_heads"),
         (dict(width=0), "width"),
     ],
-    ids=["index", "negative", "string", "dup", "type", "gating", "adarms", "heads", "width"],
+    ids=[
+        "index",
+        "negative",
+        "string",
+        "dup",
+        "type",
+        "input",
+        "gate",
+        "unknown",
+        "gating",
+        "adarms",
+        "heads",
+        "width",
+    ],
 )
 def test_bad_config_raises(changes, match):
     changes = dict(changes)
@@ -233,26 +270,58 @@ def test_bad_config_raises(changes, match):
 
 def test_gemma_300m_preset_has_a_narrow_ttt_branch_by_default():
     """gemma_300m's TTT branch is 8 heads of 64 (width 512, half the expert's); dict changes merge
-    into that default, a TTTOptions replaces it (None heads / head dim: the full width)."""
+    into that default, a TTTOptions replaces it (no heads / head dim given: the full width)."""
     cfg = ActionExpertConfig.gemma_300m(use_ttt=True)
     assert (cfg.width, cfg.depth, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
         1024, 18, 8, 1, 256,
     )  # fmt: skip
-    assert (cfg.ttt.num_heads, cfg.ttt.head_dim) == (8, 64)
+    layer = cfg.ttt_layer_config()
+    assert (layer.num_heads, layer.head_dim, layer.mini_batch_size, layer.causal) == (
+        8, 64, None, False,
+    )  # fmt: skip
     assert cfg.ttt_layers() == tuple(range(18))
-    assert cfg.replace(ttt=dict(gating="both")).ttt.head_dim == 64  # replace() keeps it
-    mlp = ActionExpertConfig.gemma_300m(ttt=dict(layer_type="mlp"))
-    assert (mlp.ttt.layer_type, mlp.ttt.num_heads, mlp.ttt.head_dim) == ("mlp", 8, 64)
-    full = ActionExpertConfig.gemma_300m(use_ttt=True, ttt=dict(head_dim=128))
-    assert (full.ttt.num_heads, full.ttt.head_dim) == (8, 128)
-    own = ActionExpertConfig.gemma_300m(use_ttt=True, ttt=TTTOptions(layer_type="mlp"))
-    assert own.ttt == TTTOptions(layer_type="mlp")  # num_heads/head_dim None: full width
-    assert ActionExpertConfig.tiny(use_ttt=True).ttt.head_dim is None  # tiny: unchanged
-    branch = TTTBranch(cfg.width, cfg.width, cfg.ttt, cfg.num_heads, cfg.rms_eps)
+    assert cfg.replace(ttt=dict(gating="both")).ttt_layer_config().head_dim == 64  # kept
+    assert cfg.replace(ttt=dict(gating="both")).ttt_layer_config().gate == "tanh_alpha"
+    mlp = ActionExpertConfig.gemma_300m(ttt=dict(layer=dict(inner="mlp"))).ttt_layer_config()
+    assert (mlp.inner, mlp.num_heads, mlp.head_dim) == ("mlp", 8, 64)
+    full = ActionExpertConfig.gemma_300m(use_ttt=True, ttt=dict(layer=dict(head_dim=128)))
+    assert (full.ttt_layer_config().num_heads, full.ttt_layer_config().head_dim) == (8, 128)
+    own = ActionExpertConfig.gemma_300m(use_ttt=True, ttt=TTTOptions(layer=dict(inner="mlp")))
+    assert own.ttt_layer_config().head_dim == 128  # 1024 / 8: the full width
+    assert ActionExpertConfig.tiny(use_ttt=True).ttt_layer_config().head_dim == 16
+    branch = TTTBranch(cfg.width, cfg.width, cfg.ttt, layer, cfg.rms_eps)
     assert branch.layer.config.inner_width == 512
     assert tuple(branch.layer.inner.W1.shape) == (8, 64, 64)  # per-head fast weights
     y, gate = branch(torch.randn(1, 50, cfg.width), torch.randn(1, cfg.width))
     assert y.shape == (1, 50, cfg.width) and gate.shape == (1, 1, cfg.width)
+
+
+def test_ttt_options_nest_a_ttt_config():
+    """A full TTTConfig may be given; it must fit the expert's width and the gating."""
+    cfg = ActionExpertConfig.tiny(use_ttt=True)
+    given = TTTConfig(hidden_size=64, num_heads=2, mini_batch_size=None, causal=False)
+    assert cfg.replace(ttt=TTTOptions(layer=given)).ttt_layer_config() is given
+    branch = ActionExpert(cfg.replace(ttt=TTTOptions(layer=given))).layers[0].ttt
+    assert branch.layer.config is given
+    with pytest.raises(ValueError, match="width"):
+        cfg.replace(ttt=TTTOptions(layer=TTTConfig(hidden_size=32, num_heads=2)))
+    with pytest.raises(ValueError, match=r"ttt\.gating"):
+        cfg.replace(ttt=TTTOptions(layer=given, gating="both"))
+
+
+@pytest.mark.parametrize(
+    "old,new",
+    [
+        ("layer_type", "layer.inner"),
+        ("head_dim", "layer.head_dim"),
+        ("gate_init", "layer.gate_init"),
+    ],
+)
+def test_old_ttt_option_spellings_give_the_new_one(old, new):
+    with pytest.raises(TypeError, match=rf"ttt\.{old} -> ttt\.{new}"):
+        TTTOptions(**{old: 1})
+    with pytest.raises(TypeError, match=rf"ttt\.{old} -> ttt\.{new}"):
+        ActionExpertConfig.tiny(use_ttt=True, ttt={old: 1})
 
 
 def test_bad_inputs_raise():

@@ -3,14 +3,15 @@
 import json
 
 import numpy as np
-import torch
+import pytest
 
-from ttt_gemma.demo import main
+from ttt_gemma.demo import VARIANTS, main
+from ttt_gemma.lerobot import read_lerobot
 from ttt_gemma.reacher import (
     EPISODE_STEPS,
+    OBS_DIM,
     closed_loop_distance,
-    collect_chunks,
-    obs_to_tokens,
+    collect_episodes,
     scripted_expert,
 )
 
@@ -21,53 +22,33 @@ def test_scripted_expert_reaches_the_target():
     assert expert < 0.1 * start
 
 
-def test_chunks_are_consecutive_expert_actions():
-    H, E = 8, 5
-    data = collect_chunks(E, H, seed=3, num_envs=E)
-    n = EPISODE_STEPS - H + 1
-    assert data.actions.shape == (n * E, H, 2) and data.tokens.shape == (n * E, 5, 7)
-    assert data.actions.abs().max() <= 1.0
-    # sample (t, e) sits at index t * E + e: the chunk at t + 1 is the chunk at t shifted by one
-    torch.testing.assert_close(data.actions[E:, :-1], data.actions[:-E, 1:])
-    # the token of type 4 carries tip - target; the expert's first action is a function of obs
-    assert torch.equal(data.tokens[:, :, 2:], torch.eye(5).expand(n * E, -1, -1))
+def test_episodes_are_the_experts_actions_on_its_observations():
+    eps = collect_episodes(3, seed=3, num_envs=3)
+    assert len(eps) == 3
+    for ep in eps:
+        obs, act = ep["observation.state"], ep["action"]
+        assert obs.shape == (EPISODE_STEPS, OBS_DIM) and act.shape == (EPISODE_STEPS, 2)
+        np.testing.assert_allclose(act, scripted_expert(obs.astype(np.float64)), atol=1e-6)
+    assert not np.allclose(eps[0]["observation.state"], eps[1]["observation.state"])
 
 
-def test_obs_tokens_layout():
-    obs = np.arange(20, dtype=np.float32).reshape(2, 10)
-    tok = obs_to_tokens(obs)
-    assert tok[1, 0, :2].tolist() == [10.0, 12.0]  # cos q1, sin q1
-    assert tok[1, 4, :2].tolist() == [18.0 * 5, 19.0 * 5]  # tip - target, scaled
-
-
-def test_demo_runs_and_writes_outputs(tmp_path):
-    summary = main(
-        [
-            "--out",
-            str(tmp_path),
-            "--steps",
-            "4",
-            "--batch",
-            "8",
-            "--train-episodes",
-            "5",
-            "--test-episodes",
-            "2",
-            "--closed-loop-episodes",
-            "2",
-        ]
-    )
+def test_demo_trains_through_the_cli_and_writes_outputs(tmp_path):
+    args = ["--out", str(tmp_path), "--steps", "3", "--batch", "8", "--train-episodes", "4",
+            "--test-episodes", "2", "--closed-loop-episodes", "2"]  # fmt: skip
+    summary = main(args)
     saved = json.loads((tmp_path / "summary.json").read_text())
-    assert (
-        saved["results"].keys()
-        == summary["results"].keys()
-        == {
-            "without TTT",
-            "with TTT (all layers)",
-        }
-    )
+    assert saved["results"].keys() == summary["results"].keys() == set(VARIANTS)
     for r in saved["results"].values():
         assert np.isfinite(r["flow_matching_loss"]) and np.isfinite(r["sampled_action_mse"])
     assert saved["results"]["without TTT"]["mean_abs_ttt_gate"] is None
-    assert saved["results"]["with TTT (all layers)"]["mean_abs_ttt_gate"] > 0  # gate opened
+    for name in ("TTT on the residual stream", "TTT on the attention output"):
+        assert saved["results"][name]["mean_abs_ttt_gate"] > 0  # the gate opened from 0
     assert (tmp_path / "loss_curves.png").stat().st_size > 1000
+    frames = read_lerobot(tmp_path / "dataset")  # the rollouts, as a LeRobot v2 dataset
+    assert frames.states.shape == (4 * EPISODE_STEPS, OBS_DIM)
+    for folder in ("without_ttt", "ttt_on_the_residual_stream", "ttt_on_the_attention_output"):
+        run = tmp_path / "runs" / folder
+        assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+        assert (run / "model.safetensors").is_file() and (run / "checkpoint.pt").is_file()
+    with pytest.raises(ValueError, match="--overwrite"):  # an earlier demo is never mixed in
+        main(args)

@@ -4,7 +4,9 @@ The action expert (:class:`ActionExpert`) is a Gemma decoder conditioned on the 
 AdaRMS; each chosen layer gets a non-causal TTT branch after attention (:class:`TTTBranch`),
 ``h = h + gate_ttt * TTT(AdaRMS_ttt(h))``, before the MLP block. :class:`FlowMatchingPolicy` adds
 pi0.5's flow-matching head; :class:`StandInPrefixEncoder` stands in for PaliGemma's per-layer
-keys/values; :mod:`ttt_gemma.checkpoint` loads openpi / lerobot pi0.5 weights.
+keys/values and :class:`Pi05Policy` is the whole policy with PaliGemma's;
+:mod:`ttt_gemma.checkpoint` loads openpi / lerobot pi0.5 weights; ``ttt-gemma train`` fine-tunes
+on LeRobot v2 datasets (:mod:`ttt_gemma.train`).
 """
 
 from .adarms import AdaRMSNorm, gated_residual
@@ -20,8 +22,11 @@ from .config import ActionExpertConfig, PrefixEncoderConfig, TTTOptions
 from .expert import ActionExpert
 from .joint import joint_forward
 from .layer import GemmaBlock, TTTBranch
+from .lerobot import read_lerobot, write_lerobot
+from .paligemma import PaliGemmaPrefix, PaliGemmaPrefixConfig, Pi05Policy
 from .policy import FlowMatchingPolicy, sincos_time_embedding
 from .prefix import PrefixKV, StandInPrefixEncoder
+from .state_policy import StatePolicy
 
 __all__ = [
     "ActionExpert",
@@ -30,9 +35,13 @@ __all__ = [
     "FlowMatchingPolicy",
     "GemmaBlock",
     "LoadReport",
+    "PaliGemmaPrefix",
+    "PaliGemmaPrefixConfig",
+    "Pi05Policy",
     "PrefixEncoderConfig",
     "PrefixKV",
     "StandInPrefixEncoder",
+    "StatePolicy",
     "TTTBranch",
     "TTTOptions",
     "gated_residual",
@@ -41,8 +50,10 @@ __all__ = [
     "load_pi05",
     "make_att_2d_masks",
     "pi05_attention_mask",
+    "read_lerobot",
     "save_checkpoint",
     "save_pi05",
     "sincos_time_embedding",
+    "write_lerobot",
 ]
 __version__ = "0.1.0"

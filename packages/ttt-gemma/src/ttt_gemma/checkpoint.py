@@ -30,10 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-
-from .policy import FlowMatchingPolicy
 
 NAMINGS = ("openpi", "lerobot")
 _EXPERT = "paligemma_with_expert.gemma_expert."
@@ -45,6 +44,9 @@ _HEAD_NAMES = (
     "action_time_mlp_in",
     "action_time_mlp_out",
 )
+_VLM = "paligemma_with_expert.paligemma."
+_VISION_FILE = "model.vision_tower.vision_model."  # openpi's files (transformers 4.x)
+_VISION_OURS = "model.vision_tower."  # transformers 5.x
 _IGNORED = re.compile(
     r"^(paligemma_with_expert\.paligemma\.|paligemma_with_expert\.gemma_expert\.lm_head\."
     r"|paligemma_with_expert\.gemma_expert\.model\.embed_tokens\.|state_proj\.)"
@@ -74,14 +76,19 @@ def detect_naming(keys) -> str:
     )
 
 
-def pi05_to_policy_names(state: dict[str, Tensor], naming: str) -> tuple[dict, list[str]]:
-    """Rename a pi0.5 state dict to :class:`FlowMatchingPolicy` names.
+def pi05_to_policy_names(
+    state: dict[str, Tensor], naming: str, whole: bool = False
+) -> tuple[dict, list[str]]:
+    """Rename a pi0.5 state dict to :class:`FlowMatchingPolicy` names, or (``whole``) to
+    :class:`~ttt_gemma.paligemma.Pi05Policy` names (``prefix.paligemma.*`` for the VLM,
+    ``policy.*`` for the rest).
 
     Returns:
         (renamed tensors, ignored keys). Keys that are neither mapped nor ignored raise ValueError.
     """
     if naming not in NAMINGS:
         raise ValueError(f"naming must be one of {NAMINGS}, got {naming!r}")
+    pre = "policy." if whole else ""
     out, ignored = {}, []
     for key, tensor in state.items():
         k = key
@@ -90,69 +97,124 @@ def pi05_to_policy_names(state: dict[str, Tensor], naming: str) -> tuple[dict, l
                 ignored.append(key)  # lerobot's normalisation buffers etc. live outside model.
                 continue
             k = k[len("model.") :]
-        if _IGNORED.match(k):
+        if whole and k.startswith(_VLM):
+            rest = k[len(_VLM) :]
+            if rest.startswith(_VISION_FILE):  # transformers 4.x naming -> ours (5.x)
+                rest = _VISION_OURS + rest[len(_VISION_FILE) :]
+            out["prefix.paligemma." + rest] = tensor
+        elif _IGNORED.match(k):
             ignored.append(key)
         elif k.startswith(_EXPERT + "model.layers.") or k.startswith(_EXPERT + "model.norm."):
-            out["expert." + k[len(_EXPERT + "model.") :]] = tensor
+            out[pre + "expert." + k[len(_EXPERT + "model.") :]] = tensor
         elif k.split(".")[0] in _HEAD_NAMES:
-            out[k] = tensor
+            out[pre + k] = tensor
         else:
             raise ValueError(f"checkpoint: unexpected key {key!r} ({naming} naming)")
     return out, ignored
 
 
-def policy_to_pi05_names(policy: FlowMatchingPolicy, naming: str) -> dict[str, Tensor]:
-    """Our state dict (without TTT parameters) under openpi or lerobot names (the inverse map)."""
+def policy_to_pi05_names(model: torch.nn.Module, naming: str) -> dict[str, Tensor]:
+    """Our state dict (without TTT parameters) under openpi or lerobot names (the inverse map).
+
+    For a whole :class:`~ttt_gemma.paligemma.Pi05Policy` this is every tensor of openpi's
+    ``PI0Pytorch`` (pi0.5): the VLM (vision tower under transformers 4.x's ``vision_model.``,
+    the tied ``lm_head`` written out) and the expert's unused ``lm_head`` (zeros), so that a
+    strict loader finds no key missing."""
     if naming not in NAMINGS:
         raise ValueError(f"naming must be one of {NAMINGS}, got {naming!r}")
     pre = "model." if naming == "lerobot" else ""
     out = {}
-    for name, t in policy.state_dict().items():
+    for name, t in model.state_dict().items():
         if ".ttt." in name:
             continue
+        if name.startswith("prefix.paligemma."):
+            rest = name[len("prefix.paligemma.") :]
+            if rest.startswith(_VISION_OURS):
+                rest = _VISION_FILE + rest[len(_VISION_OURS) :]
+            out[pre + _VLM + rest] = t.clone() if rest == "lm_head.weight" else t  # tied: a copy
+            continue
+        name = name.removeprefix("policy.")
         if name.startswith("expert."):
             out[pre + _EXPERT + "model." + name[len("expert.") :]] = t
         else:
             out[pre + name] = t
+    if hasattr(model, "prefix"):
+        vocab, width = model.prefix.config.vocab_size, model.policy.config.width
+        out[pre + _EXPERT + "lm_head.weight"] = torch.zeros(vocab, width)
     return out
 
 
-def load_pi05(
-    policy: FlowMatchingPolicy, path: str | os.PathLike, naming: str = "auto"
-) -> LoadReport:
-    """Load pi0.5 action-expert + head weights from a safetensors file into ``policy``.
+def load_pi05(policy: torch.nn.Module, path: str | os.PathLike, naming: str = "auto") -> LoadReport:
+    """Load a pi0.5 checkpoint (openpi's or lerobot's ``model.safetensors``) into ``policy``.
 
-    Strict about everything but the TTT branches: a missing or mis-shaped parameter, or an unused
-    expert/head tensor in the file (e.g. a layer the config does not have), raises ValueError.
+    A :class:`FlowMatchingPolicy` takes the action expert and the heads (the VLM's tensors are
+    ignored); a :class:`~ttt_gemma.paligemma.Pi05Policy` takes the whole checkpoint, VLM
+    included. Strict about everything but the TTT branches: a missing or mis-shaped parameter,
+    or an unused expert/head/VLM tensor in the file (e.g. a layer the config does not have),
+    raises ValueError, and nothing is copied unless everything fits.
 
     Args:
         policy: the target (its config must match the checkpoint's sizes).
         path: a ``model.safetensors`` file.
         naming: ``"openpi"``, ``"lerobot"`` or ``"auto"`` (detected from the keys).
     """
-    state = load_file(str(path))
+    state = _read_safetensors(path)
     if naming == "auto":
         naming = detect_naming(state)
-    mapped, ignored = pi05_to_policy_names(state, naming)
+    whole = hasattr(policy, "prefix")  # a Pi05Policy
+    mapped, ignored = pi05_to_policy_names(state, naming, whole)
+    tied, embed = (
+        "prefix.paligemma.lm_head.weight",
+        "prefix.paligemma.model.language_model.embed_tokens.weight",
+    )
+    if whole and tied not in mapped and embed in mapped:
+        mapped[tied] = mapped[embed]  # the VLM's lm_head is its (tied) token embedding
+    if (
+        whole
+        and tied in mapped
+        and embed in mapped
+        and not torch.equal(mapped[tied], mapped[embed])
+    ):
+        raise ValueError(
+            f"checkpoint {os.fspath(path)!r}: the VLM's lm_head and embed_tokens differ (they are tied)"
+        )
+    ttt = [n for n in policy.state_dict() if ".ttt." in n]
+    _check_then_copy(policy, mapped, f"checkpoint {os.fspath(path)!r} ({naming} naming)", ttt)
+    return LoadReport(naming, sorted(mapped), ignored, ttt)
+
+
+def _read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    """All tensors of a safetensors file; a corrupt or truncated file raises ValueError naming it."""
+    try:
+        return load_file(os.fspath(path))
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{os.fspath(path)!r} is not a readable safetensors file: {err}") from err
+
+
+def _check_then_copy(
+    policy: torch.nn.Module, tensors: dict[str, Tensor], source: str, may_miss=()
+) -> None:
+    """Copy ``tensors`` into ``policy`` by name after checking them all: every parameter/buffer
+    except ``may_miss`` present, nothing unexpected, every shape equal. Raises ValueError naming
+    ``source`` before anything is written, so a failed load leaves the policy unchanged."""
     own = policy.state_dict()
-    ttt = [n for n in own if ".ttt." in n]
-    missing = sorted(set(own) - set(mapped) - set(ttt))
-    unexpected = sorted(set(mapped) - set(own))
+    missing = sorted(set(own) - set(tensors) - set(may_miss))
+    unexpected = sorted(set(tensors) - set(own))
     if missing or unexpected:
         raise ValueError(
-            f"checkpoint {os.fspath(path)!r} ({naming} naming) does not match the config: "
+            f"{source} does not match the config: "
             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
-    for name, t in mapped.items():
-        if t.shape != own[name].shape:
-            raise ValueError(
-                f"checkpoint: {name} has shape {tuple(t.shape)}, the model wants "
-                f"{tuple(own[name].shape)}"
-            )
-    result = policy.load_state_dict(mapped, strict=False)
-    assert sorted(result.missing_keys) == sorted(ttt), result  # internal invariant
-    return LoadReport(naming, sorted(mapped), ignored, ttt)
+    wrong = [f"{n}: file {tuple(t.shape)}, model {tuple(own[n].shape)}"
+             for n, t in tensors.items() if t.shape != own[n].shape]  # fmt: skip
+    if wrong:
+        raise ValueError(f"{source}: shape mismatch in {len(wrong)} tensor(s): {wrong[:8]}")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            own[name].copy_(t)
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict | None = None) -> None:
@@ -168,18 +230,22 @@ def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict | None =
         raise
 
 
-def save_pi05(policy: FlowMatchingPolicy, path: str | os.PathLike, naming: str = "openpi") -> None:
-    """Write the non-TTT weights in openpi or lerobot naming (atomically)."""
+def save_pi05(policy: torch.nn.Module, path: str | os.PathLike, naming: str = "openpi") -> None:
+    """Write the non-TTT weights of a :class:`FlowMatchingPolicy` (expert + heads) or of a whole
+    :class:`~ttt_gemma.paligemma.Pi05Policy` in openpi or lerobot naming (atomically)."""
     _atomic_save(policy_to_pi05_names(policy, naming), Path(path))
 
 
-def save_checkpoint(policy: FlowMatchingPolicy, path: str | os.PathLike) -> None:
-    """Write the whole policy (TTT included) in our naming, atomically (tmp file + os.replace)."""
-    _atomic_save(dict(policy.state_dict()), Path(path), {"format": "ttt_gemma"})
+def save_checkpoint(policy: torch.nn.Module | dict[str, Tensor], path: str | os.PathLike) -> None:
+    """Write a whole policy (TTT included; or its state dict) in our naming, atomically (tmp file +
+    os.replace)."""
+    state = policy if isinstance(policy, dict) else policy.state_dict()
+    _atomic_save(dict(state), Path(path), {"format": "ttt_gemma"})
 
 
-def load_checkpoint(policy: FlowMatchingPolicy, path: str | os.PathLike) -> None:
-    """Load a :func:`save_checkpoint` file strictly (bit-identical tensors)."""
-    state = load_file(str(path))
-    with torch.no_grad():
-        policy.load_state_dict(state, strict=True)
+def load_checkpoint(policy: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load a :func:`save_checkpoint` file strictly (bit-identical tensors in the policy's dtype).
+
+    Every tensor is checked (names and shapes) before the first is copied: a file that does not fit
+    raises ValueError naming it and leaves the policy unchanged."""
+    _check_then_copy(policy, _read_safetensors(path), f"checkpoint {os.fspath(path)!r}")

@@ -3,38 +3,110 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
 from dataclasses import dataclass, field
 
-LAYER_TYPES = ("linear", "mlp")
+from ttt_core import TTTConfig
+from ttt_core.typed_config import config_from_dict
+
+INPUTS = ("residual", "attn_output")
 GATINGS = ("adarms", "tanh_alpha", "both")
-# the gemma_300m preset's TTT branch: 8 heads of 64 (width 512) instead of the full 8 x 128
+# the gemma_300m preset's TTT layer: 8 heads of 64 (width 512) instead of the full 8 x 128
 GEMMA_300M_TTT = {"num_heads": 8, "head_dim": 64}
+# gemma's defaults for the nested TTTConfig: the whole action chunk is one non-causal mini-batch
+LAYER_DEFAULTS = {"mini_batch_size": None, "causal": False}
+# TTTOptions fields of ttt-gemma 0.1 that now live in the nested TTTConfig (old -> new spelling)
+MOVED_TO_LAYER = {
+    "layer_type": "layer.inner",
+    **{name: f"layer.{name}" for name in ("use_dual_form", "base_lr", "gate_init", "num_heads",
+       "head_dim", "mlp_ratio", "qk_l2_norm", "normalize_target", "bidirectional")},
+}  # fmt: skip
+
+
+def _layer_gate(gating: str) -> str:
+    """The TTT layer's own gate (``TTTConfig.gate``) that a gemma ``gating`` asks for."""
+    return "tanh_alpha" if gating in ("tanh_alpha", "both") else "none"
 
 
 @dataclass
 class TTTOptions:
-    """Options of the TTT branch (inserted after attention, before the MLP block).
+    """Where and how the action expert gets TTT; the TTT layer itself is a nested ``TTTConfig``.
 
-    The branch computes ``h = h + gate_ttt * TTT(AdaRMS_ttt(h, cond))``; TTT is non-causal over the
-    action chunk (``mini_batch_size=None``: the whole chunk is one mini-batch), uses no positions.
+    ``input="residual"`` (default): ``h = h + g_t * TTT(AdaRMS_ttt(h))`` on the residual stream after
+    attention. ``input="attn_output"`` (the pi0.5 integration notes): TTT on the attention output
+    before the attention residual, ``a = o_proj(attn); a = a + g_t * TTT(AdaRMS_ttt(a));
+    h = h + g_a * a``. Either way the branch has its own AdaRMS, whose zero-initialised dense makes
+    ``g_t = 0`` at the start (exactly the expert without TTT).
+
+    ``layer`` is ttt-core's :class:`~ttt_core.TTTConfig`, or a dict of changes to gemma's defaults
+    (``hidden_size`` = the expert's width, ``num_heads`` = its heads, ``mini_batch_size=None`` and
+    ``causal=False``: the whole chunk is one non-causal mini-batch, no positions). Its ``gate`` follows
+    ``gating``. :meth:`ActionExpertConfig.ttt_layer_config` gives the resolved ``TTTConfig``.
     """
 
-    layer_positions: str | Sequence[int] = "all"  # "all" or layer indices that get a TTT branch
-    layer_type: str = "linear"  # fast model: "linear" | "mlp"
-    use_dual_form: bool = True  # False -> primal form (same math), for comparison
-    base_lr: float = 1.0  # eta = base_lr * sigmoid(x W_lr + b_lr) / head_dim
-    gating: str = "adarms"  # "adarms" (gate from the branch's AdaRMS dense, zero-init -> 0)
-    # | "tanh_alpha" (static per-dimension tanh(alpha)) | "both"
-    gate_init: float = 0.1  # alpha init of the "tanh_alpha" gate (0.0 -> branch output exactly 0)
-    num_heads: int | None = None  # TTT heads; None -> the expert's attention heads
-    head_dim: int | None = None  # TTT head dim; None -> width // num_heads (the full width)
-    # (the gemma_300m preset sets 8 heads of 64: TTT width 512, see GEMMA_300M_TTT)
-    mlp_ratio: int = 4  # hidden of the "mlp" fast model = mlp_ratio * head_dim
-    qk_l2_norm: bool = False  # L2-normalise q and k of the inner learner
-    normalize_target: bool = False  # normalise the reconstruction target v - k
-    bidirectional: bool = False  # extra pass over the reversed chunk (same params, own gate)
+    layer_positions: str | tuple[int, ...] = "all"  # "all" or layer indices that get a TTT branch
+    input: str = "residual"  # what the branch reads: "residual" | "attn_output" (see above)
+    gating: str = "adarms"  # "adarms" (the branch's AdaRMS gate, zero-init -> 0)
+    # | "tanh_alpha" (the layer's static per-dimension tanh(alpha), TTTConfig.gate) | "both"
     zero_init_adarms: bool = True  # zero weight and bias of the branch's AdaRMS dense (exact start)
+    layer: TTTConfig | dict = field(default_factory=dict)  # the TTT layer (see above)
+
+    def layer_config(self, width: int, num_heads: int) -> TTTConfig:
+        """The TTT layer's full ``TTTConfig`` in an expert of this width and number of heads."""
+        if self.input not in INPUTS:
+            raise ValueError(f"ttt.input must be one of {INPUTS}, got {self.input!r}")
+        if self.gating not in GATINGS:
+            raise ValueError(f"ttt.gating must be one of {GATINGS}, got {self.gating!r}")
+        gate = _layer_gate(self.gating)
+        layer = self.layer
+        if isinstance(layer, dict):
+            for key in ("hidden_size", "gate"):
+                if key in layer:
+                    owner = "width" if key == "hidden_size" else "ttt.gating"
+                    raise ValueError(f"ttt.layer.{key} is set by the expert's {owner}; remove it")
+            full = {"hidden_size": width, "num_heads": num_heads, "gate": gate, **LAYER_DEFAULTS}
+            layer = config_from_dict(TTTConfig, {**full, **layer}, prefix="ttt.layer")  # typed
+        elif not isinstance(layer, TTTConfig):
+            raise TypeError(f"ttt.layer must be a TTTConfig or a dict, got {type(layer).__name__}")
+        if layer.hidden_size != width:
+            raise ValueError(
+                f"ttt.layer.hidden_size ({layer.hidden_size}) must equal the expert's width ({width})"
+            )
+        if layer.gate != gate:
+            raise ValueError(
+                f"ttt.layer.gate={layer.gate!r} contradicts ttt.gating={self.gating!r} "
+                f"(which needs gate={gate!r}); choose the gate with ttt.gating"
+            )
+        return layer
+
+
+def _reject_moved_fields(init):
+    """Wrap TTTOptions' generated __init__: a 0.1 field name gets a TypeError with its new spelling."""
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        moved = [k for k in kwargs if k in MOVED_TO_LAYER]
+        if moved:
+            hints = ", ".join(f"ttt.{k} -> ttt.{MOVED_TO_LAYER[k]}" for k in moved)
+            raise TypeError(
+                f"TTTOptions: {moved} moved into the nested ttt_core.TTTConfig ({hints}); e.g. "
+                "TTTOptions(layer=dict(inner='mlp', head_dim=64)) or in YAML 'ttt: {layer: {...}}'"
+            )
+        init(self, *args, **kwargs)
+
+    return wrapper
+
+
+TTTOptions.__init__ = _reject_moved_fields(TTTOptions.__init__)
+
+
+def _merge_ttt(options: TTTOptions, changes: dict) -> TTTOptions:
+    """``options`` with ``changes`` applied; a ``layer`` dict updates a ``layer`` dict."""
+    changes = dict(changes)
+    if isinstance(changes.get("layer"), dict) and isinstance(options.layer, dict):
+        changes["layer"] = {**options.layer, **changes["layer"]}
+    return TTTOptions(**{**{f.name: getattr(options, f.name) for f in dataclasses.fields(options)},
+                         **changes})  # fmt: skip
 
 
 @dataclass
@@ -81,20 +153,13 @@ class ActionExpertConfig:
             self.ttt = TTTOptions(**self.ttt)
         if not isinstance(self.ttt, TTTOptions):
             raise TypeError(f"ttt must be a TTTOptions, got {type(self.ttt).__name__}")
-        t = self.ttt
-        if t.layer_type not in LAYER_TYPES:
-            raise ValueError(f"ttt.layer_type must be one of {LAYER_TYPES}, got {t.layer_type!r}")
-        if t.gating not in GATINGS:
-            raise ValueError(f"ttt.gating must be one of {GATINGS}, got {t.gating!r}")
-        if self.use_ttt and t.gating in ("adarms", "both") and not self.use_adarms:
+        self.ttt_layer_config()  # validates the options and the nested TTTConfig
+        if self.use_ttt and self.ttt.gating in ("adarms", "both") and not self.use_adarms:
             raise ValueError(
-                f"ttt.gating={t.gating!r} needs use_adarms=True; use gating='tanh_alpha' for an "
-                "expert without AdaRMS"
+                f"ttt.gating={self.ttt.gating!r} needs use_adarms=True; use gating='tanh_alpha' "
+                "for an expert without AdaRMS"
             )
         self.ttt_layers()  # validates layer_positions
-        heads = t.num_heads or self.num_heads
-        if t.head_dim is None and self.width % heads:
-            raise ValueError(f"width ({self.width}) must be divisible by ttt.num_heads ({heads})")
 
     def ttt_layers(self) -> tuple[int, ...]:
         """Indices of the layers that get a TTT branch (empty when ``use_ttt`` is False)."""
@@ -118,11 +183,16 @@ class ActionExpertConfig:
                 raise ValueError(f"ttt.layer_positions has duplicates: {list(layers)}")
         return layers if self.use_ttt else ()
 
+    def ttt_layer_config(self) -> TTTConfig:
+        """The ``TTTConfig`` of every TTT branch (``ttt.layer`` resolved against this expert)."""
+        return self.ttt.layer_config(self.width, self.num_heads)
+
     def replace(self, **changes) -> ActionExpertConfig:
-        """A copy with fields changed (``ttt`` may be a dict of TTTOptions changes)."""
+        """A copy with fields changed; ``ttt`` may be a dict of TTTOptions changes, whose ``layer``
+        dict is merged into the current ``ttt.layer`` dict."""
         ttt = changes.pop("ttt", None)
         if isinstance(ttt, dict):
-            changes["ttt"] = dataclasses.replace(self.ttt, **ttt)
+            changes["ttt"] = _merge_ttt(self.ttt, ttt)
         elif ttt is not None:
             changes["ttt"] = ttt
         return dataclasses.replace(self, **changes)
@@ -136,11 +206,12 @@ class ActionExpertConfig:
         training step instead of about +30% at full width (``benchmarks/gemma.py``). The inner
         update over the 50-token chunk is a sum of 50 rank-one terms, so a 64 x 64 fast weight
         per head has room for all of it. ``ttt=dict(...)`` changes these defaults (e.g.
-        ``ttt=dict(head_dim=128)`` for the full width); a ``TTTOptions`` replaces them.
+        ``ttt=dict(layer=dict(head_dim=128))`` for the full width); a ``TTTOptions`` replaces
+        them.
         """
         ttt = changes.pop("ttt", None)
         if ttt is None or isinstance(ttt, dict):
-            ttt = dataclasses.replace(TTTOptions(), **{**GEMMA_300M_TTT, **(ttt or {})})
+            ttt = _merge_ttt(TTTOptions(layer=dict(GEMMA_300M_TTT)), ttt or {})
         return cls(ttt=ttt, **changes)
 
     @classmethod

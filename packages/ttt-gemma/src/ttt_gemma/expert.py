@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .adarms import AdaRMSNorm
 from .attention import positions
@@ -35,11 +36,10 @@ class ActionExpert(nn.Module):
         super().__init__()
         self.config = c = config
         cond_dim = c.width if c.use_adarms else None
-        ttt_layers = set(c.ttt_layers())
-        self.rotary, self.layers = gemma_stack(
-            c, cond_dim=cond_dim, ttt_for=lambda i: c.ttt if i in ttt_layers else None
-        )
+        self.rotary, self.layers = gemma_stack(c, cond_dim=cond_dim, ttt_layers=c.ttt_layers())
         self.norm = AdaRMSNorm(c.width, cond_dim, c.rms_eps)
+        # recompute each layer in the backward instead of keeping its activations (training only)
+        self.gradient_checkpointing = False
 
     def ttt_parameter_names(self) -> list[str]:
         """Names (as in ``state_dict``) of the parameters that the TTT branches add."""
@@ -88,5 +88,8 @@ class ActionExpert(nn.Module):
             pk = pv = None
             if prefix is not None:
                 pk, pv = prefix.keys[i], prefix.values[i]
-            h = layer(h, cond, cos, sin, pk, pv, mask)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cond, cos, sin, pk, pv, mask, use_reentrant=False)
+            else:
+                h = layer(h, cond, cos, sin, pk, pv, mask)
         return self.norm(h, cond)[0]

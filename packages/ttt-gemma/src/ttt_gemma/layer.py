@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Collection
 
 import torch
 from torch import Tensor, nn
@@ -21,59 +21,44 @@ from .config import TTTOptions
 
 
 class TTTBranch(nn.Module):
-    """``(y, gate) = (TTT(AdaRMS_ttt(h, cond)), gate_ttt)``: non-causal TTT over the whole chunk.
+    """``(y, gate) = (TTT(AdaRMS_ttt(x, cond)), g_t)``: a ttt-core ``TTTLayer`` behind its own AdaRMS.
 
-    The branch owns its AdaRMS norm (zero-initialised dense: scale = shift = gate = 0, so the branch
-    starts switched off) and a ttt-core ``TTTLayer`` with ``mini_batch_size=None`` (the whole
-    action chunk is one mini-batch: every token sees ``W' = W0 - sum_j eta_j grad l_j(W0)``),
-    ``causal=False`` and no positions, so it is permutation-equivariant over the action tokens.
+    The AdaRMS dense is zero-initialised (``scale = shift = gate = 0``), so the branch starts
+    switched off. With gemma's defaults the layer is non-causal with ``mini_batch_size=None`` (the
+    whole action chunk is one mini-batch: every token sees ``W' = W0 - sum_j eta_j grad l_j(W0)``)
+    and has no positions, so it is permutation-equivariant over the action tokens.
 
     Args:
         width: model width C.
         cond_dim: AdaRMS condition size, or None (plain RMSNorm; gate None).
-        options: the TTT options; ``gating`` picks the AdaRMS gate, the layer's static
-            ``tanh(alpha)`` gate, or both.
-        default_heads: heads when ``options.num_heads`` is None.
+        options: the TTT options (``gating``: the AdaRMS gate, the layer's ``tanh(alpha)``, both).
+        layer: the resolved ``TTTConfig`` of the layer (``ActionExpertConfig.ttt_layer_config()``).
         eps: RMSNorm eps.
     """
 
     def __init__(
-        self, width: int, cond_dim: int | None, options: TTTOptions, default_heads: int, eps: float
+        self, width: int, cond_dim: int | None, options: TTTOptions, layer: TTTConfig, eps: float
     ):
         super().__init__()
         self.use_adarms_gate = options.gating in ("adarms", "both")
+        self.input = options.input  # "residual" | "attn_output": what the block feeds the branch
         self.norm = AdaRMSNorm(width, cond_dim, eps, zero_init=options.zero_init_adarms)
-        self.layer = TTTLayer(
-            TTTConfig(
-                hidden_size=width,
-                num_heads=options.num_heads or default_heads,
-                head_dim=options.head_dim,
-                inner=options.layer_type,
-                mlp_ratio=options.mlp_ratio,
-                mini_batch_size=None,
-                causal=False,
-                base_lr=options.base_lr,
-                gate="tanh_alpha" if options.gating in ("tanh_alpha", "both") else "none",
-                gate_init=options.gate_init,
-                qk_l2_norm=options.qk_l2_norm,
-                normalize_target=options.normalize_target,
-                bidirectional=options.bidirectional,
-                use_dual_form=options.use_dual_form,
-            )
-        )
+        self.layer = TTTLayer(layer)
 
-    def forward(self, h: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """h: [B, L, C]; cond: [B, C_cond] or None -> (y [B, L, C], gate [B, 1, C] or None)."""
-        x, gate = self.norm(h, cond)  # (B, L, C), (B, 1, C) | None
-        y, _ = self.layer(x)  # non-causal: no state
+    def forward(self, x: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """x: [B, L, C]; cond: [B, C_cond] or None -> (y [B, L, C], gate [B, 1, C] or None)."""
+        normed, gate = self.norm(x, cond)  # (B, L, C), (B, 1, C) | None
+        y, _ = self.layer(normed)  # non-causal: no state
         return y, (gate if self.use_adarms_gate else None)
 
 
 class GemmaBlock(nn.Module):
     """One decoder layer: attention -> gated residual -> [TTT branch] -> MLP -> gated residual.
 
-    ``h1 = h + g_a * o_proj(Attn(AdaRMS_in(h)))``; ``h2 = h1 + g_t * TTT(AdaRMS_ttt(h1))`` (if
-    TTT); ``out = h2 + g_m * MLP(AdaRMS_post(h2))``. Gates are [B, 1, C] with AdaRMS, else None
+    With ``ttt.input="residual"``: ``h1 = h + g_a * o_proj(Attn(AdaRMS_in(h)))``,
+    ``h2 = h1 + g_t * TTT(AdaRMS_ttt(h1))``; with ``ttt.input="attn_output"``:
+    ``a = o_proj(Attn(AdaRMS_in(h)))``, ``h2 = h + g_a * (a + g_t * TTT(AdaRMS_ttt(a)))``. Then
+    ``out = h2 + g_m * MLP(AdaRMS_post(h2))``. Gates are [B, 1, C] with AdaRMS, else None
     (plain residual). Submodule names follow Gemma (``input_layernorm``, ``self_attn.{q,k,v,o}_proj``,
     ``post_attention_layernorm``, ``mlp.{gate,up,down}_proj``) so pi0.5 weights load by name.
 
@@ -93,6 +78,7 @@ class GemmaBlock(nn.Module):
         rope_theta: float,
         cond_dim: int | None,
         ttt: TTTOptions | None = None,
+        ttt_layer: TTTConfig | None = None,
         layer_idx: int = 0,
     ):
         super().__init__()
@@ -109,7 +95,7 @@ class GemmaBlock(nn.Module):
         self.head_dim = head_dim
         self.input_layernorm = AdaRMSNorm(width, cond_dim, rms_eps)
         self.self_attn = GemmaAttention(cfg, layer_idx)
-        self.ttt = None if ttt is None else TTTBranch(width, cond_dim, ttt, num_heads, rms_eps)
+        self.ttt = None if ttt is None else TTTBranch(width, cond_dim, ttt, ttt_layer, rms_eps)
         self.post_attention_layernorm = AdaRMSNorm(width, cond_dim, rms_eps)
         self.mlp = GemmaMLP(cfg)
 
@@ -130,8 +116,13 @@ class GemmaBlock(nn.Module):
 
     def attn_out(self, h: Tensor, ctx: Tensor, gate_attn: Tensor | None, cond: Tensor | None):
         """Finish the layer from the attention context ctx [B, L, H*D]; returns [B, L, C]."""
-        h = gated_residual(h, self.self_attn.o_proj(ctx), gate_attn)
-        if self.ttt is not None:
+        placement = None if self.ttt is None else self.ttt.input
+        attn = self.self_attn.o_proj(ctx)  # (B, L, C)
+        if placement == "attn_output":
+            y, gate_ttt = self.ttt(attn, cond)
+            attn = gated_residual(attn, y, gate_ttt)
+        h = gated_residual(h, attn, gate_attn)
+        if placement == "residual":
             y, gate_ttt = self.ttt(h, cond)
             h = gated_residual(h, y, gate_ttt)
         x, gate_mlp = self.post_attention_layernorm(h, cond)
@@ -148,18 +139,20 @@ class GemmaBlock(nn.Module):
 
 
 def gemma_stack(
-    c, *, cond_dim: int | None, ttt_for: Callable[[int], TTTOptions | None] = lambda i: None
+    c, *, cond_dim: int | None, ttt_layers: Collection[int] = ()
 ) -> tuple[GemmaRotaryEmbedding, nn.ModuleList]:
     """The RoPE table and the ``c.depth`` blocks of a Gemma stack.
 
     ``c`` is any config with width, mlp_dim, num_heads, num_kv_heads, head_dim, depth, rms_eps and
-    rope_theta (the expert's and the stand-in prefix encoder's); ``ttt_for(i)`` gives layer i's TTT
-    options (None: no TTT branch)."""
+    rope_theta (the expert's and the stand-in prefix encoder's); the layers in ``ttt_layers`` get
+    a TTT branch built from ``c.ttt`` and ``c.ttt_layer_config()`` (an ``ActionExpertConfig``)."""
     dims = dict(width=c.width, mlp_dim=c.mlp_dim, num_heads=c.num_heads,
                 num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, rms_eps=c.rms_eps,
                 rope_theta=c.rope_theta)  # fmt: skip
     rotary = GemmaRotaryEmbedding(gemma_config(depth=c.depth, **dims))
+    ttt = dict(ttt=c.ttt, ttt_layer=c.ttt_layer_config()) if ttt_layers else {}
     layers = nn.ModuleList(
-        GemmaBlock(**dims, cond_dim=cond_dim, ttt=ttt_for(i), layer_idx=i) for i in range(c.depth)
+        GemmaBlock(**dims, cond_dim=cond_dim, **(ttt if i in ttt_layers else {}), layer_idx=i)
+        for i in range(c.depth)
     )
     return rotary, layers

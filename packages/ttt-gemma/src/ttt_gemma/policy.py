@@ -34,6 +34,21 @@ def sincos_time_embedding(t: Tensor, dim: int, min_period: float, max_period: fl
     return torch.cat([arg.sin(), arg.cos()], dim=1).float()
 
 
+def flow_time(batch: int, beta: tuple[float, float], device=None, generator=None) -> Tensor:
+    """Training flow times ``t ~ Beta(a, b) * 0.999 + 0.001``, [batch] float32.
+
+    Drawn by the inverse CDF ``u^(1/a)`` when ``b == 1`` (pi0.5's Beta(1.5, 1); takes
+    ``generator``), else with ``torch.distributions.Beta`` (global RNG)."""
+    a, b = beta
+    if b == 1.0:
+        t = torch.rand(batch, generator=generator, device=device).pow(1.0 / a)
+    else:
+        t = torch.distributions.Beta(torch.tensor(float(a)), torch.tensor(float(b))).sample(
+            (batch,)
+        )
+    return t.to(device) * 0.999 + 0.001
+
+
 class FlowMatchingPolicy(nn.Module):
     """pi0.5's action head: a flow-matching denoiser of action chunks built on :class:`ActionExpert`.
 
@@ -92,13 +107,14 @@ class FlowMatchingPolicy(nn.Module):
         """AdaRMS condition ``swish(time_mlp_out(swish(time_mlp_in(temb))))``: [B, C] -> [B, C]."""
         return F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(temb))))
 
-    def sample_time(self, batch: int, device=None) -> Tensor:
-        """t ~ Beta(a, b) * 0.999 + 0.001 (default a, b = 1.5, 1), [batch] float32."""
-        a, b = self.config.time_beta
-        t = torch.distributions.Beta(torch.tensor(float(a)), torch.tensor(float(b))).sample(
-            (batch,)
-        )
-        return (t * 0.999 + 0.001).to(device)
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the policy's parameters: noise, times and x_t are created in it."""
+        return self.action_in_proj.weight.dtype
+
+    def sample_time(self, batch: int, device=None, generator: torch.Generator | None = None):
+        """:func:`flow_time` with the config's Beta, [batch] in the policy's dtype."""
+        return flow_time(batch, self.config.time_beta, device, generator).to(self.dtype)
 
     def loss(
         self,
@@ -115,12 +131,15 @@ class FlowMatchingPolicy(nn.Module):
             noise: [B, A, action_dim] or None (standard normal).
             t: [B] or None (sampled from the Beta schedule).
 
+        Actions, noise and t are cast to the policy's dtype (a pure-bf16 policy works in bf16).
+
         Returns:
-            scalar loss.
+            scalar loss (in the policy's dtype).
         """
-        B = actions.shape[0]
-        noise = torch.randn_like(actions) if noise is None else noise
-        t = self.sample_time(B, actions.device) if t is None else t
+        B, dtype = actions.shape[0], self.dtype
+        actions = actions.to(dtype)
+        noise = torch.randn_like(actions) if noise is None else noise.to(dtype)
+        t = self.sample_time(B, actions.device) if t is None else t.to(dtype)
         x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * actions  # (B, A, Da)
         return F.mse_loss(self.velocity(x_t, t, prefix), noise - actions)
 
@@ -149,10 +168,10 @@ class FlowMatchingPolicy(nn.Module):
             B = prefix.pad_mask.shape[0] if prefix is not None else batch_size
             if B is None:
                 raise ValueError("batch_size: needed when neither prefix nor noise is given")
-            device = next(self.parameters()).device
+            device = self.action_in_proj.weight.device
             noise = torch.randn(B, c.action_horizon, c.action_dim, device=device)
-        x, dt = noise, -1.0 / steps
+        x, dt = noise.to(self.dtype), -1.0 / steps
         for i in range(steps):
-            t = torch.full((x.shape[0],), 1.0 + i * dt, device=x.device)
+            t = torch.full((x.shape[0],), 1.0 + i * dt, device=x.device, dtype=x.dtype)
             x = x + dt * self.velocity(x, t, prefix)
         return x

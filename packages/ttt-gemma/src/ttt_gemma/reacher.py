@@ -7,18 +7,19 @@ Action (2): joint torques in [-1, 1]. Episodes last 50 steps (dt = 0.02 s).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import gymnasium as gym
 import numpy as np
-import torch
-from torch import Tensor
+
+try:
+    import gymnasium as gym
+except ImportError as err:  # the simulator is a demo-only dependency
+    raise ImportError(
+        "the Reacher demo needs gymnasium with MuJoCo: pip install 'ttt-gemma[demo]'"
+    ) from err
 
 ENV_ID = "Reacher-v5"
 LINKS = (0.1, 0.11)  # link lengths of the arm (shoulder->elbow, elbow->fingertip), metres
 EPISODE_STEPS = 50
-NUM_PREFIX_TOKENS = 5  # observation tokens: (cos, sin) q1, (cos, sin) q2, target, dq, tip - target
-FEATURE_DIM = 2 + NUM_PREFIX_TOKENS  # a pair of values + one-hot token type
+OBS_DIM = 10  # the observation (the dataset's state) size
 
 
 def scripted_expert(obs: np.ndarray, kp: float = 300.0, kd: float = 0.25) -> np.ndarray:
@@ -46,48 +47,20 @@ def scripted_expert(obs: np.ndarray, kp: float = 300.0, kd: float = 0.25) -> np.
     return np.clip(tau, -1.0, 1.0)
 
 
-def obs_to_tokens(obs: np.ndarray | Tensor) -> Tensor:
-    """Observation -> prefix tokens [N, 5, 7]: each token a value pair plus a one-hot type."""
-    obs = torch.as_tensor(np.asarray(obs), dtype=torch.float32)
-    pairs = torch.stack(
-        [
-            obs[:, [0, 2]],  # cos q1, sin q1
-            obs[:, [1, 3]],  # cos q2, sin q2
-            obs[:, 4:6] * 5.0,  # target position (scaled to ~unit range)
-            obs[:, 6:8] * 0.1,  # joint velocities
-            obs[:, 8:10] * 5.0,  # tip - target
-        ],
-        dim=1,
-    )  # (N, 5, 2)
-    onehot = torch.eye(NUM_PREFIX_TOKENS).expand(obs.shape[0], -1, -1)  # (N, 5, 5)
-    return torch.cat([pairs, onehot], dim=-1)
-
-
-@dataclass
-class ChunkDataset:
-    """Observation tokens and the expert's next ``horizon`` actions from each visited state."""
-
-    tokens: Tensor  # (N, 5, 7)
-    actions: Tensor  # (N, horizon, 2)
-
-
-def collect_chunks(
-    episodes: int, horizon: int, seed: int = 0, num_envs: int = 25, progress: bool = False
-) -> ChunkDataset:
-    """Roll out the scripted expert and cut its action sequences into chunks.
-
-    Every step t with t + horizon <= 50 gives one sample (tokens of obs_t, actions t..t+horizon-1).
-    """
-    if not 1 <= horizon <= EPISODE_STEPS:
-        raise ValueError(f"horizon must be in [1, {EPISODE_STEPS}], got {horizon}")
+def collect_episodes(
+    episodes: int, seed: int = 0, num_envs: int = 25, progress: bool = False
+) -> list[dict[str, np.ndarray]]:
+    """Roll out the scripted expert: per episode ``{"observation.state": [50, 10], "action":
+    [50, 2]}`` (the observation before each action), ready for :func:`ttt_gemma.lerobot.write_lerobot`."""
     from tqdm.auto import tqdm
 
-    toks, acts = [], []
+    out = []
     num_envs = min(num_envs, episodes)
-    rounds = -(-episodes // num_envs)
     env = gym.make_vec(ENV_ID, num_envs=num_envs, vectorization_mode="sync")
     try:
-        for r in tqdm(range(rounds), desc="expert rollouts", disable=not progress):
+        for r in tqdm(
+            range(-(-episodes // num_envs)), desc="expert rollouts", disable=not progress
+        ):
             obs, _ = env.reset(seed=seed + r * num_envs)
             obs_seq, act_seq = [], []
             for _ in range(EPISODE_STEPS):
@@ -95,14 +68,12 @@ def collect_chunks(
                 obs_seq.append(obs)
                 act_seq.append(a)
                 obs, *_ = env.step(a)
-            obs_all = np.stack(obs_seq, 1)  # (E, 50, 10)
-            act_all = np.stack(act_seq, 1)  # (E, 50, 2)
-            for t in range(EPISODE_STEPS - horizon + 1):
-                toks.append(obs_to_tokens(obs_all[:, t]))
-                acts.append(torch.as_tensor(act_all[:, t : t + horizon], dtype=torch.float32))
+            obs_all, act_all = np.stack(obs_seq, 1), np.stack(act_seq, 1)  # (E, 50, 10), (E, 50, 2)
+            out += [{"observation.state": o.astype(np.float32), "action": a.astype(np.float32)}
+                    for o, a in zip(obs_all, act_all)]  # fmt: skip
     finally:
         env.close()
-    return ChunkDataset(torch.cat(toks), torch.cat(acts))
+    return out[:episodes]
 
 
 def closed_loop_distance(

@@ -1,0 +1,315 @@
+"""LeRobot v2 datasets (read with pyarrow, no lerobot dependency): frames, action chunks, norms.
+
+Layout (LeRobot ``codebase_version`` v2.x)::
+
+    ROOT/meta/info.json          fps, total_episodes, chunks_size, data_path, features
+    ROOT/meta/episodes.jsonl     one line per episode: {"episode_index": i, "length": n, ...}
+    ROOT/meta/stats.json         per feature: mean, std, min, max (and q01, q99 for quantiles)
+    ROOT/data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet
+                                 one row per frame: observation.state, action, episode_index,
+                                 frame_index, timestamp, index, task_index
+
+Only the state and action columns are read (videos and images are not). A training sample is
+the state at frame t and the actions t .. t + horizon - 1 of the same episode: every frame with
+t + horizon <= the episode's length gives one (as openpi and lerobot do away from episode ends).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+DATA_PATH = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
+NORMALIZATIONS = ("zscore", "quantile", "none")
+_LAYOUT = (
+    "a LeRobot v2 dataset has meta/info.json, meta/episodes.jsonl, meta/stats.json and "
+    "data/chunk-*/episode_*.parquet"
+)
+
+
+@dataclass
+class Normalizer:
+    """Per-dimension affine normalisation of one feature from the dataset's statistics.
+
+    ``zscore``: ``(x - mean) / (std + 1e-6)``; ``quantile`` (openpi): ``2 (x - q01) / (q99 - q01
+    + 1e-6) - 1``, so the 1st..99th percentiles map to [-1, 1]; ``none``: identity.
+    """
+
+    mode: str
+    offset: Tensor  # (F,): mean or q01
+    scale: Tensor  # (F,): std + 1e-6 or (q99 - q01 + 1e-6) / 2
+
+    @classmethod
+    def from_stats(cls, stats: dict, key: str, mode: str, dim: int) -> Normalizer:
+        if mode not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {mode!r}")
+        if mode == "none":
+            return cls(mode, torch.zeros(dim), torch.ones(dim))
+        need = ("mean", "std") if mode == "zscore" else ("q01", "q99")
+        entry = stats.get(key)
+        if not isinstance(entry, dict) or any(n not in entry for n in need):
+            raise ValueError(
+                f"meta/stats.json: {mode} normalisation of {key!r} needs {list(need)}, found "
+                f"{sorted(entry) if isinstance(entry, dict) else None}"
+                + ("; use normalization: zscore" if mode == "quantile" else "")
+            )
+        a, b = (torch.tensor(np.asarray(entry[n], dtype=np.float64).reshape(-1)) for n in need)
+        if (
+            a.shape != (dim,)
+            or b.shape != (dim,)
+            or not (a.isfinite().all() and b.isfinite().all())
+        ):
+            raise ValueError(
+                f"meta/stats.json: {key}.{need[0]}/{need[1]} must be {dim} finite numbers each, got "
+                f"{tuple(a.shape)} and {tuple(b.shape)}"
+            )
+        if mode == "zscore":
+            return cls(mode, a.float(), (b + 1e-6).float())
+        return cls(mode, a.float(), ((b - a + 1e-6) / 2).float())
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """x [..., F] -> normalised [..., F] (quantile: shifted by one more, to [-1, 1])."""
+        y = (x - self.offset) / self.scale
+        return y - 1.0 if self.mode == "quantile" else y
+
+    def unnormalize(self, y: Tensor) -> Tensor:
+        """The inverse of :meth:`normalize`."""
+        return ((y + 1.0) if self.mode == "quantile" else y) * self.scale + self.offset
+
+
+@dataclass
+class LeRobotFrames:
+    """The state and action columns of a whole dataset, frames of all episodes in order.
+
+    Attributes:
+        states: [N, S] float32. actions: [N, A] float32.
+        episode_starts: [E] first frame of each episode; episode_lengths: [E].
+        fps: frames per second; stats: meta/stats.json as read.
+    """
+
+    root: Path
+    states: Tensor
+    actions: Tensor
+    episode_starts: Tensor
+    episode_lengths: Tensor
+    fps: float
+    stats: dict
+    state_key: str
+    action_key: str
+
+    def chunk_starts(self, horizon: int) -> Tensor:
+        """Frames t with t + horizon within their episode: [M] long (a sample's state frame)."""
+        if horizon < 1:
+            raise ValueError(f"horizon must be >= 1, got {horizon}")
+        starts = [torch.arange(int(s), int(s) + int(n) - horizon + 1)
+                  for s, n in zip(self.episode_starts, self.episode_lengths) if n >= horizon]  # fmt: skip
+        if not starts:
+            longest = int(self.episode_lengths.max())
+            raise ValueError(f"horizon {horizon} is longer than every episode (longest {longest})")
+        return torch.cat(starts)
+
+    def chunks(self, frames: Tensor, horizon: int) -> tuple[Tensor, Tensor]:
+        """(states [M, S], action chunks [M, horizon, A]) for the start frames ``frames`` [M]."""
+        idx = frames[:, None] + torch.arange(horizon)  # (M, horizon)
+        return self.states[frames], self.actions[idx]
+
+    def normalizers(self, mode: str) -> tuple[Normalizer, Normalizer]:
+        """(state, action) normalisers from meta/stats.json."""
+        return (
+            Normalizer.from_stats(self.stats, self.state_key, mode, self.states.shape[1]),
+            Normalizer.from_stats(self.stats, self.action_key, mode, self.actions.shape[1]),
+        )
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        raise ValueError(
+            f"{path.parent.parent}: missing {path.parent.name}/{path.name} ({_LAYOUT})"
+        )
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
+def _read_episodes(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise ValueError(f"{path.parent.parent}: missing meta/episodes.jsonl ({_LAYOUT})")
+    episodes = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            ep = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n}: not valid JSON ({err})") from err
+        if not isinstance(ep.get("episode_index"), int) or not isinstance(ep.get("length"), int):
+            raise ValueError(f"{path}:{n}: needs integer 'episode_index' and 'length', got {ep}")
+        episodes.append(ep)
+    indices = [ep["episode_index"] for ep in episodes]
+    if indices != list(range(len(episodes))):
+        gaps = sorted(set(range(max(indices, default=-1) + 1)) - set(indices))
+        raise ValueError(
+            f"{path}: episode indices must be 0..{len(episodes) - 1} in order; got "
+            f"{indices[:10]}{'...' if len(indices) > 10 else ''} (missing {gaps[:10]})"
+        )
+    return episodes
+
+
+def _vectors(table: pa.Table, key: str, path: Path) -> np.ndarray:
+    """A list-of-floats (or float) column as [rows, F] float32."""
+    if key not in table.column_names:
+        raise ValueError(f"{path}: no column {key!r}; columns are {table.column_names}")
+    col = table.column(key).combine_chunks()
+    if pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type):
+        sizes = np.diff(col.offsets.to_numpy()) if pa.types.is_list(col.type) else None
+        if sizes is not None and len(sizes) and (sizes != sizes[0]).any():
+            raise ValueError(f"{path}: column {key!r} has rows of different lengths")
+        values = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        return values.reshape(len(col), -1)
+    if pa.types.is_floating(col.type) or pa.types.is_integer(col.type):
+        return col.to_numpy(zero_copy_only=False).astype(np.float32)[:, None]
+    raise ValueError(f"{path}: column {key!r} has type {col.type}, expected a list of floats")
+
+
+def read_lerobot(
+    root: str | os.PathLike, state_key: str = "observation.state", action_key: str = "action"
+) -> LeRobotFrames:
+    """Read a LeRobot v2 dataset's states and actions, checking its layout.
+
+    Raises ValueError naming the file for: a missing meta file, a codebase version other than
+    v2.x, an episode list with gaps or out of order, a missing episode file, a missing or
+    mis-shaped column, frame indices that are not 0..length-1, or non-finite values.
+    """
+    root = Path(root)
+    info = _read_json(root / "meta" / "info.json")
+    version = str(info.get("codebase_version", ""))
+    if not version.startswith("v2"):
+        raise ValueError(f"{root}/meta/info.json: codebase_version {version!r}, expected v2.x")
+    episodes = _read_episodes(root / "meta" / "episodes.jsonl")
+    stats = _read_json(root / "meta" / "stats.json")
+    if info.get("total_episodes", len(episodes)) != len(episodes):
+        raise ValueError(
+            f"{root}/meta/info.json: total_episodes {info['total_episodes']} but "
+            f"episodes.jsonl lists {len(episodes)}"
+        )
+    features = info.get("features", {})
+    for key in (state_key, action_key):
+        if key not in features:
+            raise ValueError(
+                f"{root}/meta/info.json: no feature {key!r}; features are {sorted(features)}"
+            )
+    template, chunks_size = info.get("data_path", DATA_PATH), int(info.get("chunks_size", 1000))
+    states, actions, starts, lengths, start = [], [], [], [], 0
+    for ep in episodes:
+        i, n = ep["episode_index"], ep["length"]
+        path = root / template.format(episode_chunk=i // chunks_size, episode_index=i)
+        if not path.is_file():
+            raise ValueError(f"{root}: episode {i} has no data file {path.relative_to(root)}")
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise ValueError(f"{path}: not a readable parquet file ({err})") from err
+        s, a = _vectors(table, state_key, path), _vectors(table, action_key, path)
+        for key, arr in ((state_key, s), (action_key, a)):
+            want = int(math.prod(features[key].get("shape", [arr.shape[1]])))
+            if arr.shape != (n, want):
+                raise ValueError(
+                    f"{path}: column {key!r} is {arr.shape}, meta says {n} frames of {want}"
+                )
+            if not np.isfinite(arr).all():
+                raise ValueError(f"{path}: column {key!r} has NaN or Inf values")
+        for key, want in (("episode_index", np.full(n, i)), ("frame_index", np.arange(n))):
+            if key in table.column_names and not np.array_equal(table.column(key).to_numpy(), want):
+                raise ValueError(f"{path}: column {key!r} must be {want[:3]}... for episode {i}")
+        states.append(torch.from_numpy(s))
+        actions.append(torch.from_numpy(a))
+        starts.append(start)
+        lengths.append(n)
+        start += n
+    return LeRobotFrames(root, torch.cat(states), torch.cat(actions), torch.tensor(starts),
+                         torch.tensor(lengths), float(info.get("fps", 0)), stats, state_key,
+                         action_key)  # fmt: skip
+
+
+def write_lerobot(
+    root: str | os.PathLike,
+    episodes: list[dict[str, np.ndarray]],
+    *,
+    fps: float,
+    state_key: str = "observation.state",
+    action_key: str = "action",
+    robot_type: str = "unknown",
+    task: str = "",
+    chunks_size: int = 1000,
+) -> Path:
+    """Write episodes ({state_key: [n, S], action_key: [n, A]} arrays) as a LeRobot v2 dataset.
+
+    Stats (mean, std, min, max, q01, q99 per dimension over all frames) go to meta/stats.json.
+    The folder must not exist yet or be empty. Returns the root."""
+    root = Path(root)
+    if root.exists() and any(root.iterdir()):
+        raise ValueError(f"{root}: exists and is not empty; choose a new folder")
+    (root / "meta").mkdir(parents=True, exist_ok=True)
+    all_frames = {state_key: [], action_key: []}
+    index = 0
+    for i, ep in enumerate(episodes):
+        n = len(ep[action_key])
+        columns = {key: np.asarray(ep[key], dtype=np.float32) for key in all_frames}
+        for key, arr in columns.items():
+            if arr.ndim != 2 or len(arr) != n:
+                raise ValueError(f"episodes[{i}][{key!r}]: expected [{n}, F], got {arr.shape}")
+            all_frames[key].append(arr)
+        table = pa.table({
+            **{key: pa.array(list(arr), type=pa.list_(pa.float32())) for key, arr in columns.items()},
+            "timestamp": pa.array(np.arange(n, dtype=np.float32) / fps),
+            "frame_index": pa.array(np.arange(n, dtype=np.int64)),
+            "episode_index": pa.array(np.full(n, i, dtype=np.int64)),
+            "index": pa.array(np.arange(index, index + n, dtype=np.int64)),
+            "task_index": pa.array(np.zeros(n, dtype=np.int64)),
+        })  # fmt: skip
+        path = root / DATA_PATH.format(episode_chunk=i // chunks_size, episode_index=i)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path)
+        index += n
+    stats = {}
+    for key, arrays in all_frames.items():
+        x = np.concatenate(arrays).astype(np.float64)
+        stats[key] = {
+            name: getattr(np, name)(x, axis=0).tolist() for name in ("mean", "std", "min", "max")
+        }
+        stats[key].update(
+            q01=np.quantile(x, 0.01, axis=0).tolist(), q99=np.quantile(x, 0.99, axis=0).tolist()
+        )
+    feature = lambda key: {
+        "dtype": "float32",
+        "shape": [all_frames[key][0].shape[1]],
+        "names": None,
+    }
+    info = {
+        "codebase_version": "v2.1",
+        "robot_type": robot_type,
+        "total_episodes": len(episodes),
+        "total_frames": index,
+        "total_tasks": 1,
+        "chunks_size": chunks_size,
+        "fps": fps,
+        "splits": {"train": f"0:{len(episodes)}"},
+        "data_path": DATA_PATH,
+        "features": {state_key: feature(state_key), action_key: feature(action_key)},
+    }
+    (root / "meta" / "info.json").write_text(json.dumps(info, indent=2))
+    (root / "meta" / "stats.json").write_text(json.dumps(stats, indent=2))
+    lines = [json.dumps({"episode_index": i, "tasks": [task], "length": len(ep[action_key])})
+             for i, ep in enumerate(episodes)]  # fmt: skip
+    (root / "meta" / "episodes.jsonl").write_text("\n".join(lines) + "\n")
+    return root
