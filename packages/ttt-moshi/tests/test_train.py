@@ -181,7 +181,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(config, tmp_path):
     assert _losses(second.history) == _losses(whole.history)[4:]  # bit for bit
     a, b = whole.lm.state_dict(), second.lm.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    read = lambda run: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    read = lambda run: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert read(second.run_dir) == read(whole.run_dir)
 
 

@@ -11,36 +11,44 @@ moshi 0.2.13 pins torch<2.10: install it with ``pip install --no-deps moshi==0.2
 """
 
 from .checkpoint import build_lm, load_checkpoint, save_checkpoint, ttt_config_for
-from .config import FinetuneConfig
+from .config import FinetuneConfig, ttt_block_config
 from .data import TokenShards, load_shard, save_shard
 from .evaluate import loss_slope, per_position_loss, plot_loss_curves
-from .fsdp import fsdp_wrap_policy, ttt_layer_policy
+from .fsdp import fsdp_wrap_policy, shard_by_layer, ttt_layer_policy
 from .layer import TTTRMSNorm, TTTStreamingTransformerLayer, convert_layer, revert_layer
-from .losses import token_losses
+from .lora import add_lora, merge_lora
+from .losses import LossWeights, token_losses
 from .patch import (
     export_plain_state_dict,
+    get_ttt_gates,
     patch_info,
     patch_lm,
     set_attention_contexts,
+    set_ttt_gates,
     ttt_layer_indices,
     unpatch_lm,
 )
-from .train import Trainer, TrainingDiverged
+from .train import Trainer, TrainingDiverged, latest_checkpoint
 
 __all__ = [
     "FinetuneConfig",
+    "LossWeights",
     "TTTRMSNorm",
     "TTTStreamingTransformerLayer",
     "TokenShards",
     "Trainer",
     "TrainingDiverged",
+    "add_lora",
     "build_lm",
     "convert_layer",
     "export_plain_state_dict",
     "fsdp_wrap_policy",
+    "get_ttt_gates",
+    "latest_checkpoint",
     "load_checkpoint",
     "load_shard",
     "loss_slope",
+    "merge_lora",
     "patch_info",
     "patch_lm",
     "per_position_loss",
@@ -49,7 +57,10 @@ __all__ = [
     "save_checkpoint",
     "save_shard",
     "set_attention_contexts",
+    "set_ttt_gates",
+    "shard_by_layer",
     "token_losses",
+    "ttt_block_config",
     "ttt_config_for",
     "ttt_layer_indices",
     "ttt_layer_policy",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 
 import torch.distributed as dist
+from moshi.modules.streaming import StreamingModule
 from moshi.modules.transformer import StreamingTransformerLayer
 from torch import Tensor, nn
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy, lambda_auto_wrap_policy
@@ -30,6 +31,7 @@ __all__ = [
     "barrier",
     "fsdp_wrap_policy",
     "full_value",
+    "layer_units",
     "shard_by_layer",
     "ttt_layer_policy",
     "world",
@@ -55,9 +57,28 @@ class LossModule(nn.Module):
         return token_losses(self.lm, codes).weighted_sums(self.weights)
 
 
+def layer_units(module: nn.Module) -> list[nn.Module]:
+    """The largest sub-modules of ``module`` that hold parameters, are called (not a ModuleList)
+    and are not moshi `StreamingModule`s.
+
+    ``fully_shard`` swaps a module's class for a subclass of (FSDPModule, class); moshi's
+    `StreamingModule` derives from ``abc.ABC`` before ``nn.Module``, and Python refuses that swap
+    ("object layout differs"). A Moshi layer is therefore sharded as one group of these modules:
+    its attention's in/out projections, norms, feed-forward, and TTT block.
+    """
+    units = []
+    for child in module.children():
+        if isinstance(child, (StreamingModule, nn.ModuleList, nn.ModuleDict)):
+            units += layer_units(child)
+        elif any(True for _ in child.parameters()):
+            units.append(child)
+    return units
+
+
 def shard_by_layer(module: LossModule) -> LossModule:
-    """FSDP2: ``fully_shard`` every Moshi layer of ``module.lm`` (main transformer and depformer,
-    TTT layers included), then the root; over all processes of the default group."""
+    """FSDP2: one ``fully_shard`` unit per Moshi layer of ``module.lm`` (main transformer and
+    depformer, TTT layers included; see `layer_units`), then the root (embeddings, heads); over
+    all processes of the default group."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -65,7 +86,7 @@ def shard_by_layer(module: LossModule) -> LossModule:
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for layer in module.lm.modules():
         if isinstance(layer, StreamingTransformerLayer):
-            fully_shard(layer, mesh=mesh)
+            fully_shard(layer_units(layer), mesh=mesh)
     fully_shard(module, mesh=mesh)
     return module
 

@@ -98,8 +98,8 @@ class Trainer:
 
     Args:
         config: the fine-tuning config.
-        lm: an `LMModel` to train; ``None`` builds ``LMModel(**config.model.lm_kwargs)`` (and loads
-            ``config.model.moshi_weights``). It is patched with ``config.ttt`` unless
+        lm: an `LMModel` to train, on its device; ``None`` builds ``LMModel(**config.model.lm_kwargs)``
+            (and loads ``config.model.moshi_weights``) on the current GPU if there is one. It is patched with ``config.ttt`` unless
             ``config.ttt.layers`` is empty (a plain-Moshi baseline with the same windows).
         train_data: training windows; ``None`` loads ``config.data.train_data``.
         eval_data: held-out windows; ``None`` loads ``config.data.eval_data`` if given.
@@ -135,6 +135,8 @@ class Trainer:
         )
         self.lm_kwargs = dict(config.model.lm_kwargs)
         self._patch()
+        if lm is None and torch.cuda.is_available():  # a model it builds goes to this GPU
+            self.lm.to(torch.device("cuda", torch.cuda.current_device()))
         self.train_data = (
             train_data if train_data is not None else self._shards(config.data.train_data)
         )
