@@ -18,7 +18,7 @@ from ttt_moshi import FinetuneConfig, Trainer, latest_checkpoint, save_shard
 from ttt_moshi.checkpoint import read_checkpoint
 
 KILLS = 5
-BUDGET_S = 120  # the loop stops killing after this (a loaded machine starts processes slowly)
+BUDGET_S = 40  # stop killing after this (a loaded machine starts processes slowly)
 
 
 def _lines(path) -> list[dict]:
@@ -33,7 +33,7 @@ def test_kill_9_loop_resumes_exactly(tmp_path):
         "data": {"train_data": [str(shard)]},
         "duration_sec": 1.6,
         "batch_size": 2,
-        "max_steps": 40,
+        "max_steps": 30,
         "log_freq": 100,
         "ckpt_freq": 1,
         "num_ckpt_keep": 2,

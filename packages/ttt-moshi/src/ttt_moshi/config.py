@@ -216,7 +216,10 @@ class FinetuneConfig:
         try:
             d = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
-            raise ValueError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
         if d is not None and not isinstance(d, dict):
             raise ValueError(f"config file {str(path)!r}: the top level must be a mapping")
         return cls.from_dict(d)

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # one line for the user; --debug for the traceback
         if args.debug:
             raise
-        print(f"ttt-moshi-finetune: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"ttt-moshi-finetune: error: {message}", file=sys.stderr)
         raise SystemExit(1) from None
     print(json.dumps(result))
 
