@@ -141,7 +141,7 @@ DEMOS = {
     # package dir -> command line run in the demo venv (output folder appended)
     "packages/ttt-core": ["ttt-core-demo", "--out"],
     "packages/ttt-gemma": ["ttt-gemma-demo", "--out"],
-    "packages/ttt-titans": ["ttt-titans", "compare", "--out"],
+    "packages/ttt-titans": ["ttt-titans", "compare", "--overwrite", "--out"],  # reruns replace it
     "packages/ttt-moshi": ["ttt-moshi-demo", "--out"],
 }
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from machine import machine_info
+from machine import machine_info, output_path
 
 from ttt_core import ttt_linear, ttt_mlp
 
@@ -223,8 +223,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small L and one repeat (smoke test)")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--out", type=Path, default=RESULTS / "core_cpu.json")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default: see output_path)")
     a = p.parse_args(argv)
+    a.out = output_path(a.out, a.quick, "core_cpu.json")
     torch.set_num_threads(1)
     B, H, D, b = 2, 4, 64, 16
     lengths = [64, 128] if a.quick else [512, 2048]

@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 import torch
-from machine import machine_info
+from machine import machine_info, output_path
 
 H100_BW = 3.35e12  # bytes/s
 H100_BF16 = 989e12  # FLOP/s dense
@@ -178,7 +178,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row))
     slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
-    out = args.out or Path(__file__).parent / "results" / f"cuda_{slug}.json"
+    out = output_path(args.out, args.quick, f"cuda_{slug}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "command": " ".join([sys.executable, *sys.argv]),

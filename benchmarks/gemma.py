@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import machine_info
+from machine import machine_info, output_path
 from tqdm.auto import tqdm
 
 from ttt_gemma import (
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sample-reps", type=int, default=1, help="timed 10-step samplings")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps per variant")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "gemma_cpu.json"))
+    p.add_argument("--out", default=None, help="JSON path (default: see output_path)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(["python", *sys.argv]) if argv is None else " ".join(argv),
         "wall_s": time.perf_counter() - t0,
     }
-    out = Path(args.out)
+    out = output_path(args.out, args.quick, "gemma_cpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=2))

@@ -1,4 +1,5 @@
-"""What every benchmark records about the machine it ran on (shared by the scripts here)."""
+"""What every benchmark records about the machine it ran on, and where it writes its JSON (shared
+by the scripts here)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,17 @@ import platform
 from pathlib import Path
 
 import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def output_path(out: str | Path | None, quick: bool, name: str) -> Path:
+    """Where a benchmark writes its JSON ``name``: ``--out`` when given; else
+    ``results/<name>`` for a full run and ``results/quick/<name>`` (git-ignored) for ``--quick``,
+    so a smoke run never replaces the recorded figures."""
+    if out is not None:
+        return Path(out)
+    return RESULTS / "quick" / name if quick else RESULTS / name
 
 
 def cpu_name() -> str:

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import machine_info  # before the folder leaves sys.path (below)
+from machine import machine_info, output_path  # before the folder leaves sys.path (below)
 
 # This file is named like the `moshi` package: keep its folder off sys.path so that `import moshi`
 # finds the package, not this script.
@@ -117,8 +117,9 @@ def main() -> None:
     p.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
     )
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default: see output_path)")
     args = p.parse_args()
+    args.out = output_path(args.out, args.quick, RESULTS.name)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:

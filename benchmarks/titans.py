@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import machine_info
+from machine import machine_info, output_path
 
 ROOT = Path(__file__).resolve().parent
 
@@ -186,7 +186,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--slow-repeats", type=int, default=3, help="rounds beside the same rule")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=str(ROOT / "results" / "titans_cpu.json"))
+    p.add_argument("--out", default=None, help="JSON path (default: see output_path)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     if a.quick:
@@ -248,7 +248,7 @@ def main() -> None:
         ),
         "total_seconds": time.perf_counter() - t0,
     }
-    out = Path(a.out)
+    out = output_path(a.out, a.quick, "titans_cpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2))

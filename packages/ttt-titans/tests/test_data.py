@@ -29,9 +29,14 @@ def _write_csv(path, n=40, cols=("HUFL", "MULL", "OT"), seed=0):
     vals = rng.normal(size=(n, len(cols)))
     lines = ["date," + ",".join(cols)]
     for i in range(n):
-        lines.append(f"2016-07-01 {i % 24:02d}:00:00," + ",".join(f"{v:.6f}" for v in vals[i]))
+        lines.append(f"{_hour(i)}," + ",".join(f"{v:.6f}" for v in vals[i]))
     path.write_text("\n".join(lines) + "\n")
     return np.round(vals, 6)
+
+
+def _hour(i: int) -> str:
+    """ISO timestamp of hour i after 2016-07-01 00:00."""
+    return f"{datetime(2016, 7, 1) + timedelta(hours=i):%Y-%m-%d %H:%M:%S}"
 
 
 def test_load_ett_csv_roundtrip(tmp_path):
@@ -51,18 +56,25 @@ def test_load_gzip(tmp_path):
     np.testing.assert_allclose(s.values, vals, atol=1e-9)
 
 
-def test_missing_date_column(tmp_path):
-    p = tmp_path / "bad.csv"
-    p.write_text("time,OT\n1,2.0\n")
-    with pytest.raises(ValueError, match="no 'date' column"):
-        load_ett_csv(p)
+MALFORMED = {
+    "no-date-column": ("time,OT\n1,2.0\n", r"has no 'date' column"),
+    "non-numeric": (
+        "date,HUFL,OT\n2016-01-01,1.0,2.0\n2016-01-02,abc,3.0\n",
+        r"line 3, column 'HUFL': non-numeric value 'abc'",
+    ),
+    "ragged-row": ("date,HUFL,OT\n2016-01-01,1.0,2.0\n2016-01-02,3.0\n", r"line 3: 2 fields"),
+    "date-not-iso": (
+        "date,OT\n07/01/2016 00:00,1.0\n07/01/2016 01:00,2.0\n",
+        r"line 2: date '07/01/2016 00:00' is not an ISO 8601 timestamp",
+    ),
+}
 
 
-def test_non_numeric_value(tmp_path):
-    p = tmp_path / "bad.csv"
-    p.write_text("date,HUFL,OT\n2016-01-01,1.0,2.0\n2016-01-02,abc,3.0\n")
-    with pytest.raises(ValueError, match=r"line 3, column 'HUFL': non-numeric value 'abc'"):
-        load_ett_csv(p)
+@pytest.mark.parametrize(("text", "message"), MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_file_names_file_line_and_problem(tmp_path, text, message):
+    (tmp_path / "bad.csv").write_text(text)
+    with pytest.raises(ValueError, match=rf"data file '.*bad\.csv'.* {message}"):
+        load_ett_csv(tmp_path / "bad.csv")
 
 
 def test_too_short_for_one_window(tmp_path):
@@ -80,17 +92,61 @@ def test_missing_target_and_file(tmp_path):
         load_ett_csv(tmp_path / "nope.csv")
 
 
-def test_ragged_row(tmp_path):
-    p = tmp_path / "bad.csv"
-    p.write_text("date,HUFL,OT\n2016-01-01,1.0,2.0\n2016-01-02,3.0\n")
-    with pytest.raises(ValueError, match="line 3: 2 fields"):
-        load_ett_csv(p)
+@pytest.mark.parametrize(
+    ("hours", "message"),
+    [((6, 5), "goes back to"), ((5, 5), "repeats")],
+    ids=["unsorted", "duplicated"],
+)
+def test_dates_must_strictly_increase(tmp_path, hours, message):
+    """A misordered file would put the future into the train split: rejected, naming the lines."""
+    _write_csv(tmp_path / "ett.csv", n=30)
+    lines = (tmp_path / "ett.csv").read_text().splitlines()
+    for row, hour in zip((5, 6), hours):  # data rows 5 and 6 are file lines 7 and 8
+        lines[1 + row] = f"{_hour(hour)},{lines[1 + row].split(',', 1)[1]}"
+    (tmp_path / "ett.csv").write_text("\n".join(lines) + "\n")
+    expected = rf"ett\.csv' line 8: date '2016-07-01 05:00:00' {message} the date of line 7"
+    with pytest.raises(ValueError, match=rf"{expected}.*sort the file"):
+        load_ett_csv(tmp_path / "ett.csv")
+
+
+def test_utf8_bom_is_read(tmp_path):
+    vals = _write_csv(tmp_path / "ett.csv")
+    text = (tmp_path / "ett.csv").read_text()
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    with gzip.open(tmp_path / "bom.csv.gz", "wb") as fh:
+        fh.write(b"\xef\xbb\xbf" + text.encode())
+    for name in ("bom.csv", "bom.csv.gz"):
+        s = load_ett_csv(tmp_path / name, target="OT")
+        assert s.columns == ["HUFL", "MULL", "OT"] and s.dates[0] == "2016-07-01 00:00:00"
+        np.testing.assert_allclose(s.values, vals, atol=1e-9)
+
+
+def test_truncated_gzip_names_the_file(tmp_path):
+    _write_csv(tmp_path / "ett.csv", n=3000)
+    packed = gzip.compress((tmp_path / "ett.csv").read_bytes())
+    (tmp_path / "cut.csv.gz").write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(ValueError, match=r"data file '.*cut\.csv\.gz' is truncated or corrupt"):
+        load_ett_csv(tmp_path / "cut.csv.gz")
+
+
+def test_overflowing_statistics_name_the_column(tmp_path):
+    """One 1e308 makes the train std infinite, which would z-score the column to zeros."""
+    _write_csv(tmp_path / "ett.csv", n=60)
+    lines = (tmp_path / "ett.csv").read_text().splitlines()
+    date, hufl, mull, _ = lines[10].split(",")
+    lines[10] = f"{date},{hufl},{mull},1e308"
+    (tmp_path / "ett.csv").write_text("\n".join(lines) + "\n")
+    s = load_ett_csv(tmp_path / "ett.csv")  # a finite value: the file itself is fine
+    with pytest.raises(ValueError, match=r"column 'OT': its train-split statistics are not finite"):
+        make_splits(s, lookback=8, horizon=4)
 
 
 def test_splits_use_train_statistics_only(tmp_path):
     vals = _write_csv(tmp_path / "ett.csv", n=200)
     vals[140:] += 100.0  # a shift after the train split must not move the statistics
-    lines = ["date,HUFL,MULL,OT"] + [f"d{i}," + ",".join(map(str, r)) for i, r in enumerate(vals)]
+    lines = ["date,HUFL,MULL,OT"] + [
+        f"{_hour(i)}," + ",".join(map(str, r)) for i, r in enumerate(vals)
+    ]
     (tmp_path / "ett.csv").write_text("\n".join(lines))
     s = load_ett_csv(tmp_path / "ett.csv")
     sp = make_splits(s, lookback=8, horizon=4, split=(0.7, 0.1, 0.2), features="S")

@@ -36,6 +36,32 @@ def test_meta_learner_outputs_in_range(scale):
     assert eta.min() >= 0.8 and eta.max() <= 0.99
 
 
+@pytest.mark.parametrize("saturate", [False, True], ids=["random", "saturated"])
+def test_meta_learner_fp64_rates_follow_the_formula_exactly(saturate):
+    """In fp64, rate = lo + (hi - lo) sigmoid(z) with the config's numbers (not fp32-rounded
+    ones), inside [lo, hi] even where the sigmoid saturates."""
+    torch.manual_seed(0)
+    cfg = MetaConfig(hidden=8)
+    meta = MetaLearner(8, 2, cfg).double()
+    h = torch.randn(3, 7, 8, dtype=torch.float64)
+    with torch.no_grad():
+        meta.net[-1].weight.normal_(0, 5.0)
+        if saturate:  # theta's sigmoid at 1.0, eta's and alpha's at ~4e-18
+            meta.net[-1].weight.zero_()
+            meta.net[-1].bias.copy_(torch.tensor([40.0, 40.0, -40.0, -40.0, -40.0, -40.0]))
+        z = meta.net(h)  # (B, L, 3H)
+        rates = meta(h)
+    sig = torch.sigmoid(z).view(3, 7, 3, 2).permute(2, 0, 3, 1)  # (3, B, H, L)
+    ranges = (cfg.theta_range, cfg.eta_range, cfg.alpha_range)
+    for i, (rate, (lo, hi)) in enumerate(zip(rates, ranges)):
+        assert rate.dtype == torch.float64
+        expected = (lo + (hi - lo) * sig[i]).clamp(lo, hi)
+        torch.testing.assert_close(rate, expected, rtol=4e-16, atol=0)
+        assert rate.min().item() >= lo and rate.max().item() <= hi
+    if saturate:  # the bounds themselves, exactly
+        assert rates[0].min().item() == 1e-2 and rates[1].max().item() == 0.8
+
+
 def test_meta_learner_initial_alpha():
     meta = MetaLearner(8, 2, MetaConfig(alpha_init=0.01))
     with torch.no_grad():
@@ -123,11 +149,13 @@ def test_packaged_configs_load_and_overrides():
         assert cfg.mode == mode
     cfg = load_config("exp_meta_ttt.yaml", ["train.epochs=5", "memory.chunk=4", "data.path=x.csv"])
     assert cfg.train.epochs == 5 and cfg.memory.chunk == 4 and cfg.data.path == "x.csv"
-    with pytest.raises(ValueError, match="unknown config key"):
+    with pytest.raises(
+        ValueError, match=r"'train\.epoch': unknown key \(did you mean 'train\.epochs'"
+    ):
         load_config("base.yaml", ["train.epoch=5"])
     with pytest.raises(ValueError, match="key=value"):
         apply_overrides({}, ["train.epochs"])
-    with pytest.raises(ValueError, match="mode must be one of"):
+    with pytest.raises(ValueError, match=r"config key 'mode': got 'fancy'; accepts one of"):
         from_dict({"mode": "fancy"})
     with pytest.raises(ValueError, match="no packaged config"):
         load_config("missing.yaml")

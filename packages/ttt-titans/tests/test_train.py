@@ -9,43 +9,7 @@ import pytest
 import torch
 
 from ttt_titans.cli import main
-from ttt_titans.config import load_config
 from ttt_titans.train import Runner
-
-TINY = [
-    "data.lookback=16",
-    "data.horizon=4",
-    "data.online_stride=4",
-    "data.train_stride=4",
-    "data.max_rows=null",
-    "data.target=OT",
-    "model.d_model=8",
-    "model.n_heads=2",
-    "model.window=4",
-    "model.n_persistent=2",
-    "memory.chunk=4",
-    "meta.hidden=8",
-    "train.epochs=2",
-    "train.batch_size=16",
-]
-
-
-def _csv(path, n=400, seed=0):
-    rng = np.random.default_rng(seed)
-    t = np.arange(n)
-    ot = np.sin(2 * np.pi * t / 24) + 0.1 * rng.normal(size=n)
-    x1 = np.cos(2 * np.pi * t / 24) + 0.1 * rng.normal(size=n)
-    lines = ["date,HUFL,OT"] + [f"2016-01-01 {i}:00,{a:.5f},{b:.5f}" for i, a, b in zip(t, x1, ot)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-@pytest.fixture
-def tiny_cfg(tmp_path):
-    p = _csv(tmp_path / "ett.csv")
-    return lambda mode, *extra: load_config(
-        "base.yaml", [*TINY, f"data.path={p}", f"mode={mode}", *extra]
-    )
 
 
 @pytest.mark.parametrize(
@@ -121,11 +85,10 @@ def test_online_stride_longer_than_lookback_rejected(tiny_cfg):
         Runner(tiny_cfg("simple_ttt", "data.online_stride=32"), progress=False)
 
 
-def test_cli_run_and_resume(tmp_path):
-    p = _csv(tmp_path / "ett.csv")
+def test_cli_run_and_resume(tmp_path, tiny_overrides):
     out = tmp_path / "run"
     args = ["run", "--config", "configs/exp_meta_ttt.yaml", "--out", str(out), "--no-progress"]
-    over = [*TINY, f"data.path={p}"]
+    over = tiny_overrides
     assert main(args + over) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["mode"] == "meta_ttt" and np.isfinite(m["mse"]) and m["online_windows"] > 0
@@ -137,10 +100,10 @@ def test_cli_run_and_resume(tmp_path):
     assert m2["mse"] == m["mse"] and m2["online_windows"] == m["online_windows"]
 
 
-def test_cli_compare(tmp_path, capsys):
-    p = _csv(tmp_path / "ett.csv", n=300)
+def test_cli_compare(tmp_path, capsys, make_csv, tiny_overrides):
+    p = make_csv(tmp_path / "ett300.csv", n=300)
     out = tmp_path / "cmp"
-    over = [*TINY, f"data.path={p}", "train.epochs=1"]
+    over = [*tiny_overrides, f"data.path={p}", "train.epochs=1"]
     assert main(["compare", "--out", str(out), "--no-progress", *over]) == 0
     summary = json.loads((out / "compare.json").read_text())
     assert [r["mode"] for r in summary["rows"]] == ["baseline", "simple_ttt", "meta_ttt"]

