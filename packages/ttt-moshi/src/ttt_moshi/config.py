@@ -6,7 +6,7 @@ Every key is typed and range-checked by ttt-core's `typed_config`: a bad value r
 
     run_dir: runs/ttt-moshi
     data: {train_data: [shards/train-000.npz], eval_data: [shards/eval-000.npz]}
-    duration_sec: 160.0       # window length; steps = duration_sec * frame_rate (2048 at 12.5 Hz)
+    duration_sec: 160.0       # window length; steps = duration_sec * frame_rate (2000 at 12.5 Hz)
     batch_size: 4             # per process
     max_steps: 2000
     optim: {lr: 3.0e-4, weight_decay: 0.1, pct_start: 0.05}
@@ -153,7 +153,7 @@ class FinetuneConfig:
     ttt: TTTSection = field(default_factory=TTTSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    duration_sec: float = ranged(160.0, min=0, min_exclusive=True)  # window: 2048 steps at 12.5 Hz
+    duration_sec: float = ranged(160.0, min=0, min_exclusive=True)  # 2000 steps at 12.5 Hz
     frame_rate: float = ranged(12.5, min=0, min_exclusive=True)  # Moshi steps per second
     batch_size: int = ranged(4, min=1)  # windows per process and step
     max_steps: int = ranged(1000, min=1)
@@ -219,7 +219,9 @@ class FinetuneConfig:
             mark = getattr(e, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ValueError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
+            raise ValueError(
+                f"config file {str(path)!r} is not valid YAML{where}: {problem}"
+            ) from None
         if d is not None and not isinstance(d, dict):
             raise ValueError(f"config file {str(path)!r}: the top level must be a mapping")
         return cls.from_dict(d)
