@@ -13,7 +13,12 @@ moshi 0.2.13 pins torch<2.10: install it with ``pip install --no-deps moshi==0.2
 from .checkpoint import build_lm, load_checkpoint, save_checkpoint, ttt_config_for
 from .config import FinetuneConfig, ttt_block_config
 from .data import TokenShards, load_shard, save_shard
-from .evaluate import loss_slope, per_position_loss, plot_loss_curves
+from .evaluate import (
+    loss_slope,
+    per_position_loss,
+    plot_loss_curves,
+    streaming_per_position_loss,
+)
 from .fsdp import fsdp_wrap_policy, shard_by_layer, ttt_layer_policy
 from .layer import TTTRMSNorm, TTTStreamingTransformerLayer, convert_layer, revert_layer
 from .lora import add_lora, merge_lora
@@ -59,6 +64,7 @@ __all__ = [
     "set_attention_contexts",
     "set_ttt_gates",
     "shard_by_layer",
+    "streaming_per_position_loss",
     "token_losses",
     "ttt_block_config",
     "ttt_config_for",
