@@ -130,9 +130,7 @@ def tests_together(session: nox.Session) -> None:
     session.install("scikit-build-core", "pybind11", "cmake", "ninja", "pytest")
     session.install(CORE, "./packages/ttt-gemma", "./packages/ttt-titans", "./packages/ttt-moshi")
     session.install("--no-deps", "moshi==0.2.13")  # moshi pins torch<2.10: not its deps
-    session.install(
-        "--no-build-isolation", "./packages/ttt-cuda", env={"TTT_ENABLE_CUDA": "OFF"}
-    )
+    session.install("--no-build-isolation", "./packages/ttt-cuda", env={"TTT_ENABLE_CUDA": "OFF"})
     _pytest(session, "tests/together")
 
 

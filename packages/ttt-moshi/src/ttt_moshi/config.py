@@ -58,7 +58,8 @@ __all__ = [
 
 log = logging.getLogger("ttt_moshi.config")
 
-# ttt-moshi 0.1 spelling -> today's key (they keep loading; a log line names the new spelling)
+# ttt-moshi 0.1 spelling -> today's key (they keep loading; a log line names the new spelling);
+# all under ttt.
 OLD_SPELLINGS = {
     "ttt.inner": "ttt.config.inner",
     "ttt.num_heads": "ttt.config.num_heads",
@@ -241,7 +242,8 @@ class FinetuneConfig:
 
 def _migrate(raw: dict[str, Any]) -> dict[str, Any]:
     """The 0.1 spellings, moved to today's keys (``ttt.extra`` merges into ``ttt.config``)."""
-    renames = {k: v for k, v in OLD_SPELLINGS.items() if _has(raw, k)}
+    old_ttt = raw.get("ttt") if isinstance(raw.get("ttt"), dict) else {}
+    renames = {k: v for k, v in OLD_SPELLINGS.items() if k.removeprefix("ttt.") in old_ttt}
     out = apply_renames(raw, renames, migrate=True)
     ttt = out.get("ttt")
     if isinstance(ttt, dict) and "extra" in ttt:
@@ -264,12 +266,3 @@ def _migrate(raw: dict[str, Any]) -> dict[str, Any]:
     for old, new in renames.items():
         log.warning("config key %r is an old spelling: write %r", old, new)
     return out
-
-
-def _has(raw: dict[str, Any], dotted: str) -> bool:
-    node: Any = raw
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
