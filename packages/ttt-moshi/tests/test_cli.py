@@ -78,6 +78,7 @@ def test_demo_runs_and_writes_summary(tmp_path):
     demo_main([
         "--out", str(tmp_path), "--steps", "12", "--eval-windows", "4", "--seq-len", "48",
         "--window", "8", "--dim", "32", "--layers", "2", "--batch-size", "2",
+        "--long-factor", "4", "--long-sequences", "2",
     ])  # fmt: skip
     summary = json.loads((tmp_path / "summary.json").read_text())
     base, ttt = summary["variants"].values()
@@ -88,3 +89,9 @@ def test_demo_runs_and_writes_summary(tmp_path):
     assert (tmp_path / "loss_per_position.png").stat().st_size > 0
     assert (tmp_path / "train_loss.png").stat().st_size > 0
     assert (tmp_path / "loss_difference.png").stat().st_size > 0
+    assert (tmp_path / "long_context_loss.png").stat().st_size > 0
+    long = ttt["long_context"]
+    assert long["length"] == 4 * 48 and long["sequences"] == 2
+    assert list(long["loss_by_context"]) == ["0-48", "48-96", "96-192"]
+    assert sorted(map(int, long["resident_mb_at_step"])) == [48, 96, 192]  # JSON keys
+    assert np.isfinite(long["slope_per_doubling_beyond_training_length"])

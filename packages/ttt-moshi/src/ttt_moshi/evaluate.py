@@ -12,7 +12,7 @@ change of loss per doubling of context (negative = longer context helps).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -30,6 +30,7 @@ __all__ = [
     "loss_slope",
     "per_position_loss",
     "plot_loss_curves",
+    "resident_bytes",
     "smooth",
     "streaming_per_position_loss",
 ]
@@ -59,7 +60,11 @@ def per_position_loss(
 
 @torch.no_grad()
 def streaming_per_position_loss(
-    lm: nn.Module, codes: Tensor, chunk: int = 1, progress: bool = False
+    lm: nn.Module,
+    codes: Tensor,
+    chunk: int = 1,
+    progress: bool = False,
+    on_step: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-position CE of ``codes`` [B, K, T] read in streaming mode, ``chunk`` steps per call
     (1, as Moshi streams; a longer chunk needs every attention window to cover it, see README).
@@ -68,7 +73,8 @@ def streaming_per_position_loss(
     in the layers' state), so memory does not grow with T beyond the [B, K, T] losses themselves:
     sequences many times the training length can be read. The losses are those of
     `token_losses` on the whole sequence (Moshi's delays, masks and the depformer's audio logits),
-    which it equals where both fit (tested).
+    which it equals where both fit (tested). ``on_step(steps_read)`` is called after each chunk
+    (e.g. to sample the memory in use, `resident_bytes`).
 
     Returns:
         ``(sums, counts)``, both [T]: CE summed over batch and codebooks at each step, and the
@@ -102,6 +108,8 @@ def streaming_per_position_loss(
                 logits = lm.forward_depformer_training(tgt, out)  # (B, dep_q, c, V)
                 for k in range(lm.dep_q):
                     ce[:, 1 + k, s : s + chunk] = _ce(logits[:, k], tgt[:, 1 + k])
+            if on_step is not None:
+                on_step(min(s + chunk, T))
     lm.train(was_training)
     sums = torch.zeros(T, dtype=torch.float64)
     counts = torch.zeros(T, dtype=torch.float64)
@@ -112,6 +120,15 @@ def streaming_per_position_loss(
         sums[: T - d] += (ce[:, k, d:] * valid).sum(0)
         counts[: T - d] += valid.sum(0)
     return sums.numpy(), counts.numpy()
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux ``/proc/self/statm``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _ce(logits: Tensor, target: Tensor) -> Tensor:
