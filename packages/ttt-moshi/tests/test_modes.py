@@ -14,6 +14,7 @@ from ttt_moshi import (
     FinetuneConfig,
     Trainer,
     get_ttt_gates,
+    load_checkpoint,
     merge_lora,
     patch_lm,
     save_shard,
@@ -97,6 +98,9 @@ def test_lora_starts_exact_trains_only_adapters_and_merges(base):
     torch.testing.assert_close(b.text_logits, a.text_logits)
     torch.testing.assert_close(b.logits.nan_to_num(), a.logits.nan_to_num())
     assert not torch.allclose(a.text_logits, plain(codes).text_logits)  # the adapters changed it
+    lm2, _ = load_checkpoint(tr.run_dir / "final.pt")  # rebuilt with its adapters
+    with torch.no_grad():
+        assert torch.equal(lm2.eval()(codes).text_logits, a.text_logits)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(base):
