@@ -1,4 +1,5 @@
-"""Two gloo processes (FSDP2 by layer, and DDP) train like one process on the whole batch."""
+"""Two gloo processes (FSDP2 by layer, and DDP) train like one process on the whole batch, also
+when the run stops and resumes (a sharded checkpoint gathered, then loaded into the shards)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ def _worker(rank: int, world: int, init_file: str, cfg: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
+        config = FinetuneConfig.from_dict(cfg)
         with no_compile():
-            Trainer(FinetuneConfig.from_dict(cfg), progress=False).fit()
+            Trainer(config, progress=False).fit(max_steps=1)  # stop after one step
+            Trainer(config, progress=False, resume=True).fit()
     finally:
         dist.destroy_process_group()
 
@@ -61,7 +64,7 @@ def test_two_processes_equal_one_on_the_whole_batch(tmp_path, parallelism):
     one.fit()
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
     lm_two, payload = load_checkpoint(tmp_path / "two" / "final.pt")  # gathered by rank 0
-    assert payload["step"] == 3
+    assert payload["step"] == 3 and (tmp_path / "two" / "step000001.pt").exists()
     sd_one = one.lm.state_dict()
     for k, v in lm_two.state_dict().items():
         # AdamW divides by sqrt(v): entries with near-zero gradients move by up to lr (1e-2) on
