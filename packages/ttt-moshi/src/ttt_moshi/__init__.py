@@ -4,8 +4,10 @@
   fast weights and the partial TTT mini-batch live in Moshi's streaming state.
 - `patch_lm` / `unpatch_lm` / `export_plain_state_dict`: convert chosen layers of an `LMModel` in
   place, with per-layer local attention windows, and export a plain-Moshi checkpoint.
-- Fine-tuning (`FinetuneConfig`, `Trainer`), shard loading (`TokenShards`), long-context evaluation
-  (`per_position_loss`, `loss_slope`).
+- `get_ttt_gates` / `set_ttt_gates`: the TTT blocks' tanh(alpha) gates.
+- Fine-tuning (`FinetuneConfig`, `Trainer`: exact resume, TTT-only / LoRA / full, bf16, gradient
+  checkpointing, FSDP2 / DDP), shards (`TokenShards`, ``ttt-moshi encode``), long-context evaluation
+  (`per_position_loss`, `streaming_per_position_loss`, `loss_slope`).
 
 moshi 0.2.13 pins torch<2.10: install it with ``pip install --no-deps moshi==0.2.13`` (see README).
 """
