@@ -160,9 +160,17 @@ def _read_errors() -> tuple[type[BaseException], ...]:
 def reading(path: str | os.PathLike[str], what: str = "file") -> Iterator[Path]:
     """Turn the raw errors of reading ``path`` into a ``ValueError`` that names it.
 
+    Keep only the reading itself inside the block: a ``ValueError`` raised there that does not
+    name the file is reported as corruption (one that names it passes through unchanged), so check
+    the content (shapes, dtypes) after the block.
+
     Args:
         path: the file being read.
         what: how the message calls it (``"checkpoint"``, ``"data file"``, ``"shard"``).
+
+    Raises:
+        ValueError: ``"<what> '<path>' does not exist"`` before the block, or ``"<what> '<path>' is
+            truncated or corrupt (<error>)"`` for the errors readers raise.
 
     Examples:
         >>> with reading(path, "shard") as p:
@@ -180,6 +188,16 @@ def reading(path: str | os.PathLike[str], what: str = "file") -> Iterator[Path]:
         raise ValueError(
             f"{what} {str(path)!r} is truncated or corrupt ({type(e).__name__}: {e})"
         ) from e
+
+
+def _allowing(classes: list[Any]) -> contextlib.AbstractContextManager[Any]:
+    """Allow-list ``classes`` for ``weights_only`` loads within a ``with`` block (torch >= 2.5);
+    torch 2.4 has only the process-wide ``add_safe_globals``, used there instead."""
+    scoped = getattr(torch.serialization, "safe_globals", None)
+    if scoped is not None:
+        return scoped(classes)
+    torch.serialization.add_safe_globals(classes)
+    return contextlib.nullcontext()
 
 
 def safe_load(
@@ -206,7 +224,7 @@ def safe_load(
             allow-listed (the message gives the global's name).
     """
     path = Path(path)
-    with reading(path, what), torch.serialization.safe_globals([*SAFE_CLASSES, *allow]):
+    with reading(path, what), _allowing([*SAFE_CLASSES, *allow]):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
