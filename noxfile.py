@@ -122,12 +122,26 @@ def tests_cuda(session: nox.Session) -> None:
     _pytest(session, "packages/ttt-cuda/tests")
 
 
+@nox.session(name="tests-together")
+def tests_together(session: nox.Session) -> None:
+    """All five packages in one venv (ttt-cuda built without nvcc): they install side by side
+    (no downgrade breaks transformers) and each imports and computes; a short smoke run."""
+    _install_torch(session)
+    session.install("scikit-build-core", "pybind11", "cmake", "ninja", "pytest")
+    session.install(CORE, "./packages/ttt-gemma", "./packages/ttt-titans", "./packages/ttt-moshi")
+    session.install("--no-deps", "moshi==0.2.13")  # moshi pins torch<2.10: not its deps
+    session.install("--no-build-isolation", "./packages/ttt-cuda", env={"TTT_ENABLE_CUDA": "OFF"})
+    _pytest(session, "tests/together")
+
+
 @nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
-    """Every CPU test session, one venv each (the CI command)."""
+    """Every CPU test session, one venv each, then all packages in one venv (the CI command)."""
     for name, path in CPU_TEST_SESSIONS.items():
         if (ROOT / path / "pyproject.toml").exists():
             session.notify(name, posargs=session.posargs)
+    if all((ROOT / p / "pyproject.toml").exists() for p in CPU_TEST_SESSIONS.values()):
+        session.notify("tests-together")
 
 
 @nox.session

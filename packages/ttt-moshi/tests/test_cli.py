@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from conftest import TINY_KWARGS, random_codes
 
 from ttt_moshi import load_checkpoint, save_shard, ttt_layer_indices
@@ -21,7 +22,7 @@ def test_finetune_cli(tmp_path, capsys):
         "duration_sec": 1.6, "batch_size": 2, "max_steps": 6, "log_freq": 3,
         "optim": {"lr": 1e-3, "pct_start": 0.34},
         "model": {"lm_kwargs": TINY_KWARGS},
-        "ttt": {"layers": [1], "mini_batch_size": 4, "inner": "mlp"},
+        "ttt": {"layers": [1], "config": {"mini_batch_size": 4, "inner": "mlp"}},
     }  # fmt: skip
     (tmp_path / "ft.yaml").write_text(json.dumps(cfg))  # JSON is YAML
     finetune_main(["--config", str(tmp_path / "ft.yaml"), "--no-progress"])
@@ -30,6 +31,45 @@ def test_finetune_cli(tmp_path, capsys):
     lm, payload = load_checkpoint(tmp_path / "run" / "final.pt")
     assert ttt_layer_indices(lm) == [1] and payload["step"] == 6
     assert payload["patch"]["ttt"]["inner"] == "mlp"
+    # a second start on the same run dir: one line naming the fix, exit status 1
+    with pytest.raises(SystemExit) as exit_info:
+        finetune_main(["--config", str(tmp_path / "ft.yaml"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(err) == 1
+    assert err[0].startswith("ttt-moshi-finetune: error: run dir") and "--resume" in err[0]
+    with pytest.raises(ValueError, match="finished"):  # --debug: the exception itself
+        finetune_main(["--config", str(tmp_path / "ft.yaml"), "--resume", "--debug"])
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("optim: {lr: -1}", "config key 'optim.lr': got -1.0; accepts a float > 0"),
+        ("full_finetuning: 'false'", "config key 'full_finetuning': got 'false'"),
+        ("ckpt_freq: -1", "config key 'ckpt_freq': got -1; accepts an int >= 0"),
+        ("batch_size: 0", "config key 'batch_size': got 0"),
+        ("ttt: {config: {mini_batch_size: 4.5}}", "ttt.config.mini_batch_size"),
+        ("max_norm: -1", "config key 'max_norm'"),
+        ("optim: {lr_max: 1}", "'optim.lr_max': unknown key"),
+        ("a: [", "is not valid YAML"),
+    ],
+    ids=["lr-negative", "bool-string", "ckpt-negative", "batch-zero", "mini-batch-float",
+         "clip-negative", "unknown-key", "bad-yaml"],
+)  # fmt: skip
+def test_cli_bad_config_is_one_line(tmp_path, capsys, text, match):
+    base = f"model: {{lm_kwargs: {json.dumps(TINY_KWARGS)}}}\nttt: {{layers: [1]}}\n"
+    if text.startswith("ttt:"):
+        base = base.replace("ttt: {layers: [1]}", text.replace("{config", "{layers: [1], config"))
+    else:
+        base += text + "\n"
+    (tmp_path / "ft.yaml").write_text(base)
+    with pytest.raises(SystemExit):
+        finetune_main(["--config", str(tmp_path / "ft.yaml")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
+    with pytest.raises(SystemExit):  # a --config path with a typo
+        finetune_main(["--config", str(tmp_path / "ft.yml")])
+    assert "ft.yml' does not exist" in capsys.readouterr().err
 
 
 def test_demo_runs_and_writes_summary(tmp_path):
@@ -38,6 +78,7 @@ def test_demo_runs_and_writes_summary(tmp_path):
     demo_main([
         "--out", str(tmp_path), "--steps", "12", "--eval-windows", "4", "--seq-len", "48",
         "--window", "8", "--dim", "32", "--layers", "2", "--batch-size", "2",
+        "--long-factor", "4", "--long-sequences", "2",
     ])  # fmt: skip
     summary = json.loads((tmp_path / "summary.json").read_text())
     base, ttt = summary["variants"].values()
@@ -48,3 +89,9 @@ def test_demo_runs_and_writes_summary(tmp_path):
     assert (tmp_path / "loss_per_position.png").stat().st_size > 0
     assert (tmp_path / "train_loss.png").stat().st_size > 0
     assert (tmp_path / "loss_difference.png").stat().st_size > 0
+    assert (tmp_path / "long_context_loss.png").stat().st_size > 0
+    long = ttt["long_context"]
+    assert long["length"] == 4 * 48 and long["sequences"] == 2
+    assert list(long["loss_by_context"]) == ["0-48", "48-96", "96-192"]
+    assert sorted(map(int, long["resident_mb_at_step"])) == [48, 96, 192]  # JSON keys
+    assert np.isfinite(long["slope_per_doubling_beyond_training_length"])

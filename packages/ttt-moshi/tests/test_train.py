@@ -1,4 +1,4 @@
-"""Fine-tuning: YAML config, NaN/Inf guard, monitoring, one-cycle schedule, atomic checkpoints."""
+"""Fine-tuning: NaN/Inf guard, monitoring, one-cycle schedule, checkpoints, exact resume, run dirs."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_KWARGS, make_lm, random_codes
@@ -32,7 +33,7 @@ max_bad_steps: 3
 optim: {{lr: 3e-3, pct_start: 0.2}}
 model:
   lm_kwargs: {kwargs}
-ttt: {{layers: [0, 2], mini_batch_size: 4, gate_init: 0.1}}
+ttt: {{layers: [0, 2], config: {{mini_batch_size: 4, gate_init: 0.1}}}}
 attention_context: 10
 ttt_attention_context: 5
 """
@@ -44,19 +45,6 @@ def config(tmp_path):
     text = YAML.format(run=tmp_path / "run", shard=shard, kwargs=json.dumps(TINY_KWARGS))
     (tmp_path / "ft.yaml").write_text(text)
     return FinetuneConfig.from_yaml(tmp_path / "ft.yaml")
-
-
-def test_yaml_config(config, tmp_path):
-    assert config.seq_len == 20 and config.optim.lr == 3e-3  # "3e-3" is a string in YAML 1.1
-    assert config.ttt.layers == [0, 2]
-    again = FinetuneConfig.from_yaml(config.to_yaml(tmp_path / "again.yaml"))
-    assert again == config
-    with pytest.raises(ValueError, match=r"unknown keys \['lr_max'\]"):
-        FinetuneConfig.from_dict({"optim": {"lr_max": 1.0}})
-    with pytest.raises(ValueError, match=r"optim\.pct_start"):
-        FinetuneConfig.from_dict({"optim": {"pct_start": 1.5}})
-    with pytest.raises(ValueError, match=r"optim\.lr must be a number"):
-        FinetuneConfig.from_dict({"optim": {"lr": "fast"}})
 
 
 def test_training_step_monitoring_and_schedule(config):
@@ -157,7 +145,7 @@ def test_start_from_plain_moshi_checkpoint_is_exact(config, tmp_path):
     weights = tmp_path / "moshi.safetensors"
     save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(weights))
     config.model.moshi_weights = str(weights)
-    config.ttt.gate_init = 0.0
+    config.ttt.config["gate_init"] = 0.0
     config.attention_context = config.ttt_attention_context = None  # keep the checkpoint's 20
     tr = Trainer(config, progress=False)
     assert ttt_layer_indices(tr.lm) == [0, 2]
@@ -169,4 +157,81 @@ def test_start_from_plain_moshi_checkpoint_is_exact(config, tmp_path):
     assert torch.equal(a.logits.nan_to_num(), b.logits.nan_to_num())
     config.model.moshi_weights = str(tmp_path / "moshi.bin")
     with pytest.raises(ValueError, match=r"must be a \.safetensors file"):
+        Trainer(config, progress=False, overwrite=True)
+
+
+def _losses(history):
+    return [r["loss"] for r in history]
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(config, tmp_path):
+    """Stop after 4 steps, resume in a new Trainer: the next losses, the final weights and the
+    metrics log are those of one uninterrupted run (optimizer, schedule, RNG, data position)."""
+    whole = Trainer(config.replace(run_dir=str(tmp_path / "whole")), progress=False)
+    whole.fit()
+    cut = config.replace(run_dir=str(tmp_path / "cut"))
+    first = Trainer(cut, progress=False)
+    first.fit(max_steps=4)
+    assert (first.run_dir / "step000004.pt").exists() and not (first.run_dir / "final.pt").exists()
+    with (first.run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "loss": 9.0}\n{"step": 5, "lo')  # a step past the checkpoint + torn
+    second = Trainer(cut, progress=False, resume=True)
+    assert second.step == 4
+    second.fit()
+    assert _losses(second.history) == _losses(whole.history)[4:]  # bit for bit
+    a, b = whole.lm.state_dict(), second.lm.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    read = lambda run: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert read(second.run_dir) == read(whole.run_dir)
+
+
+def test_run_dir_policy(config, tmp_path):
+    tr = Trainer(config, progress=False)
+    tr.fit(max_steps=2)
+    with pytest.raises(ValueError, match="exists and is not empty: pass --resume"):
         Trainer(config, progress=False)
+    with pytest.raises(FileExistsError, match="never overwrites"):
+        tr.save(tr.run_dir / "step000002.pt")
+    changed = config.replace(batch_size=1)
+    with pytest.raises(ValueError, match=r"batch_size: 2 -> 1"):
+        Trainer(changed, progress=False, resume=True)
+    Trainer(config.replace(log_freq=5), progress=False, resume=True).fit()  # allowed change
+    with pytest.raises(ValueError, match=r"is finished \(final\.pt exists\)"):
+        Trainer(config, progress=False, resume=True)
+    fresh = Trainer(config, progress=False, overwrite=True)  # replaces the run
+    assert fresh.step == 0 and not (fresh.run_dir / "final.pt").exists()
+    with pytest.raises(ValueError, match="nothing to resume"):
+        Trainer(config.replace(run_dir=str(tmp_path / "new")), progress=False, resume=True)
+
+
+def test_ckpt_freq_keeps_newest_and_eval_freq_logs(config, tmp_path):
+    shard = config.data.train_data
+    cfg = config.replace(ckpt_freq=2, num_ckpt_keep=2, eval_freq=5)
+    cfg.data.eval_data = list(shard)
+    tr = Trainer(cfg, progress=False)
+    tr.fit()
+    names = sorted(p.name for p in tr.run_dir.glob("*.pt"))
+    assert names == ["final.pt", "step000006.pt", "step000008.pt"]
+    lines = [json.loads(x) for x in (tr.run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [4, 9] and all(np.isfinite(r["eval_loss"]) for r in evals)
+    assert evals[-1]["eval_loss"] == pytest.approx(tr.evaluate(), rel=1e-6)
+
+
+def test_failed_write_leaves_no_tmp_and_keeps_the_old_file(config, monkeypatch):
+    """A full disk during a checkpoint write: no partial file, nothing already saved is lost."""
+    tr = Trainer(config, progress=False)
+    tr.fit(max_steps=2)
+    saved = (tr.run_dir / "step000002.pt").read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **kw):
+        real_save(obj, f, *a, **kw)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        tr.fit()
+    monkeypatch.undo()
+    assert not list(tr.run_dir.glob("*.tmp")) and not (tr.run_dir / "final.pt").exists()
+    assert (tr.run_dir / "step000002.pt").read_bytes() == saved

@@ -1,9 +1,11 @@
 """Atomic checkpoints of a patched Moshi LM, and model building from a config.
 
-A checkpoint is one ``torch.save`` file written to ``<path>.tmp`` and moved into place with
-``os.replace`` (a crash never leaves a half-written checkpoint). It holds the full state dict (TTT
-blocks included), the `LMModel` constructor arguments and the patch description (`patch_info`), so
-`load_checkpoint(path)` rebuilds the same model and gives bit-identical logits.
+A checkpoint is one ``torch.save`` file written with ttt-core's `atomic_save` (a temp file beside
+it, fsync, ``os.replace``; on any error, a full disk included, the temp file is removed and an
+older file of that name is left as it was). It holds the full state dict (TTT blocks and LoRA
+adapters included), the `LMModel` constructor arguments, the patch description (`patch_info`) and
+the LoRA shape, so `load_checkpoint(path)` rebuilds the same model and gives bit-identical logits.
+It is read back with `safe_load` (``weights_only``: a crafted file cannot run code).
 """
 
 from __future__ import annotations
@@ -17,13 +19,25 @@ from moshi.models.lm import LMModel
 from torch import nn
 
 from ttt_core import TTTConfig
+from ttt_core.runfiles import atomic_save, reading, safe_load
 
+from .config import ttt_block_config
+from .lora import add_lora, lora_info
 from .patch import apply_patch_info, patch_info, set_attention_contexts, transformer_of
 
-__all__ = ["build_lm", "load_checkpoint", "save_checkpoint", "ttt_config_for"]
+__all__ = [
+    "build_lm",
+    "load_checkpoint",
+    "read_checkpoint",
+    "save_checkpoint",
+    "ttt_config_for",
+]
 
 
-def build_lm(lm_kwargs: dict[str, Any], moshi_weights: str | os.PathLike | None = None) -> LMModel:
+def build_lm(
+    lm_kwargs: dict[str, Any],
+    moshi_weights: str | os.PathLike | None = None,
+) -> LMModel:
     """A moshi `LMModel(**lm_kwargs)`, with a plain Moshi checkpoint loaded if given (strict)."""
     if not isinstance(lm_kwargs, dict) or not lm_kwargs:
         raise ValueError("lm_kwargs must be a non-empty mapping of moshi LMModel arguments")
@@ -34,7 +48,9 @@ def build_lm(lm_kwargs: dict[str, Any], moshi_weights: str | os.PathLike | None 
         path = Path(moshi_weights)
         if path.suffix != ".safetensors":
             raise ValueError(f"moshi_weights must be a .safetensors file, got {path.name!r}")
-        lm.load_state_dict(load_file(str(path)), strict=True)
+        with reading(path, "moshi_weights file") as p:
+            state = load_file(str(p))
+        lm.load_state_dict(state, strict=True)
     return lm
 
 
@@ -48,30 +64,24 @@ def ttt_config_for(
     gate_init: float = 0.1,
     **extra: Any,
 ) -> TTTConfig:
-    """The TTTConfig matching ``lm``'s width: causal, tanh(alpha) gate, learnable per-token eta.
+    """The TTTConfig of a TTT block for ``lm``'s width (`ttt_block_config`): causal, tanh(alpha)
+    gate, learnable per-token eta, a quarter of the model's heads of the attention head dim.
 
-    Default TTT width: a quarter of the model's heads (at least one), each of the attention's head
-    dim, so the inner width is ``dim / 4`` (Moshi 7B: 8 TTT heads of 128). The TTT block's
-    projections are read for every streamed token, so its width sets its share of a streaming step:
-    at a quarter width the block adds about 10-20% to a step (``benchmarks/moshi.py``), at full
-    width 30-50%. Pass ``num_heads`` (and ``head_dim``) for another width.
+    The TTT block's projections are read for every streamed token, so its width sets its share of
+    a streaming step: at a quarter width the block adds about 10-20% to a step
+    (``benchmarks/moshi.py``), at full width 30-50%. Pass ``num_heads`` (and ``head_dim``) for
+    another width, any other `TTTConfig` field as a keyword.
     """
-    layer0 = transformer_of(lm).layers[0]
-    dim = int(layer0.self_attn.embed_dim)
-    attn_heads = int(layer0.self_attn.num_heads)
-    heads = int(num_heads or max(1, attn_heads // 4))
-    extra.setdefault("head_dim", dim // attn_heads)
-    return TTTConfig(
-        hidden_size=dim,
-        num_heads=heads,
+    attn = transformer_of(lm).layers[0].self_attn
+    fields = dict(
         inner=inner,
+        num_heads=num_heads,
         mini_batch_size=mini_batch_size,
-        causal=True,
         base_lr=base_lr,
-        gate="tanh_alpha",
         gate_init=gate_init,
         **extra,
     )
+    return ttt_block_config(int(attn.embed_dim), int(attn.num_heads), fields)
 
 
 def save_checkpoint(
@@ -83,24 +93,30 @@ def save_checkpoint(
     scheduler: Any = None,
     step: int = 0,
     extra: dict[str, Any] | None = None,
+    model_state: dict[str, Any] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the model (+ optimizer/scheduler state) atomically: tmp file, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the model (+ optimizer/scheduler state) atomically with `atomic_save`.
+
+    Args:
+        model_state: the full state dict to store (default ``lm.state_dict()``; a sharded model
+            passes its gathered one).
+        optimizer_state: the optimizer's state dict (default ``optimizer.state_dict()``).
+    """
     payload = {
         "format": "ttt-moshi/1",
-        "model": {k: v.detach().cpu() for k, v in lm.state_dict().items()},
+        "model": {k: v.detach().cpu() for k, v in (model_state or lm.state_dict()).items()},
         "lm_kwargs": dict(lm_kwargs),
         "patch": patch_info(lm),
+        "lora": lora_info(lm),
         "step": int(step),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "optimizer": optimizer_state
+        if optimizer_state is not None
+        else (optimizer.state_dict() if optimizer is not None else None),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "extra": extra or {},
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_save(payload, path)
 
 
 def load_checkpoint(
@@ -111,15 +127,13 @@ def load_checkpoint(
     With ``lm=None`` a fresh `LMModel(**payload["lm_kwargs"])` is built and patched like the saved
     one; a given plain ``lm`` is patched in place; a given patched ``lm`` must match the layers.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != "ttt-moshi/1":
-        raise ValueError(f"{path} is not a ttt-moshi checkpoint")
+    payload = read_checkpoint(path, map_location)
     info = payload["patch"]
     if lm is None:
         lm = build_lm(payload["lm_kwargs"])
+    lora = payload.get("lora")
+    if lora is not None and lora_info(lm) is None:
+        add_lora(lm, int(lora["rank"]), float(lora["scaling"]))
     current = patch_info(lm)
     if not current["layers"]:
         apply_patch_info(lm, info)
@@ -131,3 +145,13 @@ def load_checkpoint(
         set_attention_contexts(lm, dict(enumerate(info["attention_context"])))
     lm.load_state_dict(payload["model"], strict=True)
     return lm, payload
+
+
+def read_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """The payload of a `save_checkpoint` file, loaded safely (ValueError naming a bad file)."""
+    payload = safe_load(path, map_location=map_location)
+    if not isinstance(payload, dict) or payload.get("format") != "ttt-moshi/1":
+        raise ValueError(f"{str(path)!r} is not a ttt-moshi checkpoint")
+    return payload

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ttt_core.runfiles import reading
+
 __all__ = ["TokenShards", "load_shard", "save_shard"]
 
 ZERO_TOKEN_ID = -1  # moshi LMModel.zero_token_id: no input at this step, no loss
@@ -33,17 +35,21 @@ def save_shard(path: str | os.PathLike, codes: np.ndarray | Tensor) -> Path:
     arr = codes.detach().cpu().numpy() if isinstance(codes, Tensor) else np.asarray(codes)
     if not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"codes must be integer token ids, got dtype {arr.dtype}")
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".npz":
-        with open(tmp, "wb") as f:
-            np.savez(f, codes=arr.astype(np.int64))
-    elif path.suffix == ".safetensors":
-        from safetensors.numpy import save_file
-
-        save_file({"codes": np.ascontiguousarray(arr.astype(np.int64))}, str(tmp))
-    else:
+    if path.suffix not in (".npz", ".safetensors"):
         raise ValueError(f"path must end in .npz or .safetensors, got {path.name!r}")
-    os.replace(tmp, path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        if path.suffix == ".npz":
+            with open(tmp, "wb") as f:
+                np.savez(f, codes=arr.astype(np.int64))
+        else:
+            from safetensors.numpy import save_file
+
+            save_file({"codes": np.ascontiguousarray(arr.astype(np.int64))}, str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no partial file
+        raise
     return path
 
 
@@ -53,14 +59,15 @@ def load_shard(path: str | os.PathLike) -> np.ndarray:
     if not path.exists():
         raise FileNotFoundError(f"shard {path} does not exist")
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
+        with reading(path, "shard"), np.load(path, allow_pickle=False) as z:
             if "codes" not in z.files:
                 raise ValueError(f"shard {path} has no array 'codes' (has {sorted(z.files)})")
             arr = z["codes"]
     elif path.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
-        tensors = load_file(str(path))
+        with reading(path, "shard"):
+            tensors = load_file(str(path))
         if "codes" not in tensors:
             raise ValueError(f"shard {path} has no tensor 'codes' (has {sorted(tensors)})")
         arr = tensors["codes"]
@@ -164,15 +171,29 @@ class TokenShards:
         return self.windows[i]
 
     def batches(
-        self, batch_size: int, *, seed: int = 0, shuffle: bool = True, epochs: int | None = None
+        self,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        epochs: int | None = None,
+        start: int = 0,
     ) -> Iterator[Tensor]:
-        """Batches [batch_size, K, seq_len]; ``epochs=None`` loops forever, reshuffled."""
+        """Batches [batch_size, K, seq_len]; ``epochs=None`` loops forever, reshuffled.
+
+        The stream depends only on ``seed``: ``start=n`` yields what the stream yields after its
+        first ``n`` batches (a resumed run reads the batches an uninterrupted run would read).
+        """
         if batch_size < 1 or batch_size > len(self):
             raise ValueError(f"batch_size must be in 1..{len(self)} (windows), got {batch_size}")
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
         g = torch.Generator().manual_seed(seed)
+        per_epoch = len(self) // batch_size
         epoch = 0
         while epochs is None or epoch < epochs:
             order = torch.randperm(len(self), generator=g) if shuffle else torch.arange(len(self))
-            for s in range(0, len(self) - batch_size + 1, batch_size):
-                yield self.windows[order[s : s + batch_size]]
+            for b in range(per_epoch):
+                if epoch * per_epoch + b >= start:
+                    yield self.windows[order[b * batch_size : (b + 1) * batch_size]]
             epoch += 1

@@ -9,8 +9,11 @@ The model is Moshi's ``LMModel`` in its text-only form (``n_q=0``, no depformer)
 
 Both variants use the same local attention windows (the issue's setup, scaled down: the TTT layers
 attend ``W/2`` steps, the others ``W``); the TTT variant adds TTT-Linear blocks (mini-batch 16,
-tanh(alpha) gate) to half the layers. Written to DIR: ``loss_per_position.png``,
-``loss_difference.png``, ``train_loss.png``, ``summary.json`` (+ the shards and the metrics of each run).
+tanh(alpha) gate) to half the layers. Each trained model then reads held-out sequences
+``--long-factor`` (8) times the training length in streaming mode (`streaming_per_position_loss`:
+state carried, memory bounded; the resident memory is sampled at 1, 2, 4, 8 x the training length).
+Written to DIR: ``loss_per_position.png``, ``loss_difference.png``, ``long_context_loss.png``,
+``train_loss.png``, ``summary.json`` (+ the shards and the metrics of each run).
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ import torch
 
 from .config import FinetuneConfig
 from .data import save_shard
-from .evaluate import loss_slope, per_position_loss, plot_loss_curves, smooth
+from .evaluate import (
+    loss_slope,
+    per_position_loss,
+    plot_loss_curves,
+    resident_bytes,
+    smooth,
+    streaming_per_position_loss,
+)
 from .layer import TTTStreamingTransformerLayer
 from .train import Trainer
 
@@ -91,24 +101,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "moshi + TTT-Linear": {
             "ttt": {
                 "layers": ttt_layers,
-                "inner": "linear",
-                "num_heads": args.heads,  # full TTT width for the small demo model
-                "mini_batch_size": 16,
-                "gate_init": 0.1,
+                "config": {
+                    "inner": "linear",
+                    "num_heads": args.heads,  # full TTT width for the small demo model
+                    "mini_batch_size": 16,
+                    "gate_init": 0.1,
+                },
             },
         },
     }
     curves: dict[str, np.ndarray] = {}
+    long_curves: dict[str, np.ndarray] = {}
+    held = tokens[-int(len(tokens) * 0.2) :]  # the eval shard's bytes
+    long_len = args.long_factor * args.seq_len
+    n_long = min(args.long_sequences, len(held) // long_len)
+    long_codes = torch.from_numpy(held[: n_long * long_len].reshape(n_long, 1, long_len))
     summary: dict[str, Any] = {"variants": {}}
     eval_windows = None
     histories = {}
     for name, extra in variants.items():
         slug = "ttt" if extra["ttt"]["layers"] else "baseline"
         cfg = FinetuneConfig.from_dict({**base, **extra, "run_dir": str(out / f"run_{slug}")})
-        metrics = Path(cfg.run_dir) / "metrics.jsonl"
-        metrics.unlink(missing_ok=True)
         t0 = time.perf_counter()
-        trainer = Trainer(cfg, progress=True)
+        trainer = Trainer(cfg, progress=True, overwrite=True)  # a rerun replaces the demo's run
         trainer.fit()
         train_s = time.perf_counter() - t0
         if eval_windows is None:
@@ -147,6 +162,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  if "inner_loss" in k}  # fmt: skip
         if inner:
             rec["inner_loss_last_monitored_step"] = inner
+        rec["long_context"], long_curves[name] = _long_context(
+            trainer.lm, long_codes, args.seq_len, w
+        )
         if slug == "ttt":
             rec["streaming_max_abs_diff"] = _streaming_check(trainer.lm, eval_windows[:1, :, :64])
         summary["variants"][name] = rec
@@ -176,11 +194,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         title=f"held-out per-position loss ({len(eval_windows)} windows of {args.seq_len} bytes)",
     )  # fmt: skip
+    plot_loss_curves(
+        long_curves, out / "long_context_loss.png",
+        windows={"training length": args.seq_len, f"window {window}": window},
+        smooth_width=33,
+        title=f"streaming, {args.long_factor}x the training length ({n_long} sequences)",
+    )  # fmt: skip
     _plot_train(histories, out / "train_loss.png")
     _plot_difference(curves, out / "loss_difference.png", b["attention_receptive_field"])
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     np.savez(out / "curves.npz", **{n.replace(" ", "_"): c for n, c in curves.items()})
     return summary
+
+
+def _long_context(
+    lm: torch.nn.Module, codes: torch.Tensor, train_len: int, window: int
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Per-position loss of ``codes`` [N, 1, T] read in streaming mode (state carried, memory
+    bounded), by context band, its slope per doubling, and the resident memory as it reads."""
+    T = codes.shape[-1]
+    marks = sorted({train_len * 2**i for i in range(8) if train_len * 2**i <= T})
+    rss: dict[int, int] = {}
+
+    def sample(step: int) -> None:
+        if step in marks:
+            rss[step] = resident_bytes()
+
+    t0 = time.perf_counter()
+    sums, counts = streaming_per_position_loss(lm, codes, on_step=sample)
+    curve = sums / np.maximum(counts, 1)
+    bands = {f"{a}-{b}": float(curve[a:b].mean()) for a, b in zip([0, *marks[:-1]], marks)}
+    report = {
+        "length": T,
+        "sequences": int(codes.shape[0]),
+        "loss_by_context": bands,
+        "slope_per_doubling_beyond_window": loss_slope(curve, start=window),
+        "slope_per_doubling_beyond_training_length": loss_slope(curve, start=train_len),
+        "resident_mb_at_step": {k: round(v / 2**20, 1) for k, v in rss.items()},
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    return report, curve
 
 
 @torch.no_grad()
@@ -252,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-windows", type=int, default=0, help="held-out windows (0: all)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--long-factor", type=int, default=8, help="long-context eval: x seq-len")
+    p.add_argument("--long-sequences", type=int, default=4, help="long held-out sequences")
     p.add_argument("--quick", action="store_true", help="a few steps, to check the pipeline")
     args = p.parse_args(argv)
     if args.quick:

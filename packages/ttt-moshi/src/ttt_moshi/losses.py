@@ -18,7 +18,22 @@ from moshi.models.lm_utils import _delay_sequence, _undelay_sequence
 from moshi.utils.compile import no_compile
 from torch import Tensor
 
-__all__ = ["TokenLosses", "token_losses"]
+__all__ = ["LossWeights", "TokenLosses", "combine_sums", "token_losses"]
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Per-token loss weights, in moshi-finetune's spelling.
+
+    ``loss = text * sum(w_t CE_t) / sum(w_t) + sum(w_a CE_a) / sum(w_a)`` over the valid tokens, with
+    ``w_t = text_padding`` on the text padding ids (1 elsewhere) and ``w_a = first_codebook`` on the
+    first audio codebook (1 on the others).
+    """
+
+    text: float = 1.0  # text_loss_weight
+    first_codebook: float = 1.0  # first_codebook_weight_multiplier
+    text_padding: float = 1.0  # text_padding_weight
+    text_padding_ids: tuple[int, ...] = ()  # lm.text_padding_token_id, lm.end_of_text_padding_id
 
 
 @dataclass
@@ -27,21 +42,37 @@ class TokenLosses:
 
     Attributes:
         text: [B, 1, T] CE of the text stream (0 where masked); text_mask: [B, 1, T] bool.
+        text_target: [B, 1, T] the text tokens (to find the padding ids).
         audio: [B, dep_q, T] CE of the audio codebooks (depformer outputs), None if dep_q == 0;
         audio_mask: [B, dep_q, T] bool (None if dep_q == 0).
     """
 
     text: Tensor
     text_mask: Tensor
+    text_target: Tensor
     audio: Tensor | None
     audio_mask: Tensor | None
 
-    def loss(self, text_weight: float = 1.0) -> Tensor:
-        """Scalar loss ``text_weight * mean_text_CE + mean_audio_CE`` over the valid tokens."""
-        total = text_weight * _masked_mean(self.text, self.text_mask)
+    def weighted_sums(self, weights: LossWeights = LossWeights()) -> Tensor:
+        """``[sum(w_t CE_t), sum(w_t), sum(w_a CE_a), sum(w_a)]`` (a [4] tensor; the weight sums
+        carry no gradient). Sums over several processes add up to the sums of the whole batch."""
+        w_text = self.text_mask.to(self.text.dtype)  # (B, 1, T)
+        for i in weights.text_padding_ids:
+            w_text = torch.where(self.text_target == i, w_text * weights.text_padding, w_text)
+        parts = [(self.text * w_text).sum(), w_text.sum()]
         if self.audio is not None:
-            total = total + _masked_mean(self.audio, self.audio_mask)
-        return total
+            w_audio = self.audio_mask.to(self.audio.dtype)  # (B, dep_q, T)
+            w_audio[:, :1] *= weights.first_codebook
+            parts += [(self.audio * w_audio).sum(), w_audio.sum()]
+        else:
+            parts += [self.text.new_zeros(()), self.text.new_zeros(())]
+        return torch.stack(parts)
+
+    def loss(self, weights: LossWeights | float = 1.0) -> Tensor:
+        """Scalar loss (see `LossWeights`; a float is the text weight, other weights 1)."""
+        if not isinstance(weights, LossWeights):
+            weights = LossWeights(text=float(weights))
+        return combine_sums(self.weighted_sums(weights), weights.text)
 
     def per_position(self) -> tuple[Tensor, Tensor]:
         """Sum over batch and codebooks of the CE at each step, and the valid-token count: [T]."""
@@ -53,8 +84,15 @@ class TokenLosses:
         return s, n
 
 
-def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    return (x * mask).sum() / mask.sum().clamp_min(1)
+def combine_sums(
+    sums: Tensor, text_weight: float = 1.0, weight_sums: Tensor | None = None
+) -> Tensor:
+    """``text_weight * sums[0] / W[1] + sums[2] / W[3]`` with ``W = weight_sums`` (default
+    ``sums``): pass the weight sums of the whole batch to get each process's share of its loss."""
+    w = (sums if weight_sums is None else weight_sums).detach()
+    text = sums[0] / w[1].clamp_min(1e-12)
+    audio = sums[2] / w[3].clamp_min(1e-12)
+    return text_weight * text + audio
 
 
 def _ce(logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
@@ -97,4 +135,4 @@ def token_losses(lm: LMModel, codes: Tensor) -> TokenLosses:
     audio = None
     if audio_logits is not None:
         audio = _ce(audio_logits, codes[:, 1 : 1 + lm.dep_q], audio_mask)
-    return TokenLosses(text, text_mask, audio, audio_mask)
+    return TokenLosses(text, text_mask, codes[:, :1], audio, audio_mask)

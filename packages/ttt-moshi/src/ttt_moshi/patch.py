@@ -19,6 +19,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 from moshi.modules.transformer import StreamingTransformer, StreamingTransformerLayer
 from torch import Tensor, nn
 
@@ -28,9 +29,11 @@ from .layer import TTTStreamingTransformerLayer, convert_layer, revert_layer
 
 __all__ = [
     "export_plain_state_dict",
+    "get_ttt_gates",
     "patch_info",
     "patch_lm",
     "set_attention_contexts",
+    "set_ttt_gates",
     "transformer_of",
     "ttt_layer_indices",
     "unpatch_lm",
@@ -218,3 +221,48 @@ def apply_patch_info(lm: nn.Module, info: Mapping[str, Any]) -> nn.Module:
 def is_moshi_layer(module: nn.Module) -> bool:
     """True for any Moshi transformer layer (plain or TTT)."""
     return isinstance(module, StreamingTransformerLayer)
+
+
+def _gated_layers(lm: nn.Module) -> dict[int, TTTStreamingTransformerLayer]:
+    layers = transformer_of(lm).layers
+    out = {i: layers[i] for i in ttt_layer_indices(lm)}
+    for i, layer in out.items():
+        if layer.ttt_config.gate != "tanh_alpha":
+            raise ValueError(
+                f"layer {i}'s TTT block has gate={layer.ttt_config.gate!r}; the gate accessors "
+                "need gate='tanh_alpha' (the ttt_config_for default)"
+            )
+    return out
+
+
+def get_ttt_gates(lm: nn.Module) -> dict[int, Tensor]:
+    """The gate parameter ``alpha`` [C] of every TTT layer, ``{layer index: alpha}`` (detached copies).
+
+    A TTT block adds ``tanh(alpha) * TTT(norm_ttt(x))`` to the residual stream (per channel), so
+    ``alpha = 0`` switches the block off exactly and ``tanh(alpha)`` is the gate's value.
+    """
+    return {i: layer.ttt.gate_alpha.detach().clone() for i, layer in _gated_layers(lm).items()}
+
+
+@torch.no_grad()
+def set_ttt_gates(lm: nn.Module, alpha: float | Mapping[int, float | Tensor]) -> None:
+    """Set the gate parameter ``alpha`` of TTT layers (in place; see `get_ttt_gates`).
+
+    Args:
+        alpha: a float for every channel of every TTT layer (``0.0``: every block off, the model
+            computes what the unpatched model computes with the same attention windows), or
+            ``{layer index: float or [C] tensor}`` for the listed layers.
+    """
+    layers = _gated_layers(lm)
+    values = alpha if isinstance(alpha, Mapping) else dict.fromkeys(layers, alpha)
+    for i, value in values.items():
+        if i not in layers:
+            raise ValueError(f"alpha names layer {i!r}; the TTT layers are {sorted(layers)}")
+        target = layers[i].ttt.gate_alpha
+        value = torch.as_tensor(value, dtype=target.dtype, device=target.device)
+        if value.dim() not in (0, 1) or (value.dim() == 1 and value.shape != target.shape):
+            raise ValueError(
+                f"alpha[{i}] must be a float or a tensor of shape {list(target.shape)}, "
+                f"got shape {list(value.shape)}"
+            )
+        target.copy_(value.expand_as(target))
