@@ -55,12 +55,20 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def single_process():
+    """The loss and every parameter's gradient of one process on the whole batch of 4 (its mean
+    equals the average of the two 2-sample shard means)."""
+    model = TinyModel()
+    x, y = _data()
+    loss = ((model(x) - y) ** 2).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
 def test_ddp_gradients_equal_single_process(tmp_path):
     out = tmp_path / "grads.pt"
     mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
     ddp_grads = torch.load(out)
-    model = TinyModel()
-    x, y = _data()
-    ((model(x) - y) ** 2).mean().backward()  # the mean over 4 samples = average of two shard means
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(ddp_grads[n], p.grad, rtol=1e-5, atol=1e-6, msg=n)
+    _, grads = single_process()
+    for n, g in grads.items():
+        torch.testing.assert_close(ddp_grads[n], g, rtol=1e-5, atol=1e-6, msg=n)

@@ -8,7 +8,7 @@ import os
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_ddp import TinyModel, _data, _free_port
+from test_ddp import TinyModel, _data, _free_port, single_process
 
 
 def _worker(rank, world, port, out_path):
@@ -38,10 +38,7 @@ def test_fsdp2_loss_and_gradients_equal_single_process(tmp_path):
     out = tmp_path / "fsdp.pt"
     mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
     got = torch.load(out)
-    model = TinyModel()
-    x, y = _data()
-    loss = ((model(x) - y) ** 2).mean()  # the mean over 4 samples = average of two shard means
-    loss.backward()
-    torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-6, atol=1e-7)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-5, atol=1e-6, msg=n)
+    loss, grads = single_process()
+    torch.testing.assert_close(got["loss"], loss, rtol=1e-6, atol=1e-7)
+    for n, g in grads.items():
+        torch.testing.assert_close(got["grads"][n], g, rtol=1e-5, atol=1e-6, msg=n)

@@ -35,11 +35,15 @@ Run = Callable[[dict, TTTState, dict], tuple[Tensor, TTTState]]
 STATE_FIELDS = ("params", "grad_sum", "momentum", "current")
 
 
-def _tokens(seq: dict, start: int, end: int, batch: slice | int = slice(None)) -> dict:
-    """The tokens ``start:end`` (of the samples ``batch``) of every per-token input; None stays."""
-    if isinstance(batch, int):
-        batch = slice(batch, batch + 1)
-    return {n: None if t is None else t[batch, :, start:end] for n, t in seq.items()}
+def _split(seq: dict, sizes: list[int], dim: int) -> list[dict]:
+    """Every per-token input split into consecutive pieces of ``sizes`` along ``dim`` (None stays).
+
+    One ``split`` per tensor, not a slice per piece: the backward of N slices would allocate and
+    fill N zero tensors of the whole input's size (quadratic in the number of pieces)."""
+    parts = {
+        n: [None] * len(sizes) if t is None else t.split(sizes, dim=dim) for n, t in seq.items()
+    }
+    return [{n: parts[n][i] for n in seq} for i in range(len(sizes))]
 
 
 def group_bounds(L: int, state: TTTState, group_size: int) -> list[tuple[int, int]]:
@@ -100,8 +104,8 @@ def run_checkpointed(run: Run, seq: dict, state: TTTState, shared: dict, group_s
     (o [B, H, L, D], the state after the last token). ``shared``: the other tensors ``run`` reads
     (LayerNorm weights, a learnable token scale), passed so that their gradients flow."""
     outs = []
-    for start, end in group_bounds(seq["q"].shape[2], state, group_size):
-        part = _tokens(seq, start, end)
+    bounds = group_bounds(seq["q"].shape[2], state, group_size)
+    for part in _split(seq, [end - start for start, end in bounds], dim=2):
         names = [n for n, t in {**part, **shared}.items() if t is not None]
         keys, state_tensors = _flat_state(state)
         end_state: list[TTTState] = []  # the group's end state's structure, from the forward
@@ -139,8 +143,18 @@ def run_varlen(run: Run, seq: dict, states: list[TTTState], bounds: list[tuple[i
     q = seq["q"]
     pieces: list[list[Tensor]] = [[] for _ in range(q.shape[0])]
     finals = []
+    samples = _split(seq, [1] * q.shape[0], dim=0)
+    per_sample = {i: [(s, e) for j, s, e in bounds if j == i] for i in range(q.shape[0])}
+    sequences = {}
+    for i, sample in enumerate(samples):
+        ranges = per_sample[i]
+        sizes = [e - s for s, e in ranges]
+        if ranges[-1][1] < q.shape[2]:  # right padding: the rest, unused
+            sizes.append(q.shape[2] - ranges[-1][1])
+        for r, piece in zip(ranges, _split(sample, sizes, dim=2)):
+            sequences[(i, *r)] = piece
     for (sample, start, end), state in zip(bounds, states):
-        o, final = run(_tokens(seq, start, end, sample), state, {})
+        o, final = run(sequences[sample, start, end], state, {})
         pieces[sample].append(o)
         finals.append(final)
     for parts in pieces:
