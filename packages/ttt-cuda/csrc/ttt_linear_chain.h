@@ -30,7 +30,7 @@
 #define TTT_NT (static_cast<int>(blockDim.x))
 #define TTT_SYNC() __syncthreads()
 #define TTT_PAR_FOR(i, N) for (int i = TTT_TID; i < (N); i += TTT_NT)
-#elif defined(TTT_EMULATE_BLOCK)  // CPU check of the phase structure: see ttt_linear_cpu_block.cpp
+#elif defined(TTT_EMULATE_BLOCK)  // CPU check of the phase structure: see ttt_cpu_block.cpp
 #define TTT_TID (::ttt_block::tid)
 #define TTT_NT (::ttt_block::nt)
 #define TTT_SYNC() (::ttt_block::sync())

@@ -13,15 +13,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ttt_cuda.ops import acc_dtype
-from ttt_cuda.ops_titans import titans_fwd
+from ttt_cuda.common import acc_dtype, per_sample
+from ttt_cuda.ops.titans import titans_fwd
 
 __all__ = ["titans_linear"]
 
 
-def _pair(d: dict[str, Tensor], acc, B, H, D) -> tuple[Tensor, Tensor]:
-    """{"W1": [B, H, D, D], "b1": [B, H, 1, D]} -> (W [B, H, D, D], b [B, H, D]) in acc."""
-    return d["W1"].to(acc).contiguous(), d["b1"].to(acc).reshape(B, H, D).contiguous()
+def _pair(d: dict[str, Tensor], acc, B) -> tuple[Tensor, Tensor]:
+    """{"W1": [(B,) H, D, D], "b1": [(B,) H, 1, D]} -> (W [B, H, D, D], b [B, H, D]) in acc."""
+    return per_sample(d["W1"], "W1", B, acc), per_sample(d["b1"], "b1", B, acc)
 
 
 def titans_linear(q, k, v, eta, W1, b1, ln_weight, ln_bias, *, mini_batch_size, momentum, decay,
@@ -29,24 +29,19 @@ def titans_linear(q, k, v, eta, W1, b1, ln_weight, ln_bias, *, mini_batch_size, 
     """Validated inputs (see ``fused_ttt_linear``); returns ``(o, state or None)``."""
     from ttt_core.state import TTTState
 
-    B, H, L, D = q.shape
+    B, H, L, _ = q.shape
     acc = acc_dtype(q.dtype)
     zeros = torch.zeros(B, H, L, device=q.device, dtype=acc)
     mom = zeros if momentum is None else momentum.to(acc)  # (B, H, L)
     dec = zeros if decay is None else decay.to(acc)
     st = initial_state
-    if st is None:
-        W0 = W1.to(acc).unsqueeze(0).expand(B, H, D, D).contiguous()  # (B, H, D, D)
-        b0 = b1.to(acc).reshape(1, H, D).expand(B, H, D).contiguous()  # (B, H, D)
-        offset = 0
-    else:
-        W0, b0 = _pair(st.params, acc, B, H, D)
-        offset = st.offset
-    C0, cb0 = (W0, b0) if st is None or st.current is None else _pair(st.current, acc, B, H, D)
+    W0, b0 = _pair({"W1": W1, "b1": b1} if st is None else st.params, acc, B)  # (B, H, D, D)
+    offset = 0 if st is None else st.offset
+    C0, cb0 = (W0, b0) if st is None or st.current is None else _pair(st.current, acc, B)
     if st is None or st.momentum is None:
         S0, sb0 = torch.zeros_like(W0), torch.zeros_like(b0)
     else:
-        S0, sb0 = _pair(st.momentum, acc, B, H, D)
+        S0, sb0 = _pair(st.momentum, acc, B)
     b = offset + L if mini_batch_size is None else mini_batch_size
     o, W_end, b_end, S_end, sb_end, W_starts, b_starts, _, _ = titans_fwd(
         q, k, v, eta.to(acc), mom, dec, W0, b0, C0, cb0, S0, sb0, ln_weight.to(acc),
