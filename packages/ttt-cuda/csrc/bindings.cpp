@@ -170,6 +170,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("titans_fwd_cuda", [](const ttt::TitansParams& p) { check_cuda(ttt::titans_fwd_cuda(p)); });
   m.def("titans_bwd_cuda", [](const ttt::TitansParams& p) { check_cuda(ttt::titans_bwd_cuda(p)); });
 
+  m.def("cpu_uses_avx2", &ttt::cpu_uses_avx2,
+        "Whether the CPU path runs its AVX2 build (same results as the portable build).");
   m.def("linear_workspace_elems", &ttt::linear_workspace_elems, py::arg("D"),
         py::arg("mini_batch_size"), py::arg("backward"),
         "Scratch elements (fp32) one (batch, head) chain needs.");

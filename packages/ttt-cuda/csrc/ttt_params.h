@@ -143,6 +143,10 @@ int64_t linear_workspace_elems(int D, int mini_batch_size, bool backward);
 int64_t titans_workspace_elems(int D, int mini_batch_size, bool backward);
 int64_t mlp_workspace_elems(int D, int F, int mini_batch_size, bool backward);
 
+// Whether the CPU entry points run the AVX2 build of the chains (x86-64 builds with TTT_CPU_AVX2
+// on a CPU that has AVX2; the results are the same bits either way).
+bool cpu_uses_avx2();
+
 // C++ CPU implementation (float32 / float64 inputs; acc type = input type): the (batch, head)
 // chains spread over `threads` threads, one thread per chain (the result does not depend on it).
 void linear_fwd_cpu(const LinearParams& p, int threads);

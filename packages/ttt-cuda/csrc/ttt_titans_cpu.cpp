@@ -1,46 +1,31 @@
-// C++ CPU implementation of the fused Titans-form TTT-Linear ops: the chain math of ttt_titans_chain.h run over
-// the (batch, head) chains on `threads` threads, one thread per chain (ttt_cpu_chains.h).
-#include <stdexcept>
-#include <vector>
+// The fused Titans-form TTT-Linear chain on the CPU: the math of ttt_titans_chain.h for one (batch, head)
+// chain, compiled once per instruction set (ttt_cpu_isa.h); ttt_cpu.cpp runs the chains.
+#include <math.h>
 
-#include "ttt_cpu_chains.h"
+#include <cstdint>
+
+#include "ttt_cpu_isa.h"
+
+TTT_CPU_ISA_BEGIN
 #include "ttt_titans_chain.h"
+TTT_CPU_ISA_END
 
-namespace ttt {
+namespace TTT_CPU_NS {
 
-int64_t titans_workspace_elems(int D, int mini_batch_size, bool backward) {
-  TitansBuffers<float> c;
-  return carve_titans<float>(nullptr, D, mini_batch_size, backward, &c);
-}
-
-namespace {
-template <typename acc_t, bool kBackward>
-void run_cpu(const TitansParams& p, int threads) {
-  const int64_t elems = titans_workspace_elems(p.D, p.mini_batch_size, kBackward);
-  const double work = 8.0 * p.L * p.D * p.D * (kBackward ? 2.5 : 1.0);
-  for_each_chain<acc_t>(p.B, p.H, elems, threads, work, [&](acc_t* ws, int bi, int hi) {
-    if (kBackward)
-      titans_bwd_chain<acc_t, acc_t>(p, ws, p.D, bi, hi);
+void titans_chain(const ::ttt::TitansParams& p, void* ws, int bi, int hi, bool backward) {
+  if (p.dtype == ::ttt::DType::kFloat64) {
+    double* w = static_cast<double*>(ws);
+    if (backward)
+      ttt::titans_bwd_chain<double, double>(p, w, p.D, bi, hi);
     else
-      titans_fwd_chain<acc_t, acc_t>(p, ws, p.D, bi, hi);
-  });
-}
-
-template <bool kBackward>
-void dispatch_cpu(int threads, const TitansParams& p) {
-  if (p.B < 0 || p.H < 0 || p.L < 1 || p.D < 1 || p.mini_batch_size < 1)
-    throw std::invalid_argument("ttt titans (cpu): bad shape parameters");
-  if (!p.causal || p.offset < 0 || p.offset >= p.mini_batch_size)
-    throw std::invalid_argument("ttt titans (cpu): causal, offset in [0, mini_batch_size)");
-  switch (p.dtype) {
-    case DType::kFloat32: return run_cpu<float, kBackward>(p, threads);
-    case DType::kFloat64: return run_cpu<double, kBackward>(p, threads);
-    default: throw std::invalid_argument("ttt titans (cpu): dtype must be float32 or float64");
+      ttt::titans_fwd_chain<double, double>(p, w, p.D, bi, hi);
+  } else {
+    float* w = static_cast<float*>(ws);
+    if (backward)
+      ttt::titans_bwd_chain<float, float>(p, w, p.D, bi, hi);
+    else
+      ttt::titans_fwd_chain<float, float>(p, w, p.D, bi, hi);
   }
 }
-}  // namespace
 
-void titans_fwd_cpu(const TitansParams& p, int threads) { dispatch_cpu<false>(threads, p); }
-void titans_bwd_cpu(const TitansParams& p, int threads) { dispatch_cpu<true>(threads, p); }
-
-}  // namespace ttt
+}  // namespace TTT_CPU_NS
