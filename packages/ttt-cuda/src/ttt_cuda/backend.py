@@ -6,8 +6,9 @@
 - ``"cuda"``: the CUDA kernels on CUDA tensors (``auto`` picks it there); on CPU tensors it is an
   alias of ``"cpp"``.
 
-ttt-core validates a call and asks ``supports`` before it calls ``ttt_linear`` / ``ttt_mlp``, so
-these go straight to the ops (``linear_call`` / ``mlp_call``) without validating again. Calls a
+ttt-core validates a call and asks ``supports`` before it calls ``ttt_linear`` / ``ttt_mlp`` or
+the single-token ``ttt_linear_step`` / ``ttt_mlp_step``, so these go straight to the ops
+(``linear_call`` / ``mlp_call``) without validating again. Calls a
 backend cannot fuse (TTT-MLP in the Titans form, an unsupported dtype or head dim) are refused in
 ``supports`` with the reason: ttt-core then warns once and uses its torch backend under ``auto``,
 or raises when the backend was asked for by name.
@@ -22,10 +23,16 @@ from torch import Tensor
 from ttt_cuda._ext import extension_error
 from ttt_cuda.linear import linear_call, linear_unsupported_reason
 from ttt_cuda.mlp import mlp_call, mlp_unsupported_reason
+from ttt_cuda.step import linear_step, mlp_step
 
 __all__ = ["CppBackend", "CudaBackend", "cpp_backend", "cuda_backend"]
 
-_REASONS = {"ttt_linear": linear_unsupported_reason, "ttt_mlp": mlp_unsupported_reason}
+_REASONS = {
+    "ttt_linear": linear_unsupported_reason,
+    "ttt_mlp": mlp_unsupported_reason,
+    "ttt_linear_step": linear_unsupported_reason,  # the step is the op on one token
+    "ttt_mlp_step": mlp_unsupported_reason,
+}
 
 
 class CudaBackend:
@@ -42,6 +49,8 @@ class CudaBackend:
             return err
         if op not in _REASONS:
             return f"unknown op {op!r}"
+        if op.endswith("_step"):  # the step's start state is its ``state``
+            kwargs = {**kwargs, "initial_state": kwargs.pop("state", None)}
         return _REASONS[op](q, **kwargs)
 
     def ttt_linear(self, q, k, v, eta, W1, b1, ln_weight, ln_bias, **kwargs: Any):
@@ -51,6 +60,14 @@ class CudaBackend:
     def ttt_mlp(self, q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, **kwargs: Any):
         """ttt-core's ``ttt_mlp`` (validated, supported; ``initial_state`` a TTTState)."""
         return mlp_call(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, **kwargs)
+
+    def ttt_linear_step(self, q, k, v, eta, W1, b1, ln_weight, ln_bias, **kwargs: Any):
+        """ttt-core's single-token step (q [B, H, 1, D], ``state`` a TTTState) -> (o, state)."""
+        return linear_step(q, k, v, eta, W1, b1, ln_weight, ln_bias, **kwargs)
+
+    def ttt_mlp_step(self, q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, **kwargs: Any):
+        """ttt-core's single-token TTT-MLP step -> (o [B, H, 1, D], state)."""
+        return mlp_step(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, **kwargs)
 
 
 class CppBackend(CudaBackend):

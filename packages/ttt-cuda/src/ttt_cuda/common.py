@@ -46,11 +46,17 @@ def unsupported_reason(
     momentum: Tensor | None = None,
     decay: Tensor | None = None,
     initial_state: Any = None,
+    reconstruction_target: str = "residual",
+    output_residual: bool = True,
     **_: Any,
 ) -> str | None:
     """None when a fused op computes this call, else why not (metadata only, no value reads).
 
     ``head_dims``: the head dims the CUDA kernels of the op take (the CPU path takes any)."""
+    if reconstruction_target != "residual":
+        return f"reconstruction_target={reconstruction_target!r} is not fused (only 'residual')"
+    if not output_residual:
+        return "output_residual=False is not fused (the ops add q to the output)"
     offset = getattr(initial_state, "offset", 0) if initial_state is not None else 0
     L = q.shape[-2] if q.dim() == 4 else 0
     b = offset + L if mini_batch_size is None else mini_batch_size
