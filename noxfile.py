@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import nox
+import tomllib  # Python >= 3.11 runs nox here
 
 nox.needs_version = ">=2024.3.2"
 nox.options.default_venv_backend = "virtualenv"
@@ -146,11 +147,19 @@ DEMOS = {
 }
 
 
+def _has_demo_extra(package: str) -> bool:
+    """Whether the package declares a ``demo`` extra (its demo-only dependencies)."""
+    with open(ROOT / package / "pyproject.toml", "rb") as f:
+        extras = tomllib.load(f)["project"].get("optional-dependencies", {})
+    return "demo" in extras
+
+
 def _install_present_packages(session: nox.Session) -> list[str]:
-    """torch, then every package of the tree with a demo (one venv); returns their dirs."""
+    """torch, then every package of the tree with a demo, with its ``demo`` extra where it has one
+    (one venv); returns their dirs."""
     _install_torch(session)
     present = [p for p in DEMOS if (ROOT / p / "pyproject.toml").exists()]
-    session.install(*[f"./{p}" for p in present])
+    session.install(*[f"./{p}[demo]" if _has_demo_extra(p) else f"./{p}" for p in present])
     if "packages/ttt-moshi" in present:
         session.install("--no-deps", "moshi==0.2.13")  # moshi pins torch<2.10: not its deps
     return present

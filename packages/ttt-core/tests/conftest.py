@@ -48,6 +48,15 @@ def call(fn_kind, x, w, ln, extra=None, **kw):
     return fn(*args, **(extra or {}), **kw)
 
 
+# the reconstruction-target / output-residual options, for tests that run every combination
+OPTIONS = pytest.mark.parametrize(
+    "options",
+    [dict(reconstruction_target="value"), dict(output_residual=False),
+     dict(reconstruction_target="value", output_residual=False)],
+    ids=["value-target", "no-residual", "both"],
+)  # fmt: skip
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -26,11 +26,11 @@ class RecordingBackend:
         return None if q.shape[2] <= self.max_len else f"L={q.shape[2]} > {self.max_len}"
 
     def _run(self, kind, q, k, v, eta, *rest, initial_state, output_final_state, **kw):
-        from ttt_core.ops.scan import ttt_scan
+        from ttt_core.ops.chunked import ttt_chunked
 
         self.calls += 1
         *_, ln_w, ln_b = rest
-        return ttt_scan(q, k, v, eta, initial_state, ln_w, ln_b, kind=kind, **kw)
+        return ttt_chunked(q, k, v, eta, initial_state, ln_w, ln_b, kind=kind, **kw)
 
     def ttt_linear(self, *args, **kw):
         return self._run("linear", *args, **kw)
@@ -45,6 +45,74 @@ def recording():
     register_backend(backend)
     yield backend
     unregister_backend("recording")
+
+
+class StepBackend(RecordingBackend):
+    """A backend that also serves the single-token step (delegating to ttt-core's generic path, an
+    independent algorithm), recording each step call's arguments."""
+
+    name = "stepping"
+
+    def __init__(self):
+        super().__init__(max_len=10**9)
+        self.steps = []
+
+    def ttt_linear_step(self, q, k, v, eta, W1, b1, ln_w, ln_b, *, state, **kw):
+        from ttt_core.fast_models import FAST_MODELS
+        from ttt_core.ops.reference import ttt_generic
+
+        self.steps.append({"shape": tuple(q.shape), "offset": state.offset, **kw})
+        return ttt_generic(FAST_MODELS["linear"], q, k, v, eta, state, ln_w, ln_b, causal=True,
+                           **kw)  # fmt: skip
+
+
+def test_a_registered_backend_serves_the_layers_streaming_tokens():
+    """A TTTLayer streaming one token per call reaches a registered backend's ``ttt_linear_step``
+    (through the layer's inner learner and the public step entry), with the state and options
+    the layer holds, and the tokens equal the whole sequence run by the torch backend (fp64)."""
+    from ttt_core import TTTConfig, TTTLayer
+
+    backend = StepBackend()
+    register_backend(backend)
+    try:
+        cfg = TTTConfig(hidden_size=15, num_heads=3, mini_batch_size=4, output_residual=False)
+        layer = TTTLayer(cfg).double()
+        x = torch.randn(2, 7, 15, dtype=torch.float64)
+        layer.config.backend = "torch"
+        y, _ = layer(x)
+        layer.config.backend = "auto"
+        outs, state = [], None
+        for t in range(7):
+            yt, state = layer(x[:, t : t + 1], state=state)
+            outs.append(yt)
+    finally:
+        unregister_backend("stepping")
+    assert [s["offset"] for s in backend.steps] == [0, 1, 2, 3, 0, 1, 2]
+    assert all(s["shape"] == (2, 3, 1, 5) and s["output_residual"] is False for s in backend.steps)
+    assert backend.calls == 0  # no sequence call: every token took the step
+    torch.testing.assert_close(torch.cat(outs, 1), y, rtol=1e-10, atol=1e-10)
+
+
+def test_auto_skips_a_backend_without_the_step():
+    """Under auto a registered backend that lacks ``ttt_linear_step`` is skipped for steps (the
+    torch backend serves them, no warning); asked by name, it raises naming the missing op."""
+    from ttt_core import ttt_linear_step
+
+    backend = RecordingBackend(max_len=100)
+    register_backend(backend)
+    try:
+        x, w, ln, _ = make_inputs("linear", L=1)
+        args = [x["q"], x["k"], x["v"], x["eta"], *w.values(), *ln.values()]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            o, state = ttt_linear_step(*args)
+        o_ref, _ = call("linear", x, w, ln, backend="generic")
+        torch.testing.assert_close(o, o_ref)
+        assert backend.calls == 0 and state.offset == 1
+        with pytest.raises(ValueError, match="does not implement ttt_linear_step"):
+            ttt_linear_step(*args, backend="recording")
+    finally:
+        unregister_backend("recording")
 
 
 def test_builtins_are_listed():

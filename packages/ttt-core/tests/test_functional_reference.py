@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import call, make_inputs
+from conftest import OPTIONS, call, make_inputs
 from naive import naive_ttt
 
 from ttt_core.fast_models import FAST_MODELS
@@ -172,3 +172,38 @@ def test_low_precision_inputs_stay_close_to_fp32(kind, dtype):
         err,
         err_rounding,
     )
+
+
+OPTION_MODES = [
+    ("causal-b4", dict(mini_batch_size=4), False),
+    ("noncausal-b5", dict(mini_batch_size=5, causal=False), False),
+    ("titans-b4", dict(mini_batch_size=4), True),
+]
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize(("mode", "kw", "titans"), OPTION_MODES, ids=[m[0] for m in OPTION_MODES])
+@OPTIONS
+def test_target_and_residual_options_fp64(kind, mode, kw, titans, options):
+    """reconstruction_target="value" (target v) and output_residual=False (o = LN(f(q))): the torch
+    backend (dual, primal) equals the generic path, outputs and every gradient, and the naive loop
+    fed v + k (its target is v - k) with q subtracted from its output."""
+    x, w, ln, extra = _inputs(kind, titans, torch.float64, requires_grad=True, B=2, H=2, L=11, D=5)
+    leaves = {**x, **w, **ln, **extra}
+    value = options.get("reconstruction_target") == "value"
+    ref = naive_ttt(FAST_MODELS[kind], w, x["q"], x["k"], x["v"] + x["k"] if value else x["v"],
+                    x["eta"], ln["ln_weight"], ln["ln_bias"], b=kw["mini_batch_size"],
+                    causal=kw.get("causal", True), **extra).detach()  # fmt: skip
+    if options.get("output_residual") is False:
+        ref = ref - x["q"].detach()
+    weight = torch.randn(ref.shape, dtype=torch.float64)
+    results = {}
+    for backend, form in (("generic", "auto"), ("torch", "dual"), ("torch", "primal")):
+        o, _ = call(kind, x, w, ln, extra, backend=backend, form=form, **kw, **options)
+        results[backend, form] = (o, torch.autograd.grad((o * weight).sum(), list(leaves.values())))
+    o_ref, g_ref = results["generic", "auto"]
+    torch.testing.assert_close(o_ref, ref, rtol=1e-10, atol=1e-10)
+    for key, (o, g) in results.items():
+        torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-10, msg=str(key))
+        for name, a, b in zip(leaves, g, g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"{key} grad {name}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ttt_core import TTTConfig, TTTLayer
 
@@ -58,29 +59,28 @@ def test_layer_streaming_equals_one_call(name):
 
 
 @pytest.mark.parametrize("name", ["linear", "mlp", "titans", "learnable-scale", "gelu-gate"])
-def test_layer_token_by_token_takes_the_decode_step(name, monkeypatch):
-    """One token per call goes from the layer straight to the flat decode step (the layer built q,
-    k, v and eta, so the functional API and its checks are skipped) and equals one call: outputs
-    and every parameter's gradient, fp64."""
+def test_layer_token_by_token_takes_the_step(name, monkeypatch):
+    """One token per call goes from the layer through the inner learner's ``step`` and the public
+    step entry's dispatch to the recurrent step (never the sequence path) and equals one call:
+    outputs and every parameter's gradient, fp64."""
     import ttt_core.functional as functional
-    import ttt_core.layer as layer_module
 
     layer = _layer(**VARIANTS[name]).double()
     x = torch.randn(2, 9, 24, dtype=torch.float64)
     y, _ = layer(x)
     want = torch.autograd.grad(y.square().sum(), list(layer.parameters()))
-    calls = {"decode": 0, "functional": 0}
+    calls = {"step": 0, "chunked": 0}
 
     def count(name, fn):
         return lambda *a, **k: calls.__setitem__(name, calls[name] + 1) or fn(*a, **k)
 
-    monkeypatch.setattr(layer_module, "decode_flat", count("decode", layer_module.decode_flat))
-    monkeypatch.setattr(functional, "_run", count("functional", functional._run))
+    monkeypatch.setattr(functional, "ttt_step", count("step", functional.ttt_step))
+    monkeypatch.setattr(functional, "ttt_chunked", count("chunked", functional.ttt_chunked))
     outs, state = [], None
     for t in range(9):
         yt, state = layer(x[:, t : t + 1], state=state)
         outs.append(yt)
-    assert calls == {"decode": 9, "functional": 0}
+    assert calls == {"step": 9, "chunked": 0}
     streamed = torch.cat(outs, 1)
     torch.testing.assert_close(streamed, y, rtol=1e-10, atol=1e-10)
     got = torch.autograd.grad(streamed.square().sum(), list(layer.parameters()))
@@ -88,19 +88,17 @@ def test_layer_token_by_token_takes_the_decode_step(name, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
-def test_layer_token_step_falls_back_for_bf16_and_other_backends(monkeypatch):
-    """bf16 tokens and backend="generic" take the general path (the functional API), with the same
+def test_layer_token_step_for_bf16_and_other_backends(monkeypatch):
+    """bf16 tokens and backend="generic" take the same dispatch as everything else, with the same
     result as the whole sequence in one call."""
     import ttt_core.functional as functional
-    import ttt_core.layer as layer_module
 
-    calls = {"decode": 0, "functional": 0}
+    calls = {"dispatch": 0}
 
     def count(name, fn):
         return lambda *a, **k: calls.__setitem__(name, calls[name] + 1) or fn(*a, **k)
 
-    monkeypatch.setattr(layer_module, "decode_flat", count("decode", layer_module.decode_flat))
-    monkeypatch.setattr(functional, "_run", count("functional", functional._run))
+    monkeypatch.setattr(functional, "_dispatch", count("dispatch", functional._dispatch))
     for kw, dtype, tol in ((dict(backend="generic"), torch.float64, 1e-9),
                            (dict(), torch.bfloat16, 3e-2)):  # fmt: skip
         layer = _layer(**kw).to(dtype)
@@ -112,13 +110,13 @@ def test_layer_token_step_falls_back_for_bf16_and_other_backends(monkeypatch):
             outs.append(yt)
         err = (torch.cat(outs, 1).double() - y.double()).abs().max() / y.double().abs().max()
         assert err < tol, (kw, dtype, err)
-    assert calls == {"decode": 0, "functional": 14}  # 2 x (one whole call + 6 tokens)
+    assert calls == {"dispatch": 14}  # 2 x (one whole call + 6 tokens)
 
 
 def test_layer_token_step_checks_the_state():
     layer = _layer()
     _, state = layer(torch.randn(2, 3, 24))
-    with pytest.raises(ValueError, match=r"initial_state\.params"):
+    with pytest.raises(ValueError, match=r"state\.params\[.W1.\] must have shape"):
         layer(torch.randn(1, 1, 24), state=state)  # state of a batch of 2
     with pytest.raises(ValueError, match="mini-batch of size 4"):
         _layer(mini_batch_size=5)(torch.randn(2, 1, 24), state=state)
@@ -167,3 +165,41 @@ def test_torch_compile_matches_eager():
     compiled = torch.compile(layer, backend="inductor", fullgraph=False)
     y_comp, _ = compiled(x)
     torch.testing.assert_close(y_comp, y_eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("target", ["residual", "value"])
+def test_target_norm_affine_is_a_learnable_per_head_affine(target):
+    """normalize_target + target_norm_affine: the inner loop's target is the standardised target
+    times a learnable per-head weight plus bias ([H, D], init 1 and 0), checked against the
+    functional generic path fed that target by hand (fp64); the affine gets gradients."""
+    from ttt_core import ttt_linear
+
+    cfg = dict(hidden_size=15, num_heads=3, mini_batch_size=4, normalize_target=True)
+    layer = TTTLayer(TTTConfig(**cfg, target_norm_affine=True, reconstruction_target=target))
+    layer = layer.double()
+    plain = TTTLayer(TTTConfig(**cfg, reconstruction_target=target)).double()
+    plain.load_state_dict(layer.state_dict(), strict=False)
+    x = torch.randn(2, 7, 15, dtype=torch.float64)
+    torch.testing.assert_close(layer(x)[0], plain(x)[0])  # init: weight 1, bias 0
+    with torch.no_grad():
+        layer.target_norm_weight.copy_(1 + 0.3 * torch.randn(3, 5))
+        layer.target_norm_bias.copy_(0.2 * torch.randn(3, 5))
+    y, _ = layer(x)
+    q, k, v, rates = layer.project(x)  # no gelu gate
+    q, k, v = (t.view(2, 7, 3, 5).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+    t = v - k if target == "residual" else v
+    t = (
+        F.layer_norm(t, (5,), eps=1e-6) * layer.target_norm_weight[:, None]
+        + layer.target_norm_bias[:, None]
+    )
+    eta = torch.sigmoid(rates).transpose(1, 2) / 5  # base_lr 1 / D
+    inner = layer.inner
+    o, _ = ttt_linear(q, k, k + t if target == "residual" else t, eta, inner.W1, inner.b1,
+                      inner.ln_weight, inner.ln_bias, mini_batch_size=4, backend="generic",
+                      reconstruction_target=target)  # fmt: skip
+    want = layer.o_proj(layer.post_norm(o.transpose(1, 2).reshape(2, 7, 15)))
+    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
+    gw, gb = torch.autograd.grad(
+        y.square().sum(), [layer.target_norm_weight, layer.target_norm_bias]
+    )
+    assert gw.abs().max() > 0 and gb.abs().max() > 0

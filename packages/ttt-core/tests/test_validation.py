@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import call, make_inputs
@@ -158,3 +160,90 @@ def test_layer_rejects_bad_x_and_state():
     _, state = layer(torch.randn(2, 5, 16))
     with pytest.raises(ValueError, match="only accepted by causal"):
         nc(torch.randn(2, 5, 16), state=state)
+
+
+# ------------------------------------------------------------------------------------------------
+# the carried state, checked by metadata (one test per defect)
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def cut(lin):
+    """A plain-form state cut inside a mini-batch (offset 3 of b=4) and the call's inputs."""
+    x, w, ln, _ = lin
+    head = {n: t[:, :, :7] for n, t in x.items()}
+    _, state = call("linear", head, w, ln, mini_batch_size=4, output_final_state=True)
+    assert state.offset == 3
+    return x, w, ln, state
+
+
+def _resume(x, w, ln, state, **kw):
+    return call("linear", x, w, ln, mini_batch_size=4, initial_state=state, **kw)
+
+
+@pytest.mark.parametrize(
+    ("edit", "exc", "match"),
+    [
+        (lambda s: s.map(torch.Tensor.double), TypeError, r"params\['W1'\] has dtype torch.float64"),
+        (lambda s: s.map(torch.Tensor.half), TypeError, "fp32 for fp32/bf16/fp16 inputs"),
+        (lambda s: replace(s, offset=4), ValueError, r"offset must be an int in \[0, 4\)"),
+        (lambda s: replace(s, offset=-1), ValueError, r"offset must be an int in \[0, 4\)"),
+        (lambda s: replace(s, offset=3.0), ValueError, r"offset must be an int in \[0, 4\)"),
+        (lambda s: replace(s, offset=0), ValueError, "at offset 0 carries grad_sum"),
+        (lambda s: replace(s, grad_sum=None), ValueError, "has no grad_sum"),
+        (
+            lambda s: replace(s, grad_sum={"W1": s.grad_sum["W1"][:, :, :2], "b1": s.grad_sum["b1"]}),
+            ValueError,
+            r"grad_sum\['W1'\] must have shape \[2, 3, 4, 4\]",
+        ),
+        (lambda s: replace(s, grad_sum={"W1": s.grad_sum["W1"]}), ValueError, "grad_sum must hold"),
+        (lambda s: replace(s, mini_batch_size=0), ValueError, "mini_batch_size must be an int >= 1"),
+    ],
+    ids=["fp64-state", "fp16-state", "offset-b", "offset-negative", "offset-float", "stale-grad-sum",
+         "missing-grad-sum", "grad-sum-shape", "grad-sum-names", "state-b-zero"],
+)  # fmt: skip
+def test_bad_state(cut, edit, exc, match):
+    x, w, ln, state = cut
+    _resume(x, w, ln, state)  # the state itself resumes
+    with pytest.raises(exc, match=match):
+        _resume(x, w, ln, edit(state))
+
+
+def test_titans_state_fields_are_checked_and_never_dropped(lin):
+    """A Titans state's momentum/current have their shapes checked; passed to a plain call (which
+    would silently drop the momentum) it is an error, at a boundary too."""
+    x, w, ln, _ = lin
+    m = {"momentum": torch.full_like(x["eta"], 0.5), "decay": torch.full_like(x["eta"], 0.1)}
+    head = {n: t[:, :, :6] for n, t in x.items()}
+    mh = {n: t[:, :, :6] for n, t in m.items()}
+    _, cut = call("linear", head, w, ln, mh, mini_batch_size=4, output_final_state=True)
+    _, edge = call("linear", head, w, ln, mh, mini_batch_size=3, output_final_state=True)
+    assert cut.offset == 2 and edge.offset == 0 and edge.momentum is not None
+    for st in (cut, edge):
+        with pytest.raises(ValueError, match="comes from a Titans"):
+            call("linear", x, w, ln, mini_batch_size=st.mini_batch_size, initial_state=st)
+    bad_m = replace(cut, momentum={**cut.momentum, "W1": cut.momentum["W1"][:1]})
+    with pytest.raises(ValueError, match=r"momentum\['W1'\] must have shape \[2, 3, 4, 4\]"):
+        call("linear", x, w, ln, m, mini_batch_size=4, initial_state=bad_m)
+    bad_c = replace(cut, current={**cut.current, "b1": cut.current["b1"][..., :2]})
+    with pytest.raises(ValueError, match=r"current\['b1'\] must have shape \[2, 3, 1, 4\]"):
+        call("linear", x, w, ln, m, mini_batch_size=4, initial_state=bad_c)
+
+
+@pytest.mark.parametrize("eps", [float("nan"), float("inf"), -1e-6, True], ids=str)
+def test_eps_must_be_finite_and_positive(lin, eps):
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        ttt_linear(*_args(*lin[:3]), eps=eps)
+
+
+def test_state_is_finite_per_sample_and_the_layer_option_raises():
+    layer = TTTLayer(TTTConfig(hidden_size=16, num_heads=2, mini_batch_size=4))
+    _, state = layer(torch.randn(3, 6, 16))
+    assert state.is_finite().tolist() == [True, True, True]
+    bad = state.map(lambda t: t.clone())
+    bad.grad_sum["b1"][1, 0, 0, 2] = float("nan")
+    assert bad.is_finite().tolist() == [True, False, True]
+    layer(torch.randn(3, 1, 16), state=bad)  # off by default: no value read
+    checked = TTTLayer(TTTConfig(hidden_size=16, num_heads=2, mini_batch_size=4,
+                                 check_finite_state=True))  # fmt: skip
+    checked.load_state_dict(layer.state_dict())
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        checked(torch.randn(3, 1, 16), state=bad)

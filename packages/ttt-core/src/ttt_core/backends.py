@@ -5,11 +5,18 @@ A backend is any object with
 
 - ``name: str`` and ``device_types: tuple[str, ...]`` (devices it serves under ``backend="auto"``),
 - ``supports(op, q, **kwargs) -> str | None``: ``None`` when it can run the call, else the reason;
-  kwargs: mini_batch_size, causal, token_scale, momentum, decay, eps, initial_state (always a
-  ``TTTState``, fresh or given) and output_final_state,
+  op: "ttt_linear", "ttt_mlp", "ttt_linear_step" or "ttt_mlp_step"; kwargs: mini_batch_size, causal,
+  token_scale, momentum, decay, eps, reconstruction_target, output_residual, initial_state (always
+  a ``TTTState``, fresh or given) and output_final_state. A backend that does not implement an
+  option's value (e.g. ``reconstruction_target="value"``) returns the reason; the op itself gets
+  reconstruction_target and output_residual only when they are not at their defaults,
 - ``ttt_linear(q, k, v, eta, W1, b1, ln_weight, ln_bias, **kwargs)`` and
   ``ttt_mlp(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, **kwargs)`` with ttt-core's signature
-  (inputs already validated; ``initial_state`` is always a ``TTTState``).
+  (inputs already validated; ``initial_state`` is always a ``TTTState``),
+- optionally ``ttt_linear_step(q, k, v, eta, W1, b1, ln_weight, ln_bias, *, state, **kwargs)`` and
+  ``ttt_mlp_step(...)``: one streaming token, the arguments of ``ttt_core.ttt_linear_step`` (inputs
+  validated, ``state`` always a ``TTTState``), returning ``(o, next TTTState)``. Under ``auto`` a
+  backend without the method is skipped (the torch backend serves the step).
 
 An entry point may name the backend object itself or a zero-argument callable returning it.
 """
@@ -92,18 +99,6 @@ def get_backend(name: str) -> Backend:
     return _registry[name]
 
 
-def is_torch(name: str, device_type: str) -> bool:
-    """Whether ``backend=name`` is the ``torch`` backend on this device type whatever the call:
-    "torch", or "auto" where no registered backend serves the device (:func:`resolve` would
-    pick "torch" without asking any)."""
-    if name == "torch":
-        return True
-    if name != "auto":
-        return False
-    _load_entry_points()
-    return not _registry or not any(device_type in b.device_types for b in _registry.values())
-
-
 def resolve(name: str, op: str, q, **kwargs) -> Backend | str:
     """Pick the implementation for one call: a built-in name ("torch"/"generic") or a Backend.
 
@@ -115,13 +110,17 @@ def resolve(name: str, op: str, q, **kwargs) -> Backend | str:
         return name
     if name != "auto":
         backend = get_backend(name)
-        reason = backend.supports(op, q, **kwargs)
+        reason = (
+            backend.supports(op, q, **kwargs)
+            if hasattr(backend, op)
+            else f"it does not implement {op}"
+        )
         if reason is not None:
             raise ValueError(f"backend {name!r} cannot run this {op} call: {reason}")
         return backend
     _load_entry_points()
     for backend in _registry.values():
-        if q.device.type not in backend.device_types:
+        if q.device.type not in backend.device_types or not hasattr(backend, op):
             continue
         reason = backend.supports(op, q, **kwargs)
         if reason is None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .ops.common import RECONSTRUCTION_TARGETS
+
 __all__ = ["TTTConfig"]
 
 INNER = ("linear", "mlp")
@@ -34,7 +36,11 @@ class TTTConfig:
         0.1  # alpha at init for "tanh_alpha" (and the reverse pass); 0 -> output exactly 0
     )
     qk_l2_norm: bool = False  # L2-normalise q and k per head
-    normalize_target: bool = False  # standardise the target v - k per token (zero mean, unit var)
+    normalize_target: bool = False  # standardise the target per token (zero mean, unit var)
+    target_norm_affine: bool = False  # with normalize_target: learnable per-head [H, D] weight
+    # (init 1) and bias (init 0) applied after standardising (the video TTT code's target norm)
+    reconstruction_target: str = "residual"  # the token loss's target: "residual" v - k, "value" v
+    output_residual: bool = True  # o = q + LN(f(q)); False: o = LN(f(q))
     bidirectional: bool = False  # also run on the reversed sequence (same weights, own tanh gate)
     post_norm: bool = True  # LayerNorm over the heads' output before o_proj
     use_dual_form: bool = True  # False: primal form (same result; explicit per-token weights)
@@ -42,6 +48,9 @@ class TTTConfig:
     ln_eps: float = 1e-6  # epsilon of the inner per-head LayerNorm
     init_std: float = 0.02  # std of projection and fast-weight init
     backend: str = "auto"  # "auto" | "torch" | "generic" | a registered backend
+    check_finite_state: bool = (
+        False  # raise when a carried state turns NaN/Inf (reads values: syncs)
+    )
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_heads", "mlp_ratio"):
@@ -73,6 +82,13 @@ class TTTConfig:
             raise ValueError("TTTConfig.token_scale='learnable' needs a finite mini_batch_size")
         if self.titans and not self.causal:
             raise ValueError("TTTConfig.titans=True (momentum/decay) needs causal=True")
+        if self.reconstruction_target not in RECONSTRUCTION_TARGETS:
+            raise ValueError(
+                f"TTTConfig.reconstruction_target must be one of {RECONSTRUCTION_TARGETS}, "
+                f"got {self.reconstruction_target!r}"
+            )
+        if self.target_norm_affine and not self.normalize_target:
+            raise ValueError("TTTConfig.target_norm_affine=True needs normalize_target=True")
         if self.base_lr <= 0:
             raise ValueError(f"TTTConfig.base_lr must be > 0, got {self.base_lr}")
 

@@ -12,6 +12,7 @@ Run: ``ttt-core-demo --out demo_outputs/ttt-core`` (about a minute on 2 CPU core
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
 import time
@@ -19,10 +20,19 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from .config import TTTConfig
 from .layer import TTTLayer
+
+
+def _demo_import(name: str):
+    """A demo-only dependency (``pip install 'ttt-core[demo]'``), imported when the demo runs."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        raise ImportError(
+            f"ttt-core-demo needs {name}: pip install 'ttt-core[demo]' (tqdm, matplotlib)"
+        ) from err
 
 
 def make_batch(
@@ -67,7 +77,7 @@ def train(model: nn.Module, steps: int, dim: int, length: int, batch: int, seed:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     losses = []
-    bar = tqdm(range(steps), desc=f"train {label}", unit="step")
+    bar = _demo_import("tqdm").tqdm(range(steps), desc=f"train {label}", unit="step")
     for _ in bar:
         u, y = make_batch(batch, length, dim, g)
         loss = (model(u) - y).pow(2).mean()
@@ -89,9 +99,7 @@ def per_position_mse(model: nn.Module, dim: int, length: int, seed: int, n: int 
 
 
 def _plot(out: Path, curves: dict, train_losses: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+    _demo_import("matplotlib").use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))

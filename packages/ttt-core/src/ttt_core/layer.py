@@ -19,17 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
-from . import backends
 from .config import TTTConfig
 from .learners import InnerLearner, LinearLearner, MLPLearner
-from .ops.common import layer_norm_heads
-from .ops.decode import decode_flat
+from .ops.common import layer_norm_heads, reconstruction
 from .state import TTTState
-from .validation import check_state
 
 __all__ = ["TTTLayer"]
-
-_MATH_DTYPES = (torch.float32, torch.float64)  # the inner loop's own dtypes (compute_dtype)
 
 
 class TTTLayer(nn.Module):
@@ -69,6 +64,9 @@ class TTTLayer(nn.Module):
         if c.token_scale == "learnable":
             b = c.mini_batch_size
             self.token_scale = nn.Parameter(1.0 / torch.arange(1, b + 1, dtype=torch.float32))
+        if c.target_norm_affine:  # per-head affine after standardising the target
+            self.target_norm_weight = nn.Parameter(torch.ones(H, D))
+            self.target_norm_bias = nn.Parameter(torch.zeros(H, D))
         self.post_norm = nn.LayerNorm(W, eps=1e-6) if c.post_norm else nn.Identity()
         if c.gate == "tanh_alpha":
             self.gate_alpha = nn.Parameter(torch.full((C,), float(c.gate_init)))
@@ -93,75 +91,62 @@ class TTTLayer(nn.Module):
         *wide, rates = F.linear(x, W).split_with_sizes(self._widths, dim=-1)
         return [*wide, rates + self.rate_bias]  # no q/k/v/g bias: add the rates' alone
 
-    def inner_inputs(
-        self, x: Tensor, parts: list[Tensor] | None = None, *, flat: bool = False
-    ) -> dict[str, Tensor]:
-        """q, k, v [B, H, L, D], eta [B, H, L] (and momentum/decay) of the inner loop for x [B, L, C]
-        (``parts``: ``self.project(x)`` when already computed). ``flat`` (one token, L = 1): the
-        decode step's layout, q, k, v [B*H, 1, D] and the rates [B*H, 1, 1]."""
+    def inner_inputs(self, x: Tensor, parts: list[Tensor] | None = None) -> dict[str, Tensor]:
+        """q, k, v [B, H, L, D], eta [B, H, L] (and momentum/decay [B, H, L]) of the inner loop for
+        x [B, L, C] (``parts``: ``self.project(x)`` when already computed)."""
         c = self.config
         parts = self.project(x) if parts is None else parts
-        B, H = x.shape[0], c.num_heads
-        if flat:
-            q, k, v = (t.reshape(B * H, 1, c.head_dim) for t in parts[:3])
-        else:
-            q, k, v = (self._heads(t) for t in parts[:3])
+        q, k, v = (self._heads(t) for t in parts[:3])  # (B, H, L, D)
         if c.qk_l2_norm:
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        if c.normalize_target:  # target v - k standardised per token
-            t = v - k
-            t = (t - t.mean(-1, keepdim=True)) * torch.rsqrt(
-                t.var(-1, keepdim=True, unbiased=False) + 1e-6
-            )
-            v = k + t
-        rates = torch.sigmoid(parts[-1])  # (B, L, H or 3H)
-        scale = c.base_lr / c.head_dim
-        if flat and not c.titans:  # one token: (B*H, 1, 1), samples and heads flattened
-            rates = rates.view(B * H, 1, 1)
-        elif flat:  # (3*B*H, 1, 1): lr | momentum | decay, each over (sample, head)
-            rates = rates.view(B, 3, H).transpose(0, 1).reshape(3 * B * H, 1, 1)
-        else:
-            rates = rates.transpose(1, 2)  # (B, H or 3H, L)
+        if c.normalize_target:
+            v = self._normalized_value(k, v)
+        rates = torch.sigmoid(parts[-1]).transpose(1, 2)  # (B, H or 3H, L)
+        eta_scale = c.base_lr / c.head_dim
         if not c.titans:
-            return {"q": q, "k": k, "v": v, "eta": rates * scale}
-        lr, momentum, decay = rates.split(B * H if flat else H, dim=0 if flat else 1)
-        return {"q": q, "k": k, "v": v, "eta": lr * scale, "momentum": momentum, "decay": decay}
+            return {"q": q, "k": k, "v": v, "eta": rates * eta_scale}
+        lr, momentum, decay = rates.split(c.num_heads, dim=1)  # (B, H, L) each
+        return {"q": q, "k": k, "v": v, "eta": lr * eta_scale, "momentum": momentum, "decay": decay}
+
+    def _normalized_value(self, k: Tensor, v: Tensor) -> Tensor:
+        """The v whose reconstruction target (v - k, or v) is the standardised target per token
+        (zero mean, unit variance over D), with the learnable per-head affine when
+        ``target_norm_affine`` (as the video TTT code does). k, v: [B, H, L, D]."""
+        c = self.config
+        target = reconstruction(k, v, c.reconstruction_target)  # (B, H, L, D)
+        var, mean = torch.var_mean(target, dim=-1, keepdim=True, correction=0)
+        target = (target - mean) * torch.rsqrt(var + 1e-6)
+        if c.target_norm_affine:
+            target = target * self.target_norm_weight[:, None] + self.target_norm_bias[:, None]
+        return k + target if c.reconstruction_target == "residual" else target
 
     def _inner_kwargs(self) -> dict:
         c = self.config
         ts = self.token_scale if c.token_scale == "learnable" else c.token_scale
-        return dict(mini_batch_size=c.mini_batch_size, causal=c.causal, token_scale=ts,
-                    backend=c.backend, form="auto" if c.use_dual_form else "primal")  # fmt: skip
+        return dict(mini_batch_size=c.mini_batch_size, token_scale=ts, backend=c.backend,
+                    reconstruction_target=c.reconstruction_target,
+                    output_residual=c.output_residual)  # fmt: skip
 
     def _run_inner(self, inputs: dict[str, Tensor], state: TTTState | None, stream: bool):
+        """The inner learner on inputs [B, H, L, ...]: one streaming token through its ``step``
+        (the public single-step entry), anything else through its ``forward``."""
+        c = self.config
         i = inputs
         extra = {"momentum": i["momentum"], "decay": i["decay"]} if "momentum" in i else {}
-        return self.inner(i["q"], i["k"], i["v"], i["eta"], state=state, output_final_state=stream,
-                          **extra, **self._inner_kwargs())  # fmt: skip
-
-    def _decode_token(self, x: Tensor, parts: list[Tensor], state: TTTState | None):
-        """One streaming token x [B, 1, C] straight to the torch backend's decode step, without the
-        functional API's per-call bookkeeping (a streaming step is bound by its number of Python
-        and tensor ops): the layer builds q, k, v and eta itself, so only the carried state is
-        checked. Same result as the general path. Returns (o [B, 1, H*D], state), or None where the
-        general path must run (another backend, bf16/fp16 inputs, a custom inner learner)."""
-        c, inner = self.config, self.inner
-        if (type(inner) not in (LinearLearner, MLPLearner) or x.dtype not in _MATH_DTYPES
-                or not backends.is_torch(c.backend, x.device.type)):  # fmt: skip
-            return None
-        B, b = x.shape[0], c.mini_batch_size
-        weights = inner.fast_params()
-        if state is None:
-            state = TTTState.from_params(weights, B, b, x.dtype)
+        if stream and i["q"].shape[2] == 1:
+            o, new_state = self.inner.step(i["q"], i["k"], i["v"], i["eta"], state=state, **extra,
+                                           **self._inner_kwargs())  # fmt: skip
         else:
-            check_state(state, weights, B, b, c.titans)
-        i = self.inner_inputs(x, parts, flat=True)
-        ts = self.token_scale if c.token_scale == "learnable" else c.token_scale
-        o, state = decode_flat(i["q"], i["k"], i["v"], i["eta"], state, inner.ln_weight,
-                               inner.ln_bias, batch=B, kind=c.inner, mini_batch_size=b,
-                               token_scale=ts, momentum=i.get("momentum"), decay=i.get("decay"),
-                               eps=inner.eps)  # fmt: skip
-        return o.view(B, 1, c.inner_width), state
+            form = "auto" if c.use_dual_form else "primal"
+            o, new_state = self.inner(i["q"], i["k"], i["v"], i["eta"], state=state,
+                                      output_final_state=stream, causal=c.causal, form=form,
+                                      **extra, **self._inner_kwargs())  # fmt: skip
+        if c.check_finite_state and new_state is not None and not bool(new_state.is_finite().all()):
+            raise FloatingPointError(
+                "TTTLayer: the carried fast-weight state became non-finite (NaN/Inf); lower base_lr "
+                "or check the inputs (TTTConfig.check_finite_state=True raised this)"
+            )
+        return o, new_state
 
     def _merge(self, o: Tensor) -> Tensor:  # [B, H, L, D] -> [B, L, H*D]
         B, H, L, D = o.shape
@@ -182,13 +167,9 @@ class TTTLayer(nn.Module):
                 "state is only accepted by causal, one-directional TTT layers (streaming)"
             )
         parts = self.project(x)
-        token = self._decode_token(x, parts, state) if stream and x.shape[1] == 1 else None
-        if token is not None:
-            o, new_state = token  # (B, 1, H*D)
-        else:
-            inputs = self.inner_inputs(x, parts)
-            o, new_state = self._run_inner(inputs, state, stream)
-            o = self._merge(o)  # (B, L, H*D)
+        inputs = self.inner_inputs(x, parts)
+        o, new_state = self._run_inner(inputs, state, stream)
+        o = self._merge(o)  # (B, L, H*D)
         y = self.post_norm(o)
         if c.gate == "gelu":
             y = F.gelu(parts[3], approximate="tanh") * y
@@ -235,4 +216,5 @@ class TTTLayer(nn.Module):
         pred = layer_norm_heads(
             z, self.inner.ln_weight.float(), self.inner.ln_bias.float(), self.inner.eps
         )
-        return 0.5 * (pred - (chunk["v"].float() - k)).pow(2).sum(-1)
+        target = reconstruction(k, chunk["v"].float(), self.config.reconstruction_target)
+        return 0.5 * (pred - target).pow(2).sum(-1)

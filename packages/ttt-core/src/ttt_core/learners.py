@@ -30,11 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from .fast_models import linear_fast_model, mlp_fast_model
-from .functional import ttt_linear, ttt_mlp
-from .ops.common import compute_dtype
-from .ops.generic import ttt_generic
+from .functional import _dispatch, ttt_linear, ttt_linear_step, ttt_mlp, ttt_mlp_step
 from .state import TensorDict, TTTState
-from .validation import validate
 
 __all__ = ["InnerLearner", "LinearLearner", "MLPLearner"]
 
@@ -86,52 +83,54 @@ class InnerLearner(nn.Module, ABC):
         decay: Tensor | None = None,
         output_final_state: bool = False,
         backend: str = "auto",
+        reconstruction_target: str = "residual",
+        output_residual: bool = True,
     ) -> tuple[Tensor, TTTState | None]:
         """Run the inner loop over q, k, v [B, H, L, D] with per-token lr eta [B, H, L].
 
         Returns ``(o [B, H, L, D], state or None)``; the keywords mean what they mean in
-        :func:`ttt_core.ttt_linear`. This default runs the generic torch.func path.
+        :func:`ttt_core.ttt_linear`. This default runs the generic torch.func path (through the
+        functional API's dispatch: validation, state default, backend ``generic``).
         """
+        self._generic_only(backend)
+        return _dispatch(self.fast_model, self.fast_params(), q, k, v, eta, self.ln_weight, self.ln_bias,
+                         step=False, mini_batch_size=mini_batch_size, causal=causal,
+                         token_scale=token_scale, momentum=momentum, decay=decay,
+                         initial_state=state, output_final_state=output_final_state, eps=self.eps,
+                         backend="generic", reconstruction_target=reconstruction_target,
+                         output_residual=output_residual)  # fmt: skip
+
+    def step(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        eta: Tensor,
+        *,
+        state: TTTState | None = None,
+        mini_batch_size: int | None = 16,
+        token_scale: str | Tensor = "mean",
+        momentum: Tensor | None = None,
+        decay: Tensor | None = None,
+        backend: str = "auto",
+        reconstruction_target: str = "residual",
+        output_residual: bool = True,
+    ) -> tuple[Tensor, TTTState]:
+        """One streaming token (:func:`ttt_core.ttt_linear_step`'s contract): q, k, v [B, H, 1, D],
+        eta (momentum, decay) [B, H, 1] -> (o [B, H, 1, D], the next state)."""
+        self._generic_only(backend)
+        return _dispatch(self.fast_model, self.fast_params(), q, k, v, eta, self.ln_weight, self.ln_bias,
+                         step=True, mini_batch_size=mini_batch_size, causal=True,
+                         token_scale=token_scale, momentum=momentum, decay=decay,
+                         initial_state=state, output_final_state=True, eps=self.eps,
+                         backend="generic", reconstruction_target=reconstruction_target,
+                         output_residual=output_residual)  # fmt: skip
+
+    def _generic_only(self, backend: str) -> None:
         if backend not in ("auto", "generic"):
             raise ValueError(
-                f"{type(self).__name__} defines its own fast model: only backend 'generic' (or 'auto') "
-                f"can run it, got {backend!r}"
-            )
-        weights = self.fast_params()
-        B = q.shape[0] if isinstance(q, Tensor) and q.ndim == 4 else 0
-        _check_generic(q, k, v, eta, weights, self, mini_batch_size, causal, token_scale,
-                       momentum, decay, state, output_final_state)  # fmt: skip
-        if state is None:
-            state = TTTState.from_params(weights, B, mini_batch_size, compute_dtype(q.dtype))
-        o, new_state = ttt_generic(
-            self.fast_model, q, k, v, eta, state, self.ln_weight, self.ln_bias,
-            mini_batch_size=mini_batch_size, causal=causal, token_scale=token_scale,
-            momentum=momentum, decay=decay, eps=self.eps,
-        )  # fmt: skip
-        return o, (new_state if output_final_state else None)
-
-
-def _check_generic(q, k, v, eta, weights, learner, mini_batch_size, causal, token_scale,
-                   momentum, decay, state, output_final_state) -> None:  # fmt: skip
-    """Shape checks for a user fast model: everything but the fast weights' inner shapes."""
-    H, D = learner.num_heads, learner.head_dim
-    validate(q=q, k=k, v=v, eta=eta, weights={}, ln_weight=learner.ln_weight,
-             ln_bias=learner.ln_bias, mini_batch_size=mini_batch_size, causal=causal,
-             token_scale=token_scale, momentum=momentum, decay=decay, initial_state=None,
-             output_final_state=output_final_state, eps=learner.eps, backend="generic")  # fmt: skip
-    for name, p in weights.items():
-        if p.ndim < 1 or p.shape[0] != H:
-            raise ValueError(
-                f"fast weight {name!r} must have a leading head dim of {H}, got {list(p.shape)}"
-            )
-    if q.shape[1] != H or q.shape[3] != D:
-        raise ValueError(f"q must be [B, H={H}, L, D={D}] for this learner, got {list(q.shape)}")
-    if state is not None:
-        if not isinstance(state, TTTState):
-            raise TypeError(f"state must be a TTTState, got {type(state).__name__}")
-        if set(state.params) != set(weights):
-            raise ValueError(
-                f"state holds {sorted(state.params)} but the learner has {sorted(weights)}"
+                f"{type(self).__name__} defines its own fast model: only backend 'generic' (or "
+                f"'auto') can run it, got {backend!r}"
             )
 
 
@@ -149,11 +148,16 @@ class LinearLearner(InnerLearner):
     def fast_params(self) -> TensorDict:
         return {"W1": self.W1, "b1": self.b1}
 
-    def forward(self, q, k, v, eta, *, state=None, output_final_state=False, backend="auto", **kw):
+    def forward(self, q, k, v, eta, *, state=None, output_final_state=False, **kw):
         """Closed-form TTT-Linear (:func:`ttt_core.ttt_linear`); ``backend="generic"`` works too."""
         return ttt_linear(q, k, v, eta, self.W1, self.b1, self.ln_weight, self.ln_bias,
                           initial_state=state, output_final_state=output_final_state,
-                          eps=self.eps, backend=backend, **kw)  # fmt: skip
+                          eps=self.eps, **kw)  # fmt: skip
+
+    def step(self, q, k, v, eta, *, state=None, **kw):
+        """One streaming token: :func:`ttt_core.ttt_linear_step`."""
+        return ttt_linear_step(q, k, v, eta, self.W1, self.b1, self.ln_weight, self.ln_bias,
+                               state=state, eps=self.eps, **kw)  # fmt: skip
 
 
 class MLPLearner(InnerLearner):
@@ -176,8 +180,13 @@ class MLPLearner(InnerLearner):
     def fast_params(self) -> TensorDict:
         return {"W1": self.W1, "b1": self.b1, "W2": self.W2, "b2": self.b2}
 
-    def forward(self, q, k, v, eta, *, state=None, output_final_state=False, backend="auto", **kw):
+    def forward(self, q, k, v, eta, *, state=None, output_final_state=False, **kw):
         """Closed-form TTT-MLP (:func:`ttt_core.ttt_mlp`); ``backend="generic"`` works too."""
         return ttt_mlp(q, k, v, eta, self.W1, self.b1, self.W2, self.b2, self.ln_weight,
                        self.ln_bias, initial_state=state, output_final_state=output_final_state,
-                       eps=self.eps, backend=backend, **kw)  # fmt: skip
+                       eps=self.eps, **kw)  # fmt: skip
+
+    def step(self, q, k, v, eta, *, state=None, **kw):
+        """One streaming token: :func:`ttt_core.ttt_mlp_step`."""
+        return ttt_mlp_step(q, k, v, eta, self.W1, self.b1, self.W2, self.b2, self.ln_weight,
+                            self.ln_bias, state=state, eps=self.eps, **kw)  # fmt: skip

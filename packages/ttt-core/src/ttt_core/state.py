@@ -1,4 +1,5 @@
-"""`TTTState`: the fast-weight state a causal TTT call hands to the next one (streaming).
+"""`TTTState`: the fast-weight state a causal TTT call hands to the next one, and the one place that
+keeps the streaming bookkeeping every backend needs (start, end offset, token scales, end state).
 
 A causal sequence may be cut anywhere, even inside a mini-batch. Every token of a mini-batch takes its
 gradient at the weights the mini-batch started from, so a cut inside one must carry those start
@@ -8,6 +9,13 @@ weights plus what the tokens already read contributed:
   mini-batch sees ``params - s_i * (grad_sum + ...)``.
 - Titans form: ``momentum`` S_j and ``current`` W_j after the last token read (the recurrence state),
   while gradients are still taken at ``params``.
+
+A backend (the torch, generic and single-step paths here, ttt-cuda's fused ops) reads a call's
+bookkeeping from the state it starts from::
+
+    b = state.block_size(L)                        # tokens per mini-batch for this call
+    s = TTTState.token_scales(token_scale, 0, b, device=..., dtype=...)   # s_i, [b]
+    new = state.advance(L, params=..., grad_sum=..., momentum=..., current=...)
 """
 
 from __future__ import annotations
@@ -33,7 +41,8 @@ class TTTState:
 
     Attributes:
         params: fast weights the current mini-batch started from, e.g. ``{"W1": [B, H, D, F],
-            "b1": [B, H, 1, F]}`` (fp32). Gradients of the current mini-batch are taken here.
+            "b1": [B, H, 1, F]}`` (fp32; fp64 for fp64 inputs). Gradients of the current
+            mini-batch are taken here.
         offset: tokens of the current mini-batch already read, ``0 <= offset < mini_batch_size``.
         mini_batch_size: the b the state was produced with (a resume must use the same b when
             ``offset > 0``); ``None`` for a whole-sequence mini-batch.
@@ -62,43 +71,9 @@ class TTTState:
     def is_titans(self) -> bool:
         return self.momentum is not None
 
-    def map(self, fn: Callable[[Tensor], Tensor]) -> TTTState:
-        """A new state with ``fn`` applied to every tensor (e.g. ``lambda t: t[idx]``)."""
-        kwargs = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            kwargs[f.name] = _map_dict(value, fn) if isinstance(value, dict) else value
-        return TTTState(**kwargs)
-
-    def detach(self) -> TTTState:
-        """Cut the autograd history (truncated backprop through time)."""
-        return self.map(lambda t: t.detach())
-
-    def to(self, *args, **kwargs) -> TTTState:
-        """``Tensor.to`` on every tensor (keep fast weights in fp32: move devices, not dtypes)."""
-        return self.map(lambda t: t.to(*args, **kwargs))
-
-    def fast_weights(self, token_scale: str | Tensor = "mean") -> TensorDict:
-        """The weights the last token read would see (its query's W_i), e.g. to inspect memory.
-
-        Plain form: ``params - s_{offset-1} * grad_sum`` (``params`` itself at a boundary);
-        Titans form: ``current``.
-        """
-        if self.offset == 0:
-            return dict(self.params)
-        if self.current is not None:
-            return dict(self.current)
-        assert self.grad_sum is not None
-        if isinstance(token_scale, Tensor):
-            s = token_scale[self.offset - 1]
-        elif token_scale == "mean":
-            s = 1.0 / self.offset
-        elif token_scale == "sum":
-            s = 1.0
-        else:
-            raise ValueError(f"token_scale must be 'mean', 'sum' or a tensor, got {token_scale!r}")
-        return {n: p - s * self.grad_sum[n] for n, p in self.params.items()}
-
+    # ------------------------------------------------------------------------------------------
+    # streaming bookkeeping: start, advance, token scales, end state
+    # ------------------------------------------------------------------------------------------
     @staticmethod
     def from_params(
         params: TensorDict, batch: int, mini_batch_size: int | None, dtype=torch.float32
@@ -111,6 +86,123 @@ class TTTState:
             },
             mini_batch_size=mini_batch_size,
         )
+
+    def block_size(self, length: int) -> int:
+        """Tokens per mini-batch for a call of ``length`` tokens from this state: b, or (b None)
+        the offset plus the call's length (one unbounded mini-batch)."""
+        if self.mini_batch_size is None:
+            return self.offset + length
+        return self.mini_batch_size
+
+    def end_offset(self, length: int) -> int:
+        """The in-mini-batch offset after reading ``length`` more tokens."""
+        if self.mini_batch_size is None:
+            return self.offset + length
+        return (self.offset + length) % self.mini_batch_size
+
+    @staticmethod
+    def token_scales(
+        token_scale: str | Tensor,
+        start: int,
+        n: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        causal: bool = True,
+    ) -> Tensor:
+        """s_i for the in-mini-batch positions ``start .. start + n - 1``: [n] in ``dtype``.
+
+        "mean": 1/(i+1) (the TTT paper), "sum": 1, a [b] tensor: ``token_scale[start:start+n]``
+        (differentiable); non-causal calls use 1 (every query sees the mini-batch's end weights).
+        """
+        if not causal or (isinstance(token_scale, str) and token_scale == "sum"):
+            return torch.ones(n, device=device, dtype=dtype)
+        if isinstance(token_scale, Tensor):
+            return token_scale[start : start + n].to(dtype)
+        if token_scale == "mean":
+            return 1.0 / torch.arange(start + 1, start + n + 1, device=device, dtype=dtype)
+        raise ValueError(f"token_scale must be 'mean', 'sum' or a tensor, got {token_scale!r}")
+
+    def advance(
+        self,
+        length: int,
+        *,
+        params: TensorDict,
+        grad_sum: TensorDict | None = None,
+        momentum: TensorDict | None = None,
+        current: TensorDict | None = None,
+    ) -> TTTState:
+        """The end state after reading ``length`` more tokens from this one.
+
+        Args:
+            params: the start weights of the mini-batch the last token belongs to (the end weights
+                when the call ends on a mini-batch boundary).
+            grad_sum: plain form, what that mini-batch's tokens read so far (dropped at a boundary).
+            momentum: Titans form, S after the last token (kept at a boundary).
+            current: Titans form, W after the last token (dropped at a boundary, where it is
+                ``params``).
+        """
+        end = self.end_offset(length)
+        return TTTState(
+            params=params,
+            offset=end,
+            mini_batch_size=self.mini_batch_size,
+            grad_sum=grad_sum if end > 0 else None,
+            momentum=momentum,
+            current=current if end > 0 else None,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    def map(self, fn: Callable[[Tensor], Tensor]) -> TTTState:
+        """A new state with ``fn`` applied to every tensor (e.g. ``lambda t: t[idx]``)."""
+        kwargs = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kwargs[f.name] = _map_dict(value, fn) if isinstance(value, dict) else value
+        return TTTState(**kwargs)
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor the state holds (params, then grad_sum, momentum, current)."""
+        return [t for f in fields(self) if isinstance(d := getattr(self, f.name), dict)
+                for t in d.values()]  # fmt: skip
+
+    def detach(self) -> TTTState:
+        """Cut the autograd history (truncated backprop through time)."""
+        return self.map(lambda t: t.detach())
+
+    def to(self, *args, **kwargs) -> TTTState:
+        """``Tensor.to`` on every tensor (keep fast weights in fp32: move devices, not dtypes)."""
+        return self.map(lambda t: t.to(*args, **kwargs))
+
+    def is_finite(self) -> Tensor:
+        """Per sample, whether every tensor of the state is finite: [B] bool.
+
+        Opt-in check for streaming users (it reads values, so on a GPU ``bool(...)`` of it syncs);
+        ``TTTConfig(check_finite_state=True)`` makes a layer raise when its carried state is not.
+        """
+        ok = None
+        for t in self.tensors():
+            finite = torch.isfinite(t).flatten(1).all(dim=1)  # (B,)
+            ok = finite if ok is None else ok & finite
+        assert ok is not None
+        return ok
+
+    def fast_weights(self, token_scale: str | Tensor = "mean") -> TensorDict:
+        """The weights the last token read would see (its query's W_i), e.g. to inspect memory.
+
+        Plain form: ``params - s_{offset-1} * grad_sum`` (``params`` itself at a boundary);
+        Titans form: ``current``.
+        """
+        if self.offset == 0:
+            return dict(self.params)
+        if self.current is not None:
+            return dict(self.current)
+        assert self.grad_sum is not None
+        ref = next(iter(self.params.values()))
+        s = TTTState.token_scales(
+            token_scale, self.offset - 1, 1, device=ref.device, dtype=ref.dtype
+        )
+        return {n: p - s * self.grad_sum[n] for n, p in self.params.items()}
 
 
 def zeros_like_dict(d: TensorDict) -> TensorDict:

@@ -1,12 +1,23 @@
-"""Input checks for the functional API: shapes and metadata only, never values (no GPU sync)."""
+"""Input checks for the functional API and the step entries: shapes and metadata only, never values
+(no GPU sync, traceable by torch.compile). Every call is checked once, in :func:`validate`."""
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
+from .ops.common import RECONSTRUCTION_TARGETS, compute_dtype
 from .state import TTTState
 
 TOKEN_SCALES = ("mean", "sum")
+# expected shapes of the closed-form fast models' weights (TTT-Linear has F = D)
+_WEIGHT_SHAPES = {
+    "W1": ("H", "D", "F"),
+    "b1": ("H", 1, "F"),
+    "W2": ("H", "F", "D"),
+    "b2": ("H", 1, "D"),
+}
 
 
 def _shape(t: Tensor) -> str:
@@ -45,14 +56,24 @@ def validate(
     output_final_state,
     eps,
     backend,
-) -> tuple[int, int, int, int, int]:
-    """Check every argument of ``ttt_linear``/``ttt_mlp``; returns (B, H, L, D, F)."""
+    reconstruction_target="residual",
+    output_residual=True,
+    step: bool = False,
+) -> tuple[int, int, int, int]:
+    """Check every argument of ``ttt_linear``/``ttt_mlp`` (``step``: of ``ttt_*_step``, one token)
+    or of an ``InnerLearner`` with its own fast weights (names other than W1, b1, W2, b2: only the
+    leading head dim is checked). Returns (B, H, L, D)."""
     q = _tensor("q", q)
     if q.ndim != 4:
         raise ValueError(f"q must be 4-D [B, H, L, D], got {q.ndim}-D with shape {_shape(q)}")
     B, H, L, D = q.shape
     if L < 1:
         raise ValueError(f"q must hold at least one token (L >= 1), got shape {_shape(q)}")
+    if step and L != 1:
+        raise ValueError(
+            f"a step takes one token: q must be [B, H, 1, D], got {_shape(q)} "
+            "(use ttt_linear/ttt_mlp with initial_state for longer chunks)"
+        )
     for name, t in (("k", k), ("v", v)):
         _tensor(name, t)
         _expect(name, t, (B, H, L, D), "B,H,L,D")
@@ -65,17 +86,7 @@ def validate(
             continue
         _tensor(name, t)
         _expect(name, t, (B, H, L), "B,H,L")
-    # TTT-Linear maps D -> D; TTT-MLP's hidden width F is read off W1
-    F = weights["W1"].shape[-1] if ("W2" in weights and isinstance(weights["W1"], Tensor)) else D
-    expected = {"W1": ((H, D, F), "H,D,F"), "b1": ((H, 1, F), "H,1,F"),
-                "W2": ((H, F, D), "H,F,D"), "b2": ((H, 1, D), "H,1,D")}  # fmt: skip
-    for name, t in weights.items():
-        _tensor(name, t)
-        if t.ndim != 3:
-            raise ValueError(
-                f"{name} must be 3-D {expected[name][1].replace(',', ', ')}, got {_shape(t)}"
-            )
-        _expect(name, t, *expected[name])
+    _check_weights(weights, H, D)
     for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         _tensor(name, t)
         _expect(name, t, (H, D), "H,D")
@@ -86,7 +97,44 @@ def validate(
             raise ValueError(
                 f"{name} is on {t.device} but q is on {q.device}: move all inputs to one device"
             )
+    _check_options(q, mini_batch_size, causal, token_scale, eps, backend,
+                   reconstruction_target, output_residual)  # fmt: skip
+    titans = momentum is not None or decay is not None
+    if not causal:
+        if titans:
+            raise ValueError("momentum/decay (the Titans form) need causal=True; got causal=False")
+        if initial_state is not None or output_final_state:
+            raise ValueError(
+                "non-causal TTT cannot stream: initial_state and output_final_state need causal=True"
+            )
+    if initial_state is not None:
+        check_state(initial_state, weights, q, mini_batch_size, titans,
+                    name="state" if step else "initial_state")  # fmt: skip
+    return B, H, L, D
 
+
+def _check_weights(weights: dict[str, Tensor], H: int, D: int) -> None:
+    # TTT-Linear maps D -> D; TTT-MLP's hidden width F is read off W1
+    W1 = weights.get("W1")
+    F = W1.shape[-1] if ("W2" in weights and isinstance(W1, Tensor)) else D
+    dims = {"H": H, "D": D, "F": F}
+    for name, t in weights.items():
+        _tensor(name, t)
+        if name not in _WEIGHT_SHAPES:  # a user fast model's weight: [H, ...]
+            if t.ndim < 1 or t.shape[0] != H:
+                raise ValueError(
+                    f"fast weight {name!r} must have a leading head dim of {H}, got {_shape(t)}"
+                )
+            continue
+        names = _WEIGHT_SHAPES[name]
+        if t.ndim != 3:
+            raise ValueError(f"{name} must be 3-D [{', '.join(map(str, names))}], got {_shape(t)}")
+        shape = tuple(dims[n] if isinstance(n, str) else n for n in names)
+        _expect(name, t, shape, ",".join(map(str, names)))
+
+
+def _check_options(q, mini_batch_size, causal, token_scale, eps, backend, reconstruction_target,
+                   output_residual) -> None:  # fmt: skip
     if mini_batch_size is not None:
         if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int):
             raise TypeError(
@@ -109,46 +157,84 @@ def validate(
         raise ValueError(
             f"token_scale must be 'mean', 'sum' or a [mini_batch_size] tensor, got {token_scale!r}"
         )
-    if not isinstance(eps, (int, float)) or eps <= 0:
-        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    if (
+        isinstance(eps, bool)
+        or not isinstance(eps, (int, float))
+        or not (math.isfinite(eps) and eps > 0)
+    ):
+        raise ValueError(f"eps must be a positive number (finite, > 0), got {eps!r}")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-
-    titans = momentum is not None or decay is not None
-    if not causal:
-        if titans:
-            raise ValueError("momentum/decay (the Titans form) need causal=True; got causal=False")
-        if initial_state is not None or output_final_state:
-            raise ValueError(
-                "non-causal TTT cannot stream: initial_state and output_final_state need causal=True"
-            )
-    if initial_state is not None:
-        check_state(initial_state, weights, B, mini_batch_size, titans)
-    return B, H, L, D, F
+    if reconstruction_target not in RECONSTRUCTION_TARGETS:
+        raise ValueError(
+            f"reconstruction_target must be 'residual' (target v - k) or 'value' (target v), "
+            f"got {reconstruction_target!r}"
+        )
+    if not isinstance(output_residual, bool):
+        raise TypeError(f"output_residual must be a bool, got {type(output_residual).__name__}")
 
 
-def check_state(state, weights, B, mini_batch_size, titans) -> None:
-    """Check a carried ``TTTState`` against the call: fast weights [B, ...weights], same b inside a
-    mini-batch, same form (plain / Titans)."""
+def check_state(state, weights: dict[str, Tensor], q: Tensor, mini_batch_size, titans: bool,
+                name: str = "initial_state") -> None:  # fmt: skip
+    """Check a carried ``TTTState`` against the call, by metadata only: every field's shape
+    ([B, ...weights]), dtype (fp32 for fp32/bf16/fp16 inputs, fp64 for fp64) and device, the offset
+    (an int in [0, b)), the same b inside a mini-batch and the same form (plain / Titans)."""
     if not isinstance(state, TTTState):
-        raise TypeError(f"initial_state must be a TTTState, got {type(state).__name__}")
+        raise TypeError(f"{name} must be a TTTState, got {type(state).__name__}")
     if set(state.params) != set(weights):
         raise ValueError(
-            f"initial_state holds fast weights {sorted(state.params)} but this op uses {sorted(weights)}"
+            f"{name} holds fast weights {sorted(state.params)} but this op uses {sorted(weights)}"
         )
-    for name, t in state.params.items():
-        want = (B, *weights[name].shape)
-        if tuple(t.shape) != want:
-            raise ValueError(
-                f"initial_state.params[{name!r}] must have shape {list(want)}, got {_shape(t)}"
-            )
-    if state.offset > 0 and state.mini_batch_size != mini_batch_size:
+    B, dtype = q.shape[0], compute_dtype(q.dtype)
+    for field in ("params", "grad_sum", "momentum", "current"):
+        d = getattr(state, field)
+        if d is None:
+            continue
+        if not isinstance(d, dict) or set(d) != set(weights):
+            raise ValueError(f"{name}.{field} must hold the fast weights {sorted(weights)}")
+        for n, t in d.items():
+            where = f"{name}.{field}[{n!r}]"
+            _tensor(where, t)
+            want = (B, *weights[n].shape)
+            if tuple(t.shape) != want:
+                raise ValueError(f"{where} must have shape {list(want)}, got {_shape(t)}")
+            if t.dtype != dtype:
+                raise TypeError(
+                    f"{where} has dtype {t.dtype}; the state of a {q.dtype} call is {dtype} "
+                    f"(fp32 for fp32/bf16/fp16 inputs, fp64 for fp64): convert it with .to({dtype})"
+                )
+            if t.device != q.device:
+                raise ValueError(f"{where} is on {t.device} but q is on {q.device}: use .to()")
+    b, off = state.mini_batch_size, state.offset
+    if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+        raise ValueError(f"{name}.mini_batch_size must be an int >= 1 or None, got {b!r}")
+    if isinstance(off, bool) or not isinstance(off, int) or off < 0 or (b is not None and off >= b):
+        rng = "an int >= 0" if b is None else f"an int in [0, {b})"
+        raise ValueError(f"{name}.offset must be {rng} (its mini_batch_size {b}), got {off!r}")
+    if off > 0 and b != mini_batch_size:
         raise ValueError(
-            f"initial_state was cut inside a mini-batch of size {state.mini_batch_size}; resume it with "
-            f"mini_batch_size={state.mini_batch_size}, got {mini_batch_size}"
+            f"{name} was cut inside a mini-batch of size {b}; resume it with "
+            f"mini_batch_size={b}, got {mini_batch_size}"
         )
-    if state.offset > 0 and titans != state.is_titans:
-        form = "Titans (momentum/decay)" if state.is_titans else "plain"
+    _check_form(state, titans, name)
+
+
+def _check_form(state: TTTState, titans: bool, name: str) -> None:
+    """The fields a state of each form carries (a Titans state's momentum is never dropped)."""
+    if not titans and (state.momentum is not None or state.current is not None):
         raise ValueError(
-            f"initial_state was cut inside a mini-batch of the {form} form; resume it in that form"
+            f"{name} comes from a Titans (momentum/decay) call: pass momentum/decay to resume it "
+            "(a plain call would drop its momentum)"
+        )
+    if titans and state.grad_sum is not None:
+        raise ValueError(
+            f"{name} was cut inside a mini-batch of the plain form: resume it without momentum/decay"
+        )
+    if state.offset == 0 and (state.grad_sum is not None or state.current is not None):
+        raise ValueError(f"{name} at offset 0 carries grad_sum/current, which only a cut has")
+    if state.offset > 0 and not titans and state.grad_sum is None:
+        raise ValueError(f"{name} is cut inside a mini-batch (offset > 0) but has no grad_sum")
+    if state.offset > 0 and titans and (state.momentum is None or state.current is None):
+        raise ValueError(
+            f"{name} is cut inside a Titans mini-batch (offset > 0) but lacks momentum/current"
         )

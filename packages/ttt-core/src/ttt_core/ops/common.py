@@ -1,5 +1,5 @@
 """Pieces every backend shares: the per-head LayerNorm, the closed-form gradient of the token loss,
-token scales, and how a sequence splits into mini-batch segments."""
+the fast layers' key-side gradients, and how a sequence splits into mini-batch segments."""
 
 from __future__ import annotations
 
@@ -31,53 +31,48 @@ def layer_norm_heads(z: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Ten
     return zhat * head_view(weight, z.ndim) + head_view(bias, z.ndim)
 
 
-def ln_loss_grad(z: Tensor, target: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """d/dz of 0.5 * ||LN_h(z) - target||^2, in closed form (differentiable by autograd).
+RECONSTRUCTION_TARGETS = ("residual", "value")
 
-    With x = (z - mu) * r, r = 1/sqrt(var + eps) and dx = weight * (weight * x + bias - target):
+
+def reconstruction(k: Tensor, v: Tensor, reconstruction_target: str) -> Tensor:
+    """The token loss's target: ``v - k`` ("residual", the TTT paper) or ``v`` ("value", Titans'
+    associative memory). k, v: [B, H, ..., D] -> [B, H, ..., D]."""
+    return v - k if reconstruction_target == "residual" else v
+
+
+def output(q: Tensor, ln_z: Tensor, output_residual: bool) -> Tensor:
+    """The TTT output from ``ln_z = LN_h(f_W(q))``: ``q + ln_z`` (``output_residual``) or ``ln_z``."""
+    return q + ln_z if output_residual else ln_z
+
+
+def ln_loss_grad(z: Tensor, target: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """d/dz of the token loss 0.5 * ||LN_h(z) - target||^2, in closed form (differentiable).
+
+    With x = (z - mu) * r the normalised z (r = 1/sqrt(var + eps)) and
+    dx = weight * (weight * x + bias - target) the gradient at x:
     ``grad = r * (dx - mean(dx) - x * mean(dx * x))`` (means over the last dim D).
 
     z, target: [B, H, ..., D]; weight, bias: [H, D].
     """
-    w = head_view(weight, z.ndim)
-    return ln_loss_grad_pre(z, w * (head_view(bias, z.ndim) - target), w * w, eps)
-
-
-def ln_loss_grad_pre(z: Tensor, wbt: Tensor, w2: Tensor, eps: float) -> Tensor:
-    """:func:`ln_loss_grad` with the z-independent parts precomputed (a hot loop's version):
-    ``wbt = weight * (bias - target)`` and ``w2 = weight**2``, broadcastable against z."""
-    return ln_loss_grad_parts(z, wbt, w2, eps)[0]
+    w, b = head_view(weight, z.ndim), head_view(bias, z.ndim)
+    var, mu = torch.var_mean(z, dim=-1, keepdim=True, correction=0)  # (..., 1)
+    r = torch.rsqrt(var + eps)
+    x = (z - mu) * r  # (..., D)
+    dx = w * (w * x + b - target)
+    return r * (dx - dx.mean(dim=-1, keepdim=True) - x * (dx * x).mean(dim=-1, keepdim=True))
 
 
 def ln_loss_grad_parts(z: Tensor, wbt: Tensor, w2: Tensor, eps: float):
-    """:func:`ln_loss_grad_pre` and the intermediates a hand-written backward needs:
-    ``(g, (x, rstd, dx, s, g))`` with x the normalised z, ``dx = w2 * x + wbt``, ``s = mean(dx * x)``."""
-    # not torch.var_mean (over a short last dim, D = 16, ~10x slower on CPU) nor Tensor.mean (four
-    # kernels on CPU): sums, with 1/D folded into the next op
-    D = z.shape[-1]
-    inv_d = 1.0 / D
-    zc = torch.sub(z, z.sum(dim=-1, keepdim=True), alpha=inv_d)
-    rstd = torch.rsqrt(torch.add((zc * zc).sum(dim=-1, keepdim=True), eps * D)) * math.sqrt(D)
-    x = zc * rstd
-    dx = torch.addcmul(wbt, x, w2)  # weight * (weight * x + bias - target)
-    s = (dx * x).sum(dim=-1, keepdim=True) * inv_d
-    g = rstd * torch.addcmul(torch.sub(dx, dx.sum(dim=-1, keepdim=True), alpha=inv_d), x, s,
-                             value=-1.0)  # fmt: skip
+    """Legacy: only ``titans_scan.py``'s current version imports it (its rewrite drops it; delete
+    this with that merge). :func:`ln_loss_grad` with ``wbt = weight * (bias - target)``,
+    ``w2 = weight**2``, returning ``(g, (x, rstd, dx, s, g))``, ``s = mean(dx * x)``."""
+    var, mu = torch.var_mean(z, dim=-1, keepdim=True, correction=0)
+    rstd = torch.rsqrt(var + eps)
+    x = (z - mu) * rstd
+    dx = w2 * x + wbt
+    s = (dx * x).mean(dim=-1, keepdim=True)
+    g = rstd * (dx - dx.mean(dim=-1, keepdim=True) - x * s)
     return g, (x, rstd, dx, s, g)
-
-
-def ln_loss_grad_fused(z: Tensor, wbt: Tensor, w2: Tensor, eps: float) -> Tensor:
-    """:func:`ln_loss_grad_pre` in three ops: aten's LayerNorm forward gives x and r, and its
-    backward without affine is exactly ``r * (dx - mean(dx) - x * mean(dx * x))`` for
-    ``dx = w2 * x + wbt`` (differentiable: torch's LayerNorm double backward). A single token's
-    step is bound by the number of ops, not by their size; the scan keeps the explicit sums.
-
-    z: [..., D]; wbt, w2 shaped like z (not broadcast)."""
-    D = z.shape[-1]
-    x, mean, rstd = torch.native_layer_norm(z, (D,), None, None, eps)
-    dx = torch.addcmul(wbt, x, w2)  # weight * (weight * x + bias - target)
-    mask = (True, False, False)
-    return torch.ops.aten.native_layer_norm_backward(dx, z, (D,), mean, rstd, None, None, mask)[0]
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
@@ -101,43 +96,20 @@ def affine(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
     return out.view(*x.shape[:-1], W.shape[-1])
 
 
-def key_grads(P: dict[str, Tensor], k: Tensor, wbt: Tensor, w2: Tensor, eps: float, kind: str,
-              loss_grad=ln_loss_grad_pre):  # fmt: skip
-    """Inputs X_l and output gradients g_l of every fast layer for the keys, at the weights P.
+def key_grads(P: dict[str, Tensor], k: Tensor, target: Tensor, ln_weight: Tensor,
+              ln_bias: Tensor, eps: float, kind: str):  # fmt: skip
+    """Inputs X_l and output gradients g_l = d l_j / d(X_l W_l + b_l) of every fast layer for the
+    keys, at the weights P (the chain rule through the fast model, in closed form).
 
-    k: [..., n, D]; wbt = ln_w * (ln_b - target), w2 = ln_w**2 (see ln_loss_grad_pre), against k;
-    ``loss_grad``: ln_loss_grad_pre or ln_loss_grad_fused.
-    Returns lists over layers of X [..., n, Din] and g [..., n, Dout]."""
+    P: {name: [B, H, Din, Dout] / [B, H, 1, Dout]}; k, target: [B, H, n, D]; ln_*: [H, D].
+    Returns lists over layers of X [B, H, n, Din] and g [B, H, n, Dout]."""
     if kind == "linear":
-        return [k], [loss_grad(affine(k, P["W1"], P["b1"]), wbt, w2, eps)]
-    z1 = affine(k, P["W1"], P["b1"])  # (..., n, F)
+        return [k], [ln_loss_grad(affine(k, P["W1"], P["b1"]), target, ln_weight, ln_bias, eps)]
+    z1 = affine(k, P["W1"], P["b1"])  # (B, H, n, F)
     x2 = gelu_tanh(z1)
-    g2 = loss_grad(affine(x2, P["W2"], P["b2"]), wbt, w2, eps)  # (..., n, D)
-    g1 = (g2 @ P["W2"].transpose(-1, -2)) * gelu_tanh_grad(z1)  # (..., n, F)
+    g2 = ln_loss_grad(affine(x2, P["W2"], P["b2"]), target, ln_weight, ln_bias, eps)  # (B, H, n, D)
+    g1 = (g2 @ P["W2"].transpose(-1, -2)) * gelu_tanh_grad(z1)  # (B, H, n, F)
     return [k, x2], [g1, g2]
-
-
-def flatten_heads(d: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
-    """{name: [B, H, ...]} -> {name: [B*H, ...]} (views); None stays None."""
-    return None if d is None else {n: t.flatten(0, 1) for n, t in d.items()}
-
-
-def unflatten_heads(d: dict[str, Tensor] | None, B: int) -> dict[str, Tensor] | None:
-    """Inverse of :func:`flatten_heads` for batch size B."""
-    # a view, as unflatten(0, (B, -1)) but without Tensor.unflatten's Python wrapper
-    return None if d is None else {n: t.view(B, -1, *t.shape[1:]) for n, t in d.items()}
-
-
-def position_scales(token_scale: str | Tensor, start: int, n: int, device, dtype) -> Tensor:
-    """s_i for in-mini-batch positions ``start .. start+n-1``: [n] in ``dtype``.
-
-    "mean": 1/(i+1) (the TTT paper), "sum": 1, a tensor: ``token_scale[start:start+n]``.
-    """
-    if isinstance(token_scale, Tensor):
-        return token_scale[start : start + n].to(dtype)
-    if token_scale == "mean":
-        return 1.0 / torch.arange(start + 1, start + n + 1, device=device, dtype=dtype)
-    return torch.ones(n, device=device, dtype=dtype)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The ``generic`` backend: torch.func gradients of the token loss for any fast model (the reference).
+"""The reference: the ``generic`` backend, torch.func gradients of the token loss for any fast model.
 
 For a user-defined fast model ``f(params, x)`` (one head, ``x [N, D] -> [N, D]``) it takes, per
 token, ``grad l_j(P)`` with ``l_j(W) = 0.5 * ||LN_h(f_W(k_j)) - (v_j - k_j)||^2`` by
@@ -21,14 +21,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from ..state import TensorDict, TTTState, zeros_like_dict
-from .common import (
-    compute_dtype,
-    flatten_heads,
-    layer_norm_heads,
-    plan_segments,
-    position_scales,
-    unflatten_heads,
-)
+from .common import compute_dtype, layer_norm_heads, output, plan_segments, reconstruction
 
 FastModel = Callable[[TensorDict, Tensor], Tensor]
 
@@ -49,12 +42,14 @@ def ttt_generic(
     momentum: Tensor | None,
     decay: Tensor | None,
     eps: float,
+    reconstruction_target: str = "residual",
+    output_residual: bool = True,
 ) -> tuple[Tensor, TTTState]:
     """Reference TTT over [B, H, L, D] for any fast model; same contract as the torch backend."""
     B, H, L, D = q.shape
     dt = compute_dtype(q.dtype)
     qf, kf = q.to(dt).flatten(0, 1), k.to(dt).flatten(0, 1)  # (BH, L, D)
-    tgt = v.to(dt).flatten(0, 1) - kf
+    tgt = reconstruction(kf, v.to(dt).flatten(0, 1), reconstruction_target)  # (BH, L, D)
     etaf = eta.to(dt).flatten(0, 1)  # (BH, L)
     lw = ln_weight.to(dt).expand(B, H, D).flatten(0, 1)  # (BH, D)
     lb = ln_bias.to(dt).expand(B, H, D).flatten(0, 1)
@@ -65,18 +60,18 @@ def ttt_generic(
 
     def loss(params: TensorDict, x: Tensor, t: Tensor, w: Tensor, b: Tensor) -> Tensor:
         z = fast_model(params, x.unsqueeze(0)).squeeze(0)  # (D,)
-        return 0.5 * (F.layer_norm(z, (D,), w, b, eps) - t).pow(2).sum()
+        return 0.5 * (F.layer_norm(z, (D,), w, b, eps) - t).pow(2).sum()  # l_j
 
     # per-token gradients at shared weights: vmap over tokens inside, over (batch x head) outside
     token_grads = vmap(vmap(grad(loss), in_dims=(None, 0, 0, None, None)))
     apply = vmap(vmap(lambda p, x: fast_model(p, x.unsqueeze(0)).squeeze(0)))
 
-    P = flatten_heads(state.params)
-    G = flatten_heads(state.grad_sum)
+    P = _flatten(state.params)
+    G = _flatten(state.grad_sum)
     S = W = None
     if titans:
-        S = flatten_heads(state.momentum) if state.momentum is not None else zeros_like_dict(P)
-        W = flatten_heads(state.current) if state.current is not None else dict(P)
+        S = _flatten(state.momentum) if state.momentum is not None else zeros_like_dict(P)
+        W = _flatten(state.current) if state.current is not None else dict(P)
 
     outs: list[Tensor] = []
     for seg in plan_segments(L, mini_batch_size, state.offset):
@@ -102,7 +97,8 @@ def ttt_generic(
                 cum = {n: t.cumsum(dim=1) for n, t in steps.items()}
                 if G is not None:
                     cum = {n: t + G[n].unsqueeze(1) for n, t in cum.items()}
-                s = position_scales(token_scale, seg.offset, seg.length, q.device, dt)
+                s = TTTState.token_scales(token_scale, seg.offset, seg.length,
+                                          device=q.device, dtype=dt)  # fmt: skip
             else:
                 cum = {n: t.sum(dim=1, keepdim=True).expand_as(t) for n, t in steps.items()}
                 s = torch.ones(seg.length, device=q.device, dtype=dt)
@@ -116,17 +112,22 @@ def ttt_generic(
         outs.append(apply(Wq, qf[:, sl]))  # (BH, n, D)
 
     z = torch.cat(outs, dim=1).unflatten(0, (B, H))  # (B, H, L, D)
-    o = (q.to(dt) + layer_norm_heads(z, ln_weight.to(dt), ln_bias.to(dt), eps)).to(q.dtype)
-    end = (state.offset + L) if mini_batch_size is None else (state.offset + L) % mini_batch_size
-    new_state = TTTState(
-        params=unflatten_heads(P, B),
-        offset=end,
-        mini_batch_size=mini_batch_size,
-        grad_sum=unflatten_heads(G, B) if end > 0 else None,
-        momentum=unflatten_heads(S, B) if titans else None,
-        current=unflatten_heads(W, B) if (titans and end > 0) else None,
+    o = output(
+        q.to(dt), layer_norm_heads(z, ln_weight.to(dt), ln_bias.to(dt), eps), output_residual
     )
-    return o, new_state
+    new_state = state.advance(L, params=_unflatten(P, B), grad_sum=_unflatten(G, B),
+                              momentum=_unflatten(S, B), current=_unflatten(W, B))  # fmt: skip
+    return o.to(q.dtype), new_state
+
+
+def _flatten(d: TensorDict | None) -> TensorDict | None:
+    """{name: [B, H, ...]} -> {name: [B*H, ...]}; None stays None."""
+    return None if d is None else {n: t.flatten(0, 1) for n, t in d.items()}
+
+
+def _unflatten(d: TensorDict | None, B: int) -> TensorDict | None:
+    """Inverse of :func:`_flatten` for batch size B."""
+    return None if d is None else {n: t.unflatten(0, (B, -1)) for n, t in d.items()}
 
 
 def _bcast(x: Tensor, like: Tensor) -> Tensor:

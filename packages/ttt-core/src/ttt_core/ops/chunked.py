@@ -1,4 +1,5 @@
-"""The ``torch`` backend: TTT-Linear and TTT-MLP as a scan over mini-batches, closed form per segment.
+"""The ``torch`` backend's sequence path: the chunked dual form, a scan over mini-batches with the
+closed form per mini-batch segment (TTT-Linear, TTT-MLP, plain and Titans forms).
 
 Within a mini-batch every gradient is taken at the start weights P. For a fast layer with inputs
 X (keys) / Xq (queries) and output gradients g_j (at P), query i sees
@@ -19,6 +20,8 @@ the weight-dependent part runs in the Python loop over mini-batches.
 The Titans form in the dual form (``form="auto"``/``"dual"``) runs in :mod:`.titans_scan`, one
 autograd Function with a hand-written backward (same closed form); the loop below serves the plain
 form and ``form="primal"`` (plain autograd, also the reference the Function is tested against).
+Single streaming tokens go to :mod:`.recurrent`; the reference both are tested against is
+:mod:`.reference` (the generic torch.func path).
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ from .common import (
     head_view,
     key_grads,
     layer_norm_heads,
+    output,
     plan_segments,
-    position_scales,
+    reconstruction,
     segment_products,
     stack_group,
 )
@@ -107,7 +111,7 @@ def _coefs(seg: Segment, eta, momentum, decay, causal, token_scale) -> _Coefs:
         return _Coefs(
             coef=torch.ones(n, n, device=dev, dtype=dt), eta=eta, s=one.expand(n), s_last=one
         )
-    s = position_scales(token_scale, seg.offset, n, dev, dt)
+    s = TTTState.token_scales(token_scale, seg.offset, n, device=dev, dtype=dt)
     coef = s[:, None] * torch.ones(n, n, device=dev, dtype=dt).tril()
     return _Coefs(coef=coef, eta=eta, s=s, s_last=s[-1])
 
@@ -197,7 +201,7 @@ def _update(carry, xs, gs, layers, c: _Coefs, seg: Segment, causal: bool) -> Non
 # ----------------------------------------------------------------------------------------------
 # the scan
 # ----------------------------------------------------------------------------------------------
-def _scan_segments(qf, kf, wbt, w2, etaf, momentum, decay, carry, segs, *, kind, causal,
+def _scan_segments(qf, kf, target, ln_w, ln_b, etaf, momentum, decay, carry, segs, *, kind, causal,
                    token_scale, eps, form) -> Tensor:  # fmt: skip
     """The loop over mini-batch segments (plain form, or the Titans form with autograd); advances
     ``carry`` in place and returns z [B, H, L, D] (the fast model's output before LN)."""
@@ -205,7 +209,7 @@ def _scan_segments(qf, kf, wbt, w2, etaf, momentum, decay, carry, segs, *, kind,
     outs: list[Tensor] = []
     for group in group_segments(segs):
         seg = group[0]
-        qs, ks, ts, es = (stack_group(x, group) for x in (qf, kf, wbt, etaf))
+        qs, ks, ts, es = (stack_group(x, group) for x in (qf, kf, target, etaf))
         c = _coefs(
             seg, es, stack_group(momentum, group), stack_group(decay, group), causal, token_scale
         )
@@ -214,7 +218,7 @@ def _scan_segments(qf, kf, wbt, w2, etaf, momentum, decay, carry, segs, *, kind,
         attns = [None] * len(group) if attn is None else attn.unbind(0)
         per_seg = zip(group, c.unbind(), qs.unbind(0), ks.unbind(0), ts.unbind(0), attns)
         for segi, ci, qi, ki, ti, attni in per_seg:
-            xs, gs = key_grads(carry["P"], ki, ti, w2, eps, kind)
+            xs, gs = key_grads(carry["P"], ki, ti, ln_w, ln_b, eps, kind)
             h = qi
             for li, (W, b) in enumerate(layers):
                 a = attni if li == 0 else None
@@ -225,7 +229,7 @@ def _scan_segments(qf, kf, wbt, w2, etaf, momentum, decay, carry, segs, *, kind,
     return torch.cat(outs, dim=2) if outs else qf.new_zeros(qf.shape)  # (B, H, L, D)
 
 
-def ttt_scan(
+def ttt_chunked(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -241,6 +245,8 @@ def ttt_scan(
     momentum: Tensor | None,
     decay: Tensor | None,
     eps: float,
+    reconstruction_target: str = "residual",
+    output_residual: bool = True,
     form: str = "auto",
 ) -> tuple[Tensor, TTTState]:
     """Run TTT over a [B, H, L, D] sequence from ``state``; returns o [B, H, L, D] (q's dtype) and the
@@ -248,12 +254,9 @@ def ttt_scan(
     layers = LAYERS[kind]
     titans = momentum is not None or decay is not None
     dt = compute_dtype(q.dtype)
-    qf, kf = q.to(dt), k.to(dt)
-    etaf = eta.to(dt)
+    qf, kf, etaf = q.to(dt), k.to(dt), eta.to(dt)
     ln_w, ln_b = ln_weight.to(dt), ln_bias.to(dt)
-    w = head_view(ln_w, 4)
-    wbt = w * (head_view(ln_b, 4) - (v.to(dt) - kf))  # (B, H, L, D): w * (b - target), target v - k
-    w2 = w * w
+    target = reconstruction(kf, v.to(dt), reconstruction_target)  # (B, H, L, D)
     if titans:
         momentum = torch.zeros_like(etaf) if momentum is None else momentum.to(dt)
         decay = torch.zeros_like(etaf) if decay is None else decay.to(dt)
@@ -266,23 +269,19 @@ def ttt_scan(
 
     L = q.shape[2]
     segs = plan_segments(L, mini_batch_size, state.offset)
-    if titans and form != "primal" and L > 0:  # one autograd Function, hand-written backward
+    if titans and form != "primal":  # one autograd Function, hand-written backward
+        w = head_view(ln_w, 4)
+        wbt, w2 = w * (head_view(ln_b, 4) - target), w * w  # its loss-gradient constants
         z, P, W, S = titans_scan(
             qf, kf, wbt, w2, etaf, momentum, decay, carry["P"], carry["W"], carry["S"], layers,
             segs, eps,
         )  # fmt: skip
         carry = {"P": P, "G": None, "S": S, "W": W}
     else:
-        z = _scan_segments(qf, kf, wbt, w2, etaf, momentum, decay, carry, segs, kind=kind,
-                           causal=causal, token_scale=token_scale, eps=eps, form=form)  # fmt: skip
-    o = (qf + layer_norm_heads(z, ln_w, ln_b, eps)).to(q.dtype)
-    end = (state.offset + L) if mini_batch_size is None else (state.offset + L) % mini_batch_size
-    new_state = TTTState(
-        params=carry["P"],
-        offset=end,
-        mini_batch_size=mini_batch_size,
-        grad_sum=carry["G"] if end > 0 else None,
-        momentum=carry["S"],
-        current=carry["W"] if (titans and end > 0) else None,
-    )
+        z = _scan_segments(qf, kf, target, ln_w, ln_b, etaf, momentum, decay, carry, segs,
+                           kind=kind, causal=causal, token_scale=token_scale, eps=eps,
+                           form=form)  # fmt: skip
+    o = output(qf, layer_norm_heads(z, ln_w, ln_b, eps), output_residual).to(q.dtype)
+    new_state = state.advance(L, params=carry["P"], grad_sum=carry["G"], momentum=carry["S"],
+                              current=carry["W"] if titans else None)  # fmt: skip
     return o, new_state
