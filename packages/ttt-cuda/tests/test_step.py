@@ -63,7 +63,8 @@ def test_step_matches_torch_one_token_call(case):
         step_kw = {**kw, "momentum": cut(kw["momentum"], t, t + 1),
                    "decay": cut(kw["decay"], t, t + 1)}  # fmt: skip
         assert (
-            backend.supports(f"{core.__name__}_step", token[0], state=state_cpp, **step_kw) is None
+            backend.supports(f"{core.__name__}_step", token[0], initial_state=state_cpp, **step_kw)
+            is None
         )
         o, state_cpp = step(*token, *weights.values(), state=state_cpp, **step_kw,
                             reconstruction_target="residual", output_residual=True)  # fmt: skip
@@ -81,7 +82,41 @@ def test_step_refuses_options_it_does_not_fuse():
     _, st = ttt_linear(*make_inputs(1, 2, 3, 8, dtype=torch.float32, requires_grad=False).values(),
                        backend="torch", output_final_state=True)  # fmt: skip
     backend = get_backend("cpp")
-    reason = backend.supports("ttt_linear_step", x["q"], state=st, reconstruction_target="value")
+    reason = backend.supports(
+        "ttt_linear_step", x["q"], initial_state=st, reconstruction_target="value"
+    )
     assert "reconstruction_target='value'" in reason
-    reason = backend.supports("ttt_linear_step", x["q"], state=st, output_residual=False)
+    reason = backend.supports("ttt_linear_step", x["q"], initial_state=st, output_residual=False)
     assert "output_residual=False" in reason
+
+
+def test_public_step_entry_serves_the_layer_stream_through_cpp():
+    """ttt-core's public step (``ttt_linear_step``, what ``TTTLayer`` calls per streaming token)
+    resolves to the cpp backend under auto on CPU and equals the whole-sequence torch call."""
+    from ttt_core import ttt_linear_step
+
+    x = make_inputs(B, H, L, D, dtype=torch.float32, seed=24, requires_grad=False)
+    seq = [x[n] for n in ("q", "k", "v", "eta")]
+    weights = [x[n] for n in ("W1", "b1", "ln_weight", "ln_bias")]
+    backend = get_backend("cpp")
+    calls = []
+    original = backend.ttt_linear_step
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    backend.ttt_linear_step = counted
+    try:
+        state, outs = None, []
+        for t in range(L):
+            o, state = ttt_linear_step(*(s[:, :, t : t + 1] for s in seq), *weights, state=state,
+                                       mini_batch_size=b, backend="auto")  # fmt: skip
+            outs.append(o)
+    finally:
+        del backend.ttt_linear_step
+    assert len(calls) == L
+    ref, ref_state = ttt_linear(*seq, *weights, mini_batch_size=b, backend="torch",
+                                output_final_state=True)  # fmt: skip
+    torch.testing.assert_close(torch.cat(outs, dim=2), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state.params["W1"], ref_state.params["W1"], rtol=1e-4, atol=1e-4)

@@ -49,8 +49,6 @@ class CudaBackend:
             return err
         if op not in _REASONS:
             return f"unknown op {op!r}"
-        if op.endswith("_step"):  # the step's start state is its ``state``
-            kwargs = {**kwargs, "initial_state": kwargs.pop("state", None)}
         return _REASONS[op](q, **kwargs)
 
     def ttt_linear(self, q, k, v, eta, W1, b1, ln_weight, ln_bias, **kwargs: Any):

@@ -1,23 +1,26 @@
 """What the public functions of the three ops (``linear``, ``mlp``, ``titans``) share, written once:
-the dtype rule, the support check, the one validation call, the token-scale vector, the start
-weights and grad_sum read from a state, and the state returned at the end.
+the dtype rule, the support check, the one validation call, the start state, and the layout change
+between a ``TTTState``'s tensors and the ops'. The streaming bookkeeping itself (block size, end
+offset, token scales, end state) is ``TTTState``'s (ttt-core), called by the ops' functions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ttt_core.state import TTTState
 from ttt_core.validation import validate
 
 __all__ = [
     "acc_dtype",
-    "end_state",
-    "per_sample",
+    "op_layout",
     "shape_str",
-    "token_scale_vector",
+    "start_state",
+    "state_layout",
     "unsupported_reason",
     "validate_call",
 ]
@@ -96,49 +99,22 @@ def validate_call(q, k, v, eta, weights, ln_weight, ln_bias, *, causal, initial_
     )  # fmt: skip
 
 
-def token_scale_vector(token_scale: str | Tensor, b: int, causal: bool, ref: Tensor) -> Tensor:
-    """s_i by in-mini-batch position i: [b] in the acc dtype (ones when non-causal or "sum")."""
-    acc = acc_dtype(ref.dtype)
-    if not causal or (isinstance(token_scale, str) and token_scale == "sum"):
-        return torch.ones(b, device=ref.device, dtype=acc)
-    if isinstance(token_scale, str):
-        if token_scale != "mean":
-            raise ValueError(
-                f"token_scale must be 'mean', 'sum' or a [b] tensor, got {token_scale!r}"
-            )
-        return 1.0 / torch.arange(1, b + 1, device=ref.device, dtype=acc)
-    if token_scale.shape != (b,):
-        raise ValueError(
-            f"token_scale tensor must have shape [mini_batch_size]=({b},), "
-            f"got {shape_str(token_scale)}"
-        )
-    return token_scale.to(acc)
+def start_state(initial_state, weights: dict[str, Tensor], B: int, mini_batch_size, acc):
+    """The ``TTTState`` a direct call starts from, as ttt-core hands one to a backend: the given
+    state (continued with this call's ``mini_batch_size``, validated) or the weights per sample."""
+    if initial_state is None:
+        return TTTState.from_params(weights, B, mini_batch_size, acc)
+    if initial_state.mini_batch_size != mini_batch_size:
+        return dataclasses.replace(initial_state, mini_batch_size=mini_batch_size)
+    return initial_state
 
 
-def per_sample(t: Tensor, name: str, B: int, acc: torch.dtype) -> Tensor:
-    """A weight as the ops take it, contiguous in ``acc``: [H, ...] (shared) or [B, H, ...] (a
-    state's) -> [B, H, ...], biases ``b*`` [.., 1, n] flattened to [B, H, n]."""
-    t = t.to(acc)
-    if t.dim() == 3:
-        t = t.unsqueeze(0).expand(B, *t.shape)  # shared [H, ...] -> (B, H, ...)
-    if name.startswith("b"):
-        t = t.reshape(B, t.shape[1], t.shape[-1])  # (B, H, n)
-    return t.contiguous()
+def op_layout(d: dict[str, Tensor], acc: torch.dtype) -> list[Tensor]:
+    """A state's tensors as the ops take them, contiguous in ``acc``: weights [B, H, m, n] as they
+    are, biases ``b*`` [B, H, 1, n] as [B, H, n]."""
+    return [(t.flatten(-2) if n.startswith("b") else t).to(acc).contiguous() for n, t in d.items()]
 
 
-def end_state(names, ends, last_starts, end: int, mini_batch_size: int | None):
-    """The ``TTTState`` after a call of the plain (non-Titans) ops: ``ends``/``last_starts`` are
-    the end weights and the last segment's start weights as the ops return them (biases [B, H, n]);
-    ``end`` the in-mini-batch position after the last token. A state cut inside a mini-batch
-    (end > 0) keeps that mini-batch's start weights and grad_sum = start - end (the ops end an
-    incomplete mini-batch with the unscaled sum of its steps)."""
-    from ttt_core.state import TTTState
-
-    def as_params(ts):  # biases [B, H, n] -> [B, H, 1, n]
-        return {n: t.unsqueeze(-2) if n.startswith("b") else t for n, t in zip(names, ts)}
-
-    if end == 0:
-        return TTTState(params=as_params(ends), offset=0, mini_batch_size=mini_batch_size)
-    start, stop = as_params(last_starts), as_params(ends)
-    grad_sum = {n: start[n] - stop[n] for n in names}
-    return TTTState(params=start, offset=end, mini_batch_size=mini_batch_size, grad_sum=grad_sum)
+def state_layout(names, ts) -> dict[str, Tensor]:
+    """The ops' end / start tensors as a state's dict: biases [B, H, n] -> [B, H, 1, n]."""
+    return {n: t.unsqueeze(-2) if n.startswith("b") else t for n, t in zip(names, ts)}

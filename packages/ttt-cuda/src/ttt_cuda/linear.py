@@ -17,12 +17,13 @@ from typing import Any
 
 from torch import Tensor
 
+from ttt_core.state import TTTState
 from ttt_cuda.common import (
     CUDA_HEAD_DIMS,
     acc_dtype,
-    end_state,
-    per_sample,
-    token_scale_vector,
+    op_layout,
+    start_state,
+    state_layout,
     unsupported_reason,
     validate_call,
 )
@@ -90,36 +91,36 @@ def fused_ttt_linear(
     reason = linear_unsupported_reason(q, **kw)
     if reason is not None:
         raise ValueError(f"fused_ttt_linear does not support this call: {reason}")
-    return linear_call(q, k, v, eta, W1, b1, ln_weight, ln_bias, **kw)
+    state = start_state(initial_state, {"W1": W1, "b1": b1}, q.shape[0], mini_batch_size,
+                        acc_dtype(q.dtype))  # fmt: skip
+    return linear_call(q, k, v, eta, W1, b1, ln_weight, ln_bias, **{**kw, "initial_state": state})
 
 
 def linear_call(q, k, v, eta, W1, b1, ln_weight, ln_bias, *, mini_batch_size, causal, token_scale,
                 momentum, decay, initial_state, output_final_state, eps, **_):  # fmt: skip
-    """``fused_ttt_linear`` on validated inputs the op supports (the backend's entry: ttt-core
-    has validated the call and asked ``supports``)."""
+    """``fused_ttt_linear`` on validated inputs the op supports, from ``initial_state`` (a
+    ``TTTState``: the backend's entry, after ttt-core validated the call and asked ``supports``)."""
     if momentum is not None or decay is not None:  # the Titans form
-        return titans_linear(q, k, v, eta, W1, b1, ln_weight, ln_bias,
-                             mini_batch_size=mini_batch_size, momentum=momentum, decay=decay,
-                             initial_state=initial_state, output_final_state=output_final_state,
+        return titans_linear(q, k, v, eta, ln_weight, ln_bias, momentum=momentum, decay=decay,
+                             state=initial_state, output_final_state=output_final_state,
                              eps=eps)  # fmt: skip
-    B, _, L, _ = q.shape
-    offset = initial_state.offset if (causal and initial_state is not None) else 0
-    b = offset + L if mini_batch_size is None else mini_batch_size  # None: one unbounded segment
-    acc = acc_dtype(q.dtype)
-    names = ("W1", "b1")
-    start = initial_state.params if initial_state is not None else {"W1": W1, "b1": b1}
-    W0, b0 = (per_sample(start[n], n, B, acc) for n in names)  # (B, H, D, D), (B, H, D)
-    G0 = gb0 = None
-    if offset > 0:  # what the cut mini-batch's earlier tokens read
-        G0, gb0 = (per_sample(initial_state.grad_sum[n], n, B, acc) for n in names)
-    scale = token_scale_vector(token_scale, b, causal, q)  # (b,)
-    end = offset + L if mini_batch_size is None else (offset + L) % b
+    state, L, acc = initial_state, q.shape[2], acc_dtype(q.dtype)
+    b = state.block_size(L)  # mini_batch_size, or offset + L for None (one unbounded segment)
+    W0, b0 = op_layout(state.params, acc)  # (B, H, D, D), (B, H, D)
+    G0, gb0 = op_layout(state.grad_sum, acc) if state.offset > 0 else (None, None)
+    scale = TTTState.token_scales(token_scale, 0, b, device=q.device, dtype=acc, causal=causal)
+    end = state.end_offset(L)
     cut = bool(output_final_state and end != 0)  # the state ends inside a mini-batch
     o, W_end, b_end, W_starts, b_starts = linear_fwd(
-        q, k, v, eta.to(acc), W0, b0, ln_weight.to(acc), ln_bias.to(acc), scale, b, bool(causal),
-        float(eps), cut, offset, mini_batch_size is None, G0, gb0,
+        q, k, v, eta.to(acc), W0, b0, ln_weight.to(acc), ln_bias.to(acc), scale.contiguous(), b,
+        bool(causal), float(eps), cut, state.offset, mini_batch_size is None, G0, gb0,
     )  # fmt: skip
     if not output_final_state:
         return o, None
-    last = (W_starts[:, :, -1], b_starts[:, :, -1])
-    return o, end_state(names, (W_end, b_end), last, end if cut else 0, mini_batch_size)
+    names = ("W1", "b1")
+    ends = state_layout(names, (W_end, b_end))
+    if end == 0:
+        return o, state.advance(L, params=ends)
+    # the cut mini-batch: its start weights, and grad_sum = start - end (the op ends it unscaled)
+    starts = state_layout(names, (W_starts[:, :, -1], b_starts[:, :, -1]))
+    return o, state.advance(L, params=starts, grad_sum={n: starts[n] - ends[n] for n in names})

@@ -16,11 +16,12 @@ from typing import Any
 
 from torch import Tensor
 
+from ttt_core.state import TTTState
 from ttt_cuda.common import (
     acc_dtype,
-    end_state,
-    per_sample,
-    token_scale_vector,
+    op_layout,
+    start_state,
+    state_layout,
     unsupported_reason,
     validate_call,
 )
@@ -106,32 +107,32 @@ def fused_ttt_mlp(
         reason = f"the CUDA TTT-MLP kernels take D = 64 and F = 256, got F = {W1.shape[-1]}"
     if reason is not None:
         raise ValueError(f"fused_ttt_mlp does not support this call: {reason}")
-    return mlp_call(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, **kw)
+    state = start_state(initial_state, weights, q.shape[0], mini_batch_size, acc_dtype(q.dtype))
+    return mlp_call(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias,
+                    **{**kw, "initial_state": state})  # fmt: skip
 
 
 def mlp_call(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, *, mini_batch_size, causal,
              token_scale, initial_state, output_final_state, eps, **_):  # fmt: skip
-    """``fused_ttt_mlp`` on validated inputs the op supports (the backend's entry: ttt-core has
-    validated the call and asked ``supports``)."""
-    weights = {"W1": W1, "b1": b1, "W2": W2, "b2": b2}
-    B, _, L, _ = q.shape
-    offset = initial_state.offset if (causal and initial_state is not None) else 0
-    b = offset + L if mini_batch_size is None else mini_batch_size  # None: one unbounded segment
-    acc = acc_dtype(q.dtype)
-    grad_sum = []  # what the cut mini-batch's earlier tokens read, as the start weights
-    if offset > 0:
-        grad_sum = [per_sample(initial_state.grad_sum[n], n, B, acc) for n in weights]
-    source = initial_state.params if initial_state is not None else weights
-    # (B, H, D, F), (B, H, F), (B, H, F, D), (B, H, D)
-    start = [per_sample(source[n], n, B, acc) for n in weights]
-    scale = token_scale_vector(token_scale, b, causal, q)  # (b,)
-    end = offset + L if mini_batch_size is None else (offset + L) % b
+    """``fused_ttt_mlp`` on validated inputs the op supports, from ``initial_state`` (a
+    ``TTTState``: the backend's entry, after ttt-core validated the call and asked ``supports``)."""
+    state, L, acc = initial_state, q.shape[2], acc_dtype(q.dtype)
+    b = state.block_size(L)  # mini_batch_size, or offset + L for None (one unbounded segment)
+    start = op_layout(state.params, acc)  # (B, H, D, F), (B, H, F), (B, H, F, D), (B, H, D)
+    grad_sum = op_layout(state.grad_sum, acc) if state.offset > 0 else []
+    scale = TTTState.token_scales(token_scale, 0, b, device=q.device, dtype=acc, causal=causal)
+    end = state.end_offset(L)
     cut = bool(output_final_state and end != 0)  # the state ends inside a mini-batch
     o, *rest = mlp_fwd(
-        q, k, v, eta.to(acc), *start, ln_weight.to(acc), ln_bias.to(acc), scale, b, bool(causal),
-        float(eps), cut, offset, mini_batch_size is None, *grad_sum,
+        q, k, v, eta.to(acc), *start, ln_weight.to(acc), ln_bias.to(acc), scale.contiguous(), b,
+        bool(causal), float(eps), cut, state.offset, mini_batch_size is None, *grad_sum,
     )  # fmt: skip
     if not output_final_state:
         return o, None
-    ends, last = rest[:4], [t[:, :, -1] for t in rest[4:]]
-    return o, end_state(tuple(weights), ends, last, end if cut else 0, mini_batch_size)
+    names = tuple(state.params)
+    ends = state_layout(names, rest[:4])
+    if end == 0:
+        return o, state.advance(L, params=ends)
+    # the cut mini-batch: its start weights, and grad_sum = start - end (the op ends it unscaled)
+    starts = state_layout(names, [t[:, :, -1] for t in rest[4:]])
+    return o, state.advance(L, params=starts, grad_sum={n: starts[n] - ends[n] for n in names})
