@@ -389,27 +389,25 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
       else
         mm_acc<-1, false, true>(n, D, D, c.DZ, D, Gw, D, c.dQ, D);
     }
-    // through P = A * (Q K^T + 1), A_ij = c_ij eta_j and a_j = c_{n-1,j} eta_j
+    // through P = A * (Q K^T + 1), A_ij = c_ij eta_j and a_j = c_{n-1,j} eta_j; Q K^T is
+    // recomputed over P (read for the last time by dG above)
+    TTT_PAR_FOR(e, n * n) { c.P[e] = 0; }
+    mm_acc<+1, false, true>(n, n, D, c.Q, D, c.K, D, c.P, n);
+    TTT_SYNC();
     acc_t* deta = static_cast<acc_t*>(p.deta) + bh * p.L + t0;
     TTT_PAR_FOR(j, n) {
       acc_t s = c.da[j] * e_end;
       for (int i = 0; i < n; ++i) {
         const acc_t cf = coef(p, scale, g, i, j);
         if (cf == acc_t(0)) continue;
-        acc_t qk = 0;
-        for (int d = 0; d < D; ++d) qk += c.Q[i * D + d] * c.K[j * D + d];
-        s += c.dP[i * n + j] * (qk + acc_t(1)) * cf;
+        s += c.dP[i * n + j] * (c.P[i * n + j] + acc_t(1)) * cf;
       }
       deta[j] = s;
     }
     if (p.causal) {
       TTT_PAR_FOR(i, n) {
         acc_t s = 0;
-        for (int j = 0; j <= i; ++j) {
-          acc_t qk = 0;
-          for (int d = 0; d < D; ++d) qk += c.Q[i * D + d] * c.K[j * D + d];
-          s += c.dP[i * n + j] * (qk + acc_t(1)) * c.eta[j];
-        }
+        for (int j = 0; j <= i; ++j) s += c.dP[i * n + j] * (c.P[i * n + j] + acc_t(1)) * c.eta[j];
         if (g.G) {  // Z' -= s_i (q_i Gw + gb)
           for (int col = 0; col < D; ++col) s -= c.QG[i * D + col] * c.DZ[i * D + col];
         }
