@@ -30,3 +30,13 @@ TTT_DECLARE_CPU_CHAINS(ttt_cpu_avx2)
   using ::ttt::TitansParams;        \
   }
 #define TTT_CPU_ISA_END }
+
+// Calls chain(ws) with the scratch typed as the acc type of `dtype` (double for float64 inputs,
+// float for float32): the one dtype switch of the three ops' chain entry points.
+template <typename Chain>
+inline void with_acc_type(::ttt::DType dtype, void* ws, Chain chain) {
+  if (dtype == ::ttt::DType::kFloat64)
+    chain(static_cast<double*>(ws));
+  else
+    chain(static_cast<float*>(ws));
+}

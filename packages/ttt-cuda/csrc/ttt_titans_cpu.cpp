@@ -3,6 +3,7 @@
 #include <math.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "ttt_cpu_isa.h"
 
@@ -13,19 +14,13 @@ TTT_CPU_ISA_END
 namespace TTT_CPU_NS {
 
 void titans_chain(const ::ttt::TitansParams& p, void* ws, int bi, int hi, bool backward) {
-  if (p.dtype == ::ttt::DType::kFloat64) {
-    double* w = static_cast<double*>(ws);
+  with_acc_type(p.dtype, ws, [&](auto* w) {
+    using acc_t = std::remove_pointer_t<decltype(w)>;
     if (backward)
-      ttt::titans_bwd_chain<double, double>(p, w, p.D, bi, hi);
+      ttt::titans_bwd_chain<acc_t, acc_t>(p, w, p.D, bi, hi);
     else
-      ttt::titans_fwd_chain<double, double>(p, w, p.D, bi, hi);
-  } else {
-    float* w = static_cast<float*>(ws);
-    if (backward)
-      ttt::titans_bwd_chain<float, float>(p, w, p.D, bi, hi);
-    else
-      ttt::titans_fwd_chain<float, float>(p, w, p.D, bi, hi);
-  }
+      ttt::titans_fwd_chain<acc_t, acc_t>(p, w, p.D, bi, hi);
+  });
 }
 
 }  // namespace TTT_CPU_NS
