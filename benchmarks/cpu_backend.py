@@ -137,7 +137,10 @@ def main() -> None:
         case = make(op, B, H, L, D)
         name = f"{op}-{'fwd+bwd' if backward else 'fwd'}"
         n_flops = flops(case, b, backward)
-        runs = {be: (lambda be=be: run_call(case, be, b, backward)) for be in ("torch", "cpp")}
+        runs = {
+            be: (lambda be=be, case=case, bwd=backward: run_call(case, be, b, bwd))
+            for be in ("torch", "cpp")
+        }
         r = side_by_side(runs, repeats)
         for be in r:
             r[be]["gflop_per_s_cpu"] = n_flops / (r[be]["cpu_ms"] * 1e-3) / 1e9
@@ -149,7 +152,10 @@ def main() -> None:
         print(name, json.dumps(r), flush=True)
     # 2 threads vs 1 on the same call (cpp)
     case = make("linear", B, H, L, D)
-    call = lambda: run_call(case, "cpp", b, True)  # noqa: E731
+
+    def call():
+        run_call(case, "cpp", b, True)
+
     r = side_by_side({"cpp-1thread": call, "cpp-2threads": call}, repeats,
                      threads={"cpp-1thread": 1, "cpp-2threads": 2})  # fmt: skip
     r["speedup_wall"] = r["cpp-1thread"]["wall_ms"] / r["cpp-2threads"]["wall_ms"]
