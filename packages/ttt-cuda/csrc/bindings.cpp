@@ -129,8 +129,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("mlp_workspace_elems", &ttt::mlp_workspace_elems, py::arg("D"), py::arg("F"),
         py::arg("mini_batch_size"), py::arg("backward"),
         "Scratch elements (fp32) one (batch, head) chain of the MLP op needs.");
-  m.def("mlp_fwd_cpu", &ttt::mlp_fwd_cpu, py::call_guard<py::gil_scoped_release>());
-  m.def("mlp_bwd_cpu", &ttt::mlp_bwd_cpu, py::call_guard<py::gil_scoped_release>());
+  m.def("mlp_fwd_cpu", &ttt::mlp_fwd_cpu, py::arg("params"), py::arg("threads"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("mlp_bwd_cpu", &ttt::mlp_bwd_cpu, py::arg("params"), py::arg("threads"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("mlp_cpu_block", &ttt::mlp_cpu_block, py::arg("params"), py::arg("backward"),
         py::arg("threads"), py::call_guard<py::gil_scoped_release>());
   m.def("mlp_fwd_cuda", [](const ttt::MLPParams& p) { check_cuda(ttt::mlp_fwd_cuda(p)); });
@@ -159,18 +161,24 @@ PYBIND11_MODULE(_C, m) {
   TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, ddec, void);
   m.def("titans_workspace_elems", &ttt::titans_workspace_elems, py::arg("D"),
         py::arg("mini_batch_size"), py::arg("backward"));
-  m.def("titans_fwd_cpu", &ttt::titans_fwd_cpu, py::call_guard<py::gil_scoped_release>());
-  m.def("titans_bwd_cpu", &ttt::titans_bwd_cpu, py::call_guard<py::gil_scoped_release>());
+  m.def("titans_fwd_cpu", &ttt::titans_fwd_cpu, py::arg("params"), py::arg("threads"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("titans_bwd_cpu", &ttt::titans_bwd_cpu, py::arg("params"), py::arg("threads"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("titans_cpu_block", &ttt::titans_cpu_block, py::arg("params"), py::arg("backward"),
         py::arg("threads"), py::call_guard<py::gil_scoped_release>());
   m.def("titans_fwd_cuda", [](const ttt::TitansParams& p) { check_cuda(ttt::titans_fwd_cuda(p)); });
   m.def("titans_bwd_cuda", [](const ttt::TitansParams& p) { check_cuda(ttt::titans_bwd_cuda(p)); });
 
+  m.def("cpu_uses_avx2", &ttt::cpu_uses_avx2,
+        "Whether the CPU path runs its AVX2 build (same results as the portable build).");
   m.def("linear_workspace_elems", &ttt::linear_workspace_elems, py::arg("D"),
         py::arg("mini_batch_size"), py::arg("backward"),
         "Scratch elements (fp32) one (batch, head) chain needs.");
-  m.def("linear_fwd_cpu", &ttt::linear_fwd_cpu, py::call_guard<py::gil_scoped_release>());
-  m.def("linear_bwd_cpu", &ttt::linear_bwd_cpu, py::call_guard<py::gil_scoped_release>());
+  m.def("linear_fwd_cpu", &ttt::linear_fwd_cpu, py::arg("params"), py::arg("threads"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("linear_bwd_cpu", &ttt::linear_bwd_cpu, py::arg("params"), py::arg("threads"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("linear_cpu_block", &ttt::linear_cpu_block, py::arg("params"), py::arg("backward"),
         py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
         "CPU run with `threads` threads per chain and barriers, as a CUDA block runs (tests).");

@@ -14,7 +14,8 @@
 //
 // Parallel loops: on the GPU TTT_PAR_FOR strides over the block's threads and TTT_SYNC is
 // __syncthreads(); on the CPU they are a plain loop and a no-op. Every output element is written
-// by one thread in a fixed order, so both paths are deterministic (no atomics).
+// by one thread in a fixed order, so both paths are deterministic (no atomics). The products
+// (mm_acc, ttt_products.h) keep each element's order of operations on both schedules.
 #pragma once
 #include <math.h>
 
@@ -30,7 +31,7 @@
 #define TTT_NT (static_cast<int>(blockDim.x))
 #define TTT_SYNC() __syncthreads()
 #define TTT_PAR_FOR(i, N) for (int i = TTT_TID; i < (N); i += TTT_NT)
-#elif defined(TTT_EMULATE_BLOCK)  // CPU check of the phase structure: see ttt_linear_cpu_block.cpp
+#elif defined(TTT_EMULATE_BLOCK)  // CPU check of the phase structure: see ttt_cpu_block.cpp
 #define TTT_TID (::ttt_block::tid)
 #define TTT_NT (::ttt_block::nt)
 #define TTT_SYNC() (::ttt_block::sync())
@@ -41,6 +42,8 @@
 #define TTT_SYNC() ((void)0)
 #define TTT_PAR_FOR(i, N) for (int i = TTT_TID; i < (N); i += TTT_NT)
 #endif
+
+#include "ttt_products.h"  // mm_acc: the products, tiled on the CPU, strided over threads on the GPU
 
 namespace ttt {
 
@@ -157,12 +160,8 @@ TTT_HD void chain_recompute(const LinearParams& p, const ChainBuffers<acc_t>& c,
   const acc_t e_end = end_coef(p, scale, g);
   TTT_PAR_FOR(j, n) { c.a[j] = e_end * c.eta[j]; }
   // Z = K W + b
-  TTT_PAR_FOR(e, n * D) {
-    const int i = e / D, col = e % D;
-    acc_t s = c.bw[col];
-    for (int d = 0; d < D; ++d) s += c.K[i * D + d] * c.W[d * D + col];
-    c.X[e] = s;
-  }
+  TTT_PAR_FOR(e, n * D) { c.X[e] = c.bw[e % D]; }
+  mm_acc<+1, false, false>(n, D, D, c.K, D, c.W, D, c.X, D);
   TTT_SYNC();
   // rows: X = LN(Z), G = d l / d z
   TTT_PAR_FOR(i, n) {
@@ -190,35 +189,26 @@ TTT_HD void chain_recompute(const LinearParams& p, const ChainBuffers<acc_t>& c,
     }
   }
   // P = A * (Q K^T + 1)
+  TTT_PAR_FOR(e, n * n) { c.P[e] = 0; }
+  mm_acc<+1, false, true>(n, n, D, c.Q, D, c.K, D, c.P, n);  // Q K^T
   TTT_PAR_FOR(e, n * n) {
     const int i = e / n, j = e % n;
     const acc_t cf = coef(p, scale, g, i, j);
-    acc_t s = 0;
-    if (cf != acc_t(0)) {
-      for (int d = 0; d < D; ++d) s += c.Q[i * D + d] * c.K[j * D + d];
-      s = cf * c.eta[j] * (s + acc_t(1));
-    }
-    c.P[e] = s;
+    c.P[e] = cf != acc_t(0) ? cf * c.eta[j] * (c.P[e] + acc_t(1)) : acc_t(0);
   }
   if (g.G) {  // QG = Q Gw + gb (the state's grad_sum seen by every query of the segment)
     const acc_t* Gw = static_cast<const acc_t*>(p.G0) + bh * D * D;
     const acc_t* gb = static_cast<const acc_t*>(p.gb0) + bh * D;
-    TTT_PAR_FOR(e, n * D) {
-      const int i = e / D, col = e % D;
-      acc_t s = gb[col];
-      for (int d = 0; d < D; ++d) s += c.Q[i * D + d] * Gw[d * D + col];
-      c.QG[e] = s;
-    }
+    TTT_PAR_FOR(e, n * D) { c.QG[e] = gb[e % D]; }
+    mm_acc<+1, false, false>(n, D, D, c.Q, D, Gw, D, c.QG, D);
   }
   TTT_SYNC();
-  // Z' = Q W + b - s (Q Gw + gb) - P G
-  TTT_PAR_FOR(e, n * D) {
-    const int i = e / D, col = e % D;
-    acc_t s = c.bw[col];
-    for (int d = 0; d < D; ++d) s += c.Q[i * D + d] * c.W[d * D + col];
-    for (int j = 0; j < n; ++j) s -= c.P[i * n + j] * c.G[j * D + col];
-    if (g.G) s -= row_scale(p, scale, g, i) * c.QG[e];
-    c.Xp[e] = s;
+  // Z' = Q W + b - P G - s (Q Gw + gb)
+  TTT_PAR_FOR(e, n * D) { c.Xp[e] = c.bw[e % D]; }
+  mm_acc<+1, false, false>(n, D, D, c.Q, D, c.W, D, c.Xp, D);
+  mm_acc<-1, false, false>(n, D, n, c.P, n, c.G, D, c.Xp, D);
+  if (g.G) {
+    TTT_PAR_FOR(e, n * D) { c.Xp[e] -= row_scale(p, scale, g, e / D) * c.QG[e]; }
   }
   TTT_SYNC();
   // rows: Xp = LN(Z')
@@ -244,17 +234,12 @@ TTT_HD void chain_update(const LinearParams& p, const ChainBuffers<acc_t>& c, in
   const acc_t e_end = end_coef(p, static_cast<const acc_t*>(p.scale), g);
   const acc_t* Gw = g.G ? static_cast<const acc_t*>(p.G0) + bh * D * D : nullptr;
   const acc_t* gb = g.G ? static_cast<const acc_t*>(p.gb0) + bh * D : nullptr;
-  TTT_PAR_FOR(e, D * D) {
-    const int d = e / D, col = e % D;
-    acc_t s = Gw != nullptr ? e_end * Gw[e] : acc_t(0);
-    for (int j = 0; j < n; ++j) s += c.a[j] * c.K[j * D + d] * c.G[j * D + col];
-    c.W[e] -= s;
+  if (Gw != nullptr) {
+    TTT_PAR_FOR(e, D * D) { c.W[e] -= e_end * Gw[e]; }
+    TTT_PAR_FOR(col, D) { c.bw[col] -= e_end * gb[col]; }
   }
-  TTT_PAR_FOR(col, D) {
-    acc_t s = gb != nullptr ? e_end * gb[col] : acc_t(0);
-    for (int j = 0; j < n; ++j) s += c.a[j] * c.G[j * D + col];
-    c.bw[col] -= s;
-  }
+  mm_acc<-1, true, false, kPerK>(D, D, n, c.K, D, c.G, D, c.W, D, c.a);  // W -= K^T diag(a) G
+  mm_acc<-1, true, false>(1, D, n, c.a, 1, c.G, D, c.bw, D);             // b -= a^T G
   TTT_SYNC();
 }
 
@@ -351,12 +336,8 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
       c.dlnw[col] += sw;
       c.dlnb[col] += sb;
     }
-    TTT_PAR_FOR(e, n * D) {  // KdW = K dW_end
-      const int i = e / D, col = e % D;
-      acc_t s = 0;
-      for (int d = 0; d < D; ++d) s += c.K[i * D + d] * c.dW[d * D + col];
-      c.KdW[e] = s;
-    }
+    TTT_PAR_FOR(e, n * D) { c.KdW[e] = 0; }
+    mm_acc<+1, false, false>(n, D, D, c.K, D, c.dW, D, c.KdW, D);  // KdW = K dW_end
     if (g.G && !g.unscaled_end && p.causal) {  // <Gw, dW_end> + <gb, db_end> per column
       TTT_PAR_FOR(col, D) {
         acc_t s = gb[col] * c.db[col];
@@ -371,43 +352,27 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
       for (int d = 0; d < D; ++d) s += (c.KdW[j * D + d] + c.db[d]) * c.G[j * D + d];
       c.da[j] = -s;
     }
-    // dK = -diag(a) G dW_end^T ; dP = -DZ G^T
-    TTT_PAR_FOR(e, n * D) {
-      const int j = e / D, col = e % D;
-      acc_t s = 0;
-      for (int d = 0; d < D; ++d) s += c.G[j * D + d] * c.dW[col * D + d];
-      c.dK[e] -= c.a[j] * s;
-    }
-    TTT_PAR_FOR(e, n * n) {
-      const int i = e / n, j = e % n;
-      acc_t s = 0;
-      for (int d = 0; d < D; ++d) s += c.DZ[i * D + d] * c.G[j * D + d];
-      c.dP[e] = -s;
-    }
+    // dK = -diag(a) G dW_end^T (dK is zero here) ; dP = -DZ G^T
+    mm_acc<-1, false, true, kPerRow>(n, D, D, c.G, D, c.dW, D, c.dK, D, c.a);
+    TTT_PAR_FOR(e, n * n) { c.dP[e] = 0; }
+    mm_acc<-1, false, true>(n, n, D, c.DZ, D, c.G, D, c.dP, n);
     TTT_SYNC();
-    // dG = -P^T DZ - a (K dW_end + db_end), in place over KdW
-    TTT_PAR_FOR(e, n * D) {
-      const int j = e / D, col = e % D;
-      acc_t s = c.a[j] * (c.KdW[e] + c.db[col]);
-      for (int i = 0; i < n; ++i) s += c.P[i * n + j] * c.DZ[i * D + col];
-      c.KdW[e] = -s;
-    }
+    // dG = -a (K dW_end + db_end) - P^T DZ, in place over KdW
+    TTT_PAR_FOR(e, n * D) { c.KdW[e] = -(c.a[e / D] * (c.KdW[e] + c.db[e % D])); }
+    mm_acc<-1, true, false>(n, D, n, c.P, n, c.DZ, D, c.KdW, D);
     TTT_SYNC();  // dG reads db before it moves on to d/dW_start
     // through Z' = Q W + b - s (Q Gw + gb) - P G: dW += Q^T DZ, db += sum DZ, dQ += DZ W^T;
     // with grad_sum: dGw = -e dW_end - Q^T diag(s) DZ, dgb likewise, dQ -= s DZ Gw^T
     acc_t* dGw = g.G ? static_cast<acc_t*>(p.dG0) + bh * D * D : nullptr;
     acc_t* dgb = g.G ? static_cast<acc_t*>(p.dgb0) + bh * D : nullptr;
-    TTT_PAR_FOR(e, D * D) {
-      const int d = e / D, col = e % D;
-      acc_t s = 0, sg = 0;
-      for (int i = 0; i < n; ++i) {
-        const acc_t qdz = c.Q[i * D + d] * c.DZ[i * D + col];
-        s += qdz;
-        if (dGw != nullptr) sg += row_scale(p, scale, g, i) * qdz;
-      }
-      if (dGw != nullptr) dGw[e] = -e_end * c.dW[e] - sg;
-      c.dW[e] += s;
+    if (dGw != nullptr) {  // dGw = -e dW_end - Q^T diag(s) DZ (s_i = 1 when non-causal)
+      TTT_PAR_FOR(e, D * D) { dGw[e] = -e_end * c.dW[e]; }
+      if (p.causal)
+        mm_acc<-1, true, false, kPerK>(D, D, n, c.Q, D, c.DZ, D, dGw, D, scale + off);
+      else
+        mm_acc<-1, true, false>(D, D, n, c.Q, D, c.DZ, D, dGw, D);
     }
+    mm_acc<+1, true, false>(D, D, n, c.Q, D, c.DZ, D, c.dW, D);  // dW += Q^T DZ
     TTT_PAR_FOR(col, D) {
       acc_t s = 0, sg = 0;
       for (int i = 0; i < n; ++i) {
@@ -417,35 +382,32 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
       if (dgb != nullptr) dgb[col] = -e_end * c.db[col] - sg;
       c.db[col] += s;
     }
-    TTT_PAR_FOR(e, n * D) {
-      const int i = e / D, d = e % D;
-      acc_t s = 0, sg = 0;
-      for (int col = 0; col < D; ++col) s += c.DZ[i * D + col] * c.W[d * D + col];
-      if (Gw != nullptr)
-        for (int col = 0; col < D; ++col) sg += c.DZ[i * D + col] * Gw[d * D + col];
-      c.dQ[e] += s - row_scale(p, scale, g, i) * sg;
+    mm_acc<+1, false, true>(n, D, D, c.DZ, D, c.W, D, c.dQ, D);  // dQ += DZ W^T
+    if (Gw != nullptr) {                                           // dQ -= diag(s) DZ Gw^T
+      if (p.causal)
+        mm_acc<-1, false, true, kPerRow>(n, D, D, c.DZ, D, Gw, D, c.dQ, D, scale + off);
+      else
+        mm_acc<-1, false, true>(n, D, D, c.DZ, D, Gw, D, c.dQ, D);
     }
-    // through P = A * (Q K^T + 1), A_ij = c_ij eta_j and a_j = c_{n-1,j} eta_j
+    // through P = A * (Q K^T + 1), A_ij = c_ij eta_j and a_j = c_{n-1,j} eta_j; Q K^T is
+    // recomputed over P (read for the last time by dG above)
+    TTT_PAR_FOR(e, n * n) { c.P[e] = 0; }
+    mm_acc<+1, false, true>(n, n, D, c.Q, D, c.K, D, c.P, n);
+    TTT_SYNC();
     acc_t* deta = static_cast<acc_t*>(p.deta) + bh * p.L + t0;
     TTT_PAR_FOR(j, n) {
       acc_t s = c.da[j] * e_end;
       for (int i = 0; i < n; ++i) {
         const acc_t cf = coef(p, scale, g, i, j);
         if (cf == acc_t(0)) continue;
-        acc_t qk = 0;
-        for (int d = 0; d < D; ++d) qk += c.Q[i * D + d] * c.K[j * D + d];
-        s += c.dP[i * n + j] * (qk + acc_t(1)) * cf;
+        s += c.dP[i * n + j] * (c.P[i * n + j] + acc_t(1)) * cf;
       }
       deta[j] = s;
     }
     if (p.causal) {
       TTT_PAR_FOR(i, n) {
         acc_t s = 0;
-        for (int j = 0; j <= i; ++j) {
-          acc_t qk = 0;
-          for (int d = 0; d < D; ++d) qk += c.Q[i * D + d] * c.K[j * D + d];
-          s += c.dP[i * n + j] * (qk + acc_t(1)) * c.eta[j];
-        }
+        for (int j = 0; j <= i; ++j) s += c.dP[i * n + j] * (c.P[i * n + j] + acc_t(1)) * c.eta[j];
         if (g.G) {  // Z' -= s_i (q_i Gw + gb)
           for (int col = 0; col < D; ++col) s -= c.QG[i * D + col] * c.DZ[i * D + col];
         }
@@ -463,16 +425,8 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
       c.P[e] = c.dP[e] * coef(p, scale, g, i, j) * c.eta[j];
     }
     TTT_SYNC();
-    TTT_PAR_FOR(e, n * D) {  // dQ += dS K ; dK += dS^T Q
-      const int i = e / D, col = e % D;
-      acc_t sq = 0, sk = 0;
-      for (int j = 0; j < n; ++j) {
-        sq += c.P[i * n + j] * c.K[j * D + col];
-        sk += c.P[j * n + i] * c.Q[j * D + col];
-      }
-      c.dQ[e] += sq;
-      c.dK[e] += sk;
-    }
+    mm_acc<+1, false, false>(n, D, n, c.P, n, c.K, D, c.dQ, D);  // dQ += dS K
+    mm_acc<+1, true, false>(n, D, n, c.P, n, c.Q, D, c.dK, D);   // dK += dS^T Q
     // rows: through G = rstd * (U - mean U - X mean(U X)), U = gamma (gamma X + beta - T),
     // X = LN(Z). Writes dZ over DZ and dU over U.
     TTT_PAR_FOR(i, n) {
@@ -516,21 +470,14 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
       c.dlnb[col] += sb;
     }
     const int64_t row0 = (bh * p.L + t0) * D;
-    TTT_PAR_FOR(e, n * D) {  // dK += dZ W^T + gamma dU (T = V - K);  dV = -gamma dU
-      const int i = e / D, d = e % D;
-      acc_t s = 0;
-      for (int col = 0; col < D; ++col) s += c.DZ[i * D + col] * c.W[d * D + col];
-      const acc_t gdu = lnw[d] * c.U[e];
-      static_cast<scalar_t*>(p.dk)[row0 + e] = static_cast<scalar_t>(c.dK[e] + s + gdu);
+    mm_acc<+1, false, true>(n, D, D, c.DZ, D, c.W, D, c.dK, D);  // dK += dZ W^T
+    TTT_PAR_FOR(e, n * D) {  // dk = dK + gamma dU (T = V - K);  dV = -gamma dU
+      const acc_t gdu = lnw[e % D] * c.U[e];
+      static_cast<scalar_t*>(p.dk)[row0 + e] = static_cast<scalar_t>(c.dK[e] + gdu);
       static_cast<scalar_t*>(p.dv)[row0 + e] = static_cast<scalar_t>(-gdu);
       static_cast<scalar_t*>(p.dq)[row0 + e] = static_cast<scalar_t>(c.dQ[e]);
     }
-    TTT_PAR_FOR(e, D * D) {  // dW += K^T dZ
-      const int d = e / D, col = e % D;
-      acc_t s = 0;
-      for (int i = 0; i < n; ++i) s += c.K[i * D + d] * c.DZ[i * D + col];
-      c.dW[e] += s;
-    }
+    mm_acc<+1, true, false>(D, D, n, c.K, D, c.DZ, D, c.dW, D);  // dW += K^T dZ
     TTT_PAR_FOR(col, D) {
       acc_t s = 0;
       for (int i = 0; i < n; ++i) s += c.DZ[i * D + col];

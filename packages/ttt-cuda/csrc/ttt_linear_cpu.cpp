@@ -1,45 +1,26 @@
-// C++ CPU implementation of the fused TTT-Linear ops: the chain math of ttt_linear_chain.h run
-// serially, one (batch, head) chain after the other, with heap scratch.
-#include <stdexcept>
-#include <vector>
+// The fused TTT-Linear chain on the CPU: the math of ttt_linear_chain.h for one (batch, head)
+// chain, compiled once per instruction set (ttt_cpu_isa.h); ttt_cpu.cpp runs the chains.
+#include <math.h>
 
+#include <cstdint>
+#include <type_traits>
+
+#include "ttt_cpu_isa.h"
+
+TTT_CPU_ISA_BEGIN
 #include "ttt_linear_chain.h"
+TTT_CPU_ISA_END
 
-namespace ttt {
+namespace TTT_CPU_NS {
 
-int64_t linear_workspace_elems(int D, int mini_batch_size, bool backward) {
-  ChainBuffers<float> c;
-  return carve_chain<float>(nullptr, D, mini_batch_size, backward, &c);
+void linear_chain(const ::ttt::LinearParams& p, void* ws, int bi, int hi, bool backward) {
+  with_acc_type(p.dtype, ws, [&](auto* w) {
+    using acc_t = std::remove_pointer_t<decltype(w)>;
+    if (backward)
+      ttt::linear_bwd_chain<acc_t, acc_t>(p, w, p.D, bi, hi);
+    else
+      ttt::linear_fwd_chain<acc_t, acc_t>(p, w, p.D, bi, hi);
+  });
 }
 
-namespace {
-template <typename acc_t, bool kBackward>
-void run_cpu(const LinearParams& p) {
-  std::vector<acc_t> ws(linear_workspace_elems(p.D, p.mini_batch_size, kBackward));
-  for (int bi = 0; bi < p.B; ++bi)
-    for (int hi = 0; hi < p.H; ++hi) {
-      if (kBackward)
-        linear_bwd_chain<acc_t, acc_t>(p, ws.data(), p.D, bi, hi);
-      else
-        linear_fwd_chain<acc_t, acc_t>(p, ws.data(), p.D, bi, hi);
-    }
-}
-
-template <bool kBackward>
-void dispatch_cpu(const LinearParams& p) {
-  if (p.B < 0 || p.H < 0 || p.L < 1 || p.D < 1 || p.mini_batch_size < 1)
-    throw std::invalid_argument("ttt linear (cpu): bad shape parameters");
-  if (p.offset < 0 || p.offset >= p.mini_batch_size || (p.offset > 0 && !p.causal))
-    throw std::invalid_argument("ttt linear (cpu): offset must be in [0, mini_batch_size), causal");
-  switch (p.dtype) {
-    case DType::kFloat32: return run_cpu<float, kBackward>(p);
-    case DType::kFloat64: return run_cpu<double, kBackward>(p);
-    default: throw std::invalid_argument("ttt linear (cpu): dtype must be float32 or float64");
-  }
-}
-}  // namespace
-
-void linear_fwd_cpu(const LinearParams& p) { dispatch_cpu<false>(p); }
-void linear_bwd_cpu(const LinearParams& p) { dispatch_cpu<true>(p); }
-
-}  // namespace ttt
+}  // namespace TTT_CPU_NS

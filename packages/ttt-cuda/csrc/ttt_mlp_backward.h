@@ -58,22 +58,14 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
       for (int i = 0; i < n; ++i) sw += c.dQ[i * D + col] * c.Xp[i * D + col], sb += c.dQ[i * D + col];
       c.dlnw[col] += sw, c.dlnb[col] += sb;
     }
-    TTT_PAR_FOR(e, n * F) {  // KdW1 = K dW1_end + db1_end;  dX2 = -diag(a) G2 dW2_end^T
-      const int j = e / F, f = e % F;
-      acc_t s1 = c.db1[f], s2 = 0;
-      for (int d = 0; d < D; ++d) s1 += c.K[j * D + d] * c.dW1[d * F + f];
-      for (int d = 0; d < D; ++d) s2 += c.G2[j * D + d] * c.dW2[f * D + d];
-      c.KdW1[e] = s1;
-      c.dX2[e] = -c.a[j] * s2;
-    }
-    TTT_PAR_FOR(e, n * D) {  // XdW2 = X2 dW2_end + db2_end;  dK = -diag(a) G1 dW1_end^T
-      const int j = e / D, d = e % D;
-      acc_t s1 = c.db2[d], s2 = 0;
-      for (int f = 0; f < F; ++f) s1 += c.X2[j * F + f] * c.dW2[f * D + d];
-      for (int f = 0; f < F; ++f) s2 += c.G1[j * F + f] * c.dW1[d * F + f];
-      c.XdW2[e] = s1;
-      c.dK[e] = -c.a[j] * s2;
-    }
+    // KdW1 = K dW1_end + db1_end;  dX2 = -diag(a) G2 dW2_end^T
+    TTT_PAR_FOR(e, n * F) { c.KdW1[e] = c.db1[e % F], c.dX2[e] = 0; }
+    mm_acc<+1, false, false>(n, F, D, c.K, D, c.dW1, F, c.KdW1, F);
+    mm_acc<-1, false, true, kPerRow>(n, F, D, c.G2, D, c.dW2, D, c.dX2, F, c.a);
+    // XdW2 = X2 dW2_end + db2_end;  dK = -diag(a) G1 dW1_end^T
+    TTT_PAR_FOR(e, n * D) { c.XdW2[e] = c.db2[e % D], c.dK[e] = 0; }
+    mm_acc<+1, false, false>(n, D, F, c.X2, F, c.dW2, D, c.XdW2, D);
+    mm_acc<-1, false, true, kPerRow>(n, D, F, c.G1, F, c.dW1, F, c.dK, D, c.a);
     if (g.G && p.causal && !g.unscaled_end) {  // <grad_sum, d end weights> partials (for d e)
       TTT_PAR_FOR(f, F) {
         acc_t s = g1b[f] * c.db1[f];
@@ -94,98 +86,64 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
       for (int d = 0; d < D; ++d) s += c.XdW2[j * D + d] * c.G2[j * D + d];
       c.da[j] = -s;
     }
-    TTT_PAR_FOR(e, n * n) {
-      const int i = e / n, j = e % n;
-      acc_t s = 0;
-      for (int d = 0; d < D; ++d) s += c.DZ[i * D + d] * c.G2[j * D + d];
-      c.dP2[e] = -s;
+    TTT_PAR_FOR(e, n * n) { c.dP2[e] = 0; }
+    mm_acc<-1, false, true>(n, n, D, c.DZ, D, c.G2, D, c.dP2, n);
+    TTT_PAR_FOR(e, n * F) { c.dXq2[e] = 0; }
+    mm_acc<+1, false, true>(n, F, D, c.DZ, D, c.W2, D, c.dXq2, F);
+    if (G2w != nullptr) {  // with grad_sum: Zq2 -= s_i (xq2_i G2w + g2b)
+      if (p.causal)
+        mm_acc<-1, false, true, kPerRow>(n, F, D, c.DZ, D, G2w, D, c.dXq2, F, scale + g.off);
+      else
+        mm_acc<-1, false, true>(n, F, D, c.DZ, D, G2w, D, c.dXq2, F);
     }
-    TTT_PAR_FOR(e, n * F) {  // (with grad_sum: Zq2 -= s_i (xq2_i G2w + g2b))
-      const int i = e / F, f = e % F;
-      acc_t s = 0, sg = 0;
-      for (int d = 0; d < D; ++d) s += c.DZ[i * D + d] * c.W2[f * D + d];
-      if (G2w != nullptr)
-        for (int d = 0; d < D; ++d) sg += c.DZ[i * D + d] * G2w[f * D + d];
-      c.dXq2[e] = s - (G2w != nullptr ? row_scale(p, scale, g, i) * sg : acc_t(0));
-    }
-    TTT_PAR_FOR(e, n * D) {
-      const int j = e / D, d = e % D;
-      acc_t s = c.a[j] * c.XdW2[e];
-      for (int i = 0; i < n; ++i) s += c.P2[i * n + j] * c.DZ[i * D + d];
-      c.dG2[e] = -s;
-    }
+    TTT_PAR_FOR(e, n * D) { c.dG2[e] = -(c.a[e / D] * c.XdW2[e]); }
+    mm_acc<-1, true, false>(n, D, n, c.P2, n, c.DZ, D, c.dG2, D);
     TTT_SYNC();
-    // B3: through P2 = A * (Xq2 X2^T + 1): dXq2 += (dP2 * A) X2, dX2 += (dP2 * A)^T Xq2;
-    // then dZq1 = dXq2 * gelu'(Zq1), in place
-    TTT_PAR_FOR(e, n * F) {
-      const int i = e / F, f = e % F;
-      acc_t sq = 0, sk = 0;
-      for (int j = 0; j < n; ++j) {
-        sq += c.dP2[i * n + j] * coef(p, scale, g, i, j) * c.eta[j] * c.X2[j * F + f];
-        sk += c.dP2[j * n + i] * coef(p, scale, g, j, i) * c.eta[i] * c.Xq2[j * F + f];
-      }
-      c.dXq2[e] = (c.dXq2[e] + sq) * gelu_tanh(c.Zq1[e]).d1;
-      c.dX2[e] += sk;
-    }
+    // B3: through P2 = A * (Xq2 X2^T + 1): dS2 = dP2 * A (in dP1, free until B4),
+    // dXq2 += dS2 X2, dX2 += dS2^T Xq2; then dZq1 = dXq2 * gelu'(Zq1), in place
+    TTT_PAR_FOR(e, n * n) { c.dP1[e] = c.dP2[e] * coef(p, scale, g, e / n, e % n) * c.eta[e % n]; }
+    TTT_SYNC();
+    mm_acc<+1, false, false>(n, F, n, c.dP1, n, c.X2, F, c.dXq2, F);
+    mm_acc<+1, true, false>(n, F, n, c.dP1, n, c.Xq2, F, c.dX2, F);
+    TTT_PAR_FOR(e, n * F) { c.dXq2[e] = c.dXq2[e] * gelu_tanh(c.Zq1[e]).d1; }
     TTT_SYNC();
     // B4: layer 1 of the queries: dP1 = -dZq1 G1^T, dG1 = -a KdW1 - P1^T dZq1, dQ += dZq1 W1^T
-    TTT_PAR_FOR(e, n * n) {
-      const int i = e / n, j = e % n;
-      acc_t s = 0;
-      for (int f = 0; f < F; ++f) s += c.dXq2[i * F + f] * c.G1[j * F + f];
-      c.dP1[e] = -s;
-    }
-    TTT_PAR_FOR(e, n * F) {
-      const int j = e / F, f = e % F;
-      acc_t s = c.a[j] * c.KdW1[e];
-      for (int i = 0; i < n; ++i) s += c.P1[i * n + j] * c.dXq2[i * F + f];
-      c.dG1[e] = -s;
-    }
-    TTT_PAR_FOR(e, n * D) {  // (with grad_sum: Zq1 -= s_i (q_i G1w + g1b))
-      const int i = e / D, d = e % D;
-      acc_t s = 0, sg = 0;
-      for (int f = 0; f < F; ++f) s += c.dXq2[i * F + f] * c.W1[d * F + f];
-      if (G1w != nullptr)
-        for (int f = 0; f < F; ++f) sg += c.dXq2[i * F + f] * G1w[d * F + f];
-      c.dQ[e] += s - (G1w != nullptr ? row_scale(p, scale, g, i) * sg : acc_t(0));
+    TTT_PAR_FOR(e, n * n) { c.dP1[e] = 0; }
+    mm_acc<-1, false, true>(n, n, F, c.dXq2, F, c.G1, F, c.dP1, n);
+    TTT_PAR_FOR(e, n * F) { c.dG1[e] = -(c.a[e / F] * c.KdW1[e]); }
+    mm_acc<-1, true, false>(n, F, n, c.P1, n, c.dXq2, F, c.dG1, F);
+    mm_acc<+1, false, true>(n, D, F, c.dXq2, F, c.W1, F, c.dQ, D);
+    if (G1w != nullptr) {  // with grad_sum: Zq1 -= s_i (q_i G1w + g1b)
+      if (p.causal)
+        mm_acc<-1, false, true, kPerRow>(n, D, F, c.dXq2, F, G1w, F, c.dQ, D, scale + g.off);
+      else
+        mm_acc<-1, false, true>(n, D, F, c.dXq2, F, G1w, F, c.dQ, D);
     }
     TTT_SYNC();
-    // B5: through P1 = A * (Q K^T + 1); dA = dP1 * (Q K^T + 1) + dP2 * (Xq2 X2^T + 1) over dP2;
+    // B5: through P1 = A * (Q K^T + 1); dA = dP1 * (Q K^T + 1) + dP2 * (Xq2 X2^T + 1) over dP2
+    // (Q K^T and Xq2 X2^T recomputed over P1 and P2, read for the last time in B4);
     // through G1 = H1 * gelu'(Z1): dZ1 = dG1 * H1 * gelu''(Z1) (over KdW1), dH1 = dG1 * GP
-    TTT_PAR_FOR(e, n * D) {
-      const int i = e / D, col = e % D;
-      acc_t sq = 0, sk = 0;
-      for (int j = 0; j < n; ++j) {
-        sq += c.dP1[i * n + j] * coef(p, scale, g, i, j) * c.eta[j] * c.K[j * D + col];
-        sk += c.dP1[j * n + i] * coef(p, scale, g, j, i) * c.eta[i] * c.Q[j * D + col];
-      }
-      c.dQ[e] += sq;
-      c.dK[e] += sk;
-    }
-    TTT_PAR_FOR(e, n * n) {
-      const int i = e / n, j = e % n;
-      acc_t s = 0;
-      if (coef(p, scale, g, i, j) != acc_t(0)) {
-        acc_t qk = 0, xx = 0;
-        for (int d = 0; d < D; ++d) qk += c.Q[i * D + d] * c.K[j * D + d];
-        for (int f = 0; f < F; ++f) xx += c.Xq2[i * F + f] * c.X2[j * F + f];
-        s = c.dP1[e] * (qk + acc_t(1)) + c.dP2[e] * (xx + acc_t(1));
-      }
-      c.dP2[e] = s;
-    }
+    TTT_PAR_FOR(e, n * n) { c.P1[e] = 0, c.P2[e] = 0; }
+    mm_acc<+1, false, true>(n, n, D, c.Q, D, c.K, D, c.P1, n);
+    mm_acc<+1, false, true>(n, n, F, c.Xq2, F, c.X2, F, c.P2, n);
     TTT_PAR_FOR(e, n * F) {
       const acc_t dg1 = c.dG1[e];
       c.KdW1[e] = dg1 * c.H1[e] * gelu_tanh(c.Z1[e]).d2;
       c.dG1[e] = dg1 * c.GP[e];
     }
     TTT_SYNC();
-    // B6: dG2 += dH1 W2; deta and the token-scale gradient from dA and da
-    TTT_PAR_FOR(e, n * D) {
-      const int j = e / D, d = e % D;
-      acc_t s = 0;
-      for (int f = 0; f < F; ++f) s += c.dG1[j * F + f] * c.W2[f * D + d];
-      c.dG2[e] += s;
+    TTT_PAR_FOR(e, n * n) {  // dA over dP2; dS1 = dP1 * A over dP1
+      const acc_t cf = coef(p, scale, g, e / n, e % n);
+      const acc_t dp1 = c.dP1[e];
+      c.dP2[e] = cf != acc_t(0) ? dp1 * (c.P1[e] + acc_t(1)) + c.dP2[e] * (c.P2[e] + acc_t(1))
+                                : acc_t(0);
+      c.dP1[e] = dp1 * cf * c.eta[e % n];
     }
+    TTT_SYNC();
+    // B6: dQ += dS1 K, dK += dS1^T Q, dG2 += dH1 W2; deta and the token-scale gradient from dA, da
+    mm_acc<+1, false, false>(n, D, n, c.dP1, n, c.K, D, c.dQ, D);
+    mm_acc<+1, true, false>(n, D, n, c.dP1, n, c.Q, D, c.dK, D);
+    mm_acc<+1, false, false>(n, D, F, c.dG1, F, c.W2, D, c.dG2, D);
     acc_t* deta = static_cast<acc_t*>(p.deta) + bh * p.L + t0;
     TTT_PAR_FOR(j, n) {
       acc_t s = c.da[j] * e_end;
@@ -232,20 +190,14 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
       c.dK[e] += gdu;
       static_cast<scalar_t*>(p.dv)[row0 + e] = static_cast<scalar_t>(-gdu);
     }
-    TTT_PAR_FOR(e, n * F) {
-      const int j = e / F, f = e % F;
-      acc_t s = c.dX2[e];
-      for (int d = 0; d < D; ++d) s += c.dZ2[j * D + d] * c.W2[f * D + d];
-      c.KdW1[e] += s * c.GP[e];
-    }
+    mm_acc<+1, false, true>(n, F, D, c.dZ2, D, c.W2, D, c.dX2, F);  // dX2 += dZ2 W2^T
+    TTT_PAR_FOR(e, n * F) { c.KdW1[e] += c.dX2[e] * c.GP[e]; }
     TTT_SYNC();
     // B9: through Z1 = K W1 + b1: dK += dZ1 W1^T; the weight gradients of this segment join the
     // carry: dW1 += Q^T dZq1 + K^T dZ1, dW2 += Xq2^T DZ + dH1^T G2 + X2^T dZ2 (and the biases)
+    mm_acc<+1, false, true>(n, D, F, c.KdW1, F, c.W1, F, c.dK, D);  // dK += dZ1 W1^T
     TTT_PAR_FOR(e, n * D) {
-      const int j = e / D, d = e % D;
-      acc_t s = 0;
-      for (int f = 0; f < F; ++f) s += c.KdW1[j * F + f] * c.W1[d * F + f];
-      static_cast<scalar_t*>(p.dk)[row0 + e] = static_cast<scalar_t>(c.dK[e] + s);
+      static_cast<scalar_t*>(p.dk)[row0 + e] = static_cast<scalar_t>(c.dK[e]);
       static_cast<scalar_t*>(p.dq)[row0 + e] = static_cast<scalar_t>(c.dQ[e]);
     }
     // with grad_sum: d G1w = -e dW1_end - Q^T diag(s) dZq1, d G2w = -e dW2_end - Xq2^T diag(s) DZ
@@ -254,17 +206,15 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
     acc_t* dg1b = g.G ? static_cast<acc_t*>(p.dgb0) + bh * F : nullptr;
     acc_t* dG2w = g.G ? static_cast<acc_t*>(p.dG20) + bh * DF : nullptr;
     acc_t* dg2b = g.G ? static_cast<acc_t*>(p.dgb20) + bh * D : nullptr;
-    TTT_PAR_FOR(e, D * F) {
-      const int d = e / F, f = e % F;
-      acc_t s = 0, sg = 0;
-      for (int i = 0; i < n; ++i) {
-        const acc_t qz = c.Q[i * D + d] * c.dXq2[i * F + f];
-        s += qz + c.K[i * D + d] * c.KdW1[i * F + f];
-        if (dG1w != nullptr) sg += row_scale(p, scale, g, i) * qz;
-      }
-      if (dG1w != nullptr) dG1w[e] = -e_end * c.dW1[e] - sg;
-      c.dW1[e] += s;
+    if (dG1w != nullptr) {
+      TTT_PAR_FOR(e, D * F) { dG1w[e] = -e_end * c.dW1[e]; }
+      if (p.causal)
+        mm_acc<-1, true, false, kPerK>(D, F, n, c.Q, D, c.dXq2, F, dG1w, F, scale + g.off);
+      else
+        mm_acc<-1, true, false>(D, F, n, c.Q, D, c.dXq2, F, dG1w, F);
     }
+    mm_acc<+1, true, false>(D, F, n, c.Q, D, c.dXq2, F, c.dW1, F);  // dW1 += Q^T dZq1
+    mm_acc<+1, true, false>(D, F, n, c.K, D, c.KdW1, F, c.dW1, F);  // dW1 += K^T dZ1
     TTT_PAR_FOR(f, F) {
       acc_t s = 0, sg = 0;
       for (int i = 0; i < n; ++i) {
@@ -274,17 +224,16 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
       if (dg1b != nullptr) dg1b[f] = -e_end * c.db1[f] - sg;
       c.db1[f] += s;
     }
-    TTT_PAR_FOR(e, F * D) {
-      const int f = e / D, d = e % D;
-      acc_t s = 0, sg = 0;
-      for (int i = 0; i < n; ++i) {
-        const acc_t xz = c.Xq2[i * F + f] * c.DZ[i * D + d];
-        s += xz + c.dG1[i * F + f] * c.G2[i * D + d] + c.X2[i * F + f] * c.dZ2[i * D + d];
-        if (dG2w != nullptr) sg += row_scale(p, scale, g, i) * xz;
-      }
-      if (dG2w != nullptr) dG2w[e] = -e_end * c.dW2[e] - sg;
-      c.dW2[e] += s;
+    if (dG2w != nullptr) {
+      TTT_PAR_FOR(e, F * D) { dG2w[e] = -e_end * c.dW2[e]; }
+      if (p.causal)
+        mm_acc<-1, true, false, kPerK>(F, D, n, c.Xq2, F, c.DZ, D, dG2w, D, scale + g.off);
+      else
+        mm_acc<-1, true, false>(F, D, n, c.Xq2, F, c.DZ, D, dG2w, D);
     }
+    mm_acc<+1, true, false>(F, D, n, c.Xq2, F, c.DZ, D, c.dW2, D);  // dW2 += Xq2^T DZ
+    mm_acc<+1, true, false>(F, D, n, c.dG1, F, c.G2, D, c.dW2, D);  // + dH1^T G2
+    mm_acc<+1, true, false>(F, D, n, c.X2, F, c.dZ2, D, c.dW2, D);  // + X2^T dZ2
     TTT_PAR_FOR(d, D) {
       acc_t s = 0, sg = 0;
       for (int i = 0; i < n; ++i) {

@@ -19,7 +19,27 @@
 
 namespace ttt {
 
+#if defined(__CUDA_ARCH__)
 TTT_HD float tanh_acc(float x) { return tanhf(x); }
+#else
+// fp32 tanh on the CPU as a branch-free rational function (the [13/6] minimax form Eigen uses,
+// within a few ulp of tanhf), so the compiler vectorises the gelu loops; libm's tanhf is a scalar
+// call and was half of the TTT-MLP chain's time.
+inline float tanh_acc(float x) {
+  const float xc = x < -9.0f ? -9.0f : (x > 9.0f ? 9.0f : x);
+  const float x2 = xc * xc;
+  float p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
+  p = x2 * p + -8.60467152213735e-11f;
+  p = x2 * p + 5.12229709037114e-08f;
+  p = x2 * p + 1.48572235717979e-05f;
+  p = x2 * p + 6.37261928875436e-04f;
+  p = x2 * p + 4.89352455891786e-03f;
+  float q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
+  q = x2 * q + 2.26843463243900e-03f;
+  q = x2 * q + 4.89352518554385e-03f;
+  return xc * p / q;
+}
+#endif
 TTT_HD double tanh_acc(double x) { return tanh(x); }
 
 // gelu_tanh and its first two derivatives (u = c (x + k x^3), t = tanh(u)):
@@ -99,89 +119,69 @@ TTT_HD void mlp_recompute(const MLPParams& p, const MLPBuffers<acc_t>& c, int D,
   TTT_SYNC();
   const acc_t e_end = end_coef(p, scale, g);
   TTT_PAR_FOR(j, n) { c.a[j] = e_end * c.eta[j]; }
-  TTT_PAR_FOR(e, n * F) {  // Z1 = K W1 + b1, X2 = gelu(Z1), GP = gelu'(Z1)
-    const int i = e / F, f = e % F;
-    acc_t s = c.b1[f];
-    for (int d = 0; d < D; ++d) s += c.K[i * D + d] * c.W1[d * F + f];
-    const Gelu<acc_t> gl = gelu_tanh(s);
-    c.Z1[e] = s, c.X2[e] = gl.g, c.GP[e] = gl.d1;
+  // Z1 = K W1 + b1, X2 = gelu(Z1), GP = gelu'(Z1)
+  TTT_PAR_FOR(e, n * F) { c.Z1[e] = c.b1[e % F]; }
+  mm_acc<+1, false, false>(n, F, D, c.K, D, c.W1, F, c.Z1, F);
+  TTT_PAR_FOR(e, n * F) {
+    const Gelu<acc_t> gl = gelu_tanh(c.Z1[e]);
+    c.X2[e] = gl.g, c.GP[e] = gl.d1;
   }
-  TTT_PAR_FOR(e, n * n) {  // P1 = A * (Q K^T + 1)
-    const int i = e / n, j = e % n;
-    const acc_t cf = coef(p, scale, g, i, j);
-    acc_t s = 0;
-    if (cf != acc_t(0)) {
-      for (int d = 0; d < D; ++d) s += c.Q[i * D + d] * c.K[j * D + d];
-      s = cf * c.eta[j] * (s + acc_t(1));
-    }
-    c.P1[e] = s;
+  // P1 = A * (Q K^T + 1)
+  TTT_PAR_FOR(e, n * n) { c.P1[e] = 0; }
+  mm_acc<+1, false, true>(n, n, D, c.Q, D, c.K, D, c.P1, n);
+  TTT_PAR_FOR(e, n * n) {
+    const acc_t cf = coef(p, scale, g, e / n, e % n);
+    c.P1[e] = cf != acc_t(0) ? cf * c.eta[e % n] * (c.P1[e] + acc_t(1)) : acc_t(0);
   }
   if (g.G) {  // QG1 = Q G1w + g1b (layer 1's grad_sum seen by every query)
     const acc_t* Gw = static_cast<const acc_t*>(p.G0) + bh * D * F;
     const acc_t* gb = static_cast<const acc_t*>(p.gb0) + bh * F;
-    TTT_PAR_FOR(e, n * F) {
-      const int i = e / F, f = e % F;
-      acc_t s = gb[f];
-      for (int d = 0; d < D; ++d) s += c.Q[i * D + d] * Gw[d * F + f];
-      c.QG1[e] = s;
-    }
+    TTT_PAR_FOR(e, n * F) { c.QG1[e] = gb[e % F]; }
+    mm_acc<+1, false, false>(n, F, D, c.Q, D, Gw, F, c.QG1, F);
   }
   TTT_SYNC();
-  TTT_PAR_FOR(e, n * D) {  // Z2 = X2 W2 + b2 (into X)
-    const int i = e / D, col = e % D;
-    acc_t s = c.b2[col];
-    for (int f = 0; f < F; ++f) s += c.X2[i * F + f] * c.W2[f * D + col];
-    c.X[e] = s;
-  }
+  TTT_PAR_FOR(e, n * D) { c.X[e] = c.b2[e % D]; }  // Z2 = X2 W2 + b2 (into X)
+  mm_acc<+1, false, false>(n, D, F, c.X2, F, c.W2, D, c.X, D);
   TTT_SYNC();
   ln_rows(n, D, eps, lnw, lnb, c.X, c.rstd, c.T, c.G2, bwd ? c.U : nullptr);  // G2 = dl/dZ2
   TTT_SYNC();
-  TTT_PAR_FOR(e, n * F) {  // G1 = (G2 W2^T) * gelu'(Z1)
-    const int j = e / F, f = e % F;
-    acc_t s = 0;
-    for (int d = 0; d < D; ++d) s += c.G2[j * D + d] * c.W2[f * D + d];
-    if (bwd) c.H1[e] = s;
-    c.G1[e] = s * c.GP[e];
+  // G1 = (G2 W2^T) * gelu'(Z1)  (H1 = G2 W2^T kept for the backward)
+  TTT_PAR_FOR(e, n * F) { c.G1[e] = 0; }
+  mm_acc<+1, false, true>(n, F, D, c.G2, D, c.W2, D, c.G1, F);
+  TTT_PAR_FOR(e, n * F) {
+    if (bwd) c.H1[e] = c.G1[e];
+    c.G1[e] = c.G1[e] * c.GP[e];
   }
   TTT_SYNC();
-  TTT_PAR_FOR(e, n * F) {  // Zq1 = Q W1 + b1 - s QG1 - P1 G1, Xq2 = gelu(Zq1)
-    const int i = e / F, f = e % F;
-    acc_t s = c.b1[f];
-    for (int d = 0; d < D; ++d) s += c.Q[i * D + d] * c.W1[d * F + f];
-    for (int j = 0; j < n; ++j) s -= c.P1[i * n + j] * c.G1[j * F + f];
-    if (g.G) s -= row_scale(p, scale, g, i) * c.QG1[e];
-    c.Zq1[e] = s;
-    c.Xq2[e] = gelu_tanh(s).g;
+  // Zq1 = Q W1 + b1 - P1 G1 - s QG1, Xq2 = gelu(Zq1)
+  TTT_PAR_FOR(e, n * F) { c.Zq1[e] = c.b1[e % F]; }
+  mm_acc<+1, false, false>(n, F, D, c.Q, D, c.W1, F, c.Zq1, F);
+  mm_acc<-1, false, false>(n, F, n, c.P1, n, c.G1, F, c.Zq1, F);
+  TTT_PAR_FOR(e, n * F) {
+    if (g.G) c.Zq1[e] -= row_scale(p, scale, g, e / F) * c.QG1[e];
+    c.Xq2[e] = gelu_tanh(c.Zq1[e]).g;
   }
   TTT_SYNC();
-  TTT_PAR_FOR(e, n * n) {  // P2 = A * (Xq2 X2^T + 1)
-    const int i = e / n, j = e % n;
-    const acc_t cf = coef(p, scale, g, i, j);
-    acc_t s = 0;
-    if (cf != acc_t(0)) {
-      for (int f = 0; f < F; ++f) s += c.Xq2[i * F + f] * c.X2[j * F + f];
-      s = cf * c.eta[j] * (s + acc_t(1));
-    }
-    c.P2[e] = s;
+  // P2 = A * (Xq2 X2^T + 1)
+  TTT_PAR_FOR(e, n * n) { c.P2[e] = 0; }
+  mm_acc<+1, false, true>(n, n, F, c.Xq2, F, c.X2, F, c.P2, n);
+  TTT_PAR_FOR(e, n * n) {
+    const acc_t cf = coef(p, scale, g, e / n, e % n);
+    c.P2[e] = cf != acc_t(0) ? cf * c.eta[e % n] * (c.P2[e] + acc_t(1)) : acc_t(0);
   }
   if (g.G) {  // XqG2 = Xq2 G2w + g2b (layer 2's grad_sum)
     const acc_t* Gw = static_cast<const acc_t*>(p.G20) + bh * F * D;
     const acc_t* gb = static_cast<const acc_t*>(p.gb20) + bh * D;
-    TTT_PAR_FOR(e, n * D) {
-      const int i = e / D, col = e % D;
-      acc_t s = gb[col];
-      for (int f = 0; f < F; ++f) s += c.Xq2[i * F + f] * Gw[f * D + col];
-      c.XqG2[e] = s;
-    }
+    TTT_PAR_FOR(e, n * D) { c.XqG2[e] = gb[e % D]; }
+    mm_acc<+1, false, false>(n, D, F, c.Xq2, F, Gw, D, c.XqG2, D);
   }
   TTT_SYNC();
-  TTT_PAR_FOR(e, n * D) {  // Zq2 = Xq2 W2 + b2 - s XqG2 - P2 G2 (into Xp)
-    const int i = e / D, col = e % D;
-    acc_t s = c.b2[col];
-    for (int f = 0; f < F; ++f) s += c.Xq2[i * F + f] * c.W2[f * D + col];
-    for (int j = 0; j < n; ++j) s -= c.P2[i * n + j] * c.G2[j * D + col];
-    if (g.G) s -= row_scale(p, scale, g, i) * c.XqG2[e];
-    c.Xp[e] = s;
+  // Zq2 = Xq2 W2 + b2 - P2 G2 - s XqG2 (into Xp)
+  TTT_PAR_FOR(e, n * D) { c.Xp[e] = c.b2[e % D]; }
+  mm_acc<+1, false, false>(n, D, F, c.Xq2, F, c.W2, D, c.Xp, D);
+  mm_acc<-1, false, false>(n, D, n, c.P2, n, c.G2, D, c.Xp, D);
+  if (g.G) {
+    TTT_PAR_FOR(e, n * D) { c.Xp[e] -= row_scale(p, scale, g, e / D) * c.XqG2[e]; }
   }
   TTT_SYNC();
   ln_rows<acc_t>(n, D, eps, lnw, lnb, c.Xp, c.rstdp, nullptr, nullptr, nullptr);
@@ -199,28 +199,16 @@ TTT_HD void mlp_update(const MLPParams& p, const MLPBuffers<acc_t>& c, int D, in
   const acc_t* g1b = g.G ? static_cast<const acc_t*>(p.gb0) + bh * F : nullptr;
   const acc_t* G2w = g.G ? static_cast<const acc_t*>(p.G20) + bh * F * D : nullptr;
   const acc_t* g2b = g.G ? static_cast<const acc_t*>(p.gb20) + bh * D : nullptr;
-  TTT_PAR_FOR(e, D * F) {
-    const int d = e / F, f = e % F;
-    acc_t s = G1w != nullptr ? e_end * G1w[e] : acc_t(0);
-    for (int j = 0; j < n; ++j) s += c.a[j] * c.K[j * D + d] * c.G1[j * F + f];
-    c.W1[e] -= s;
+  if (g.G) {
+    TTT_PAR_FOR(e, D * F) { c.W1[e] -= e_end * G1w[e]; }
+    TTT_PAR_FOR(e, F * D) { c.W2[e] -= e_end * G2w[e]; }
+    TTT_PAR_FOR(f, F) { c.b1[f] -= e_end * g1b[f]; }
+    TTT_PAR_FOR(col, D) { c.b2[col] -= e_end * g2b[col]; }
   }
-  TTT_PAR_FOR(e, F * D) {
-    const int f = e / D, col = e % D;
-    acc_t s = G2w != nullptr ? e_end * G2w[e] : acc_t(0);
-    for (int j = 0; j < n; ++j) s += c.a[j] * c.X2[j * F + f] * c.G2[j * D + col];
-    c.W2[e] -= s;
-  }
-  TTT_PAR_FOR(f, F) {
-    acc_t s = g1b != nullptr ? e_end * g1b[f] : acc_t(0);
-    for (int j = 0; j < n; ++j) s += c.a[j] * c.G1[j * F + f];
-    c.b1[f] -= s;
-  }
-  TTT_PAR_FOR(col, D) {
-    acc_t s = g2b != nullptr ? e_end * g2b[col] : acc_t(0);
-    for (int j = 0; j < n; ++j) s += c.a[j] * c.G2[j * D + col];
-    c.b2[col] -= s;
-  }
+  mm_acc<-1, true, false, kPerK>(D, F, n, c.K, D, c.G1, F, c.W1, F, c.a);    // K^T diag(a) G1
+  mm_acc<-1, true, false, kPerK>(F, D, n, c.X2, F, c.G2, D, c.W2, D, c.a);   // X2^T diag(a) G2
+  mm_acc<-1, true, false>(1, F, n, c.a, 1, c.G1, F, c.b1, F);
+  mm_acc<-1, true, false>(1, D, n, c.a, 1, c.G2, D, c.b2, D);
   TTT_SYNC();
 }
 

@@ -143,11 +143,16 @@ int64_t linear_workspace_elems(int D, int mini_batch_size, bool backward);
 int64_t titans_workspace_elems(int D, int mini_batch_size, bool backward);
 int64_t mlp_workspace_elems(int D, int F, int mini_batch_size, bool backward);
 
-// C++ CPU implementation (float32 / float64 inputs; acc type = input type).
-void linear_fwd_cpu(const LinearParams& p);
-void linear_bwd_cpu(const LinearParams& p);
+// Whether the CPU entry points run the AVX2 build of the chains (x86-64 builds with TTT_CPU_AVX2
+// on a CPU that has AVX2; the results are the same bits either way).
+bool cpu_uses_avx2();
+
+// C++ CPU implementation (float32 / float64 inputs; acc type = input type): the (batch, head)
+// chains spread over `threads` threads, one thread per chain (the result does not depend on it).
+void linear_fwd_cpu(const LinearParams& p, int threads);
+void linear_bwd_cpu(const LinearParams& p, int threads);
 // The same on `threads` real threads per chain with barriers: a CPU check of the CUDA phase
-// structure (tests only; see ttt_linear_cpu_block.cpp).
+// structure (tests only; see ttt_cpu_block.cpp).
 void linear_cpu_block(const LinearParams& p, bool backward, int threads);
 
 // CUDA implementation (float32 / bfloat16 / float16 inputs, float32 state), head dim 64 or 128.
@@ -157,15 +162,15 @@ const char* linear_bwd_cuda(const LinearParams& p);
 
 // TTT-MLP: the C++ CPU path (float32 / float64), the block-schedule check, and the CUDA kernels
 // (float32 / bfloat16 / float16 inputs, D = 64 and F = 256).
-void mlp_fwd_cpu(const MLPParams& p);
-void mlp_bwd_cpu(const MLPParams& p);
+void mlp_fwd_cpu(const MLPParams& p, int threads);
+void mlp_bwd_cpu(const MLPParams& p, int threads);
 void mlp_cpu_block(const MLPParams& p, bool backward, int threads);
 const char* mlp_fwd_cuda(const MLPParams& p);
 const char* mlp_bwd_cuda(const MLPParams& p);
 
 // Titans-form TTT-Linear: the same four entry points (CUDA: head dim 64 or 128).
-void titans_fwd_cpu(const TitansParams& p);
-void titans_bwd_cpu(const TitansParams& p);
+void titans_fwd_cpu(const TitansParams& p, int threads);
+void titans_bwd_cpu(const TitansParams& p, int threads);
 void titans_cpu_block(const TitansParams& p, bool backward, int threads);
 const char* titans_fwd_cuda(const TitansParams& p);
 const char* titans_bwd_cuda(const TitansParams& p);

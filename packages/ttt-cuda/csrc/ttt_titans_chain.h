@@ -88,34 +88,27 @@ TTT_HD void titans_recompute(const TitansParams& p, const TitansBuffers<acc_t>& 
       c.Cx[j * NC + col] = w, c.Mx[j * NC + col] = s;
     }
   }
-  TTT_PAR_FOR(e, n * D) {  // Z = K P + b (into X), QW = Q W_0 + b_0, QS = Q S_0 + sb_0
-    const int i = e / D, col = e % D;
-    acc_t z = c.bw[col], qw = c.bc[col], qs = c.sb[col];
-    for (int d = 0; d < D; ++d) {
-      z += c.K[i * D + d] * c.W[d * D + col];
-      qw += c.Q[i * D + d] * c.Wc[d * D + col];
-      qs += c.Q[i * D + d] * c.S[d * D + col];
-    }
-    c.X[e] = z, c.QW[e] = qw, c.QS[e] = qs;
-  }
+  // Z = K P + b (into X), QW = Q W_0 + b_0, QS = Q S_0 + sb_0
+  TTT_PAR_FOR(e, n * D) { c.X[e] = c.bw[e % D], c.QW[e] = c.bc[e % D], c.QS[e] = c.sb[e % D]; }
+  mm_acc<+1, false, false>(n, D, D, c.K, D, c.W, D, c.X, D);
+  mm_acc<+1, false, false>(n, D, D, c.Q, D, c.Wc, D, c.QW, D);
+  mm_acc<+1, false, false>(n, D, D, c.Q, D, c.S, D, c.QS, D);
   TTT_SYNC();
   ln_rows(n, D, static_cast<acc_t>(p.eps), lnw, lnb, c.X, c.rstd, c.T, c.G, bwd ? c.U : nullptr);
-  TTT_PAR_FOR(e, n * n) {  // Pm = C * eta * (Q K^T + 1), lower triangle
+  // Pm = C * eta * (Q K^T + 1), lower triangle
+  TTT_PAR_FOR(e, n * n) { c.Pm[e] = 0; }
+  mm_acc<+1, false, true>(n, n, D, c.Q, D, c.K, D, c.Pm, n);
+  TTT_PAR_FOR(e, n * n) {
     const int i = e / n, t = e % n;
-    acc_t s = 0;
-    if (t <= i) {
-      for (int d = 0; d < D; ++d) s += c.Q[i * D + d] * c.K[t * D + d];
-      s = c.Cx[i * NC + t] * c.eta[t] * (s + acc_t(1));
-    }
-    c.Pm[e] = s;
+    c.Pm[e] = t <= i ? c.Cx[i * NC + t] * c.eta[t] * (c.Pm[e] + acc_t(1)) : acc_t(0);
   }
   TTT_SYNC();
-  TTT_PAR_FOR(e, n * D) {  // Z' = D_i QW + c0_i QS - Pm G
-    const int i = e / D, col = e % D;
-    acc_t s = c.Cx[i * NC + bmax] * c.QW[e] + c.Cx[i * NC + bmax + 1] * c.QS[e];
-    for (int t = 0; t <= i; ++t) s -= c.Pm[i * n + t] * c.G[t * D + col];
-    c.Xp[e] = s;
+  // Z' = D_i QW + c0_i QS - Pm G (Pm is zero above the diagonal)
+  TTT_PAR_FOR(e, n * D) {
+    const int i = e / D;
+    c.Xp[e] = c.Cx[i * NC + bmax] * c.QW[e] + c.Cx[i * NC + bmax + 1] * c.QS[e];
   }
+  mm_acc<-1, false, false>(n, D, n, c.Pm, n, c.G, D, c.Xp, D);
   TTT_SYNC();
   ln_rows<acc_t>(n, D, static_cast<acc_t>(p.eps), lnw, lnb, c.Xp, c.rstdp, nullptr, nullptr,
                  nullptr);

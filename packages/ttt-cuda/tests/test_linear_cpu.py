@@ -155,7 +155,7 @@ def test_block_schedule_equals_serial(monkeypatch, case, causal):
     """The chain math run as a CUDA block runs it (threads + barriers) equals the serial run bit
     for bit, forward and backward: a CPU check that no phase of the kernels lacks a barrier
     (removing one makes this fail)."""
-    import ttt_cuda.ops as ops
+    import ttt_cuda.ops.launch as ops
 
     B, H, L, D, b, threads = case
     x = make_inputs(B, H, L, D, dtype=torch.float32, seed=10)

@@ -9,7 +9,7 @@ import torch
 from ttt_cuda_reference import make_mlp_inputs, mlp_model, reference_ttt, scale_vector
 
 from ttt_cuda import fused_ttt_mlp
-from ttt_cuda.ops_mlp import mlp_bwd, mlp_fwd
+from ttt_cuda.ops.mlp import mlp_bwd, mlp_fwd
 
 CASES = [
     # B, H, L, D, F, b, causal, token_scale
@@ -97,7 +97,7 @@ def test_gradcheck_finite_differences(causal, end_unscaled, offset, L, b):
                     for t in tensors[4:8]]  # fmt: skip
 
     def f(*t):
-        return mlp_fwd(*t[:11], *rest, end_unscaled, False, offset, *t[11:])
+        return mlp_fwd(*t[:11], *rest, end_unscaled, offset, False, *t[11:])
 
     assert torch.autograd.gradcheck(f, (*tensors, *grad_sum), eps=1e-6, atol=1e-6, rtol=1e-5)
 
@@ -113,7 +113,7 @@ def test_block_schedule_equals_serial(monkeypatch, case, causal):
     """The MLP chain run as a CUDA block runs it (threads + barriers) equals the serial run bit for
     bit, forward and backward (the kernels' launch: 256 threads, D = 64, F = 256); causal runs start
     from a state cut inside a mini-batch."""
-    import ttt_cuda.ops as ops
+    import ttt_cuda.ops.launch as ops
 
     B, H, L, D, F, b, threads = case
     x = make_mlp_inputs(B, H, L, D, F=F, dtype=torch.float32, seed=10)

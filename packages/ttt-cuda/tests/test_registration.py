@@ -97,9 +97,9 @@ def test_cuda_entry_point_without_gpu_says_why():
 
 def test_cpu_entry_point_rejects_bad_dtype():
     p = extension().LinearParams()
-    p.B, p.H, p.L, p.D, p.dtype = 1, 1, 4, 8, extension().DType.bfloat16
+    p.B, p.H, p.L, p.D, p.dtype = 1, 1, 4, 8, extension().DType.float16
     with pytest.raises(ValueError, match="float32 or float64"):
-        extension().linear_fwd_cpu(p)
+        extension().linear_fwd_cpu(p, 1)
 
 
 BAD = [

@@ -148,7 +148,7 @@ def test_gradcheck_start_inside_a_mini_batch(offset, L, end_unscaled):
 def test_block_schedule_with_offset_equals_serial(monkeypatch):
     """The CUDA phase structure (threads + barriers, see test_linear_cpu) on a start inside a
     mini-batch: bit-equal to the serial run, forward and backward."""
-    import ttt_cuda.ops as ops
+    import ttt_cuda.ops.launch as ops
     from ttt_cuda import fused_ttt_linear
 
     x = make_inputs(1, 2, 14, 8, dtype=torch.float32, seed=37)

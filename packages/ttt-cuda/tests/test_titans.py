@@ -11,7 +11,7 @@ from ttt_cuda_reference import make_inputs, make_titans, reference_ttt_titans
 
 from ttt_core import ttt_linear
 from ttt_cuda import fused_ttt_linear
-from ttt_cuda.ops_titans import titans_bwd, titans_fwd
+from ttt_cuda.ops.titans import titans_bwd, titans_fwd
 
 SEQ = ("q", "k", "v", "eta")
 
@@ -146,7 +146,7 @@ def test_gradcheck_finite_differences(offset, b):
 def test_block_schedule_equals_serial(monkeypatch):
     """The Titans chain run as a CUDA block runs it (16 threads + barriers) equals the serial run
     bit for bit, forward and backward, from a state cut inside a mini-batch."""
-    import ttt_cuda.ops as ops
+    import ttt_cuda.ops.launch as ops
 
     x = make_inputs(1, 2, 19, 8, dtype=torch.float32, seed=65)
     mom, dec = make_titans(1, 2, 19, dtype=torch.float32, seed=65)

@@ -113,48 +113,45 @@ def test_final_state_cut_inside_a_mini_batch_matches_torch_backend(token_scale):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"d{n}: {m}")
 
 
-def test_backend_called_directly_with_unsupported_call_uses_torch_with_one_warning():
-    """The backend's own safety net: a call supports() would refuse (bf16 on the C++ CPU path)
-    runs ttt-core's torch path with one warning naming the reason."""
-    import ttt_cuda.backend as be
+def test_backends_registered_through_entry_point():
+    assert {"cpp", "cuda"} <= set(ttt_core.available_backends())
     from ttt_core.backends import get_backend
 
-    be._warned.clear()
-    x = make_inputs(1, 2, 20, 16, dtype=torch.bfloat16, seed=13, requires_grad=False)
-    _, st = ttt_linear(*x.values(), backend="torch", output_final_state=True)
-    ref, _ = ttt_linear(*x.values(), backend="torch", initial_state=st)
-    kw = dict(mini_batch_size=16, causal=True, token_scale="mean", momentum=None, decay=None,
-              eps=1e-6, initial_state=st, output_final_state=False)  # fmt: skip
-    with pytest.warns(UserWarning, match="float32/float64 inputs") as rec:
-        o, _ = get_backend("cuda").ttt_linear(*x.values(), **kw)
-    assert len(rec) == 1
-    torch.testing.assert_close(o, ref)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the same reason warns only once
-        get_backend("cuda").ttt_linear(*x.values(), **kw)
-
-
-def test_backend_registered_through_entry_point():
-    assert "cuda" in ttt_core.available_backends()
-    from ttt_core.backends import get_backend
-
-    backend = get_backend("cuda")
-    assert backend.name == "cuda" and backend.device_types == ("cuda",)
+    cuda, cpp = get_backend("cuda"), get_backend("cpp")
+    assert cuda.name == "cuda" and cuda.device_types == ("cuda",)
+    assert cpp.name == "cpp" and cpp.device_types == ("cpu",)
     q = torch.zeros(1, 1, 4, 64)
-    assert backend.supports("ttt_linear", q, mini_batch_size=4, causal=True) is None
-    assert backend.supports("ttt_mlp", q, mini_batch_size=4, causal=True) is None
-    assert backend.supports("ttt_linear", q, momentum=torch.zeros(1, 1, 4)) is None  # Titans
-    assert "Titans" in backend.supports("ttt_mlp", q, momentum=torch.zeros(1, 1, 4))
-    assert "float32/float64" in backend.supports("ttt_linear", q.bfloat16())
+    for backend in (cuda, cpp):
+        assert backend.supports("ttt_linear", q, mini_batch_size=4, causal=True) is None
+        assert backend.supports("ttt_mlp", q, mini_batch_size=4, causal=True) is None
+        assert backend.supports("ttt_linear", q, momentum=torch.zeros(1, 1, 4)) is None  # Titans
+        assert "Titans" in backend.supports("ttt_mlp", q, momentum=torch.zeros(1, 1, 4))
+        assert "float32/float64" in backend.supports("ttt_linear", q.half())
+    assert "CPU tensors" in cpp.supports("ttt_linear", torch.zeros(1, 1, 4, 64, device="meta"))
 
 
-def test_auto_on_cpu_keeps_torch_backend_silently():
-    """device_types=("cuda",): auto on CPU tensors never consults the fused path (no warning)."""
-    x = make_inputs(1, 2, 16, 8, dtype=torch.bfloat16, seed=14, requires_grad=False)
+def test_auto_on_cpu_runs_the_cpp_backend_silently():
+    """auto on CPU tensors picks "cpp" (bit-identical to asking for it by name), no warning."""
+    x = make_inputs(1, 2, 21, 8, dtype=torch.float32, seed=14, requires_grad=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        o_auto, _ = ttt_linear(*x.values(), mini_batch_size=4, backend="auto")
+    o_cpp, _ = ttt_linear(*x.values(), mini_batch_size=4, backend="cpp")
+    o_torch, _ = ttt_linear(*x.values(), mini_batch_size=4, backend="torch")
+    assert torch.equal(o_auto, o_cpp)
+    torch.testing.assert_close(o_auto, o_torch, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_on_cpu_falls_back_to_torch_with_one_warning_and_by_name_raises():
+    """A call "cpp" refuses (fp16 on the CPU path): auto warns once with the reason and runs the
+    torch backend; asking for "cpp" by name raises ValueError with the reason."""
+    x = make_inputs(1, 2, 16, 8, dtype=torch.float16, seed=15, requires_grad=False)
+    ref, _ = ttt_linear(*x.values(), backend="torch")
+    with pytest.warns(UserWarning, match="float32/float64"):
         o, _ = ttt_linear(*x.values(), backend="auto")
-    assert o.dtype == torch.bfloat16
+    assert torch.equal(o, ref)
+    with pytest.raises(ValueError, match=r"backend 'cpp' cannot run .*float32/float64"):
+        ttt_linear(*x.values(), backend="cpp")
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,12 @@
-"""ttt-cuda: fused TTT-Linear and TTT-MLP forward/backward for ttt-core (CUDA kernels + a C++ CPU
-path).
+"""ttt-cuda: fused TTT-Linear and TTT-MLP forward/backward for ttt-core (CUDA kernels + a
+multi-threaded C++ CPU path).
 
-Installing it registers backend ``"cuda"`` with ttt-core (entry point ``ttt_core.backends``), so
-``ttt_core.ttt_linear(..., backend="auto")`` (and ``ttt_mlp``) on CUDA tensors runs the fused
-kernels. Direct use: :func:`fused_ttt_linear` / :func:`fused_ttt_mlp` (ttt-core's signatures) and
-the custom ops ``torch.ops.ttt.linear_fwd`` / ``linear_bwd`` / ``mlp_fwd`` / ``mlp_bwd``.
+Installing it registers two backends with ttt-core (entry point ``ttt_core.backends``):
+``"cuda"`` (the kernels, CUDA tensors) and ``"cpp"`` (the C++ path, CPU tensors), so
+``ttt_core.ttt_linear(..., backend="auto")`` (and ``ttt_mlp``) runs the fused path on either.
+Direct use: :func:`fused_ttt_linear` / :func:`fused_ttt_mlp` (ttt-core's signatures) and the
+custom ops ``torch.ops.ttt.linear_fwd`` / ``linear_bwd`` / ``mlp_*`` / ``titans_*``
+(``ttt_cuda.ops``).
 """
 
 from ttt_cuda._ext import extension_error

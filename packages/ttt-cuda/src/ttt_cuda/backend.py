@@ -1,77 +1,84 @@
-"""The ``cuda`` backend of ttt-core, registered through the ``ttt_core.backends`` entry point.
+"""ttt-cuda's two backends of ttt-core, registered through the ``ttt_core.backends`` entry point:
 
-``backend="auto"`` picks it for CUDA tensors (``device_types = ("cuda",)``); ``backend="cuda"``
-also runs the C++ CPU path on CPU tensors (single-threaded; ttt-core's torch backend is usually
-faster on CPU, so auto leaves CPU alone). Calls it cannot fuse (TTT-MLP in the Titans form,
-unsupported dtype/head dim) are refused in ``supports`` with the reason: ttt-core then
-warns once and uses its torch backend under ``auto``, or raises under ``backend="cuda"``. As a
-safety net, ``ttt_linear`` called directly with such a call warns once and runs the torch backend.
+- ``"cpp"``: the fused C++ path on CPU tensors (parallel over (batch, head) chains on
+  ``torch.get_num_threads()`` threads); ``backend="auto"`` picks it for CPU tensors where
+  ``supports`` says yes.
+- ``"cuda"``: the CUDA kernels on CUDA tensors (``auto`` picks it there); on CPU tensors it is an
+  alias of ``"cpp"``.
+
+ttt-core validates a call and asks ``supports`` before it calls ``ttt_linear`` / ``ttt_mlp`` or
+the single-token ``ttt_linear_step`` / ``ttt_mlp_step``, so these go straight to the ops
+(``linear_call`` / ``mlp_call``) without validating again. Calls a
+backend cannot fuse (TTT-MLP in the Titans form, an unsupported dtype or head dim) are refused in
+``supports`` with the reason: ttt-core then warns once and uses its torch backend under ``auto``,
+or raises when the backend was asked for by name.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from torch import Tensor
 
 from ttt_cuda._ext import extension_error
-from ttt_cuda.linear import fused_ttt_linear, linear_unsupported_reason
-from ttt_cuda.mlp import fused_ttt_mlp, mlp_unsupported_reason
+from ttt_cuda.linear import linear_call, linear_unsupported_reason
+from ttt_cuda.mlp import mlp_call, mlp_unsupported_reason
+from ttt_cuda.step import linear_step, mlp_step
 
-__all__ = ["CudaBackend", "backend"]
+__all__ = ["CppBackend", "CudaBackend", "cpp_backend", "cuda_backend"]
 
-_warned: set[str] = set()
-
-
-def _warn_once(reason: str, op: str = "ttt_linear") -> None:
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(
-            f"ttt_cuda: backend 'cuda' cannot run this {op} call ({reason}); "
-            "falling back to the torch backend",
-            stacklevel=4,
-        )
+_REASONS = {
+    "ttt_linear": linear_unsupported_reason,
+    "ttt_mlp": mlp_unsupported_reason,
+    "ttt_linear_step": linear_unsupported_reason,  # the step is the op on one token
+    "ttt_mlp_step": mlp_unsupported_reason,
+}
 
 
 class CudaBackend:
-    """Fused TTT-Linear and TTT-MLP (CUDA kernels on GPU, C++ on CPU) behind ttt-core's backend
-    protocol."""
+    """Fused TTT-Linear (plain and Titans form) and TTT-MLP: the CUDA kernels on CUDA tensors,
+    the C++ path on CPU tensors."""
 
     name = "cuda"
-    device_types = ("cuda",)
+    device_types: tuple[str, ...] = ("cuda",)
 
     def supports(self, op: str, q: Tensor, **kwargs: Any) -> str | None:
         """None when this backend runs ``op`` for these arguments, else the reason."""
         err = extension_error()
         if err is not None:
             return err
-        if op == "ttt_mlp":
-            return mlp_unsupported_reason(q, **kwargs)
-        if op != "ttt_linear":
+        if op not in _REASONS:
             return f"unknown op {op!r}"
-        return linear_unsupported_reason(q, **kwargs)
+        return _REASONS[op](q, **kwargs)
 
     def ttt_linear(self, q, k, v, eta, W1, b1, ln_weight, ln_bias, **kwargs: Any):
-        """ttt-core's ``ttt_linear`` (validated inputs; ``initial_state`` always a TTTState)."""
-        reason = linear_unsupported_reason(q, **kwargs)
-        if reason is not None:  # e.g. an input dtype the device path does not take
-            from ttt_core import ttt_linear
-
-            _warn_once(reason)
-            return ttt_linear(q, k, v, eta, W1, b1, ln_weight, ln_bias, backend="torch", **kwargs)
-        return fused_ttt_linear(q, k, v, eta, W1, b1, ln_weight, ln_bias, **kwargs)
+        """ttt-core's ``ttt_linear`` (validated, supported; ``initial_state`` a TTTState)."""
+        return linear_call(q, k, v, eta, W1, b1, ln_weight, ln_bias, **kwargs)
 
     def ttt_mlp(self, q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, **kwargs: Any):
-        """ttt-core's ``ttt_mlp`` (validated inputs; ``initial_state`` always a TTTState)."""
-        reason = mlp_unsupported_reason(q, **kwargs)
-        if reason is not None:
-            from ttt_core import ttt_mlp
+        """ttt-core's ``ttt_mlp`` (validated, supported; ``initial_state`` a TTTState)."""
+        return mlp_call(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, **kwargs)
 
-            _warn_once(reason, "ttt_mlp")
-            return ttt_mlp(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, backend="torch",
-                           **kwargs)  # fmt: skip
-        return fused_ttt_mlp(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, **kwargs)
+    def ttt_linear_step(self, q, k, v, eta, W1, b1, ln_weight, ln_bias, **kwargs: Any):
+        """ttt-core's single-token step (q [B, H, 1, D], ``state`` a TTTState) -> (o, state)."""
+        return linear_step(q, k, v, eta, W1, b1, ln_weight, ln_bias, **kwargs)
+
+    def ttt_mlp_step(self, q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, **kwargs: Any):
+        """ttt-core's single-token TTT-MLP step -> (o [B, H, 1, D], state)."""
+        return mlp_step(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, **kwargs)
 
 
-backend = CudaBackend()
+class CppBackend(CudaBackend):
+    """The fused C++ CPU path: CPU tensors only."""
+
+    name = "cpp"
+    device_types = ("cpu",)
+
+    def supports(self, op: str, q: Tensor, **kwargs: Any) -> str | None:
+        if q.device.type != "cpu":
+            return f"backend 'cpp' runs on CPU tensors, got {q.device.type} (use 'cuda')"
+        return super().supports(op, q, **kwargs)
+
+
+cuda_backend = CudaBackend()
+cpp_backend = CppBackend()

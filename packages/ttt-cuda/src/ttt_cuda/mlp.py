@@ -16,12 +16,18 @@ from typing import Any
 
 from torch import Tensor
 
-from ttt_core.validation import validate
-from ttt_cuda.linear import _token_scale, linear_unsupported_reason
-from ttt_cuda.ops import acc_dtype
-from ttt_cuda.ops_mlp import mlp_fwd
+from ttt_core.state import TTTState
+from ttt_cuda.common import (
+    acc_dtype,
+    op_layout,
+    start_state,
+    state_layout,
+    unsupported_reason,
+    validate_call,
+)
+from ttt_cuda.ops.mlp import mlp_fwd
 
-__all__ = ["fused_ttt_mlp", "mlp_unsupported_reason"]
+__all__ = ["fused_ttt_mlp", "mlp_call", "mlp_unsupported_reason"]
 
 CUDA_MLP_SHAPE = (64, 256)  # (D, F) of the CUDA kernels
 LAYERS = (("W1", "b1"), ("W2", "b2"))
@@ -31,7 +37,7 @@ def mlp_unsupported_reason(q: Tensor, *, initial_state: Any = None, **kwargs: An
     """None when the fused MLP op computes this call, else why not (metadata only)."""
     if kwargs.get("momentum") is not None or kwargs.get("decay") is not None:
         return "TTT-MLP in the Titans form (momentum/decay) is not fused"
-    reason = linear_unsupported_reason(
+    reason = unsupported_reason(
         q, initial_state=initial_state, head_dims=CUDA_MLP_SHAPE[:1], **kwargs
     )
     if reason is not None:
@@ -91,65 +97,42 @@ def fused_ttt_mlp(
         >>> o, _ = fused_ttt_mlp(q, k, v, eta, W1, b1, W2, b2, ln_w, ln_b, mini_batch_size=16)
     """
     weights = {"W1": W1, "b1": b1, "W2": W2, "b2": b2}
-    validate(
-        q=q, k=k, v=v, eta=eta, weights=weights, ln_weight=ln_weight, ln_bias=ln_bias,
-        mini_batch_size=mini_batch_size, causal=causal, token_scale=token_scale,
-        momentum=momentum, decay=decay, initial_state=initial_state if causal else None,
-        output_final_state=output_final_state, eps=eps, backend="cuda",
-    )  # fmt: skip
-    reason = mlp_unsupported_reason(
-        q, mini_batch_size=mini_batch_size, causal=causal, token_scale=token_scale,
-        momentum=momentum, decay=decay, initial_state=initial_state,
-        output_final_state=output_final_state,
-    )  # fmt: skip
+    kw = dict(mini_batch_size=mini_batch_size, causal=causal, token_scale=token_scale,
+              momentum=momentum, decay=decay, initial_state=initial_state,
+              output_final_state=output_final_state, eps=eps)  # fmt: skip
+    validate_call(q, k, v, eta, weights, ln_weight, ln_bias, **kw)
+    reason = mlp_unsupported_reason(q, **kw)
     wide = (q.shape[-1], W1.shape[-1]) != CUDA_MLP_SHAPE
     if reason is None and q.device.type == "cuda" and initial_state is None and wide:
         reason = f"the CUDA TTT-MLP kernels take D = 64 and F = 256, got F = {W1.shape[-1]}"
     if reason is not None:
         raise ValueError(f"fused_ttt_mlp does not support this call: {reason}")
-    B, H, L, _ = q.shape
-    offset = initial_state.offset if (causal and initial_state is not None) else 0
-    b = offset + L if mini_batch_size is None else mini_batch_size  # None: one unbounded segment
-    acc = acc_dtype(q.dtype)
-    grad_sum = []  # what the cut mini-batch's earlier tokens read, as the start weights
-    if offset > 0:
-        for name in weights:
-            g = initial_state.grad_sum[name].to(acc)
-            grad_sum.append(
-                (g.reshape(B, H, g.shape[-1]) if name.startswith("b") else g).contiguous()
-            )
-    start = []  # (B, H, D, F), (B, H, F), (B, H, F, D), (B, H, D)
-    for name, t in weights.items():
-        if initial_state is not None:
-            s = initial_state.params[name].to(acc)
-        else:
-            s = t.to(acc).unsqueeze(0).expand(B, *t.shape)
-        start.append(s.reshape(B, H, s.shape[-1]) if name.startswith("b") else s)
-    scale = _token_scale(token_scale, b, causal, q)  # (b,)
-    end = offset + L if mini_batch_size is None else (offset + L) % b
+    state = start_state(initial_state, weights, q.shape[0], mini_batch_size, acc_dtype(q.dtype))
+    return mlp_call(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias,
+                    **{**kw, "initial_state": state})  # fmt: skip
+
+
+def mlp_call(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, *, mini_batch_size, causal,
+             token_scale, initial_state, output_final_state, eps, **_):  # fmt: skip
+    """``fused_ttt_mlp`` on validated inputs the op supports, from ``initial_state`` (a
+    ``TTTState``: the backend's entry, after ttt-core validated the call and asked ``supports``)."""
+    state, L, acc = initial_state, q.shape[2], acc_dtype(q.dtype)
+    b = state.block_size(L)  # mini_batch_size, or offset + L for None (one unbounded segment)
+    start = op_layout(state.params, acc)  # (B, H, D, F), (B, H, F), (B, H, F, D), (B, H, D)
+    grad_sum = op_layout(state.grad_sum, acc) if state.offset > 0 else []
+    scale = TTTState.token_scales(token_scale, 0, b, device=q.device, dtype=acc, causal=causal)
+    end = state.end_offset(L)
     cut = bool(output_final_state and end != 0)  # the state ends inside a mini-batch
     o, *rest = mlp_fwd(
-        q, k, v, eta.to(acc), *(t.contiguous() for t in start), ln_weight.to(acc),
-        ln_bias.to(acc), scale, b, bool(causal), float(eps), cut, mini_batch_size is None,
-        offset, *grad_sum,
+        q, k, v, eta.to(acc), *start, ln_weight.to(acc), ln_bias.to(acc), scale.contiguous(), b,
+        bool(causal), float(eps), cut, state.offset, mini_batch_size is None, *grad_sum,
     )  # fmt: skip
-    ends, starts = rest[:4], rest[4:]
-    state = None
-    if output_final_state:
-        from ttt_core.state import TTTState
-
-        def as_state(ts):  # biases [B, H, n] -> [B, H, 1, n]
-            return {n: t.unsqueeze(-2) if n.startswith("b") else t for n, t in zip(weights, ts)}
-
-        end_params = as_state(ends)
-        if not cut:
-            state = TTTState(params=end_params, offset=0, mini_batch_size=mini_batch_size)
-        else:  # end = start - sum_j eta_j grad_j (unscaled), so grad_sum = start - end
-            start_params = as_state([t[:, :, -1] for t in starts])
-            state = TTTState(
-                params=start_params,
-                offset=end,
-                mini_batch_size=mini_batch_size,
-                grad_sum={n: start_params[n] - end_params[n] for n in weights},
-            )
-    return o, state
+    if not output_final_state:
+        return o, None
+    names = tuple(state.params)
+    ends = state_layout(names, rest[:4])
+    if end == 0:
+        return o, state.advance(L, params=ends)
+    # the cut mini-batch: its start weights, and grad_sum = start - end (the op ends it unscaled)
+    starts = state_layout(names, [t[:, :, -1] for t in rest[4:]])
+    return o, state.advance(L, params=starts, grad_sum={n: starts[n] - ends[n] for n in names})

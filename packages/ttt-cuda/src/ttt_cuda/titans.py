@@ -11,55 +11,41 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from ttt_cuda.ops import acc_dtype
-from ttt_cuda.ops_titans import titans_fwd
+from ttt_cuda.common import acc_dtype, op_layout, state_layout
+from ttt_cuda.ops.titans import titans_fwd
 
 __all__ = ["titans_linear"]
 
-
-def _pair(d: dict[str, Tensor], acc, B, H, D) -> tuple[Tensor, Tensor]:
-    """{"W1": [B, H, D, D], "b1": [B, H, 1, D]} -> (W [B, H, D, D], b [B, H, D]) in acc."""
-    return d["W1"].to(acc).contiguous(), d["b1"].to(acc).reshape(B, H, D).contiguous()
+NAMES = ("W1", "b1")
 
 
-def titans_linear(q, k, v, eta, W1, b1, ln_weight, ln_bias, *, mini_batch_size, momentum, decay,
-                  initial_state: Any, output_final_state: bool, eps: float):  # fmt: skip
-    """Validated inputs (see ``fused_ttt_linear``); returns ``(o, state or None)``."""
-    from ttt_core.state import TTTState
-
-    B, H, L, D = q.shape
+def titans_linear(q, k, v, eta, ln_weight, ln_bias, *, momentum, decay, state: Any,
+                  output_final_state: bool, eps: float):  # fmt: skip
+    """Validated inputs from ``state`` (a ``TTTState``; see ``fused_ttt_linear``); returns
+    ``(o, state or None)``."""
+    B, H, L, _ = q.shape
     acc = acc_dtype(q.dtype)
     zeros = torch.zeros(B, H, L, device=q.device, dtype=acc)
     mom = zeros if momentum is None else momentum.to(acc)  # (B, H, L)
     dec = zeros if decay is None else decay.to(acc)
-    st = initial_state
-    if st is None:
-        W0 = W1.to(acc).unsqueeze(0).expand(B, H, D, D).contiguous()  # (B, H, D, D)
-        b0 = b1.to(acc).reshape(1, H, D).expand(B, H, D).contiguous()  # (B, H, D)
-        offset = 0
-    else:
-        W0, b0 = _pair(st.params, acc, B, H, D)
-        offset = st.offset
-    C0, cb0 = (W0, b0) if st is None or st.current is None else _pair(st.current, acc, B, H, D)
-    if st is None or st.momentum is None:
+    W0, b0 = op_layout(state.params, acc)  # P: (B, H, D, D), (B, H, D)
+    C0, cb0 = (W0, b0) if state.current is None else op_layout(state.current, acc)
+    if state.momentum is None:
         S0, sb0 = torch.zeros_like(W0), torch.zeros_like(b0)
     else:
-        S0, sb0 = _pair(st.momentum, acc, B, H, D)
-    b = offset + L if mini_batch_size is None else mini_batch_size
+        S0, sb0 = op_layout(state.momentum, acc)
+    b = state.block_size(L)
     o, W_end, b_end, S_end, sb_end, W_starts, b_starts, _, _ = titans_fwd(
         q, k, v, eta.to(acc), mom, dec, W0, b0, C0, cb0, S0, sb0, ln_weight.to(acc),
-        ln_bias.to(acc), b, float(eps), offset, mini_batch_size is None,
+        ln_bias.to(acc), b, float(eps), state.offset, state.mini_batch_size is None,
     )  # fmt: skip
     if not output_final_state:
         return o, None
-    end = offset + L if mini_batch_size is None else (offset + L) % b
-    current = {"W1": W_end, "b1": b_end.unsqueeze(-2)}  # (B, H, D, D), (B, H, 1, D)
-    momentum_out = {"W1": S_end, "b1": sb_end.unsqueeze(-2)}
-    if end == 0:  # at a boundary P = W
-        return o, TTTState(params=current, offset=0, mini_batch_size=mini_batch_size,
-                           momentum=momentum_out)  # fmt: skip
-    params = {"W1": W_starts[:, :, -1], "b1": b_starts[:, :, -1].unsqueeze(-2)}
-    return o, TTTState(params=params, offset=end, mini_batch_size=mini_batch_size,
-                       momentum=momentum_out, current=current)  # fmt: skip
+    current = state_layout(NAMES, (W_end, b_end))  # (B, H, D, D), (B, H, 1, D)
+    momentum_out = state_layout(NAMES, (S_end, sb_end))
+    at_boundary = state.end_offset(L) == 0  # there P = W
+    params = (
+        current if at_boundary else state_layout(NAMES, (W_starts[:, :, -1], b_starts[:, :, -1]))
+    )
+    return o, state.advance(L, params=params, momentum=momentum_out, current=current)

@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ttt_cuda import ops
-from ttt_cuda.ops import _params, _rowmajor, num_segments
+from ttt_cuda.ops.launch import launch, num_segments, params, rowmajor
 
 __all__ = ["titans_bwd", "titans_fwd"]
 
@@ -30,8 +29,8 @@ __all__ = ["titans_bwd", "titans_fwd"]
 def _titans_params(q, k, v, eta, mom, dec, ln_weight, ln_bias, mini_batch_size, eps, offset,
                    unbounded):  # fmt: skip
     # scale is unused by the Titans form (no token scale): pass any acc tensor's pointer
-    p = _params(q, k, v, eta, ln_weight, ln_bias, ln_weight, mini_batch_size, True, eps, False,
-                offset, unbounded, kind="titans")  # fmt: skip
+    p = params("titans", q, k, v, eta, ln_weight, ln_bias, ln_weight, mini_batch_size, True, eps,
+               False, offset, unbounded)  # fmt: skip
     p.mom, p.dec = mom.data_ptr(), dec.data_ptr()
     return p
 
@@ -63,7 +62,7 @@ def titans_fwd(
     current weights C0 may differ). ``unbounded``: mini_batch_size=None (``mini_batch_size`` is
     then offset + L and the one segment never completes).
     """
-    q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
+    q, k, v = rowmajor(q), rowmajor(k), rowmajor(v)
     eta, mom, dec = eta.contiguous(), mom.contiguous(), dec.contiguous()
     W0, b0, C0, cb0, S0, sb0 = (t.contiguous() for t in (W0, b0, C0, cb0, S0, sb0))
     ln_weight, ln_bias = ln_weight.contiguous(), ln_bias.contiguous()
@@ -80,7 +79,7 @@ def titans_fwd(
     p.W_end, p.b_end, p.S_end, p.sb_end = (t.data_ptr() for t in (W_end, b_end, S_end, sb_end))
     p.W_starts, p.b_starts = W_starts.data_ptr(), b_starts.data_ptr()
     p.S_starts, p.sb_starts = S_starts.data_ptr(), sb_starts.data_ptr()
-    ops._launch(p, q.device, backward=False, kind="titans")
+    launch("titans", p, q.device, backward=False)
     return o, W_end, b_end, S_end, sb_end, W_starts, b_starts, S_starts, sb_starts
 
 
@@ -135,7 +134,7 @@ def titans_bwd(
     Returns ``(dq, dk, dv, deta, dmom, ddec, dW0, db0, dC0, dcb0, dS0, dsb0, dln_weight,
     dln_bias)``; dln_* are reduced over the batch here (fixed order, deterministic).
     """
-    q, k, v, dO = _rowmajor(q), _rowmajor(k), _rowmajor(v), _rowmajor(dO)
+    q, k, v, dO = rowmajor(q), rowmajor(k), rowmajor(v), rowmajor(dO)
     eta, mom, dec = eta.contiguous(), mom.contiguous(), dec.contiguous()
     C0, cb0, ln_weight, ln_bias = (t.contiguous() for t in (C0, cb0, ln_weight, ln_bias))
     starts = [t.contiguous() for t in (W_starts, b_starts, S_starts, sb_starts)]
@@ -161,7 +160,7 @@ def titans_bwd(
     p.dW0, p.db0, p.dC0, p.dcb0 = dW0.data_ptr(), db0.data_ptr(), dC0.data_ptr(), dcb0.data_ptr()
     p.dS0, p.dsb0 = dS0.data_ptr(), dsb0.data_ptr()
     p.dln_w, p.dln_b = dlnw.data_ptr(), dlnb.data_ptr()
-    ops._launch(p, q.device, backward=True, kind="titans")
+    launch("titans", p, q.device, backward=True)
     return (dq, dk, dv, deta, dmom, ddec, dW0, db0, dC0, dcb0, dS0, dsb0, dlnw.sum(0),
             dlnb.sum(0))  # fmt: skip
 

@@ -1,5 +1,5 @@
 """The fused TTT-MLP ops as ``torch.library`` custom ops: ``ttt::mlp_fwd`` and ``ttt::mlp_bwd``,
-each with a fake implementation, and autograd linking the two (as ``ttt_cuda.ops`` for TTT-Linear).
+each with a fake implementation, and autograd linking the two (as ``ops/linear.py`` for TTT-Linear).
 
 Fast model ``f(x) = gelu_tanh(x W1 + b1) W2 + b2``. The ops assume validated inputs:
 
@@ -20,8 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ttt_cuda import ops
-from ttt_cuda.ops import _params, _rowmajor, num_segments
+from ttt_cuda.ops.launch import launch, num_segments, params, rowmajor
 
 __all__ = ["mlp_bwd", "mlp_fwd"]
 
@@ -43,8 +42,8 @@ def mlp_fwd(
     causal: bool,
     eps: float,
     end_unscaled: bool = False,
-    unbounded: bool = False,
     offset: int = 0,
+    unbounded: bool = False,
     G10: Tensor | None = None,
     gb10: Tensor | None = None,
     G20: Tensor | None = None,
@@ -57,7 +56,7 @@ def mlp_fwd(
     completes; ``mini_batch_size`` is then offset + L). ``offset``/``G*``: a start inside a
     mini-batch, as ``ttt::linear_fwd``.
     """
-    q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
+    q, k, v = rowmajor(q), rowmajor(k), rowmajor(v)
     eta, ln_weight, ln_bias, scale = (t.contiguous() for t in (eta, ln_weight, ln_bias, scale))
     W10, b10, W20, b20 = (t.contiguous() for t in (W10, b10, W20, b20))
     B, H, L, D = q.shape
@@ -66,15 +65,15 @@ def mlp_fwd(
     o = torch.empty(B, H, L, D, device=q.device, dtype=q.dtype)
     ends = [torch.empty_like(t) for t in (W10, b10, W20, b20)]
     starts = [W10.new_empty(B, H, nseg, *t.shape[2:]) for t in (W10, b10, W20, b20)]
-    p = _params(q, k, v, eta, ln_weight, ln_bias, scale, mini_batch_size, causal, eps, end_unscaled,
-                offset, unbounded, kind="mlp")  # fmt: skip
+    p = params("mlp", q, k, v, eta, ln_weight, ln_bias, scale, mini_batch_size, causal, eps,
+               end_unscaled, offset, unbounded)  # fmt: skip
     p.F = F
     grad_sum = _set_grad_sum(p, G10, gb10, G20, gb20)  # keeps the contiguous copies alive
     p.W0, p.b0, p.W20, p.b20 = W10.data_ptr(), b10.data_ptr(), W20.data_ptr(), b20.data_ptr()
     p.o = o.data_ptr()
     p.W_end, p.b_end, p.W2_end, p.b2_end = (t.data_ptr() for t in ends)
     p.W_starts, p.b_starts, p.W2_starts, p.b2_starts = (t.data_ptr() for t in starts)
-    ops._launch(p, q.device, backward=False, kind="mlp")
+    launch("mlp", p, q.device, backward=False)
     del grad_sum
     return (o, *ends, *starts)
 
@@ -90,7 +89,7 @@ def _set_grad_sum(p, G10, gb10, G20, gb20):
 
 @mlp_fwd.register_fake
 def _(q, k, v, eta, W10, b10, W20, b20, ln_weight, ln_bias, scale, mini_batch_size, causal, eps,
-      end_unscaled=False, unbounded=False, offset=0, G10=None, gb10=None, G20=None, gb20=None):  # fmt: skip
+      end_unscaled=False, offset=0, unbounded=False, G10=None, gb10=None, G20=None, gb20=None):  # fmt: skip
     B, H, L, D = q.shape
     nseg = num_segments(L, mini_batch_size, offset)
     weights = (W10, b10, W20, b20)
@@ -127,8 +126,8 @@ def mlp_bwd(
     causal: bool,
     eps: float,
     end_unscaled: bool = False,
-    unbounded: bool = False,
     offset: int = 0,
+    unbounded: bool = False,
     G10: Tensor | None = None,
     gb10: Tensor | None = None,
     G20: Tensor | None = None,
@@ -143,7 +142,7 @@ def mlp_bwd(
     dgb10, dG20, dgb20)``; the last four are empty [0] without a grad_sum; dln_* and dscale are
     reduced over the batch here (fixed order, deterministic).
     """
-    q, k, v, dO = _rowmajor(q), _rowmajor(k), _rowmajor(v), _rowmajor(dO)
+    q, k, v, dO = rowmajor(q), rowmajor(k), rowmajor(v), rowmajor(dO)
     eta, ln_weight, ln_bias, scale = (t.contiguous() for t in (eta, ln_weight, ln_bias, scale))
     starts = [t.contiguous() for t in (W1_starts, b1_starts, W2_starts, b2_starts)]
     d_end = [t.contiguous() for t in (dW1_end, db1_end, dW2_end, db2_end)]
@@ -155,8 +154,8 @@ def mlp_bwd(
     d_start = [torch.empty_like(t) for t in d_end]  # dW10, db10, dW20, db20
     dlnw, dlnb = (torch.empty(B, H, D, device=q.device, dtype=acc) for _ in range(2))
     dscale = torch.empty(B, H, mini_batch_size, device=q.device, dtype=acc)
-    p = _params(q, k, v, eta, ln_weight, ln_bias, scale, mini_batch_size, causal, eps, end_unscaled,
-                offset, unbounded, kind="mlp")  # fmt: skip
+    p = params("mlp", q, k, v, eta, ln_weight, ln_bias, scale, mini_batch_size, causal, eps,
+               end_unscaled, offset, unbounded)  # fmt: skip
     p.F = F
     grad_sum = _set_grad_sum(p, G10, gb10, G20, gb20)
     if grad_sum is not None:
@@ -175,7 +174,7 @@ def mlp_bwd(
     p.dq, p.dk, p.dv, p.deta = dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), deta.data_ptr()
     p.dW0, p.db0, p.dW20, p.db20 = (t.data_ptr() for t in d_start)
     p.dln_w, p.dln_b, p.dscale = dlnw.data_ptr(), dlnb.data_ptr(), dscale.data_ptr()
-    ops._launch(p, q.device, backward=True, kind="mlp")
+    launch("mlp", p, q.device, backward=True)
     dscale = dscale.sum(dim=(0, 1))[: scale.shape[0]]
     return (dq, dk, dv, deta, *d_start, dlnw.sum(0), dlnb.sum(0), dscale, *d_gs)
 
@@ -183,7 +182,7 @@ def mlp_bwd(
 @mlp_bwd.register_fake
 def _(dO, dW1_end, db1_end, dW2_end, db2_end, dW1s, db1s, dW2s, db2s, q, k, v, eta, W1_starts,
       b1_starts, W2_starts, b2_starts, ln_weight, ln_bias, scale, mini_batch_size, causal, eps,
-      end_unscaled=False, unbounded=False, offset=0, G10=None, gb10=None, G20=None, gb20=None):  # fmt: skip
+      end_unscaled=False, offset=0, unbounded=False, G10=None, gb10=None, G20=None, gb20=None):  # fmt: skip
     B, H, L, D = q.shape
     acc = W1_starts.dtype
     if G10 is None:
@@ -201,7 +200,7 @@ def _(dO, dW1_end, db1_end, dW2_end, db2_end, dW1s, db1s, dW2s, db2s, q, k, v, e
     )
 
 
-_DEFAULTS = {"end_unscaled": False, "unbounded": False, "offset": 0, "G10": None, "gb10": None,
+_DEFAULTS = {"end_unscaled": False, "offset": 0, "unbounded": False, "G10": None, "gb10": None,
              "G20": None, "gb20": None}  # fmt: skip
 _NAMES = ("q", "k", "v", "eta", "W10", "b10", "W20", "b20", "ln_weight", "ln_bias", "scale",
           "mini_batch_size", "causal", "eps", *_DEFAULTS)  # fmt: skip
@@ -212,8 +211,8 @@ def _setup_context(ctx, inputs, output):
     starts = output[5:]
     ctx.save_for_backward(a["q"], a["k"], a["v"], a["eta"], *starts, a["ln_weight"],
                           a["ln_bias"], a["scale"], a["G10"], a["gb10"], a["G20"], a["gb20"])  # fmt: skip
-    ctx.kw = {n: a[n] for n in ("mini_batch_size", "causal", "eps", "end_unscaled", "unbounded",
-                                "offset")}  # fmt: skip
+    ctx.kw = {n: a[n] for n in ("mini_batch_size", "causal", "eps", "end_unscaled", "offset",
+                                "unbounded")}  # fmt: skip
 
 
 def _backward(ctx, dO, dW1e, db1e, dW2e, db2e, dW1s, db1s, dW2s, db2s):
@@ -236,8 +235,8 @@ def _backward(ctx, dO, dW1e, db1e, dW2e, db2e, dW1s, db1s, dW2s, db2s):
     k_ = ctx.kw
     *grads, dG10, dgb10, dG20, dgb20 = mlp_bwd(
         dO, *d_end, *d_starts, q, k, v, eta, W1s, b1s, W2s, b2s, ln_weight, ln_bias, scale,
-        k_["mini_batch_size"], k_["causal"], k_["eps"], k_["end_unscaled"], k_["unbounded"],
-        k_["offset"], *grad_sum,
+        k_["mini_batch_size"], k_["causal"], k_["eps"], k_["end_unscaled"], k_["offset"],
+        k_["unbounded"], *grad_sum,
     )  # fmt: skip
     d_gs = (None,) * 4 if grad_sum[0] is None else (dG10, dgb10, dG20, dgb20)
     return (*grads, None, None, None, None, None, None, *d_gs)

@@ -1,8 +1,8 @@
 """The fused TTT-Linear ops as ``torch.library`` custom ops: ``ttt::linear_fwd`` and
 ``ttt::linear_bwd``, each with a fake (meta) implementation, and autograd linking the two.
 
-Layers (flash-linear-attention style): kernel (csrc/) -> launcher (``_launch``: fills the params
-struct with pointers, strides and the stream) -> these custom ops -> the public function in
+Layers (flash-linear-attention style): kernel (csrc/) -> launcher (``ops/launch.py``: fills the
+params struct with pointers, strides and the stream) -> these custom ops -> the public function in
 ``ttt_cuda.linear``, which validates inputs. The ops assume validated inputs:
 
     q, k, v   [B, H, L, D]  fp32/fp64 (CPU) or fp32/bf16/fp16 (CUDA); last dim contiguous
@@ -23,92 +23,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ttt_cuda._ext import extension
+from ttt_cuda.ops.launch import launch, num_segments, params, rowmajor
 
-__all__ = ["acc_dtype", "linear_bwd", "linear_fwd", "num_segments"]
-
-_DTYPE_NAMES = {
-    torch.float32: "float32",
-    torch.float64: "float64",
-    torch.bfloat16: "bfloat16",
-    torch.float16: "float16",
-}
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the fast-weight state and accumulators: fp32, or fp64 for fp64 inputs (CPU)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _rowmajor(t: Tensor) -> Tensor:
-    """Last dim contiguous (what the kernels index), copying only when needed."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _params(
-    q, k, v, eta, ln_weight, ln_bias, scale, mini_batch_size, causal, eps, end_unscaled,
-    offset=0, unbounded=False, G0=None, gb0=None, kind="linear",
-):  # fmt: skip
-    """The params struct (``LinearParams``; ``MLPParams`` / ``TitansParams`` for kind "mlp" /
-    "titans") with the fields the ops share: shapes, modes, q/k/v strides and the pointers of the per-token inputs."""
-    C = extension()
-    p = {"mlp": C.MLPParams, "titans": C.TitansParams}.get(kind, C.LinearParams)()
-    p.B, p.H, p.L, p.D = q.shape
-    p.mini_batch_size, p.causal, p.eps = int(mini_batch_size), int(bool(causal)), float(eps)
-    p.end_unscaled = int(bool(end_unscaled))
-    p.offset, p.unbounded = int(offset), int(bool(unbounded))
-    if G0 is not None:
-        p.G0, p.gb0 = G0.data_ptr(), gb0.data_ptr()
-    p.dtype = getattr(C.DType, _DTYPE_NAMES[q.dtype])
-    p.q_sb, p.q_sh, p.q_sl = q.stride()[:3]
-    p.k_sb, p.k_sh, p.k_sl = k.stride()[:3]
-    p.v_sb, p.v_sh, p.v_sl = v.stride()[:3]
-    p.q, p.k, p.v, p.eta = q.data_ptr(), k.data_ptr(), v.data_ptr(), eta.data_ptr()
-    p.ln_w, p.ln_b, p.scale = ln_weight.data_ptr(), ln_bias.data_ptr(), scale.data_ptr()
-    return p
-
-
-# Tests only: > 0 runs the CPU path with this many threads per chain and barriers, the way a CUDA
-# block runs the kernel (a CPU check of the kernels' __syncthreads structure; slow).
-CPU_BLOCK_THREADS = 0
-
-
-def _launch(p, device: torch.device, backward: bool, kind: str = "linear") -> None:
-    """Runs the CPU or CUDA entry point of ``kind`` ("linear" | "mlp" | "titans") on the current stream (no
-    host synchronisation)."""
-    C = extension()
-    if device.type == "cpu":
-        if CPU_BLOCK_THREADS > 0:
-            getattr(C, f"{kind}_cpu_block")(p, backward, CPU_BLOCK_THREADS)
-        else:
-            getattr(C, f"{kind}_{'bwd' if backward else 'fwd'}_cpu")(p)
-        return
-    if device.type != "cuda":
-        raise ValueError(f"ttt_cuda: tensors must be on CPU or CUDA, got {device}")
-    if not C.WITH_CUDA:
-        raise RuntimeError(
-            "ttt_cuda was built without CUDA (TTT_ENABLE_CUDA=OFF or no nvcc): reinstall it with "
-            "TTT_ENABLE_CUDA=ON on a machine with nvcc to run on CUDA tensors"
-        )
-    if kind == "mlp":
-        elems = C.mlp_workspace_elems(p.D, p.F, p.mini_batch_size, backward)
-    else:
-        elems = getattr(C, f"{kind}_workspace_elems")(p.D, p.mini_batch_size, backward)
-    props = torch.cuda.get_device_properties(device)
-    p.max_smem = int(props.shared_memory_per_block_optin)
-    workspace = None
-    if elems * 4 > p.max_smem:  # scratch in global memory (L2-resident), one slice per chain
-        workspace = torch.empty(p.B * p.H * elems, device=device, dtype=torch.float32)
-        p.workspace = workspace.data_ptr()
-    with torch.cuda.device(device):
-        p.stream = torch.cuda.current_stream(device).cuda_stream
-        getattr(C, f"{kind}_{'bwd' if backward else 'fwd'}_cuda")(p)
-
-
-def num_segments(L: int, mini_batch_size: int, offset: int = 0) -> int:
-    """Segments of a call of L tokens starting at in-mini-batch position ``offset``."""
-    first = min(mini_batch_size - offset, L)
-    return 1 + (L - first + mini_batch_size - 1) // mini_batch_size
+__all__ = ["linear_bwd", "linear_fwd"]
 
 
 @torch.library.custom_op("ttt::linear_fwd", mutates_args=())
@@ -140,7 +57,7 @@ def linear_fwd(
     read (a state's grad_sum). ``unbounded``: mini_batch_size=None (``mini_batch_size`` is then
     offset + L, the one segment never completes). ``scale`` is indexed by in-mini-batch position.
     """
-    q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
+    q, k, v = rowmajor(q), rowmajor(k), rowmajor(v)
     eta, W0, b0 = eta.contiguous(), W0.contiguous(), b0.contiguous()
     ln_weight, ln_bias, scale = ln_weight.contiguous(), ln_bias.contiguous(), scale.contiguous()
     if G0 is not None:
@@ -151,12 +68,14 @@ def linear_fwd(
     W_end, b_end = torch.empty_like(W0), torch.empty_like(b0)
     W_starts = W0.new_empty(B, H, nmb, D, D)
     b_starts = b0.new_empty(B, H, nmb, D)
-    p = _params(q, k, v, eta, ln_weight, ln_bias, scale, mini_batch_size, causal, eps, end_unscaled,
-                offset, unbounded, G0, gb0)  # fmt: skip
+    p = params("linear", q, k, v, eta, ln_weight, ln_bias, scale, mini_batch_size, causal, eps,
+               end_unscaled, offset, unbounded)  # fmt: skip
+    if G0 is not None:
+        p.G0, p.gb0 = G0.data_ptr(), gb0.data_ptr()
     p.W0, p.b0, p.o = W0.data_ptr(), b0.data_ptr(), o.data_ptr()
     p.W_end, p.b_end = W_end.data_ptr(), b_end.data_ptr()
     p.W_starts, p.b_starts = W_starts.data_ptr(), b_starts.data_ptr()
-    _launch(p, q.device, backward=False)
+    launch("linear", p, q.device, backward=False)
     return o, W_end, b_end, W_starts, b_starts
 
 
@@ -223,7 +142,7 @@ def linear_bwd(
     shapes of the forward's inputs (dG0/dgb0 empty [0] when G0 is None); dln_* and dscale are
     reduced over the batch here (fixed order, deterministic).
     """
-    q, k, v, dO = _rowmajor(q), _rowmajor(k), _rowmajor(v), _rowmajor(dO)
+    q, k, v, dO = rowmajor(q), rowmajor(k), rowmajor(v), rowmajor(dO)
     eta, W_starts, b_starts = eta.contiguous(), W_starts.contiguous(), b_starts.contiguous()
     dW_end, db_end = dW_end.contiguous(), db_end.contiguous()
     ln_weight, ln_bias, scale = ln_weight.contiguous(), ln_bias.contiguous(), scale.contiguous()
@@ -239,8 +158,10 @@ def linear_bwd(
         dG0, dgb0 = torch.empty_like(G0), torch.empty_like(gb0)
     else:
         dG0, dgb0 = q.new_empty(0, dtype=acc), q.new_empty(0, dtype=acc)
-    p = _params(q, k, v, eta, ln_weight, ln_bias, scale, mini_batch_size, causal, eps, end_unscaled,
-                offset, unbounded, G0, gb0)  # fmt: skip
+    p = params("linear", q, k, v, eta, ln_weight, ln_bias, scale, mini_batch_size, causal, eps,
+               end_unscaled, offset, unbounded)  # fmt: skip
+    if G0 is not None:
+        p.G0, p.gb0 = G0.data_ptr(), gb0.data_ptr()
     if G0 is not None:
         p.dG0, p.dgb0 = dG0.data_ptr(), dgb0.data_ptr()
     if dW_starts is not None and db_starts is not None:
@@ -257,7 +178,7 @@ def linear_bwd(
         dlnb.data_ptr(),
     )
     p.dscale = dscale.data_ptr()
-    _launch(p, q.device, backward=True)
+    launch("linear", p, q.device, backward=True)
     dscale = dscale.sum(dim=(0, 1))[: scale.shape[0]]
     return dq, dk, dv, deta, dW0, db0, dlnw.sum(0), dlnb.sum(0), dscale, dG0, dgb0
 

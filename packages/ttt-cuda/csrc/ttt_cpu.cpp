@@ -1,0 +1,113 @@
+// The CPU entry points of all three ops: argument checks, the scratch size, the instruction set
+// (AVX2 where the CPU has it and the build carries it, else the portable build: the same bits),
+// and the (batch, head) chains spread over `threads` threads (ttt_cpu_chains.h).
+#include <stdexcept>
+#include <string>
+
+#include "ttt_cpu_chains.h"
+#include "ttt_cpu_isa.h"
+#include "ttt_mlp_chain.h"
+#include "ttt_titans_chain.h"
+
+namespace ttt {
+
+int64_t linear_workspace_elems(int D, int mini_batch_size, bool backward) {
+  ChainBuffers<float> c;
+  return carve_chain<float>(nullptr, D, mini_batch_size, backward, &c);
+}
+
+int64_t mlp_workspace_elems(int D, int F, int mini_batch_size, bool backward) {
+  MLPBuffers<float> c;
+  return carve_mlp<float>(nullptr, D, F, mini_batch_size, backward, &c);
+}
+
+int64_t titans_workspace_elems(int D, int mini_batch_size, bool backward) {
+  TitansBuffers<float> c;
+  return carve_titans<float>(nullptr, D, mini_batch_size, backward, &c);
+}
+
+// Whether the CPU entry points run the AVX2 build.
+bool cpu_uses_avx2() {
+#if defined(TTT_CPU_HAVE_AVX2)
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// The chain function of the best instruction set this build carries and this CPU runs.
+#if defined(TTT_CPU_HAVE_AVX2)
+#define TTT_CPU_CHAIN(name) (cpu_uses_avx2() ? ttt_cpu_avx2::name : ttt_cpu_base::name)
+#else
+#define TTT_CPU_CHAIN(name) (ttt_cpu_base::name)
+#endif
+
+namespace {
+template <typename Params>
+using ChainFn = void (*)(const Params&, void*, int, int, bool);
+
+void check_common(const LinearParams& p, const char* op, bool causal_only) {
+  if (p.B < 0 || p.H < 0 || p.L < 1 || p.D < 1 || p.mini_batch_size < 1)
+    throw std::invalid_argument(std::string("ttt ") + op + " (cpu): bad shape parameters");
+  if (p.offset < 0 || p.offset >= p.mini_batch_size || (p.offset > 0 && !p.causal) ||
+      (causal_only && !p.causal))
+    throw std::invalid_argument(std::string("ttt ") + op +
+                                " (cpu): offset must be in [0, mini_batch_size), causal");
+  if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat64)
+    throw std::invalid_argument(std::string("ttt ") + op + " (cpu): dtype must be float32 or float64");
+}
+
+template <typename Params>
+void run(const Params& p, ChainFn<Params> chain, int64_t elems, double flops_per_chain,
+         int threads, bool backward) {
+  auto each = [&](auto* ws, int bi, int hi) { chain(p, ws, bi, hi, backward); };
+  if (p.dtype == DType::kFloat64)
+    for_each_chain<double>(p.B, p.H, elems, threads, flops_per_chain, each);
+  else
+    for_each_chain<float>(p.B, p.H, elems, threads, flops_per_chain, each);
+}
+}  // namespace
+
+void linear_fwd_cpu(const LinearParams& p, int threads) {
+  check_common(p, "linear", false);
+  run(p, TTT_CPU_CHAIN(linear_chain),
+      linear_workspace_elems(p.D, p.mini_batch_size, false), 8.0 * p.L * p.D * p.D, threads, false);
+}
+void linear_bwd_cpu(const LinearParams& p, int threads) {
+  check_common(p, "linear", false);
+  run(p, TTT_CPU_CHAIN(linear_chain),
+      linear_workspace_elems(p.D, p.mini_batch_size, true), 20.0 * p.L * p.D * p.D, threads, true);
+}
+
+void mlp_fwd_cpu(const MLPParams& p, int threads) {
+  check_common(p, "mlp", false);
+  if (p.F < 1) throw std::invalid_argument("ttt mlp (cpu): bad shape parameters");
+  if ((p.G0 == nullptr) != (p.G20 == nullptr))
+    throw std::invalid_argument("ttt mlp (cpu): grad_sum needs both layers (G0 and G20)");
+  run(p, TTT_CPU_CHAIN(mlp_chain),
+      mlp_workspace_elems(p.D, p.F, p.mini_batch_size, false), 16.0 * p.L * p.D * p.F, threads,
+      false);
+}
+void mlp_bwd_cpu(const MLPParams& p, int threads) {
+  check_common(p, "mlp", false);
+  if (p.F < 1) throw std::invalid_argument("ttt mlp (cpu): bad shape parameters");
+  if ((p.G0 == nullptr) != (p.G20 == nullptr))
+    throw std::invalid_argument("ttt mlp (cpu): grad_sum needs both layers (G0 and G20)");
+  run(p, TTT_CPU_CHAIN(mlp_chain),
+      mlp_workspace_elems(p.D, p.F, p.mini_batch_size, true), 40.0 * p.L * p.D * p.F, threads, true);
+}
+
+void titans_fwd_cpu(const TitansParams& p, int threads) {
+  check_common(p, "titans", true);
+  run(p, TTT_CPU_CHAIN(titans_chain),
+      titans_workspace_elems(p.D, p.mini_batch_size, false), 10.0 * p.L * p.D * p.D, threads,
+      false);
+}
+void titans_bwd_cpu(const TitansParams& p, int threads) {
+  check_common(p, "titans", true);
+  run(p, TTT_CPU_CHAIN(titans_chain),
+      titans_workspace_elems(p.D, p.mini_batch_size, true), 25.0 * p.L * p.D * p.D, threads, true);
+}
+
+}  // namespace ttt

@@ -1,0 +1,116 @@
+// The small-matrix products of a chain, written once for both schedules:
+//
+//   out[i, c] += sum_k a(i, k) b(k, c)     i < n, c < C, k < K, k in increasing order
+//   a(i, k) = +-A[i, k] (or A[k, i] with kTA) times sc[k] (kScale = kPerK) or sc[i] (kPerRow);
+//   b(k, c) = B[k, c] (or B[c, k] with kTB)
+//
+// Each output element is the same sequence of operations on both schedules (start from out, then
+// s = s + a(i, k) * b(k, c) for k = 0, 1, ...), so their results are bit-identical:
+// - GPU (and the CPU block check): TTT_PAR_FOR spreads the elements over the block's threads, the
+//   k loop inside, as the kernels always did;
+// - CPU: register tiles of kMR rows x kNR columns; the k loop runs over a packed panel of B and the
+//   kNR-wide column loop is innermost and contiguous, so the compiler vectorises it. Vectorising
+//   across columns never reorders a sum (no -ffast-math, and the CPU library is built with
+//   -ffp-contract=off), so any ISA (SSE2, AVX2) gives the same bits.
+// Include it after the schedule macros (TTT_HD, TTT_PAR_FOR: ttt_linear_chain.h defines them).
+#pragma once
+
+#include "ttt_params.h"
+
+#if defined(__CUDA_ARCH__) || defined(TTT_EMULATE_BLOCK) || defined(__CUDACC__)
+#define TTT_ROW_SCHEDULE 0
+#else
+#define TTT_ROW_SCHEDULE 1
+#endif
+
+namespace ttt {
+
+enum MMScale : int { kNoScale = 0, kPerK = 1, kPerRow = 2 };
+
+template <int kSign, bool kTA, int kScale, typename acc_t>
+TTT_HD acc_t mm_a(const acc_t* A, int lda, const acc_t* sc, int i, int k) {
+  acc_t a = kTA ? A[static_cast<int64_t>(k) * lda + i] : A[static_cast<int64_t>(i) * lda + k];
+  if (kScale == kPerK) a = a * sc[k];
+  if (kScale == kPerRow) a = a * sc[i];
+  return kSign < 0 ? -a : a;
+}
+
+template <bool kTB, typename acc_t>
+TTT_HD acc_t mm_b(const acc_t* B, int ldb, int k, int c) {
+  return kTB ? B[static_cast<int64_t>(c) * ldb + k] : B[static_cast<int64_t>(k) * ldb + c];
+}
+
+#if TTT_ROW_SCHEDULE
+#if defined(__AVX__)
+constexpr int kVecBytes = 32;  // one AVX register
+#else
+constexpr int kVecBytes = 16;  // one SSE register
+#endif
+// Vectors of acc_t (GCC/Clang vector extension): a vector op applies the scalar op to each lane,
+// so every lane rounds exactly as scalar code does.
+template <typename acc_t>
+struct Vec {
+  typedef acc_t type __attribute__((vector_size(kVecBytes)));
+  static constexpr int kLanes = kVecBytes / static_cast<int>(sizeof(acc_t));
+};
+constexpr int kMR = 4;                    // rows per register tile
+constexpr int kNR = 2 * kVecBytes / 4;    // columns per register tile (two fp32 vectors)
+constexpr int kKC = 64;                   // depth of a packed panel of B
+
+template <int kSign, bool kTA, bool kTB, int kScale, typename acc_t>
+inline void mm_acc_rows(int n, int C, int K, const acc_t* A, int lda, const acc_t* B, int ldb,
+                        acc_t* out, int ldo, const acc_t* sc) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int kNV = kNR / Vec<acc_t>::kLanes;  // vectors per tile row
+  alignas(64) acc_t panel[kKC][kNR];  // B[k0 .. k0+nk, c0 .. c0+nc], zero-padded to kNR columns
+  alignas(64) acc_t rows[kMR][kNR];   // a tile of out, staged (zero-padded at the edges)
+  for (int c0 = 0; c0 < C; c0 += kNR) {
+    const int nc = C - c0 < kNR ? C - c0 : kNR;
+    for (int k0 = 0; k0 < K; k0 += kKC) {
+      const int nk = K - k0 < kKC ? K - k0 : kKC;
+      for (int k = 0; k < nk; ++k)
+        for (int c = 0; c < kNR; ++c)
+          panel[k][c] = c < nc ? mm_b<kTB>(B, ldb, k0 + k, c0 + c) : acc_t(0);
+      for (int i0 = 0; i0 < n; i0 += kMR) {
+        const int ni = n - i0 < kMR ? n - i0 : kMR;
+        for (int r = 0; r < kMR; ++r)
+          for (int c = 0; c < kNR; ++c)
+            rows[r][c] = (r < ni && c < nc) ? out[static_cast<int64_t>(i0 + r) * ldo + c0 + c]
+                                            : acc_t(0);
+        V tile[kMR][kNV];
+        __builtin_memcpy(tile, rows, sizeof(tile));
+        for (int k = 0; k < nk; ++k) {
+          V b[kNV];
+          __builtin_memcpy(b, panel[k], sizeof(b));
+          for (int r = 0; r < kMR; ++r) {
+            const acc_t a = r < ni ? mm_a<kSign, kTA, kScale>(A, lda, sc, i0 + r, k0 + k) : acc_t(0);
+            for (int v = 0; v < kNV; ++v) tile[r][v] = tile[r][v] + a * b[v];
+          }
+        }
+        __builtin_memcpy(rows, tile, sizeof(tile));
+        for (int r = 0; r < ni; ++r)
+          for (int c = 0; c < nc; ++c) out[static_cast<int64_t>(i0 + r) * ldo + c0 + c] = rows[r][c];
+      }
+    }
+  }
+}
+#endif
+
+// out[i, c] += sum_k a(i, k) b(k, c) (see the top of this file). out must not overlap A or B.
+template <int kSign, bool kTA, bool kTB, int kScale = kNoScale, typename acc_t>
+TTT_HD void mm_acc(int n, int C, int K, const acc_t* A, int lda, const acc_t* B, int ldb,
+                   acc_t* out, int ldo, const acc_t* sc = nullptr) {
+#if TTT_ROW_SCHEDULE
+  mm_acc_rows<kSign, kTA, kTB, kScale>(n, C, K, A, lda, B, ldb, out, ldo, sc);
+#else
+  TTT_PAR_FOR(e, n * C) {
+    const int i = e / C, c = e % C;
+    acc_t s = out[static_cast<int64_t>(i) * ldo + c];
+    for (int k = 0; k < K; ++k)
+      s = s + mm_a<kSign, kTA, kScale>(A, lda, sc, i, k) * mm_b<kTB>(B, ldb, k, c);
+    out[static_cast<int64_t>(i) * ldo + c] = s;
+  }
+#endif
+}
+
+}  // namespace ttt

@@ -1,0 +1,120 @@
+"""What the public functions of the three ops (``linear``, ``mlp``, ``titans``) share, written once:
+the dtype rule, the support check, the one validation call, the start state, and the layout change
+between a ``TTTState``'s tensors and the ops'. The streaming bookkeeping itself (block size, end
+offset, token scales, end state) is ``TTTState``'s (ttt-core), called by the ops' functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ttt_core.state import TTTState
+from ttt_core.validation import validate
+
+__all__ = [
+    "acc_dtype",
+    "op_layout",
+    "shape_str",
+    "start_state",
+    "state_layout",
+    "unsupported_reason",
+    "validate_call",
+]
+
+CPU_DTYPES = (torch.float32, torch.float64)
+CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CUDA_HEAD_DIMS = (64, 128)
+CUDA_MAX_MINI_BATCH = 64
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the fast-weight state and accumulators: fp32, or fp64 for fp64 inputs (CPU)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def shape_str(t: Tensor | None) -> str:
+    return "None" if t is None else str(tuple(t.shape))
+
+
+def unsupported_reason(
+    q: Tensor,
+    *,
+    head_dims: tuple[int, ...],
+    mini_batch_size: int | None = 16,
+    token_scale: str | Tensor = "mean",
+    momentum: Tensor | None = None,
+    decay: Tensor | None = None,
+    initial_state: Any = None,
+    reconstruction_target: str = "residual",
+    output_residual: bool = True,
+    **_: Any,
+) -> str | None:
+    """None when a fused op computes this call, else why not (metadata only, no value reads).
+
+    ``head_dims``: the head dims the CUDA kernels of the op take (the CPU path takes any)."""
+    if reconstruction_target != "residual":
+        return f"reconstruction_target={reconstruction_target!r} is not fused (only 'residual')"
+    if not output_residual:
+        return "output_residual=False is not fused (the ops add q to the output)"
+    offset = getattr(initial_state, "offset", 0) if initial_state is not None else 0
+    L = q.shape[-2] if q.dim() == 4 else 0
+    b = offset + L if mini_batch_size is None else mini_batch_size
+    if q.device.type == "cpu":
+        if q.dtype not in CPU_DTYPES:
+            return f"the C++ CPU path takes float32/float64 inputs, got {q.dtype}"
+    elif q.device.type == "cuda":
+        if q.dtype not in CUDA_DTYPES:
+            return f"the CUDA kernels take float32/bfloat16/float16 inputs, got {q.dtype}"
+        if q.dim() == 4 and q.shape[-1] not in head_dims:
+            dims = " or ".join(str(d) for d in head_dims)
+            return f"the CUDA kernels take head dim {dims}, got {q.shape[-1]}"
+        if b > CUDA_MAX_MINI_BATCH:
+            return f"the CUDA kernels take mini_batch_size <= {CUDA_MAX_MINI_BATCH}, got {b}"
+        from ttt_cuda._ext import extension
+
+        if not extension().WITH_CUDA:
+            return "ttt-cuda was built without CUDA (TTT_ENABLE_CUDA=OFF or no nvcc)"
+    else:
+        return f"device {q.device.type} is not supported"
+    if isinstance(token_scale, Tensor) and token_scale.dim() != 1:
+        return f"token_scale must be a per-position vector [b], got shape {shape_str(token_scale)}"
+    titans = momentum is not None or decay is not None
+    if not titans and getattr(initial_state, "momentum", None) is not None:
+        return "initial_state in Titans form for a call without momentum/decay"
+    return None
+
+
+def validate_call(q, k, v, eta, weights, ln_weight, ln_bias, *, causal, initial_state, **kw):
+    """ttt-core's checks for a direct call of a public function (the backend path is validated by
+    ttt-core itself): shapes/dtypes/devices named per argument, mode conflicts. ttt-core hands a
+    backend every call's start state, non-causal ones included (the start weights per sample), so
+    only a causal call's state is checked as a streaming state."""
+    validate(
+        q=q, k=k, v=v, eta=eta, weights=weights, ln_weight=ln_weight, ln_bias=ln_bias,
+        causal=causal, initial_state=initial_state if causal else None, backend="cuda", **kw,
+    )  # fmt: skip
+
+
+def start_state(initial_state, weights: dict[str, Tensor], B: int, mini_batch_size, acc):
+    """The ``TTTState`` a direct call starts from, as ttt-core hands one to a backend: the given
+    state (continued with this call's ``mini_batch_size``, validated) or the weights per sample."""
+    if initial_state is None:
+        return TTTState.from_params(weights, B, mini_batch_size, acc)
+    if initial_state.mini_batch_size != mini_batch_size:
+        return dataclasses.replace(initial_state, mini_batch_size=mini_batch_size)
+    return initial_state
+
+
+def op_layout(d: dict[str, Tensor], acc: torch.dtype) -> list[Tensor]:
+    """A state's tensors as the ops take them, contiguous in ``acc``: weights [B, H, m, n] as they
+    are, biases ``b*`` [B, H, 1, n] as [B, H, n]."""
+    return [(t.flatten(-2) if n.startswith("b") else t).to(acc).contiguous() for n, t in d.items()]
+
+
+def state_layout(names, ts) -> dict[str, Tensor]:
+    """The ops' end / start tensors as a state's dict: biases [B, H, n] -> [B, H, 1, n]."""
+    return {n: t.unsqueeze(-2) if n.startswith("b") else t for n, t in zip(names, ts)}

@@ -1,0 +1,94 @@
+"""The launcher every op shares: fills the params struct (``LinearParams`` / ``MLPParams`` /
+``TitansParams``) with shapes, modes, strides and pointers, and runs the CPU or CUDA entry point.
+
+Layers (flash-linear-attention style): kernel (csrc/) -> this launcher -> the custom ops
+(``ops/linear.py``, ``ops/mlp.py``, ``ops/titans.py``) -> the public functions (``linear.py``,
+``mlp.py``, ``titans.py``). One argument order for all ops: per-token inputs
+``q, k, v, eta[, mom, dec]``, start weights, ``ln_weight, ln_bias[, scale]``, then
+``mini_batch_size[, causal], eps[, end_unscaled], offset, unbounded`` and the grad_sum tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ttt_cuda._ext import extension
+
+__all__ = ["launch", "num_segments", "params", "rowmajor"]
+
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+}
+
+# Tests only: > 0 runs the CPU path with this many threads per chain and barriers, the way a CUDA
+# block runs the kernel (a CPU check of the kernels' __syncthreads structure; slow).
+CPU_BLOCK_THREADS = 0
+
+
+def rowmajor(t: Tensor) -> Tensor:
+    """Last dim contiguous (what the kernels index), copying only when needed."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def num_segments(L: int, mini_batch_size: int, offset: int = 0) -> int:
+    """Segments of a call of L tokens starting at in-mini-batch position ``offset``."""
+    first = min(mini_batch_size - offset, L)
+    return 1 + (L - first + mini_batch_size - 1) // mini_batch_size
+
+
+def params(
+    kind: str, q, k, v, eta, ln_weight, ln_bias, scale, mini_batch_size, causal, eps,
+    end_unscaled=False, offset=0, unbounded=False,
+):  # fmt: skip
+    """The params struct of ``kind`` ("linear" | "mlp" | "titans") with the fields the ops share:
+    shapes, modes, q/k/v strides and the pointers of the per-token inputs."""
+    C = extension()
+    p = {"linear": C.LinearParams, "mlp": C.MLPParams, "titans": C.TitansParams}[kind]()
+    p.B, p.H, p.L, p.D = q.shape
+    p.mini_batch_size, p.causal, p.eps = int(mini_batch_size), int(bool(causal)), float(eps)
+    p.end_unscaled = int(bool(end_unscaled))
+    p.offset, p.unbounded = int(offset), int(bool(unbounded))
+    p.dtype = getattr(C.DType, _DTYPE_NAMES[q.dtype])
+    p.q_sb, p.q_sh, p.q_sl = q.stride()[:3]
+    p.k_sb, p.k_sh, p.k_sl = k.stride()[:3]
+    p.v_sb, p.v_sh, p.v_sl = v.stride()[:3]
+    p.q, p.k, p.v, p.eta = q.data_ptr(), k.data_ptr(), v.data_ptr(), eta.data_ptr()
+    p.ln_w, p.ln_b, p.scale = ln_weight.data_ptr(), ln_bias.data_ptr(), scale.data_ptr()
+    return p
+
+
+def launch(kind: str, p, device: torch.device, backward: bool) -> None:
+    """Runs the CPU or CUDA entry point of ``kind`` ("linear" | "mlp" | "titans") on the current
+    stream (no host synchronisation). On the CPU the (batch, head) chains are spread over
+    ``torch.get_num_threads()`` threads, one thread per chain (the result does not depend on it)."""
+    C = extension()
+    if device.type == "cpu":
+        if CPU_BLOCK_THREADS > 0:
+            getattr(C, f"{kind}_cpu_block")(p, backward, CPU_BLOCK_THREADS)
+        else:
+            getattr(C, f"{kind}_{'bwd' if backward else 'fwd'}_cpu")(p, torch.get_num_threads())
+        return
+    if device.type != "cuda":
+        raise ValueError(f"ttt_cuda: tensors must be on CPU or CUDA, got {device}")
+    if not C.WITH_CUDA:
+        raise RuntimeError(
+            "ttt_cuda was built without CUDA (TTT_ENABLE_CUDA=OFF or no nvcc): reinstall it with "
+            "TTT_ENABLE_CUDA=ON on a machine with nvcc to run on CUDA tensors"
+        )
+    if kind == "mlp":
+        elems = C.mlp_workspace_elems(p.D, p.F, p.mini_batch_size, backward)
+    else:
+        elems = getattr(C, f"{kind}_workspace_elems")(p.D, p.mini_batch_size, backward)
+    props = torch.cuda.get_device_properties(device)
+    p.max_smem = int(props.shared_memory_per_block_optin)
+    workspace = None
+    if elems * 4 > p.max_smem:  # scratch in global memory (L2-resident), one slice per chain
+        workspace = torch.empty(p.B * p.H * elems, device=device, dtype=torch.float32)
+        p.workspace = workspace.data_ptr()
+    with torch.cuda.device(device):
+        p.stream = torch.cuda.current_stream(device).cuda_stream
+        getattr(C, f"{kind}_{'bwd' if backward else 'fwd'}_cuda")(p)
