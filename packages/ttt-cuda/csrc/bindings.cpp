@@ -135,6 +135,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("threads"), py::call_guard<py::gil_scoped_release>());
   m.def("mlp_fwd_cuda", [](const ttt::MLPParams& p) { check_cuda(ttt::mlp_fwd_cuda(p)); });
   m.def("mlp_bwd_cuda", [](const ttt::MLPParams& p) { check_cuda(ttt::mlp_bwd_cuda(p)); });
+  m.def("mlp_scratch_in_shared", &ttt::mlp_scratch_in_shared, py::arg("params"),
+        py::arg("backward"), "CUDA: the scratch fits in shared memory (else give a workspace).");
 
   // Titans-form TTT-Linear: the LinearParams fields plus momentum/decay and the extra state
   py::class_<ttt::TitansParams, ttt::LinearParams> titans(m, "TitansParams");
@@ -165,6 +167,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("threads"), py::call_guard<py::gil_scoped_release>());
   m.def("titans_fwd_cuda", [](const ttt::TitansParams& p) { check_cuda(ttt::titans_fwd_cuda(p)); });
   m.def("titans_bwd_cuda", [](const ttt::TitansParams& p) { check_cuda(ttt::titans_bwd_cuda(p)); });
+  m.def("titans_scratch_in_shared", &ttt::titans_scratch_in_shared, py::arg("params"),
+        py::arg("backward"), "CUDA: the scratch fits in shared memory (else give a workspace).");
 
   m.def("linear_workspace_elems", &ttt::linear_workspace_elems, py::arg("D"),
         py::arg("mini_batch_size"), py::arg("backward"),
@@ -176,4 +180,6 @@ PYBIND11_MODULE(_C, m) {
         "CPU run with `threads` threads per chain and barriers, as a CUDA block runs (tests).");
   m.def("linear_fwd_cuda", [](const ttt::LinearParams& p) { check_cuda(ttt::linear_fwd_cuda(p)); });
   m.def("linear_bwd_cuda", [](const ttt::LinearParams& p) { check_cuda(ttt::linear_bwd_cuda(p)); });
+  m.def("linear_scratch_in_shared", &ttt::linear_scratch_in_shared, py::arg("params"),
+        py::arg("backward"), "CUDA: the scratch fits in shared memory (else give a workspace).");
 }
