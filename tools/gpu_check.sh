@@ -130,12 +130,12 @@ run_step install 120 install_pure
 export PYTHONPATH=$SITE_PURE${PYTHONPATH:+:$PYTHONPATH}
 
 # ---- build ttt-cuda (background) while the packages' device tests run -------------------------
+if [ -n "$CC" ]; then  # exported: ttt-cuda's tests check the build carries these architectures
+  export TTT_ENABLE_CUDA=ON TTT_CUDA_ARCHITECTURES="${CC}-real"
+else
+  export TTT_ENABLE_CUDA=OFF  # the CPU build: what a machine without a GPU can check
+fi
 build_cuda() {
-  if [ -n "$CC" ]; then
-    export TTT_ENABLE_CUDA=ON TTT_CUDA_ARCHITECTURES="${CC}-real"
-  else
-    export TTT_ENABLE_CUDA=OFF  # the CPU build: what a machine without a GPU can check
-  fi
   echo "TTT_ENABLE_CUDA=$TTT_ENABLE_CUDA TTT_CUDA_ARCHITECTURES=${TTT_CUDA_ARCHITECTURES:-}"
   CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$PY" -m pip install -v --no-deps --no-build-isolation \
     --no-compile --target "$SITE_CUDA" -Cbuild-dir="$TMPD/build" ./packages/ttt-cuda

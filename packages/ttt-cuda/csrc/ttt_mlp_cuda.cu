@@ -10,9 +10,9 @@ const char* launch_mlp(const MLPParams& p, ChainCall call);
 namespace {
 template <bool kBackward>
 const char* dispatch(const MLPParams& p, ChainCall call) {
+  if (p.D != 64 || p.F != 256) return "the CUDA TTT-MLP kernels take D = 64 and F = 256";
   const char* err = chain_shape_error(p);
   if (err[0] != '\0') return err;
-  if (p.D != 64 || p.F != 256) return "the CUDA TTT-MLP kernels take D = 64 and F = 256";
   if ((p.G0 == nullptr) != (p.G20 == nullptr)) return "grad_sum needs both layers (G0 and G20)";
   return with_input_dtype(p.dtype, [&](auto t) {
     return launch_mlp<typename decltype(t)::type, 64, 256, kBackward>(p, call);

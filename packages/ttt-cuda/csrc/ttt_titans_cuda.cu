@@ -10,10 +10,10 @@ const char* launch_titans(const TitansParams& p, ChainCall call);
 namespace {
 template <bool kBackward>
 const char* dispatch(const TitansParams& p, ChainCall call) {
-  const char* err = chain_shape_error(p);
-  if (err[0] != '\0') return err;
   if (!p.causal) return "the Titans form needs causal";
   return with_head_dim_64_or_128(p.D, [&](auto d) {
+    const char* err = chain_shape_error(p);
+    if (err[0] != '\0') return err;
     return with_input_dtype(p.dtype, [&](auto t) {
       return launch_titans<typename decltype(t)::type, decltype(d)::value, kBackward>(p, call);
     });
