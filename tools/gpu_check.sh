@@ -40,6 +40,8 @@ SUMMARY=$OUT/summary.txt
 rm -rf "$TMPD" && mkdir -p "$SITE_PURE" "$SITE_CUDA"
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
+export OUT ROOT PY TMPD WHEELS SITE_PURE SITE_CUDA
+
 log() { echo "[gpu_check +$(($(date +%s) - T0))s] $*"; }
 left() { echo $((BUDGET - ($(date +%s) - T0))); }
 
@@ -69,7 +71,7 @@ run_step() {
   [ "$limit" -gt "$rem" ] && limit=$rem
   log "$name: start (limit ${limit}s)"
   start=$(date +%s)
-  timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout -k 10 "$limit" bash -c '"$@"' _ "$@" >"$OUT/$name.log" 2>&1  # functions included
   rc=$?
   case $rc in
     0) status=ok ;;
@@ -109,8 +111,10 @@ EOF
     echo "compute-sanitizer: not found"
   nproc
 }
+export -f env_report
 run_step env 60 env_report
 CC=$("$PY" -c "import torch; c = torch.cuda.get_device_capability(0) if torch.cuda.is_available() else None; print(f'{c[0]}{c[1]}' if c else '')" 2>/dev/null)
+export CC
 if [ -n "$CC" ]; then log "GPU: compute capability $CC"; else log "no GPU: device steps are skipped"; fi
 
 # ---- install (offline) ------------------------------------------------------------------------
@@ -126,6 +130,7 @@ install_pure() {
   "$PY" -m pip install --no-deps --no-build-isolation --no-compile --target "$SITE_PURE" "${pkgs[@]}"
   "$PY" -c "import ttt_core, ttt_gemma, ttt_titans, ttt_moshi; print('packages import')"
 }
+export -f install_pure
 run_step install 120 install_pure
 export PYTHONPATH=$SITE_PURE${PYTHONPATH:+:$PYTHONPATH}
 
@@ -140,12 +145,14 @@ build_cuda() {
   CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$PY" -m pip install -v --no-deps --no-build-isolation \
     --no-compile --target "$SITE_CUDA" -Cbuild-dir="$TMPD/build" ./packages/ttt-cuda
 }
+export -f build_cuda pytest_args
 run_step build 300 build_cuda &
 BUILD_PID=$!
 
 package_tests() {  # NAME DIR: that package's tests on the device (the switch)
   OMP_NUM_THREADS=2 TTT_TEST_DEVICE=cuda TTT_REQUIRE_GPU=1 "$PY" -m pytest $(pytest_args "$1") "$2"
 }
+export -f package_tests
 PKG_PIDS=()
 for pkg in core gemma titans moshi; do
   if [ -n "$CC" ]; then
@@ -172,6 +179,7 @@ sanitizer_tests() {
   TTT_REQUIRE_GPU=1 "$PY" -m pytest $(pytest_args sanitizers 280) -rs \
     packages/ttt-cuda/tests/test_gpu_sanitizers.py
 }
+export -f cuda_tests sanitizer_tests
 if [ "$BUILT" = none ]; then
   skip_step cuda "the ttt-cuda build did not import (see build.log)"
   skip_step sanitizers "the ttt-cuda build did not import (see build.log)"

@@ -83,7 +83,9 @@ const char* run_chain(const typename Chain::Params& p, int64_t elems, ChainCall 
   static thread_local std::string reason;  // the text of the last failure, returned by pointer
   constexpr const char* kNoFit =
       "the chain scratch does not fit in shared memory and no global workspace was given";
-  if (call == ChainCall::kQueryShared) return chain_scratch_in_shared<Chain>(p, elems) ? "" : kNoFit;
+  if (call == ChainCall::kQueryShared) {
+    return chain_scratch_in_shared<Chain>(p, elems) ? "" : kNoFit;
+  }
   const int blocks = p.B * p.H;
   if (blocks == 0) return "";
   const auto stream = reinterpret_cast<cudaStream_t>(p.stream);
@@ -138,6 +140,17 @@ const char* with_head_dim_64_or_128(int D, Fn&& fn) {
   if (D == 64) return fn(HeadDim<64>{});
   if (D == 128) return fn(HeadDim<128>{});
   return "head dim must be 64 or 128 for the CUDA kernels";
+}
+
+// The TTT-Linear and Titans dispatch: head dim 64 or 128, then the shape checks, then the input
+// dtype; calls fn(DTypeTag<scalar_t>{}, HeadDim<kD>{}).
+template <typename Fn>
+const char* with_linear_kernel(const LinearParams& p, Fn&& fn) {
+  return with_head_dim_64_or_128(p.D, [&](auto d) {
+    const char* err = chain_shape_error(p);
+    if (err[0] != '\0') return err;
+    return with_input_dtype(p.dtype, [&](auto t) { return fn(t, d); });
+  });
 }
 
 }  // namespace ttt

@@ -8,24 +8,23 @@ template <typename scalar_t, int kD, int kF, bool kBackward>
 const char* launch_mlp(const MLPParams& p, ChainCall call);
 
 namespace {
-template <bool kBackward>
-const char* dispatch(const MLPParams& p, ChainCall call) {
+const char* dispatch(const MLPParams& p, bool backward, ChainCall call) {
   if (p.D != 64 || p.F != 256) return "the CUDA TTT-MLP kernels take D = 64 and F = 256";
   const char* err = chain_shape_error(p);
   if (err[0] != '\0') return err;
   if ((p.G0 == nullptr) != (p.G20 == nullptr)) return "grad_sum needs both layers (G0 and G20)";
   return with_input_dtype(p.dtype, [&](auto t) {
-    return launch_mlp<typename decltype(t)::type, 64, 256, kBackward>(p, call);
+    using scalar_t = typename decltype(t)::type;
+    return backward ? launch_mlp<scalar_t, 64, 256, true>(p, call)
+                    : launch_mlp<scalar_t, 64, 256, false>(p, call);
   });
 }
 }  // namespace
 
-const char* mlp_fwd_cuda(const MLPParams& p) { return dispatch<false>(p, ChainCall::kLaunch); }
-const char* mlp_bwd_cuda(const MLPParams& p) { return dispatch<true>(p, ChainCall::kLaunch); }
-bool mlp_scratch_in_shared(const MLPParams& p, bool backward) {  // its scratch never fits
-  const char* r = backward ? dispatch<true>(p, ChainCall::kQueryShared)
-                           : dispatch<false>(p, ChainCall::kQueryShared);
-  return r[0] == '\0';
+const char* mlp_fwd_cuda(const MLPParams& p) { return dispatch(p, false, ChainCall::kLaunch); }
+const char* mlp_bwd_cuda(const MLPParams& p) { return dispatch(p, true, ChainCall::kLaunch); }
+bool mlp_scratch_in_shared(const MLPParams& p, bool backward) {  // never, at D = 64, F = 256
+  return dispatch(p, backward, ChainCall::kQueryShared)[0] == '\0';
 }
 
 }  // namespace ttt

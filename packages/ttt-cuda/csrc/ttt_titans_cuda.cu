@@ -8,25 +8,25 @@ template <typename scalar_t, int kD, bool kBackward>
 const char* launch_titans(const TitansParams& p, ChainCall call);
 
 namespace {
-template <bool kBackward>
-const char* dispatch(const TitansParams& p, ChainCall call) {
+const char* dispatch(const TitansParams& p, bool backward, ChainCall call) {
   if (!p.causal) return "the Titans form needs causal";
-  return with_head_dim_64_or_128(p.D, [&](auto d) {
-    const char* err = chain_shape_error(p);
-    if (err[0] != '\0') return err;
-    return with_input_dtype(p.dtype, [&](auto t) {
-      return launch_titans<typename decltype(t)::type, decltype(d)::value, kBackward>(p, call);
-    });
+  return with_linear_kernel(p, [&](auto t, auto d) {
+    using scalar_t = typename decltype(t)::type;
+    constexpr int kD = decltype(d)::value;
+    return backward ? launch_titans<scalar_t, kD, true>(p, call)
+                    : launch_titans<scalar_t, kD, false>(p, call);
   });
 }
 }  // namespace
 
-const char* titans_fwd_cuda(const TitansParams& p) { return dispatch<false>(p, ChainCall::kLaunch); }
-const char* titans_bwd_cuda(const TitansParams& p) { return dispatch<true>(p, ChainCall::kLaunch); }
+const char* titans_fwd_cuda(const TitansParams& p) {
+  return dispatch(p, false, ChainCall::kLaunch);
+}
+const char* titans_bwd_cuda(const TitansParams& p) {
+  return dispatch(p, true, ChainCall::kLaunch);
+}
 bool titans_scratch_in_shared(const TitansParams& p, bool backward) {
-  const char* r = backward ? dispatch<true>(p, ChainCall::kQueryShared)
-                           : dispatch<false>(p, ChainCall::kQueryShared);
-  return r[0] == '\0';
+  return dispatch(p, backward, ChainCall::kQueryShared)[0] == '\0';
 }
 
 }  // namespace ttt
