@@ -8,7 +8,8 @@
 # tools/fetch_wheels.sh, beforehand, where a registry is reachable) and the packages offline into
 # OUTDIR-independent folders under $TTT_CHECK_TMP (default /tmp/ttt_check; never the interpreter's
 # own environment), builds ttt-cuda for this GPU's architecture only, and runs, every step under
-# `timeout` and the whole within TTT_CHECK_BUDGET_S (default 450 s):
+# `timeout` and the whole within TTT_CHECK_BUDGET_S (default 450 s; the build within
+# TTT_CHECK_BUILD_S, default 300 s; TTT_CHECK_ONLY="env install build cuda" runs only those steps):
 #   env          nvidia-smi, torch, compute capability, compute-sanitizer
 #   install      carried wheels + ttt-core, ttt-gemma, ttt-titans, ttt-moshi (no deps, no index)
 #   build        ttt-cuda, TTT_ENABLE_CUDA=ON for sm_<cc> only (OFF without a GPU)
@@ -30,6 +31,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-python3}
 BUDGET=${TTT_CHECK_BUDGET_S:-450}
+BUILD_S=${TTT_CHECK_BUILD_S:-300}  # the build's own limit (16 cores: ~2-3 min for one arch)
+ONLY=${TTT_CHECK_ONLY:-}           # e.g. "env install build bench": run only these steps
 TMPD=${TTT_CHECK_TMP:-/tmp/ttt_check}
 WHEELS=${TTT_WHEELS:-$ROOT/tools/wheels}
 SITE_PURE=$TMPD/site_pure  # ttt-core + integrations + carried wheels
@@ -63,6 +66,10 @@ EOF
 run_step() {
   local name=$1 limit=$2 rem start rc status
   shift 2
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then
+    record "$name" "SKIPPED: not in TTT_CHECK_ONLY" 0
+    return
+  fi
   rem=$(left)
   if [ "$rem" -lt 15 ]; then
     record "$name" "NOT RUN (budget spent)" 0
@@ -146,7 +153,7 @@ build_cuda() {
     --no-compile --target "$SITE_CUDA" -Cbuild-dir="$TMPD/build" ./packages/ttt-cuda
 }
 export -f build_cuda pytest_args
-run_step build 300 build_cuda &
+run_step build "$BUILD_S" build_cuda &
 BUILD_PID=$!
 
 package_tests() {  # NAME DIR: that package's tests on the device (the switch)

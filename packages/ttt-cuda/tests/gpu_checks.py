@@ -22,6 +22,11 @@ def output_grads(o, inputs, go):
     return torch.autograd.grad((o.float() * go).sum(), inputs)
 
 
+def _fwd_bwd(run: Callable, inputs: dict) -> tuple:
+    o, _ = run(*inputs.values())
+    return (o, *torch.autograd.grad(o.float().square().sum(), list(inputs.values())))
+
+
 def assert_deterministic(run: Callable, inputs: dict) -> None:
     """Two runs of forward + backward of ``run(*inputs)`` (returns (o, state)) are bit-equal."""
     runs = [_fwd_bwd(run, inputs) for _ in range(2)]
@@ -56,11 +61,6 @@ def assert_graph_replay_matches_eager(run: Callable, first: dict, fresh: dict) -
     want = (o, *torch.autograd.grad(o.square().sum(), list(eager_in.values())))
     for a, b in zip(outs, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-def _fwd_bwd(run: Callable, inputs: dict) -> tuple:
-    o, _ = run(*inputs.values())
-    return (o, *torch.autograd.grad(o.float().square().sum(), list(inputs.values())))
 
 
 def assert_side_stream_matches_default(run: Callable, inputs: dict) -> None:
@@ -102,7 +102,9 @@ def sanitizer_refusal() -> str | None:
     tool = _sanitizer()
     if tool is None:
         return "compute-sanitizer is not installed"
-    probe = "import torch; torch.zeros(1, device='cuda').add_(1); torch.cuda.synchronize(); print('OK')"
+    probe = (
+        "import torch; torch.zeros(1, device='cuda').add_(1); torch.cuda.synchronize(); print('OK')"
+    )
     try:
         res = subprocess.run(
             [tool, "--tool", "memcheck", "--report-api-errors", "no", sys.executable, "-c", probe],

@@ -55,7 +55,10 @@ def test_low_precision_accuracy_rule(cuda_device, dtype, D):
     """Error vs the fp32 reference at most 2x the torch backend's own error in the same dtype (+ one
     rounding of the largest value), outputs and every gradient: same rounded inputs, fp32 state."""
     x32 = make_inputs(2, 2, 64, D, dtype=torch.float32, device=cuda_device, seed=72)
-    md32 = [t.detach().to(cuda_device, torch.float32).requires_grad_() for t in make_titans(2, 2, 64, seed=72)]
+    md32 = [
+        t.detach().to(cuda_device, torch.float32).requires_grad_()
+        for t in make_titans(2, 2, 64, seed=72)
+    ]
     xlo = {n: t.detach().to(dtype).requires_grad_() for n, t in x32.items()}
     mdlo = [t.detach().to(dtype).requires_grad_() for t in md32]
     ref, _ = ttt_linear(*x32.values(), momentum=md32[0], decay=md32[1], backend="torch")
@@ -84,13 +87,19 @@ def _titans_run(mom, dec):
 
 def test_deterministic(cuda_device):
     x = make_inputs(2, 2, 64, 64, dtype=torch.bfloat16, device=cuda_device, seed=76)
-    mom, dec = (t.to(cuda_device, torch.float32) for t in make_titans(2, 2, 64, seed=76, requires_grad=False))
+    mom, dec = (
+        t.to(cuda_device, torch.float32)
+        for t in make_titans(2, 2, 64, seed=76, requires_grad=False)
+    )
     assert_deterministic(_titans_run(mom, dec), x)
 
 
 def test_side_stream_matches_default_stream(cuda_device):
     x = make_inputs(1, 2, 40, 64, dtype=torch.float32, device=cuda_device, seed=77)
-    mom, dec = (t.to(cuda_device, torch.float32) for t in make_titans(1, 2, 40, seed=77, requires_grad=False))
+    mom, dec = (
+        t.to(cuda_device, torch.float32)
+        for t in make_titans(1, 2, 40, seed=77, requires_grad=False)
+    )
     assert_side_stream_matches_default(_titans_run(mom, dec), x)
 
 

@@ -4,6 +4,7 @@ tracing, the built extension, and input validation."""
 from __future__ import annotations
 
 import os
+
 import pytest
 import torch
 from ttt_cuda_reference import make_inputs
