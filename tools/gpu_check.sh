@@ -15,8 +15,9 @@
 #   build        ttt-cuda, TTT_ENABLE_CUDA=ON for sm_<cc> only (OFF without a GPU)
 #   core|gemma|titans|moshi   each package's tests with TTT_TEST_DEVICE=cuda (torch backend on the
 #                device; started during the build, without ttt-cuda installed)
-#   cuda         ttt-cuda's tests (C++ CPU path + device tests) with CUDA_LAUNCH_BLOCKING=1,
-#                TTT_REQUIRE_GPU=1 (CUDA-graph capture, side stream, determinism included)
+#   cuda         ttt-cuda's device tests + test_registration.py with CUDA_LAUNCH_BLOCKING=1,
+#                TTT_REQUIRE_GPU=1 (CUDA-graph capture, side stream, determinism included; the
+#                C++ CPU path's tests are CI's)
 #   sanitizers   compute-sanitizer memcheck / racecheck / synccheck / initcheck (beside `cuda`)
 #   bench        benchmarks/cuda.py (ours vs torch eager / torch.compile / fla) -> bench_cuda.json
 # OUTDIR gets one log per step, JUnit XML per test step, the benchmark JSON and summary.txt (one line
@@ -179,8 +180,9 @@ log "ttt-cuda built with CUDA: $BUILT"
 cuda_tests() {
   local require=0
   [ -n "$CC" ] && require=1
+  local t=packages/ttt-cuda/tests  # the device tests + the build's registration (CI runs the rest)
   CUDA_LAUNCH_BLOCKING=1 TTT_REQUIRE_GPU=$require "$PY" -m pytest $(pytest_args cuda) -rs \
-    --ignore=packages/ttt-cuda/tests/test_gpu_sanitizers.py packages/ttt-cuda/tests
+    $t/test_gpu.py $t/test_gpu_mlp.py $t/test_gpu_titans.py $t/test_registration.py
 }
 sanitizer_tests() {
   TTT_REQUIRE_GPU=1 "$PY" -m pytest $(pytest_args sanitizers 280) -rs \
