@@ -184,8 +184,10 @@ cuda_tests() {
   CUDA_LAUNCH_BLOCKING=1 TTT_REQUIRE_GPU=$require "$PY" -m pytest $(pytest_args cuda) -rs \
     $t/test_gpu.py $t/test_gpu_mlp.py $t/test_gpu_titans.py $t/test_registration.py
 }
-sanitizer_tests() {
-  TTT_REQUIRE_GPU=1 "$PY" -m pytest $(pytest_args sanitizers 280) -rs \
+sanitizer_tests() {  # six sanitizer processes, three at a time where pytest-xdist is installed
+  local par=()
+  "$PY" -c "import xdist" 2>/dev/null && par=(-n 3)
+  TTT_REQUIRE_GPU=1 "$PY" -m pytest $(pytest_args sanitizers 280) "${par[@]}" -rs \
     packages/ttt-cuda/tests/test_gpu_sanitizers.py
 }
 export -f cuda_tests sanitizer_tests
