@@ -154,3 +154,16 @@ const char* with_linear_kernel(const LinearParams& p, Fn&& fn) {
 }
 
 }  // namespace ttt
+
+// The three host entries of op `name` declared in ttt_params.h, over the op's
+// `dispatch(params, backward, ChainCall)`: forward, backward, and the shared-memory fit query.
+#define TTT_CUDA_ENTRIES(name, Params)                                    \
+  const char* name##_fwd_cuda(const Params& p) {                          \
+    return dispatch(p, false, ChainCall::kLaunch);                        \
+  }                                                                       \
+  const char* name##_bwd_cuda(const Params& p) {                          \
+    return dispatch(p, true, ChainCall::kLaunch);                         \
+  }                                                                       \
+  bool name##_scratch_in_shared(const Params& p, bool backward) {         \
+    return dispatch(p, backward, ChainCall::kQueryShared)[0] == '\0';     \
+  }

@@ -18,14 +18,6 @@ const char* dispatch(const LinearParams& p, bool backward, ChainCall call) {
 }
 }  // namespace
 
-const char* linear_fwd_cuda(const LinearParams& p) {
-  return dispatch(p, false, ChainCall::kLaunch);
-}
-const char* linear_bwd_cuda(const LinearParams& p) {
-  return dispatch(p, true, ChainCall::kLaunch);
-}
-bool linear_scratch_in_shared(const LinearParams& p, bool backward) {
-  return dispatch(p, backward, ChainCall::kQueryShared)[0] == '\0';
-}
+TTT_CUDA_ENTRIES(linear, LinearParams)
 
 }  // namespace ttt

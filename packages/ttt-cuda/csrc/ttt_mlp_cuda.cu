@@ -21,10 +21,6 @@ const char* dispatch(const MLPParams& p, bool backward, ChainCall call) {
 }
 }  // namespace
 
-const char* mlp_fwd_cuda(const MLPParams& p) { return dispatch(p, false, ChainCall::kLaunch); }
-const char* mlp_bwd_cuda(const MLPParams& p) { return dispatch(p, true, ChainCall::kLaunch); }
-bool mlp_scratch_in_shared(const MLPParams& p, bool backward) {  // never, at D = 64, F = 256
-  return dispatch(p, backward, ChainCall::kQueryShared)[0] == '\0';
-}
+TTT_CUDA_ENTRIES(mlp, MLPParams)  // MLP: never in shared memory (D = 64, F = 256)
 
 }  // namespace ttt

@@ -19,14 +19,6 @@ const char* dispatch(const TitansParams& p, bool backward, ChainCall call) {
 }
 }  // namespace
 
-const char* titans_fwd_cuda(const TitansParams& p) {
-  return dispatch(p, false, ChainCall::kLaunch);
-}
-const char* titans_bwd_cuda(const TitansParams& p) {
-  return dispatch(p, true, ChainCall::kLaunch);
-}
-bool titans_scratch_in_shared(const TitansParams& p, bool backward) {
-  return dispatch(p, backward, ChainCall::kQueryShared)[0] == '\0';
-}
+TTT_CUDA_ENTRIES(titans, TitansParams)
 
 }  // namespace ttt

@@ -81,26 +81,23 @@ def test_low_precision_accuracy_rule(cuda_device, dtype, D):
         assert e_c <= 2 * e_t + floor, (name, e_c, e_t)
 
 
-def _titans_run(mom, dec):
-    return lambda *a: ttt_linear(*a, momentum=mom, decay=dec, backend="cuda")
+def _titans_case(B, L, seed, dtype):
+    """Inputs on the GPU (H = 2, D = 64) and a run(*inputs) of the CUDA Titans op with fixed fp32
+    momentum/decay."""
+    x = make_inputs(B, 2, L, 64, dtype=dtype, device="cuda", seed=seed)
+    titans = make_titans(B, 2, L, seed=seed, requires_grad=False)
+    mom, dec = (t.to("cuda", torch.float32) for t in titans)
+    return x, lambda *a: ttt_linear(*a, momentum=mom, decay=dec, backend="cuda")
 
 
 def test_deterministic(cuda_device):
-    x = make_inputs(2, 2, 64, 64, dtype=torch.bfloat16, device=cuda_device, seed=76)
-    mom, dec = (
-        t.to(cuda_device, torch.float32)
-        for t in make_titans(2, 2, 64, seed=76, requires_grad=False)
-    )
-    assert_deterministic(_titans_run(mom, dec), x)
+    x, run = _titans_case(2, 64, seed=76, dtype=torch.bfloat16)
+    assert_deterministic(run, x)
 
 
 def test_side_stream_matches_default_stream(cuda_device):
-    x = make_inputs(1, 2, 40, 64, dtype=torch.float32, device=cuda_device, seed=77)
-    mom, dec = (
-        t.to(cuda_device, torch.float32)
-        for t in make_titans(1, 2, 40, seed=77, requires_grad=False)
-    )
-    assert_side_stream_matches_default(_titans_run(mom, dec), x)
+    x, run = _titans_case(1, 40, seed=77, dtype=torch.float32)
+    assert_side_stream_matches_default(run, x)
 
 
 def test_streaming_one_token_at_a_time(cuda_device):
@@ -126,7 +123,7 @@ def test_cuda_graph_capture(cuda_device):
         for t in make_titans(1, 2, 40, seed=74, requires_grad=False)
     )
     assert_graph_replay_matches_eager(
-        _titans_run(mom, dec),
+        lambda *a: ttt_linear(*a, momentum=mom, decay=dec, backend="cuda"),
         make_inputs(1, 2, 40, 64, seed=74, **kw),
         make_inputs(1, 2, 40, 64, seed=75, **kw),
     )
