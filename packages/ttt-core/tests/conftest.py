@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# The device switch (TTT_TEST_DEVICE=cuda runs these tests on the GPU): tools/ttt_test_device.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
+from ttt_test_device import *  # noqa: F403
+
+# Modules that only make sense on the CPU: skipped with this reason under TTT_TEST_DEVICE=cuda.
+CPU_ONLY = {
+    "test_ddp.py": "two gloo processes on the CPU (DDP/FSDP2 over CPU tensors)",
+}
 
 
 def make_inputs(kind="linear", B=2, H=3, L=23, D=12, F=None, dtype=torch.float64, titans=False,

@@ -137,6 +137,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("threads"), py::call_guard<py::gil_scoped_release>());
   m.def("mlp_fwd_cuda", [](const ttt::MLPParams& p) { check_cuda(ttt::mlp_fwd_cuda(p)); });
   m.def("mlp_bwd_cuda", [](const ttt::MLPParams& p) { check_cuda(ttt::mlp_bwd_cuda(p)); });
+  m.def("mlp_scratch_in_shared", &ttt::mlp_scratch_in_shared, py::arg("params"),
+        py::arg("backward"), "CUDA: the scratch fits in shared memory (else give a workspace).");
 
   // Titans-form TTT-Linear: the LinearParams fields plus momentum/decay and the extra state
   py::class_<ttt::TitansParams, ttt::LinearParams> titans(m, "TitansParams");
@@ -169,6 +171,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("threads"), py::call_guard<py::gil_scoped_release>());
   m.def("titans_fwd_cuda", [](const ttt::TitansParams& p) { check_cuda(ttt::titans_fwd_cuda(p)); });
   m.def("titans_bwd_cuda", [](const ttt::TitansParams& p) { check_cuda(ttt::titans_bwd_cuda(p)); });
+  m.def("titans_scratch_in_shared", &ttt::titans_scratch_in_shared, py::arg("params"),
+        py::arg("backward"), "CUDA: the scratch fits in shared memory (else give a workspace).");
 
   m.def("cpu_uses_avx2", &ttt::cpu_uses_avx2,
         "Whether the CPU path runs its AVX2 build (same results as the portable build).");
@@ -184,4 +188,6 @@ PYBIND11_MODULE(_C, m) {
         "CPU run with `threads` threads per chain and barriers, as a CUDA block runs (tests).");
   m.def("linear_fwd_cuda", [](const ttt::LinearParams& p) { check_cuda(ttt::linear_fwd_cuda(p)); });
   m.def("linear_bwd_cuda", [](const ttt::LinearParams& p) { check_cuda(ttt::linear_bwd_cuda(p)); });
+  m.def("linear_scratch_in_shared", &ttt::linear_scratch_in_shared, py::arg("params"),
+        py::arg("backward"), "CUDA: the scratch fits in shared memory (else give a workspace).");
 }

@@ -10,6 +10,7 @@ namespace ttt {
 template <typename scalar_t, int kD, bool kBackward>
 struct LinearChain {
   using Params = LinearParams;
+  static constexpr bool kMayUseShared = true;
   static __device__ __forceinline__ void run(const LinearParams& p, float* ws, int bi, int hi) {
     if constexpr (kBackward) {
       linear_bwd_chain<scalar_t, float>(p, ws, kD, bi, hi);
@@ -19,10 +20,12 @@ struct LinearChain {
   }
 };
 
-// Launches on p.stream; no host synchronisation. Returns "" or the reason it could not launch.
+// One instantiation's entry for the dispatcher (ttt_linear_cuda.cu): launch, or ask whether its
+// scratch runs from shared memory. Returns "" or the reason.
 template <typename scalar_t, int kD, bool kBackward>
-const char* launch_linear(const LinearParams& p) {
-  return launch_chain<LinearChain<scalar_t, kD, kBackward>>(p, linear_workspace_elems(kD, p.mini_batch_size, kBackward));
+const char* launch_linear(const LinearParams& p, ChainCall call) {
+  using Chain = LinearChain<scalar_t, kD, kBackward>;
+  return run_chain<Chain>(p, linear_workspace_elems(kD, p.mini_batch_size, kBackward), call);
 }
 
 }  // namespace ttt
@@ -30,6 +33,6 @@ const char* launch_linear(const LinearParams& p) {
 // One explicit instantiation per (dtype, head dim): forward and backward.
 #define TTT_INSTANTIATE_LINEAR(scalar_t, kD)                                      \
   namespace ttt {                                                                  \
-  template const char* launch_linear<scalar_t, kD, false>(const LinearParams&);    \
-  template const char* launch_linear<scalar_t, kD, true>(const LinearParams&);     \
+  template const char* launch_linear<scalar_t, kD, false>(const LinearParams&, ChainCall); \
+  template const char* launch_linear<scalar_t, kD, true>(const LinearParams&, ChainCall); \
   }

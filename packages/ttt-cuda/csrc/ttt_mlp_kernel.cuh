@@ -11,6 +11,7 @@ namespace ttt {
 template <typename scalar_t, int kD, int kF, bool kBackward>
 struct MLPChain {
   using Params = MLPParams;
+  static constexpr bool kMayUseShared = false;
   static __device__ __forceinline__ void run(const MLPParams& p, float* ws, int bi, int hi) {
     if constexpr (kBackward) {
       mlp_bwd_chain<scalar_t, float>(p, ws, kD, kF, bi, hi);
@@ -20,10 +21,12 @@ struct MLPChain {
   }
 };
 
-// Launches on p.stream; no host synchronisation. Returns "" or the reason it could not launch.
+// One instantiation's entry for the dispatcher (ttt_mlp_cuda.cu): launch, or ask whether its
+// scratch runs from shared memory. Returns "" or the reason.
 template <typename scalar_t, int kD, int kF, bool kBackward>
-const char* launch_mlp(const MLPParams& p) {
-  return launch_chain<MLPChain<scalar_t, kD, kF, kBackward>>(p, mlp_workspace_elems(kD, kF, p.mini_batch_size, kBackward));
+const char* launch_mlp(const MLPParams& p, ChainCall call) {
+  using Chain = MLPChain<scalar_t, kD, kF, kBackward>;
+  return run_chain<Chain>(p, mlp_workspace_elems(kD, kF, p.mini_batch_size, kBackward), call);
 }
 
 }  // namespace ttt
@@ -31,6 +34,6 @@ const char* launch_mlp(const MLPParams& p) {
 // One explicit instantiation per (dtype, D, F): forward and backward.
 #define TTT_INSTANTIATE_MLP(scalar_t, kD, kF)                                       \
   namespace ttt {                                                                    \
-  template const char* launch_mlp<scalar_t, kD, kF, false>(const MLPParams&);        \
-  template const char* launch_mlp<scalar_t, kD, kF, true>(const MLPParams&);         \
+  template const char* launch_mlp<scalar_t, kD, kF, false>(const MLPParams&, ChainCall); \
+  template const char* launch_mlp<scalar_t, kD, kF, true>(const MLPParams&, ChainCall); \
   }

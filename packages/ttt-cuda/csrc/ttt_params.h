@@ -159,6 +159,12 @@ void linear_cpu_block(const LinearParams& p, bool backward, int threads);
 // Returns an empty string on success, else the reason (unsupported shape, launch error).
 const char* linear_fwd_cuda(const LinearParams& p);
 const char* linear_bwd_cuda(const LinearParams& p);
+// CUDA: whether the op's scratch (dynamic + the kernel's static shared memory) fits in p.max_smem,
+// so the kernel runs from shared memory; false: the caller gives a global workspace. The launcher
+// uses the same check (ttt_chain_launch.cuh). Always false for TTT-MLP and without CUDA.
+bool linear_scratch_in_shared(const LinearParams& p, bool backward);
+bool titans_scratch_in_shared(const TitansParams& p, bool backward);
+bool mlp_scratch_in_shared(const MLPParams& p, bool backward);
 
 // TTT-MLP: the C++ CPU path (float32 / float64), the block-schedule check, and the CUDA kernels
 // (float32 / bfloat16 / float16 inputs, D = 64 and F = 256).

@@ -1,37 +1,24 @@
 // Dispatch of the CUDA Titans-form TTT-Linear ops over (dtype, head dim); the instantiations
 // live in kernels/ttt_titans_<dtype>_d<D>.cu so they compile in parallel.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include "ttt_params.h"
+#include "ttt_chain_launch.cuh"
 
 namespace ttt {
 
 template <typename scalar_t, int kD, bool kBackward>
-const char* launch_titans(const TitansParams& p);
+const char* launch_titans(const TitansParams& p, ChainCall call);
 
 namespace {
-template <bool kBackward>
-const char* dispatch(const TitansParams& p) {
-  if (p.D != 64 && p.D != 128) return "head dim must be 64 or 128 for the CUDA kernels";
-  if (!p.causal || p.offset < 0 || p.offset >= p.mini_batch_size)
-    return "the Titans form needs causal and offset in [0, mini_batch_size)";
-  const bool d64 = p.D == 64;
-  switch (p.dtype) {
-    case DType::kFloat32:
-      return d64 ? launch_titans<float, 64, kBackward>(p) : launch_titans<float, 128, kBackward>(p);
-    case DType::kBFloat16:
-      return d64 ? launch_titans<__nv_bfloat16, 64, kBackward>(p)
-                 : launch_titans<__nv_bfloat16, 128, kBackward>(p);
-    case DType::kFloat16:
-      return d64 ? launch_titans<__half, 64, kBackward>(p) : launch_titans<__half, 128, kBackward>(p);
-    default:
-      return "dtype must be float32, bfloat16 or float16 for the CUDA kernels";
-  }
+const char* dispatch(const TitansParams& p, bool backward, ChainCall call) {
+  if (!p.causal) return "the Titans form needs causal";
+  return with_linear_kernel(p, [&](auto t, auto d) {
+    using scalar_t = typename decltype(t)::type;
+    constexpr int kD = decltype(d)::value;
+    return backward ? launch_titans<scalar_t, kD, true>(p, call)
+                    : launch_titans<scalar_t, kD, false>(p, call);
+  });
 }
 }  // namespace
 
-const char* titans_fwd_cuda(const TitansParams& p) { return dispatch<false>(p); }
-const char* titans_bwd_cuda(const TitansParams& p) { return dispatch<true>(p); }
+TTT_CUDA_ENTRIES(titans, TitansParams)
 
 }  // namespace ttt

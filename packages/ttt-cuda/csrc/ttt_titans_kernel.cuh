@@ -10,6 +10,7 @@ namespace ttt {
 template <typename scalar_t, int kD, bool kBackward>
 struct TitansChain {
   using Params = TitansParams;
+  static constexpr bool kMayUseShared = true;
   static __device__ __forceinline__ void run(const TitansParams& p, float* ws, int bi, int hi) {
     if constexpr (kBackward) {
       titans_bwd_chain<scalar_t, float>(p, ws, kD, bi, hi);
@@ -19,10 +20,12 @@ struct TitansChain {
   }
 };
 
-// Launches on p.stream; no host synchronisation. Returns "" or the reason it could not launch.
+// One instantiation's entry for the dispatcher (ttt_titans_cuda.cu): launch, or ask whether its
+// scratch runs from shared memory. Returns "" or the reason.
 template <typename scalar_t, int kD, bool kBackward>
-const char* launch_titans(const TitansParams& p) {
-  return launch_chain<TitansChain<scalar_t, kD, kBackward>>(p, titans_workspace_elems(kD, p.mini_batch_size, kBackward));
+const char* launch_titans(const TitansParams& p, ChainCall call) {
+  using Chain = TitansChain<scalar_t, kD, kBackward>;
+  return run_chain<Chain>(p, titans_workspace_elems(kD, p.mini_batch_size, kBackward), call);
 }
 
 }  // namespace ttt
@@ -30,6 +33,6 @@ const char* launch_titans(const TitansParams& p) {
 // One explicit instantiation per (dtype, head dim): forward and backward.
 #define TTT_INSTANTIATE_TITANS(scalar_t, kD)                                      \
   namespace ttt {                                                                  \
-  template const char* launch_titans<scalar_t, kD, false>(const TitansParams&);    \
-  template const char* launch_titans<scalar_t, kD, true>(const TitansParams&);     \
+  template const char* launch_titans<scalar_t, kD, false>(const TitansParams&, ChainCall); \
+  template const char* launch_titans<scalar_t, kD, true>(const TitansParams&, ChainCall); \
   }

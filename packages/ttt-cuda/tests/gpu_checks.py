@@ -1,5 +1,6 @@
 """Checks the GPU test files of every fused op share: output gradients, bit-equal reruns,
-CUDA-graph replay against eager, and a compute-sanitizer memcheck run of a script."""
+CUDA-graph replay against eager, side stream against default stream, and compute-sanitizer runs
+(memcheck; racecheck, synccheck and initcheck for the shared-memory kernels) of a script."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
+from functools import cache
 
 import pytest
 import torch
@@ -20,12 +22,14 @@ def output_grads(o, inputs, go):
     return torch.autograd.grad((o.float() * go).sum(), inputs)
 
 
+def _fwd_bwd(run: Callable, inputs: dict) -> tuple:
+    o, _ = run(*inputs.values())
+    return (o, *torch.autograd.grad(o.float().square().sum(), list(inputs.values())))
+
+
 def assert_deterministic(run: Callable, inputs: dict) -> None:
     """Two runs of forward + backward of ``run(*inputs)`` (returns (o, state)) are bit-equal."""
-    runs = []
-    for _ in range(2):
-        o, _ = run(*inputs.values())
-        runs.append((o, *torch.autograd.grad(o.float().square().sum(), list(inputs.values()))))
+    runs = [_fwd_bwd(run, inputs) for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
@@ -59,20 +63,73 @@ def assert_graph_replay_matches_eager(run: Callable, first: dict, fresh: dict) -
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def assert_memcheck_clean(script: str) -> None:
-    """Run ``script`` (Python source that prints OK at the end) under compute-sanitizer memcheck."""
-    tool = shutil.which("compute-sanitizer") or (
-        "/usr/local/cuda/bin/compute-sanitizer"
-        if os.path.exists("/usr/local/cuda/bin/compute-sanitizer")
-        else None
-    )
+def assert_side_stream_matches_default(run: Callable, inputs: dict) -> None:
+    """Forward + backward of ``run(*inputs)`` on a side stream equal the default stream's bit for
+    bit. The side stream's inputs are written there just after a ~20 ms spin, so a kernel launched
+    on any other stream would read them before they exist (and return other numbers)."""
+    want = _fwd_bwd(run, inputs)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(40_000_000)  # cycles: ~20 ms at 2 GHz, queued before the copies
+        fresh = {n: (t.detach() * 1).requires_grad_(t.requires_grad) for n, t in inputs.items()}
+        got = _fwd_bwd(run, fresh)
+    torch.cuda.current_stream().wait_stream(side)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+SANITIZER_TIMEOUT_S = 150  # per run: well under the 10 minutes one GPU-machine command may take
+
+
+def _sanitizer() -> str | None:
+    """compute-sanitizer's path, or None."""
+    for path in (shutil.which("compute-sanitizer"), "/usr/local/cuda/bin/compute-sanitizer"):
+        if path and os.path.exists(path):
+            return path
+    return None
+
+
+def _sanitizer_env() -> dict[str, str]:
+    # torch's caching allocator hides out-of-bounds accesses inside its cached blocks
+    return {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+
+
+@cache
+def sanitizer_refusal() -> str | None:
+    """None when compute-sanitizer runs a CUDA program here, else why not (not installed, or the
+    sandbox refuses the device, e.g. "Device not supported" under gVisor)."""
+    tool = _sanitizer()
     if tool is None:
-        pytest.skip("compute-sanitizer is not installed")
+        return "compute-sanitizer is not installed"
+    probe = (
+        "import torch; torch.zeros(1, device='cuda').add_(1); torch.cuda.synchronize(); print('OK')"
+    )
+    try:
+        res = subprocess.run(
+            [tool, "--tool", "memcheck", "--report-api-errors", "no", sys.executable, "-c", probe],
+            capture_output=True, text=True, timeout=120, env=_sanitizer_env(),
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return "compute-sanitizer did not finish a one-kernel probe in 120 s"
+    if res.returncode != 0 or "OK" not in res.stdout:
+        return f"compute-sanitizer refused a one-kernel probe: {(res.stdout + res.stderr)[-400:]}"
+    return None
+
+
+def assert_sanitizer_clean(script: str, tool: str = "memcheck") -> None:
+    """Run ``script`` (Python source that prints OK at the end) under ``compute-sanitizer --tool
+    tool`` (memcheck, racecheck, synccheck or initcheck) and require no report. CUDA API errors
+    are not reported (torch's own start-up makes some); the caching allocator is off. Skips with
+    the reason when the sanitizer cannot run here."""
+    refusal = sanitizer_refusal()
+    if refusal is not None:
+        pytest.skip(refusal)
+    extra = ["--racecheck-report", "all"] if tool == "racecheck" else []
+    cmd = [_sanitizer(), "--tool", tool, "--report-api-errors", "no", "--error-exitcode", "3",
+           *extra, sys.executable, "-c", textwrap.dedent(script)]  # fmt: skip
     res = subprocess.run(
-        [tool, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-c",
-         textwrap.dedent(script)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )  # fmt: skip
-    assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+        cmd, capture_output=True, text=True, timeout=SANITIZER_TIMEOUT_S, env=_sanitizer_env()
+    )
+    out = res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.returncode == 0 and "OK" in res.stdout, f"{tool}: {out}"

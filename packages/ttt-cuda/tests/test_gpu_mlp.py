@@ -14,7 +14,7 @@ import torch
 from gpu_checks import (
     assert_deterministic,
     assert_graph_replay_matches_eager,
-    assert_memcheck_clean,
+    assert_side_stream_matches_default,
     output_grads,
 )
 from ttt_cuda_reference import make_mlp_inputs
@@ -137,25 +137,24 @@ def test_cuda_graph_capture(cuda_device):
     )
 
 
-def test_compute_sanitizer_memcheck_clean(cuda_device):
-    assert_memcheck_clean(
-        """
-        import torch
-        from ttt_core import ttt_mlp
-        for b, L, dt in ((16, 21, torch.float32), (8, 9, torch.bfloat16)):
-            g = torch.Generator(device="cuda").manual_seed(0)
-            kw = dict(device="cuda", dtype=dt)
-            q, k, v = (torch.randn(1, 2, L, 64, generator=g, **kw).requires_grad_()
-                       for _ in range(3))
-            eta = torch.full((1, 2, L), 0.1, **kw)
-            W1 = (torch.randn(2, 64, 256, device="cuda") * 0.125).to(dt)
-            W2 = (torch.randn(2, 256, 64, device="cuda") * 0.0625).to(dt)
-            b1, b2 = torch.zeros(2, 1, 256, **kw), torch.zeros(2, 1, 64, **kw)
-            lnw, lnb = torch.ones(2, 64, **kw), torch.zeros(2, 64, **kw)
-            o, _ = ttt_mlp(q, k, v, eta, W1, b1, W2, b2, lnw, lnb, mini_batch_size=b,
-                           backend="cuda")
-            o.float().sum().backward()
-        torch.cuda.synchronize()
-        print("OK")
-        """
-    )
+def test_side_stream_matches_default_stream(cuda_device):
+    x = make_mlp_inputs(1, 2, 40, 64, dtype=torch.float32, device=cuda_device, seed=59)
+    assert_side_stream_matches_default(lambda *a: ttt_mlp(*a, backend="cuda"), x)
+
+
+def test_direct_call_takes_F_from_W1(cuda_device):
+    """ttt_cuda.fused_ttt_mlp on CUDA tensors without initial_state reads F from W1 (it used to
+    refuse with "F = None"); outputs and gradients equal ttt-core's torch backend."""
+    from ttt_cuda import fused_ttt_mlp
+
+    x = make_mlp_inputs(1, 2, 37, 64, dtype=torch.float32, device=cuda_device, seed=60)
+    o, _ = fused_ttt_mlp(*x.values(), mini_batch_size=16)
+    ref, _ = ttt_mlp(*x.values(), mini_batch_size=16, backend="torch")
+    torch.testing.assert_close(o, ref, rtol=1e-4, atol=1e-4)
+    go = torch.randn_like(ref)
+    for name, g, w in zip(x, output_grads(o, x, go), output_grads(ref, x, go)):
+        atol = 1e-4 * max(1.0, w.abs().max().item())
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"d{n}: {m}")
+    wide = make_mlp_inputs(1, 2, 16, 64, F=128, dtype=torch.float32, device=cuda_device, seed=61)
+    with pytest.raises(ValueError, match="F = 128"):
+        fused_ttt_mlp(*wide.values())

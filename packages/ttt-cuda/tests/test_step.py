@@ -92,7 +92,7 @@ def test_step_refuses_options_it_does_not_fuse():
 
 def test_public_step_entry_serves_the_layer_stream_through_cpp():
     """ttt-core's public step (``ttt_linear_step``, what ``TTTLayer`` calls per streaming token)
-    resolves to the cpp backend under auto on CPU and equals the whole-sequence torch call."""
+    reaches the cpp backend's step once per token and equals the whole-sequence torch call."""
     from ttt_core import ttt_linear_step
 
     x = make_inputs(B, H, L, D, dtype=torch.float32, seed=24, requires_grad=False)
@@ -111,7 +111,7 @@ def test_public_step_entry_serves_the_layer_stream_through_cpp():
         state, outs = None, []
         for t in range(L):
             o, state = ttt_linear_step(*(s[:, :, t : t + 1] for s in seq), *weights, state=state,
-                                       mini_batch_size=b, backend="auto")  # fmt: skip
+                                       mini_batch_size=b, backend="cpp")  # fmt: skip
             outs.append(o)
     finally:
         del backend.ttt_linear_step

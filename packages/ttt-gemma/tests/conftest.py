@@ -1,7 +1,19 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from ttt_gemma import ActionExpertConfig, PrefixEncoderConfig, StandInPrefixEncoder
+
+# The device switch (TTT_TEST_DEVICE=cuda runs these tests on the GPU): tools/ttt_test_device.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
+from ttt_test_device import *  # noqa: F403
+
+# Modules that only make sense on the CPU: skipped with this reason under TTT_TEST_DEVICE=cuda.
+CPU_ONLY = {
+    "test_reacher_demo.py": "the MuJoCo Reacher simulation and its scripted expert run on the CPU",
+}
 
 
 @pytest.fixture(autouse=True)

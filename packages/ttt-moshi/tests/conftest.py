@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from moshi.models.lm import LMModel
 from moshi.utils.compile import no_compile
+
+# The device switch (TTT_TEST_DEVICE=cuda runs these tests on the GPU): tools/ttt_test_device.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
+from ttt_test_device import *  # noqa: F403
+
+# Modules that only make sense on the CPU: skipped with this reason under TTT_TEST_DEVICE=cuda.
+CPU_ONLY = {
+    "test_data.py": "the shard loader reads numpy files into CPU tensors",
+}
 
 # The models here are tiny: one intra-op thread avoids thread-pool overhead on shared CPUs.
 torch.set_num_threads(1)

@@ -1,13 +1,22 @@
-"""Shared test data for ttt-titans: a small real-format ETT CSV and overrides for a tiny model."""
+"""Shared test data for ttt-titans (a small real-format ETT CSV and overrides for a tiny model) and
+the device switch (TTT_TEST_DEVICE=cuda runs the tests on the GPU: tools/ttt_test_device.py)."""
 
 from __future__ import annotations
 
+import sys
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ttt_titans.config import load_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
+from ttt_test_device import *  # noqa: F403
+
+# Modules that only make sense on the CPU: skipped with this reason under TTT_TEST_DEVICE=cuda.
+CPU_ONLY = {"test_data.py": "the ETT CSV loader and its windows are numpy arrays on the CPU"}
 
 TINY = [
     "data.lookback=16",

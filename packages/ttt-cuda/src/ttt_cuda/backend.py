@@ -1,8 +1,9 @@
 """ttt-cuda's two backends of ttt-core, registered through the ``ttt_core.backends`` entry point:
 
 - ``"cpp"``: the fused C++ path on CPU tensors (parallel over (batch, head) chains on
-  ``torch.get_num_threads()`` threads); ``backend="auto"`` picks it for CPU tensors where
-  ``supports`` says yes.
+  ``torch.get_num_threads()`` threads), by name only (``backend="cpp"``): ``auto`` leaves CPU
+  tensors on ttt-core's torch backend until the C++ path is faster for every call it takes (today
+  it is for plain TTT-Linear, not for the Titans form or the single-token step; see the README).
 - ``"cuda"``: the CUDA kernels on CUDA tensors (``auto`` picks it there); on CPU tensors it is an
   alias of ``"cpp"``.
 
@@ -72,7 +73,7 @@ class CppBackend(CudaBackend):
     """The fused C++ CPU path: CPU tensors only."""
 
     name = "cpp"
-    device_types = ("cpu",)
+    device_types: tuple[str, ...] = ()  # by name only: auto keeps CPU calls on the torch backend
 
     def supports(self, op: str, q: Tensor, **kwargs: Any) -> str | None:
         if q.device.type != "cpu":

@@ -51,6 +51,7 @@ def unsupported_reason(
     initial_state: Any = None,
     reconstruction_target: str = "residual",
     output_residual: bool = True,
+    checkpoint_group_size: int | None = None,
     **_: Any,
 ) -> str | None:
     """None when a fused op computes this call, else why not (metadata only, no value reads).
@@ -60,6 +61,8 @@ def unsupported_reason(
         return f"reconstruction_target={reconstruction_target!r} is not fused (only 'residual')"
     if not output_residual:
         return "output_residual=False is not fused (the ops add q to the output)"
+    if checkpoint_group_size is not None:
+        return "checkpoint_group_size is not fused (the torch and generic backends recompute groups)"
     offset = getattr(initial_state, "offset", 0) if initial_state is not None else 0
     L = q.shape[-2] if q.dim() == 4 else 0
     b = offset + L if mini_batch_size is None else mini_batch_size

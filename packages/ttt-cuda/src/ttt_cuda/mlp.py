@@ -33,8 +33,11 @@ CUDA_MLP_SHAPE = (64, 256)  # (D, F) of the CUDA kernels
 LAYERS = (("W1", "b1"), ("W2", "b2"))
 
 
-def mlp_unsupported_reason(q: Tensor, *, initial_state: Any = None, **kwargs: Any) -> str | None:
-    """None when the fused MLP op computes this call, else why not (metadata only)."""
+def mlp_unsupported_reason(
+    q: Tensor, *, initial_state: Any = None, W1: Tensor | None = None, **kwargs: Any
+) -> str | None:
+    """None when the fused MLP op computes this call, else why not (metadata only). F is read
+    from the state's W1, else from ``W1`` [H, D, F]."""
     if kwargs.get("momentum") is not None or kwargs.get("decay") is not None:
         return "TTT-MLP in the Titans form (momentum/decay) is not fused"
     reason = unsupported_reason(
@@ -43,7 +46,7 @@ def mlp_unsupported_reason(q: Tensor, *, initial_state: Any = None, **kwargs: An
     if reason is not None:
         return reason
     if q.device.type == "cuda" and q.dim() == 4:
-        F = None
+        F = None if W1 is None else W1.shape[-1]
         if initial_state is not None and "W1" in getattr(initial_state, "params", {}):
             F = initial_state.params["W1"].shape[-1]
         if (q.shape[-1], F) != CUDA_MLP_SHAPE:
@@ -101,10 +104,7 @@ def fused_ttt_mlp(
               momentum=momentum, decay=decay, initial_state=initial_state,
               output_final_state=output_final_state, eps=eps)  # fmt: skip
     validate_call(q, k, v, eta, weights, ln_weight, ln_bias, **kw)
-    reason = mlp_unsupported_reason(q, **kw)
-    wide = (q.shape[-1], W1.shape[-1]) != CUDA_MLP_SHAPE
-    if reason is None and q.device.type == "cuda" and initial_state is None and wide:
-        reason = f"the CUDA TTT-MLP kernels take D = 64 and F = 256, got F = {W1.shape[-1]}"
+    reason = mlp_unsupported_reason(q, W1=W1, **kw)  # F from the state's W1, else from W1
     if reason is not None:
         raise ValueError(f"fused_ttt_mlp does not support this call: {reason}")
     state = start_state(initial_state, weights, q.shape[0], mini_batch_size, acc_dtype(q.dtype))

@@ -86,9 +86,10 @@ def launch(kind: str, p, device: torch.device, backward: bool) -> None:
     props = torch.cuda.get_device_properties(device)
     p.max_smem = int(props.shared_memory_per_block_optin)
     workspace = None
-    if elems * 4 > p.max_smem:  # scratch in global memory (L2-resident), one slice per chain
-        workspace = torch.empty(p.B * p.H * elems, device=device, dtype=torch.float32)
-        p.workspace = workspace.data_ptr()
     with torch.cuda.device(device):
+        if not getattr(C, f"{kind}_scratch_in_shared")(p, backward):  # the launcher's fit check
+            # scratch in global memory (L2-resident), one slice per chain
+            workspace = torch.empty(p.B * p.H * elems, device=device, dtype=torch.float32)
+            p.workspace = workspace.data_ptr()
         p.stream = torch.cuda.current_stream(device).cuda_stream
         getattr(C, f"{kind}_{'bwd' if backward else 'fwd'}_cuda")(p)
