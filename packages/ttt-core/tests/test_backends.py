@@ -193,3 +193,42 @@ def test_broken_entry_point_warns_and_is_skipped(monkeypatch):
     with pytest.warns(UserWarning, match="could not load backend 'broken'"):
         names = available_backends()
     assert "broken" not in names
+
+
+def test_streaming_asks_supports_once_per_metadata_and_registering_asks_again():
+    """A token-by-token stream asks a backend's supports() once per call metadata (here the state's
+    offsets 0, 1, 2: one question each, not one per token), and registering or replacing a backend
+    forgets the answers: the next token goes to the new one."""
+    from ttt_core import ttt_linear_step
+
+    class Counting(StepBackend):
+        def __init__(self, refuse):
+            super().__init__()
+            self.refuse, self.asked = refuse, 0
+
+        def supports(self, op, q, **kwargs):
+            self.asked += 1
+            return "refused on purpose" if self.refuse else None
+
+    x, w, ln, _ = make_inputs("linear", B=2, H=3, L=9, D=5)
+    first = Counting(refuse=False)
+    register_backend(first)
+    try:
+        state = None
+        for t in range(7):
+            tok = [x[n][:, :, t : t + 1] for n in ("q", "k", "v", "eta")]
+            _, state = ttt_linear_step(*tok, *w.values(), *ln.values(), state=state,
+                                       mini_batch_size=3)  # fmt: skip
+        assert (first.asked, len(first.steps)) == (3, 7)
+        second = Counting(refuse=True)
+        second.name = "stepping"
+        register_backend(second, replace=True)
+        tok = [x[n][:, :, 7:8] for n in ("q", "k", "v", "eta")]
+        with pytest.warns(UserWarning, match="refused on purpose"):
+            o, _ = ttt_linear_step(*tok, *w.values(), *ln.values(), state=state, mini_batch_size=3)
+        assert (second.asked, len(second.steps), len(first.steps)) == (1, 0, 7)
+        o_ref, _ = ttt_linear_step(*tok, *w.values(), *ln.values(), state=state, mini_batch_size=3,
+                                   backend="generic")  # fmt: skip
+        torch.testing.assert_close(o, o_ref)
+    finally:
+        unregister_backend("stepping")

@@ -247,3 +247,40 @@ def test_state_is_finite_per_sample_and_the_layer_option_raises():
     checked.load_state_dict(layer.state_dict())
     with pytest.raises(FloatingPointError, match="non-finite"):
         checked(torch.randn(3, 1, 16), state=bad)
+
+
+def test_checks_run_once_per_metadata_and_still_reject_a_changed_call(lin, monkeypatch):
+    """Streaming steps with one metadata are checked once (the verdict is remembered by shapes,
+    dtypes, devices, option values and the state's offset, never by values); a call that changes
+    any of them is checked again and rejected."""
+    from ttt_core import ttt_linear_step, validation
+
+    runs = []
+    real = validation.check_call
+    monkeypatch.setattr(validation, "check_call", lambda **a: runs.append(1) or real(**a))
+    x, w, ln, _ = make_inputs("linear", B=2, H=3, L=1, D=5, dtype=torch.float32, seed=11)
+    args = _args(x, w, ln)
+    _, state = ttt_linear_step(*args, mini_batch_size=3)  # a fresh state at offset 0
+    for _ in range(4):  # the same metadata every time: the state after one token, offset 1
+        ttt_linear_step(*args, state=state, mini_batch_size=3)
+    assert len(runs) == 2
+    bad = [
+        (dict(args={1: args[1][:, :2]}), ValueError, r"k must have shape \[B=2, H=3, L=1, D=5\]"),
+        (dict(args={2: args[2].double()}), TypeError, "v has dtype torch.float64"),
+        (dict(state=state.to(torch.float64)), TypeError, r"state.params\['W1'\] has dtype"),
+        (dict(state=replace(state, offset=3)), ValueError, r"state.offset must be an int in \[0, 3\)"),
+        (dict(state=replace(state, offset=True)), ValueError, r"state\.offset must be an int"),
+        (dict(mini_batch_size=4), ValueError, "resume it with mini_batch_size=3"),
+        (dict(eps=-1e-6), ValueError, "eps must be a positive number"),
+        (dict(eps=True), ValueError, "eps must be a positive number"),
+    ]  # fmt: skip
+    for change, exc, match in bad:
+        call_args = [change.get("args", {}).get(i, a) for i, a in enumerate(args)]
+        kw = {"state": change.get("state", state), "mini_batch_size": change.get("mini_batch_size", 3),
+              "eps": change.get("eps", 1e-6)}  # fmt: skip
+        with pytest.raises(exc, match=match):
+            ttt_linear_step(*call_args, **kw)
+    assert len(runs) == 2 + len(bad)
+    # a rejected call is not remembered: the same call is rejected again
+    with pytest.raises(ValueError, match=r"state\.offset must be an int"):
+        ttt_linear_step(*args, state=replace(state, offset=True), mini_batch_size=3)

@@ -4,7 +4,10 @@
 A backend is any object with
 
 - ``name: str`` and ``device_types: tuple[str, ...]`` (devices it serves under ``backend="auto"``),
-- ``supports(op, q, **kwargs) -> str | None``: ``None`` when it can run the call, else the reason;
+- ``supports(op, q, **kwargs) -> str | None``: ``None`` when it can run the call, else the reason,
+  decided from metadata (shapes, dtypes, devices, option values, the state's offset): ttt-core
+  remembers the answer per call metadata (``validation.metadata_key``) until a backend is
+  registered or unregistered;
   op: "ttt_linear", "ttt_mlp", "ttt_linear_step" or "ttt_mlp_step"; kwargs: mini_batch_size, causal,
   token_scale, momentum, decay, eps, reconstruction_target, output_residual, initial_state (always
   a ``TTTState``, fresh or given) and output_final_state. A backend that does not implement an
@@ -29,6 +32,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .validation import metadata_key
+
 __all__ = ["Backend", "available_backends", "get_backend", "register_backend"]
 
 ENTRY_POINT_GROUP = "ttt_core.backends"
@@ -50,6 +55,10 @@ class Backend(Protocol):
 _registry: dict[str, Backend] = {}
 _entry_points_loaded = False
 _warned: set[tuple[str, str]] = set()
+# (name, op, metadata key of q and the supports() kwargs) -> the resolved backend; cleared whenever
+# the registry changes
+_resolved: dict[tuple, Backend | str] = {}
+MAX_RESOLVED = 256
 
 
 def register_backend(backend: Backend, *, replace: bool = False) -> None:
@@ -66,10 +75,12 @@ def register_backend(backend: Backend, *, replace: bool = False) -> None:
             f"a backend named {backend.name!r} is already registered (pass replace=True)"
         )
     _registry[backend.name] = backend
+    _resolved.clear()
 
 
 def unregister_backend(name: str) -> None:
     _registry.pop(name, None)
+    _resolved.clear()
 
 
 def _load_entry_points() -> None:
@@ -110,10 +121,27 @@ def resolve(name: str, op: str, q, **kwargs) -> Backend | str:
 
     ``auto`` uses the first registered backend serving q's device type that supports the call; when
     one serves the device but not the call, it warns once with its reason and uses ``torch``. A
-    backend asked for by name that cannot run the call raises ValueError with its reason.
+    backend asked for by name that cannot run the call raises ValueError with its reason. The answer
+    is remembered per call metadata (a streaming decoder asks once, not once per token).
     """
     if name in BUILTIN:
         return name
+    _load_entry_points()
+    if name == "auto" and not any(q.device.type in b.device_types for b in _registry.values()):
+        return "torch"  # no registered backend serves this device: nothing to ask
+    key = metadata_key(q=q, **kwargs)
+    if key is None:
+        return _resolve(name, op, q, **kwargs)
+    key = (name, op, key)
+    if key not in _resolved:
+        if len(_resolved) >= MAX_RESOLVED:
+            del _resolved[next(iter(_resolved))]  # the oldest
+        _resolved[key] = _resolve(name, op, q, **kwargs)
+    return _resolved[key]
+
+
+def _resolve(name: str, op: str, q, **kwargs) -> Backend | str:
+    """:func:`resolve` without the memory: ask the backends."""
     if name != "auto":
         backend = get_backend(name)
         reason = (
@@ -124,7 +152,6 @@ def resolve(name: str, op: str, q, **kwargs) -> Backend | str:
         if reason is not None:
             raise ValueError(f"backend {name!r} cannot run this {op} call: {reason}")
         return backend
-    _load_entry_points()
     for backend in _registry.values():
         if q.device.type not in backend.device_types or not hasattr(backend, op):
             continue
@@ -136,6 +163,6 @@ def resolve(name: str, op: str, q, **kwargs) -> Backend | str:
             warnings.warn(
                 f"ttt_core: backend {backend.name!r} cannot run this {op} call ({reason}); "
                 "falling back to the torch backend",
-                stacklevel=4,
+                stacklevel=5,
             )
     return "torch"

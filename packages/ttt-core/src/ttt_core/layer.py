@@ -23,6 +23,7 @@ from . import backends
 from .config import TTTConfig
 from .learners import InnerLearner, LinearLearner, MLPLearner
 from .ops.common import layer_norm_heads, reconstruction
+from .split import sequence_bounds
 from .state import TTTState
 
 __all__ = ["TTTLayer"]
@@ -129,13 +130,14 @@ class TTTLayer(nn.Module):
                     reconstruction_target=c.reconstruction_target,
                     output_residual=c.output_residual)  # fmt: skip
 
-    def _run_inner(self, inputs: dict[str, Tensor], state: TTTState | None, stream: bool):
+    def _run_inner(self, inputs: dict[str, Tensor], state, stream: bool, varlen: dict):
         """The inner learner on inputs [B, H, L, ...]: one streaming token through its ``step``
-        (the public single-step entry), anything else through its ``forward``."""
+        (the public single-step entry), anything else through its ``forward`` (``varlen``: the
+        ``lengths``/``cu_seqlens`` keywords, states then being lists, one per sequence)."""
         c = self.config
         i = inputs
         extra = {"momentum": i["momentum"], "decay": i["decay"]} if "momentum" in i else {}
-        if stream and i["q"].shape[2] == 1:
+        if stream and i["q"].shape[2] == 1 and not varlen:
             o, new_state = self.inner.step(i["q"], i["k"], i["v"], i["eta"], state=state, **extra,
                                            **self._inner_kwargs())  # fmt: skip
         else:
@@ -143,8 +145,11 @@ class TTTLayer(nn.Module):
             o, new_state = self.inner(i["q"], i["k"], i["v"], i["eta"], state=state,
                                       output_final_state=stream, causal=c.causal, form=form,
                                       checkpoint_group_size=c.checkpoint_group_size, **extra,
-                                      **self._inner_kwargs())  # fmt: skip
-        if c.check_finite_state and new_state is not None and not bool(new_state.is_finite().all()):
+                                      **varlen, **self._inner_kwargs())  # fmt: skip
+        states = new_state if isinstance(new_state, list) else [new_state]
+        if c.check_finite_state and any(
+            s is not None and not bool(s.is_finite().all()) for s in states
+        ):
             raise FloatingPointError(
                 "TTTLayer: the carried fast-weight state became non-finite (NaN/Inf); lower base_lr "
                 "or check the inputs (TTTConfig.check_finite_state=True raised this)"
@@ -157,9 +162,22 @@ class TTTLayer(nn.Module):
             return o.reshape(B, 1, H * D)
         return o.transpose(1, 2).reshape(B, L, H * D)
 
-    def forward(self, x: Tensor, state: TTTState | None = None) -> tuple[Tensor, TTTState | None]:
+    def forward(
+        self,
+        x: Tensor,
+        state: TTTState | list[TTTState] | None = None,
+        *,
+        lengths: Tensor | list[int] | None = None,
+        cu_seqlens: Tensor | list[int] | None = None,
+    ) -> tuple[Tensor, TTTState | list[TTTState] | None]:
         """x [B, L, C] -> (y [B, L, C], state). The state (causal, one-directional layers) lets the
-        next call continue the sequence exactly; it is None otherwise."""
+        next call continue the sequence exactly; it is None otherwise.
+
+        Variable-length batches (as :func:`ttt_core.ttt_linear`): ``lengths`` [B], the real tokens
+        of each sample of a right-padded x (padding never reaches a real token); ``cu_seqlens``
+        [N + 1], the offsets of N sequences packed in x [1, T, C]. Every sequence runs alone from
+        its own state: ``state`` and the returned state are lists, one ``TTTState`` per sequence
+        (batch 1). Bidirectional layers reverse each sequence within its own tokens."""
         c = self.config
         if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != c.hidden_size:
             shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -169,9 +187,14 @@ class TTTLayer(nn.Module):
             raise ValueError(
                 "state is only accepted by causal, one-directional TTT layers (streaming)"
             )
+        if cu_seqlens is not None and x.shape[0] != 1:
+            raise ValueError(f"cu_seqlens packs sequences along L: x must be [1, T, C], got "
+                             f"{list(x.shape)}")  # fmt: skip
+        varlen = {n: t for n, t in (("lengths", lengths), ("cu_seqlens", cu_seqlens))
+                  if t is not None}  # fmt: skip
         parts = self.project(x)
         inputs = self.inner_inputs(x, parts)
-        o, new_state = self._run_inner(inputs, state, stream)
+        o, new_state = self._run_inner(inputs, state, stream, varlen)
         o = self._merge(o)  # (B, L, H*D)
         y = self.post_norm(o)
         if c.gate == "gelu":
@@ -180,9 +203,10 @@ class TTTLayer(nn.Module):
         if c.gate == "tanh_alpha":
             y = torch.tanh(self.gate_alpha) * y
         if c.bidirectional:
-            rev = {n: t.flip(2) for n, t in inputs.items()}  # reversed along L
-            o_rev, _ = self._run_inner(rev, None, False)
-            y_rev = self.o_proj(self.post_norm(self._merge(o_rev.flip(2))))
+            order = reversal_order(x.shape[0], x.shape[1], x.device, lengths, cu_seqlens)
+            rev = {n: reverse(t, order) for n, t in inputs.items()}  # reversed along L
+            o_rev, _ = self._run_inner(rev, None, False, varlen)
+            y_rev = self.o_proj(self.post_norm(self._merge(reverse(o_rev, order))))
             y = y + torch.tanh(self.reverse_alpha) * y_rev
         return y, new_state
 
@@ -221,3 +245,24 @@ class TTTLayer(nn.Module):
         )
         target = reconstruction(k, chunk["v"].float(), self.config.reconstruction_target)
         return 0.5 * (pred - target).pow(2).sum(-1)
+
+
+def reversal_order(B: int, L: int, device, lengths=None, cu_seqlens=None) -> Tensor | None:
+    """The positions [B, L] that reverse every sequence within its own tokens (padding stays where
+    it is): sequence ``[s, e)`` of a sample reads position ``s + e - 1 - j`` at j. None (a plain
+    flip of L) without ``lengths``/``cu_seqlens``."""
+    if lengths is None and cu_seqlens is None:
+        return None
+    order = torch.arange(L, device=device).repeat(B, 1)  # (B, L)
+    for sample, start, end in sequence_bounds(cu_seqlens, lengths):
+        order[sample, start:end] = order[sample, start:end].flip(0)
+    return order
+
+
+def reverse(t: Tensor, order: Tensor | None) -> Tensor:
+    """t [B, H, L, ...] reordered along L by :func:`reversal_order` (its own inverse)."""
+    if order is None:
+        return t.flip(2)
+    B, L = order.shape
+    index = order.view(B, 1, L, *([1] * (t.ndim - 3))).expand_as(t)  # (B, H, L, ...)
+    return t.gather(2, index)

@@ -15,6 +15,7 @@ bookkeeping from the state it starts from::
 
     b = state.block_size(L)                        # tokens per mini-batch for this call
     s = TTTState.token_scales(token_scale, 0, b, device=..., dtype=...)   # s_i, [b]
+    s = TTTState.token_scale_at(token_scale, state.offset)   # one token's s_i (a single step)
     new = state.advance(L, params=..., grad_sum=..., momentum=..., current=...)
 """
 
@@ -121,6 +122,19 @@ class TTTState:
             return token_scale[start : start + n].to(dtype)
         if token_scale == "mean":
             return 1.0 / torch.arange(start + 1, start + n + 1, device=device, dtype=dtype)
+        raise ValueError(f"token_scale must be 'mean', 'sum' or a tensor, got {token_scale!r}")
+
+    @staticmethod
+    def token_scale_at(token_scale: str | Tensor, i: int) -> float | Tensor:
+        """s_i of the one in-mini-batch position ``i`` (a single streaming token): a number for
+        "mean" (1/(i+1)) and "sum" (1), ``token_scale[i]`` (0-d, differentiable) for a tensor;
+        :meth:`token_scales` for a run of positions."""
+        if isinstance(token_scale, Tensor):
+            return token_scale[i]
+        if token_scale == "mean":
+            return 1.0 / (i + 1)
+        if token_scale == "sum":
+            return 1.0
         raise ValueError(f"token_scale must be 'mean', 'sum' or a tensor, got {token_scale!r}")
 
     def advance(

@@ -1,11 +1,18 @@
 """Input checks for the functional API and the step entries: shapes and metadata only, never values
-(no GPU sync, traceable by torch.compile). Every call is checked once, in :func:`validate`."""
+(no GPU sync, traceable by torch.compile). Every call is checked once, in :func:`validate`.
+
+The checks read metadata only, so their verdict is a function of :func:`metadata_key` (every
+tensor's shape, dtype and device, every option's type and value, the state's fields and offset): a
+call whose key passed before is not checked again (a streaming decoder repeats one key per token).
+The remembered keys are tuples of metadata, never tensors, at most ``MAX_REMEMBERED`` of them.
+"""
 
 from __future__ import annotations
 
 import math
 from itertools import pairwise
 
+import torch
 from torch import Tensor
 
 from .ops.common import RECONSTRUCTION_TARGETS, compute_dtype
@@ -39,7 +46,61 @@ def _expect(name: str, t: Tensor, shape: tuple, names: str) -> None:
         raise ValueError(f"{name} must have shape {want}, got {_shape(t)}")
 
 
-def validate(
+MAX_REMEMBERED = 256
+_passed: dict[tuple, tuple[int, int, int, int]] = {}  # metadata key -> (B, H, L, D)
+
+
+class _NoKey(Exception):
+    """An argument whose metadata is not a key (not a tensor, state or plain value)."""
+
+
+def _meta(x) -> object:
+    """What the checks read of one argument: a tensor's shape, dtype and device; a plain value with
+    its type (``True`` and ``1`` differ); a dict or state field by field."""
+    if isinstance(x, Tensor):
+        return (Tensor, x.shape, x.dtype, x.device)
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return (type(x), x)
+    if isinstance(x, dict):
+        return (dict, tuple((n, _meta(t)) for n, t in x.items()))
+    if type(x) is TTTState:
+        return (TTTState, _meta(x.offset), _meta(x.mini_batch_size), _meta(x.params),
+                _meta(x.grad_sum), _meta(x.momentum), _meta(x.current))  # fmt: skip
+    raise _NoKey
+
+
+def metadata_key(**args) -> tuple | None:
+    """The metadata of a call's arguments as one hashable key, or None when it has none: an argument
+    that is not a tensor, dict of tensors, ``TTTState`` or plain value, variable-length bounds (their
+    values are the call's structure) or a call being traced (the checks are traced instead)."""
+    if args.get("cu_seqlens") is not None or args.get("lengths") is not None:
+        return None
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        return tuple((n, _meta(x)) for n, x in args.items())
+    except _NoKey:
+        return None
+
+
+def validate(**args) -> tuple[int, int, int, int]:
+    """Check every argument of ``ttt_linear``/``ttt_mlp`` (``step``: of ``ttt_*_step``, one token)
+    or of an ``InnerLearner`` with its own fast weights (names other than W1, b1, W2, b2: only the
+    leading head dim is checked); the keywords of :func:`check_call`. Returns (B, H, L, D).
+
+    A call with the metadata of one that passed returns at once (see the module docstring)."""
+    key = metadata_key(**args)
+    if key is not None and key in _passed:
+        return _passed[key]
+    shape = check_call(**args)
+    if key is not None:
+        if len(_passed) >= MAX_REMEMBERED:
+            del _passed[next(iter(_passed))]  # the oldest
+        _passed[key] = shape
+    return shape
+
+
+def check_call(
     *,
     q,
     k,
@@ -64,9 +125,7 @@ def validate(
     cu_seqlens=None,
     lengths=None,
 ) -> tuple[int, int, int, int]:
-    """Check every argument of ``ttt_linear``/``ttt_mlp`` (``step``: of ``ttt_*_step``, one token)
-    or of an ``InnerLearner`` with its own fast weights (names other than W1, b1, W2, b2: only the
-    leading head dim is checked). Returns (B, H, L, D)."""
+    """Every check of :func:`validate`, run each time. Returns (B, H, L, D)."""
     q = _tensor("q", q)
     if q.ndim != 4:
         raise ValueError(f"q must be 4-D [B, H, L, D], got {q.ndim}-D with shape {_shape(q)}")

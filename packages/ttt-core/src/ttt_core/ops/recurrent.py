@@ -67,8 +67,9 @@ def ttt_step(
     e = eta.to(dt).unsqueeze(-1)  # (B, H, 1, 1)
     step: TensorDict = {}  # eta x^T g for every fast weight
     for (W, b), x, g in zip(LAYERS[kind], xs, gs):
-        step[W] = x.transpose(-1, -2) @ (e * g)  # (B, H, Din, Dout)
-        step[b] = e * g  # (B, H, 1, Dout)
+        eg = e * g  # (B, H, 1, Dout)
+        step[W] = x.transpose(-1, -2) * eg  # (B, H, Din, Dout): an outer product for one token
+        step[b] = eg
     completes = state.end_offset(1) == 0
     if momentum is not None or decay is not None:  # Titans
         m = 0.0 if momentum is None else momentum.to(dt).unsqueeze(-1)  # (B, H, 1, 1)
@@ -80,7 +81,7 @@ def ttt_step(
         new = state.advance(1, params=Wq if completes else P, momentum=S, current=Wq)
     else:
         G = step if state.grad_sum is None else {n: state.grad_sum[n] + step[n] for n in P}
-        s = TTTState.token_scales(token_scale, state.offset, 1, device=q.device, dtype=dt)  # (1,)
+        s = TTTState.token_scale_at(token_scale, state.offset)  # a number, or 0-d
         Wq = {n: P[n] - s * G[n] for n in P}
         new = state.advance(1, params=Wq if completes else P, grad_sum=G)
     z = fast_model(qf, Wq, kind)  # (B, H, 1, D)
