@@ -62,7 +62,7 @@ def unsupported_reason(
     if not output_residual:
         return "output_residual=False is not fused (the ops add q to the output)"
     if checkpoint_group_size is not None:
-        return "checkpoint_group_size is not fused (the torch and generic backends recompute groups)"
+        return "checkpoint_group_size is not fused (torch and generic recompute the groups)"
     offset = getattr(initial_state, "offset", 0) if initial_state is not None else 0
     L = q.shape[-2] if q.dim() == 4 else 0
     b = offset + L if mini_batch_size is None else mini_batch_size
