@@ -1,5 +1,6 @@
 """Whole-graph torch.compile of a TTTLayer in a fresh process (no earlier call settles anything):
-forward, backward and token-by-token streaming with fullgraph=True, equal to eager."""
+forward, backward and token-by-token streaming with fullgraph=True, equal to eager, for the plain
+and the Titans forms."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ SCRIPT = textwrap.dedent(
     # the streaming step specializes on the state's in-mini-batch offset: one graph per offset
     torch._dynamo.config.recompile_limit = 32
     torch.manual_seed(0)
-    for cfg in (dict(inner="mlp"),):  # one config: compiling is the slow part of this test
+    for cfg in (dict(inner="mlp"), dict(titans=True)):  # plain and Titans forms (compiling is slow)
         layer = TTTLayer(TTTConfig(hidden_size=15, num_heads=3, mini_batch_size=4, **cfg))
         x = torch.randn(2, 6, 15)
         comp = torch.compile(layer, backend="aot_eager", fullgraph=True)

@@ -426,8 +426,8 @@ def _backward(saved: _Saved, target, ln_w, ln_b, eps, dz, dP, dW, dS):
         dP = [a + b for a, b in zip(dP, dPk)]
     d_rates = []  # per group: d eta, d mom, d dec [B, H, N n]
     for grp, co in saved.groups:
-        stacked = _CoefGrads(*(torch.stack([getattr(dcoefs[b], f.name) for b in grp])
-                               for f in fields(_CoefGrads)))  # fmt: skip
+        stacked = _CoefGrads(*(torch.stack([getattr(dcoefs[b], name) for b in grp])
+                               for name in _CoefGrads.__annotations__))  # fmt: skip
         d_rates.append([d.movedim(0, 2).flatten(2, 3) for d in _coefs_vjp(co, stacked)])
     in_order = lambda d: torch.cat([d[s] for s in sorted(d)], dim=2)
     d_eta, d_mom, d_dec = (torch.cat(d, dim=2) for d in zip(*d_rates))
