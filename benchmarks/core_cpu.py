@@ -35,8 +35,6 @@ from machine import machine_info, output_path
 
 from ttt_core import ttt_linear, ttt_mlp
 
-RESULTS = Path(__file__).parent / "results"
-
 
 # ---------------------------------------------------------------------------------------------
 # the two simpler paths, written here the way one would without ttt-core

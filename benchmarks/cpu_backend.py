@@ -20,7 +20,7 @@ fused path does the same products). Peak: one core's fp32 FLOP/s as reached by a
 the machine's BLAS reaches on one core.
 
 Run: ``python benchmarks/cpu_backend.py`` (writes benchmarks/results/cpu_backend.json; ``--quick``
-for a smoke run).
+for a smoke run, written under benchmarks/results/quick/).
 """
 
 from __future__ import annotations
@@ -33,12 +33,10 @@ import time
 from pathlib import Path
 
 import torch
-from machine import machine_info
+from machine import machine_info, output_path
 from torch.utils.flop_counter import FlopCounterMode
 
 from ttt_core import ttt_linear, ttt_linear_step, ttt_mlp
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def gemm_peak(n: int = 2048) -> float:
@@ -123,8 +121,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes, few rounds")
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--out", type=Path, default=RESULTS / "cpu_backend.json")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default: see output_path)")
     args = p.parse_args()
+    args.out = output_path(args.out, args.quick, "cpu_backend.json")
     from ttt_cuda._ext import extension
 
     torch.set_num_threads(1)
@@ -195,10 +194,9 @@ def main() -> None:
         "repeats": repeats,
         "results": results,
     }
-    if not args.quick:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=1) + "\n")
-        print(f"wrote {args.out}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
