@@ -76,8 +76,9 @@ def test_kill_9_loop_resumes_exactly(tmp_path):
         for ckpt in run.glob("*.pt"):  # every checkpoint on disk is whole
             assert read_checkpoint(ckpt)["step"] >= 1
     assert kills >= 2, "the loop must have killed training at least twice"
-    last = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True)
-    assert last.returncode == 0, last.stderr[-2000:]
+    if not (run / "final.pt").exists():  # a kill can land after the run wrote final.pt: then done
+        last = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True)
+        assert last.returncode == 0, last.stderr[-2000:]
 
     assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
     got = [r["loss"] for r in _lines(run / "metrics.jsonl")]
