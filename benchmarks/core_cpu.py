@@ -15,8 +15,9 @@ process's peak RSS increase over the inputs, each configuration in a fresh proce
 
 Run: ``python benchmarks/core_cpu.py`` (writes benchmarks/results/core_cpu.json; ``--quick`` for a
 smoke run; ``--checkpoint-only`` for the checkpointing rows alone, written to
-benchmarks/results/core_cpu_checkpoint.json). Figures are medians of ``--repeat`` runs after one
-warm-up.
+benchmarks/results/core_cpu_checkpoint.json). The paths of one shape and mode run in turn, round
+after round (``--repeat`` rounds after a warm-up round), so that a busy spell of a shared machine
+slows them alike; times are medians, speed-ups the median of the round-by-round ratios.
 """
 
 from __future__ import annotations
@@ -203,7 +204,8 @@ def runner(impl, kind, b):
     return run
 
 
-def measure(fn, inputs, backward, repeat):
+def timer(fn, inputs, backward):
+    """A function that runs ``fn`` once (forward, or forward+backward) and returns its seconds."""
     x, eta, w, ln = inputs
     leaves = [*x, eta, *w.values(), *ln]
 
@@ -219,8 +221,27 @@ def measure(fn, inputs, backward, repeat):
                 fn(x, eta, w, ln)
         return time.perf_counter() - t0
 
+    return once
+
+
+def measure(fn, inputs, backward, repeat):
+    """Median seconds of ``repeat`` runs after one warm-up."""
+    once = timer(fn, inputs, backward)
     once()  # warm-up
     return statistics.median(once() for _ in range(repeat))
+
+
+def measure_interleaved(fns, inputs, backward, repeat):
+    """Every function of ``fns`` (name -> fn) once per round, ``repeat`` rounds after a warm-up
+    round, so that a slow spell of a shared machine hits all of them alike: name -> [seconds]."""
+    onces = {name: timer(fn, inputs, backward) for name, fn in fns.items()}
+    for once in onces.values():
+        once()  # warm-up
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, once in onces.items():
+            times[name].append(once())
+    return times
 
 
 def _checkpoint_child(kind, L, group, repeat, queue):
@@ -265,6 +286,15 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: see output_path)")
     p.add_argument("--checkpoint-only", action="store_true", help="only the checkpointing rows")
+    p.add_argument(
+        "--impls",
+        default="torch,paper_dual,generic,per_token_loop",
+        help="comma-separated paths to time (torch is always timed: the others are compared with it);"
+        " the generic reference at TTT-MLP L=2048 forward+backward peaks near 20 GB",
+    )
+    p.add_argument(
+        "--no-checkpointing", action="store_true", help="skip the checkpoint_group_size rows"
+    )
     a = p.parse_args(argv)
     a.out = output_path(a.out, a.quick, "core_cpu.json")
     torch.set_num_threads(1)
@@ -290,42 +320,32 @@ def main(argv=None):
     B, H, D, b = 2, 4, 64, 16
     lengths = [64, 128] if a.quick else [512, 2048]
     repeat = 1 if a.quick else a.repeat
-    impls = ["torch", "paper_dual", "generic", "per_token_loop"]
-    rows = []
+    known = ("torch", "paper_dual", "generic", "per_token_loop")
+    impls = ["torch", *(i for i in a.impls.split(",") if i and i != "torch")]
+    if unknown := [i for i in impls if i not in known]:
+        p.error(f"--impls: unknown {unknown}; choose from {', '.join(known)}")
+    rows, ratios = [], []
     for kind in ("linear", "mlp"):
         for L in lengths:
             inputs = make(kind, B, H, L, D)
             ref = runner("torch", kind, b)(*inputs)
+            err = {}  # every path computes the same thing
             for impl in impls:
-                out = runner(impl, kind, b)(*inputs)
-                err = (out - ref).abs().max().item()  # every path computes the same thing
-                for mode in ("forward", "forward+backward"):
-                    sec = measure(runner(impl, kind, b), inputs, mode != "forward", repeat)
-                    rows.append(
-                        dict(
-                            kind=kind,
-                            L=L,
-                            impl=impl,
-                            mode=mode,
-                            seconds=sec,
-                            max_abs_diff_vs_torch=err,
-                        )
-                    )
-                    print(
-                        f"{kind:6} L={L:5} {impl:15} {mode:17} {sec * 1e3:9.1f} ms  (|diff| {err:.1e})",
-                        flush=True,
-                    )
-    ratios = []
-    for r in rows:
-        if r["impl"] == "torch":
-            continue
-        t = next(
-            x
-            for x in rows
-            if x["impl"] == "torch" and all(x[f] == r[f] for f in ("kind", "L", "mode"))
-        )
-        ratios.append(dict(kind=r["kind"], L=r["L"], mode=r["mode"], vs=r["impl"],
-                           speedup_of_torch_backend=r["seconds"] / t["seconds"]))  # fmt: skip
+                err[impl] = (runner(impl, kind, b)(*inputs) - ref).abs().max().item()
+            fns = {impl: runner(impl, kind, b) for impl in impls}
+            for mode in ("forward", "forward+backward"):
+                times = measure_interleaved(fns, inputs, mode != "forward", repeat)
+                for impl in impls:
+                    sec = statistics.median(times[impl])
+                    rows.append(dict(kind=kind, L=L, impl=impl, mode=mode, seconds=sec,
+                                     max_abs_diff_vs_torch=err[impl]))  # fmt: skip
+                    print(f"{kind:6} L={L:5} {impl:15} {mode:17} {sec * 1e3:9.1f} ms  "
+                          f"(|diff| {err[impl]:.1e})", flush=True)  # fmt: skip
+                    if impl != "torch":  # the median of the round-by-round ratios
+                        pairs = zip(times[impl], times["torch"], strict=True)
+                        ratio = statistics.median(t / t0 for t, t0 in pairs)
+                        ratios.append(dict(kind=kind, L=L, mode=mode, vs=impl,
+                                           speedup_of_torch_backend=ratio))  # fmt: skip
     result = {
         "benchmark": "ttt-core CPU: torch backend vs generic, per-token loop, paper-style dual form",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -334,7 +354,7 @@ def main(argv=None):
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "rows": rows,
         "speedups": ratios,
-        "checkpointing": checkpoint_rows(ck_L, ck_groups, repeat),
+        "checkpointing": None if a.no_checkpointing else checkpoint_rows(ck_L, ck_groups, repeat),
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2))
