@@ -1,0 +1,226 @@
+"""``ttt-gemma train`` on the whole pi0.5 policy: a tiny LeRobot v2 dataset with camera images
+(PNG in the parquet, and mp4 videos) trains through the CLI; resume is exact; the reader refuses
+malformed image columns and unknown cameras by name."""
+
+import json
+
+import av
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ttt_gemma.cli import main
+from ttt_gemma.lerobot import read_lerobot, write_lerobot
+from ttt_gemma.word_tokenizer import build_word_tokenizer
+
+TASKS = ["push the red block", "lift_the cup"]
+CONFIG = """
+data:
+  root: {root}
+  normalization: quantile
+  tokenizer: {tokenizer}
+  max_token_len: 20
+  image_keys: {{base_0_rgb: observation.images.top, left_wrist_0_rgb: observation.images.wrist}}
+model:
+  expert: {{width: 32, depth: 2, mlp_dim: 48, num_heads: 2, head_dim: 8, action_dim: 3,
+           action_horizon: 4, use_ttt: true, ttt: {{input: {placement}}}}}
+  vlm: {{vision_width: 16, vision_mlp_dim: 32, vision_depth: 1, vision_heads: 2, patch_size: 14,
+        image_size: 28, width: 24, depth: 2, mlp_dim: 40, num_heads: 2, num_kv_heads: 1,
+        head_dim: 8, vocab_size: 300}}
+train: {{steps: 5, batch_size: 3, lr: 3e-3, warmup_steps: 1, ckpt_every: 10, threads: 1,
+        trainable: {trainable}}}
+run: {{root: {runs}, name: {name}}}
+"""
+
+
+def episodes(rng, lengths=(7, 9, 6)):
+    """Three episodes: 2-d state, 2-d actions, a 24 x 32 top camera and a 20 x 20 wrist camera."""
+    out = []
+    for n in lengths:
+        top = rng.integers(0, 256, size=(n, 24, 32, 3), dtype=np.uint8)
+        wrist = rng.integers(0, 256, size=(n, 20, 20, 3), dtype=np.uint8)
+        out.append({"observation.state": rng.normal(size=(n, 2)).astype(np.float32),
+                    "action": np.cumsum(rng.normal(size=(n, 2)), 0).astype(np.float32),
+                    "observation.images.top": top, "observation.images.wrist": wrist})  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def image_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images") / "ds"
+    data = episodes(np.random.default_rng(0))
+    write_lerobot(root, data, fps=10, image_keys=("observation.images.top",
+                  "observation.images.wrist"), task=[TASKS[0], TASKS[1], TASKS[0]])  # fmt: skip
+    return root, data
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return build_word_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer", TASKS)
+
+
+def write_config(tmp_path, root, tokenizer, name, placement="residual", trainable="all"):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(CONFIG.format(root=root, tokenizer=tokenizer, runs=tmp_path / "runs",
+                                  name=name, placement=placement, trainable=trainable))  # fmt: skip
+    return path
+
+
+def losses(run) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_reader_returns_the_written_images_and_tasks(image_dataset):
+    root, data = image_dataset
+    frames = read_lerobot(root, image_keys=["observation.images.top"], tasks=True)
+    assert frames.tasks == {0: TASKS[0], 1: TASKS[1]}
+    assert frames.task_index.tolist() == [0] * 7 + [1] * 9 + [0] * 6
+    for index, (ep, t) in [(0, (0, 0)), (12, (1, 5)), (21, (2, 5))]:  # PNG is lossless
+        assert np.array_equal(frames.image("observation.images.top", index),
+                              data[ep]["observation.images.top"][t])  # fmt: skip
+
+
+@pytest.mark.parametrize("placement", ["residual", "attn_output"])
+def test_whole_policy_trains_and_resumes_exactly(tmp_path, image_dataset, tokenizer_dir, placement):
+    root, _ = image_dataset
+    whole = write_config(tmp_path, root, tokenizer_dir, "whole", placement)
+    assert main(["train", "--config", str(whole), "--no-progress"]) == 0
+    cut = write_config(tmp_path, root, tokenizer_dir, "cut", placement)
+    assert main(["train", "--config", str(cut), "--no-progress", "--stop-at", "2"]) == 0
+    assert main(["train", "--config", str(cut), "--no-progress", "--resume"]) == 0
+    runs = tmp_path / "runs"
+    first = losses(runs / "whole")
+    assert len(first) == 5 and all(np.isfinite(first)) and len(set(first)) == 5
+    assert losses(runs / "cut") == first  # bit-identical after the stop and resume
+    from safetensors.torch import load_file
+
+    a, b = load_file(runs / "whole" / "model.safetensors"), load_file(runs / "cut" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.startswith("prefix.paligemma.model.vision_tower.") for k in a)
+
+
+def test_freeze_vlm_leaves_paligemma_unchanged(tmp_path, image_dataset, tokenizer_dir):
+    from safetensors.torch import load_file
+
+    from ttt_gemma.train import make_policy
+    from ttt_gemma.train_config import load_config
+
+    root, _ = image_dataset
+    path = write_config(tmp_path, root, tokenizer_dir, "frozen", trainable="freeze_vlm")
+    assert main(["train", "--config", str(path), "--no-progress"]) == 0
+    cfg = load_config(path)
+    torch.manual_seed(cfg.train.seed)
+    start = make_policy(cfg, 2).state_dict()  # the run's initialisation (same seed)
+    end = load_file(tmp_path / "runs" / "frozen" / "model.safetensors")
+    vlm = [k for k in start if k.startswith("prefix.")]
+    assert vlm and all(torch.equal(start[k], end[k]) for k in vlm)
+    assert not torch.equal(start["policy.action_in_proj.weight"], end["policy.action_in_proj.weight"])
+
+
+def test_missing_camera_key_is_named(tmp_path, image_dataset, tokenizer_dir):
+    root, _ = image_dataset
+    with pytest.raises(ValueError, match=r"no image or video feature 'observation.images\.side'.*"
+                       r"observation\.images\.top"):  # fmt: skip
+        read_lerobot(root, image_keys=["observation.images.side"])
+    cfg = write_config(tmp_path, root, tokenizer_dir, "bad")
+    cfg.write_text(cfg.read_text().replace("observation.images.wrist", "observation.images.side"))
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 2
+
+
+def _rewrite_column(root, tmp_path, key, array) -> "Path":  # noqa: F821
+    """A copy of the dataset whose episode 0 has ``array`` as column ``key``."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    path = copy / "data/chunk-000/episode_000000.parquet"
+    table = pq.read_table(path)
+    table = table.set_column(table.column_names.index(key), key, array)
+    pq.write_table(table, path)
+    return copy
+
+
+@pytest.mark.parametrize(
+    "column, message",
+    [
+        (pa.array([[1.0, 2.0]] * 7), r"has type list<.*double>; an image feature is stored"),
+        (pa.array([{"bytes": b"not a png", "path": None}] * 7), r"not a readable PNG/JPEG image"),
+        (pa.array([{"bytes": b"\x89PNG" if i != 3 else None, "path": "x.png"} for i in range(7)],
+                  type=pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+         r"no image bytes in rows \[3\]"),
+    ],
+    ids=["list-of-floats", "garbage-bytes", "null-bytes"],
+)
+def test_malformed_image_column_is_refused(tmp_path, image_dataset, column, message):
+    root, _ = image_dataset
+    bad = _rewrite_column(root, tmp_path, "observation.images.top", column)
+    with pytest.raises(ValueError, match=message):
+        read_lerobot(bad, image_keys=["observation.images.top"])
+
+
+def test_image_of_the_wrong_size_is_refused(tmp_path, image_dataset):
+    root, _ = image_dataset
+    info_path = root / "meta" / "info.json"
+    info = json.loads(info_path.read_text())
+    info["features"]["observation.images.top"]["shape"] = [32, 24, 3]
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    (copy / "meta" / "info.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"images are \[24, 32, 3\].*meta says \[32, 24, 3\]"):
+        read_lerobot(copy, image_keys=["observation.images.top"])
+
+
+def write_video(path, frames: np.ndarray, fps: int) -> None:
+    """[n, H, W, 3] uint8 frames as an H.264 mp4 (lerobot's layout, yuv444p: small images)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv444p"
+        stream.options = {"crf": "0"}  # lossless
+        for f in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(stream.encode())
+
+
+@pytest.fixture(scope="module")
+def video_dataset(tmp_path_factory, image_dataset):
+    """The image dataset with its top camera moved to mp4 videos (a ``video`` feature)."""
+    import shutil
+
+    root, data = image_dataset
+    copy = tmp_path_factory.mktemp("video") / "ds"
+    shutil.copytree(root, copy)
+    key = "observation.images.top"
+    for i, ep in enumerate(data):
+        path = copy / f"data/chunk-000/episode_{i:06d}.parquet"
+        pq.write_table(pq.read_table(path).drop_columns([key]), path)
+        write_video(copy / f"videos/chunk-000/{key}/episode_{i:06d}.mp4", ep[key], fps=10)
+    info = json.loads((copy / "meta/info.json").read_text())
+    info["features"][key]["dtype"] = "video"
+    info["video_path"] = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
+    (copy / "meta/info.json").write_text(json.dumps(info))
+    return copy, data
+
+
+def test_video_frames_are_the_frames_at_their_timestamps(video_dataset):
+    root, data = video_dataset
+    frames = read_lerobot(root, image_keys=["observation.images.top"])
+    key = "observation.images.top"
+    for index, (ep, t) in [(0, (0, 0)), (12, (1, 5)), (15, (1, 8)), (21, (2, 5))]:
+        got = frames.image(key, index).astype(np.int16)
+        # every decoded frame of that episode's file, in order (an independent read)
+        with av.open(str(root / f"videos/chunk-000/{key}/episode_{ep:06d}.mp4")) as f:
+            decoded = [x.to_ndarray(format="rgb24") for x in f.decode(video=0)]
+        assert np.array_equal(got, decoded[t])
+        assert np.abs(got - data[ep][key][t]).mean() < 3  # yuv444 rounding only
+
+
+def test_video_feature_trains(tmp_path, video_dataset, tokenizer_dir):
+    root, _ = video_dataset
+    cfg = write_config(tmp_path, root, tokenizer_dir, "video")
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
+    assert all(np.isfinite(losses(tmp_path / "runs" / "video")))
