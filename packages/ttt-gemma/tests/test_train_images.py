@@ -96,7 +96,10 @@ def test_whole_policy_trains_and_resumes_exactly(tmp_path, image_dataset, tokeni
     assert losses(runs / "cut") == first  # bit-identical after the stop and resume
     from safetensors.torch import load_file
 
-    a, b = load_file(runs / "whole" / "model.safetensors"), load_file(runs / "cut" / "model.safetensors")
+    a, b = (
+        load_file(runs / "whole" / "model.safetensors"),
+        load_file(runs / "cut" / "model.safetensors"),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(k.startswith("prefix.paligemma.model.vision_tower.") for k in a)
 
@@ -116,7 +119,9 @@ def test_freeze_vlm_leaves_paligemma_unchanged(tmp_path, image_dataset, tokenize
     end = load_file(tmp_path / "runs" / "frozen" / "model.safetensors")
     vlm = [k for k in start if k.startswith("prefix.")]
     assert vlm and all(torch.equal(start[k], end[k]) for k in vlm)
-    assert not torch.equal(start["policy.action_in_proj.weight"], end["policy.action_in_proj.weight"])
+    assert not torch.equal(
+        start["policy.action_in_proj.weight"], end["policy.action_in_proj.weight"]
+    )
 
 
 def test_missing_camera_key_is_named(tmp_path, image_dataset, tokenizer_dir):
@@ -147,9 +152,13 @@ def _rewrite_column(root, tmp_path, key, array) -> "Path":  # noqa: F821
     [
         (pa.array([[1.0, 2.0]] * 7), r"has type list<.*double>; an image feature is stored"),
         (pa.array([{"bytes": b"not a png", "path": None}] * 7), r"not a readable PNG/JPEG image"),
-        (pa.array([{"bytes": b"\x89PNG" if i != 3 else None, "path": "x.png"} for i in range(7)],
-                  type=pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-         r"no image bytes in rows \[3\]"),
+        (
+            pa.array(
+                [{"bytes": b"\x89PNG" if i != 3 else None, "path": "x.png"} for i in range(7)],
+                type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+            ),
+            r"no image bytes in rows \[3\]",
+        ),
     ],
     ids=["list-of-floats", "garbage-bytes", "null-bytes"],
 )
@@ -201,7 +210,9 @@ def video_dataset(tmp_path_factory, image_dataset):
         write_video(copy / f"videos/chunk-000/{key}/episode_{i:06d}.mp4", ep[key], fps=10)
     info = json.loads((copy / "meta/info.json").read_text())
     info["features"][key]["dtype"] = "video"
-    info["video_path"] = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
+    info["video_path"] = (
+        "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
+    )
     (copy / "meta/info.json").write_text(json.dumps(info))
     return copy, data
 
@@ -224,3 +235,30 @@ def test_video_feature_trains(tmp_path, video_dataset, tokenizer_dir):
     cfg = write_config(tmp_path, root, tokenizer_dir, "video")
     assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
     assert all(np.isfinite(losses(tmp_path / "runs" / "video")))
+
+
+def test_ttt_only_from_a_pi05_checkpoint_keeps_every_other_weight(tmp_path, image_dataset,
+                                                                   tokenizer_dir):  # fmt: skip
+    """init_pi05 loads the whole openpi-named file (VLM included); trainable: ttt changes only
+    the TTT branches, so every other tensor of the result is the file's."""
+    from safetensors.torch import load_file
+
+    from ttt_gemma.checkpoint import save_pi05
+    from ttt_gemma.train import make_policy
+    from ttt_gemma.train_config import load_config
+
+    root, _ = image_dataset
+    path = write_config(tmp_path, root, tokenizer_dir, "ttt_only", trainable="ttt")
+    torch.manual_seed(123)  # another initialisation than the run's seed
+    source = make_policy(load_config(path), 2)
+    save_pi05(source, tmp_path / "pi05.safetensors")
+    path.write_text(path.read_text().replace(
+        "model:\n", f"model:\n  init_pi05: {tmp_path / 'pi05.safetensors'}\n"))  # fmt: skip
+    assert main(["train", "--config", str(path), "--no-progress"]) == 0
+    end = load_file(tmp_path / "runs" / "ttt_only" / "model.safetensors")
+    start = source.state_dict()
+    ttt = [k for k in start if ".ttt." in k]
+    assert ttt and all(torch.equal(start[k], end[k]) for k in start if k not in ttt)
+    torch.manual_seed(0)  # the run's seed: its TTT branches start from this (not in the file)
+    ttt_init = make_policy(load_config(path), 2).state_dict()
+    assert any(not torch.equal(ttt_init[k], end[k]) for k in ttt)  # and they trained

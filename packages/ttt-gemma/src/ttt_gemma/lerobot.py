@@ -32,7 +32,14 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from .lerobot_media import VideoFrames, decode_image, encode_png, image_column, read_tasks, video_frames
+from .lerobot_media import (
+    VideoFrames,
+    decode_image,
+    encode_png,
+    image_column,
+    read_tasks,
+    video_frames,
+)
 
 DATA_PATH = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
 NORMALIZATIONS = ("zscore", "quantile", "none")
@@ -318,7 +325,9 @@ def _task_column(table: pa.Table, path: Path, n: int, tasks: dict[int, str]) -> 
     index = table.column("task_index").to_numpy().astype(np.int64)
     unknown = sorted(set(index.tolist()) - set(tasks))
     if len(index) != n or unknown:
-        raise ValueError(f"{path}: task_index {unknown[:5]} not in meta/tasks.jsonl {sorted(tasks)}")
+        raise ValueError(
+            f"{path}: task_index {unknown[:5]} not in meta/tasks.jsonl {sorted(tasks)}"
+        )
     return torch.from_numpy(index)
 
 
@@ -413,6 +422,8 @@ def _image_structs(frames: np.ndarray, n: int, where: str) -> pa.Array:
     """[n, H, W, 3] uint8 frames -> LeRobot's image column: ``{bytes: PNG, path: null}`` structs."""
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[0] != n or frames.shape[3] != 3:
-        raise ValueError(f"{where}: expected [{n}, H, W, 3] uint8, got {frames.dtype} {frames.shape}")
+        raise ValueError(
+            f"{where}: expected [{n}, H, W, 3] uint8, got {frames.dtype} {frames.shape}"
+        )
     structs = [{"bytes": encode_png(f), "path": None} for f in frames]
     return pa.array(structs, type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))

@@ -112,7 +112,9 @@ def build_model(cfg: TrainRunConfig, frames: LeRobotFrames) -> StatePolicy | Pi0
     return model
 
 
-def wrap(model: StatePolicy | Pi05Policy, parallel: str, world: int, device: torch.device) -> nn.Module:
+def wrap(
+    model: StatePolicy | Pi05Policy, parallel: str, world: int, device: torch.device
+) -> nn.Module:
     """DDP or FSDP2 (one shard group per expert layer, the rest in the root's) when world > 1."""
     model.to(device)
     if world == 1:

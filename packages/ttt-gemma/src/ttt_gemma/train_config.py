@@ -118,7 +118,9 @@ class TrainRunConfig:
         data, vlm = self.data, self.model.vlm
         if (vlm is None) != (data.image_keys is None):
             key = "model.vlm" if vlm is None else "data.image_keys"
-            raise ConfigError(key, "the whole pi0.5 policy needs both data.image_keys and model.vlm")
+            raise ConfigError(
+                key, "the whole pi0.5 policy needs both data.image_keys and model.vlm"
+            )
         if vlm is None:
             return
         if not data.image_keys:
