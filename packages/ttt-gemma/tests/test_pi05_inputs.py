@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from ttt_gemma.lerobot import read_lerobot, write_lerobot
-from ttt_gemma.paligemma import preprocess_images
+from ttt_gemma.paligemma import preprocess_images, state_prompt
 from ttt_gemma.pi05_inputs import IMAGE_SLOTS, Pi05Observations
 from ttt_gemma.word_tokenizer import build_word_tokenizer, load_tokenizer
 
@@ -73,7 +73,7 @@ def test_prompt_and_images_equal_openpis_for_a_fixed_state(tmp_path):
         bins = np.digitize(state, bins=np.linspace(-1, 1, 256 + 1)[:-1]) - 1
         text = "Fold_the towel\n".strip().replace("_", " ").replace("\n", " ")
         prompt = f"Task: {text}, State: {' '.join(map(str, bins))};\nAction: "
-        assert obs.prompts(index)[row] == prompt
+        assert state_prompt(obs.tasks(index)[row], states[i].numpy()) == prompt
         ids = [
             tokenizer.convert_tokens_to_ids("<bos>"),
             *tokenizer.encode(prompt, add_special_tokens=False),
@@ -82,10 +82,11 @@ def test_prompt_and_images_equal_openpis_for_a_fixed_state(tmp_path):
         assert tokens[row].tolist() == want
         assert token_masks[row].tolist() == [True] * len(ids) + [False] * (16 - len(ids))
         assert tokenizer.convert_ids_to_tokens(want[1:4]) == ["Task", ":", "Fold"]
-    # the quantile-normalised first state: (x - q01) / ((q99 - q01) / 2) - 1 of each dimension
-    assert obs.prompts(index)[0].split("State: ")[1].startswith(" ".join(
-        str(b) for b in np.digitize(states[0].numpy(), np.linspace(-1, 1, 257)[:-1]) - 1
-    ))  # fmt: skip
+    # the state in the prompt is the quantile-normalised one: 2 (x - q01) / (q99 - q01) - 1
+    q01, q99 = (np.quantile(episode["observation.state"].astype(np.float64), q, axis=0)
+                for q in (0.01, 0.99))  # fmt: skip
+    expected = 2 * (episode["observation.state"][3] - q01) / (q99 - q01 + 1e-6) - 1
+    np.testing.assert_allclose(states[3].numpy(), expected, rtol=0, atol=1e-5)
 
     # the camera is in its slot (openpi's resize), the other slots black and masked
     assert images.shape == (2, len(IMAGE_SLOTS), 3, 28, 28)
