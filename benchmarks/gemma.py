@@ -404,7 +404,8 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(["python", *sys.argv]) if argv is None else " ".join(argv),
         "wall_s": time.perf_counter() - t0,
     }
-    out = output_path(args.out, args.quick, "gemma_cpu.json")  # --quick: results/quick/
+    name = "gemma_cpu.json" if depth == 18 else f"gemma_cpu_depth{depth}.json"  # never the record
+    out = output_path(args.out, args.quick, name)  # --quick: results/quick/
     atomic_write_text(out, json.dumps(summary, indent=2))
     for name, o in over.items():
         r, tr = results[name], o["train_step"]

@@ -37,6 +37,7 @@ from .lerobot_media import (
     decode_image,
     encode_png,
     image_column,
+    read_jsonl,
     read_tasks,
     video_frames,
 )
@@ -168,19 +169,7 @@ def _read_json(path: Path):
 
 
 def _read_episodes(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise ValueError(f"{path.parent.parent}: missing meta/episodes.jsonl ({_LAYOUT})")
-    episodes = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            ep = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{n}: not valid JSON ({err})") from err
-        if not isinstance(ep.get("episode_index"), int) or not isinstance(ep.get("length"), int):
-            raise ValueError(f"{path}:{n}: needs integer 'episode_index' and 'length', got {ep}")
-        episodes.append(ep)
+    episodes = read_jsonl(path, {"episode_index": int, "length": int}, _LAYOUT)
     indices = [ep["episode_index"] for ep in episodes]
     if indices != list(range(len(episodes))):
         gaps = sorted(set(range(max(indices, default=-1) + 1)) - set(indices))

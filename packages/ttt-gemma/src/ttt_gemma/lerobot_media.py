@@ -111,12 +111,12 @@ def video_frames(root: Path, info: dict, key: str, episodes: list[int],
     return VideoFrames(key, paths, timestamps, float(info.get("fps", 0)))
 
 
-def read_tasks(root: Path) -> dict[int, str]:
-    """``meta/tasks.jsonl`` as {task_index: task}; ValueError naming the line if malformed."""
-    path = root / "meta" / "tasks.jsonl"
+def read_jsonl(path: Path, fields: dict[str, type], missing: str) -> list[dict]:
+    """The entries of a JSON-lines meta file, each with ``fields`` (name -> type); ValueError
+    naming the file (``missing`` says what it is for) or the line."""
     if not path.is_file():
-        raise ValueError(f"{root}: missing meta/tasks.jsonl (the prompts of a pi0.5 policy)")
-    tasks = {}
+        raise ValueError(f"{path.parent.parent}: missing meta/{path.name} ({missing})")
+    entries = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -124,7 +124,15 @@ def read_tasks(root: Path) -> dict[int, str]:
             entry = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{n}: not valid JSON ({err})") from err
-        if not isinstance(entry.get("task_index"), int) or not isinstance(entry.get("task"), str):
-            raise ValueError(f"{path}:{n}: needs integer 'task_index' and string 'task'")
-        tasks[entry["task_index"]] = entry["task"]
-    return tasks
+        if any(not isinstance(entry.get(k), t) for k, t in fields.items()):
+            wanted = " and ".join(f"{t.__name__} {k!r}" for k, t in fields.items())
+            raise ValueError(f"{path}:{n}: needs {wanted}, got {entry}")
+        entries.append(entry)
+    return entries
+
+
+def read_tasks(root: Path) -> dict[int, str]:
+    """``meta/tasks.jsonl`` as {task_index: task}; ValueError naming the line if malformed."""
+    entries = read_jsonl(root / "meta" / "tasks.jsonl", {"task_index": int, "task": str},
+                         "the prompts of a pi0.5 policy")  # fmt: skip
+    return {e["task_index"]: e["task"] for e in entries}
