@@ -262,3 +262,41 @@ def test_ttt_only_from_a_pi05_checkpoint_keeps_every_other_weight(tmp_path, imag
     torch.manual_seed(0)  # the run's seed: its TTT branches start from this (not in the file)
     ttt_init = make_policy(load_config(path), 2).state_dict()
     assert any(not torch.equal(ttt_init[k], end[k]) for k in ttt)  # and they trained
+
+
+def test_pure_bf16_whole_policy_trains(tmp_path, image_dataset, tokenizer_dir):
+    root, _ = image_dataset
+    path = write_config(tmp_path, root, tokenizer_dir, "bf16")
+    path.write_text(path.read_text().replace("trainable: all", "trainable: all, precision: bf16"))
+    assert main(["train", "--config", str(path), "--no-progress"]) == 0
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "runs" / "bf16" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    assert all(np.isfinite(losses(tmp_path / "runs" / "bf16")))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda root: (root / "meta/tasks.jsonl").unlink(), r"missing meta/tasks\.jsonl"),
+        (
+            lambda root: (root / "meta/tasks.jsonl").write_text('{"task_index": 0}\n'),
+            r"tasks\.jsonl:1: needs int 'task_index' and str 'task'",
+        ),
+        (
+            lambda root: (root / "meta/tasks.jsonl").write_text('{"task_index": 0, "task": "a"}\n'),
+            r"task_index \[1\] not in meta/tasks\.jsonl \[0\]",
+        ),
+    ],
+    ids=["no-tasks-file", "task-without-text", "unknown-task-index"],
+)
+def test_malformed_tasks_are_refused(tmp_path, image_dataset, change, message):
+    import shutil
+
+    root, _ = image_dataset
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    change(copy)
+    with pytest.raises(ValueError, match=message):
+        read_lerobot(copy, tasks=True)
