@@ -51,6 +51,9 @@ from .train_config import config_from_yaml_text, load_config
 from .word_tokenizer import build_word_tokenizer, load_tokenizer
 
 TASK = "reach the target"
+# per kind (whole pi0.5 policy?): openpi's quantile for pi0.5, whose prompt bins the state over
+# [-1, 1]; z-scores for the state policy
+NORMALIZATION = {False: "zscore", True: "quantile"}
 IMAGE = 32  # the camera's pixels (resized with padding to the vision tower's 28)
 PLACEMENTS = {  # the expert's TTT settings (None: no TTT)
     "without TTT": None,
@@ -77,7 +80,7 @@ def expert_config(horizon: int, ttt: dict | None) -> dict:
 
 def run_config(args, out: Path, name: str, ttt: dict | None, whole: bool = False) -> dict:
     """A ``ttt-gemma train`` config: the state policy, or (``whole``) the tiny pi0.5 policy."""
-    data = {"root": str(out / "dataset"), "normalization": "zscore"}
+    data = {"root": str(out / "dataset"), "normalization": NORMALIZATION[whole]}
     model = {"expert": expert_config(args.horizon, ttt), "prefix": {"width": 64, "mlp_dim": 128}}
     if whole:
         data.update(image_keys={"base_0_rgb": CAMERA}, tokenizer=str(out / "tokenizer"),
@@ -107,13 +110,14 @@ class Evaluator:
 
     def __init__(self, train_root: Path, test_root: Path, horizon: int, seed: int, beta,
                  tokenizer):  # fmt: skip
-        self.state_norm, self.action_norm = read_lerobot(train_root).normalizers("zscore")
+        train = read_lerobot(train_root)
+        self.norms = {whole: train.normalizers(mode) for whole, mode in NORMALIZATION.items()}
         test = read_lerobot(test_root, image_keys=[CAMERA], tasks=True)
         self.frames = test.chunk_starts(horizon)  # (M,) the held-out chunks' first frames
         states, actions = test.chunks(self.frames, horizon)
         self.states, self.actions = states, actions  # raw units
         self.whole = Pi05Observations(test, {"base_0_rgb": CAMERA},
-                                      self.state_norm.normalize(test.states), tokenizer, 24,
+                                      self.norms[True][0].normalize(test.states), tokenizer, 24,
                                       VLM["image_size"])  # fmt: skip
         gen = torch.Generator().manual_seed(seed)
         self.noise = torch.randn(actions.shape, generator=gen)
@@ -122,7 +126,7 @@ class Evaluator:
 
     def live(self, obs: np.ndarray, whole: bool) -> tuple:
         """A policy's inputs for simulator observations [N, 10] (the camera rendered live)."""
-        states = self.state_norm.normalize(torch.as_tensor(obs, dtype=torch.float32))
+        states = self.norms[whole][0].normalize(torch.as_tensor(obs, dtype=torch.float32))
         if not whole:
             return (states,)
         w = self.whole
@@ -133,11 +137,12 @@ class Evaluator:
     @torch.no_grad()
     def __call__(self, model, whole: bool, episodes: int) -> dict:
         model.eval()
-        held_out = self.whole(self.frames) if whole else (self.state_norm.normalize(self.states),)
-        actions = self.action_norm.normalize(self.actions)
+        state_norm, action_norm = self.norms[whole]
+        held_out = self.whole(self.frames) if whole else (state_norm.normalize(self.states),)
+        actions = action_norm.normalize(self.actions)
         flow = model.loss(*held_out, actions, self.noise, self.t).item()
-        sampled = self.action_norm.unnormalize(model.sample(*held_out, noise=self.start))
-        act = lambda obs: self.action_norm.unnormalize(model.sample(*self.live(obs, whole))).numpy()
+        sampled = action_norm.unnormalize(model.sample(*held_out, noise=self.start))
+        act = lambda obs: action_norm.unnormalize(model.sample(*self.live(obs, whole))).numpy()
         return {
             "flow_matching_loss": flow,
             "sampled_action_mse": torch.mean((sampled - self.actions) ** 2).item(),

@@ -159,13 +159,18 @@ class PaliGemmaPrefix(nn.Module):
                 f"{tuple(image_masks.shape)}, {tuple(tokens.shape)}, {tuple(token_masks.shape)}"
             )
         model = self.paligemma.model
-        pixels = images.flatten(0, 1).to(model.vision_tower.dtype)  # (B*N, 3, S, S)
-        feats = model.get_image_features(pixels).pooler_output  # (B*N, n, W)
-        feats = feats.unflatten(0, (B, N))  # (B, N, n, W)
-        n = feats.shape[2]
-        image_pad = image_masks[:, :, None].expand(B, N, n).reshape(B, N * n)
         lang = model.language_model.embed_tokens(tokens)  # (B, T, W), x sqrt(W) inside
-        embs = torch.cat([feats.reshape(B, N * n, -1).to(lang.dtype), lang], dim=1)
+        # a camera missing in every sample (an unused pi0.5 slot) is padding throughout: its
+        # tokens are zeros instead of the vision tower's output, which nothing would read
+        live = image_masks.any(0)  # (N,)
+        n = (self.config.image_size // self.config.patch_size) ** 2
+        feats = lang.new_zeros(B, N, n, self.config.width)
+        if live.any():
+            pixels = images[:, live].flatten(0, 1).to(model.vision_tower.dtype)  # (B*N', 3, S, S)
+            seen = model.get_image_features(pixels).pooler_output  # (B*N', n, W)
+            feats[:, live] = seen.unflatten(0, (B, -1)).to(lang.dtype)  # (B, N', n, W)
+        image_pad = image_masks[:, :, None].expand(B, N, n).reshape(B, N * n)
+        embs = torch.cat([feats.reshape(B, N * n, -1), lang], dim=1)
         return embs, torch.cat([image_pad, token_masks.bool()], dim=1)
 
     def forward(self, images: Tensor, image_masks: Tensor, tokens: Tensor, token_masks: Tensor):
