@@ -35,7 +35,8 @@ def test_episodes_are_the_experts_actions_on_its_observations():
 
 
 def test_demo_trains_through_the_cli_and_writes_outputs(tmp_path):
-    args = ["--out", str(tmp_path), "--steps", "3", "--batch", "8", "--train-episodes", "4",
+    args = ["--out", str(tmp_path), "--steps", "3", "--camera-steps", "3", "--batch", "8",
+            "--train-episodes", "4",
             "--test-episodes", "2", "--closed-loop-episodes", "2"]  # fmt: skip
     summary = main(args)
     saved = json.loads((tmp_path / "summary.json").read_text())

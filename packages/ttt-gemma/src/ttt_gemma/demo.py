@@ -87,17 +87,18 @@ def run_config(args, out: Path, name: str, ttt: dict | None, whole: bool = False
                     max_token_len=24)  # fmt: skip
         model["vlm"] = VLM
     model["init_pi05"] = str(out / ("init_pi05_whole" if whole else "init_pi05")) + ".safetensors"
+    steps = args.camera_steps if whole else args.steps
     return {
         "data": data,
         "model": model,
         "train": {
-            "steps": args.steps,
+            "steps": steps,
             "batch_size": args.batch,
             "lr": args.lr,
-            "warmup_steps": min(20, args.steps - 1),
+            "warmup_steps": min(20, steps - 1),
             "seed": args.seed,
             "log_every": 25,
-            "ckpt_every": args.steps,
+            "ckpt_every": steps,
             "threads": args.threads,
         },
         "run": {"root": str(out / "runs"), "name": name},
@@ -189,7 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
-    p.add_argument("--steps", type=int, default=300, help="training steps per policy")
+    p.add_argument("--steps", type=int, default=300, help="training steps per state policy")
+    p.add_argument("--camera-steps", type=int, default=150,
+                   help="training steps per whole pi0.5 policy (each ~2.5x a state step)")  # fmt: skip
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--horizon", type=int, default=16, help="actions per chunk")
@@ -199,8 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadiest)")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.batch < 1:
-        raise ValueError("--steps and --batch must be >= 1")
+    if min(args.steps, args.camera_steps, args.batch) < 1:
+        raise ValueError("--steps, --camera-steps and --batch must be >= 1")
     torch.set_num_threads(args.threads)
     out = Path(args.out).absolute()
     out = prepare_run_dir(out.parent, out.name, resume=False, overwrite=args.overwrite)
@@ -249,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
         "test_chunks": int(evaluate.actions.shape[0]),
         "horizon": args.horizon,
         "steps": args.steps,
+        "camera_steps": args.camera_steps,
         "batch": args.batch,
         "expert_closed_loop_distance": expert_dist,
         "results": results,
