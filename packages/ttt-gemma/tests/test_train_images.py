@@ -134,6 +134,19 @@ def test_missing_camera_key_is_named(tmp_path, image_dataset, tokenizer_dir):
     assert main(["train", "--config", str(cfg), "--no-progress"]) == 2
 
 
+def test_a_vocabulary_larger_than_the_vlms_is_refused(tmp_path, image_dataset, tokenizer_dir):
+    from ttt_gemma.train import Batches, read_frames
+    from ttt_gemma.train_config import load_config
+
+    root, _ = image_dataset
+    path = write_config(tmp_path, root, tokenizer_dir, "small_vocab")
+    path.write_text(path.read_text().replace("vocab_size: 300", "vocab_size: 100"))
+    cfg = load_config(path)
+    with pytest.raises(ValueError, match=r"model\.vlm\.vocab_size \(100\) is smaller than the "
+                       r"tokenizer's vocabulary \(2\d\d"):  # fmt: skip
+        Batches(read_frames(cfg), cfg)
+
+
 def _rewrite_column(root, tmp_path, key, array) -> "Path":  # noqa: F821
     """A copy of the dataset whose episode 0 has ``array`` as column ``key``."""
     import shutil

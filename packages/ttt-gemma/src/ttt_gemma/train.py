@@ -92,7 +92,7 @@ def read_frames(cfg: TrainRunConfig) -> LeRobotFrames:
 
 
 def build_model(cfg: TrainRunConfig, frames: LeRobotFrames) -> StatePolicy | Pi05Policy:
-    """The state policy (seeded), its pi0.5 start weights if given, its trainable parameters."""
+    """The config's policy (seeded), its pi0.5 start weights if given, its trainable parameters."""
     expert = cfg.model.expert
     if frames.actions.shape[1] > expert.action_dim:
         raise ValueError(
