@@ -313,3 +313,26 @@ def test_malformed_tasks_are_refused(tmp_path, image_dataset, change, message):
     change(copy)
     with pytest.raises(ValueError, match=message):
         read_lerobot(copy, tasks=True)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_whole_policy_on_two_gloo_processes_equals_one(tmp_path, image_dataset, tokenizer_dir,
+                                                        parallel):  # fmt: skip
+    import os
+    import subprocess
+    import sys
+
+    root, _ = image_dataset
+    paths = {}
+    for name in ("one", "two"):
+        paths[name] = write_config(tmp_path, root, tokenizer_dir, name)
+        paths[name].write_text(paths[name].read_text().replace(
+            "batch_size: 3", f"batch_size: 4, parallel: {parallel}"))  # fmt: skip
+    assert main(["train", "--config", str(paths["one"]), "--no-progress"]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(29700 + os.getpid() % 1000), "-m", "ttt_gemma.cli", "train",
+           "--config", str(paths["two"]), "--no-progress"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = tmp_path / "runs"
+    np.testing.assert_allclose(losses(runs / "two"), losses(runs / "one"), rtol=2e-5, atol=0)
