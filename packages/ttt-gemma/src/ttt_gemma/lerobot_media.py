@@ -79,13 +79,18 @@ class VideoFrames:
         """[H, W, 3] uint8: the frame shown at ``timestamps[episode][frame]``."""
         import av
 
-        target = round(float(self.timestamps[episode][frame]) * self.fps)
+        seconds = float(self.timestamps[episode][frame])
+        target = round(seconds * self.fps)
         with av.open(str(self.paths[episode])) as container:
             stream = container.streams.video[0]
+            # to the key frame at or before the time, then decode forward (as lerobot's pyav path)
+            container.seek(int(seconds / stream.time_base), stream=stream, backward=True)
             for decoded in container.decode(stream):
                 index = round(float(decoded.pts * stream.time_base) * self.fps)
                 if index == target:
                     return decoded.to_ndarray(format="rgb24")
+                if index > target:
+                    break
         raise ValueError(
             f"{self.paths[episode]}: no frame at t = {self.timestamps[episode][frame]:.4f} s "
             f"(frame {target} at {self.fps} fps) for {self.key!r}"
