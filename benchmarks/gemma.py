@@ -6,7 +6,8 @@ package's stand-in encoder (computed once, outside the timings). Three variants,
 
 - ``without_ttt``: the base expert;
 - ``with_ttt_all_layers``: the ``gemma_300m`` preset's TTT branch (8 heads of 64, width 512);
-- ``with_ttt_all_layers_full_width``: a full-width branch (8 heads of 128, width 1024).
+- ``with_ttt_all_layers_full_width``: a full-width branch (8 heads of 128, width 1024); only with
+  ``--full-width`` (its branches, gradients and AdamW state add ~3 GB at depth 18).
 
 - timings: one base model; each variant attaches its own TTT branches (or none: exactly the
   computation of an expert built with ``use_ttt=False``, same base weights) and the variants
@@ -18,7 +19,12 @@ package's stand-in encoder (computed once, outside the timings). Three variants,
   allocates the gradients and the AdamW state).
 
     python benchmarks/gemma.py --threads 1 --reps 10 --sample-reps 2  # ~10 min on 2 busy cores
+    python benchmarks/gemma.py --threads 1 --depth 12                 # peak RSS ~7 GB
     python benchmarks/gemma.py --quick                                # depth 2, one repetition
+
+Memory: the timing phase holds the base expert, every variant's branches, and the gradients and
+AdamW state of all of them (16 bytes per parameter): ~10 GB at depth 18 (gemma_300m) with the
+preset branch, ~13 GB with ``--full-width``; the peak resident memory is in the JSON.
 
 On a machine shared with other jobs, ``--threads 1`` gives far steadier numbers (two threads on
 two busy cores stall each other); the CPU times are less disturbed by other load than the wall
@@ -301,6 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps per variant")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=None, help="JSON path (default: see output_path)")
+    p.add_argument("--full-width", action="store_true", help="also time the 8 x 128 TTT branch")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -308,7 +315,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.reps, args.sample_reps = 1, 1
     depth = 2 if args.quick else args.depth
     base_cfg = ActionExpertConfig.gemma_300m(depth=depth, action_horizon=args.horizon)
-    cfgs = {name: variant_config(base_cfg, changes) for name, changes in VARIANTS.items()}
+    cfgs = {name: variant_config(base_cfg, changes) for name, changes in VARIANTS.items()
+            if args.full_width or not name.endswith("_full_width")}  # fmt: skip
 
     torch.manual_seed(0)
     encoder = StandInPrefixEncoder(
@@ -396,7 +404,8 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(["python", *sys.argv]) if argv is None else " ".join(argv),
         "wall_s": time.perf_counter() - t0,
     }
-    out = output_path(args.out, args.quick, "gemma_cpu.json")  # --quick: results/quick/
+    name = "gemma_cpu.json" if depth == 18 else f"gemma_cpu_depth{depth}.json"  # never the record
+    out = output_path(args.out, args.quick, name)  # --quick: results/quick/
     atomic_write_text(out, json.dumps(summary, indent=2))
     for name, o in over.items():
         r, tr = results[name], o["train_step"]

@@ -64,6 +64,22 @@ def test_missing_camera_and_padding_do_not_reach_real_tokens():
         torch.testing.assert_close(k[0][:, real], k2[0][:, real], rtol=0, atol=1e-6)
 
 
+def test_a_camera_missing_in_the_whole_batch_is_not_encoded():
+    """Sample 0 alone (its second camera masked: the vision tower skips it) gives the real tokens'
+    K/V of sample 0 in a batch where another sample has that camera (the tower runs on it)."""
+    prefix = PaliGemmaPrefix(PREFIX)
+    images, image_masks, ids, token_masks = observation()
+    image_masks[0, 1] = False  # sample 1 keeps its second camera
+    both = prefix(images, image_masks, ids, token_masks)
+    alone = prefix(images[:1], image_masks[:1], ids[:1], token_masks[:1])
+    real = alone.pad_mask[0]
+    assert torch.equal(real, both.pad_mask[0]) and (~real).sum() > 0
+    for k, k1 in zip(both.keys, alone.keys):
+        torch.testing.assert_close(k1[0][:, real], k[0][:, real], rtol=0, atol=1e-6)
+    for v, v1 in zip(both.values, alone.values):
+        torch.testing.assert_close(v1[0][:, real], v[0][:, real], rtol=0, atol=1e-6)
+
+
 def test_preprocess_images_resizes_with_padding():
     img = torch.full((1, 100, 200, 3), 255, dtype=torch.uint8)  # a white 1:2 image
     out = preprocess_images(img)

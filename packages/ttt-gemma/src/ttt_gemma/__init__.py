@@ -6,7 +6,8 @@ AdaRMS; each chosen layer gets a non-causal TTT branch after attention (:class:`
 pi0.5's flow-matching head; :class:`StandInPrefixEncoder` stands in for PaliGemma's per-layer
 keys/values and :class:`Pi05Policy` is the whole policy with PaliGemma's;
 :mod:`ttt_gemma.checkpoint` loads openpi / lerobot pi0.5 weights; ``ttt-gemma train`` fine-tunes
-on LeRobot v2 datasets (:mod:`ttt_gemma.train`).
+on LeRobot v2 datasets (:mod:`ttt_gemma.train`), the whole policy from camera images, the task
+prompt and the discretised state (:mod:`ttt_gemma.pi05_inputs`).
 """
 
 from .adarms import AdaRMSNorm, gated_residual
@@ -24,11 +25,13 @@ from .joint import joint_forward
 from .layer import GemmaBlock, TTTBranch
 from .lerobot import read_lerobot, write_lerobot
 from .paligemma import PaliGemmaPrefix, PaliGemmaPrefixConfig, Pi05Policy
+from .pi05_inputs import IMAGE_SLOTS, Pi05Observations, pi05_observation
 from .policy import FlowMatchingPolicy, sincos_time_embedding
 from .prefix import PrefixKV, StandInPrefixEncoder
 from .state_policy import StatePolicy
 
 __all__ = [
+    "IMAGE_SLOTS",
     "ActionExpert",
     "ActionExpertConfig",
     "AdaRMSNorm",
@@ -37,6 +40,7 @@ __all__ = [
     "LoadReport",
     "PaliGemmaPrefix",
     "PaliGemmaPrefixConfig",
+    "Pi05Observations",
     "Pi05Policy",
     "PrefixEncoderConfig",
     "PrefixKV",
@@ -50,6 +54,7 @@ __all__ = [
     "load_pi05",
     "make_att_2d_masks",
     "pi05_attention_mask",
+    "pi05_observation",
     "read_lerobot",
     "save_checkpoint",
     "save_pi05",

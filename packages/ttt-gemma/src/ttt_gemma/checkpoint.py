@@ -240,7 +240,12 @@ def save_checkpoint(policy: torch.nn.Module | dict[str, Tensor], path: str | os.
     """Write a whole policy (TTT included; or its state dict) in our naming, atomically (tmp file +
     os.replace)."""
     state = policy if isinstance(policy, dict) else policy.state_dict()
-    _atomic_save(dict(state), Path(path), {"format": "ttt_gemma"})
+    out, storages = {}, set()
+    for name, t in state.items():  # tied tensors (the VLM's lm_head = embed_tokens) as copies
+        storage = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if storage in storages else t
+        storages.add(storage)
+    _atomic_save(out, Path(path), {"format": "ttt_gemma"})
 
 
 def load_checkpoint(policy: torch.nn.Module, path: str | os.PathLike) -> None:

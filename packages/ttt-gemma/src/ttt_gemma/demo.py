@@ -1,12 +1,20 @@
 """Demo: pi0.5-style policies with and without TTT, fine-tuned on Reacher-v5 through ``ttt-gemma train``.
 
 ``ttt-gemma-demo --out DIR`` rolls out a scripted expert in MuJoCo's Reacher-v5, writes its
-episodes as a LeRobot v2 dataset (``DIR/dataset``), saves one initial policy as a pi0.5 checkpoint
-(``DIR/init_pi05.safetensors``) and trains three policies from it with the training CLI, on the
-same batches: without TTT, with TTT on the residual stream, with TTT on the attention output
-(``ttt.input``). It writes ``summary.json`` (held-out flow-matching loss, MSE of sampled chunks
-against the expert's, closed-loop final distance to the target, mean |TTT gate|) and
-``loss_curves.png``; each run folder under ``DIR/runs`` has its metrics and plots.
+episodes as a LeRobot v2 dataset with a camera (``DIR/dataset``: the state, the torques and a
+top-down image of the arm and target drawn from the simulator's state, :func:`reacher.render`),
+and trains two kinds of policy through the training CLI, each without TTT, with TTT on the
+residual stream and with TTT on the attention output (``ttt.input``), from one initial pi0.5
+checkpoint per kind and on the same batches:
+
+- the state policy (stand-in prefix over state tokens; ``DIR/init_pi05.safetensors``);
+- the whole pi0.5 policy at a tiny size (SigLIP + Gemma prefix over the camera image and the
+  prompt ``"Task: reach the target, State: <discretised state>;\nAction: "`` with a word-level
+  tokenizer built in ``DIR/tokenizer``; ``DIR/init_pi05_whole.safetensors``).
+
+It writes ``summary.json`` (held-out flow-matching loss, MSE of sampled chunks against the
+expert's, closed-loop final distance to the target with the image rendered live, mean |TTT
+gate|) and ``loss_curves.png``; each run folder under ``DIR/runs`` has its metrics and plots.
 """
 
 from __future__ import annotations
@@ -28,18 +36,39 @@ from ttt_core.runfiles import prepare_run_dir
 from .checkpoint import load_checkpoint, save_pi05
 from .cli import main as cli_main
 from .lerobot import read_lerobot, write_lerobot
+from .pi05_inputs import Pi05Observations, pi05_observation
 from .policy import flow_time, sincos_time_embedding
-from .reacher import OBS_DIM, closed_loop_distance, collect_episodes, scripted_expert
-from .state_policy import StatePolicy
+from .reacher import (
+    CAMERA,
+    OBS_DIM,
+    closed_loop_distance,
+    collect_episodes,
+    render,
+    scripted_expert,
+)
 from .train import make_policy
 from .train_config import config_from_yaml_text, load_config
+from .word_tokenizer import build_word_tokenizer, load_tokenizer
 
-# name -> the expert's TTT settings (None: no TTT)
-VARIANTS = {
+TASK = "reach the target"
+# per kind (whole pi0.5 policy?): openpi's quantile for pi0.5, whose prompt bins the state over
+# [-1, 1]; z-scores for the state policy
+NORMALIZATION = {False: "zscore", True: "quantile"}
+IMAGE = 32  # the camera's pixels (resized with padding to the vision tower's 28)
+PLACEMENTS = {  # the expert's TTT settings (None: no TTT)
     "without TTT": None,
     "TTT on the residual stream": {"input": "residual"},
     "TTT on the attention output": {"input": "attn_output"},
 }
+# name -> (whole pi0.5 policy with the camera?, TTT settings)
+VARIANTS = {
+    **{name: (False, ttt) for name, ttt in PLACEMENTS.items()},
+    **{f"pi0.5 with camera, {name}": (True, ttt) for name, ttt in PLACEMENTS.items()},
+}
+# the whole policy's tiny PaliGemma: 16 patches of 7 x 7 per image, K/V sizes of the expert
+VLM = {"vision_width": 32, "vision_mlp_dim": 64, "vision_depth": 2, "vision_heads": 2,
+       "patch_size": 7, "image_size": 28, "width": 64, "depth": 4, "mlp_dim": 128,
+       "num_heads": 4, "num_kv_heads": 1, "head_dim": 16, "vocab_size": 300}  # fmt: skip
 
 
 def expert_config(horizon: int, ttt: dict | None) -> dict:
@@ -49,22 +78,27 @@ def expert_config(horizon: int, ttt: dict | None) -> dict:
             "ttt": ttt or {}}  # fmt: skip
 
 
-def run_config(args, out: Path, name: str, ttt: dict | None) -> dict:
+def run_config(args, out: Path, name: str, ttt: dict | None, whole: bool = False) -> dict:
+    """A ``ttt-gemma train`` config: the state policy, or (``whole``) the tiny pi0.5 policy."""
+    data = {"root": str(out / "dataset"), "normalization": NORMALIZATION[whole]}
+    model = {"expert": expert_config(args.horizon, ttt), "prefix": {"width": 64, "mlp_dim": 128}}
+    if whole:
+        data.update(image_keys={"base_0_rgb": CAMERA}, tokenizer=str(out / "tokenizer"),
+                    max_token_len=24)  # fmt: skip
+        model["vlm"] = VLM
+    model["init_pi05"] = str(out / ("init_pi05_whole" if whole else "init_pi05")) + ".safetensors"
+    steps = args.camera_steps if whole else args.steps
     return {
-        "data": {"root": str(out / "dataset"), "normalization": "zscore"},
-        "model": {
-            "expert": expert_config(args.horizon, ttt),
-            "prefix": {"width": 64, "mlp_dim": 128},
-            "init_pi05": str(out / "init_pi05.safetensors"),
-        },
+        "data": data,
+        "model": model,
         "train": {
-            "steps": args.steps,
+            "steps": steps,
             "batch_size": args.batch,
             "lr": args.lr,
-            "warmup_steps": min(20, args.steps - 1),
+            "warmup_steps": min(20, steps - 1),
             "seed": args.seed,
             "log_every": 25,
-            "ckpt_every": args.steps,
+            "ckpt_every": steps,
             "threads": args.threads,
         },
         "run": {"root": str(out / "runs"), "name": name},
@@ -72,27 +106,44 @@ def run_config(args, out: Path, name: str, ttt: dict | None) -> dict:
 
 
 class Evaluator:
-    """Held-out chunks and the simulator, in the dataset's normalisation."""
+    """Held-out chunks and the simulator, in the dataset's normalisation; the observations of
+    the state policy (normalised states) or of the whole pi0.5 policy (camera + prompt)."""
 
-    def __init__(self, train_root: Path, test_root: Path, horizon: int, seed: int, beta):
-        self.state_norm, self.action_norm = read_lerobot(train_root).normalizers("zscore")
-        test = read_lerobot(test_root)
-        states, actions = test.chunks(test.chunk_starts(horizon), horizon)
+    def __init__(self, train_root: Path, test_root: Path, horizon: int, seed: int, beta,
+                 tokenizer):  # fmt: skip
+        train = read_lerobot(train_root)
+        self.norms = {whole: train.normalizers(mode) for whole, mode in NORMALIZATION.items()}
+        test = read_lerobot(test_root, image_keys=[CAMERA], tasks=True)
+        self.frames = test.chunk_starts(horizon)  # (M,) the held-out chunks' first frames
+        states, actions = test.chunks(self.frames, horizon)
         self.states, self.actions = states, actions  # raw units
+        self.whole = Pi05Observations(test, {"base_0_rgb": CAMERA},
+                                      self.norms[True][0].normalize(test.states), tokenizer, 24,
+                                      VLM["image_size"])  # fmt: skip
         gen = torch.Generator().manual_seed(seed)
         self.noise = torch.randn(actions.shape, generator=gen)
         self.t = flow_time(actions.shape[0], beta, generator=gen)
         self.start = torch.randn(actions.shape, generator=gen)
 
+    def live(self, obs: np.ndarray, whole: bool) -> tuple:
+        """A policy's inputs for simulator observations [N, 10] (the camera rendered live)."""
+        states = self.norms[whole][0].normalize(torch.as_tensor(obs, dtype=torch.float32))
+        if not whole:
+            return (states,)
+        w = self.whole
+        return pi05_observation({"base_0_rgb": torch.from_numpy(render(obs, IMAGE))},
+                                [TASK] * len(obs), states, w.tokenizer, w.max_token_len,
+                                w.image_size)  # fmt: skip
+
     @torch.no_grad()
-    def __call__(self, model: StatePolicy, episodes: int) -> dict:
+    def __call__(self, model, whole: bool, episodes: int) -> dict:
         model.eval()
-        s = self.state_norm.normalize(self.states)
-        flow = model.loss(s, self.action_norm.normalize(self.actions), self.noise, self.t).item()
-        sampled = self.action_norm.unnormalize(model.sample(s, noise=self.start))
-        act = lambda obs: self.action_norm.unnormalize(
-            model.sample(self.state_norm.normalize(torch.as_tensor(obs, dtype=torch.float32)))
-        ).numpy()
+        state_norm, action_norm = self.norms[whole]
+        held_out = self.whole(self.frames) if whole else (state_norm.normalize(self.states),)
+        actions = action_norm.normalize(self.actions)
+        flow = model.loss(*held_out, actions, self.noise, self.t).item()
+        sampled = action_norm.unnormalize(model.sample(*held_out, noise=self.start))
+        act = lambda obs: action_norm.unnormalize(model.sample(*self.live(obs, whole))).numpy()
         return {
             "flow_matching_loss": flow,
             "sampled_action_mse": torch.mean((sampled - self.actions) ** 2).item(),
@@ -104,7 +155,7 @@ class Evaluator:
 
 
 @torch.no_grad()
-def ttt_gate_magnitude(model: StatePolicy) -> float | None:
+def ttt_gate_magnitude(model) -> float | None:
     """Mean |g_ttt| of the TTT branches' AdaRMS gates over t in [0, 1] (0 at the exact start)."""
     from .layer import TTTBranch
 
@@ -128,7 +179,7 @@ def plot(curves: dict[str, list[float]], path: Path) -> None:
         smooth = np.convolve(np.asarray(losses), np.ones(k) / k, mode="valid")
         ax.plot(np.arange(len(smooth)) + k // 2, smooth, label=name)
     ax.set(yscale="log", xlabel="training step", ylabel="flow-matching loss (smoothed)",
-           title="Reacher-v5 action chunks: pi0.5-style expert, with and without TTT")  # fmt: skip
+           title="Reacher-v5 action chunks: pi0.5-style policies, with and without TTT")  # fmt: skip
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -139,7 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
-    p.add_argument("--steps", type=int, default=300, help="training steps per policy")
+    p.add_argument("--steps", type=int, default=300, help="training steps per state policy")
+    p.add_argument("--camera-steps", type=int, default=150,
+                   help="training steps per whole pi0.5 policy (each ~2.5x a state step)")  # fmt: skip
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--horizon", type=int, default=16, help="actions per chunk")
@@ -149,32 +202,38 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadiest)")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.batch < 1:
-        raise ValueError("--steps and --batch must be >= 1")
+    if min(args.steps, args.camera_steps, args.batch) < 1:
+        raise ValueError("--steps, --camera-steps and --batch must be >= 1")
     torch.set_num_threads(args.threads)
     out = Path(args.out).absolute()
     out = prepare_run_dir(out.parent, out.name, resume=False, overwrite=args.overwrite)
     t0 = time.perf_counter()
-    write_lerobot(out / "dataset", collect_episodes(args.train_episodes, args.seed, progress=True),
-                  fps=50, robot_type="reacher", task="reach the target")  # fmt: skip
-    write_lerobot(out / "test_dataset", collect_episodes(args.test_episodes, args.seed + 50_000),
-                  fps=50, robot_type="reacher", task="reach the target")  # fmt: skip
+    for folder, episodes, seed in (("dataset", args.train_episodes, args.seed),
+                                   ("test_dataset", args.test_episodes, args.seed + 50_000)):  # fmt: skip
+        write_lerobot(out / folder, collect_episodes(episodes, seed, progress=True, camera=IMAGE),
+                      fps=50, image_keys=[CAMERA], robot_type="reacher", task=TASK)  # fmt: skip
+    build_word_tokenizer(out / "tokenizer", [TASK])
     expert_dist = closed_loop_distance(
         lambda obs: scripted_expert(obs)[:, None], args.closed_loop_episodes, execute=1
     )
-    # one initial policy, saved as a pi0.5 checkpoint: every run starts from it (TTT: gates at 0)
-    base = config_from_yaml_text(yaml.safe_dump(run_config(args, out, "init", None)), "<demo>")
-    torch.manual_seed(args.seed)
-    save_pi05(make_policy(base, OBS_DIM).policy, out / "init_pi05.safetensors")
+    # one initial policy per kind, saved as a pi0.5 checkpoint: its runs start from it (TTT: gates
+    # at 0); the state policy's file holds the expert and heads, the whole policy's the VLM too
+    for whole in (False, True):
+        base = config_from_yaml_text(yaml.safe_dump(run_config(args, out, "init", None, whole)),
+                                     "<demo>")  # fmt: skip
+        torch.manual_seed(args.seed)
+        policy = make_policy(base, OBS_DIM)
+        save_pi05(policy if whole else policy.policy, base.model.init_pi05)
 
     evaluate = Evaluator(out / "dataset", out / "test_dataset", args.horizon, args.seed + 2,
-                         base.model.expert.time_beta)  # fmt: skip
+                         base.model.expert.time_beta, load_tokenizer(out / "tokenizer"))  # fmt: skip
     curves, results = {}, {}
-    for name, ttt in VARIANTS.items():
-        folder = name.lower().replace(" ", "_")
+    for name, (whole, ttt) in VARIANTS.items():
+        folder = name.lower().replace("pi0.5 with camera, ", "pi05_camera_").replace(" ", "_")
         cfg_path = out / "configs" / f"{folder}.yaml"
         cfg_path.parent.mkdir(parents=True, exist_ok=True)
-        cfg_path.write_text(yaml.safe_dump(run_config(args, out, folder, ttt), sort_keys=False))
+        config = run_config(args, out, folder, ttt, whole)
+        cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
         if cli_main(["train", "--config", str(cfg_path)]) != 0:  # the training CLI itself
             raise RuntimeError(f"ttt-gemma train --config {cfg_path} failed")
         cfg = load_config(cfg_path)
@@ -182,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         load_checkpoint(model, out / "runs" / folder / "model.safetensors")
         metrics = (out / "runs" / folder / "metrics.jsonl").read_text().splitlines()
         curves[name] = [json.loads(line)["loss"] for line in metrics]
-        results[name] = evaluate(model, args.closed_loop_episodes)
+        results[name] = evaluate(model, whole, args.closed_loop_episodes)
         results[name]["final_train_loss_avg50"] = float(np.mean(curves[name][-50:]))
         results[name]["parameters"] = sum(p.numel() for p in model.parameters())
         results[name]["mean_abs_ttt_gate"] = ttt_gate_magnitude(model)
@@ -193,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
         "test_chunks": int(evaluate.actions.shape[0]),
         "horizon": args.horizon,
         "steps": args.steps,
+        "camera_steps": args.camera_steps,
         "batch": args.batch,
         "expert_closed_loop_distance": expert_dist,
         "results": results,

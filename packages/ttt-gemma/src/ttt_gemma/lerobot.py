@@ -9,9 +9,13 @@ Layout (LeRobot ``codebase_version`` v2.x)::
                                  one row per frame: observation.state, action, episode_index,
                                  frame_index, timestamp, index, task_index
 
-Only the state and action columns are read (videos and images are not). A training sample is
-the state at frame t and the actions t .. t + horizon - 1 of the same episode: every frame with
-t + horizon <= the episode's length gives one (as openpi and lerobot do away from episode ends).
+    ROOT/meta/tasks.jsonl        one line per task: {"task_index": i, "task": "..."}
+
+The state and action columns are always read; camera features (``dtype`` ``image``: PNG/JPEG
+bytes in the parquet; ``video``: mp4 files, with PyAV) and the task prompts when asked for (see
+:mod:`ttt_gemma.lerobot_media`). A training sample is the state (and images) at frame t and the
+actions t .. t + horizon - 1 of the same episode: every frame with t + horizon <= the episode's
+length gives one (as openpi and lerobot do away from episode ends).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +31,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch import Tensor
+
+from .lerobot_media import (
+    VideoFrames,
+    decode_image,
+    encode_png,
+    image_column,
+    read_jsonl,
+    read_tasks,
+    video_frames,
+)
 
 DATA_PATH = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
 NORMALIZATIONS = ("zscore", "quantile", "none")
@@ -94,6 +108,8 @@ class LeRobotFrames:
         states: [N, S] float32. actions: [N, A] float32.
         episode_starts: [E] first frame of each episode; episode_lengths: [E].
         fps: frames per second; stats: meta/stats.json as read.
+        cameras: per image feature read, its frames (encoded images [N] or videos), see :meth:`image`.
+        task_index: [N] long, each frame's task (zeros when tasks were not read); tasks: {index: text}.
     """
 
     root: Path
@@ -105,6 +121,17 @@ class LeRobotFrames:
     stats: dict
     state_key: str
     action_key: str
+    cameras: dict[str, list[bytes] | VideoFrames] = field(default_factory=dict)
+    task_index: Tensor | None = None
+    tasks: dict[int, str] = field(default_factory=dict)
+
+    def image(self, key: str, index: int) -> np.ndarray:
+        """Camera ``key``'s frame ``index`` (over the whole dataset) as [H, W, 3] uint8."""
+        frames = self.cameras[key]
+        if isinstance(frames, VideoFrames):
+            episode = int(torch.searchsorted(self.episode_starts, index, right=True)) - 1
+            return frames.frame(episode, index - int(self.episode_starts[episode]))
+        return decode_image(frames[index], f"{self.root}: {key!r} frame {index}")
 
     def chunk_starts(self, horizon: int) -> Tensor:
         """Frames t with t + horizon within their episode: [M] long (a sample's state frame)."""
@@ -142,19 +169,7 @@ def _read_json(path: Path):
 
 
 def _read_episodes(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise ValueError(f"{path.parent.parent}: missing meta/episodes.jsonl ({_LAYOUT})")
-    episodes = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            ep = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{n}: not valid JSON ({err})") from err
-        if not isinstance(ep.get("episode_index"), int) or not isinstance(ep.get("length"), int):
-            raise ValueError(f"{path}:{n}: needs integer 'episode_index' and 'length', got {ep}")
-        episodes.append(ep)
+    episodes = read_jsonl(path, {"episode_index": int, "length": int}, _LAYOUT)
     indices = [ep["episode_index"] for ep in episodes]
     if indices != list(range(len(episodes))):
         gaps = sorted(set(range(max(indices, default=-1) + 1)) - set(indices))
@@ -182,13 +197,23 @@ def _vectors(table: pa.Table, key: str, path: Path) -> np.ndarray:
 
 
 def read_lerobot(
-    root: str | os.PathLike, state_key: str = "observation.state", action_key: str = "action"
+    root: str | os.PathLike,
+    state_key: str = "observation.state",
+    action_key: str = "action",
+    image_keys: tuple[str, ...] | list[str] = (),
+    tasks: bool = False,
 ) -> LeRobotFrames:
-    """Read a LeRobot v2 dataset's states and actions, checking its layout.
+    """Read a LeRobot v2 dataset's states and actions (and cameras, tasks), checking its layout.
+
+    Args:
+        image_keys: camera features to read (``dtype`` ``image`` or ``video`` in meta/info.json).
+        tasks: read meta/tasks.jsonl and every frame's ``task_index``.
 
     Raises ValueError naming the file for: a missing meta file, a codebase version other than
     v2.x, an episode list with gaps or out of order, a missing episode file, a missing or
-    mis-shaped column, frame indices that are not 0..length-1, or non-finite values.
+    mis-shaped column, frame indices that are not 0..length-1, non-finite values, a camera key
+    that is not an image/video feature, an image column that is not PNG/JPEG bytes of the shape
+    meta/info.json gives, a task index without a task.
     """
     root = Path(root)
     info = _read_json(root / "meta" / "info.json")
@@ -208,8 +233,12 @@ def read_lerobot(
             raise ValueError(
                 f"{root}/meta/info.json: no feature {key!r}; features are {sorted(features)}"
             )
+    _check_camera_features(root, features, image_keys)
+    task_names = read_tasks(root) if tasks else {}
     template, chunks_size = info.get("data_path", DATA_PATH), int(info.get("chunks_size", 1000))
     states, actions, starts, lengths, start = [], [], [], [], 0
+    encoded = {k: [] for k in image_keys if features[k]["dtype"] == "image"}
+    timestamps, task_index = [], []
     for ep in episodes:
         i, n = ep["episode_index"], ep["length"]
         path = root / template.format(episode_chunk=i // chunks_size, episode_index=i)
@@ -231,14 +260,64 @@ def read_lerobot(
         for key, want in (("episode_index", np.full(n, i)), ("frame_index", np.arange(n))):
             if key in table.column_names and not np.array_equal(table.column(key).to_numpy(), want):
                 raise ValueError(f"{path}: column {key!r} must be {want[:3]}... for episode {i}")
+        for key in encoded:
+            images = image_column(table, key, path)
+            _check_image_shape(decode_image(images[0], f"{path}: {key!r} row 0"),
+                               features[key], f"{path}: column {key!r}")  # fmt: skip
+            encoded[key] += images
+        if len(encoded) < len(image_keys):  # videos: frame times from the parquet
+            timestamps.append(_vectors(table, "timestamp", path)[:, 0])
+        if tasks:
+            task_index.append(_task_column(table, path, n, task_names))
         states.append(torch.from_numpy(s))
         actions.append(torch.from_numpy(a))
         starts.append(start)
         lengths.append(n)
         start += n
+    cameras = {key: encoded[key] if key in encoded else
+               video_frames(root, info, key, list(range(len(episodes))), timestamps)
+               for key in image_keys}  # fmt: skip
+    n_frames = sum(lengths)
     return LeRobotFrames(root, torch.cat(states), torch.cat(actions), torch.tensor(starts),
                          torch.tensor(lengths), float(info.get("fps", 0)), stats, state_key,
-                         action_key)  # fmt: skip
+                         action_key, cameras,
+                         torch.cat(task_index) if tasks else torch.zeros(n_frames, dtype=torch.long),
+                         task_names)  # fmt: skip
+
+
+def _check_camera_features(root: Path, features: dict, image_keys) -> None:
+    """Every requested camera key is an ``image`` or ``video`` feature of meta/info.json."""
+    cameras = sorted(k for k, f in features.items() if f.get("dtype") in ("image", "video"))
+    for key in image_keys:
+        if features.get(key, {}).get("dtype") not in ("image", "video"):
+            raise ValueError(
+                f"{root}/meta/info.json: no image or video feature {key!r}; its camera features "
+                f"are {cameras} (set data.image_keys to those)"
+            )
+
+
+def _check_image_shape(image: np.ndarray, feature: dict, where: str) -> None:
+    """A decoded [H, W, 3] image against the feature's ``shape`` (HWC, or CHW when its
+    ``names`` start with the channel)."""
+    shape = list(feature.get("shape", image.shape))
+    names = feature.get("names") or []
+    if names and str(names[0]).startswith("channel"):
+        shape = shape[1:] + shape[:1]
+    if list(image.shape) != shape:
+        raise ValueError(f"{where}: images are {list(image.shape)} (H, W, C), meta says {shape}")
+
+
+def _task_column(table: pa.Table, path: Path, n: int, tasks: dict[int, str]) -> Tensor:
+    """The ``task_index`` column [n], each index one of meta/tasks.jsonl."""
+    if "task_index" not in table.column_names:
+        raise ValueError(f"{path}: no column 'task_index' (each frame's prompt)")
+    index = table.column("task_index").to_numpy().astype(np.int64)
+    unknown = sorted(set(index.tolist()) - set(tasks))
+    if len(index) != n or unknown:
+        raise ValueError(
+            f"{path}: task_index {unknown[:5]} not in meta/tasks.jsonl {sorted(tasks)}"
+        )
+    return torch.from_numpy(index)
 
 
 def write_lerobot(
@@ -248,17 +327,25 @@ def write_lerobot(
     fps: float,
     state_key: str = "observation.state",
     action_key: str = "action",
+    image_keys: tuple[str, ...] | list[str] = (),
     robot_type: str = "unknown",
-    task: str = "",
+    task: str | list[str] = "",
     chunks_size: int = 1000,
 ) -> Path:
-    """Write episodes ({state_key: [n, S], action_key: [n, A]} arrays) as a LeRobot v2 dataset.
+    """Write episodes ({state_key: [n, S], action_key: [n, A]} arrays, and per camera of
+    ``image_keys`` [n, H, W, 3] uint8 frames) as a LeRobot v2 dataset.
 
-    Stats (mean, std, min, max, q01, q99 per dimension over all frames) go to meta/stats.json.
-    The folder must not exist yet or be empty. Returns the root."""
+    Cameras are ``image`` features: one PNG per frame in the parquet (``{bytes, path}`` structs).
+    ``task``: one prompt for every episode or one per episode (meta/tasks.jsonl, ``task_index``).
+    Stats (mean, std, min, max, q01, q99 per dimension over all frames) of the state and action
+    go to meta/stats.json. The folder must not exist yet or be empty. Returns the root."""
     root = Path(root)
     if root.exists() and any(root.iterdir()):
         raise ValueError(f"{root}: exists and is not empty; choose a new folder")
+    episode_tasks = [task] * len(episodes) if isinstance(task, str) else list(task)
+    if len(episode_tasks) != len(episodes):
+        raise ValueError(f"task: one string or one per episode ({len(episodes)}), got {len(task)}")
+    task_ids = {t: i for i, t in enumerate(dict.fromkeys(episode_tasks))}
     (root / "meta").mkdir(parents=True, exist_ok=True)
     all_frames = {state_key: [], action_key: []}
     index = 0
@@ -275,7 +362,8 @@ def write_lerobot(
             "frame_index": pa.array(np.arange(n, dtype=np.int64)),
             "episode_index": pa.array(np.full(n, i, dtype=np.int64)),
             "index": pa.array(np.arange(index, index + n, dtype=np.int64)),
-            "task_index": pa.array(np.zeros(n, dtype=np.int64)),
+            "task_index": pa.array(np.full(n, task_ids[episode_tasks[i]], dtype=np.int64)),
+            **{key: _image_structs(ep[key], n, f"episodes[{i}][{key!r}]") for key in image_keys},
         })  # fmt: skip
         path = root / DATA_PATH.format(episode_chunk=i // chunks_size, episode_index=i)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -295,21 +383,36 @@ def write_lerobot(
         "shape": [all_frames[key][0].shape[1]],
         "names": None,
     }
+    cameras = {key: {"dtype": "image", "shape": list(np.shape(episodes[0][key])[1:]),
+                     "names": ["height", "width", "channel"]} for key in image_keys}  # fmt: skip
     info = {
         "codebase_version": "v2.1",
         "robot_type": robot_type,
         "total_episodes": len(episodes),
         "total_frames": index,
-        "total_tasks": 1,
+        "total_tasks": len(task_ids),
         "chunks_size": chunks_size,
         "fps": fps,
         "splits": {"train": f"0:{len(episodes)}"},
         "data_path": DATA_PATH,
-        "features": {state_key: feature(state_key), action_key: feature(action_key)},
+        "features": {state_key: feature(state_key), action_key: feature(action_key), **cameras},
     }
     (root / "meta" / "info.json").write_text(json.dumps(info, indent=2))
     (root / "meta" / "stats.json").write_text(json.dumps(stats, indent=2))
-    lines = [json.dumps({"episode_index": i, "tasks": [task], "length": len(ep[action_key])})
-             for i, ep in enumerate(episodes)]  # fmt: skip
+    lines = [json.dumps({"episode_index": i, "tasks": [t], "length": len(ep[action_key])})
+             for i, (ep, t) in enumerate(zip(episodes, episode_tasks))]  # fmt: skip
     (root / "meta" / "episodes.jsonl").write_text("\n".join(lines) + "\n")
+    lines = [json.dumps({"task_index": i, "task": t}) for t, i in task_ids.items()]
+    (root / "meta" / "tasks.jsonl").write_text("\n".join(lines) + "\n")
     return root
+
+
+def _image_structs(frames: np.ndarray, n: int, where: str) -> pa.Array:
+    """[n, H, W, 3] uint8 frames -> LeRobot's image column: ``{bytes: PNG, path: null}`` structs."""
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[0] != n or frames.shape[3] != 3:
+        raise ValueError(
+            f"{where}: expected [{n}, H, W, 3] uint8, got {frames.dtype} {frames.shape}"
+        )
+    structs = [{"bytes": encode_png(f), "path": None} for f in frames]
+    return pa.array(structs, type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))

@@ -86,6 +86,11 @@ def preprocess_images(images: Tensor, size: int = IMAGE_SIZE) -> Tensor:
     """openpi's image preprocessing: resize keeping the aspect ratio, pad to ``size`` x ``size``
     (centred, black), scale to [-1, 1].
 
+    As openpi's ``image_tools.resize_with_pad``: ``ratio = max(W / size, H / size)``, the image
+    resized to ``int(H / ratio) x int(W / ratio)`` (bilinear with antialiasing, PIL's BILINEAR),
+    pasted at ``((size - h) // 2, (size - w) // 2)`` on black; an image already ``size`` x
+    ``size`` is not resampled.
+
     Args:
         images: [B, H, W, 3] uint8 (0..255) or float in [0, 1].
 
@@ -97,8 +102,8 @@ def preprocess_images(images: Tensor, size: int = IMAGE_SIZE) -> Tensor:
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
     x = x.permute(0, 3, 1, 2)  # (B, 3, H, W)
     H, W = x.shape[-2:]
-    scale = min(size / H, size / W)
-    h, w = max(1, round(H * scale)), max(1, round(W * scale))
+    ratio = max(W / size, H / size)
+    h, w = max(1, int(H / ratio)), max(1, int(W / ratio))
     if (h, w) != (H, W):
         x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
     top, left = (size - h) // 2, (size - w) // 2
@@ -154,12 +159,18 @@ class PaliGemmaPrefix(nn.Module):
                 f"{tuple(image_masks.shape)}, {tuple(tokens.shape)}, {tuple(token_masks.shape)}"
             )
         model = self.paligemma.model
-        feats = model.get_image_features(images.flatten(0, 1)).pooler_output  # (B*N, n, W)
-        feats = feats.unflatten(0, (B, N))  # (B, N, n, W)
-        n = feats.shape[2]
-        image_pad = image_masks[:, :, None].expand(B, N, n).reshape(B, N * n)
         lang = model.language_model.embed_tokens(tokens)  # (B, T, W), x sqrt(W) inside
-        embs = torch.cat([feats.reshape(B, N * n, -1).to(lang.dtype), lang], dim=1)
+        # a camera missing in every sample (an unused pi0.5 slot) is padding throughout: its
+        # tokens are zeros instead of the vision tower's output, which nothing would read
+        live = image_masks.any(0)  # (N,)
+        n = (self.config.image_size // self.config.patch_size) ** 2
+        feats = lang.new_zeros(B, N, n, self.config.width)
+        if live.any():
+            pixels = images[:, live].flatten(0, 1).to(model.vision_tower.dtype)  # (B*N', 3, S, S)
+            seen = model.get_image_features(pixels).pooler_output  # (B*N', n, W)
+            feats[:, live] = seen.unflatten(0, (B, -1)).to(lang.dtype)  # (B, N', n, W)
+        image_pad = image_masks[:, :, None].expand(B, N, n).reshape(B, N * n)
+        embs = torch.cat([feats.reshape(B, N * n, -1), lang], dim=1)
         return embs, torch.cat([image_pad, token_masks.bool()], dim=1)
 
     def forward(self, images: Tensor, image_masks: Tensor, tokens: Tensor, token_masks: Tensor):
@@ -206,10 +217,14 @@ class Pi05Policy(nn.Module):
         self.prefix = PaliGemmaPrefix(prefix)
         self.policy = FlowMatchingPolicy(expert)
 
-    def loss(self, images, image_masks, tokens, token_masks, actions, noise=None, t=None):
-        """Flow-matching loss of action chunks [B, H, A] given the observation."""
+    def forward(self, images, image_masks, tokens, token_masks, actions, noise=None, t=None):
+        """Flow-matching loss of action chunks [B, H, A] given the observation (images
+        [B, N, 3, S, S], image_masks [B, N], tokens/token_masks [B, T]; see
+        :meth:`PaliGemmaPrefix.embed`). The training call: DDP and FSDP2 hook into ``forward``."""
         kv = self.prefix(images, image_masks, tokens, token_masks)
         return self.policy.loss(actions, kv, noise=noise, t=t)
+
+    loss = forward
 
     @torch.no_grad()
     def sample(self, images, image_masks, tokens, token_masks, noise=None) -> Tensor:

@@ -20,6 +20,7 @@ ENV_ID = "Reacher-v5"
 LINKS = (0.1, 0.11)  # link lengths of the arm (shoulder->elbow, elbow->fingertip), metres
 EPISODE_STEPS = 50
 OBS_DIM = 10  # the observation (the dataset's state) size
+CAMERA = "observation.images.top"  # the dataset's camera feature (see render)
 
 
 def scripted_expert(obs: np.ndarray, kp: float = 300.0, kd: float = 0.25) -> np.ndarray:
@@ -47,11 +48,49 @@ def scripted_expert(obs: np.ndarray, kp: float = 300.0, kd: float = 0.25) -> np.
     return np.clip(tau, -1.0, 1.0)
 
 
+def render(obs: np.ndarray, size: int = 32, extent: float = 0.22) -> np.ndarray:
+    """A top-down camera image of each observation, drawn from the simulator's state: the two links
+    (blue, from the joint angles), the fingertip (black) and the target (red) on grey, the arena
+    ``[-extent, extent]^2`` metres over ``size`` x ``size`` pixels (y up).
+
+    Args:
+        obs: [N, 10] Reacher observations.
+
+    Returns:
+        [N, size, size, 3] uint8.
+    """
+    q1, q2 = np.arctan2(obs[:, 2], obs[:, 0]), np.arctan2(obs[:, 3], obs[:, 1])
+    l1, l2 = LINKS
+    elbow = np.stack([l1 * np.cos(q1), l1 * np.sin(q1)], -1)  # (N, 2)
+    tip = elbow + np.stack([l2 * np.cos(q1 + q2), l2 * np.sin(q1 + q2)], -1)
+    target = obs[:, 4:6]
+    centres = (np.arange(size) + 0.5) / size * 2 * extent - extent
+    px = np.stack(np.meshgrid(centres, centres[::-1], indexing="xy"), -1)  # (size, size, 2): x, y
+    pixel = 2 * extent / size
+
+    def near_segment(a: np.ndarray, b: np.ndarray, radius: float) -> np.ndarray:
+        """[N, size, size] bool: pixels within ``radius`` of the segment a-b (a, b: [N, 2])."""
+        ab = (b - a)[:, None, None]  # (N, 1, 1, 2)
+        ap = px[None] - a[:, None, None]  # (N, size, size, 2)
+        s = np.clip((ap * ab).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-12), 0, 1)
+        return np.linalg.norm(ap - s[..., None] * ab, axis=-1) <= radius
+
+    image = np.full((len(obs), size, size, 3), 200, dtype=np.uint8)
+    origin = np.zeros_like(elbow)
+    image[near_segment(target, target, 1.2 * pixel)] = (220, 30, 30)
+    image[near_segment(origin, elbow, 0.7 * pixel)] = (40, 70, 200)
+    image[near_segment(elbow, tip, 0.7 * pixel)] = (40, 120, 230)
+    image[near_segment(tip, tip, 0.8 * pixel)] = (0, 0, 0)
+    return image
+
+
 def collect_episodes(
-    episodes: int, seed: int = 0, num_envs: int = 25, progress: bool = False
+    episodes: int, seed: int = 0, num_envs: int = 25, progress: bool = False, camera: int = 0
 ) -> list[dict[str, np.ndarray]]:
     """Roll out the scripted expert: per episode ``{"observation.state": [50, 10], "action":
-    [50, 2]}`` (the observation before each action), ready for :func:`ttt_gemma.lerobot.write_lerobot`."""
+    [50, 2]}`` (the observation before each action), and with ``camera`` > 0 the
+    ``observation.images.top`` frames [50, camera, camera, 3] (:func:`render`), ready for
+    :func:`ttt_gemma.lerobot.write_lerobot`."""
     from tqdm.auto import tqdm
 
     out = []
@@ -69,8 +108,14 @@ def collect_episodes(
                 act_seq.append(a)
                 obs, *_ = env.step(a)
             obs_all, act_all = np.stack(obs_seq, 1), np.stack(act_seq, 1)  # (E, 50, 10), (E, 50, 2)
-            out += [{"observation.state": o.astype(np.float32), "action": a.astype(np.float32)}
-                    for o, a in zip(obs_all, act_all)]  # fmt: skip
+            for o, a in zip(obs_all, act_all):
+                episode = {
+                    "observation.state": o.astype(np.float32),
+                    "action": a.astype(np.float32),
+                }
+                if camera:
+                    episode[CAMERA] = render(o, camera)
+                out.append(episode)
     finally:
         env.close()
     return out[:episodes]

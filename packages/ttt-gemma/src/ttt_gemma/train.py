@@ -1,4 +1,7 @@
-"""``ttt-gemma train``: fine-tune a state policy (with TTT) on a LeRobot v2 dataset.
+"""``ttt-gemma train``: fine-tune a policy (with TTT) on a LeRobot v2 dataset: the whole pi0.5
+policy (:class:`~ttt_gemma.paligemma.Pi05Policy`, images + prompt + discretised state) when the
+config maps cameras (``data.image_keys``, ``model.vlm``), else the state policy
+(:class:`~ttt_gemma.state_policy.StatePolicy`).
 
 One step: the global batch (start frames, noise, flow times) is drawn from one seeded generator
 on every process, each process takes its equal slice, and the loss is the flow-matching loss of
@@ -43,14 +46,17 @@ from ttt_core.runfiles import (
 from .checkpoint import load_pi05, save_checkpoint
 from .diagnostics import TTTDiagnostics, plot_metrics
 from .lerobot import LeRobotFrames, read_lerobot
+from .paligemma import Pi05Policy
+from .pi05_inputs import Pi05Observations
 from .state_policy import StatePolicy
 from .train_config import TrainRunConfig, config_from_yaml_text, config_to_yaml
+from .word_tokenizer import load_tokenizer
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 _OPTIM_LOAD = StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False)
 _TRAINABLE = {  # parameter name -> trains?
     "all": lambda name: True,
-    "freeze_vlm": lambda name: not name.startswith("encoder."),
+    "freeze_vlm": lambda name: not name.startswith(("encoder.", "prefix.")),
     "expert": lambda name: name.startswith("policy.expert."),
     "ttt": lambda name: ".ttt." in name,
 }
@@ -69,14 +75,24 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device or torch.device("cpu")
 
 
-def make_policy(cfg: TrainRunConfig, state_dim: int) -> StatePolicy:
-    """The config's state policy (fresh initialisation from torch's global RNG)."""
+def make_policy(cfg: TrainRunConfig, state_dim: int) -> StatePolicy | Pi05Policy:
+    """The config's policy, fresh from torch's global RNG: the whole pi0.5 policy when
+    ``model.vlm`` is set, else the state policy."""
+    if cfg.model.vlm is not None:
+        return Pi05Policy(cfg.model.vlm, cfg.model.expert)
     prefix = cfg.model.prefix
     return StatePolicy(cfg.model.expert, state_dim, prefix.width, prefix.mlp_dim)
 
 
-def build_model(cfg: TrainRunConfig, frames: LeRobotFrames) -> StatePolicy:
-    """The state policy (seeded), its pi0.5 start weights if given, its trainable parameters."""
+def read_frames(cfg: TrainRunConfig) -> LeRobotFrames:
+    """The dataset with what the config's policy reads (cameras and tasks for pi0.5)."""
+    d = cfg.data
+    cameras = tuple(dict.fromkeys((d.image_keys or {}).values()))
+    return read_lerobot(d.root, d.state_key, d.action_key, cameras, tasks=d.image_keys is not None)
+
+
+def build_model(cfg: TrainRunConfig, frames: LeRobotFrames) -> StatePolicy | Pi05Policy:
+    """The config's policy (seeded), its pi0.5 start weights if given, its trainable parameters."""
     expert = cfg.model.expert
     if frames.actions.shape[1] > expert.action_dim:
         raise ValueError(
@@ -85,8 +101,8 @@ def build_model(cfg: TrainRunConfig, frames: LeRobotFrames) -> StatePolicy:
         )
     torch.manual_seed(cfg.train.seed)
     model = make_policy(cfg, frames.states.shape[1])
-    if cfg.model.init_pi05 is not None:
-        load_pi05(model.policy, cfg.model.init_pi05)
+    if cfg.model.init_pi05 is not None:  # the whole checkpoint into pi0.5, the expert's otherwise
+        load_pi05(model if isinstance(model, Pi05Policy) else model.policy, cfg.model.init_pi05)
     trains = _TRAINABLE[cfg.train.trainable]
     for name, p in model.named_parameters():
         p.requires_grad_(trains(name))
@@ -96,20 +112,22 @@ def build_model(cfg: TrainRunConfig, frames: LeRobotFrames) -> StatePolicy:
     return model
 
 
-def wrap(model: StatePolicy, parallel: str, world: int, device: torch.device) -> nn.Module:
+def wrap(
+    model: StatePolicy | Pi05Policy, parallel: str, world: int, device: torch.device
+) -> nn.Module:
     """DDP or FSDP2 (one shard group per expert layer, the rest in the root's) when world > 1."""
     model.to(device)
     if world == 1:
         return model
     if parallel == "ddp":
         ids = [device.index] if device.type == "cuda" else None
-        # the stand-in encoder's last layer past its K/V projections does not reach the loss
+        # the prefix's last layer past its K/V projections does not reach the loss
         return nn.parallel.DistributedDataParallel(model, device_ids=ids,
                                                    find_unused_parameters=True)  # fmt: skip
     from torch.distributed.fsdp import fully_shard
 
-    # (the stand-in encoder calls its layers' attn_in/attn_out halves, not their forward, which is
-    # where FSDP2 gathers a group: its layers stay in the root's group)
+    # (both prefixes call their layers' parts, not their forward, which is where FSDP2 gathers a
+    # group: their layers stay in the root's group)
     for layer in model.policy.expert.layers:
         fully_shard(layer)
     return fully_shard(model)
@@ -138,7 +156,8 @@ def guarded_step(optimizer: torch.optim.Optimizer, params: list[Tensor], loss: T
 
 
 class Batches:
-    """Normalised states and action chunks, drawn by one seeded generator (its state is saved)."""
+    """Normalised action chunks and the observations of their first frames, drawn by one seeded
+    generator (its state is saved)."""
 
     def __init__(self, frames: LeRobotFrames, cfg: TrainRunConfig):
         horizon, A = cfg.model.expert.action_horizon, cfg.model.expert.action_dim
@@ -149,15 +168,30 @@ class Batches:
         self.starts = frames.chunk_starts(horizon)  # (M,)
         self.horizon, self.action_dim = horizon, A
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        self.pi05 = None
+        if cfg.model.vlm is not None:
+            tokenizer = load_tokenizer(cfg.data.tokenizer)
+            if len(tokenizer) > cfg.model.vlm.vocab_size:
+                raise ValueError(
+                    f"model.vlm.vocab_size ({cfg.model.vlm.vocab_size}) is smaller than the "
+                    f"tokenizer's vocabulary ({len(tokenizer)}, {cfg.data.tokenizer})"
+                )
+            self.pi05 = Pi05Observations(frames, cfg.data.image_keys, self.states, tokenizer,
+                                         cfg.data.max_token_len, cfg.model.vlm.image_size)  # fmt: skip
 
     def draw(self, batch: int, policy) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """A global batch: states [B, S], action chunks [B, H, A], noise [B, H, A], t [B]."""
+        """A global batch: start frames [B], action chunks [B, H, A], noise [B, H, A], t [B]."""
         g = self.generator
         frames = self.starts[torch.randint(len(self.starts), (batch,), generator=g)]  # (B,)
         chunk = frames[:, None] + torch.arange(self.horizon)  # (B, H)
         noise = torch.randn(batch, self.horizon, self.action_dim, generator=g)
         t = policy.sample_time(batch, generator=g).float()
-        return self.states[frames], self.actions[chunk], noise, t
+        return frames, self.actions[chunk], noise, t
+
+    def observe(self, frames: Tensor) -> tuple[Tensor, ...]:
+        """The policy's observation inputs for frames [B]: (states [B, S],) for the state policy,
+        (images, image masks, tokens, token masks) for pi0.5 (see :class:`Pi05Observations`)."""
+        return (self.states[frames],) if self.pi05 is None else self.pi05(frames)
 
 
 def _full_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
@@ -213,7 +247,7 @@ def train(cfg: TrainRunConfig, *, resume: bool = False, overwrite: bool = False,
             atomic_write_text(run / "config.yaml", config_to_yaml(cfg))
     if dist.is_initialized():
         dist.barrier()
-    frames = read_lerobot(cfg.data.root, cfg.data.state_key, cfg.data.action_key)
+    frames = read_frames(cfg)
     batches = Batches(frames, cfg)
     plain = build_model(cfg, frames)
     model = wrap(plain, cfg.train.parallel, world, device)
@@ -244,12 +278,11 @@ def train(cfg: TrainRunConfig, *, resume: bool = False, overwrite: bool = False,
                total=tc.steps, disable=not progress or rank != 0)  # fmt: skip
     for step in bar:
         t0 = time.perf_counter()
-        states, actions, noise, t = (
-            x[mine].to(device) for x in batches.draw(tc.batch_size, plain.policy)
-        )
+        frames, actions, noise, t = (x[mine] for x in batches.draw(tc.batch_size, plain.policy))
+        observation = [x.to(device) for x in batches.observe(frames)]
         log_layers = step % tc.log_every == 0
         with diagnostics.capture(log_layers), autocast:
-            loss = model(states, actions, noise, t)
+            loss = model(*observation, actions.to(device), noise.to(device), t.to(device))
         loss.backward()
         layer_grads = diagnostics.grad_norms() if log_layers else None
         mean_loss = loss.detach().float()

@@ -10,6 +10,15 @@ Example (every key is optional but ``data.root``; see ``configs/reacher.yaml``):
       prefix: {width: 64, mlp_dim: 128}
     train: {steps: 400, batch_size: 32, lr: 2.0e-3, precision: fp32, trainable: all}
     run:   {root: runs, name: reacher-ttt}
+
+That trains a state policy (the stand-in prefix over state tokens). With ``data.image_keys``
+(pi0.5 image slot -> dataset camera), ``data.tokenizer`` (a local tokenizer folder) and
+``model.vlm`` (the PaliGemma sizes) it trains the whole pi0.5 policy
+(:class:`~ttt_gemma.paligemma.Pi05Policy`) from images + prompt + discretised state::
+
+    data:  {root: datasets/aloha, normalization: quantile, tokenizer: tokenizers/paligemma,
+            image_keys: {base_0_rgb: observation.images.top}}
+    model: {vlm: {}, expert: {...}}         # vlm: {} is pi0.5's PaliGemma 2B
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from ttt_core.typed_config import (
 
 from .config import MOVED_TO_LAYER, ActionExpertConfig
 from .lerobot import NORMALIZATIONS
+from .paligemma import PaliGemmaPrefixConfig
 
 PRECISIONS = ("fp32", "bf16", "autocast_bf16")  # pure bf16 weights | fp32 weights, bf16 autocast
 TRAINABLE = ("all", "freeze_vlm", "expert", "ttt")
@@ -42,6 +52,11 @@ class DataConfig:
     state_key: str = "observation.state"
     action_key: str = "action"
     normalization: str = ranged("zscore", choices=NORMALIZATIONS)  # of states and actions
+    # the whole pi0.5 policy: pi0.5 image slot -> camera feature (base_0_rgb, left_wrist_0_rgb,
+    # right_wrist_0_rgb; slots not given are masked), a local tokenizer folder, prompt length
+    image_keys: dict[str, str] | None = None
+    tokenizer: str | None = None
+    max_token_len: int = ranged(48, min=1)
 
 
 @dataclass
@@ -55,7 +70,8 @@ class PrefixConfig:
 @dataclass
 class ModelConfig:
     expert: ActionExpertConfig = field(default_factory=ActionExpertConfig.tiny)
-    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)  # the state policy's stand-in
+    vlm: PaliGemmaPrefixConfig | None = None  # the whole pi0.5 policy's PaliGemma (with images)
     init_pi05: str | None = (
         None  # a pi0.5 model.safetensors (openpi or lerobot naming) to start from
     )
@@ -99,6 +115,25 @@ class TrainRunConfig:
                 "train.warmup_steps",
                 f"got {self.train.warmup_steps}; must be < train.steps ({self.train.steps})",
             )
+        data, vlm = self.data, self.model.vlm
+        if (vlm is None) != (data.image_keys is None):
+            key = "model.vlm" if vlm is None else "data.image_keys"
+            raise ConfigError(
+                key, "the whole pi0.5 policy needs both data.image_keys and model.vlm"
+            )
+        if vlm is None:
+            return
+        if not data.image_keys:
+            raise ConfigError("data.image_keys", "map at least one pi0.5 image slot to a camera")
+        if data.tokenizer is None:
+            raise ConfigError("data.tokenizer", "a local tokenizer folder is needed with images")
+        for name in ("depth", "num_kv_heads", "head_dim"):
+            if getattr(vlm, name) != getattr(self.model.expert, name):
+                raise ConfigError(
+                    f"model.vlm.{name}",
+                    f"got {getattr(vlm, name)}; must equal model.expert.{name} "
+                    f"({getattr(self.model.expert, name)}): the expert reads each VLM layer's K/V",
+                )
 
 
 # 0.1 spellings of the expert's TTT options: the error gives the new key
