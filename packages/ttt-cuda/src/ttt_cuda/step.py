@@ -107,9 +107,11 @@ def cpu_step(
     p.F = P["W1"].shape[-1] if "W2" in P else 0
     p.float64, p.titans, p.eps = acc == torch.float64, titans, float(eps)
     p.value_target, p.output_residual = reconstruction_target == "value", bool(output_residual)
-    q, k, v, eta = _rows(q, acc), _rows(k, acc), _rows(v, acc), eta.to(acc)
+    q, k, v, eta = _rows(q, acc), _rows(k, acc), _rows(v, acc), _ready(eta, acc)
     p.q, p.k, p.v, p.eta = q.data_ptr(), k.data_ptr(), v.data_ptr(), eta.data_ptr()
-    (p.q_sb, p.q_sh), (p.k_sb, p.k_sh), (p.v_sb, p.v_sh) = q.stride()[:2], k.stride()[:2], v.stride()[:2]
+    p.q_sb, p.q_sh = q.stride()[:2]
+    p.k_sb, p.k_sh = k.stride()[:2]
+    p.v_sb, p.v_sh = v.stride()[:2]
     p.eta_sb, p.eta_sh = eta.stride()[:2]
     ln_weight, ln_bias = _ready(ln_weight, acc), _ready(ln_bias, acc)
     p.ln_w, p.ln_b = ln_weight.data_ptr(), ln_bias.data_ptr()
@@ -120,8 +122,8 @@ def cpu_step(
     W = {n: torch.empty_like(t) for n, t in P.items()} if titans or completes else None
     p.weights_out = _pointers(C, W)
     if titans:  # carry: the momentum S (zeros at the start); current: C (P at a boundary)
-        m = None if momentum is None else momentum.to(acc)  # (B, H, 1); None: 0
-        a = None if decay is None else decay.to(acc)
+        m = None if momentum is None else _ready(momentum, acc)  # (B, H, 1); None: 0
+        a = None if decay is None else _ready(decay, acc)
         if m is not None:
             p.momentum, (p.m_sb, p.m_sh) = m.data_ptr(), m.stride()[:2]
         if a is not None:
@@ -152,9 +154,9 @@ def _ready_dict(d: TensorDict | None, acc: torch.dtype) -> TensorDict | None:
 
 
 def _rows(t: Tensor, acc: torch.dtype) -> Tensor:
-    """A [B, H, 1, D] input with unit stride over D (strides over B and H are passed on)."""
-    t = t.to(acc)
-    return t if t.stride(-1) == 1 else t.contiguous()
+    """A [B, H, 1, D] input in ``acc`` with unit stride over D (its strides over B and H are
+    passed on: a view of the layer's projection is not copied)."""
+    return t if t.dtype == acc and t.stride(-1) == 1 else t.to(acc).contiguous()
 
 
 def _pointers(C, d: TensorDict | None):
