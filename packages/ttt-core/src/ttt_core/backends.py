@@ -116,22 +116,21 @@ def get_backend(name: str) -> Backend:
     return _registry[name]
 
 
-def resolve(name: str, op: str, q, *, call_key: tuple | None = None, **kwargs) -> Backend | str:
+def resolve(name: str, op: str, q, **kwargs) -> Backend | str:
     """Pick the implementation for one call: a built-in name ("torch"/"generic") or a Backend.
 
     ``auto`` uses the first registered backend serving q's device type that supports the call; when
     one serves the device but not the call, it warns once with its reason and uses ``torch``. A
     backend asked for by name that cannot run the call raises ValueError with its reason. The answer
-    is remembered per call metadata (a streaming decoder asks once, not once per token):
-    ``call_key``, the metadata key of the whole call when the caller has it (it determines
-    ``kwargs``' metadata), else the key of q and ``kwargs``.
+    is remembered per call metadata and grad mode (a streaming decoder asks once, not once per
+    token).
     """
     if name in BUILTIN:
         return name
     _load_entry_points()
     if name == "auto" and not any(q.device.type in b.device_types for b in _registry.values()):
         return "torch"  # no registered backend serves this device: nothing to ask
-    key = call_key if call_key is not None else metadata_key(q=q, **kwargs)
+    key = metadata_key(q=q, **kwargs)
     if key is None:
         return _resolve(name, op, q, **kwargs)
     key = (name, op, torch.is_grad_enabled(), key)  # an inference-only backend may refuse grad

@@ -25,7 +25,7 @@ from .ops.recurrent import ttt_step
 from .ops.reference import FastModel, ttt_generic
 from .split import run_checkpointed, run_varlen, sequence_bounds
 from .state import TTTState
-from .validation import metadata_key, validate
+from .validation import validate
 
 __all__ = ["ttt_linear", "ttt_linear_step", "ttt_mlp", "ttt_mlp_step"]
 
@@ -51,12 +51,10 @@ def _dispatch(kind: str | FastModel, weights: dict[str, Tensor], q, k, v, eta, l
     ``kind``: "linear" | "mlp", or a user fast model ``f(params, x)`` (an ``InnerLearner``'s, run by
     the generic backend); ``step``: one streaming token (``ttt_*_step``: the state is returned).
     Variable-length calls (``cu_seqlens``/``lengths``) run every sequence through this road alone."""
-    call = dict(q=q, k=k, v=v, eta=eta, weights=weights, ln_weight=ln_weight, ln_bias=ln_bias,
-                initial_state=initial_state, output_final_state=output_final_state,
-                backend=backend, step=step, checkpoint_group_size=checkpoint_group_size,
-                cu_seqlens=cu_seqlens, lengths=lengths, **math)  # fmt: skip
-    key = metadata_key(**call)  # once: the validation and the backend resolution both remember it
-    B, *_ = validate(key, **call)
+    B, *_ = validate(q=q, k=k, v=v, eta=eta, weights=weights, ln_weight=ln_weight, ln_bias=ln_bias,
+                     initial_state=initial_state, output_final_state=output_final_state,
+                     backend=backend, step=step, checkpoint_group_size=checkpoint_group_size,
+                     cu_seqlens=cu_seqlens, lengths=lengths, **math)  # fmt: skip
     if form not in ("auto", "dual", "primal"):
         raise ValueError(f"form must be 'auto', 'dual' or 'primal', got {form!r}")
     if cu_seqlens is not None or lengths is not None:
@@ -74,7 +72,7 @@ def _dispatch(kind: str | FastModel, weights: dict[str, Tensor], q, k, v, eta, l
     extra = (
         {} if checkpoint_group_size is None else {"checkpoint_group_size": checkpoint_group_size}
     )
-    impl = backends.resolve(backend, op, q, call_key=key, initial_state=state,
+    impl = backends.resolve(backend, op, q, initial_state=state,
                             output_final_state=output_final_state, **math, **extra)  # fmt: skip
     seq = {"q": q, "k": k, "v": v, "eta": eta, "momentum": math.pop("momentum"),
            "decay": math.pop("decay")}  # fmt: skip

@@ -70,9 +70,6 @@ def _meta(x) -> object:
     raise _NoKey
 
 
-_KEY_UNSET: tuple = ()  # validate(): no key given (a real key is never empty)
-
-
 def metadata_key(**args) -> tuple | None:
     """The metadata of a call's arguments as one hashable key, or None when it has none: an argument
     that is not a tensor, dict of tensors, ``TTTState`` or plain value, variable-length bounds (their
@@ -87,15 +84,13 @@ def metadata_key(**args) -> tuple | None:
         return None
 
 
-def validate(key: tuple | None = _KEY_UNSET, **args) -> tuple[int, int, int, int]:
+def validate(**args) -> tuple[int, int, int, int]:
     """Check every argument of ``ttt_linear``/``ttt_mlp`` (``step``: of ``ttt_*_step``, one token)
     or of an ``InnerLearner`` with its own fast weights (names other than W1, b1, W2, b2: only the
     leading head dim is checked); the keywords of :func:`check_call`. Returns (B, H, L, D).
 
-    A call with the metadata of one that passed returns at once (see the module docstring).
-    ``key``: ``metadata_key(**args)`` when the caller has it already (the dispatch reuses it)."""
-    if key is _KEY_UNSET:
-        key = metadata_key(**args)
+    A call with the metadata of one that passed returns at once (see the module docstring)."""
+    key = metadata_key(**args)
     if key is not None and key in _passed:
         return _passed[key]
     shape = check_call(**args)
