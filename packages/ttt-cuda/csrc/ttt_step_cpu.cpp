@@ -24,9 +24,7 @@ acc_t* mptr(std::uintptr_t p) {
 }
 
 // One chain's slice of a [B, H, rows, cols] tensor (nullptr when absent).
-template <typename acc_t>
 struct Slice {
-  const StepParams& p;
   int64_t chain;  // bi * H + hi
   template <typename T>
   T* of(std::uintptr_t base, int64_t rows, int64_t cols) const {
@@ -143,7 +141,7 @@ void step_chain(const StepParams& p, acc_t* ws, int bi, int hi) {
   const int D = p.D, F = p.F, H = p.H;
   const bool mlp = F > 0;
   const int hidden = mlp ? F : D;  // width of layer 1's output
-  const Slice<acc_t> at{p, static_cast<int64_t>(bi) * H + hi};
+  const Slice at{static_cast<int64_t>(bi) * H + hi};
   const acc_t* q = cptr<acc_t>(p.q) + bi * p.q_sb + hi * p.q_sh;
   const acc_t* k = cptr<acc_t>(p.k) + bi * p.k_sb + hi * p.k_sh;
   const acc_t* v = cptr<acc_t>(p.v) + bi * p.v_sb + hi * p.v_sh;
@@ -176,16 +174,16 @@ void step_chain(const StepParams& p, acc_t* ws, int bi, int hi) {
     const auto W = [&](const StepWeights& w) { return l == 1 ? w.W1 : w.W2; };
     const auto b = [&](const StepWeights& w) { return l == 1 ? w.b1 : w.b2; };
     return std::pair<Update<acc_t>, Update<acc_t>>{
-        {rows, cols, at.template of<const acc_t>(W(p.params), rows, cols),
-         at.template of<const acc_t>(W(p.carry), rows, cols),
-         at.template of<const acc_t>(W(p.current), rows, cols),
-         at.template of<acc_t>(W(p.weights_out), rows, cols),
-         at.template of<acc_t>(W(p.carry_out), rows, cols)},
-        {1, cols, at.template of<const acc_t>(b(p.params), 1, cols),
-         at.template of<const acc_t>(b(p.carry), 1, cols),
-         at.template of<const acc_t>(b(p.current), 1, cols),
-         at.template of<acc_t>(b(p.weights_out), 1, cols),
-         at.template of<acc_t>(b(p.carry_out), 1, cols)}};
+        {rows, cols, at.of<const acc_t>(W(p.params), rows, cols),
+         at.of<const acc_t>(W(p.carry), rows, cols),
+         at.of<const acc_t>(W(p.current), rows, cols),
+         at.of<acc_t>(W(p.weights_out), rows, cols),
+         at.of<acc_t>(W(p.carry_out), rows, cols)},
+        {1, cols, at.of<const acc_t>(b(p.params), 1, cols),
+         at.of<const acc_t>(b(p.carry), 1, cols),
+         at.of<const acc_t>(b(p.current), 1, cols),
+         at.of<acc_t>(b(p.weights_out), 1, cols),
+         at.of<acc_t>(b(p.carry_out), 1, cols)}};
   };
   const auto [W1, b1] = layer(1, D, hidden);
   const auto [W2, b2] = layer(2, F, D);
