@@ -11,14 +11,17 @@ Run (1 thread, C=1024, H=4, D=64, TTT-Linear, batch 1 by default):
 ``git archive <commit> packages/ttt-core/src | tar -x -C /tmp/before`` then
 ``python benchmarks/core_step.py --before /tmp/before/packages/ttt-core/src --label <commit>
 --threads 1`` (the other tree's torch backend too: ``results/core_step_cpu.json``),
-``python benchmarks/core_step.py --thread-pair --batch 8 --heads 16`` (the cpp step on 1 and 2
-threads: ``results/core_step_threads_cpu.json``). ``--quick``: 200 steps.
+``OMP_WAIT_POLICY=PASSIVE python benchmarks/core_step.py --thread-pair --inner mlp --batch 8
+--heads 16`` (the cpp step on 1 and 2 threads: ``results/core_step_threads_cpu.json``; passive, so
+that torch's idle OpenMP workers do not spin on the core the step's second thread needs).
+``--quick``: 200 steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -112,7 +115,10 @@ def main() -> None:
     result = {
         "benchmark": f"TTTLayer streaming step ({shape}): {', '.join(order)}",
         "command": "python " + " ".join(sys.argv),
-        "machine": machine_info(threads={label: t for label, (_, t) in variants.items()}),
+        "machine": machine_info(
+            threads={label: t for label, (_, t) in variants.items()},
+            omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+        ),
         "steps": steps,
         "median_ms": {label: round(statistics.median(t) * 1e3, 4) for label, t in times.items()},
         "min_ms": {label: round(min(t) * 1e3, 4) for label, t in times.items()},
