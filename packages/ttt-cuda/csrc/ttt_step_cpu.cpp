@@ -32,21 +32,40 @@ struct Slice {
   }
 };
 
-// gelu_tanh(x) = 0.5 x (1 + tanh(c (x + 0.044715 x^3))), c = sqrt(2 / pi), and its derivative.
+// gelu_tanh(x) = 0.5 x (1 + t) and its derivative 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 k x^2),
+// with t = tanh(c (x + k x^3)), c = sqrt(2 / pi), k = 0.044715 (t computed once for both).
 template <typename acc_t>
-acc_t gelu_tanh(acc_t x) {
+acc_t gelu_tanh_t(acc_t x) {
   const acc_t c = static_cast<acc_t>(0.7978845608028654);
-  const acc_t t = std::tanh(c * (x + static_cast<acc_t>(0.044715) * x * x * x));
+  return std::tanh(c * (x + static_cast<acc_t>(0.044715) * x * x * x));
+}
+
+template <typename acc_t>
+acc_t gelu_tanh(acc_t x, acc_t t) {
   return static_cast<acc_t>(0.5) * x * (1 + t);
 }
 
 template <typename acc_t>
-acc_t gelu_tanh_grad(acc_t x) {
+acc_t gelu_tanh_grad(acc_t x, acc_t t) {
   const acc_t c = static_cast<acc_t>(0.7978845608028654);
   const acc_t k = static_cast<acc_t>(0.044715);
-  const acc_t t = std::tanh(c * (x + k * x * x * x));
   const acc_t half = static_cast<acc_t>(0.5);
   return half * (1 + t) + half * x * (1 - t * t) * c * (1 + 3 * k * x * x);
+}
+
+// sum_i a[i] b[i] over n, in 8 interleaved partial sums added in a fixed order at the end (the
+// compiler vectorises the lanes; the order does not depend on the thread or ISA).
+template <typename acc_t>
+acc_t dot(int n, const acc_t* __restrict__ a, const acc_t* __restrict__ b) {
+  constexpr int kLanes = 8;
+  acc_t lane[kLanes] = {};
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lane[j] += a[i + j] * b[i + j];
+  acc_t s = 0;
+  for (int j = 0; j < kLanes; ++j) s += lane[j];
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
 }
 
 // y[c] = b[c] + sum_r x[r] W[r, c]: x [rows], W [rows, cols], b [cols] -> y [cols].
@@ -160,7 +179,8 @@ void step_chain(const StepParams& p, acc_t* ws, int bi, int hi) {
   acc_t* g1 = a_k + hidden;   // [hidden] eta * d l / d(h_k)
   acc_t* h_q = g1 + hidden;   // [hidden] q W1 + b1 at the query's weights
   acc_t* a_q = h_q + hidden;  // [hidden] gelu(h_q) (MLP)
-  acc_t* z = a_q + hidden;    // [D] key-side output of the last layer, then its eta * gradient
+  acc_t* t_k = a_q + hidden;  // [hidden] the tanh inside gelu(h_k) (MLP)
+  acc_t* z = t_k + hidden;    // [D] key-side output of the last layer, then its eta * gradient
   acc_t* target = z + D;      // [D]
   acc_t* y = target + D;      // [D] query-side output (MLP)
   acc_t* zeros = y + D;       // [wide]
@@ -193,15 +213,16 @@ void step_chain(const StepParams& p, acc_t* ws, int bi, int hi) {
   if (!mlp) {
     for (int c = 0; c < D; ++c) z[c] = h_k[c];
   } else {
-    for (int f = 0; f < F; ++f) a_k[f] = gelu_tanh(h_k[f]);
+    for (int f = 0; f < F; ++f) {
+      t_k[f] = gelu_tanh_t(h_k[f]);
+      a_k[f] = gelu_tanh(h_k[f], t_k[f]);
+    }
     affine(F, D, a_k, W2.P, b2.P, z);  // (D,)
   }
   ln_loss_grad(D, eps, lnw, lnb, target, z);  // z <- g of the last layer
   for (int f = 0; f < F; ++f) {  // MLP: eta g1 = eta (g2 W2^T) * gelu'(h_k), at P
-    const acc_t* w = W2.P + static_cast<int64_t>(f) * D;
-    acc_t s = 0;
-    for (int d = 0; d < D; ++d) s += z[d] * w[d];
-    g1[f] = eta * (s * gelu_tanh_grad(h_k[f]));
+    const acc_t s = dot(D, z, W2.P + static_cast<int64_t>(f) * D);  // (g2 W2^T)[f]
+    g1[f] = eta * (s * gelu_tanh_grad(h_k[f], t_k[f]));
   }
   for (int d = 0; d < D; ++d) z[d] = eta * z[d];  // eta g of the last layer
 
@@ -211,7 +232,7 @@ void step_chain(const StepParams& p, acc_t* ws, int bi, int hi) {
   update_and_apply(p, W1, k, mlp ? g1 : z, q, m, a, zeros, discard, h_q);
   update_and_apply(p, b1, &one, mlp ? g1 : z, &one, m, a, zeros, discard, h_q);
   if (mlp) {
-    for (int f = 0; f < F; ++f) a_q[f] = gelu_tanh(h_q[f]);
+    for (int f = 0; f < F; ++f) a_q[f] = gelu_tanh(h_q[f], gelu_tanh_t(h_q[f]));
     for (int d = 0; d < D; ++d) y[d] = 0;
     update_and_apply(p, W2, a_k, z, a_q, m, a, zeros, discard, y);
     update_and_apply(p, b2, &one, z, &one, m, a, zeros, discard, y);
@@ -229,7 +250,7 @@ void step_chain(const StepParams& p, acc_t* ws, int bi, int hi) {
 void ttt_step_cpu(const StepParams& p, int threads) {
   const int hidden = p.F > 0 ? p.F : p.D;
   const int wide = hidden > p.D ? hidden : p.D;
-  const int64_t ws_elems = 5 * static_cast<int64_t>(hidden) + 3 * p.D + 3 * wide;
+  const int64_t ws_elems = 6 * static_cast<int64_t>(hidden) + 3 * p.D + 3 * wide;
   const double flops = p.F > 0 ? 14.0 * p.D * p.F : 6.0 * p.D * p.D;  // per chain, rough
   if (p.float64)
     for_each_chain<double>(p.B, p.H, ws_elems, threads, flops,
