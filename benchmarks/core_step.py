@@ -14,7 +14,8 @@ Run (1 thread, C=1024, H=4, D=64, TTT-Linear, batch 1 by default):
 ``OMP_WAIT_POLICY=PASSIVE python benchmarks/core_step.py --thread-pair --inner mlp --batch 8
 --heads 16`` (the cpp step on 1 and 2 threads: ``results/core_step_threads_cpu.json``; passive, so
 that torch's idle OpenMP workers do not spin on the core the step's second thread needs).
-``--quick``: 200 steps.
+``--inner-only``: the inner learner's public step alone (``InnerLearner.step``, q/k/v/eta made
+beforehand), ``--inner mlp`` TTT-MLP. ``--quick``: 200 steps.
 """
 
 from __future__ import annotations
@@ -72,12 +73,29 @@ def make_variants(args) -> dict[str, tuple[torch.nn.Module, int]]:
     return variants
 
 
+def stepper(layer: torch.nn.Module, xs: torch.Tensor, inner_only: bool):
+    """(token index t, state) -> (output, state): the layer on xs[:, t] or (``inner_only``) its
+    inner learner's public single step on the token's q, k, v, eta (computed beforehand)."""
+    if not inner_only:
+        return lambda t, state: layer(xs[:, t : t + 1], state)
+    inputs = [layer.inner_inputs(xs[:, t : t + 1]) for t in range(xs.shape[1])]
+    c = layer.config
+
+    def step(t, state):
+        i = inputs[t]
+        return layer.inner.step(i["q"], i["k"], i["v"], i["eta"], state=state,
+                                mini_batch_size=c.mini_batch_size, backend=c.backend)  # fmt: skip
+
+    return step
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--before", type=Path, default=None, help="another tree's ttt-core src dir")
     p.add_argument("--label", default="before", help="the other tree's name in the JSON")
     p.add_argument("--backends", default="torch,cpp", help="this checkout's backends to compare")
     p.add_argument("--thread-pair", action="store_true", help="the cpp step on 1 vs 2 threads")
+    p.add_argument("--inner-only", action="store_true", help="time the inner learner's step only")
     p.add_argument("--inner", default="linear", choices=["linear", "mlp"])
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--heads", type=int, default=4)
@@ -90,6 +108,10 @@ def main() -> None:
     variants = make_variants(args)
     steps, warmup, period = (200 if args.quick else 2000), 64, 256  # a fresh state every 256 tokens
     xs = torch.randn(args.batch, period, args.hidden)
+    with torch.no_grad():
+        calls = {
+            label: stepper(layer, xs, args.inner_only) for label, (layer, _) in variants.items()
+        }
     times = {label: [] for label in variants}
     states = dict.fromkeys(variants)
     outs = {}
@@ -98,12 +120,10 @@ def main() -> None:
         for i in range(warmup + steps):
             if i % period == 0:
                 states = dict.fromkeys(variants)
-            x = xs[:, i % period : i % period + 1]
             for label in order if i % 2 else order[::-1]:
-                layer, threads = variants[label]
-                torch.set_num_threads(threads)
+                torch.set_num_threads(variants[label][1])
                 t0 = time.perf_counter()
-                outs[label], states[label] = layer(x, states[label])
+                outs[label], states[label] = calls[label](i % period, states[label])
                 if i >= warmup:
                     times[label].append(time.perf_counter() - t0)
             ref, *rest = outs.values()
@@ -112,8 +132,9 @@ def main() -> None:
     base, *_ = order
     shape = (f"C={args.hidden}, H={args.heads}, D={args.head_dim}, {args.inner}, fp32, "
              f"batch {args.batch}")  # fmt: skip
+    what = "the inner learner's step of a TTTLayer" if args.inner_only else "TTTLayer"
     result = {
-        "benchmark": f"TTTLayer streaming step ({shape}): {', '.join(order)}",
+        "benchmark": f"{what} streaming step ({shape}): {', '.join(order)}",
         "command": "python " + " ".join(sys.argv),
         "machine": machine_info(
             threads={label: t for label, (_, t) in variants.items()},
@@ -128,6 +149,8 @@ def main() -> None:
         },
     }
     name = "core_step_cpu.json" if args.before else "core_step_backends_cpu.json"
+    if args.inner_only:
+        name = name.replace(".json", f"_inner_{args.inner}.json")
     out = output_path(
         args.out, args.quick, "core_step_threads_cpu.json" if args.thread_pair else name
     )
