@@ -10,9 +10,14 @@ local attention window) is timed side by side with the same layer converted by t
   (dim 1024) or 64 (dim 4096), and the median ratio of neighbouring steps (the variants step in turn);
 - training: one full sequence [1, T, C], forward + backward, tokens per second.
 
-Variants: ``moshi`` (plain layer, window 100) and the TTT layer (window 50) at three TTT widths, all
-with the attention's head dim: ``moshi+ttt-full`` (TTT heads = attention heads, inner width = dim),
-``moshi+ttt-half`` (heads / 2) and ``moshi+ttt-quarter`` (heads / 4, ttt-moshi's default width).
+Variants: ``moshi`` (plain layer, window 100) and the TTT layer (window 50) per TTT width and
+ttt-core backend, all with the attention's head dim: ``moshi+ttt-full/<backend>`` (TTT heads =
+attention heads, inner width = dim), ``-half`` (heads / 2) and ``-quarter`` (heads / 4, ttt-moshi's
+default width); backends ``torch`` (ttt-core's recurrent step) and ``cpp`` (ttt-cuda's fused C++
+step), both when ttt-cuda is installed. ``--widths`` (default ``quarter``) and ``--backends``
+(default ``torch,cpp``) choose them; ``--dims 1024`` or ``--dims 4096`` one width only, and
+``--skip-train`` the streaming step only (the dim-4096 layers take ~1.1 GB each, and their
+training gradients as much again).
 
 Run: ``python benchmarks/moshi.py`` (full, ~1-3 min on 2 cores) or ``--quick`` (dim 256, seconds).
 On a shared machine add ``--threads 1``: with 2 OpenMP threads and other processes on the cores, the
@@ -48,7 +53,11 @@ from ttt_moshi import convert_layer  # noqa: E402
 RESULTS = Path(__file__).parent / "results" / "moshi_cpu.json"
 
 
+WIDTHS = {"full": 1, "half": 2, "quarter": 4}  # TTT heads = attention heads / this
+
+
 def make_layer(dim: int, heads: int, variant: str) -> torch.nn.Module:
+    """``moshi`` or ``moshi+ttt-<width>/<backend>``."""
     torch.manual_seed(0)
     context = 100 if variant == "moshi" else 50
     layer = StreamingTransformerLayer(
@@ -59,11 +68,10 @@ def make_layer(dim: int, heads: int, variant: str) -> torch.nn.Module:
     )  # fmt: skip
     if variant != "moshi":
         # TTT width as a fraction of dim: fewer TTT heads of the attention's head dim
-        ttt_heads = (
-            heads // {"moshi+ttt-full": 1, "moshi+ttt-half": 2, "moshi+ttt-quarter": 4}[variant]
-        )
-        cfg = TTTConfig(hidden_size=dim, num_heads=ttt_heads, head_dim=dim // heads, inner="linear",
-                        mini_batch_size=16, gate="tanh_alpha", gate_init=0.1)  # fmt: skip
+        width, backend = variant.removeprefix("moshi+ttt-").split("/")
+        cfg = TTTConfig(hidden_size=dim, num_heads=heads // WIDTHS[width], head_dim=dim // heads,
+                        inner="linear", mini_batch_size=16, gate="tanh_alpha", gate_init=0.1,
+                        backend=backend)  # fmt: skip
         convert_layer(layer, cfg)
     return layer
 
@@ -118,6 +126,10 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
     )
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: see output_path)")
+    p.add_argument("--widths", default="quarter", help="TTT widths: full,half,quarter")
+    p.add_argument("--backends", default="torch,cpp", help="ttt-core backends of the TTT block")
+    p.add_argument("--dims", default="1024,4096", help="layer widths (full run)")
+    p.add_argument("--skip-train", action="store_true", help="the streaming step only")
     args = p.parse_args()
     args.out = output_path(args.out, args.quick, RESULTS.name)
     if args.threads:
@@ -126,9 +138,11 @@ def main() -> None:
         sizes = [(256, 4, 64, 2, 16)]  # (dim, heads, train seq_len, reps, stream steps)
         warmup = 4
     else:
-        sizes = [(1024, 16, 256, 3, 160), (4096, 32, 128, 1, 64)]
+        dims = [int(d) for d in args.dims.split(",")]
+        sizes = [s for s in [(1024, 16, 256, 3, 160), (4096, 32, 128, 1, 64)] if s[0] in dims]
         warmup = 16
-    variants = ["moshi", "moshi+ttt-full", "moshi+ttt-half", "moshi+ttt-quarter"]
+    variants = ["moshi"] + [f"moshi+ttt-{w}/{b}" for w in args.widths.split(",")
+                            for b in args.backends.split(",")]  # fmt: skip
     rows = []
     all_steps: dict[int, dict[str, list[float]]] = {}
     t_start = time.perf_counter()
@@ -137,7 +151,7 @@ def main() -> None:
             layers = {v: make_layer(dim, heads, v) for v in variants}
             step_times = stream_step_ms(layers, dim, warmup, steps)
             all_steps[dim] = step_times
-            iter_ms = train_ms(layers, dim, seq_len, reps)
+            iter_ms = None if args.skip_train else train_ms(layers, dim, seq_len, reps)
             for variant, layer in layers.items():
                 st = step_times[variant]
                 row = {
@@ -146,9 +160,10 @@ def main() -> None:
                     "attention_context": layer.self_attn.context,
                     "stream_step_ms_median": round(statistics.median(st), 3),
                     "stream_step_ms_min": round(min(st), 3), "stream_steps": steps,
-                    "train_seq_len": seq_len, "train_ms_per_iter": round(iter_ms[variant], 1),
-                    "train_tokens_per_s": round(1e3 * seq_len / iter_ms[variant], 1),
                 }  # fmt: skip
+                if iter_ms is not None:
+                    row.update(train_seq_len=seq_len, train_ms_per_iter=round(iter_ms[variant], 1),
+                               train_tokens_per_s=round(1e3 * seq_len / iter_ms[variant], 1))  # fmt: skip
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             del layers
@@ -166,9 +181,10 @@ def main() -> None:
                     "stream_step_added_pct_median_of_ratios": round(100 * (statistics.median(
                         a / b for a, b in zip(all_steps[dim][r["variant"]], all_steps[dim]["moshi"])
                     ) - 1), 1),
-                    "train_throughput_ratio": round(
-                        r["train_tokens_per_s"] / base["train_tokens_per_s"], 3),
                 }  # fmt: skip
+                if "train_tokens_per_s" in r:
+                    overhead[f"{dim}/{r['variant']}"]["train_throughput_ratio"] = round(
+                        r["train_tokens_per_s"] / base["train_tokens_per_s"], 3)  # fmt: skip
     out = {
         "benchmark": "ttt-moshi layer: streaming step latency and training throughput (CPU)",
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "ttt_params.h"
+#include "ttt_step_cpu.h"
 
 namespace py = pybind11;
 
@@ -190,4 +191,27 @@ PYBIND11_MODULE(_C, m) {
   m.def("linear_bwd_cuda", [](const ttt::LinearParams& p) { check_cuda(ttt::linear_bwd_cuda(p)); });
   m.def("linear_scratch_in_shared", &ttt::linear_scratch_in_shared, py::arg("params"),
         py::arg("backward"), "CUDA: the scratch fits in shared memory (else give a workspace).");
+
+  // the fused single-token streaming step (CPU): StepParams (ttt_step_cpu.h) and its entry point
+  py::class_<ttt::StepWeights>(m, "StepWeights")
+      .def(py::init<std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t>(),
+           py::arg("W1") = 0, py::arg("b1") = 0, py::arg("W2") = 0, py::arg("b2") = 0);
+  py::class_<ttt::StepParams> step(m, "StepParams");
+  step.def(py::init<>());
+#define TTT_STEP_FIELD(name) step.def_readwrite(#name, &ttt::StepParams::name)
+  TTT_STEP_FIELD(B), TTT_STEP_FIELD(H), TTT_STEP_FIELD(D), TTT_STEP_FIELD(F);
+  TTT_STEP_FIELD(float64), TTT_STEP_FIELD(titans), TTT_STEP_FIELD(value_target);
+  TTT_STEP_FIELD(output_residual), TTT_STEP_FIELD(eps), TTT_STEP_FIELD(scale);
+  TTT_STEP_FIELD(q), TTT_STEP_FIELD(k), TTT_STEP_FIELD(v), TTT_STEP_FIELD(eta);
+  TTT_STEP_FIELD(momentum), TTT_STEP_FIELD(decay);
+  TTT_STEP_FIELD(q_sb), TTT_STEP_FIELD(q_sh), TTT_STEP_FIELD(k_sb), TTT_STEP_FIELD(k_sh);
+  TTT_STEP_FIELD(v_sb), TTT_STEP_FIELD(v_sh), TTT_STEP_FIELD(eta_sb), TTT_STEP_FIELD(eta_sh);
+  TTT_STEP_FIELD(m_sb), TTT_STEP_FIELD(m_sh), TTT_STEP_FIELD(a_sb), TTT_STEP_FIELD(a_sh);
+  TTT_STEP_FIELD(ln_w), TTT_STEP_FIELD(ln_b), TTT_STEP_FIELD(params), TTT_STEP_FIELD(carry);
+  TTT_STEP_FIELD(current), TTT_STEP_FIELD(o), TTT_STEP_FIELD(weights_out);
+  TTT_STEP_FIELD(carry_out);
+#undef TTT_STEP_FIELD
+  m.def("ttt_step_cpu", &ttt::ttt_step_cpu, py::arg("params"), py::arg("threads"),
+        py::call_guard<py::gil_scoped_release>(),
+        "One streaming token of TTT-Linear / TTT-MLP (plain or Titans form) on the CPU.");
 }

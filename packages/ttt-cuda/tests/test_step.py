@@ -77,19 +77,6 @@ def test_step_matches_torch_one_token_call(case):
                                        msg=lambda m, n=name, t=t: f"{n} at token {t}: {m}")  # fmt: skip
 
 
-def test_step_refuses_options_it_does_not_fuse():
-    x = make_inputs(1, 2, 1, 8, dtype=torch.float32, requires_grad=False)
-    _, st = ttt_linear(*make_inputs(1, 2, 3, 8, dtype=torch.float32, requires_grad=False).values(),
-                       backend="torch", output_final_state=True)  # fmt: skip
-    backend = get_backend("cpp")
-    reason = backend.supports(
-        "ttt_linear_step", x["q"], initial_state=st, reconstruction_target="value"
-    )
-    assert "reconstruction_target='value'" in reason
-    reason = backend.supports("ttt_linear_step", x["q"], initial_state=st, output_residual=False)
-    assert "output_residual=False" in reason
-
-
 def test_public_step_entry_serves_the_layer_stream_through_cpp():
     """ttt-core's public step (``ttt_linear_step``, what ``TTTLayer`` calls per streaming token)
     reaches the cpp backend's step once per token and equals the whole-sequence torch call."""

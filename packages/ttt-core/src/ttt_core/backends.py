@@ -5,9 +5,9 @@ A backend is any object with
 
 - ``name: str`` and ``device_types: tuple[str, ...]`` (devices it serves under ``backend="auto"``),
 - ``supports(op, q, **kwargs) -> str | None``: ``None`` when it can run the call, else the reason,
-  decided from metadata (shapes, dtypes, devices, option values, the state's offset): ttt-core
-  remembers the answer per call metadata (``validation.metadata_key``) until a backend is
-  registered or unregistered;
+  decided from metadata (shapes, dtypes, devices, requires_grad, grad mode, option values, the
+  state's offset): ttt-core remembers the answer per call metadata (``validation.metadata_key``
+  and ``torch.is_grad_enabled()``) until a backend is registered or unregistered;
   op: "ttt_linear", "ttt_mlp", "ttt_linear_step" or "ttt_mlp_step"; kwargs: mini_batch_size, causal,
   token_scale, momentum, decay, eps, reconstruction_target, output_residual, initial_state (always
   a ``TTTState``, fresh or given) and output_final_state. A backend that does not implement an
@@ -122,7 +122,8 @@ def resolve(name: str, op: str, q, **kwargs) -> Backend | str:
     ``auto`` uses the first registered backend serving q's device type that supports the call; when
     one serves the device but not the call, it warns once with its reason and uses ``torch``. A
     backend asked for by name that cannot run the call raises ValueError with its reason. The answer
-    is remembered per call metadata (a streaming decoder asks once, not once per token).
+    is remembered per call metadata and grad mode (a streaming decoder asks once, not once per
+    token).
     """
     if name in BUILTIN:
         return name
@@ -132,7 +133,7 @@ def resolve(name: str, op: str, q, **kwargs) -> Backend | str:
     key = metadata_key(q=q, **kwargs)
     if key is None:
         return _resolve(name, op, q, **kwargs)
-    key = (name, op, key)
+    key = (name, op, torch.is_grad_enabled(), key)  # an inference-only backend may refuse grad
     if key not in _resolved:
         if len(_resolved) >= MAX_RESOLVED:
             del _resolved[next(iter(_resolved))]  # the oldest

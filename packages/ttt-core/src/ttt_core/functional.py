@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Literal
 
 import torch
@@ -104,7 +105,9 @@ def _dispatch(kind: str | FastModel, weights: dict[str, Tensor], q, k, v, eta, l
                                  initial_state=state, output_final_state=True, **kw)  # fmt: skip
 
     # the math keeps its own dtypes (fp32 state for low-precision inputs) under autocast
-    with torch.autocast(q.device.type, enabled=False):
+    autocast_off = (torch.autocast(q.device.type, enabled=False)
+                    if torch.is_autocast_enabled(q.device.type) else nullcontext())  # fmt: skip
+    with autocast_off:
         if checkpoint_group_size is not None and impl in backends.BUILTIN and not step:
             o, new_state = run_checkpointed(run, seq, state, shared, checkpoint_group_size)
         else:

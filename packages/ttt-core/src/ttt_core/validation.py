@@ -55,10 +55,11 @@ class _NoKey(Exception):
 
 
 def _meta(x) -> object:
-    """What the checks read of one argument: a tensor's shape, dtype and device; a plain value with
-    its type (``True`` and ``1`` differ); a dict or state field by field."""
+    """What the checks (and a backend's ``supports``) read of one argument: a tensor's shape, dtype,
+    device and whether it requires grad; a plain value with its type (``True`` and ``1`` differ);
+    a dict or state field by field."""
     if isinstance(x, Tensor):
-        return (Tensor, x.shape, x.dtype, x.device)
+        return (Tensor, x.shape, x.dtype, x.device, x.requires_grad)
     if x is None or isinstance(x, (bool, int, float, str)):
         return (type(x), x)
     if isinstance(x, dict):

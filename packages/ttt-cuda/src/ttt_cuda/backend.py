@@ -2,8 +2,8 @@
 
 - ``"cpp"``: the fused C++ path on CPU tensors (parallel over (batch, head) chains on
   ``torch.get_num_threads()`` threads), by name only (``backend="cpp"``): ``auto`` leaves CPU
-  tensors on ttt-core's torch backend until the C++ path is faster for every call it takes (today
-  it is for plain TTT-Linear, not for the Titans form or the single-token step; see the README).
+  tensors on ttt-core's torch backend until the C++ path is faster for every call it takes (see
+  the README). Its single-token step is one fused C++ call per token and layer (``step.py``).
 - ``"cuda"``: the CUDA kernels on CUDA tensors (``auto`` picks it there); on CPU tensors it is an
   alias of ``"cpp"``.
 
@@ -17,6 +17,7 @@ or raises when the backend was asked for by name.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from torch import Tensor
@@ -24,15 +25,16 @@ from torch import Tensor
 from ttt_cuda._ext import extension_error
 from ttt_cuda.linear import linear_call, linear_unsupported_reason
 from ttt_cuda.mlp import mlp_call, mlp_unsupported_reason
-from ttt_cuda.step import linear_step, mlp_step
+from ttt_cuda.step import linear_step, mlp_step, step_unsupported_reason
 
 __all__ = ["CppBackend", "CudaBackend", "cpp_backend", "cuda_backend"]
 
 _REASONS = {
     "ttt_linear": linear_unsupported_reason,
     "ttt_mlp": mlp_unsupported_reason,
-    "ttt_linear_step": linear_unsupported_reason,  # the step is the op on one token
-    "ttt_mlp_step": mlp_unsupported_reason,
+    # the fused C++ step on CPU tensors, the op on one token on CUDA tensors
+    "ttt_linear_step": partial(step_unsupported_reason, "ttt_linear_step"),
+    "ttt_mlp_step": partial(step_unsupported_reason, "ttt_mlp_step"),
 }
 
 

@@ -1,7 +1,16 @@
 """The single-token streaming step: ttt-core's public step entry calls it through the backend
-(``ttt_linear_step`` / ``ttt_mlp_step``), one call of the fused op per token and layer, from a
-``TTTState`` to the next (the op finishes or continues the state's mini-batch: its offset,
-start weights and grad_sum; Titans: momentum and current weights).
+(``ttt_linear_step`` / ``ttt_mlp_step``), one call per token and layer, from a ``TTTState`` to the
+next.
+
+On CPU tensors one call of the fused C++ step (``csrc/ttt_step_cpu.cpp``) reads the state's
+tensors and writes o and the next state's; on CUDA tensors the whole-sequence op runs on the one
+token. The streaming bookkeeping stays ``TTTState``'s: the token scale s of the state's offset
+(``TTTState.token_scale_at``), whether the token ends the mini-batch (``end_offset``) and the next
+state (``advance``). For one token at offset o with start weights P (DESIGN.md):
+
+    plain:  G' = G + eta x^T g;  the query sees W = P - s_o G'   (W is the next P when o = b - 1)
+    Titans: S' = m S - eta x^T g;  W' = (1 - a) W + S'           (the next P at the mini-batch end)
+    o = q + LN_h(f_W(q))
 
 Shapes: q, k, v [B, H, 1, D]; eta (momentum, decay) [B, H, 1]; returns ``(o [B, H, 1, D],
 TTTState)``.
@@ -11,23 +20,145 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from ttt_cuda.linear import linear_call
-from ttt_cuda.mlp import mlp_call
+from ttt_core.state import TensorDict, TTTState
+from ttt_cuda._ext import extension
+from ttt_cuda.common import acc_dtype, unsupported_reason
+from ttt_cuda.linear import linear_call, linear_unsupported_reason
+from ttt_cuda.mlp import mlp_call, mlp_unsupported_reason
 
-__all__ = ["linear_step", "mlp_step"]
+__all__ = ["linear_step", "mlp_step", "step_unsupported_reason"]
+
+
+def step_unsupported_reason(op: str, q: Tensor, **kwargs: Any) -> str | None:
+    """None when the backend's step runs this ``ttt_linear_step`` / ``ttt_mlp_step`` call, else why
+    not (metadata only). CPU: the fused C++ step (fp32/fp64, TTT-Linear and TTT-MLP, plain and
+    Titans form, both reconstruction targets, with or without the output residual), for inference
+    only; CUDA: what the whole-sequence op takes."""
+    if q.device.type != "cpu":
+        reason = mlp_unsupported_reason if op == "ttt_mlp_step" else linear_unsupported_reason
+        return reason(q, **kwargs)
+    if torch.is_grad_enabled() and _needs_grad(q, **kwargs):
+        return ("the fused CPU step has no autograd (streaming inference): call it under "
+                "torch.no_grad() or use backend='torch' to train through the step")  # fmt: skip
+    options = {"reconstruction_target": "residual", "output_residual": True}
+    return unsupported_reason(q, head_dims=(), **{**kwargs, **options})
+
+
+def _needs_grad(q: Tensor, *, initial_state=None, momentum=None, decay=None, token_scale=None,
+                **_: Any) -> bool:  # fmt: skip
+    given = [q, momentum, decay, token_scale, *(initial_state.tensors() if initial_state else [])]
+    return any(isinstance(t, Tensor) and t.requires_grad for t in given)
 
 
 def linear_step(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, W1: Tensor, b1: Tensor,
-                ln_weight: Tensor, ln_bias: Tensor, *, state: Any, **kwargs: Any):  # fmt: skip
+                ln_weight: Tensor, ln_bias: Tensor, *, state: TTTState, **kwargs: Any):  # fmt: skip
     """One token of TTT-Linear (plain or Titans form) from ``state`` (validated, supported)."""
+    if q.device.type == "cpu":
+        return cpu_step(q, k, v, eta, ln_weight, ln_bias, state=state, **kwargs)
     return linear_call(q, k, v, eta, W1, b1, ln_weight, ln_bias, causal=True,
                        initial_state=state, output_final_state=True, **kwargs)  # fmt: skip
 
 
 def mlp_step(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, W1: Tensor, b1: Tensor, W2: Tensor,
-             b2: Tensor, ln_weight: Tensor, ln_bias: Tensor, *, state: Any, **kwargs: Any):  # fmt: skip
-    """One token of TTT-MLP from ``state`` (validated, supported)."""
+             b2: Tensor, ln_weight: Tensor, ln_bias: Tensor, *, state: TTTState, **kwargs: Any):  # fmt: skip
+    """One token of TTT-MLP (plain or Titans form on CPU) from ``state`` (validated, supported)."""
+    if q.device.type == "cpu":
+        return cpu_step(q, k, v, eta, ln_weight, ln_bias, state=state, **kwargs)
     return mlp_call(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, causal=True,
                     initial_state=state, output_final_state=True, **kwargs)  # fmt: skip
+
+
+def cpu_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    eta: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    *,
+    state: TTTState,
+    token_scale: str | Tensor = "mean",
+    momentum: Tensor | None = None,
+    decay: Tensor | None = None,
+    eps: float = 1e-6,
+    reconstruction_target: str = "residual",
+    output_residual: bool = True,
+    **_: Any,
+) -> tuple[Tensor, TTTState]:
+    """The fused C++ step on one token: q, k, v [B, H, 1, D], eta (momentum, decay) [B, H, 1],
+    ln_weight/ln_bias [H, D], ``state`` holding W1, b1 (, W2, b2) -> (o [B, H, 1, D], next state).
+    """
+    if torch.is_grad_enabled() and (ln_weight.requires_grad or ln_bias.requires_grad):
+        raise ValueError(
+            "ln_weight/ln_bias require grad: the fused CPU step has no autograd (streaming "
+            "inference); call it under torch.no_grad() or use backend='torch'"
+        )
+    C = extension()
+    acc = acc_dtype(q.dtype)
+    P = {n: _ready(t, acc) for n, t in state.params.items()}
+    titans = momentum is not None or decay is not None
+    completes = state.end_offset(1) == 0  # this token ends the mini-batch
+    B, H, _, D = q.shape
+    p = C.StepParams()
+    p.B, p.H, p.D = B, H, D
+    p.F = P["W1"].shape[-1] if "W2" in P else 0
+    p.float64, p.titans, p.eps = acc == torch.float64, titans, float(eps)
+    p.value_target, p.output_residual = reconstruction_target == "value", bool(output_residual)
+    q, k, v, eta = _rows(q, acc), _rows(k, acc), _rows(v, acc), _ready(eta, acc)
+    p.q, p.k, p.v, p.eta = q.data_ptr(), k.data_ptr(), v.data_ptr(), eta.data_ptr()
+    p.q_sb, p.q_sh = q.stride()[:2]
+    p.k_sb, p.k_sh = k.stride()[:2]
+    p.v_sb, p.v_sh = v.stride()[:2]
+    p.eta_sb, p.eta_sh = eta.stride()[:2]
+    ln_weight, ln_bias = _ready(ln_weight, acc), _ready(ln_bias, acc)
+    p.ln_w, p.ln_b = ln_weight.data_ptr(), ln_bias.data_ptr()
+    p.params = _pointers(C, P)
+    o = torch.empty(B, H, 1, D, dtype=acc)
+    p.o = o.data_ptr()
+    # the token's weights W, kept when they become state (Titans, or the mini-batch's end)
+    W = {n: torch.empty_like(t) for n, t in P.items()} if titans or completes else None
+    p.weights_out = _pointers(C, W)
+    if titans:  # carry: the momentum S (zeros at the start); current: C (P at a boundary)
+        m = None if momentum is None else _ready(momentum, acc)  # (B, H, 1); None: 0
+        a = None if decay is None else _ready(decay, acc)
+        if m is not None:
+            p.momentum, (p.m_sb, p.m_sh) = m.data_ptr(), m.stride()[:2]
+        if a is not None:
+            p.decay, (p.a_sb, p.a_sh) = a.data_ptr(), a.stride()[:2]
+        current = _ready_dict(state.current, acc)
+        p.current = _pointers(C, current)
+        carry = _ready_dict(state.momentum, acc)
+        carry_out = {n: torch.empty_like(t) for n, t in P.items()}  # S'
+    else:  # carry: grad_sum G (zeros at the start), dropped when the token ends the mini-batch
+        p.scale = float(TTTState.token_scale_at(token_scale, state.offset))
+        carry = _ready_dict(state.grad_sum, acc)
+        carry_out = None if completes else {n: torch.empty_like(t) for n, t in P.items()}  # G'
+    p.carry, p.carry_out = _pointers(C, carry), _pointers(C, carry_out)
+    C.ttt_step_cpu(p, torch.get_num_threads())
+    params = W if completes else P  # the next mini-batch starts from W
+    if titans:
+        return o, state.advance(1, params=params, momentum=carry_out, current=W)
+    return o, state.advance(1, params=params, grad_sum=carry_out)
+
+
+def _ready(t: Tensor, acc: torch.dtype) -> Tensor:
+    """t contiguous in ``acc`` (itself when it already is: a carried state costs no copy)."""
+    return t if t.dtype == acc and t.is_contiguous() else t.to(acc).contiguous()
+
+
+def _ready_dict(d: TensorDict | None, acc: torch.dtype) -> TensorDict | None:
+    return None if d is None else {n: _ready(t, acc) for n, t in d.items()}
+
+
+def _rows(t: Tensor, acc: torch.dtype) -> Tensor:
+    """A [B, H, 1, D] input in ``acc`` with unit stride over D (its strides over B and H are
+    passed on: a view of the layer's projection is not copied)."""
+    return t if t.dtype == acc and t.stride(-1) == 1 else t.to(acc).contiguous()
+
+
+def _pointers(C, d: TensorDict | None):
+    """A fast-weight dict's data pointers in layer order (W1, b1, W2, b2); absent ones 0."""
+    return C.StepWeights(*(t.data_ptr() for t in d.values())) if d is not None else C.StepWeights()

@@ -19,6 +19,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the call when t has it (a streaming token passes ~8 tensors)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def head_view(p: Tensor, ndim: int) -> Tensor:
     """Per-head vector ``[H, D]`` viewed to broadcast against ``[B, H, ..., D]`` of rank ``ndim``."""
     H, D = p.shape

@@ -20,6 +20,7 @@ from ..state import TensorDict, TTTState, zeros_like_dict
 from .common import (
     LAYERS,
     affine,
+    as_dtype,
     compute_dtype,
     gelu_tanh,
     key_grads,
@@ -59,12 +60,12 @@ def ttt_step(
     """One causal token: q, k, v [B, H, 1, D], eta (momentum, decay) [B, H, 1] -> (o [B, H, 1, D]
     in q's dtype, next state). Inputs are validated by the caller (``ttt_core.functional``)."""
     dt = compute_dtype(q.dtype)
-    qf, kf = q.to(dt), k.to(dt)
-    ln_w, ln_b = ln_weight.to(dt), ln_bias.to(dt)
-    target = reconstruction(kf, v.to(dt), reconstruction_target)  # (B, H, 1, D)
+    qf, kf = as_dtype(q, dt), as_dtype(k, dt)
+    ln_w, ln_b = as_dtype(ln_weight, dt), as_dtype(ln_bias, dt)
+    target = reconstruction(kf, as_dtype(v, dt), reconstruction_target)  # (B, H, 1, D)
     P = state.params
     xs, gs = key_grads(P, kf, target, ln_w, ln_b, eps, kind)  # x [B, H, 1, Din], g [B, H, 1, Dout]
-    e = eta.to(dt).unsqueeze(-1)  # (B, H, 1, 1)
+    e = as_dtype(eta, dt).unsqueeze(-1)  # (B, H, 1, 1)
     step: TensorDict = {}  # eta x^T g for every fast weight
     for (W, b), x, g in zip(LAYERS[kind], xs, gs):
         eg = e * g  # (B, H, 1, Dout)
@@ -72,8 +73,8 @@ def ttt_step(
         step[b] = eg
     completes = state.end_offset(1) == 0
     if momentum is not None or decay is not None:  # Titans
-        m = 0.0 if momentum is None else momentum.to(dt).unsqueeze(-1)  # (B, H, 1, 1)
-        a = 0.0 if decay is None else decay.to(dt).unsqueeze(-1)
+        m = 0.0 if momentum is None else as_dtype(momentum, dt).unsqueeze(-1)  # (B, H, 1, 1)
+        a = 0.0 if decay is None else as_dtype(decay, dt).unsqueeze(-1)
         S = state.momentum if state.momentum is not None else zeros_like_dict(P)
         Wc = state.current if state.current is not None else P
         S = {n: m * S[n] - step[n] for n in P}
@@ -86,4 +87,4 @@ def ttt_step(
         new = state.advance(1, params=Wq if completes else P, grad_sum=G)
     z = fast_model(qf, Wq, kind)  # (B, H, 1, D)
     o = output(qf, layer_norm_heads(z, ln_w, ln_b, eps), output_residual)
-    return o.to(q.dtype), new
+    return as_dtype(o, q.dtype), new

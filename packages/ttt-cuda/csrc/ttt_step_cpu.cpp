@@ -1,0 +1,263 @@
+// The fused single-token streaming step on the CPU (see ttt_step_cpu.h for the math). One chain per
+// (sample, head), computed start to end by one thread from its inputs alone, so the result is
+// bit-identical whatever the thread count. Built with -ffp-contract=off like the chains: each
+// product and sum rounds alone; the column loops are contiguous and vectorise without reordering.
+#include "ttt_step_cpu.h"
+
+#include <cmath>
+#include <cstdint>
+#include <utility>
+
+#include "ttt_cpu_chains.h"
+
+namespace ttt {
+namespace {
+
+template <typename acc_t>
+const acc_t* cptr(std::uintptr_t p) {
+  return reinterpret_cast<const acc_t*>(p);
+}
+
+template <typename acc_t>
+acc_t* mptr(std::uintptr_t p) {
+  return reinterpret_cast<acc_t*>(p);
+}
+
+// One chain's slice of a [B, H, rows, cols] tensor (nullptr when absent).
+struct Slice {
+  int64_t chain;  // bi * H + hi
+  template <typename T>
+  T* of(std::uintptr_t base, int64_t rows, int64_t cols) const {
+    return base == 0 ? nullptr : reinterpret_cast<T*>(base) + chain * rows * cols;
+  }
+};
+
+// gelu_tanh(x) = 0.5 x (1 + t) and its derivative 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 k x^2),
+// with t = tanh(c (x + k x^3)), c = sqrt(2 / pi), k = 0.044715 (t computed once for both).
+template <typename acc_t>
+acc_t gelu_tanh_t(acc_t x) {
+  const acc_t c = static_cast<acc_t>(0.7978845608028654);
+  return std::tanh(c * (x + static_cast<acc_t>(0.044715) * x * x * x));
+}
+
+template <typename acc_t>
+acc_t gelu_tanh(acc_t x, acc_t t) {
+  return static_cast<acc_t>(0.5) * x * (1 + t);
+}
+
+template <typename acc_t>
+acc_t gelu_tanh_grad(acc_t x, acc_t t) {
+  const acc_t c = static_cast<acc_t>(0.7978845608028654);
+  const acc_t k = static_cast<acc_t>(0.044715);
+  const acc_t half = static_cast<acc_t>(0.5);
+  return half * (1 + t) + half * x * (1 - t * t) * c * (1 + 3 * k * x * x);
+}
+
+// sum_i a[i] b[i] over n, in 8 interleaved partial sums added in a fixed order at the end (the
+// compiler vectorises the lanes; the order does not depend on the thread or ISA).
+template <typename acc_t>
+acc_t dot(int n, const acc_t* __restrict__ a, const acc_t* __restrict__ b) {
+  constexpr int kLanes = 8;
+  acc_t lane[kLanes] = {};
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lane[j] += a[i + j] * b[i + j];
+  acc_t s = 0;
+  for (int j = 0; j < kLanes; ++j) s += lane[j];
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// y[c] = b[c] + sum_r x[r] W[r, c]: x [rows], W [rows, cols], b [cols] -> y [cols].
+template <typename acc_t>
+void affine(int rows, int cols, const acc_t* x, const acc_t* __restrict__ W, const acc_t* b,
+            acc_t* __restrict__ y) {
+  for (int c = 0; c < cols; ++c) y[c] = b[c];
+  for (int r = 0; r < rows; ++r) {
+    const acc_t xr = x[r];
+    const acc_t* __restrict__ w = W + static_cast<int64_t>(r) * cols;
+    for (int c = 0; c < cols; ++c) y[c] += xr * w[c];
+  }
+}
+
+// Normalises z [D] in place: z <- (z - mean) / sqrt(var + eps); returns 1 / sqrt(var + eps).
+template <typename acc_t>
+acc_t normalize(int D, acc_t eps, acc_t* z) {
+  acc_t mu = 0, var = 0;
+  for (int d = 0; d < D; ++d) mu += z[d];
+  mu /= static_cast<acc_t>(D);
+  for (int d = 0; d < D; ++d) var += (z[d] - mu) * (z[d] - mu);
+  const acc_t r = 1 / std::sqrt(var / static_cast<acc_t>(D) + eps);
+  for (int d = 0; d < D; ++d) z[d] = (z[d] - mu) * r;
+  return r;
+}
+
+// z [D] <- d/dz 0.5 ||LN_h(z) - target||^2 (ttt-core's ln_loss_grad): with x = LN(z) unscaled,
+// r = 1/sigma and u = w (w x + b - target), grad = r (u - mean(u) - x mean(u x)).
+template <typename acc_t>
+void ln_loss_grad(int D, acc_t eps, const acc_t* w, const acc_t* b, const acc_t* target,
+                  acc_t* z) {
+  const acc_t r = normalize(D, eps, z);  // z now holds x
+  acc_t mean_u = 0, mean_ux = 0;
+  for (int d = 0; d < D; ++d) {
+    const acc_t u = w[d] * (w[d] * z[d] + b[d] - target[d]);
+    mean_u += u;
+    mean_ux += u * z[d];
+  }
+  mean_u /= static_cast<acc_t>(D), mean_ux /= static_cast<acc_t>(D);
+  for (int d = 0; d < D; ++d) {
+    const acc_t u = w[d] * (w[d] * z[d] + b[d] - target[d]);
+    z[d] = r * (u - mean_u - z[d] * mean_ux);
+  }
+}
+
+// One fast weight [rows, cols] of one chain: its update by the token's outer product x^T eg
+// (eg = eta g) and its use on the query side, y[c] += sum_r xq[r] W[r, c] (a bias: rows = 1,
+// x = xq = 1). Absent inputs are a zero row (stride 0) or P; absent outputs go to a scratch row.
+template <typename acc_t>
+struct Update {
+  int rows, cols;
+  const acc_t* P;      // start weights
+  const acc_t* carry;  // G or S (nullptr: zeros)
+  const acc_t* cur;    // Titans C (nullptr: P)
+  acc_t* w_out;        // W (nullptr: not kept)
+  acc_t* carry_out;    // G' or S' (nullptr: not kept)
+};
+
+template <typename acc_t>
+void update_and_apply(const StepParams& p, const Update<acc_t>& u, const acc_t* x, const acc_t* eg,
+                      const acc_t* xq, acc_t m, acc_t a, acc_t* zeros, acc_t* discard,
+                      acc_t* __restrict__ y) {
+  const acc_t s = static_cast<acc_t>(p.scale);
+  for (int r = 0; r < u.rows; ++r) {
+    const int64_t at = static_cast<int64_t>(r) * u.cols;
+    const acc_t* __restrict__ P = u.P + at;
+    const acc_t* __restrict__ carry = u.carry != nullptr ? u.carry + at : zeros;
+    acc_t* __restrict__ w_out = u.w_out != nullptr ? u.w_out + at : discard;
+    acc_t* __restrict__ carry_out = u.carry_out != nullptr ? u.carry_out + at : discard + u.cols;
+    const acc_t xr = x[r], xqr = xq[r];
+    if (p.titans) {
+      const acc_t* __restrict__ C = (u.cur != nullptr ? u.cur : u.P) + at;
+      for (int c = 0; c < u.cols; ++c) {
+        const acc_t S = m * carry[c] - xr * eg[c];  // S' = m S - eta x^T g
+        const acc_t W = (1 - a) * C[c] + S;         // W' = (1 - a) C + S'
+        carry_out[c] = S, w_out[c] = W;
+        y[c] += xqr * W;
+      }
+    } else {
+      for (int c = 0; c < u.cols; ++c) {
+        const acc_t G = carry[c] + xr * eg[c];  // G' = G + eta x^T g
+        const acc_t W = P[c] - s * G;           // W = P - s G'
+        carry_out[c] = G, w_out[c] = W;
+        y[c] += xqr * W;
+      }
+    }
+  }
+}
+
+template <typename acc_t>
+void step_chain(const StepParams& p, acc_t* ws, int bi, int hi) {
+  const int D = p.D, F = p.F, H = p.H;
+  const bool mlp = F > 0;
+  const int hidden = mlp ? F : D;  // width of layer 1's output
+  const Slice at{static_cast<int64_t>(bi) * H + hi};
+  const acc_t* q = cptr<acc_t>(p.q) + bi * p.q_sb + hi * p.q_sh;
+  const acc_t* k = cptr<acc_t>(p.k) + bi * p.k_sb + hi * p.k_sh;
+  const acc_t* v = cptr<acc_t>(p.v) + bi * p.v_sb + hi * p.v_sh;
+  const acc_t eta = cptr<acc_t>(p.eta)[bi * p.eta_sb + hi * p.eta_sh];
+  const acc_t m = p.momentum == 0 ? 0 : cptr<acc_t>(p.momentum)[bi * p.m_sb + hi * p.m_sh];
+  const acc_t a = p.decay == 0 ? 0 : cptr<acc_t>(p.decay)[bi * p.a_sb + hi * p.a_sh];
+  const acc_t* lnw = cptr<acc_t>(p.ln_w) + hi * D;
+  const acc_t* lnb = cptr<acc_t>(p.ln_b) + hi * D;
+  const acc_t eps = static_cast<acc_t>(p.eps);
+
+  // scratch (ws_elems): layer 1's key/query pre-activations and activations, gradients, a zero
+  // row and a discard row pair, the outputs' pre-LN rows
+  const int wide = hidden > D ? hidden : D;
+  acc_t* h_k = ws;            // [hidden] k W1 + b1 at P
+  acc_t* a_k = h_k + hidden;  // [hidden] gelu(h_k) (MLP)
+  acc_t* g1 = a_k + hidden;   // [hidden] eta * d l / d(h_k)
+  acc_t* h_q = g1 + hidden;   // [hidden] q W1 + b1 at the query's weights
+  acc_t* a_q = h_q + hidden;  // [hidden] gelu(h_q) (MLP)
+  acc_t* t_k = a_q + hidden;  // [hidden] the tanh inside gelu(h_k) (MLP)
+  acc_t* z = t_k + hidden;    // [D] key-side output of the last layer, then its eta * gradient
+  acc_t* target = z + D;      // [D]
+  acc_t* y = target + D;      // [D] query-side output (MLP)
+  acc_t* zeros = y + D;       // [wide]
+  acc_t* discard = zeros + wide;  // [2 wide]
+  for (int c = 0; c < wide; ++c) zeros[c] = 0;
+  const acc_t one = 1;
+
+  for (int d = 0; d < D; ++d) target[d] = p.value_target ? v[d] : v[d] - k[d];
+  // layer l's weight and bias, every pointer of this chain (TTT-Linear: layer 2 absent, F = 0)
+  const auto layer = [&](int l, int rows, int cols) {
+    const auto W = [&](const StepWeights& w) { return l == 1 ? w.W1 : w.W2; };
+    const auto b = [&](const StepWeights& w) { return l == 1 ? w.b1 : w.b2; };
+    return std::pair<Update<acc_t>, Update<acc_t>>{
+        {rows, cols, at.of<const acc_t>(W(p.params), rows, cols),
+         at.of<const acc_t>(W(p.carry), rows, cols),
+         at.of<const acc_t>(W(p.current), rows, cols),
+         at.of<acc_t>(W(p.weights_out), rows, cols),
+         at.of<acc_t>(W(p.carry_out), rows, cols)},
+        {1, cols, at.of<const acc_t>(b(p.params), 1, cols),
+         at.of<const acc_t>(b(p.carry), 1, cols),
+         at.of<const acc_t>(b(p.current), 1, cols),
+         at.of<acc_t>(b(p.weights_out), 1, cols),
+         at.of<acc_t>(b(p.carry_out), 1, cols)}};
+  };
+  const auto [W1, b1] = layer(1, D, hidden);
+  const auto [W2, b2] = layer(2, F, D);
+
+  // key side at P: the last layer's output z and its gradient, then layer 1's gradient (MLP)
+  affine(D, hidden, k, W1.P, b1.P, h_k);  // (hidden,)
+  if (!mlp) {
+    for (int c = 0; c < D; ++c) z[c] = h_k[c];
+  } else {
+    for (int f = 0; f < F; ++f) {
+      t_k[f] = gelu_tanh_t(h_k[f]);
+      a_k[f] = gelu_tanh(h_k[f], t_k[f]);
+    }
+    affine(F, D, a_k, W2.P, b2.P, z);  // (D,)
+  }
+  ln_loss_grad(D, eps, lnw, lnb, target, z);  // z <- g of the last layer
+  for (int f = 0; f < F; ++f) {  // MLP: eta g1 = eta (g2 W2^T) * gelu'(h_k), at P
+    const acc_t s = dot(D, z, W2.P + static_cast<int64_t>(f) * D);  // (g2 W2^T)[f]
+    g1[f] = eta * (s * gelu_tanh_grad(h_k[f], t_k[f]));
+  }
+  for (int d = 0; d < D; ++d) z[d] = eta * z[d];  // eta g of the last layer
+
+  // update every layer and run the query through the updated weights
+  acc_t* out = mlp ? y : h_q;  // pre-LN output of the fast model for q
+  for (int c = 0; c < hidden; ++c) h_q[c] = 0;
+  update_and_apply(p, W1, k, mlp ? g1 : z, q, m, a, zeros, discard, h_q);
+  update_and_apply(p, b1, &one, mlp ? g1 : z, &one, m, a, zeros, discard, h_q);
+  if (mlp) {
+    for (int f = 0; f < F; ++f) a_q[f] = gelu_tanh(h_q[f], gelu_tanh_t(h_q[f]));
+    for (int d = 0; d < D; ++d) y[d] = 0;
+    update_and_apply(p, W2, a_k, z, a_q, m, a, zeros, discard, y);
+    update_and_apply(p, b2, &one, z, &one, m, a, zeros, discard, y);
+  }
+
+  // o = q + LN_h(f_W(q))
+  acc_t* o = mptr<acc_t>(p.o) + at.chain * D;
+  normalize(D, eps, out);
+  for (int d = 0; d < D; ++d)
+    o[d] = (p.output_residual ? q[d] : acc_t(0)) + (out[d] * lnw[d] + lnb[d]);
+}
+
+}  // namespace
+
+void ttt_step_cpu(const StepParams& p, int threads) {
+  const int hidden = p.F > 0 ? p.F : p.D;
+  const int wide = hidden > p.D ? hidden : p.D;
+  const int64_t ws_elems = 6 * static_cast<int64_t>(hidden) + 3 * p.D + 3 * wide;
+  const double flops = p.F > 0 ? 14.0 * p.D * p.F : 6.0 * p.D * p.D;  // per chain, rough
+  if (p.float64)
+    for_each_chain<double>(p.B, p.H, ws_elems, threads, flops,
+                           [&](double* ws, int bi, int hi) { step_chain<double>(p, ws, bi, hi); });
+  else
+    for_each_chain<float>(p.B, p.H, ws_elems, threads, flops,
+                          [&](float* ws, int bi, int hi) { step_chain<float>(p, ws, bi, hi); });
+}
+
+}  // namespace ttt
