@@ -42,6 +42,18 @@
 #define TTT_SYNC() ((void)0)
 #define TTT_PAR_FOR(i, N) for (int i = TTT_TID; i < (N); i += TTT_NT)
 #endif
+// TTT_PAR_FOR2(e, i, j, N, M): the elements e = i * M + j of an N x M tile, spread over the
+// threads as TTT_PAR_FOR(e, N * M) spreads them; on the CPU two plain loops (no division per
+// element). The body sees e, i and j.
+#if defined(__CUDA_ARCH__) || defined(TTT_EMULATE_BLOCK)
+#define TTT_PAR_FOR2(e, i, j, N, M) \
+  TTT_PAR_FOR(e, (N) * (M))         \
+  for (int i = e / (M), j = e % (M), e##_once = ((void)i, (void)j, 1); e##_once; e##_once = 0)
+#else
+#define TTT_PAR_FOR2(e, i, j, N, M) \
+  for (int i = 0; i < (N); ++i)     \
+    for (int j = 0, e = i * (M); j < (M); ++j, ++e)
+#endif
 
 #include "ttt_products.h"  // mm_acc: the products, tiled on the CPU, strided over threads on the GPU
 
@@ -132,8 +144,7 @@ TTT_HD acc_t ld(const void* ptr, int64_t idx) {
 template <typename scalar_t, typename acc_t>
 TTT_HD void load_kqt(const LinearParams& p, acc_t* K, acc_t* Q, acc_t* T, int D, int bi, int hi,
                      int t0, int n) {
-  TTT_PAR_FOR(e, n * D) {
-    const int i = e / D, col = e % D;
+  TTT_PAR_FOR2(e, i, col, n, D) {
     const int64_t t = t0 + i;
     const acc_t kv = ld<scalar_t, acc_t>(p.k, bi * p.k_sb + hi * p.k_sh + t * p.k_sl + col);
     K[e] = kv;
@@ -160,7 +171,7 @@ TTT_HD void chain_recompute(const LinearParams& p, const ChainBuffers<acc_t>& c,
   const acc_t e_end = end_coef(p, scale, g);
   TTT_PAR_FOR(j, n) { c.a[j] = e_end * c.eta[j]; }
   // Z = K W + b
-  TTT_PAR_FOR(e, n * D) { c.X[e] = c.bw[e % D]; }
+  TTT_PAR_FOR2(e, i, col, n, D) { c.X[e] = c.bw[col]; }
   mm_acc<+1, false, false>(n, D, D, c.K, D, c.W, D, c.X, D);
   TTT_SYNC();
   // rows: X = LN(Z), G = d l / d z
@@ -191,24 +202,23 @@ TTT_HD void chain_recompute(const LinearParams& p, const ChainBuffers<acc_t>& c,
   // P = A * (Q K^T + 1)
   TTT_PAR_FOR(e, n * n) { c.P[e] = 0; }
   mm_acc<+1, false, true>(n, n, D, c.Q, D, c.K, D, c.P, n);  // Q K^T
-  TTT_PAR_FOR(e, n * n) {
-    const int i = e / n, j = e % n;
+  TTT_PAR_FOR2(e, i, j, n, n) {
     const acc_t cf = coef(p, scale, g, i, j);
     c.P[e] = cf != acc_t(0) ? cf * c.eta[j] * (c.P[e] + acc_t(1)) : acc_t(0);
   }
   if (g.G) {  // QG = Q Gw + gb (the state's grad_sum seen by every query of the segment)
     const acc_t* Gw = static_cast<const acc_t*>(p.G0) + bh * D * D;
     const acc_t* gb = static_cast<const acc_t*>(p.gb0) + bh * D;
-    TTT_PAR_FOR(e, n * D) { c.QG[e] = gb[e % D]; }
+    TTT_PAR_FOR2(e, i, col, n, D) { c.QG[e] = gb[col]; }
     mm_acc<+1, false, false>(n, D, D, c.Q, D, Gw, D, c.QG, D);
   }
   TTT_SYNC();
   // Z' = Q W + b - P G - s (Q Gw + gb)
-  TTT_PAR_FOR(e, n * D) { c.Xp[e] = c.bw[e % D]; }
+  TTT_PAR_FOR2(e, i, col, n, D) { c.Xp[e] = c.bw[col]; }
   mm_acc<+1, false, false>(n, D, D, c.Q, D, c.W, D, c.Xp, D);
   mm_acc<-1, false, false>(n, D, n, c.P, n, c.G, D, c.Xp, D);
   if (g.G) {
-    TTT_PAR_FOR(e, n * D) { c.Xp[e] -= row_scale(p, scale, g, e / D) * c.QG[e]; }
+    TTT_PAR_FOR2(e, i, col, n, D) { c.Xp[e] -= row_scale(p, scale, g, i) * c.QG[e]; }
   }
   TTT_SYNC();
   // rows: Xp = LN(Z')
@@ -267,8 +277,7 @@ TTT_HD void linear_fwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
     chain_recompute<scalar_t, acc_t>(p, c, D, bi, hi, g, false);
     // o = q + gamma * LN(Z') + beta
     scalar_t* o = static_cast<scalar_t*>(p.o) + (bh * p.L + t0) * D;
-    TTT_PAR_FOR(e, n * D) {
-      const int col = e % D;
+    TTT_PAR_FOR2(e, i, col, n, D) {
       o[e] = static_cast<scalar_t>(c.Q[e] + lnw[col] * c.Xp[e] + lnb[col]);
     }
     chain_update(p, c, D, bi, hi, g);
@@ -308,8 +317,7 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
     const acc_t* bs = static_cast<const acc_t*>(p.b_starts) + (bh * nmb + mb) * D;
     TTT_PAR_FOR(e, D * D) { c.W[e] = Ws[e]; }
     TTT_PAR_FOR(e, D) { c.bw[e] = bs[e]; }
-    TTT_PAR_FOR(e, n * D) {  // dQ starts as dO (the residual o = q + ...)
-      const int64_t i = e / D, col = e % D;
+    TTT_PAR_FOR2(e, i, col, n, D) {  // dQ starts as dO (the residual o = q + ...)
       c.dQ[e] = ld<scalar_t, acc_t>(p.dO, bi * p.do_sb + hi * p.do_sh + (t0 + i) * p.do_sl + col);
       c.dK[e] = 0;
     }
@@ -358,7 +366,7 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
     mm_acc<-1, false, true>(n, n, D, c.DZ, D, c.G, D, c.dP, n);
     TTT_SYNC();
     // dG = -a (K dW_end + db_end) - P^T DZ, in place over KdW
-    TTT_PAR_FOR(e, n * D) { c.KdW[e] = -(c.a[e / D] * (c.KdW[e] + c.db[e % D])); }
+    TTT_PAR_FOR2(e, i, col, n, D) { c.KdW[e] = -(c.a[i] * (c.KdW[e] + c.db[col])); }
     mm_acc<-1, true, false>(n, D, n, c.P, n, c.DZ, D, c.KdW, D);
     TTT_SYNC();  // dG reads db before it moves on to d/dW_start
     // through Z' = Q W + b - s (Q Gw + gb) - P G: dW += Q^T DZ, db += sum DZ, dQ += DZ W^T;
@@ -420,8 +428,7 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
       }
     }
     TTT_SYNC();
-    TTT_PAR_FOR(e, n * n) {  // dS = dP * A, the gradient of Q K^T (stored over P)
-      const int i = e / n, j = e % n;
+    TTT_PAR_FOR2(e, i, j, n, n) {  // dS = dP * A, the gradient of Q K^T (stored over P)
       c.P[e] = c.dP[e] * coef(p, scale, g, i, j) * c.eta[j];
     }
     TTT_SYNC();
@@ -471,8 +478,8 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
     }
     const int64_t row0 = (bh * p.L + t0) * D;
     mm_acc<+1, false, true>(n, D, D, c.DZ, D, c.W, D, c.dK, D);  // dK += dZ W^T
-    TTT_PAR_FOR(e, n * D) {  // dk = dK + gamma dU (T = V - K);  dV = -gamma dU
-      const acc_t gdu = lnw[e % D] * c.U[e];
+    TTT_PAR_FOR2(e, i, col, n, D) {  // dk = dK + gamma dU (T = V - K);  dV = -gamma dU
+      const acc_t gdu = lnw[col] * c.U[e];
       static_cast<scalar_t*>(p.dk)[row0 + e] = static_cast<scalar_t>(c.dK[e] + gdu);
       static_cast<scalar_t*>(p.dv)[row0 + e] = static_cast<scalar_t>(-gdu);
       static_cast<scalar_t*>(p.dq)[row0 + e] = static_cast<scalar_t>(c.dQ[e]);

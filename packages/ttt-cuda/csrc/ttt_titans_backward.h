@@ -39,8 +39,7 @@ TTT_HD void titans_bwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
     titans_copy(c.S, c.sb, p.S_starts, p.sb_starts, D, slot, true);
     if (s == 0) titans_copy(c.Wc, c.bc, p.C0, p.cb0, D, bh, true);
     else titans_copy(c.Wc, c.bc, p.W_starts, p.b_starts, D, slot, true);  // W_0 = P
-    TTT_PAR_FOR(e, n * D) {  // dQ starts as dO (the residual)
-      const int64_t i = e / D, col = e % D;
+    TTT_PAR_FOR2(e, i, col, n, D) {  // dQ starts as dO (the residual)
       c.dQ[e] = ld<scalar_t, acc_t>(p.dO, bi * p.do_sb + hi * p.do_sh + (t0 + i) * p.do_sl + col);
     }
     TTT_SYNC();
@@ -69,7 +68,7 @@ TTT_HD void titans_bwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
       c.rW[col] = rw, c.rS1[col] = r1, c.rS2[col] = r2;
     }
     // KdW = K dW + db, KdS = K dS + dsb, dK = -(diag(w) G dW^T + diag(u) G dS^T)
-    TTT_PAR_FOR(e, n * D) { c.KdW[e] = c.db[e % D], c.KdS[e] = c.dsb[e % D], c.dK[e] = 0; }
+    TTT_PAR_FOR2(e, i, col, n, D) { c.KdW[e] = c.db[col], c.KdS[e] = c.dsb[col], c.dK[e] = 0; }
     TTT_SYNC();
     mm_acc<+1, false, false>(n, D, D, c.K, D, c.dW, D, c.KdW, D);
     mm_acc<+1, false, false>(n, D, D, c.K, D, c.dS, D, c.KdS, D);
@@ -97,13 +96,12 @@ TTT_HD void titans_bwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
     TTT_SYNC();
     mm_acc<-1, false, true>(n, n, D, c.DZ, D, c.G, D, c.dPm, n);
     TTT_SYNC();
-    TTT_PAR_FOR(e, n * n) {  // the lower triangle (t <= i) only
-      if (e % n > e / n) c.dPm[e] = 0;
+    TTT_PAR_FOR2(e, i, j, n, n) {  // the lower triangle (t <= i) only
+      if (j > i) c.dPm[e] = 0;
     }
     TTT_SYNC();
     // B3: dG; dCx, dMl (upstream of the coefficients); deta; dQ through QW and QS
-    TTT_PAR_FOR(e, n * D) {  // dG = -(w KdW + u KdS) - Pm^T DZ (Pm is zero above the diagonal)
-      const int t = e / D;
+    TTT_PAR_FOR2(e, t, col, n, D) {  // dG = -(w KdW + u KdS) - Pm^T DZ (Pm is zero above the diagonal)
       c.dG[e] = -(c.cw[t] * c.KdW[e] + c.cu[t] * c.KdS[e]);
     }
     TTT_SYNC();
@@ -151,8 +149,7 @@ TTT_HD void titans_bwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
         gs = c.m[j] * as;
       }
     }
-    TTT_PAR_FOR(e, n * n) {
-      const int i = e / n, t = e % n;
+    TTT_PAR_FOR2(e, i, t, n, n) {
       c.Pm[e] = c.dPm[e] * c.Cx[i * NC + t] * c.eta[t];
     }
     TTT_SYNC();
@@ -185,8 +182,8 @@ TTT_HD void titans_bwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
     }
     mm_acc<+1, false, true>(n, D, D, c.KdW, D, c.W, D, c.dK, D);  // dK += dZ P^T
     TTT_SYNC();
-    TTT_PAR_FOR(e, n * D) {
-      const acc_t gdu = lnw[e % D] * c.U[e];
+    TTT_PAR_FOR2(e, i, col, n, D) {
+      const acc_t gdu = lnw[col] * c.U[e];
       static_cast<scalar_t*>(p.dk)[row * D + e] = static_cast<scalar_t>(c.dK[e] + gdu);
       static_cast<scalar_t*>(p.dv)[row * D + e] = static_cast<scalar_t>(-gdu);
       static_cast<scalar_t*>(p.dq)[row * D + e] = static_cast<scalar_t>(c.dQ[e]);

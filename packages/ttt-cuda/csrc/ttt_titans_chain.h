@@ -92,7 +92,7 @@ TTT_HD void titans_recompute(const TitansParams& p, const TitansBuffers<acc_t>& 
     }
   }
   // Z = K P + b (into X), QW = Q W_0 + b_0, QS = Q S_0 + sb_0
-  TTT_PAR_FOR(e, n * D) { c.X[e] = c.bw[e % D], c.QW[e] = c.bc[e % D], c.QS[e] = c.sb[e % D]; }
+  TTT_PAR_FOR2(e, i, col, n, D) { c.X[e] = c.bw[col], c.QW[e] = c.bc[col], c.QS[e] = c.sb[col]; }
   mm_acc<+1, false, false>(n, D, D, c.K, D, c.W, D, c.X, D);
   mm_acc<+1, false, false>(n, D, D, c.Q, D, c.Wc, D, c.QW, D);
   mm_acc<+1, false, false>(n, D, D, c.Q, D, c.S, D, c.QS, D);
@@ -101,14 +101,12 @@ TTT_HD void titans_recompute(const TitansParams& p, const TitansBuffers<acc_t>& 
   // Pm = C * eta * (Q K^T + 1), lower triangle
   TTT_PAR_FOR(e, n * n) { c.Pm[e] = 0; }
   mm_acc<+1, false, true>(n, n, D, c.Q, D, c.K, D, c.Pm, n);
-  TTT_PAR_FOR(e, n * n) {
-    const int i = e / n, t = e % n;
+  TTT_PAR_FOR2(e, i, t, n, n) {
     c.Pm[e] = t <= i ? c.Cx[i * NC + t] * c.eta[t] * (c.Pm[e] + acc_t(1)) : acc_t(0);
   }
   TTT_SYNC();
   // Z' = D_i QW + c0_i QS - Pm G (Pm is zero above the diagonal)
-  TTT_PAR_FOR(e, n * D) {
-    const int i = e / D;
+  TTT_PAR_FOR2(e, i, col, n, D) {
     c.Xp[e] = c.Cx[i * NC + bmax] * c.QW[e] + c.Cx[i * NC + bmax + 1] * c.QS[e];
   }
   mm_acc<-1, false, false>(n, D, n, c.Pm, n, c.G, D, c.Xp, D);
@@ -185,8 +183,7 @@ TTT_HD void titans_fwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
     titans_copy(c.S, c.sb, p.S_starts, p.sb_starts, D, bh * nseg + s, false);
     titans_recompute<scalar_t, acc_t>(p, c, D, bi, hi, g, false);
     scalar_t* o = static_cast<scalar_t*>(p.o) + (bh * p.L + g.t0) * D;
-    TTT_PAR_FOR(e, g.n * D) {
-      const int col = e % D;
+    TTT_PAR_FOR2(e, i, col, g.n, D) {
       o[e] = static_cast<scalar_t>(c.Q[e] + lnw[col] * c.Xp[e] + lnb[col]);
     }
     titans_update(p, c, D, g);
