@@ -14,8 +14,7 @@
 // the end update subtracts e times it too (e = s_{off+n-1}, or 1 for an unscaled cut end).
 // The backward walks the segments in reverse, recomputing them from the stored start weights.
 #pragma once
-#include "ttt_linear_chain.h"
-#include "ttt_ln_rows.h"
+#include "ttt_linear_chain.h"  // schedule macros, mm_acc, LayerNorm rows
 
 namespace ttt {
 

@@ -14,7 +14,7 @@
 //   Z'_i = D_i (q_i W_0 + b_0) + c0_i (q_i S_0 + sb_0) - sum_t C_it eta_t (q_i . k_t + 1) g_t.
 // Token scale does not apply. When a segment completes, P <- W_last.
 #pragma once
-#include "ttt_ln_rows.h"
+#include "ttt_linear_chain.h"  // schedule macros, mm_acc, LayerNorm rows
 
 namespace ttt {
 
