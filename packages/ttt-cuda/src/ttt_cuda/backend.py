@@ -3,7 +3,7 @@
 - ``"cpp"``: the fused C++ path on CPU tensors (parallel over (batch, head) chains on
   ``torch.get_num_threads()`` threads), by name only (``backend="cpp"``): ``auto`` leaves CPU
   tensors on ttt-core's torch backend until the C++ path is faster for every call it takes (today
-  it is for plain TTT-Linear, not for the Titans form or the single-token step; see the README).
+  it is for every whole-sequence op, not for the single-token step; see the README).
 - ``"cuda"``: the CUDA kernels on CUDA tensors (``auto`` picks it there); on CPU tensors it is an
   alias of ``"cpp"``.
 
