@@ -156,10 +156,10 @@ TTT_HD void mlp_recompute(const MLPParams& p, const MLPBuffers<acc_t>& c, int D,
   TTT_PAR_FOR2(e, i, col, n, F) { c.Zq1[e] = c.b1[col]; }
   mm_acc<+1, false, false>(n, F, D, c.Q, D, c.W1, F, c.Zq1, F);
   mm_acc<-1, false, false>(n, F, n, c.P1, n, c.G1, F, c.Zq1, F);
-  TTT_PAR_FOR2(e, i, col, n, F) {
-    if (g.G) c.Zq1[e] -= row_scale(p, scale, g, i) * c.QG1[e];
-    c.Xq2[e] = gelu_tanh(c.Zq1[e]).g;
+  if (g.G) {
+    TTT_PAR_FOR2(e, i, col, n, F) { c.Zq1[e] -= row_scale(p, scale, g, i) * c.QG1[e]; }
   }
+  TTT_PAR_FOR(e, n * F) { c.Xq2[e] = gelu_tanh(c.Zq1[e]).g; }  // a plain loop: it vectorises
   TTT_SYNC();
   // P2 = A * (Xq2 X2^T + 1)
   TTT_PAR_FOR(e, n * n) { c.P2[e] = 0; }
