@@ -99,7 +99,8 @@ def timed(fn) -> tuple[float, float]:
 
 
 def side_by_side(runs: dict, repeats: int, threads: dict | None = None) -> dict:
-    """Interleaved rounds of every entry of ``runs`` (name -> callable); medians in ms."""
+    """Interleaved rounds of every entry of ``runs`` (name -> callable); medians in ms, and per
+    entry the per-round wall and CPU times (``rounds``) for medians of ratios."""
     times = {n: ([], []) for n in runs}
     for fn in runs.values():  # warm-up
         fn()
@@ -112,9 +113,22 @@ def side_by_side(runs: dict, repeats: int, threads: dict | None = None) -> dict:
             times[name][1].append(cpu)
     torch.set_num_threads(1)
     return {
-        n: {"wall_ms": 1e3 * statistics.median(w), "cpu_ms": 1e3 * statistics.median(c)}
+        n: {"wall_ms": 1e3 * statistics.median(w), "cpu_ms": 1e3 * statistics.median(c),
+            "rounds": {"wall": w, "cpu": c}}
         for n, (w, c) in times.items()
-    }
+    }  # fmt: skip
+
+
+def ratio(r: dict, a: str, b: str, clock: str) -> float:
+    """Median over rounds of a's time / b's time (the rounds ran interleaved)."""
+    return statistics.median(x / y for x, y in zip(r[a]["rounds"][clock], r[b]["rounds"][clock]))
+
+
+def drop_rounds(r: dict) -> dict:
+    for v in r.values():
+        if isinstance(v, dict):
+            v.pop("rounds", None)
+    return r
 
 
 def main() -> None:
@@ -122,6 +136,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small sizes, few rounds")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: see output_path)")
+    p.add_argument("--only", nargs="*", default=None, help="run only these (e.g. linear-fwd+bwd)")
     args = p.parse_args()
     args.out = output_path(args.out, args.quick, "cpu_backend.json")
     from ttt_cuda._ext import extension
@@ -135,6 +150,8 @@ def main() -> None:
     for op, backward in (("linear", True), ("linear", False), ("mlp", True), ("titans", True)):
         case = make(op, B, H, L, D)
         name = f"{op}-{'fwd+bwd' if backward else 'fwd'}"
+        if args.only is not None and name not in args.only:
+            continue
         n_flops = flops(case, b, backward)
         runs = {
             be: (lambda be=be, case=case, bwd=backward: run_call(case, be, b, bwd))
@@ -144,11 +161,14 @@ def main() -> None:
         for be in r:
             r[be]["gflop_per_s_cpu"] = n_flops / (r[be]["cpu_ms"] * 1e-3) / 1e9
             r[be]["fraction_of_peak_cpu"] = n_flops / (r[be]["cpu_ms"] * 1e-3) / peak
-        r["speedup_wall"] = r["torch"]["wall_ms"] / r["cpp"]["wall_ms"]
-        r["speedup_cpu"] = r["torch"]["cpu_ms"] / r["cpp"]["cpu_ms"]
+        r["speedup_wall"] = ratio(r, "torch", "cpp", "wall")  # medians of per-round ratios
+        r["speedup_cpu"] = ratio(r, "torch", "cpp", "cpu")
         r["gflop"] = n_flops / 1e9
-        results[name] = r
+        results[name] = drop_rounds(r)
         print(name, json.dumps(r), flush=True)
+    if args.only is not None:
+        print(json.dumps(results, indent=1))
+        return
     # 2 threads vs 1 on the same call (cpp)
     case = make("linear", B, H, L, D)
 
@@ -157,8 +177,8 @@ def main() -> None:
 
     r = side_by_side({"cpp-1thread": call, "cpp-2threads": call}, repeats,
                      threads={"cpp-1thread": 1, "cpp-2threads": 2})  # fmt: skip
-    r["speedup_wall"] = r["cpp-1thread"]["wall_ms"] / r["cpp-2threads"]["wall_ms"]
-    results["linear-fwd+bwd-threads"] = r
+    r["speedup_wall"] = ratio(r, "cpp-1thread", "cpp-2threads", "wall")
+    results["linear-fwd+bwd-threads"] = drop_rounds(r)
     print("threads", json.dumps(r), flush=True)
     # the single-token step (no grad), per token
     Bs, Hs, Ds = 1, 16, 64
@@ -179,10 +199,12 @@ def main() -> None:
 
     r = side_by_side({"torch": step("torch"), "cpp": step("cpp")}, repeats)
     for be in ("torch", "cpp"):
+        rounds = r[be].pop("rounds")
         r[be] = {k: v / 50 * 1e3 for k, v in r[be].items()}  # per token, us
+        r[be]["rounds"] = rounds
         r[be] = {k.replace("_ms", "_us"): v for k, v in r[be].items()}
-    r["speedup_wall"] = r["torch"]["wall_us"] / r["cpp"]["wall_us"]
-    results[f"linear-step-B{Bs}-H{Hs}-D{Ds}"] = r
+    r["speedup_wall"] = ratio(r, "torch", "cpp", "wall")
+    results[f"linear-step-B{Bs}-H{Hs}-D{Ds}"] = drop_rounds(r)
     print("step", json.dumps(r), flush=True)
     out = {
         "machine": machine_info(cpu_uses_avx2=bool(extension().cpu_uses_avx2())),

@@ -42,13 +42,23 @@
 #define TTT_SYNC() ((void)0)
 #define TTT_PAR_FOR(i, N) for (int i = TTT_TID; i < (N); i += TTT_NT)
 #endif
+// TTT_PAR_FOR2(e, i, j, N, M): the elements e = i * M + j of an N x M tile, spread over the
+// threads as TTT_PAR_FOR(e, N * M) spreads them; on the CPU two plain loops (no division per
+// element). The body sees e, i and j.
+#if defined(__CUDA_ARCH__) || defined(TTT_EMULATE_BLOCK)
+#define TTT_PAR_FOR2(e, i, j, N, M) \
+  TTT_PAR_FOR(e, (N) * (M))         \
+  for (int i = e / (M), j = e % (M), e##_once = ((void)i, (void)j, 1); e##_once; e##_once = 0)
+#else
+#define TTT_PAR_FOR2(e, i, j, N, M) \
+  for (int i = 0; i < (N); ++i)     \
+    for (int j = 0, e = i * (M); j < (M); ++j, ++e)
+#endif
 
 #include "ttt_products.h"  // mm_acc: the products, tiled on the CPU, strided over threads on the GPU
+#include "ttt_ln_rows.h"   // the row-wise LayerNorm passes
 
 namespace ttt {
-
-TTT_HD float rsqrt_acc(float x) { return 1.0f / sqrtf(x); }
-TTT_HD double rsqrt_acc(double x) { return 1.0 / sqrt(x); }
 
 // Scratch of one chain: n <= bmax rows of D columns per buffer.
 template <typename acc_t>
@@ -132,8 +142,7 @@ TTT_HD acc_t ld(const void* ptr, int64_t idx) {
 template <typename scalar_t, typename acc_t>
 TTT_HD void load_kqt(const LinearParams& p, acc_t* K, acc_t* Q, acc_t* T, int D, int bi, int hi,
                      int t0, int n) {
-  TTT_PAR_FOR(e, n * D) {
-    const int i = e / D, col = e % D;
+  TTT_PAR_FOR2(e, i, col, n, D) {
     const int64_t t = t0 + i;
     const acc_t kv = ld<scalar_t, acc_t>(p.k, bi * p.k_sb + hi * p.k_sh + t * p.k_sl + col);
     K[e] = kv;
@@ -152,7 +161,6 @@ TTT_HD void chain_recompute(const LinearParams& p, const ChainBuffers<acc_t>& c,
   const acc_t* scale = static_cast<const acc_t*>(p.scale);
   const acc_t* eta = static_cast<const acc_t*>(p.eta) + (static_cast<int64_t>(bi) * p.H + hi) * p.L;
   const acc_t eps = static_cast<acc_t>(p.eps);
-  const acc_t invD = acc_t(1) / static_cast<acc_t>(D);
   // load K, Q, T = V - K (rows of this mini-batch) and eta
   load_kqt<scalar_t, acc_t>(p, c.K, c.Q, c.T, D, bi, hi, t0, n);
   TTT_PAR_FOR(i, n) { c.eta[i] = eta[t0 + i]; }
@@ -160,68 +168,35 @@ TTT_HD void chain_recompute(const LinearParams& p, const ChainBuffers<acc_t>& c,
   const acc_t e_end = end_coef(p, scale, g);
   TTT_PAR_FOR(j, n) { c.a[j] = e_end * c.eta[j]; }
   // Z = K W + b
-  TTT_PAR_FOR(e, n * D) { c.X[e] = c.bw[e % D]; }
+  TTT_PAR_FOR2(e, i, col, n, D) { c.X[e] = c.bw[col]; }
   mm_acc<+1, false, false>(n, D, D, c.K, D, c.W, D, c.X, D);
   TTT_SYNC();
-  // rows: X = LN(Z), G = d l / d z
-  TTT_PAR_FOR(i, n) {
-    acc_t* x = c.X + i * D;
-    const acc_t* tt = c.T + i * D;
-    acc_t* g = c.G + i * D;
-    acc_t mu = 0, var = 0;
-    for (int d = 0; d < D; ++d) mu += x[d];
-    mu *= invD;
-    for (int d = 0; d < D; ++d) var += (x[d] - mu) * (x[d] - mu);
-    const acc_t rs = rsqrt_acc(var * invD + eps);
-    c.rstd[i] = rs;
-    acc_t mu_u = 0, mu_ux = 0;
-    for (int d = 0; d < D; ++d) {
-      x[d] = (x[d] - mu) * rs;
-      const acc_t u = lnw[d] * (lnw[d] * x[d] + lnb[d] - tt[d]);
-      g[d] = u;
-      mu_u += u;
-      mu_ux += u * x[d];
-    }
-    mu_u *= invD, mu_ux *= invD;
-    for (int d = 0; d < D; ++d) {
-      if (bwd) c.U[i * D + d] = g[d];
-      g[d] = rs * (g[d] - mu_u - x[d] * mu_ux);
-    }
-  }
+  // rows: X = LN(Z), G = d l / d z (and U for the backward)
+  ln_rows(n, D, eps, lnw, lnb, c.X, c.rstd, c.T, c.G, bwd ? c.U : nullptr);
   // P = A * (Q K^T + 1)
   TTT_PAR_FOR(e, n * n) { c.P[e] = 0; }
   mm_acc<+1, false, true>(n, n, D, c.Q, D, c.K, D, c.P, n);  // Q K^T
-  TTT_PAR_FOR(e, n * n) {
-    const int i = e / n, j = e % n;
+  TTT_PAR_FOR2(e, i, j, n, n) {
     const acc_t cf = coef(p, scale, g, i, j);
     c.P[e] = cf != acc_t(0) ? cf * c.eta[j] * (c.P[e] + acc_t(1)) : acc_t(0);
   }
   if (g.G) {  // QG = Q Gw + gb (the state's grad_sum seen by every query of the segment)
     const acc_t* Gw = static_cast<const acc_t*>(p.G0) + bh * D * D;
     const acc_t* gb = static_cast<const acc_t*>(p.gb0) + bh * D;
-    TTT_PAR_FOR(e, n * D) { c.QG[e] = gb[e % D]; }
+    TTT_PAR_FOR2(e, i, col, n, D) { c.QG[e] = gb[col]; }
     mm_acc<+1, false, false>(n, D, D, c.Q, D, Gw, D, c.QG, D);
   }
   TTT_SYNC();
   // Z' = Q W + b - P G - s (Q Gw + gb)
-  TTT_PAR_FOR(e, n * D) { c.Xp[e] = c.bw[e % D]; }
+  TTT_PAR_FOR2(e, i, col, n, D) { c.Xp[e] = c.bw[col]; }
   mm_acc<+1, false, false>(n, D, D, c.Q, D, c.W, D, c.Xp, D);
   mm_acc<-1, false, false>(n, D, n, c.P, n, c.G, D, c.Xp, D);
   if (g.G) {
-    TTT_PAR_FOR(e, n * D) { c.Xp[e] -= row_scale(p, scale, g, e / D) * c.QG[e]; }
+    TTT_PAR_FOR2(e, i, col, n, D) { c.Xp[e] -= row_scale(p, scale, g, i) * c.QG[e]; }
   }
   TTT_SYNC();
-  // rows: Xp = LN(Z')
-  TTT_PAR_FOR(i, n) {
-    acc_t* x = c.Xp + i * D;
-    acc_t mu = 0, var = 0;
-    for (int d = 0; d < D; ++d) mu += x[d];
-    mu *= invD;
-    for (int d = 0; d < D; ++d) var += (x[d] - mu) * (x[d] - mu);
-    const acc_t rs = rsqrt_acc(var * invD + eps);
-    if (bwd) c.rstdp[i] = rs;
-    for (int d = 0; d < D; ++d) x[d] = (x[d] - mu) * rs;
-  }
+  // rows: Xp = LN(Z') (its rstd is kept for the backward; the forward reuses rstd, read by no one after G)
+  ln_rows<acc_t>(n, D, eps, lnw, lnb, c.Xp, bwd ? c.rstdp : c.rstd, nullptr, nullptr, nullptr);
   TTT_SYNC();
 }
 
@@ -267,8 +242,7 @@ TTT_HD void linear_fwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
     chain_recompute<scalar_t, acc_t>(p, c, D, bi, hi, g, false);
     // o = q + gamma * LN(Z') + beta
     scalar_t* o = static_cast<scalar_t*>(p.o) + (bh * p.L + t0) * D;
-    TTT_PAR_FOR(e, n * D) {
-      const int col = e % D;
+    TTT_PAR_FOR2(e, i, col, n, D) {
       o[e] = static_cast<scalar_t>(c.Q[e] + lnw[col] * c.Xp[e] + lnb[col]);
     }
     chain_update(p, c, D, bi, hi, g);
@@ -287,7 +261,6 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
   const acc_t* lnw = static_cast<const acc_t*>(p.ln_w) + static_cast<int64_t>(hi) * D;
   const acc_t* lnb = static_cast<const acc_t*>(p.ln_b) + static_cast<int64_t>(hi) * D;
   const acc_t* scale = static_cast<const acc_t*>(p.scale);
-  const acc_t invD = acc_t(1) / static_cast<acc_t>(D);
   const acc_t* dWe = static_cast<const acc_t*>(p.dW_end);
   const acc_t* dbe = static_cast<const acc_t*>(p.db_end);
   TTT_PAR_FOR(e, D * D) { c.dW[e] = dWe != nullptr ? dWe[bh * D * D + e] : acc_t(0); }
@@ -308,25 +281,14 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
     const acc_t* bs = static_cast<const acc_t*>(p.b_starts) + (bh * nmb + mb) * D;
     TTT_PAR_FOR(e, D * D) { c.W[e] = Ws[e]; }
     TTT_PAR_FOR(e, D) { c.bw[e] = bs[e]; }
-    TTT_PAR_FOR(e, n * D) {  // dQ starts as dO (the residual o = q + ...)
-      const int64_t i = e / D, col = e % D;
+    TTT_PAR_FOR2(e, i, col, n, D) {  // dQ starts as dO (the residual o = q + ...)
       c.dQ[e] = ld<scalar_t, acc_t>(p.dO, bi * p.do_sb + hi * p.do_sh + (t0 + i) * p.do_sl + col);
       c.dK[e] = 0;
     }
     TTT_SYNC();
     chain_recompute<scalar_t, acc_t>(p, c, D, bi, hi, g, true);
     // output LN: DZ = d/dZ' of gamma * LN(Z') + beta
-    TTT_PAR_FOR(i, n) {
-      const acc_t* x = c.Xp + i * D;
-      const acc_t* dO = c.dQ + i * D;
-      acc_t m1 = 0, m2 = 0;
-      for (int d = 0; d < D; ++d) {
-        m1 += dO[d] * lnw[d];
-        m2 += dO[d] * lnw[d] * x[d];
-      }
-      m1 *= invD, m2 *= invD;
-      for (int d = 0; d < D; ++d) c.DZ[i * D + d] = c.rstdp[i] * (dO[d] * lnw[d] - m1 - x[d] * m2);
-    }
+    ln_out_bwd_rows(n, D, lnw, c.Xp, c.rstdp, c.dQ, c.DZ);
     TTT_PAR_FOR(col, D) {  // d gamma, d beta of the output LN
       acc_t sw = 0, sb = 0;
       for (int i = 0; i < n; ++i) {
@@ -358,7 +320,7 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
     mm_acc<-1, false, true>(n, n, D, c.DZ, D, c.G, D, c.dP, n);
     TTT_SYNC();
     // dG = -a (K dW_end + db_end) - P^T DZ, in place over KdW
-    TTT_PAR_FOR(e, n * D) { c.KdW[e] = -(c.a[e / D] * (c.KdW[e] + c.db[e % D])); }
+    TTT_PAR_FOR2(e, i, col, n, D) { c.KdW[e] = -(c.a[i] * (c.KdW[e] + c.db[col])); }
     mm_acc<-1, true, false>(n, D, n, c.P, n, c.DZ, D, c.KdW, D);
     TTT_SYNC();  // dG reads db before it moves on to d/dW_start
     // through Z' = Q W + b - s (Q Gw + gb) - P G: dW += Q^T DZ, db += sum DZ, dQ += DZ W^T;
@@ -420,44 +382,15 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
       }
     }
     TTT_SYNC();
-    TTT_PAR_FOR(e, n * n) {  // dS = dP * A, the gradient of Q K^T (stored over P)
-      const int i = e / n, j = e % n;
+    TTT_PAR_FOR2(e, i, j, n, n) {  // dS = dP * A, the gradient of Q K^T (stored over P)
       c.P[e] = c.dP[e] * coef(p, scale, g, i, j) * c.eta[j];
     }
     TTT_SYNC();
     mm_acc<+1, false, false>(n, D, n, c.P, n, c.K, D, c.dQ, D);  // dQ += dS K
     mm_acc<+1, true, false>(n, D, n, c.P, n, c.Q, D, c.dK, D);   // dK += dS^T Q
     // rows: through G = rstd * (U - mean U - X mean(U X)), U = gamma (gamma X + beta - T),
-    // X = LN(Z). Writes dZ over DZ and dU over U.
-    TTT_PAR_FOR(i, n) {
-      const acc_t* dg = c.KdW + i * D;
-      const acc_t* x = c.X + i * D;
-      const acc_t* g = c.G + i * D;
-      acc_t* u = c.U + i * D;
-      acc_t* dz = c.DZ + i * D;
-      const acc_t rs = c.rstd[i];
-      acc_t m1 = 0, m2 = 0, xu = 0, gdg = 0;
-      for (int d = 0; d < D; ++d) {
-        m1 += dg[d];
-        m2 += dg[d] * x[d];
-        xu += x[d] * u[d];
-        gdg += g[d] * dg[d];
-      }
-      m1 *= invD, m2 *= invD;
-      const acc_t xdg = m2 * static_cast<acc_t>(D);
-      acc_t m3 = 0, m4 = 0;
-      for (int d = 0; d < D; ++d) {
-        const acc_t du = rs * (dg[d] - m1 - x[d] * m2);
-        const acc_t dx = -(rs * invD) * (xu * dg[d] + xdg * u[d]) + lnw[d] * lnw[d] * du;
-        u[d] = du;
-        dz[d] = dx;
-        m3 += dx;
-        m4 += dx * x[d];
-      }
-      m3 *= invD, m4 *= invD;
-      const acc_t dsig = -rs * gdg;  // d/d sigma, sigma = 1/rstd
-      for (int d = 0; d < D; ++d) dz[d] = rs * (dz[d] - m3 - x[d] * m4) + dsig * x[d] * invD;
-    }
+    // X = LN(Z). Writes dZ over DZ and dU over U (dG is in KdW).
+    ln_loss_grad_bwd_rows(n, D, lnw, c.X, c.G, c.rstd, c.KdW, c.U, c.DZ);
     TTT_SYNC();
     TTT_PAR_FOR(col, D) {  // d gamma, d beta through U
       acc_t sw = 0, sb = 0;
@@ -471,8 +404,8 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
     }
     const int64_t row0 = (bh * p.L + t0) * D;
     mm_acc<+1, false, true>(n, D, D, c.DZ, D, c.W, D, c.dK, D);  // dK += dZ W^T
-    TTT_PAR_FOR(e, n * D) {  // dk = dK + gamma dU (T = V - K);  dV = -gamma dU
-      const acc_t gdu = lnw[e % D] * c.U[e];
+    TTT_PAR_FOR2(e, i, col, n, D) {  // dk = dK + gamma dU (T = V - K);  dV = -gamma dU
+      const acc_t gdu = lnw[col] * c.U[e];
       static_cast<scalar_t*>(p.dk)[row0 + e] = static_cast<scalar_t>(c.dK[e] + gdu);
       static_cast<scalar_t*>(p.dv)[row0 + e] = static_cast<scalar_t>(-gdu);
       static_cast<scalar_t*>(p.dq)[row0 + e] = static_cast<scalar_t>(c.dQ[e]);

@@ -44,8 +44,7 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
     const acc_t* G2w = g.G ? static_cast<const acc_t*>(p.G20) + bh * DF : nullptr;
     const acc_t* g2b = g.G ? static_cast<const acc_t*>(p.gb20) + bh * D : nullptr;
     mlp_copy(c, D, F, bh * nseg + s, true, p.W_starts, p.b_starts, p.W2_starts, p.b2_starts);
-    TTT_PAR_FOR(e, n * D) {  // dQ starts as dO (the residual o = q + ...)
-      const int64_t i = e / D, col = e % D;
+    TTT_PAR_FOR2(e, i, col, n, D) {  // dQ starts as dO (the residual o = q + ...)
       c.dQ[e] = ld<scalar_t, acc_t>(p.dO, bi * p.do_sb + hi * p.do_sh + (t0 + i) * p.do_sl + col);
     }
     TTT_SYNC();
@@ -59,11 +58,11 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
       c.dlnw[col] += sw, c.dlnb[col] += sb;
     }
     // KdW1 = K dW1_end + db1_end;  dX2 = -diag(a) G2 dW2_end^T
-    TTT_PAR_FOR(e, n * F) { c.KdW1[e] = c.db1[e % F], c.dX2[e] = 0; }
+    TTT_PAR_FOR2(e, i, col, n, F) { c.KdW1[e] = c.db1[col], c.dX2[e] = 0; }
     mm_acc<+1, false, false>(n, F, D, c.K, D, c.dW1, F, c.KdW1, F);
     mm_acc<-1, false, true, kPerRow>(n, F, D, c.G2, D, c.dW2, D, c.dX2, F, c.a);
     // XdW2 = X2 dW2_end + db2_end;  dK = -diag(a) G1 dW1_end^T
-    TTT_PAR_FOR(e, n * D) { c.XdW2[e] = c.db2[e % D], c.dK[e] = 0; }
+    TTT_PAR_FOR2(e, i, col, n, D) { c.XdW2[e] = c.db2[col], c.dK[e] = 0; }
     mm_acc<+1, false, false>(n, D, F, c.X2, F, c.dW2, D, c.XdW2, D);
     mm_acc<-1, false, true, kPerRow>(n, D, F, c.G1, F, c.dW1, F, c.dK, D, c.a);
     if (g.G && p.causal && !g.unscaled_end) {  // <grad_sum, d end weights> partials (for d e)
@@ -96,12 +95,12 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
       else
         mm_acc<-1, false, true>(n, F, D, c.DZ, D, G2w, D, c.dXq2, F);
     }
-    TTT_PAR_FOR(e, n * D) { c.dG2[e] = -(c.a[e / D] * c.XdW2[e]); }
+    TTT_PAR_FOR2(e, i, col, n, D) { c.dG2[e] = -(c.a[i] * c.XdW2[e]); }
     mm_acc<-1, true, false>(n, D, n, c.P2, n, c.DZ, D, c.dG2, D);
     TTT_SYNC();
     // B3: through P2 = A * (Xq2 X2^T + 1): dS2 = dP2 * A (in dP1, free until B4),
     // dXq2 += dS2 X2, dX2 += dS2^T Xq2; then dZq1 = dXq2 * gelu'(Zq1), in place
-    TTT_PAR_FOR(e, n * n) { c.dP1[e] = c.dP2[e] * coef(p, scale, g, e / n, e % n) * c.eta[e % n]; }
+    TTT_PAR_FOR2(e, i, j, n, n) { c.dP1[e] = c.dP2[e] * coef(p, scale, g, i, j) * c.eta[j]; }
     TTT_SYNC();
     mm_acc<+1, false, false>(n, F, n, c.dP1, n, c.X2, F, c.dXq2, F);
     mm_acc<+1, true, false>(n, F, n, c.dP1, n, c.Xq2, F, c.dX2, F);
@@ -110,7 +109,7 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
     // B4: layer 1 of the queries: dP1 = -dZq1 G1^T, dG1 = -a KdW1 - P1^T dZq1, dQ += dZq1 W1^T
     TTT_PAR_FOR(e, n * n) { c.dP1[e] = 0; }
     mm_acc<-1, false, true>(n, n, F, c.dXq2, F, c.G1, F, c.dP1, n);
-    TTT_PAR_FOR(e, n * F) { c.dG1[e] = -(c.a[e / F] * c.KdW1[e]); }
+    TTT_PAR_FOR2(e, i, col, n, F) { c.dG1[e] = -(c.a[i] * c.KdW1[e]); }
     mm_acc<-1, true, false>(n, F, n, c.P1, n, c.dXq2, F, c.dG1, F);
     mm_acc<+1, false, true>(n, D, F, c.dXq2, F, c.W1, F, c.dQ, D);
     if (G1w != nullptr) {  // with grad_sum: Zq1 -= s_i (q_i G1w + g1b)
@@ -132,12 +131,12 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
       c.dG1[e] = dg1 * c.GP[e];
     }
     TTT_SYNC();
-    TTT_PAR_FOR(e, n * n) {  // dA over dP2; dS1 = dP1 * A over dP1
-      const acc_t cf = coef(p, scale, g, e / n, e % n);
+    TTT_PAR_FOR2(e, i, j, n, n) {  // dA over dP2; dS1 = dP1 * A over dP1
+      const acc_t cf = coef(p, scale, g, i, j);
       const acc_t dp1 = c.dP1[e];
       c.dP2[e] = cf != acc_t(0) ? dp1 * (c.P1[e] + acc_t(1)) + c.dP2[e] * (c.P2[e] + acc_t(1))
                                 : acc_t(0);
-      c.dP1[e] = dp1 * cf * c.eta[e % n];
+      c.dP1[e] = dp1 * cf * c.eta[j];
     }
     TTT_SYNC();
     // B6: dQ += dS1 K, dK += dS1^T Q, dG2 += dH1 W2; deta and the token-scale gradient from dA, da
@@ -185,8 +184,8 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
       c.dlnw[col] += sw, c.dlnb[col] += sb;
     }
     const int64_t row0 = (bh * p.L + t0) * D;
-    TTT_PAR_FOR(e, n * D) {
-      const acc_t gdu = lnw[e % D] * c.U[e];
+    TTT_PAR_FOR2(e, i, col, n, D) {
+      const acc_t gdu = lnw[col] * c.U[e];
       c.dK[e] += gdu;
       static_cast<scalar_t*>(p.dv)[row0 + e] = static_cast<scalar_t>(-gdu);
     }

@@ -14,8 +14,7 @@
 // the end update subtracts e times it too (e = s_{off+n-1}, or 1 for an unscaled cut end).
 // The backward walks the segments in reverse, recomputing them from the stored start weights.
 #pragma once
-#include "ttt_linear_chain.h"
-#include "ttt_ln_rows.h"
+#include "ttt_linear_chain.h"  // schedule macros, mm_acc, LayerNorm rows
 
 namespace ttt {
 
@@ -120,7 +119,7 @@ TTT_HD void mlp_recompute(const MLPParams& p, const MLPBuffers<acc_t>& c, int D,
   const acc_t e_end = end_coef(p, scale, g);
   TTT_PAR_FOR(j, n) { c.a[j] = e_end * c.eta[j]; }
   // Z1 = K W1 + b1, X2 = gelu(Z1), GP = gelu'(Z1)
-  TTT_PAR_FOR(e, n * F) { c.Z1[e] = c.b1[e % F]; }
+  TTT_PAR_FOR2(e, i, col, n, F) { c.Z1[e] = c.b1[col]; }
   mm_acc<+1, false, false>(n, F, D, c.K, D, c.W1, F, c.Z1, F);
   TTT_PAR_FOR(e, n * F) {
     const Gelu<acc_t> gl = gelu_tanh(c.Z1[e]);
@@ -129,18 +128,18 @@ TTT_HD void mlp_recompute(const MLPParams& p, const MLPBuffers<acc_t>& c, int D,
   // P1 = A * (Q K^T + 1)
   TTT_PAR_FOR(e, n * n) { c.P1[e] = 0; }
   mm_acc<+1, false, true>(n, n, D, c.Q, D, c.K, D, c.P1, n);
-  TTT_PAR_FOR(e, n * n) {
-    const acc_t cf = coef(p, scale, g, e / n, e % n);
-    c.P1[e] = cf != acc_t(0) ? cf * c.eta[e % n] * (c.P1[e] + acc_t(1)) : acc_t(0);
+  TTT_PAR_FOR2(e, i, j, n, n) {
+    const acc_t cf = coef(p, scale, g, i, j);
+    c.P1[e] = cf != acc_t(0) ? cf * c.eta[j] * (c.P1[e] + acc_t(1)) : acc_t(0);
   }
   if (g.G) {  // QG1 = Q G1w + g1b (layer 1's grad_sum seen by every query)
     const acc_t* Gw = static_cast<const acc_t*>(p.G0) + bh * D * F;
     const acc_t* gb = static_cast<const acc_t*>(p.gb0) + bh * F;
-    TTT_PAR_FOR(e, n * F) { c.QG1[e] = gb[e % F]; }
+    TTT_PAR_FOR2(e, i, col, n, F) { c.QG1[e] = gb[col]; }
     mm_acc<+1, false, false>(n, F, D, c.Q, D, Gw, F, c.QG1, F);
   }
   TTT_SYNC();
-  TTT_PAR_FOR(e, n * D) { c.X[e] = c.b2[e % D]; }  // Z2 = X2 W2 + b2 (into X)
+  TTT_PAR_FOR2(e, i, col, n, D) { c.X[e] = c.b2[col]; }  // Z2 = X2 W2 + b2 (into X)
   mm_acc<+1, false, false>(n, D, F, c.X2, F, c.W2, D, c.X, D);
   TTT_SYNC();
   ln_rows(n, D, eps, lnw, lnb, c.X, c.rstd, c.T, c.G2, bwd ? c.U : nullptr);  // G2 = dl/dZ2
@@ -154,34 +153,34 @@ TTT_HD void mlp_recompute(const MLPParams& p, const MLPBuffers<acc_t>& c, int D,
   }
   TTT_SYNC();
   // Zq1 = Q W1 + b1 - P1 G1 - s QG1, Xq2 = gelu(Zq1)
-  TTT_PAR_FOR(e, n * F) { c.Zq1[e] = c.b1[e % F]; }
+  TTT_PAR_FOR2(e, i, col, n, F) { c.Zq1[e] = c.b1[col]; }
   mm_acc<+1, false, false>(n, F, D, c.Q, D, c.W1, F, c.Zq1, F);
   mm_acc<-1, false, false>(n, F, n, c.P1, n, c.G1, F, c.Zq1, F);
-  TTT_PAR_FOR(e, n * F) {
-    if (g.G) c.Zq1[e] -= row_scale(p, scale, g, e / F) * c.QG1[e];
-    c.Xq2[e] = gelu_tanh(c.Zq1[e]).g;
+  if (g.G) {
+    TTT_PAR_FOR2(e, i, col, n, F) { c.Zq1[e] -= row_scale(p, scale, g, i) * c.QG1[e]; }
   }
+  TTT_PAR_FOR(e, n * F) { c.Xq2[e] = gelu_tanh(c.Zq1[e]).g; }  // a plain loop: it vectorises
   TTT_SYNC();
   // P2 = A * (Xq2 X2^T + 1)
   TTT_PAR_FOR(e, n * n) { c.P2[e] = 0; }
   mm_acc<+1, false, true>(n, n, F, c.Xq2, F, c.X2, F, c.P2, n);
-  TTT_PAR_FOR(e, n * n) {
-    const acc_t cf = coef(p, scale, g, e / n, e % n);
-    c.P2[e] = cf != acc_t(0) ? cf * c.eta[e % n] * (c.P2[e] + acc_t(1)) : acc_t(0);
+  TTT_PAR_FOR2(e, i, j, n, n) {
+    const acc_t cf = coef(p, scale, g, i, j);
+    c.P2[e] = cf != acc_t(0) ? cf * c.eta[j] * (c.P2[e] + acc_t(1)) : acc_t(0);
   }
   if (g.G) {  // XqG2 = Xq2 G2w + g2b (layer 2's grad_sum)
     const acc_t* Gw = static_cast<const acc_t*>(p.G20) + bh * F * D;
     const acc_t* gb = static_cast<const acc_t*>(p.gb20) + bh * D;
-    TTT_PAR_FOR(e, n * D) { c.XqG2[e] = gb[e % D]; }
+    TTT_PAR_FOR2(e, i, col, n, D) { c.XqG2[e] = gb[col]; }
     mm_acc<+1, false, false>(n, D, F, c.Xq2, F, Gw, D, c.XqG2, D);
   }
   TTT_SYNC();
   // Zq2 = Xq2 W2 + b2 - P2 G2 - s XqG2 (into Xp)
-  TTT_PAR_FOR(e, n * D) { c.Xp[e] = c.b2[e % D]; }
+  TTT_PAR_FOR2(e, i, col, n, D) { c.Xp[e] = c.b2[col]; }
   mm_acc<+1, false, false>(n, D, F, c.Xq2, F, c.W2, D, c.Xp, D);
   mm_acc<-1, false, false>(n, D, n, c.P2, n, c.G2, D, c.Xp, D);
   if (g.G) {
-    TTT_PAR_FOR(e, n * D) { c.Xp[e] -= row_scale(p, scale, g, e / D) * c.XqG2[e]; }
+    TTT_PAR_FOR2(e, i, col, n, D) { c.Xp[e] -= row_scale(p, scale, g, i) * c.XqG2[e]; }
   }
   TTT_SYNC();
   ln_rows<acc_t>(n, D, eps, lnw, lnb, c.Xp, c.rstdp, nullptr, nullptr, nullptr);
@@ -251,8 +250,7 @@ TTT_HD void mlp_fwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
     mlp_copy(c, D, F, bh * nseg + s, false, p.W_starts, p.b_starts, p.W2_starts, p.b2_starts);
     mlp_recompute<scalar_t, acc_t>(p, c, D, F, bi, hi, g, false);
     scalar_t* o = static_cast<scalar_t*>(p.o) + (bh * p.L + g.t0) * D;
-    TTT_PAR_FOR(e, g.n * D) {  // o = q + gamma * LN(Zq2) + beta
-      const int col = e % D;
+    TTT_PAR_FOR2(e, i, col, g.n, D) {  // o = q + gamma * LN(Zq2) + beta
       o[e] = static_cast<scalar_t>(c.Q[e] + lnw[col] * c.Xp[e] + lnb[col]);
     }
     mlp_update(p, c, D, F, bh, g);

@@ -39,12 +39,20 @@ TTT_HD void titans_bwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
     titans_copy(c.S, c.sb, p.S_starts, p.sb_starts, D, slot, true);
     if (s == 0) titans_copy(c.Wc, c.bc, p.C0, p.cb0, D, bh, true);
     else titans_copy(c.Wc, c.bc, p.W_starts, p.b_starts, D, slot, true);  // W_0 = P
-    TTT_PAR_FOR(e, n * D) {  // dQ starts as dO (the residual)
-      const int64_t i = e / D, col = e % D;
+    TTT_PAR_FOR2(e, i, col, n, D) {  // dQ starts as dO (the residual)
       c.dQ[e] = ld<scalar_t, acc_t>(p.dO, bi * p.do_sb + hi * p.do_sh + (t0 + i) * p.do_sl + col);
     }
     TTT_SYNC();
     titans_recompute<scalar_t, acc_t>(p, c, D, bi, hi, g, true);
+    // B0: per-row coefficients: the end update's w_t = C_last,t eta_t and u_t = M_t eta_t, the
+    // query rows' D_i and c0_i; QK = Q K^T
+    TTT_PAR_FOR(i, n) {
+      c.cw[i] = c.Cx[last + i] * c.eta[i], c.cu[i] = c.Mx[last + i] * c.eta[i];
+      c.cD[i] = c.Cx[i * NC + bmax], c.cS[i] = c.Cx[i * NC + bmax + 1];
+    }
+    TTT_PAR_FOR(e, n * n) { c.QK[e] = 0; }
+    TTT_SYNC();
+    mm_acc<+1, false, true>(n, n, D, c.Q, D, c.K, D, c.QK, n);
 
     // B1: output LN; the end update against the carries (K dW + db, K dS + dsb, <., .> partials)
     ln_out_bwd_rows(n, D, lnw, c.Xp, c.rstdp, c.dQ, c.DZ);
@@ -59,17 +67,13 @@ TTT_HD void titans_bwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
       c.dlnw[col] += sw, c.dlnb[col] += sb;
       c.rW[col] = rw, c.rS1[col] = r1, c.rS2[col] = r2;
     }
-    TTT_PAR_FOR(e, n * D) {
-      const int j = e / D, col = e % D;
-      const acc_t wj = c.Cx[last + j] * c.eta[j], uj = c.Mx[last + j] * c.eta[j];
-      acc_t kw = c.db[col], ks = c.dsb[col], dk = 0;
-      for (int d = 0; d < D; ++d) {
-        kw += c.K[j * D + d] * c.dW[d * D + col];
-        ks += c.K[j * D + d] * c.dS[d * D + col];
-        dk += c.G[j * D + d] * (wj * c.dW[col * D + d] + uj * c.dS[col * D + d]);
-      }
-      c.KdW[e] = kw, c.KdS[e] = ks, c.dK[e] = -dk;
-    }
+    // KdW = K dW + db, KdS = K dS + dsb, dK = -(diag(w) G dW^T + diag(u) G dS^T)
+    TTT_PAR_FOR2(e, i, col, n, D) { c.KdW[e] = c.db[col], c.KdS[e] = c.dsb[col], c.dK[e] = 0; }
+    TTT_SYNC();
+    mm_acc<+1, false, false>(n, D, D, c.K, D, c.dW, D, c.KdW, D);
+    mm_acc<+1, false, false>(n, D, D, c.K, D, c.dS, D, c.KdS, D);
+    mm_acc<-1, false, true, kPerRow>(n, D, D, c.G, D, c.dW, D, c.dK, D, c.cw);
+    mm_acc<-1, false, true, kPerRow>(n, D, D, c.G, D, c.dS, D, c.dK, D, c.cu);
     TTT_SYNC();
     // B2: dw, du (end-update coefficients); dD, dc0 (query rows, + the end update at row n-1);
     // dPm = -DZ G^T
@@ -88,22 +92,20 @@ TTT_HD void titans_bwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
       }
       c.dw[i] = -w, c.du[i] = -u, c.dDv[i] = dd, c.dc0[i] = dc;
     }
-    TTT_PAR_FOR(e, n * n) {
-      const int i = e / n, t = e % n;
-      acc_t sum = 0;
-      if (t <= i)
-        for (int d = 0; d < D; ++d) sum += c.DZ[i * D + d] * c.G[t * D + d];
-      c.dPm[e] = -sum;
+    TTT_PAR_FOR(e, n * n) { c.dPm[e] = 0; }
+    TTT_SYNC();
+    mm_acc<-1, false, true>(n, n, D, c.DZ, D, c.G, D, c.dPm, n);
+    TTT_SYNC();
+    TTT_PAR_FOR2(e, i, j, n, n) {  // the lower triangle (t <= i) only
+      if (j > i) c.dPm[e] = 0;
     }
     TTT_SYNC();
     // B3: dG; dCx, dMl (upstream of the coefficients); deta; dQ through QW and QS
-    TTT_PAR_FOR(e, n * D) {
-      const int t = e / D, col = e % D;
-      const acc_t wt = c.Cx[last + t] * c.eta[t], ut = c.Mx[last + t] * c.eta[t];
-      acc_t sum = wt * c.KdW[e] + ut * c.KdS[e];
-      for (int i = t; i < n; ++i) sum += c.Pm[i * n + t] * c.DZ[i * D + col];
-      c.dG[e] = -sum;
+    TTT_PAR_FOR2(e, t, col, n, D) {  // dG = -(w KdW + u KdS) - Pm^T DZ (Pm is zero above the diagonal)
+      c.dG[e] = -(c.cw[t] * c.KdW[e] + c.cu[t] * c.KdS[e]);
     }
+    TTT_SYNC();
+    mm_acc<-1, true, false>(n, D, n, c.Pm, n, c.DZ, D, c.dG, D);
     TTT_PAR_FOR(e, n * (n + 2)) {
       const int j = e / (n + 2), ci = e % (n + 2), col = titans_col(ci, n, bmax);
       acc_t v = 0;
@@ -112,9 +114,7 @@ TTT_HD void titans_bwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
       } else if (ci == n + 1) {
         v = c.dc0[j];
       } else if (j >= ci) {
-        acc_t qk = 0;
-        for (int d = 0; d < D; ++d) qk += c.Q[j * D + d] * c.K[ci * D + d];
-        v = c.dPm[j * n + ci] * c.eta[ci] * (qk + acc_t(1));
+        v = c.dPm[j * n + ci] * c.eta[ci] * (c.QK[j * n + ci] + acc_t(1));
         if (j == n - 1) v += c.dw[ci] * c.eta[ci];
       }
       c.dCx[j * NC + col] = v;
@@ -124,22 +124,11 @@ TTT_HD void titans_bwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
     }
     TTT_PAR_FOR(t, n) {
       acc_t sum = c.dw[t] * c.Cx[last + t] + c.du[t] * c.Mx[last + t];
-      for (int i = t; i < n; ++i) {
-        acc_t qk = 0;
-        for (int d = 0; d < D; ++d) qk += c.Q[i * D + d] * c.K[t * D + d];
-        sum += c.dPm[i * n + t] * c.Cx[i * NC + t] * (qk + acc_t(1));
-      }
+      for (int i = t; i < n; ++i) sum += c.dPm[i * n + t] * c.Cx[i * NC + t] * (c.QK[i * n + t] + acc_t(1));
       static_cast<acc_t*>(p.deta)[row + t] = sum;
     }
-    TTT_PAR_FOR(e, n * D) {
-      const int i = e / D, d = e % D;
-      acc_t sw = 0, ss = 0;
-      for (int col = 0; col < D; ++col) {
-        sw += c.DZ[i * D + col] * c.Wc[d * D + col];
-        ss += c.DZ[i * D + col] * c.S[d * D + col];
-      }
-      c.dQ[e] += c.Cx[i * NC + bmax] * sw + c.Cx[i * NC + bmax + 1] * ss;
-    }
+    mm_acc<+1, false, true, kPerRow>(n, D, D, c.DZ, D, c.Wc, D, c.dQ, D, c.cD);  // + diag(D) DZ W_0^T
+    mm_acc<+1, false, true, kPerRow>(n, D, D, c.DZ, D, c.S, D, c.dQ, D, c.cS);   // + diag(c0) DZ S_0^T
     TTT_SYNC();
     // B4: the scalar recurrences in reverse, per source: d/da_j and d/dm_j partials (cA, cM);
     // dSqk = dPm * C * eta over Pm
@@ -160,8 +149,7 @@ TTT_HD void titans_bwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
         gs = c.m[j] * as;
       }
     }
-    TTT_PAR_FOR(e, n * n) {
-      const int i = e / n, t = e % n;
+    TTT_PAR_FOR2(e, i, t, n, n) {
       c.Pm[e] = c.dPm[e] * c.Cx[i * NC + t] * c.eta[t];
     }
     TTT_SYNC();
@@ -176,15 +164,8 @@ TTT_HD void titans_bwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
       static_cast<acc_t*>(p.ddec)[row + j] = sa;
       static_cast<acc_t*>(p.dmom)[row + j] = sm;
     }
-    TTT_PAR_FOR(e, n * D) {
-      const int i = e / D, col = e % D;
-      acc_t sq = 0, sk = 0;
-      for (int j = 0; j < n; ++j) {
-        sq += c.Pm[i * n + j] * c.K[j * D + col];
-        sk += c.Pm[j * n + i] * c.Q[j * D + col];
-      }
-      c.dQ[e] += sq, c.dK[e] += sk;
-    }
+    mm_acc<+1, false, false>(n, D, n, c.Pm, n, c.K, D, c.dQ, D);  // dQ += dSqk K
+    mm_acc<+1, true, false>(n, D, n, c.Pm, n, c.Q, D, c.dK, D);   // dK += dSqk^T Q
     ln_loss_grad_bwd_rows(n, D, lnw, c.X, c.G, c.rstd, c.dG, c.U, c.KdW);
     TTT_SYNC();
     // B6: LN params through U; dk, dv, dq; the weight gradients of this segment join the carries:
@@ -199,43 +180,54 @@ TTT_HD void titans_bwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
       }
       c.dlnw[col] += sw, c.dlnb[col] += sb;
     }
-    TTT_PAR_FOR(e, n * D) {
-      const int j = e / D, d = e % D;
-      acc_t sum = 0;
-      for (int col = 0; col < D; ++col) sum += c.KdW[j * D + col] * c.W[d * D + col];
-      const acc_t gdu = lnw[d] * c.U[e];
-      static_cast<scalar_t*>(p.dk)[row * D + e] = static_cast<scalar_t>(c.dK[e] + sum + gdu);
+    mm_acc<+1, false, true>(n, D, D, c.KdW, D, c.W, D, c.dK, D);  // dK += dZ P^T
+    TTT_SYNC();
+    TTT_PAR_FOR2(e, i, col, n, D) {
+      const acc_t gdu = lnw[col] * c.U[e];
+      static_cast<scalar_t*>(p.dk)[row * D + e] = static_cast<scalar_t>(c.dK[e] + gdu);
       static_cast<scalar_t*>(p.dv)[row * D + e] = static_cast<scalar_t>(-gdu);
       static_cast<scalar_t*>(p.dq)[row * D + e] = static_cast<scalar_t>(c.dQ[e]);
     }
     const acc_t Dl = c.Cx[last + bmax], c0l = c.Cx[last + bmax + 1], ml = c.Mx[last + bmax + 1];
-    const acc_t* dPs = static_cast<const acc_t*>(p.dW_starts);
-    const acc_t* dbs = static_cast<const acc_t*>(p.db_starts);
-    TTT_PAR_FOR(e, D * D + D) {
+    TTT_PAR_FOR(e, D * D + D) {  // the carries' terms through the end update
       const bool bias = e >= D * D;
-      const int d = bias ? -1 : e / D, col = bias ? e - D * D : e % D;
-      acc_t w0 = 0, pz = 0, s0 = 0;
-      for (int i = 0; i < n; ++i) {
-        const acc_t qi = bias ? acc_t(1) : c.Q[i * D + d], ki = bias ? acc_t(1) : c.K[i * D + d];
-        w0 += c.Cx[i * NC + bmax] * qi * c.DZ[i * D + col];
-        s0 += c.Cx[i * NC + bmax + 1] * qi * c.DZ[i * D + col];
-        pz += ki * c.KdW[i * D + col];
-      }
-      acc_t& dW = bias ? c.db[col] : c.dW[e];
-      acc_t& dS = bias ? c.dsb[col] : c.dS[e];
-      w0 += Dl * dW;
-      s0 += c0l * dW + ml * dS;
-      if (dPs != nullptr) pz += bias ? dbs[slot * D + col] : dPs[slot * DD + e];
-      if (s == 0) {  // the start's P and W_0 are separate inputs (W0/b0 and C0/cb0)
-        if (bias) static_cast<acc_t*>(p.dcb0)[bh * D + col] = w0;
-        else static_cast<acc_t*>(p.dC0)[bh * DD + e] = w0;
-        dW = pz;
-      } else {
-        dW = w0 + pz;
-      }
-      dS = s0;
+      acc_t& dW = bias ? c.db[e - D * D] : c.dW[e];
+      acc_t& dS = bias ? c.dsb[e - D * D] : c.dS[e];
+      dS = ml * dS + c0l * dW;
+      dW = Dl * dW;
     }
     TTT_SYNC();
+    mm_acc<+1, true, false, kPerK>(D, D, n, c.Q, D, c.DZ, D, c.dS, D, c.cS);  // + Q^T diag(c0) DZ
+    mm_acc<+1, true, false, kPerK>(D, D, n, c.Q, D, c.DZ, D, c.dW, D, c.cD);  // + Q^T diag(D) DZ
+    mm_acc<+1, true, false>(1, D, n, c.cS, 1, c.DZ, D, c.dsb, D);
+    mm_acc<+1, true, false>(1, D, n, c.cD, 1, c.DZ, D, c.db, D);
+    TTT_SYNC();
+    if (s == 0) {  // the start's W_0 is the input C0/cb0 (its P is W0/b0): d W_0 leaves the carry
+      TTT_PAR_FOR(e, D * D + D) {
+        const bool bias = e >= D * D;
+        acc_t& dW = bias ? c.db[e - D * D] : c.dW[e];
+        static_cast<acc_t*>(bias ? p.dcb0 : p.dC0)[bias ? bh * D + (e - D * D) : bh * DD + e] = dW;
+        dW = 0;
+      }
+      TTT_SYNC();
+    }
+    // d P = K^T dZ (+ the stored P's gradient)
+    mm_acc<+1, true, false>(D, D, n, c.K, D, c.KdW, D, c.dW, D);
+    TTT_PAR_FOR(col, D) {
+      acc_t sum = 0;
+      for (int i = 0; i < n; ++i) sum += c.KdW[i * D + col];
+      c.db[col] += sum;
+    }
+    TTT_SYNC();
+    const acc_t* dPs = static_cast<const acc_t*>(p.dW_starts);
+    const acc_t* dbs = static_cast<const acc_t*>(p.db_starts);
+    if (dPs != nullptr) {
+      TTT_PAR_FOR(e, D * D + D) {
+        if (e < D * D) c.dW[e] += dPs[slot * DD + e];
+        else c.db[e - D * D] += dbs[slot * D + (e - D * D)];
+      }
+      TTT_SYNC();
+    }
   }
   titans_copy(c.dW, c.db, p.dW0, p.db0, D, bh, false);
   titans_copy(c.dS, c.dsb, p.dS0, p.dsb0, D, bh, false);

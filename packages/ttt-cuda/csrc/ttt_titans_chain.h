@@ -14,7 +14,7 @@
 //   Z'_i = D_i (q_i W_0 + b_0) + c0_i (q_i S_0 + sb_0) - sum_t C_it eta_t (q_i . k_t + 1) g_t.
 // Token scale does not apply. When a segment completes, P <- W_last.
 #pragma once
-#include "ttt_ln_rows.h"
+#include "ttt_linear_chain.h"  // schedule macros, mm_acc, LayerNorm rows
 
 namespace ttt {
 
@@ -27,6 +27,7 @@ struct TitansBuffers {
   acc_t *U, *DZ, *dQ, *dK, *KdW, *KdS, *dG;      // backward [n, D]
   acc_t *dPm, *dCx, *cA, *cM, *dMl;              // backward [n, n], [n, NC] x3, [NC]
   acc_t *dw, *du, *dDv, *dc0, *rW, *rS1, *rS2;   // backward [n] x4, [D] x3
+  acc_t *cw, *cu, *cD, *cS, *QK;                 // backward [n] x4: C_last eta, M eta, D_i, c0_i; [n, n]
   acc_t *dW, *db, *dS, *dsb, *dlnw, *dlnb;       // backward carries / accumulators
 };
 
@@ -51,6 +52,8 @@ TTT_HD int64_t carve_titans(acc_t* base, int D, int bmax, bool bwd, TitansBuffer
     take(&c->du, bmax), take(&c->dDv, bmax), take(&c->dc0, bmax), take(&c->rW, D);
     take(&c->rS1, D), take(&c->rS2, D), take(&c->dW, DD), take(&c->db, D), take(&c->dS, DD);
     take(&c->dsb, D), take(&c->dlnw, D), take(&c->dlnb, D);
+    take(&c->cw, bmax), take(&c->cu, bmax), take(&c->cD, bmax), take(&c->cS, bmax);
+    take(&c->QK, nn);
   }
   return off;
 }
@@ -89,7 +92,7 @@ TTT_HD void titans_recompute(const TitansParams& p, const TitansBuffers<acc_t>& 
     }
   }
   // Z = K P + b (into X), QW = Q W_0 + b_0, QS = Q S_0 + sb_0
-  TTT_PAR_FOR(e, n * D) { c.X[e] = c.bw[e % D], c.QW[e] = c.bc[e % D], c.QS[e] = c.sb[e % D]; }
+  TTT_PAR_FOR2(e, i, col, n, D) { c.X[e] = c.bw[col], c.QW[e] = c.bc[col], c.QS[e] = c.sb[col]; }
   mm_acc<+1, false, false>(n, D, D, c.K, D, c.W, D, c.X, D);
   mm_acc<+1, false, false>(n, D, D, c.Q, D, c.Wc, D, c.QW, D);
   mm_acc<+1, false, false>(n, D, D, c.Q, D, c.S, D, c.QS, D);
@@ -98,14 +101,12 @@ TTT_HD void titans_recompute(const TitansParams& p, const TitansBuffers<acc_t>& 
   // Pm = C * eta * (Q K^T + 1), lower triangle
   TTT_PAR_FOR(e, n * n) { c.Pm[e] = 0; }
   mm_acc<+1, false, true>(n, n, D, c.Q, D, c.K, D, c.Pm, n);
-  TTT_PAR_FOR(e, n * n) {
-    const int i = e / n, t = e % n;
+  TTT_PAR_FOR2(e, i, t, n, n) {
     c.Pm[e] = t <= i ? c.Cx[i * NC + t] * c.eta[t] * (c.Pm[e] + acc_t(1)) : acc_t(0);
   }
   TTT_SYNC();
   // Z' = D_i QW + c0_i QS - Pm G (Pm is zero above the diagonal)
-  TTT_PAR_FOR(e, n * D) {
-    const int i = e / D;
+  TTT_PAR_FOR2(e, i, col, n, D) {
     c.Xp[e] = c.Cx[i * NC + bmax] * c.QW[e] + c.Cx[i * NC + bmax + 1] * c.QS[e];
   }
   mm_acc<-1, false, false>(n, D, n, c.Pm, n, c.G, D, c.Xp, D);
@@ -116,28 +117,37 @@ TTT_HD void titans_recompute(const TitansParams& p, const TitansBuffers<acc_t>& 
 }
 
 // W_0 <- D_last W_0 + c0_last S_0 - K^T diag(C_last eta) G,  S_0 <- m S_0 - K^T diag(M eta) G
-// (biases alike); when the segment completes, P <- W_0.
+// (biases alike); when the segment completes, P <- W_0. Pm (free once Z' is formed) holds the
+// coefficients C_last,t eta_t (row 0) and M_t eta_t (row 1; at n = 1 the carve's padding).
 template <typename acc_t>
 TTT_HD void titans_update(const TitansParams& p, const TitansBuffers<acc_t>& c, int D,
                           const Segment& g) {
   const int n = g.n, bmax = p.mini_batch_size, NC = bmax + 2, last = (n - 1) * NC;
   const acc_t Dl = c.Cx[last + bmax], c0l = c.Cx[last + bmax + 1], ml = c.Mx[last + bmax + 1];
-  TTT_PAR_FOR(e, D * D + D) {
+  acc_t* cw = c.Pm;
+  acc_t* cu = c.Pm + n;
+  TTT_PAR_FOR(t, n) { cw[t] = c.Cx[last + t] * c.eta[t], cu[t] = c.Mx[last + t] * c.eta[t]; }
+  TTT_PAR_FOR(e, D * D + D) {  // the start terms, then the steps' sums below
     const bool bias = e >= D * D;
-    const int d = bias ? -1 : e / D, col = bias ? e - D * D : e % D;
-    acc_t sw = 0, ss = 0;
-    for (int t = 0; t < n; ++t) {
-      const acc_t kg = (bias ? acc_t(1) : c.K[t * D + d]) * c.G[t * D + col] * c.eta[t];
-      sw += c.Cx[last + t] * kg;
-      ss += c.Mx[last + t] * kg;
-    }
+    const int col = bias ? e - D * D : e;
     acc_t& w = bias ? c.bc[col] : c.Wc[e];
     acc_t& s = bias ? c.sb[col] : c.S[e];
-    w = Dl * w + c0l * s - sw;
-    s = ml * s - ss;
-    if (g.completes) (bias ? c.bw[col] : c.W[e]) = w;
+    w = Dl * w + c0l * s;
+    s = ml * s;
   }
   TTT_SYNC();
+  mm_acc<-1, true, false, kPerK>(D, D, n, c.K, D, c.G, D, c.Wc, D, cw);  // - K^T diag(cw) G
+  mm_acc<-1, true, false, kPerK>(D, D, n, c.K, D, c.G, D, c.S, D, cu);   // - K^T diag(cu) G
+  mm_acc<-1, true, false>(1, D, n, cw, 1, c.G, D, c.bc, D);              // - cw^T G
+  mm_acc<-1, true, false>(1, D, n, cu, 1, c.G, D, c.sb, D);              // - cu^T G
+  TTT_SYNC();
+  if (g.completes) {
+    TTT_PAR_FOR(e, D * D + D) {
+      if (e < D * D) c.W[e] = c.Wc[e];
+      else c.bw[e - D * D] = c.bc[e - D * D];
+    }
+    TTT_SYNC();
+  }
 }
 
 // Copies a [D, D] + [D] pair between buffers and a [B, H, (nseg,) ...] tensor slot.
@@ -173,8 +183,7 @@ TTT_HD void titans_fwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
     titans_copy(c.S, c.sb, p.S_starts, p.sb_starts, D, bh * nseg + s, false);
     titans_recompute<scalar_t, acc_t>(p, c, D, bi, hi, g, false);
     scalar_t* o = static_cast<scalar_t*>(p.o) + (bh * p.L + g.t0) * D;
-    TTT_PAR_FOR(e, g.n * D) {
-      const int col = e % D;
+    TTT_PAR_FOR2(e, i, col, g.n, D) {
       o[e] = static_cast<scalar_t>(c.Q[e] + lnw[col] * c.Xp[e] + lnb[col]);
     }
     titans_update(p, c, D, g);

@@ -19,6 +19,7 @@ CASES = [
     (2, 2, 9, 6, 4, False, "mean"),  # non-causal (token_scale does not apply)
     (1, 2, 6, 4, None, False, "mean"),  # whole sequence one mini-batch (denoiser)
     (1, 1, 5, 4, 1, True, "mean"),  # b = 1: the exact per-token rule
+    (1, 2, 23, 5, 11, True, "mean"),  # b = 11: the CPU's 8-row LayerNorm groups + 3 rows, then 1
 ]
 
 

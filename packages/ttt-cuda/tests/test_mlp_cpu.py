@@ -18,6 +18,7 @@ CASES = [
     (2, 1, 10, 4, 16, 4, True, "vector"),  # learnable per-position scale
     (1, 2, 9, 5, 12, 4, False, "mean"),  # non-causal, F != 4D
     (1, 1, 6, 4, 16, None, False, "mean"),  # whole sequence one mini-batch (denoiser)
+    (1, 1, 21, 5, 12, 9, True, "mean"),  # b = 9: the CPU's 8-row LayerNorm groups + 1 row, then 3
 ]
 
 

@@ -2,8 +2,10 @@
 
 - ``"cpp"``: the fused C++ path on CPU tensors (parallel over (batch, head) chains on
   ``torch.get_num_threads()`` threads), by name only (``backend="cpp"``): ``auto`` leaves CPU
-  tensors on ttt-core's torch backend until the C++ path is faster for every call it takes (see
-  the README). Its single-token step is one fused C++ call per token and layer (``step.py``).
+  tensors on ttt-core's torch backend (see the README: the C++ path is faster for the
+  whole-sequence ops and the single-token step, but it does not trace under ``torch.compile``, has
+  no double backward and refuses bf16 and some options, so ``auto`` would change those calls).
+  Its single-token step is one fused C++ call per token and layer (``step.py``).
 - ``"cuda"``: the CUDA kernels on CUDA tensors (``auto`` picks it there); on CPU tensors it is an
   alias of ``"cpp"``.
 
