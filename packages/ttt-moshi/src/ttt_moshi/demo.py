@@ -12,8 +12,12 @@ attend ``W/2`` steps, the others ``W``); the TTT variant adds TTT-Linear blocks 
 tanh(alpha) gate) to half the layers. Each trained model then reads held-out sequences
 ``--long-factor`` (8) times the training length in streaming mode (`streaming_per_position_loss`:
 state carried, memory bounded; the resident memory is sampled at 1, 2, 4, 8 x the training length).
+Then `memory_probe` measures why TTT does or does not help past the window: the loss on names
+that recur beyond the attention's reach vs names seen for the first time, with and without TTT;
+the TTT gates and the size of the TTT output after training; the inner loss per mini-batch.
 Written to DIR: ``loss_per_position.png``, ``loss_difference.png``, ``long_context_loss.png``,
-``train_loss.png``, ``summary.json`` (+ the shards and the metrics of each run).
+``train_loss.png``, ``memory_analysis.png``, ``summary.json`` (+ the shards and the metrics of
+each run).
 """
 
 from __future__ import annotations
@@ -32,13 +36,20 @@ from .config import FinetuneConfig
 from .data import save_shard
 from .evaluate import (
     loss_slope,
-    per_position_loss,
     plot_loss_curves,
     resident_bytes,
     smooth,
     streaming_per_position_loss,
 )
 from .layer import TTTStreamingTransformerLayer
+from .memory_probe import (
+    category_losses,
+    gate_report,
+    inner_loss_by_mini_batch,
+    name_recurrence,
+    text_token_losses,
+    ttt_inputs,
+)
 from .train import Trainer
 
 DATA_SOURCE = (
@@ -119,6 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary: dict[str, Any] = {"variants": {}}
     eval_windows = None
     histories = {}
+    memory: dict[str, Any] = {"variants": {}}
     for name, extra in variants.items():
         slug = "ttt" if extra["ttt"]["layers"] else "baseline"
         cfg = FinetuneConfig.from_dict({**base, **extra, "run_dir": str(out / f"run_{slug}")})
@@ -133,7 +145,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             idx = torch.randperm(len(trainer.eval_data), generator=g)[:n_eval]
             eval_windows = trainer.eval_data.windows[idx]  # (N, 1, T)
         t0 = time.perf_counter()
-        curve = per_position_loss(trainer.lm, eval_windows, batch_size=8, progress=True)
+        token_loss = text_token_losses(trainer.lm, eval_windows)  # (N, T): text only
+        curve = np.nanmean(token_loss, axis=0)  # = per_position_loss (K = 1)
         eval_s = time.perf_counter() - t0
         curves[name] = curve
         histories[name] = [r["loss"] for r in trainer.history]
@@ -141,6 +154,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         contexts = [m.self_attn.context for m in trainer.lm.transformer.layers]
         # stacked local attention reaches sum(c - 1) steps back; beyond that only TTT remembers
         reach = sum(c - 1 for c in contexts)
+        if "name_masks" not in memory:
+            memory["name_masks"] = name_recurrence(eval_windows[:, 0].numpy(), reach)
+        memory["variants"][name] = category_losses(token_loss, memory["name_masks"])
+        if slug == "ttt":
+            probe = ttt_inputs(trainer.lm, eval_windows[: args.probe_windows])
+            memory["gates"] = gate_report(trainer.lm, probe)
+            layers = trainer.lm.transformer.layers
+            memory["inner_loss_by_mini_batch"] = {
+                f"layer{i}": inner_loss_by_mini_batch(layers[i], h)
+                for i, (_, h, _) in probe.items()
+            }
         rec: dict[str, Any] = {
             "ttt_layers": extra["ttt"]["layers"],
             "attention_context": contexts,
@@ -180,6 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "eval_loss_last_quarter",
         )
     }
+    summary["memory"] = _memory_summary(memory, names, reach)
     summary.update(
         data_source=DATA_SOURCE, corpus_tokens=len(tokens), seq_len=args.seq_len,
         attention_window=window, ttt_attention_window=window // 2, eval_windows=len(eval_windows),
@@ -201,10 +226,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         title=f"streaming, {args.long_factor}x the training length ({n_long} sequences)",
     )  # fmt: skip
     _plot_train(histories, out / "train_loss.png")
+    _plot_memory(summary["memory"], out / "memory_analysis.png")
     _plot_difference(curves, out / "loss_difference.png", b["attention_receptive_field"])
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     np.savez(out / "curves.npz", **{n.replace(" ", "_"): c for n, c in curves.items()})
     return summary
+
+
+def _memory_summary(memory: dict[str, Any], names: list[str], reach: int) -> dict[str, Any]:
+    """The `memory_probe` results for summary.json: loss by name category per variant and the
+    TTT variant's gain on each; the gates; the inner loss per mini-batch (and its means)."""
+    base, ttt = (memory["variants"][n] for n in names)
+    inner = memory["inner_loss_by_mini_batch"]
+    return {
+        "attention_reach": reach,
+        "loss_by_name_category": memory["variants"],
+        "ttt_minus_baseline": {k: ttt[k]["loss"] - base[k]["loss"] for k in base},
+        "gates": memory["gates"],
+        "inner_loss_mean": {
+            layer: {k: float(np.mean(v)) for k, v in curves.items() if k != "start"}
+            for layer, curves in inner.items()
+        },
+        "inner_loss_by_mini_batch": inner,
+    }
 
 
 def _long_context(
@@ -291,6 +335,45 @@ def _plot_difference(curves: dict[str, np.ndarray], path: Path, reach: int) -> N
     plt.close(fig)
 
 
+def _plot_memory(memory: dict[str, Any], path: Path) -> None:
+    """Left: TTT minus baseline loss by name category; right: inner loss per mini-batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    gains = memory["ttt_minus_baseline"]
+    counts = {
+        k: v["tokens"] for k, v in next(iter(memory["loss_by_name_category"].values())).items()
+    }
+    labels = [f"{k}\n({counts[k]} bytes)" for k in gains]
+    left.bar(range(len(gains)), list(gains.values()), color="tab:blue")
+    left.set_xticks(range(len(gains)), labels, fontsize=7)
+    left.axhline(0.0, color="black", lw=0.8)
+    left.set_ylabel("loss(TTT) - loss(baseline) (nats)")
+    left.set_title(f"name bytes by last occurrence (reach {memory['attention_reach']})", fontsize=9)
+    for (layer, curves), color in zip(
+        memory["inner_loss_by_mini_batch"].items(), ["C0", "C1", "C2", "C3"]
+    ):
+        for kind, style in (
+            ("fresh", ":"),
+            ("before_other_window", "-."),
+            ("before", "-"),
+            ("after", "--"),
+        ):
+            right.plot(curves["start"], curves[kind], style, color=color, label=f"{layer} {kind}")
+    right.set_xlabel("mini-batch start (step)")
+    right.set_ylabel("inner loss per token")
+    right.set_title(
+        "inner loss at W0, after another window, before and after the update", fontsize=9
+    )
+    right.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output folder")
@@ -307,6 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--long-factor", type=int, default=8, help="long-context eval: x seq-len")
     p.add_argument("--long-sequences", type=int, default=4, help="long held-out sequences")
+    p.add_argument("--probe-windows", type=int, default=32, help="windows for gates/inner loss")
     p.add_argument("--quick", action="store_true", help="a few steps, to check the pipeline")
     args = p.parse_args(argv)
     if args.quick:
