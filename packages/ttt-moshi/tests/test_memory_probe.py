@@ -13,6 +13,7 @@ import torch
 from ttt_moshi import patch_lm, per_position_loss, ttt_config_for
 from ttt_moshi.demo import lm_kwargs
 from ttt_moshi.memory_probe import (
+    category_differences,
     category_losses,
     gate_report,
     inner_loss_by_mini_batch,
@@ -68,6 +69,13 @@ def test_token_losses_average_to_the_per_position_loss():
     mask[1, 2:5] = True
     cats = category_losses(losses, {"some": mask})
     assert cats["some"] == {"loss": pytest.approx(losses[1, 2:5].mean()), "tokens": 3}
+    diff = category_differences(losses + 0.5, losses, {"some": mask})
+    assert diff["all tokens"]["mean"] == pytest.approx(0.5)
+    assert diff["some"]["stderr"] == pytest.approx(0.0, abs=1e-12)
+    other = losses.copy()
+    other[1, 2:5] += [0.0, 0.3, 0.6]  # mean 0.3, std sqrt(0.06)
+    d = category_differences(other, losses, {"some": mask})["some"]
+    assert d == {"mean": pytest.approx(0.3), "stderr": pytest.approx(np.sqrt(0.06 / 3))}
 
 
 def test_gate_report_scales_with_tanh_alpha():

@@ -43,6 +43,7 @@ from .evaluate import (
 )
 from .layer import TTTStreamingTransformerLayer
 from .memory_probe import (
+    category_differences,
     category_losses,
     gate_report,
     inner_loss_by_mini_batch,
@@ -157,6 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "name_masks" not in memory:
             memory["name_masks"] = name_recurrence(eval_windows[:, 0].numpy(), reach)
         memory["variants"][name] = category_losses(token_loss, memory["name_masks"])
+        memory.setdefault("token_losses", []).append(token_loss)
         if slug == "ttt":
             probe = ttt_inputs(trainer.lm, eval_windows[: args.probe_windows])
             memory["gates"] = gate_report(trainer.lm, probe)
@@ -204,7 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "eval_loss_last_quarter",
         )
     }
-    summary["memory"] = _memory_summary(memory, names, reach)
+    summary["memory"] = _memory_summary(memory, reach)
     summary.update(
         data_source=DATA_SOURCE, corpus_tokens=len(tokens), seq_len=args.seq_len,
         attention_window=window, ttt_attention_window=window // 2, eval_windows=len(eval_windows),
@@ -233,15 +235,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def _memory_summary(memory: dict[str, Any], names: list[str], reach: int) -> dict[str, Any]:
+def _memory_summary(memory: dict[str, Any], reach: int) -> dict[str, Any]:
     """The `memory_probe` results for summary.json: loss by name category per variant and the
     TTT variant's gain on each; the gates; the inner loss per mini-batch (and its means)."""
-    base, ttt = (memory["variants"][n] for n in names)
     inner = memory["inner_loss_by_mini_batch"]
+    base_loss, ttt_loss = memory["token_losses"]  # (N, T) each, the variants in order
     return {
         "attention_reach": reach,
         "loss_by_name_category": memory["variants"],
-        "ttt_minus_baseline": {k: ttt[k]["loss"] - base[k]["loss"] for k in base},
+        "ttt_minus_baseline": category_differences(ttt_loss, base_loss, memory["name_masks"]),
         "gates": memory["gates"],
         "inner_loss_mean": {
             layer: {k: float(np.mean(v)) for k, v in curves.items() if k != "start"}
@@ -348,7 +350,12 @@ def _plot_memory(memory: dict[str, Any], path: Path) -> None:
         k: v["tokens"] for k, v in next(iter(memory["loss_by_name_category"].values())).items()
     }
     labels = [f"{k}\n({counts[k]} bytes)" for k in gains]
-    left.bar(range(len(gains)), list(gains.values()), color="tab:blue")
+    left.bar(
+        range(len(gains)),
+        [g["mean"] for g in gains.values()],
+        yerr=[g["stderr"] for g in gains.values()],
+        color="tab:blue",
+    )
     left.set_xticks(range(len(gains)), labels, fontsize=7)
     left.axhline(0.0, color="black", lw=0.8)
     left.set_ylabel("loss(TTT) - loss(baseline) (nats)")
@@ -401,6 +408,15 @@ def main(argv: list[str] | None = None) -> None:
               f"{rec['eval_loss_inside_window']:.4f}, beyond {rec['eval_loss_beyond_window']:.4f}, "
               f"slope/doubling beyond {rec['slope_per_doubling_beyond_window']:+.4f}) "
               f"train {rec['train_seconds']:.0f}s")  # fmt: skip
+    memory = summary["memory"]
+    gains = ", ".join(f"{k} {v['mean']:+.4f}" for k, v in memory["ttt_minus_baseline"].items())
+    print(f"TTT - baseline loss on name bytes by last occurrence: {gains}")
+    for layer, g in memory["gates"].items():
+        inner = memory["inner_loss_mean"][layer]
+        print(f"{layer}: |tanh(alpha)| {g['gate_abs_mean']:.3f} (init {g['gate_init']}), output/"
+              f"residual rms {g['output_rms_over_residual_rms']:.3f}; inner loss fresh "
+              f"{inner['fresh']:.2f}, other window {inner['before_other_window']:.2f}, before "
+              f"{inner['before']:.2f}, after {inner['after']:.2f}")  # fmt: skip
     print(f"wrote {Path(args.out) / 'summary.json'}")
 
 

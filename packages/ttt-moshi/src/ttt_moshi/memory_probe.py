@@ -34,6 +34,7 @@ from .patch import transformer_of
 
 __all__ = [
     "NAME_CATEGORIES",
+    "category_differences",
     "category_losses",
     "gate_report",
     "inner_loss_by_mini_batch",
@@ -100,6 +101,20 @@ def category_losses(losses: np.ndarray, masks: dict[str, np.ndarray]) -> dict[st
     out = {"all tokens": {"loss": float(np.nanmean(losses)), "tokens": int(losses.size)}}
     for name, mask in masks.items():
         out[name] = {"loss": float(np.nanmean(losses[mask])), "tokens": int(mask.sum())}
+    return out
+
+
+def category_differences(
+    losses: np.ndarray, reference: np.ndarray, masks: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    """``losses - reference`` (both [N, T], the same tokens) under each mask and over all tokens:
+    the mean and its standard error over the tokens (``std / sqrt(count)``; tokens of a window
+    are not independent, so seeds give the honest spread)."""
+    diff = losses - reference  # (N, T)
+    out = {}
+    for name, mask in {"all tokens": np.isfinite(diff), **masks}.items():
+        d = diff[mask]
+        out[name] = {"mean": float(np.nanmean(d)), "stderr": float(np.nanstd(d) / np.sqrt(d.size))}
     return out
 
 
