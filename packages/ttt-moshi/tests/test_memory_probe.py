@@ -10,17 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from ttt_moshi import memory_probe as probe
 from ttt_moshi import patch_lm, per_position_loss, ttt_config_for
 from ttt_moshi.demo import lm_kwargs
-from ttt_moshi.memory_probe import (
-    category_differences,
-    category_losses,
-    gate_report,
-    inner_loss_by_mini_batch,
-    name_recurrence,
-    text_token_losses,
-    ttt_inputs,
-)
 
 
 def _bytes(text: bytes) -> np.ndarray:
@@ -35,8 +27,8 @@ def test_name_recurrence_categories_by_hand():
     assert [text.find(b"abcd", i) for i in (0, 1, 6)] == [0, 5, 22]
     assert [text.find(b"wxyz"), text.rfind(b"wxyz")] == [27, 36]
     second = _bytes(b"qrst" + b"." * 20 + b"qrst")  # a second window: "qrst"@24 beyond reach
-    masks = name_recurrence(np.stack([_bytes(text[:28]), second]), reach=8)
-    full = name_recurrence(_bytes(text)[None], reach=8)
+    masks = probe.name_recurrence(np.stack([_bytes(text[:28]), second]), reach=8)
+    full = probe.name_recurrence(_bytes(text)[None], reach=8)
     expected = {
         "first occurrence": [1, 2, 3, 28, 29, 30],
         "recurring within reach": [6, 7, 8],
@@ -62,19 +54,19 @@ def test_token_losses_average_to_the_per_position_loss():
     lm = _text_lm()
     patch_lm(lm, layers=[1], ttt=ttt_config_for(lm, mini_batch_size=4))
     windows = torch.randint(0, 256, (5, 1, 13), generator=torch.Generator().manual_seed(3))
-    losses = text_token_losses(lm, windows, batch_size=2)  # (5, 13)
+    losses = probe.text_token_losses(lm, windows, batch_size=2)  # (5, 13)
     assert losses.shape == (5, 13) and np.isfinite(losses).all()
     np.testing.assert_allclose(losses.mean(0), per_position_loss(lm, windows), rtol=1e-6)
     mask = np.zeros((5, 13), dtype=bool)
     mask[1, 2:5] = True
-    cats = category_losses(losses, {"some": mask})
+    cats = probe.category_losses(losses, {"some": mask})
     assert cats["some"] == {"loss": pytest.approx(losses[1, 2:5].mean()), "tokens": 3}
-    diff = category_differences(losses + 0.5, losses, {"some": mask})
+    diff = probe.category_differences(losses + 0.5, losses, {"some": mask})
     assert diff["all tokens"]["mean"] == pytest.approx(0.5)
     assert diff["some"]["stderr"] == pytest.approx(0.0, abs=1e-12)
     other = losses.copy()
     other[1, 2:5] += [0.0, 0.3, 0.6]  # mean 0.3, std sqrt(0.06)
-    d = category_differences(other, losses, {"some": mask})["some"]
+    d = probe.category_differences(other, losses, {"some": mask})["some"]
     assert d == {"mean": pytest.approx(0.3), "stderr": pytest.approx(np.sqrt(0.06 / 3))}
 
 
@@ -86,7 +78,7 @@ def test_gate_report_scales_with_tanh_alpha():
     for gate in (0.0, 0.15, 0.3):
         lm = _text_lm()
         patch_lm(lm, layers=[1], ttt=ttt_config_for(lm, mini_batch_size=4, gate_init=gate))
-        reports[gate] = gate_report(lm, ttt_inputs(lm, windows))["layer1"]
+        reports[gate] = probe.gate_report(lm, probe.ttt_inputs(lm, windows))["layer1"]
     assert reports[0.0]["gate_abs_mean"] == 0.0
     assert reports[0.0]["output_rms_over_residual_rms"] == 0.0
     assert reports[0.3]["gate_abs_mean"] == pytest.approx(math.tanh(0.3))
@@ -105,7 +97,7 @@ def test_inner_loss_by_mini_batch_on_a_repeated_mini_batch():
     patch_lm(lm, layers=[1], ttt=ttt_config_for(lm, mini_batch_size=4))
     layer = lm.transformer.layers[1]
     chunk = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(5))  # (N, b, C)
-    out = inner_loss_by_mini_batch(layer, chunk.repeat(1, 3, 1))  # (N, 12, C)
+    out = probe.inner_loss_by_mini_batch(layer, chunk.repeat(1, 3, 1))  # (N, 12, C)
     assert out["start"] == [0, 4, 8]
     for j in (1, 2):
         assert out["before"][j] == pytest.approx(out["after"][j - 1], rel=1e-5)
@@ -113,5 +105,5 @@ def test_inner_loss_by_mini_batch_on_a_repeated_mini_batch():
         assert abs(out["before_other_window"][j] - out["before"][j]) > 1e-3
     assert out["before"][0] == pytest.approx(out["fresh"][0], rel=1e-6)
     assert out["before_other_window"][0] == pytest.approx(out["fresh"][0], rel=1e-6)
-    same = inner_loss_by_mini_batch(layer, chunk[:1].repeat(3, 3, 1))  # 3 equal windows
+    same = probe.inner_loss_by_mini_batch(layer, chunk[:1].repeat(3, 3, 1))  # 3 equal windows
     assert same["before_other_window"] == pytest.approx(same["before"], rel=1e-6)
