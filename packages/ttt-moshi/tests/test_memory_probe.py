@@ -107,3 +107,21 @@ def test_inner_loss_by_mini_batch_on_a_repeated_mini_batch():
     assert out["before_other_window"][0] == pytest.approx(out["fresh"][0], rel=1e-6)
     same = probe.inner_loss_by_mini_batch(layer, chunk[:1].repeat(3, 3, 1))  # 3 equal windows
     assert same["before_other_window"] == pytest.approx(same["before"], rel=1e-6)
+
+
+def test_fast_weights_reset_every_mini_batch_reads_each_mini_batch_alone():
+    """Under the context manager the TTT block's output over T = 11 (mini-batches of 4, the last
+    partial) is its output on each mini-batch read as a separate sequence; outside it is not."""
+    lm = _text_lm()
+    patch_lm(lm, layers=[1], ttt=ttt_config_for(lm, mini_batch_size=4))
+    ttt = lm.transformer.layers[1].ttt
+    h = torch.randn(2, 11, 16, generator=torch.Generator().manual_seed(6))  # (B, T, C)
+    with torch.no_grad():
+        alone = torch.cat([ttt(h[:, s : s + 4])[0] for s in (0, 4, 8)], dim=1)  # (B, T, C)
+        with probe.fast_weights_reset_every_mini_batch(lm):
+            reset = ttt(h)[0]
+        carried = ttt(h)[0]
+    torch.testing.assert_close(reset, alone, atol=1e-6, rtol=0)
+    torch.testing.assert_close(carried[:, :4], alone[:, :4], atol=1e-6, rtol=0)
+    assert (carried[:, 4:] - alone[:, 4:]).abs().max() > 1e-3  # the carried memory matters
+    assert not ttt._forward_hooks  # removed on exit

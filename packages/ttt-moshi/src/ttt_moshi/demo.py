@@ -45,6 +45,7 @@ from .layer import TTTStreamingTransformerLayer
 from .memory_probe import (
     category_differences,
     category_losses,
+    fast_weights_reset_every_mini_batch,
     gate_report,
     inner_loss_by_mini_batch,
     name_recurrence,
@@ -162,6 +163,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if slug == "ttt":
             probe = ttt_inputs(trainer.lm, eval_windows[: args.probe_windows])
             memory["gates"] = gate_report(trainer.lm, probe)
+            with fast_weights_reset_every_mini_batch(trainer.lm):
+                no_carry = text_token_losses(trainer.lm, eval_windows)  # (N, T)
+            memory["carry_minus_no_carry"] = category_differences(
+                token_loss, no_carry, memory["name_masks"]
+            )
             layers = trainer.lm.transformer.layers
             memory["inner_loss_by_mini_batch"] = {
                 f"layer{i}": inner_loss_by_mini_batch(layers[i], h)
@@ -244,6 +250,7 @@ def _memory_summary(memory: dict[str, Any], reach: int) -> dict[str, Any]:
         "attention_reach": reach,
         "loss_by_name_category": memory["variants"],
         "ttt_minus_baseline": category_differences(ttt_loss, base_loss, memory["name_masks"]),
+        "ttt_carry_minus_no_carry": memory["carry_minus_no_carry"],
         "gates": memory["gates"],
         "inner_loss_mean": {
             layer: {k: float(np.mean(v)) for k, v in curves.items() if k != "start"}
@@ -338,27 +345,33 @@ def _plot_difference(curves: dict[str, np.ndarray], path: Path, reach: int) -> N
 
 
 def _plot_memory(memory: dict[str, Any], path: Path) -> None:
-    """Left: TTT minus baseline loss by name category; right: inner loss per mini-batch."""
+    """Left: loss differences by name category; right: inner loss per mini-batch."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
-    gains = memory["ttt_minus_baseline"]
     counts = {
         k: v["tokens"] for k, v in next(iter(memory["loss_by_name_category"].values())).items()
     }
-    labels = [f"{k}\n({counts[k]} bytes)" for k in gains]
-    left.bar(
-        range(len(gains)),
-        [g["mean"] for g in gains.values()],
-        yerr=[g["stderr"] for g in gains.values()],
-        color="tab:blue",
-    )
-    left.set_xticks(range(len(gains)), labels, fontsize=7)
+    bars = {
+        "TTT - baseline": memory["ttt_minus_baseline"],
+        "TTT model: carried - reset every mini-batch": memory["ttt_carry_minus_no_carry"],
+    }
+    x = np.arange(len(counts))
+    for j, (label, diffs) in enumerate(bars.items()):
+        left.bar(
+            x + (j - 0.5) * 0.4,
+            [diffs[k]["mean"] for k in counts],
+            width=0.4,
+            yerr=[diffs[k]["stderr"] for k in counts],
+            label=label,
+        )
+    left.set_xticks(x, [f"{k}\n({n} bytes)" for k, n in counts.items()], fontsize=7)
     left.axhline(0.0, color="black", lw=0.8)
-    left.set_ylabel("loss(TTT) - loss(baseline) (nats)")
+    left.set_ylabel("loss difference (nats / byte)")
+    left.legend(fontsize=7)
     left.set_title(f"name bytes by last occurrence (reach {memory['attention_reach']})", fontsize=9)
     for (layer, curves), color in zip(
         memory["inner_loss_by_mini_batch"].items(), ["C0", "C1", "C2", "C3"]
@@ -411,6 +424,10 @@ def main(argv: list[str] | None = None) -> None:
     memory = summary["memory"]
     gains = ", ".join(f"{k} {v['mean']:+.4f}" for k, v in memory["ttt_minus_baseline"].items())
     print(f"TTT - baseline loss on name bytes by last occurrence: {gains}")
+    carry = ", ".join(
+        f"{k} {v['mean']:+.4f}" for k, v in memory["ttt_carry_minus_no_carry"].items()
+    )
+    print(f"TTT model, fast weights carried - reset every mini-batch: {carry}")
     for layer, g in memory["gates"].items():
         inner = memory["inner_loss_mean"][layer]
         print(f"{layer}: |tanh(alpha)| {g['gate_abs_mean']:.3f} (init {g['gate_init']}), output/"

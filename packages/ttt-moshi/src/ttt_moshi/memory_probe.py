@@ -17,15 +17,22 @@
    window's own content; ``before`` below ``fresh`` but equal to the control means they only
    adapt to what all windows share; ``after < before`` alone only means they fit the current
    mini-batch.
+4. **The carried memory, ablated** (`fast_weights_reset_every_mini_batch`): the trained TTT model
+   with every mini-batch read from ``W0``, nothing carried from one mini-batch to the next
+   (attention and everything else unchanged); the loss it loses, by name category, is what the
+   model takes from the fast-weight memory.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layer import TTTStreamingTransformerLayer
@@ -36,6 +43,7 @@ __all__ = [
     "NAME_CATEGORIES",
     "category_differences",
     "category_losses",
+    "fast_weights_reset_every_mini_batch",
     "gate_report",
     "inner_loss_by_mini_batch",
     "name_recurrence",
@@ -207,3 +215,28 @@ def inner_loss_by_mini_batch(layer: TTTStreamingTransformerLayer, h: Tensor) -> 
         out["before_other_window"].append((mixed["before"] - sums[j]["before"]) / (e - s))
         out["fresh"].append(float(ttt.inner_loss_report(h[:, s:e])["before"]))
     return {"start": starts, **out}
+
+
+def _reset_every_mini_batch(ttt: nn.Module, args: tuple, out: tuple) -> tuple:
+    """Forward hook of a `TTTLayer` (not streaming): its output recomputed with every mini-batch
+    of its input read as a sequence of its own."""
+    h = args[0]  # (B, T, C)
+    B, T, C = h.shape
+    b = ttt.config.mini_batch_size or T
+    pad = (-T) % b  # zeros after the end: causal, they change nothing before them
+    chunks = F.pad(h, (0, 0, 0, pad)).reshape(B * (T + pad) // b, b, C)  # (B * n_mb, b, C)
+    y, _ = ttt.forward(chunks)  # .forward: not through this hook again
+    return y.reshape(B, T + pad, -1)[:, :T], out[1]
+
+
+@contextmanager
+def fast_weights_reset_every_mini_batch(lm: nn.Module) -> Iterator[None]:
+    """Inside the block, every TTT layer of ``lm`` reads each mini-batch from its fast weights'
+    learned init W0: nothing is carried from one mini-batch to the next (whole sequences, not
+    streaming)."""
+    hooks = [m.ttt.register_forward_hook(_reset_every_mini_batch) for m in _ttt_layers(lm).values()]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
