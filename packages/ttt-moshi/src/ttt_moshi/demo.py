@@ -368,7 +368,8 @@ def _plot_memory(memory: dict[str, Any], path: Path) -> None:
             yerr=[diffs[k]["stderr"] for k in counts],
             label=label,
         )
-    left.set_xticks(x, [f"{k}\n({n} bytes)" for k, n in counts.items()], fontsize=7)
+    labels = ["\n".join([*k.split(" ", 1), f"({n} bytes)"]) for k, n in counts.items()]
+    left.set_xticks(x, labels, fontsize=7)
     left.axhline(0.0, color="black", lw=0.8)
     left.set_ylabel("loss difference (nats / byte)")
     left.legend(fontsize=7)
