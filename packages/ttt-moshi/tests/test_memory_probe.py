@@ -68,6 +68,11 @@ def test_token_losses_average_to_the_per_position_loss():
     other[1, 2:5] += [0.0, 0.3, 0.6]  # mean 0.3, std sqrt(0.06)
     d = probe.category_differences(other, losses, {"some": mask})["some"]
     assert d == {"mean": pytest.approx(0.3), "stderr": pytest.approx(np.sqrt(0.06 / 3))}
+    masked = losses.copy()
+    masked[1, 2] = np.nan  # a masked token counts nowhere
+    cats = probe.category_losses(masked, {"some": mask})
+    assert cats["all tokens"]["tokens"] == 64 and cats["some"]["tokens"] == 2
+    assert cats["some"]["loss"] == pytest.approx(losses[1, 3:5].mean())
 
 
 def test_gate_report_scales_with_tanh_alpha():

@@ -106,9 +106,10 @@ def text_token_losses(lm: nn.Module, windows: Tensor, batch_size: int = 8) -> np
 
 def category_losses(losses: np.ndarray, masks: dict[str, np.ndarray]) -> dict[str, Any]:
     """Mean loss and token count of ``losses`` [N, T] under each mask, and over all tokens."""
-    out = {"all tokens": {"loss": float(np.nanmean(losses)), "tokens": int(losses.size)}}
-    for name, mask in masks.items():
-        out[name] = {"loss": float(np.nanmean(losses[mask])), "tokens": int(mask.sum())}
+    out = {}
+    for name, mask in {"all tokens": np.isfinite(losses), **masks}.items():
+        values = losses[mask & np.isfinite(losses)]
+        out[name] = {"loss": float(values.mean()), "tokens": int(values.size)}
     return out
 
 
@@ -121,8 +122,8 @@ def category_differences(
     diff = losses - reference  # (N, T)
     out = {}
     for name, mask in {"all tokens": np.isfinite(diff), **masks}.items():
-        d = diff[mask]
-        out[name] = {"mean": float(np.nanmean(d)), "stderr": float(np.nanstd(d) / np.sqrt(d.size))}
+        d = diff[mask & np.isfinite(diff)]
+        out[name] = {"mean": float(d.mean()), "stderr": float(d.std() / np.sqrt(d.size))}
     return out
 
 
