@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from .layer import TTTStreamingTransformerLayer
 from .losses import token_losses
-from .patch import transformer_of
+from .patch import get_ttt_gates, transformer_of, ttt_layer_indices
 
 __all__ = [
     "NAME_CATEGORIES",
@@ -128,8 +128,9 @@ def category_differences(
 
 
 def _ttt_layers(lm: nn.Module) -> dict[int, TTTStreamingTransformerLayer]:
+    """The TTT layers of the main transformer by index."""
     layers = transformer_of(lm).layers
-    return {i: m for i, m in enumerate(layers) if isinstance(m, TTTStreamingTransformerLayer)}
+    return {i: layers[i] for i in ttt_layer_indices(lm)}
 
 
 @torch.no_grad()
@@ -167,11 +168,12 @@ def gate_report(lm: nn.Module, inputs: dict[int, tuple[Tensor, Tensor, Tensor]])
     """Per TTT layer: ``tanh(alpha)`` (mean |.|, max |.|; init `TTTConfig.gate_init`) and
     ``rms(gated TTT output) / rms(residual input)`` on the captured inputs (`ttt_inputs`)."""
     out = {}
-    for i, layer in _ttt_layers(lm).items():
-        gate = torch.tanh(layer.ttt.gate_alpha.detach().double())
+    layers = _ttt_layers(lm)
+    for i, alpha in get_ttt_gates(lm).items():
+        gate = torch.tanh(alpha.double())  # (C,)
         x, _, y = inputs[i]
         out[f"layer{i}"] = {
-            "gate_init": layer.ttt.config.gate_init,
+            "gate_init": layers[i].ttt.config.gate_init,
             "gate_abs_mean": float(gate.abs().mean()),
             "gate_abs_max": float(gate.abs().max()),
             "output_rms_over_residual_rms": _rms(y) / _rms(x),
