@@ -149,8 +149,10 @@ def test_fsdp_class_swap_works_for_moshi_layers(tiny_lm):
 
     layer = tiny_lm.transformer.layers[1]
     cls = type(layer)
+    torch_made = type("FSDPPlain", (FSDPModule, cls), {})
     with pytest.raises(TypeError, match="layout differs"):
-        layer.__class__ = type("FSDPPlain", (FSDPModule, cls), {})
+        layer.__class__ = torch_made
+    get_cls_to_fsdp_cls()[cls] = torch_made  # what a failed fully_shard(layer) leaves there
     register_fsdp_classes(tiny_lm)
     fsdp_cls = get_cls_to_fsdp_cls()[cls]
     layer.__class__ = fsdp_cls

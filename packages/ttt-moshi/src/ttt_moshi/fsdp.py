@@ -100,12 +100,15 @@ class FSDPStreamingModule(abc.ABC, FSDPModule):
 def register_fsdp_classes(module: nn.Module) -> None:
     """Register in torch's class table (``get_cls_to_fsdp_cls``, the one ``fully_shard`` reads
     and fills) an FSDP class built on `FSDPStreamingModule` for every `StreamingModule` class in
-    ``module``, so that ``fully_shard`` can make any of them a unit. Classes torch has already
-    built an entry for are left alone; plain ``nn.Module`` classes need none."""
+    ``module``, so that ``fully_shard`` can make any of them a unit. An entry torch made itself
+    for such a class (it enters ``(FSDPModule, cls)`` before the swap that then fails) is
+    replaced; plain ``nn.Module`` classes need none."""
     table = get_cls_to_fsdp_cls()
     for m in module.modules():
         cls = type(m)
-        if isinstance(m, StreamingModule) and not isinstance(m, FSDPModule) and cls not in table:
+        if not isinstance(m, StreamingModule) or isinstance(m, FSDPModule):
+            continue
+        if not issubclass(table.get(cls, object), FSDPStreamingModule):
             table[cls] = type(
                 f"FSDP{cls.__name__}", (FSDPStreamingModule, cls), {"__module__": __name__}
             )
