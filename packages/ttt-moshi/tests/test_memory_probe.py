@@ -73,6 +73,10 @@ def test_token_losses_average_to_the_per_position_loss():
     cats = probe.category_losses(masked, {"some": mask})
     assert cats["all tokens"]["tokens"] == 64 and cats["some"]["tokens"] == 2
     assert cats["some"]["loss"] == pytest.approx(losses[1, 3:5].mean())
+    none = np.zeros_like(mask)  # a category without tokens (short windows)
+    assert probe.category_losses(losses, {"none": none})["none"] == {"loss": None, "tokens": 0}
+    empty = probe.category_differences(other, losses, {"none": none})["none"]
+    assert empty == {"mean": None, "stderr": None}
 
 
 def test_gate_report_scales_with_tanh_alpha():

@@ -363,9 +363,9 @@ def _plot_memory(memory: dict[str, Any], path: Path) -> None:
     for j, (label, diffs) in enumerate(bars.items()):
         left.bar(
             x + (j - 0.5) * 0.4,
-            [diffs[k]["mean"] for k in counts],
+            [np.nan if diffs[k]["mean"] is None else diffs[k]["mean"] for k in counts],
             width=0.4,
-            yerr=[diffs[k]["stderr"] for k in counts],
+            yerr=[np.nan if diffs[k]["stderr"] is None else diffs[k]["stderr"] for k in counts],
             label=label,
         )
     labels = ["\n".join([*k.split(" ", 1), f"({n} bytes)"]) for k, n in counts.items()]
@@ -393,6 +393,11 @@ def _plot_memory(memory: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _differences_line(diffs: dict[str, Any]) -> str:
+    """``category_differences`` as one line (categories without tokens left out)."""
+    return ", ".join(f"{k} {v['mean']:+.4f}" for k, v in diffs.items() if v["mean"] is not None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -423,11 +428,9 @@ def main(argv: list[str] | None = None) -> None:
               f"slope/doubling beyond {rec['slope_per_doubling_beyond_window']:+.4f}) "
               f"train {rec['train_seconds']:.0f}s")  # fmt: skip
     memory = summary["memory"]
-    gains = ", ".join(f"{k} {v['mean']:+.4f}" for k, v in memory["ttt_minus_baseline"].items())
+    gains = _differences_line(memory["ttt_minus_baseline"])
     print(f"TTT - baseline loss on name bytes by last occurrence: {gains}")
-    carry = ", ".join(
-        f"{k} {v['mean']:+.4f}" for k, v in memory["ttt_carry_minus_no_carry"].items()
-    )
+    carry = _differences_line(memory["ttt_carry_minus_no_carry"])
     print(f"TTT model, fast weights carried - reset every mini-batch: {carry}")
     for layer, g in memory["gates"].items():
         inner = memory["inner_loss_mean"][layer]

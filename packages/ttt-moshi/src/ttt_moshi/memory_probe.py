@@ -104,12 +104,17 @@ def text_token_losses(lm: nn.Module, windows: Tensor, batch_size: int = 8) -> np
     return torch.cat(rows).cpu().numpy()
 
 
+def _mean(values: np.ndarray) -> float | None:
+    return float(values.mean()) if values.size else None
+
+
 def category_losses(losses: np.ndarray, masks: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Mean loss and token count of ``losses`` [N, T] under each mask, and over all tokens."""
+    """Mean loss and token count of ``losses`` [N, T] under each mask, and over all tokens (loss
+    None where a mask holds no token)."""
     out = {}
     for name, mask in {"all tokens": np.isfinite(losses), **masks}.items():
         values = losses[mask & np.isfinite(losses)]
-        out[name] = {"loss": float(values.mean()), "tokens": int(values.size)}
+        out[name] = {"loss": _mean(values), "tokens": int(values.size)}
     return out
 
 
@@ -118,12 +123,13 @@ def category_differences(
 ) -> dict[str, Any]:
     """``losses - reference`` (both [N, T], the same tokens) under each mask and over all tokens:
     the mean and its standard error over the tokens (``std / sqrt(count)``; tokens of a window
-    are not independent, so seeds give the honest spread)."""
+    are not independent, so seeds give the honest spread; None where a mask holds no token)."""
     diff = losses - reference  # (N, T)
     out = {}
     for name, mask in {"all tokens": np.isfinite(diff), **masks}.items():
         d = diff[mask & np.isfinite(diff)]
-        out[name] = {"mean": float(d.mean()), "stderr": float(d.std() / np.sqrt(d.size))}
+        stderr = float(d.std() / np.sqrt(d.size)) if d.size else None
+        out[name] = {"mean": _mean(d), "stderr": stderr}
     return out
 
 
