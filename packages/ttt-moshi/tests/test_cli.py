@@ -82,6 +82,7 @@ def test_demo_runs_and_writes_summary(tmp_path):
     ])  # fmt: skip
     summary = json.loads((tmp_path / "summary.json").read_text())
     base, ttt = summary["variants"].values()
+    base_name = next(iter(summary["variants"]))
     assert base["ttt_layers"] == [] and ttt["ttt_layers"] == [1]
     assert base["attention_context"] == ttt["attention_context"] == [8, 4]
     assert ttt["parameters"] > base["parameters"]
@@ -90,6 +91,12 @@ def test_demo_runs_and_writes_summary(tmp_path):
     assert (tmp_path / "train_loss.png").stat().st_size > 0
     assert (tmp_path / "loss_difference.png").stat().st_size > 0
     assert (tmp_path / "long_context_loss.png").stat().st_size > 0
+    assert (tmp_path / "memory_analysis.png").stat().st_size > 0
+    memory = summary["memory"]
+    assert list(memory["gates"]) == list(memory["inner_loss_by_mini_batch"]) == ["layer1"]
+    counts = {k: v["tokens"] for k, v in memory["loss_by_name_category"][base_name].items()}
+    assert counts["all tokens"] == 4 * 48 and counts["first occurrence"] > 0
+    assert memory["inner_loss_by_mini_batch"]["layer1"]["start"] == [0, 16, 32]
     long = ttt["long_context"]
     assert long["length"] == 4 * 48 and long["sequences"] == 2
     assert list(long["loss_by_context"]) == ["0-48", "48-96", "96-192"]

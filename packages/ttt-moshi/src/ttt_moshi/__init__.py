@@ -21,7 +21,7 @@ from .evaluate import (
     plot_loss_curves,
     streaming_per_position_loss,
 )
-from .fsdp import fsdp_wrap_policy, shard_by_layer, ttt_layer_policy
+from .fsdp import fsdp_wrap_policy, register_fsdp_classes, shard_by_layer, ttt_layer_policy
 from .layer import TTTRMSNorm, TTTStreamingTransformerLayer, convert_layer, revert_layer
 from .lora import add_lora, merge_lora
 from .losses import LossWeights, token_losses
@@ -60,6 +60,7 @@ __all__ = [
     "patch_lm",
     "per_position_loss",
     "plot_loss_curves",
+    "register_fsdp_classes",
     "revert_layer",
     "save_checkpoint",
     "save_shard",

@@ -12,8 +12,12 @@ attend ``W/2`` steps, the others ``W``); the TTT variant adds TTT-Linear blocks 
 tanh(alpha) gate) to half the layers. Each trained model then reads held-out sequences
 ``--long-factor`` (8) times the training length in streaming mode (`streaming_per_position_loss`:
 state carried, memory bounded; the resident memory is sampled at 1, 2, 4, 8 x the training length).
+Then `memory_probe` measures why TTT does or does not help past the window: the loss on names
+that recur beyond the attention's reach vs names seen for the first time, with and without TTT;
+the TTT gates and the size of the TTT output after training; the inner loss per mini-batch.
 Written to DIR: ``loss_per_position.png``, ``loss_difference.png``, ``long_context_loss.png``,
-``train_loss.png``, ``summary.json`` (+ the shards and the metrics of each run).
+``train_loss.png``, ``memory_analysis.png``, ``summary.json`` (+ the shards and the metrics of
+each run).
 """
 
 from __future__ import annotations
@@ -32,13 +36,22 @@ from .config import FinetuneConfig
 from .data import save_shard
 from .evaluate import (
     loss_slope,
-    per_position_loss,
     plot_loss_curves,
     resident_bytes,
     smooth,
     streaming_per_position_loss,
 )
 from .layer import TTTStreamingTransformerLayer
+from .memory_probe import (
+    category_differences,
+    category_losses,
+    fast_weights_reset_every_mini_batch,
+    gate_report,
+    inner_loss_by_mini_batch,
+    name_recurrence,
+    text_token_losses,
+    ttt_inputs,
+)
 from .train import Trainer
 
 DATA_SOURCE = (
@@ -119,6 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary: dict[str, Any] = {"variants": {}}
     eval_windows = None
     histories = {}
+    memory: dict[str, Any] = {"variants": {}}
     for name, extra in variants.items():
         slug = "ttt" if extra["ttt"]["layers"] else "baseline"
         cfg = FinetuneConfig.from_dict({**base, **extra, "run_dir": str(out / f"run_{slug}")})
@@ -133,7 +147,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             idx = torch.randperm(len(trainer.eval_data), generator=g)[:n_eval]
             eval_windows = trainer.eval_data.windows[idx]  # (N, 1, T)
         t0 = time.perf_counter()
-        curve = per_position_loss(trainer.lm, eval_windows, batch_size=8, progress=True)
+        token_loss = text_token_losses(trainer.lm, eval_windows)  # (N, T): text only
+        curve = np.nanmean(token_loss, axis=0)  # = per_position_loss (K = 1)
         eval_s = time.perf_counter() - t0
         curves[name] = curve
         histories[name] = [r["loss"] for r in trainer.history]
@@ -141,6 +156,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         contexts = [m.self_attn.context for m in trainer.lm.transformer.layers]
         # stacked local attention reaches sum(c - 1) steps back; beyond that only TTT remembers
         reach = sum(c - 1 for c in contexts)
+        if "name_masks" not in memory:
+            memory["name_masks"] = name_recurrence(eval_windows[:, 0].numpy(), reach)
+        memory["variants"][name] = category_losses(token_loss, memory["name_masks"])
+        memory.setdefault("token_losses", []).append(token_loss)
+        if slug == "ttt":
+            probe = ttt_inputs(trainer.lm, eval_windows[: args.probe_windows])
+            memory["gates"] = gate_report(trainer.lm, probe)
+            with fast_weights_reset_every_mini_batch(trainer.lm):
+                no_carry = text_token_losses(trainer.lm, eval_windows)  # (N, T)
+            memory["carry_minus_no_carry"] = category_differences(
+                token_loss, no_carry, memory["name_masks"]
+            )
+            layers = trainer.lm.transformer.layers
+            memory["inner_loss_by_mini_batch"] = {
+                f"layer{i}": inner_loss_by_mini_batch(layers[i], h)
+                for i, (_, h, _) in probe.items()
+            }
         rec: dict[str, Any] = {
             "ttt_layers": extra["ttt"]["layers"],
             "attention_context": contexts,
@@ -180,6 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "eval_loss_last_quarter",
         )
     }
+    summary["memory"] = _memory_summary(memory, reach)
     summary.update(
         data_source=DATA_SOURCE, corpus_tokens=len(tokens), seq_len=args.seq_len,
         attention_window=window, ttt_attention_window=window // 2, eval_windows=len(eval_windows),
@@ -201,10 +234,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         title=f"streaming, {args.long_factor}x the training length ({n_long} sequences)",
     )  # fmt: skip
     _plot_train(histories, out / "train_loss.png")
+    _plot_memory(summary["memory"], out / "memory_analysis.png")
     _plot_difference(curves, out / "loss_difference.png", b["attention_receptive_field"])
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     np.savez(out / "curves.npz", **{n.replace(" ", "_"): c for n, c in curves.items()})
     return summary
+
+
+def _memory_summary(memory: dict[str, Any], reach: int) -> dict[str, Any]:
+    """The `memory_probe` results for summary.json: loss by name category per variant and the
+    TTT variant's gain on each; the gates; the inner loss per mini-batch (and its means)."""
+    inner = memory["inner_loss_by_mini_batch"]
+    base_loss, ttt_loss = memory["token_losses"]  # (N, T) each, the variants in order
+    return {
+        "attention_reach": reach,
+        "loss_by_name_category": memory["variants"],
+        "ttt_minus_baseline": category_differences(ttt_loss, base_loss, memory["name_masks"]),
+        "ttt_carry_minus_no_carry": memory["carry_minus_no_carry"],
+        "gates": memory["gates"],
+        "inner_loss_mean": {
+            layer: {k: float(np.mean(v)) for k, v in curves.items() if k != "start"}
+            for layer, curves in inner.items()
+        },
+        "inner_loss_by_mini_batch": inner,
+    }
 
 
 def _long_context(
@@ -291,6 +344,62 @@ def _plot_difference(curves: dict[str, np.ndarray], path: Path, reach: int) -> N
     plt.close(fig)
 
 
+def _plot_memory(memory: dict[str, Any], path: Path) -> None:
+    """Left: loss differences by name category; right: inner loss per mini-batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    counts = {
+        k: v["tokens"] for k, v in next(iter(memory["loss_by_name_category"].values())).items()
+    }
+    bars = {
+        "TTT - baseline": memory["ttt_minus_baseline"],
+        "TTT model: carried - reset every mini-batch": memory["ttt_carry_minus_no_carry"],
+    }
+    x = np.arange(len(counts))
+    for j, (label, diffs) in enumerate(bars.items()):
+        left.bar(
+            x + (j - 0.5) * 0.4,
+            [np.nan if diffs[k]["mean"] is None else diffs[k]["mean"] for k in counts],
+            width=0.4,
+            yerr=[np.nan if diffs[k]["stderr"] is None else diffs[k]["stderr"] for k in counts],
+            label=label,
+        )
+    labels = ["\n".join([*k.split(" ", 1), f"({n} bytes)"]) for k, n in counts.items()]
+    left.set_xticks(x, labels, fontsize=7)
+    left.axhline(0.0, color="black", lw=0.8)
+    left.set_ylabel("loss difference (nats / byte)")
+    left.legend(fontsize=7)
+    left.set_title(f"name bytes by last occurrence (reach {memory['attention_reach']})", fontsize=9)
+    for (layer, curves), color in zip(
+        memory["inner_loss_by_mini_batch"].items(), ["C0", "C1", "C2", "C3"]
+    ):
+        for kind, style in (
+            ("fresh", ":"),
+            ("before_other_window", "-."),
+            ("before", "-"),
+            ("after", "--"),
+        ):
+            right.plot(curves["start"], curves[kind], style, color=color, label=f"{layer} {kind}")
+    right.set_xlabel("mini-batch start (step)")
+    right.set_ylabel("inner loss per token")
+    right.set_title(
+        "inner loss at W0, after another window, before and after the update", fontsize=9
+    )
+    right.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _differences_line(diffs: dict[str, Any]) -> str:
+    """``category_differences`` as one line (categories without tokens left out)."""
+    return ", ".join(f"{k} {v['mean']:+.4f}" for k, v in diffs.items() if v["mean"] is not None)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output folder")
@@ -307,6 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--long-factor", type=int, default=8, help="long-context eval: x seq-len")
     p.add_argument("--long-sequences", type=int, default=4, help="long held-out sequences")
+    p.add_argument("--probe-windows", type=int, default=32, help="windows for gates/inner loss")
     p.add_argument("--quick", action="store_true", help="a few steps, to check the pipeline")
     args = p.parse_args(argv)
     if args.quick:
@@ -317,6 +427,17 @@ def main(argv: list[str] | None = None) -> None:
               f"{rec['eval_loss_inside_window']:.4f}, beyond {rec['eval_loss_beyond_window']:.4f}, "
               f"slope/doubling beyond {rec['slope_per_doubling_beyond_window']:+.4f}) "
               f"train {rec['train_seconds']:.0f}s")  # fmt: skip
+    memory = summary["memory"]
+    gains = _differences_line(memory["ttt_minus_baseline"])
+    print(f"TTT - baseline loss on name bytes by last occurrence: {gains}")
+    carry = _differences_line(memory["ttt_carry_minus_no_carry"])
+    print(f"TTT model, fast weights carried - reset every mini-batch: {carry}")
+    for layer, g in memory["gates"].items():
+        inner = memory["inner_loss_mean"][layer]
+        print(f"{layer}: |tanh(alpha)| {g['gate_abs_mean']:.3f} (init {g['gate_init']}), output/"
+              f"residual rms {g['output_rms_over_residual_rms']:.3f}; inner loss fresh "
+              f"{inner['fresh']:.2f}, other window {inner['before_other_window']:.2f}, before "
+              f"{inner['before']:.2f}, after {inner['after']:.2f}")  # fmt: skip
     print(f"wrote {Path(args.out) / 'summary.json'}")
 
 
