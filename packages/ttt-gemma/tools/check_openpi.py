@@ -16,6 +16,7 @@ Recipe (CPU, a few minutes; the openpi source is read, JAX is not installed)::
     .venv/bin/pip install -e packages/ttt-core -e packages/ttt-gemma
     .venv/bin/python packages/ttt-gemma/tools/check_openpi.py \\
         --openpi-src /tmp/openpi/src --openpi-python /tmp/venv-openpi/bin/python \\
+        --openpi-rev "$(git -C /tmp/openpi rev-parse --short HEAD)" \
         --out benchmarks/results/gemma_openpi_check.json
 
 What it does, at openpi's own ``"dummy"`` Gemma variant for both the VLM and the expert (width
@@ -126,12 +127,35 @@ def _import_openpi(src: Path):
     return gemma, pi0_pytorch
 
 
+def _openpi_config(vlm: str, expert: str, action_dim: int, horizon: int):
+    """The fields of openpi's ``Pi0Config`` that ``PI0Pytorch`` reads."""
+    return types.SimpleNamespace(pi05=True, paligemma_variant=vlm, action_expert_variant=expert,
+                                 dtype="float32", action_dim=action_dim, action_horizon=horizon,
+                                 pytorch_compile_mode=None)  # fmt: skip
+
+
+def _openpi_full_size_file_shapes(pi0_pytorch) -> dict[str, list[int]]:
+    """Key -> shape of the file openpi's ``save_model`` writes for the real pi0.5 (gemma_2b VLM,
+    gemma_300m expert, SigLIP So400m, 32 action dims, horizon 50), built on the meta device:
+    the state dict less the later names (in sorted order) of tied tensors."""
+    from transformers.models.auto import CONFIG_MAPPING
+
+    small = pi0_pytorch.PaliGemmaWithExpertModel.__init__.__globals__["CONFIG_MAPPING"]
+    pi0_pytorch.PaliGemmaWithExpertModel.__init__.__globals__["CONFIG_MAPPING"] = CONFIG_MAPPING
+    try:
+        with torch.device("meta"):
+            model = pi0_pytorch.PI0Pytorch(_openpi_config("gemma_2b", "gemma_300m", 32, 50))
+    finally:
+        pi0_pytorch.PaliGemmaWithExpertModel.__init__.__globals__["CONFIG_MAPPING"] = small
+    kept: dict[int, str] = {}
+    for name, t in sorted(model.state_dict(keep_vars=True).items()):
+        kept.setdefault(id(t), name)
+    state = model.state_dict(keep_vars=True)
+    return {name: list(state[name].shape) for name in kept.values()}
+
+
 def _openpi_model(pi0_pytorch):
-    config = types.SimpleNamespace(pi05=True, paligemma_variant="dummy",
-                                   action_expert_variant="dummy", dtype="float32",
-                                   action_dim=ACTION_DIM, action_horizon=HORIZON,
-                                   pytorch_compile_mode=None)  # fmt: skip
-    model = pi0_pytorch.PI0Pytorch(config)
+    model = pi0_pytorch.PI0Pytorch(_openpi_config("dummy", "dummy", ACTION_DIM, HORIZON))
     pg = model.paligemma_with_expert.paligemma.model
     # openpi's projector is Linear(vision width, 2048) (gemma_2b's width): to the dummy width
     pg.multi_modal_projector.linear = torch.nn.Linear(VISION["hidden_size"], DUMMY["width"])
@@ -176,6 +200,8 @@ def openpi_side(src: Path, work: Path) -> None:
     save_model(model, work / "openpi.safetensors")  # openpi's training script's save call
     save_file(_openpi_outputs(model, x), work / "openpi_out_openpi.safetensors")
     (work / "openpi_report.json").write_text(json.dumps(report))
+    full = _openpi_full_size_file_shapes(pi0_pytorch)
+    (work / "openpi_full_size_shapes.json").write_text(json.dumps(full))
 
 
 # ------------------------------------------------------------------------------- ttt-gemma side
@@ -192,6 +218,22 @@ def _ttt_model(use_ttt: bool = False):
         **DUMMY,
     )  # fmt: skip
     return Pi05Policy(prefix, expert).eval()
+
+
+def _full_size_names(work: Path) -> dict:
+    """ttt-gemma's ``save_pi05`` key set and shapes for the real pi0.5 (meta device) against
+    openpi's."""
+    from ttt_gemma import ActionExpertConfig, Pi05Policy
+    from ttt_gemma.checkpoint import policy_to_pi05_names
+    from ttt_gemma.paligemma import PaliGemmaPrefixConfig
+
+    with torch.device("meta"):
+        policy = Pi05Policy(PaliGemmaPrefixConfig(), ActionExpertConfig.gemma_300m())
+    ours = {k: list(v.shape) for k, v in policy_to_pi05_names(policy, "openpi").items()}
+    theirs = json.loads((work / "openpi_full_size_shapes.json").read_text())
+    return dict(n_openpi=len(theirs), n_ours=len(ours),
+                missing=sorted(set(theirs) - set(ours)), unexpected=sorted(set(ours) - set(theirs)),
+                shape_mismatch=sorted(k for k in set(ours) & set(theirs) if ours[k] != theirs[k]))  # fmt: skip
 
 
 def _ttt_outputs(policy, x: dict) -> dict[str, torch.Tensor]:
@@ -254,6 +296,7 @@ def main() -> None:
         openpi_file_to_ours_max_abs_diff=_max_diffs(_ttt_outputs(fresh, x), theirs_b),
         openpi_file_to_ours_ttt_zero_gates_max_abs_diff=_max_diffs(
             _ttt_outputs(with_ttt, x), theirs_b),
+        full_size_save_pi05_keys_vs_openpi=_full_size_names(args.work),
         control_other_weights_max_abs_diff=_max_diffs(ours, theirs_b),  # must be large
         load_pi05_of_openpi_file=dict(naming=load.naming, loaded=len(load.loaded),
                                       ignored=load.ignored, ttt_params_left_at_init=len(ttt_left)),

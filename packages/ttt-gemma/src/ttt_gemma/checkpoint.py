@@ -147,14 +147,17 @@ def policy_to_pi05_names(model: torch.nn.Module, naming: str) -> dict[str, Tenso
         else:
             out[pre + name] = t
     if hasattr(model, "prefix"):
-        lm = model.prefix.paligemma
-        if not torch.equal(lm.lm_head.weight, lm.model.language_model.embed_tokens.weight):
+        head, emb = (
+            model.prefix.paligemma.lm_head.weight,
+            model.prefix.paligemma.model.language_model.embed_tokens.weight,
+        )
+        if head is not emb and not torch.equal(head, emb):
             raise ValueError(
                 "save_pi05: the VLM's lm_head and embed_tokens differ; openpi ties them "
                 "(one tensor in its files): tie them before saving"
             )
         vocab, width = model.prefix.config.vocab_size, model.policy.config.width
-        out[pre + _EXPERT + "lm_head.weight"] = torch.zeros(vocab, width)
+        out[pre + _EXPERT + "lm_head.weight"] = head.new_zeros(vocab, width)
     return out
 
 
