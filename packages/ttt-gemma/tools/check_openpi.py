@@ -9,14 +9,15 @@ Recipe (CPU, a few minutes; the openpi source is read, JAX is not installed)::
 
     git clone https://github.com/Physical-Intelligence/openpi /tmp/openpi
     python3 -m venv /tmp/venv-openpi
-    /tmp/venv-openpi/bin/pip install torch==2.13.0 transformers==4.53.2 safetensors numpy
+    /tmp/venv-openpi/bin/pip install torch==2.13.0  # first: the CPU wheel
+    /tmp/venv-openpi/bin/pip install transformers==4.53.2 safetensors numpy
     cp -r /tmp/openpi/src/openpi/models_pytorch/transformers_replace/* \\
         /tmp/venv-openpi/lib/python3.11/site-packages/transformers/
     # ttt-gemma's environment (transformers >= 5), e.g. the repository's .venv:
     .venv/bin/pip install -e packages/ttt-core -e packages/ttt-gemma
     .venv/bin/python packages/ttt-gemma/tools/check_openpi.py \\
         --openpi-src /tmp/openpi/src --openpi-python /tmp/venv-openpi/bin/python \\
-        --openpi-rev "$(git -C /tmp/openpi rev-parse --short HEAD)" \
+        --openpi-rev "$(git -C /tmp/openpi rev-parse --short HEAD)" \\
         --out benchmarks/results/gemma_openpi_check.json
 
 What it does, at openpi's own ``"dummy"`` Gemma variant for both the VLM and the expert (width
