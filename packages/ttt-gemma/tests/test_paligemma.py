@@ -128,7 +128,10 @@ def test_whole_policy_from_images_prompt_and_state():
 
 
 def openpi_vlm_tensors(cfg: PaliGemmaPrefixConfig, prefix: str) -> dict:
-    """openpi's PaliGemma tensors (transformers 4.x names), spelled out by hand, random values."""
+    """openpi's PaliGemma tensors (transformers 4.x names), spelled out by hand, random values.
+
+    The token embedding is tied to ``lm_head``: openpi's files (``safetensors.torch.save_model``)
+    hold it once, under the first name in sorted order, ``lm_head.weight``."""
     V, W, M, D = cfg.vision_width, cfg.width, cfg.mlp_dim, cfg.head_dim
     p = prefix + "paligemma_with_expert.paligemma."
     vis = p + "model.vision_tower.vision_model."
@@ -143,7 +146,7 @@ def openpi_vlm_tensors(cfg: PaliGemmaPrefixConfig, prefix: str) -> dict:
         vis + "post_layernorm.bias": torch.randn(V),
         p + "model.multi_modal_projector.linear.weight": torch.randn(W, V),
         p + "model.multi_modal_projector.linear.bias": torch.randn(W),
-        p + "model.language_model.embed_tokens.weight": torch.randn(cfg.vocab_size, W),
+        p + "lm_head.weight": torch.randn(cfg.vocab_size, W),
         p + "model.language_model.norm.weight": torch.randn(W),
     }
     for i in range(cfg.vision_depth):
@@ -174,7 +177,6 @@ def openpi_vlm_tensors(cfg: PaliGemmaPrefixConfig, prefix: str) -> dict:
         out[L + "mlp.down_proj.weight"] = torch.randn(W, M)
         out[L + "input_layernorm.weight"] = torch.randn(W)
         out[L + "post_attention_layernorm.weight"] = torch.randn(W)
-    out[p + "lm_head.weight"] = out[p + "model.language_model.embed_tokens.weight"].clone()
     return out
 
 
@@ -202,10 +204,10 @@ def test_whole_checkpoint_loads_strictly_and_round_trips(tmp_path, naming, prefi
     assert torch.equal(
         state["prefix.paligemma.model.vision_tower.encoder.layers.1.mlp.fc2.weight"], tensors[vis]
     )
-    emb = prefix + "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"
-    assert torch.equal(state["prefix.paligemma.lm_head.weight"], tensors[emb])
-    n_file = sum(1 for k in tensors if "lm_head" not in k)  # the expert's lm_head is ignored
-    assert len(report.loaded) == n_file + 1  # + the VLM's tied lm_head
+    head = prefix + "paligemma_with_expert.paligemma.lm_head.weight"
+    emb = "prefix.paligemma.model.language_model.embed_tokens.weight"
+    assert torch.equal(state[emb], tensors[head])  # the tied embedding, stored once
+    assert len(report.loaded) == len(state) - len(report.missing_ttt)  # every other tensor
     # save -> the same key set as the hand-made file (a strict loader finds nothing missing)
     save_pi05(model, tmp_path / "out.safetensors", naming)
     written = load_file(str(tmp_path / "out.safetensors"))
@@ -215,6 +217,20 @@ def test_whole_checkpoint_loads_strictly_and_round_trips(tmp_path, naming, prefi
     for k, v in model.state_dict().items():
         if ".ttt." not in k:
             assert torch.equal(v, again.state_dict()[k]), k
+    # transformers' save_pretrained keeps the embedding's name instead: loads the same
+    hf_style = dict(tensors)
+    hf_style[prefix + "paligemma_with_expert.paligemma." + emb[len("prefix.paligemma.") :]] = (
+        hf_style.pop(head)
+    )
+    save_file(hf_style, str(tmp_path / "hf.safetensors"))
+    load_pi05(again, tmp_path / "hf.safetensors")
+    assert torch.equal(again.state_dict()["prefix.paligemma.lm_head.weight"], tensors[head])
+    # untied weights cannot be written as one tensor
+    with torch.no_grad():
+        again.prefix.paligemma.lm_head.weight = torch.nn.Parameter(torch.randn_like(tensors[head]))
+    with pytest.raises(ValueError, match="tie them"):
+        save_pi05(again, tmp_path / "untied.safetensors", naming)
+    load_pi05(again, tmp_path / "out.safetensors")
     # strict: a missing VLM tensor, or one of the wrong shape, changes nothing
     before = {k: v.clone() for k, v in again.state_dict().items()}
     del written[prefix + "paligemma_with_expert.paligemma.model.multi_modal_projector.linear.bias"]

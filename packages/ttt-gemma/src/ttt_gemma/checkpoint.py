@@ -17,7 +17,10 @@ lerobot's pi05 policy stores the same tensors under one more ``model.`` prefix
 ``<rest>`` is ``input_layernorm.dense.{weight,bias}``, ``post_attention_layernorm.dense.{weight,
 bias}``, ``self_attn.{q,k,v,o}_proj.weight``, ``mlp.{gate,up,down}_proj.weight`` (pi0.5: AdaRMS
 ``dense``; a pi0 checkpoint has ``input_layernorm.weight`` instead and loads into
-``use_adarms=False``). Loading is strict: every parameter except the new TTT ones must be present
+``use_adarms=False``). The VLM's token embedding is tied to its ``lm_head``: openpi writes it
+once, as ``paligemma_with_expert.paligemma.lm_head.weight`` (``safetensors.torch.save_model``),
+and so does :func:`save_pi05`; a file with ``...embed_tokens.weight`` (or both) loads too.
+Loading is strict: every parameter except the new TTT ones must be present
 with the right shape, and every expert/head tensor of the file must be used.
 """
 
@@ -47,6 +50,7 @@ _HEAD_NAMES = (
 _VLM = "paligemma_with_expert.paligemma."
 _VISION_FILE = "model.vision_tower.vision_model."  # openpi's files (transformers 4.x)
 _VISION_OURS = "model.vision_tower."  # transformers 5.x
+_EMBED = "model.language_model.embed_tokens.weight"  # the VLM's, tied to its lm_head
 _IGNORED = re.compile(
     r"^(paligemma_with_expert\.paligemma\.|paligemma_with_expert\.gemma_expert\.lm_head\."
     r"|paligemma_with_expert\.gemma_expert\.model\.embed_tokens\.|state_proj\.)"
@@ -116,10 +120,12 @@ def pi05_to_policy_names(
 def policy_to_pi05_names(model: torch.nn.Module, naming: str) -> dict[str, Tensor]:
     """Our state dict (without TTT parameters) under openpi or lerobot names (the inverse map).
 
-    For a whole :class:`~ttt_gemma.paligemma.Pi05Policy` this is every tensor of openpi's
-    ``PI0Pytorch`` (pi0.5): the VLM (vision tower under transformers 4.x's ``vision_model.``,
-    the tied ``lm_head`` written out) and the expert's unused ``lm_head`` (zeros), so that a
-    strict loader finds no key missing."""
+    For a whole :class:`~ttt_gemma.paligemma.Pi05Policy` this is what openpi's
+    ``safetensors.torch.save_model(PI0Pytorch)`` writes (pi0.5), so that its strict
+    ``load_model`` accepts the file: the VLM (vision tower under transformers 4.x's
+    ``vision_model.``), its token embedding once, as ``lm_head.weight`` (``save_model`` keeps the
+    first name of a tied pair, and ``load_model`` rejects the second), and the expert's unused
+    ``lm_head`` (zeros)."""
     if naming not in NAMINGS:
         raise ValueError(f"naming must be one of {NAMINGS}, got {naming!r}")
     pre = "model." if naming == "lerobot" else ""
@@ -131,7 +137,9 @@ def policy_to_pi05_names(model: torch.nn.Module, naming: str) -> dict[str, Tenso
             rest = name[len("prefix.paligemma.") :]
             if rest.startswith(_VISION_OURS):
                 rest = _VISION_FILE + rest[len(_VISION_OURS) :]
-            out[pre + _VLM + rest] = t.clone() if rest == "lm_head.weight" else t  # tied: a copy
+            if rest == _EMBED:
+                continue  # tied to lm_head.weight, written under that name
+            out[pre + _VLM + rest] = t
             continue
         name = name.removeprefix("policy.")
         if name.startswith("expert."):
@@ -139,8 +147,17 @@ def policy_to_pi05_names(model: torch.nn.Module, naming: str) -> dict[str, Tenso
         else:
             out[pre + name] = t
     if hasattr(model, "prefix"):
+        head, emb = (
+            model.prefix.paligemma.lm_head.weight,
+            model.prefix.paligemma.model.language_model.embed_tokens.weight,
+        )
+        if head is not emb and not torch.equal(head, emb):
+            raise ValueError(
+                "save_pi05: the VLM's lm_head and embed_tokens differ; openpi ties them "
+                "(one tensor in its files): tie them before saving"
+            )
         vocab, width = model.prefix.config.vocab_size, model.policy.config.width
-        out[pre + _EXPERT + "lm_head.weight"] = torch.zeros(vocab, width)
+        out[pre + _EXPERT + "lm_head.weight"] = head.new_zeros(vocab, width)
     return out
 
 
@@ -163,12 +180,13 @@ def load_pi05(policy: torch.nn.Module, path: str | os.PathLike, naming: str = "a
         naming = detect_naming(state)
     whole = hasattr(policy, "prefix")  # a Pi05Policy
     mapped, ignored = pi05_to_policy_names(state, naming, whole)
-    tied, embed = (
-        "prefix.paligemma.lm_head.weight",
-        "prefix.paligemma.model.language_model.embed_tokens.weight",
-    )
+    tied, embed = "prefix.paligemma.lm_head.weight", "prefix.paligemma." + _EMBED
+    # the VLM's lm_head is its token embedding (tied): openpi's files (safetensors' save_model)
+    # hold it once as lm_head.weight, transformers' save_pretrained as embed_tokens.weight
     if whole and tied not in mapped and embed in mapped:
-        mapped[tied] = mapped[embed]  # the VLM's lm_head is its (tied) token embedding
+        mapped[tied] = mapped[embed]
+    if whole and embed not in mapped and tied in mapped:
+        mapped[embed] = mapped[tied]
     if (
         whole
         and tied in mapped
