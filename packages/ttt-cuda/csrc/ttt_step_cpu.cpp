@@ -2,13 +2,26 @@
 // (sample, head), computed start to end by one thread from its inputs alone, so the result is
 // bit-identical whatever the thread count. Built with -ffp-contract=off like the chains: each
 // product and sum rounds alone; the column loops are contiguous and vectorise without reordering.
-#include "ttt_step_cpu.h"
+// The LayerNorm / LN-loss gradient and gelu are the chains' own (ttt_ln_rows.h, ttt_mlp_chain.h),
+// compiled here in a namespace of this file as the ISA builds compile them in theirs.
+#include <math.h>
 
-#include <cmath>
 #include <cstdint>
 #include <utility>
 
 #include "ttt_cpu_chains.h"
+#include "ttt_params.h"
+#include "ttt_step_cpu.h"
+
+namespace ttt_step_math {
+namespace ttt {
+using ::ttt::DType;
+using ::ttt::LinearParams;
+using ::ttt::MLPParams;
+using ::ttt::TitansParams;
+}  // namespace ttt
+#include "ttt_mlp_chain.h"  // ln_rows, gelu_tanh
+}  // namespace ttt_step_math
 
 namespace ttt {
 namespace {
@@ -32,26 +45,7 @@ struct Slice {
   }
 };
 
-// gelu_tanh(x) = 0.5 x (1 + t) and its derivative 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 k x^2),
-// with t = tanh(c (x + k x^3)), c = sqrt(2 / pi), k = 0.044715 (t computed once for both).
-template <typename acc_t>
-acc_t gelu_tanh_t(acc_t x) {
-  const acc_t c = static_cast<acc_t>(0.7978845608028654);
-  return std::tanh(c * (x + static_cast<acc_t>(0.044715) * x * x * x));
-}
-
-template <typename acc_t>
-acc_t gelu_tanh(acc_t x, acc_t t) {
-  return static_cast<acc_t>(0.5) * x * (1 + t);
-}
-
-template <typename acc_t>
-acc_t gelu_tanh_grad(acc_t x, acc_t t) {
-  const acc_t c = static_cast<acc_t>(0.7978845608028654);
-  const acc_t k = static_cast<acc_t>(0.044715);
-  const acc_t half = static_cast<acc_t>(0.5);
-  return half * (1 + t) + half * x * (1 - t * t) * c * (1 + 3 * k * x * x);
-}
+namespace chain = ::ttt_step_math::ttt;
 
 // sum_i a[i] b[i] over n, in 8 interleaved partial sums added in a fixed order at the end (the
 // compiler vectorises the lanes; the order does not depend on the thread or ISA).
@@ -77,37 +71,6 @@ void affine(int rows, int cols, const acc_t* x, const acc_t* __restrict__ W, con
     const acc_t xr = x[r];
     const acc_t* __restrict__ w = W + static_cast<int64_t>(r) * cols;
     for (int c = 0; c < cols; ++c) y[c] += xr * w[c];
-  }
-}
-
-// Normalises z [D] in place: z <- (z - mean) / sqrt(var + eps); returns 1 / sqrt(var + eps).
-template <typename acc_t>
-acc_t normalize(int D, acc_t eps, acc_t* z) {
-  acc_t mu = 0, var = 0;
-  for (int d = 0; d < D; ++d) mu += z[d];
-  mu /= static_cast<acc_t>(D);
-  for (int d = 0; d < D; ++d) var += (z[d] - mu) * (z[d] - mu);
-  const acc_t r = 1 / std::sqrt(var / static_cast<acc_t>(D) + eps);
-  for (int d = 0; d < D; ++d) z[d] = (z[d] - mu) * r;
-  return r;
-}
-
-// z [D] <- d/dz 0.5 ||LN_h(z) - target||^2 (ttt-core's ln_loss_grad): with x = LN(z) unscaled,
-// r = 1/sigma and u = w (w x + b - target), grad = r (u - mean(u) - x mean(u x)).
-template <typename acc_t>
-void ln_loss_grad(int D, acc_t eps, const acc_t* w, const acc_t* b, const acc_t* target,
-                  acc_t* z) {
-  const acc_t r = normalize(D, eps, z);  // z now holds x
-  acc_t mean_u = 0, mean_ux = 0;
-  for (int d = 0; d < D; ++d) {
-    const acc_t u = w[d] * (w[d] * z[d] + b[d] - target[d]);
-    mean_u += u;
-    mean_ux += u * z[d];
-  }
-  mean_u /= static_cast<acc_t>(D), mean_ux /= static_cast<acc_t>(D);
-  for (int d = 0; d < D; ++d) {
-    const acc_t u = w[d] * (w[d] * z[d] + b[d] - target[d]);
-    z[d] = r * (u - mean_u - z[d] * mean_ux);
   }
 }
 
@@ -179,9 +142,10 @@ void step_chain(const StepParams& p, acc_t* ws, int bi, int hi) {
   acc_t* g1 = a_k + hidden;   // [hidden] eta * d l / d(h_k)
   acc_t* h_q = g1 + hidden;   // [hidden] q W1 + b1 at the query's weights
   acc_t* a_q = h_q + hidden;  // [hidden] gelu(h_q) (MLP)
-  acc_t* t_k = a_q + hidden;  // [hidden] the tanh inside gelu(h_k) (MLP)
-  acc_t* z = t_k + hidden;    // [D] key-side output of the last layer, then its eta * gradient
-  acc_t* target = z + D;      // [D]
+  acc_t* gp_k = a_q + hidden;  // [hidden] gelu'(h_k) (MLP)
+  acc_t* z = gp_k + hidden;    // [D] key-side output of the last layer (normalised in place)
+  acc_t* g = z + D;            // [D] its LN-loss gradient, then eta * that
+  acc_t* target = g + D;       // [D]
   acc_t* y = target + D;      // [D] query-side output (MLP)
   acc_t* zeros = y + D;       // [wide]
   acc_t* discard = zeros + wide;  // [2 wide]
@@ -214,33 +178,35 @@ void step_chain(const StepParams& p, acc_t* ws, int bi, int hi) {
     for (int c = 0; c < D; ++c) z[c] = h_k[c];
   } else {
     for (int f = 0; f < F; ++f) {
-      t_k[f] = gelu_tanh_t(h_k[f]);
-      a_k[f] = gelu_tanh(h_k[f], t_k[f]);
+      const chain::Gelu<acc_t> gl = chain::gelu_tanh(h_k[f]);
+      a_k[f] = gl.g, gp_k[f] = gl.d1;
     }
     affine(F, D, a_k, W2.P, b2.P, z);  // (D,)
   }
-  ln_loss_grad(D, eps, lnw, lnb, target, z);  // z <- g of the last layer
+  acc_t rstd;  // g = d/dz 0.5 ||LN_h(z) - target||^2 of the last layer (ttt-core's ln_loss_grad)
+  chain::ln_rows(1, D, eps, lnw, lnb, z, &rstd, target, g, static_cast<acc_t*>(nullptr));
   for (int f = 0; f < F; ++f) {  // MLP: eta g1 = eta (g2 W2^T) * gelu'(h_k), at P
-    const acc_t s = dot(D, z, W2.P + static_cast<int64_t>(f) * D);  // (g2 W2^T)[f]
-    g1[f] = eta * (s * gelu_tanh_grad(h_k[f], t_k[f]));
+    const acc_t s = dot(D, g, W2.P + static_cast<int64_t>(f) * D);  // (g2 W2^T)[f]
+    g1[f] = eta * (s * gp_k[f]);
   }
-  for (int d = 0; d < D; ++d) z[d] = eta * z[d];  // eta g of the last layer
+  for (int d = 0; d < D; ++d) g[d] = eta * g[d];  // eta g of the last layer
 
   // update every layer and run the query through the updated weights
   acc_t* out = mlp ? y : h_q;  // pre-LN output of the fast model for q
   for (int c = 0; c < hidden; ++c) h_q[c] = 0;
-  update_and_apply(p, W1, k, mlp ? g1 : z, q, m, a, zeros, discard, h_q);
-  update_and_apply(p, b1, &one, mlp ? g1 : z, &one, m, a, zeros, discard, h_q);
+  update_and_apply(p, W1, k, mlp ? g1 : g, q, m, a, zeros, discard, h_q);
+  update_and_apply(p, b1, &one, mlp ? g1 : g, &one, m, a, zeros, discard, h_q);
   if (mlp) {
-    for (int f = 0; f < F; ++f) a_q[f] = gelu_tanh(h_q[f], gelu_tanh_t(h_q[f]));
+    for (int f = 0; f < F; ++f) a_q[f] = chain::gelu_tanh(h_q[f]).g;
     for (int d = 0; d < D; ++d) y[d] = 0;
-    update_and_apply(p, W2, a_k, z, a_q, m, a, zeros, discard, y);
-    update_and_apply(p, b2, &one, z, &one, m, a, zeros, discard, y);
+    update_and_apply(p, W2, a_k, g, a_q, m, a, zeros, discard, y);
+    update_and_apply(p, b2, &one, g, &one, m, a, zeros, discard, y);
   }
 
   // o = q + LN_h(f_W(q))
   acc_t* o = mptr<acc_t>(p.o) + at.chain * D;
-  normalize(D, eps, out);
+  chain::ln_rows(1, D, eps, lnw, lnb, out, &rstd, static_cast<const acc_t*>(nullptr),
+                 static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr));  // normalised in place
   for (int d = 0; d < D; ++d)
     o[d] = (p.output_residual ? q[d] : acc_t(0)) + (out[d] * lnw[d] + lnb[d]);
 }
@@ -250,7 +216,7 @@ void step_chain(const StepParams& p, acc_t* ws, int bi, int hi) {
 void ttt_step_cpu(const StepParams& p, int threads) {
   const int hidden = p.F > 0 ? p.F : p.D;
   const int wide = hidden > p.D ? hidden : p.D;
-  const int64_t ws_elems = 6 * static_cast<int64_t>(hidden) + 3 * p.D + 3 * wide;
+  const int64_t ws_elems = 6 * static_cast<int64_t>(hidden) + 4 * p.D + 3 * wide;
   const double flops = p.F > 0 ? 14.0 * p.D * p.F : 6.0 * p.D * p.D;  // per chain, rough
   if (p.float64)
     for_each_chain<double>(p.B, p.H, ws_elems, threads, flops,
