@@ -28,6 +28,7 @@ from ttt_cuda._ext import extension
 from ttt_cuda.common import acc_dtype, unsupported_reason
 from ttt_cuda.linear import linear_call, linear_unsupported_reason
 from ttt_cuda.mlp import mlp_call, mlp_unsupported_reason
+from ttt_cuda.ops.launch import rowmajor
 
 __all__ = ["linear_step", "mlp_step", "step_unsupported_reason"]
 
@@ -43,8 +44,7 @@ def step_unsupported_reason(op: str, q: Tensor, **kwargs: Any) -> str | None:
     if torch.is_grad_enabled() and _needs_grad(q, **kwargs):
         return ("the fused CPU step has no autograd (streaming inference): call it under "
                 "torch.no_grad() or use backend='torch' to train through the step")  # fmt: skip
-    options = {"reconstruction_target": "residual", "output_residual": True}
-    return unsupported_reason(q, head_dims=(), **{**kwargs, **options})
+    return unsupported_reason(q, head_dims=(), fuses_output_options=True, **kwargs)
 
 
 def _needs_grad(q: Tensor, *, initial_state=None, momentum=None, decay=None, token_scale=None,
@@ -156,7 +156,7 @@ def _ready_dict(d: TensorDict | None, acc: torch.dtype) -> TensorDict | None:
 def _rows(t: Tensor, acc: torch.dtype) -> Tensor:
     """A [B, H, 1, D] input in ``acc`` with unit stride over D (its strides over B and H are
     passed on: a view of the layer's projection is not copied)."""
-    return t if t.dtype == acc and t.stride(-1) == 1 else t.to(acc).contiguous()
+    return rowmajor(t if t.dtype == acc else t.to(acc))
 
 
 def _pointers(C, d: TensorDict | None):
