@@ -55,6 +55,7 @@ TASK = "reach the target"
 # [-1, 1]; z-scores for the state policy
 NORMALIZATION = {False: "zscore", True: "quantile"}
 IMAGE = 32  # the camera's pixels (resized with padding to the vision tower's 28)
+PROMPT_TOKENS = 24  # the whole policy's max_token_len, in training and in the evaluation
 PLACEMENTS = {  # the expert's TTT settings (None: no TTT)
     "without TTT": None,
     "TTT on the residual stream": {"input": "residual"},
@@ -84,7 +85,7 @@ def run_config(args, out: Path, name: str, ttt: dict | None, whole: bool = False
     model = {"expert": expert_config(args.horizon, ttt), "prefix": {"width": 64, "mlp_dim": 128}}
     if whole:
         data.update(image_keys={"base_0_rgb": CAMERA}, tokenizer=str(out / "tokenizer"),
-                    max_token_len=24)  # fmt: skip
+                    max_token_len=PROMPT_TOKENS)  # fmt: skip
         model["vlm"] = VLM
     model["init_pi05"] = str(out / ("init_pi05_whole" if whole else "init_pi05")) + ".safetensors"
     steps = args.camera_steps if whole else args.steps
@@ -118,8 +119,8 @@ class Evaluator:
         states, actions = test.chunks(self.frames, horizon)
         self.states, self.actions = states, actions  # raw units
         self.whole = Pi05Observations(test, {"base_0_rgb": CAMERA},
-                                      self.norms[True][0].normalize(test.states), tokenizer, 24,
-                                      VLM["image_size"])  # fmt: skip
+                                      self.norms[True][0].normalize(test.states), tokenizer,
+                                      PROMPT_TOKENS, VLM["image_size"])  # fmt: skip
         gen = torch.Generator().manual_seed(seed)
         self.noise = torch.randn(actions.shape, generator=gen)
         self.t = flow_time(actions.shape[0], beta, generator=gen)
