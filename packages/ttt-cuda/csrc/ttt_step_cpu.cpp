@@ -10,18 +10,14 @@
 #include <utility>
 
 #include "ttt_cpu_chains.h"
+#include "ttt_cpu_isa.h"
 #include "ttt_params.h"
 #include "ttt_step_cpu.h"
 
-namespace ttt_step_math {
-namespace ttt {
-using ::ttt::DType;
-using ::ttt::LinearParams;
-using ::ttt::MLPParams;
-using ::ttt::TitansParams;
-}  // namespace ttt
+#define TTT_CPU_NS ttt_step_math
+TTT_CPU_ISA_BEGIN
 #include "ttt_mlp_chain.h"  // ln_rows, gelu_tanh
-}  // namespace ttt_step_math
+TTT_CPU_ISA_END
 
 namespace ttt {
 namespace {
