@@ -94,11 +94,14 @@ def tests_moshi(session: nox.Session) -> None:
 
 @nox.session(name="tests-cuda-cpu")
 def tests_cuda_cpu(session: nox.Session) -> None:
-    """ttt-cuda built without nvcc (C++ CPU path): build, binding, validation, registration."""
+    """ttt-cuda built without nvcc (C++ CPU path): build, binding, validation, registration; then
+    ttt-core's own tests again with it installed, where ``auto`` sends every CPU call the C++ path
+    supports to it (so ttt-core's references, streaming, layer and compile tests check it too)."""
     _install_torch(session)
-    session.install(CORE)
+    session.install(f"{CORE}[test]")
     session.install("./packages/ttt-cuda[test]", env={"TTT_ENABLE_CUDA": "OFF"})
     _pytest(session, "packages/ttt-cuda/tests")
+    _pytest(session, "packages/ttt-core/tests")
 
 
 @nox.session(name="tests-cuda")

@@ -13,6 +13,17 @@ from ttt_core import available_backends, register_backend
 from ttt_core.backends import resolve, unregister_backend
 
 
+@pytest.fixture(autouse=True)
+def only_the_tests_backends(monkeypatch):
+    """Each test sees a registry holding only the backends it registers: an installed one (ttt-cuda's
+    "cpp" serves CPU tensors under auto) would otherwise answer first."""
+    import ttt_core.backends as registry
+
+    available_backends()  # load the installed entry points once, then hide them
+    monkeypatch.setattr(registry, "_registry", {})
+    monkeypatch.setattr(registry, "_resolved", {})
+
+
 class RecordingBackend:
     """A backend that serves CPU tensors by delegating to the torch backend and counting calls."""
 
@@ -148,6 +159,21 @@ def test_register_rejects_bad_objects(recording):
         register_backend(object())
     with pytest.raises(ValueError, match="already registered"):
         register_backend(RecordingBackend(1))
+
+
+def test_a_backend_may_fall_back_without_warning(recording):
+    """``warn_on_fallback = False``: auto runs the calls the backend refuses on the torch backend
+    without a warning; asked for by name, it still raises with its reason."""
+    recording.warn_on_fallback = False
+    x, w, ln, _ = make_inputs("linear", L=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        o, _ = call("linear", x, w, ln)
+    o_torch, _ = call("linear", x, w, ln, backend="torch")
+    torch.testing.assert_close(o, o_torch, rtol=0, atol=0)
+    assert recording.calls == 0
+    with pytest.raises(ValueError, match="L=20 > 16"):
+        call("linear", x, w, ln, backend="recording")
 
 
 def test_auto_ignores_backends_for_other_devices(recording):

@@ -128,10 +128,10 @@ def test_double_backward_is_refused():
     """The hand-written backward is first order: create_graph=True is an error, not a silently
     incomplete second derivative; the primal form (plain autograd) still gives one."""
     x, w, ln, extra = make_inputs("linear", B=1, H=1, L=6, D=3, titans=True, requires_grad=True)
-    o, _ = call("linear", x, w, ln, extra, mini_batch_size=4)
+    o, _ = call("linear", x, w, ln, extra, mini_batch_size=4, backend="torch")
     with pytest.raises(RuntimeError, match="first-order backward only"):
         torch.autograd.grad(o.square().sum(), x["q"], create_graph=True)
-    o, _ = call("linear", x, w, ln, extra, mini_batch_size=4, form="primal")
+    o, _ = call("linear", x, w, ln, extra, mini_batch_size=4, form="primal", backend="torch")
     (gq,) = torch.autograd.grad(o.square().sum(), x["q"], create_graph=True)
     torch.autograd.grad(gq.sum(), x["k"])
 

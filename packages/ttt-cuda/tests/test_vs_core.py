@@ -119,41 +119,85 @@ def test_backends_registered_through_entry_point():
 
     cuda, cpp = get_backend("cuda"), get_backend("cpp")
     assert cuda.name == "cuda" and cuda.device_types == ("cuda",)
-    assert cpp.name == "cpp" and cpp.device_types == ()  # by name only, not under auto
+    assert cpp.name == "cpp" and cpp.device_types == ("cpu",)  # auto's choice on the CPU
+    assert cpp.warn_on_fallback is False and getattr(cuda, "warn_on_fallback", True) is True
     q = torch.zeros(1, 1, 4, 64)
     for backend in (cuda, cpp):
         assert backend.supports("ttt_linear", q, mini_batch_size=4, causal=True) is None
         assert backend.supports("ttt_mlp", q, mini_batch_size=4, causal=True) is None
         assert backend.supports("ttt_linear", q, momentum=torch.zeros(1, 1, 4)) is None  # Titans
+        assert backend.supports("ttt_linear", q.bfloat16()) is None  # computed in fp32
         assert "Titans" in backend.supports("ttt_mlp", q, momentum=torch.zeros(1, 1, 4))
-        assert "float32/float64" in backend.supports("ttt_linear", q.half())
+        assert "checkpoint_group_size" in backend.supports("ttt_linear", q, checkpoint_group_size=2)
     assert "CPU tensors" in cpp.supports("ttt_linear", torch.zeros(1, 1, 4, 64, device="meta"))
 
 
-def test_auto_on_cpu_keeps_the_torch_backend_silently():
-    """auto on CPU tensors stays on ttt-core's torch backend (bit-identical to it, no warning):
-    "cpp" is asked for by name; its result agrees with torch's to float rounding."""
+def test_auto_on_cpu_runs_the_cpp_path():
+    """auto on CPU tensors runs "cpp" (bit-identical to asking for it by name, no warning), which
+    agrees with ttt-core's torch backend to float rounding."""
     x = make_inputs(1, 2, 21, 8, dtype=torch.float32, seed=14, requires_grad=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         o_auto, _ = ttt_linear(*x.values(), mini_batch_size=4, backend="auto")
     o_cpp, _ = ttt_linear(*x.values(), mini_batch_size=4, backend="cpp")
     o_torch, _ = ttt_linear(*x.values(), mini_batch_size=4, backend="torch")
-    assert torch.equal(o_auto, o_torch)
-    torch.testing.assert_close(o_cpp, o_torch, rtol=1e-4, atol=1e-4)
+    assert torch.equal(o_auto, o_cpp)
+    assert not torch.equal(o_auto, o_torch)  # a different algorithm: not the torch backend's bits
+    torch.testing.assert_close(o_auto, o_torch, rtol=1e-4, atol=1e-4)
 
 
-def test_cpp_refusal_raises_by_name_and_auto_is_untouched():
-    """A call "cpp" refuses (fp16 on the CPU path): auto runs the torch backend without a
-    warning (it never asks "cpp"); asking for "cpp" by name raises ValueError with the reason."""
-    x = make_inputs(1, 2, 16, 8, dtype=torch.float16, seed=15, requires_grad=False)
-    ref, _ = ttt_linear(*x.values(), backend="torch")
+def test_cpp_refusal_runs_torch_silently_under_auto_and_raises_by_name():
+    """A call "cpp" refuses (TTT-MLP in the Titans form): auto runs the torch backend without a
+    warning (bit-identical to it); asking for "cpp" by name raises ValueError with the reason."""
+    from ttt_core import ttt_mlp
+
+    g = torch.Generator().manual_seed(15)
+    B, H, L, D, F = 1, 2, 10, 4, 8
+    q, k, v = (torch.randn(B, H, L, D, generator=g) for _ in range(3))
+    eta, mom = torch.full((B, H, L), 0.1), torch.full((B, H, L), 0.5)
+    w = [0.3 * torch.randn(H, D, F, generator=g), torch.zeros(H, 1, F),
+         0.3 * torch.randn(H, F, D, generator=g), torch.zeros(H, 1, D)]  # fmt: skip
+    ln = [torch.ones(H, D), torch.zeros(H, D)]
+    args = (q, k, v, eta, *w, *ln)
+    ref, _ = ttt_mlp(*args, momentum=mom, mini_batch_size=4, backend="torch")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        o, _ = ttt_linear(*x.values(), backend="auto")
+        o, _ = ttt_mlp(*args, momentum=mom, mini_batch_size=4, backend="auto")
     assert torch.equal(o, ref)
-    with pytest.raises(ValueError, match=r"backend 'cpp' cannot run .*float32/float64"):
-        ttt_linear(*x.values(), backend="cpp")
+    with pytest.raises(ValueError, match=r"backend 'cpp' cannot run .*Titans form"):
+        ttt_mlp(*args, momentum=mom, mini_batch_size=4, backend="cpp")
+
+
+@pytest.mark.parametrize("titans", [False, True], ids=["plain", "titans"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_cpu_inputs_compute_in_fp32(dtype, titans):
+    """bf16/fp16 CPU inputs: the C++ path computes the fp32 result of the rounded inputs (o in the
+    inputs' dtype, fp32 state); it stays as close to the fp32 call as ttt-core's torch backend
+    on the same low-precision inputs, and its gradients reach the inputs in their dtype."""
+    x32 = make_inputs(2, 2, 19, 8, dtype=torch.float32, seed=16, requires_grad=False)
+    low = {n: t.to(dtype) if n in ("q", "k", "v", "eta") else t for n, t in x32.items()}
+    extra = {"momentum": torch.full((2, 2, 19), 0.6, dtype=dtype)} if titans else {}
+    kw = dict(mini_batch_size=4, output_final_state=True, **extra)
+    ref, _ = ttt_linear(
+        *x32.values(), backend="torch", **{**kw, **{n: t.float() for n, t in extra.items()}}
+    )
+    q = low["q"].clone().requires_grad_()
+    o, state = ttt_linear(q, *list(low.values())[1:], backend="cpp", **kw)
+    o_torch, _ = ttt_linear(*low.values(), backend="torch", **kw)
+    assert o.dtype == dtype and state.params["W1"].dtype == torch.float32
+    err, err_torch = (o.float() - ref).abs().max(), (o_torch.float() - ref).abs().max()
+    assert err <= 1.5 * err_torch + torch.finfo(dtype).eps * ref.abs().max(), (err, err_torch)
+    (gq,) = torch.autograd.grad(o.float().square().sum(), q)
+    assert gq.dtype == dtype and torch.isfinite(gq).all()
+
+
+def test_double_backward_is_refused():
+    """The fused backward is first order: create_graph=True raises naming the fix, instead of
+    returning gradients whose own graph is missing."""
+    x = make_inputs(1, 2, 12, 8, dtype=torch.float32, seed=17)
+    o, _ = ttt_linear(*x.values(), mini_batch_size=4, backend="cpp")
+    with pytest.raises(RuntimeError, match=r"first-order backward only.*backend='torch'"):
+        torch.autograd.grad(o.square().sum(), x["q"], create_graph=True)
 
 
 @pytest.mark.parametrize(

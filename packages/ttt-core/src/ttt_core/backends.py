@@ -16,6 +16,10 @@ A backend is any object with
 - ``ttt_linear(q, k, v, eta, W1, b1, ln_weight, ln_bias, **kwargs)`` and
   ``ttt_mlp(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, **kwargs)`` with ttt-core's signature
   (inputs already validated; ``initial_state`` is always a ``TTTState``),
+- optionally ``warn_on_fallback: bool`` (default True): whether ``auto`` warns when this backend
+  serves the device but refuses a call. A backend that accelerates calls the torch backend serves
+  just as completely (ttt-cuda's C++ CPU path) sets it False: the calls it does not fuse then run
+  on the torch backend silently (asked for by name, it still raises with its reason),
 - optionally ``ttt_linear_step(q, k, v, eta, W1, b1, ln_weight, ln_bias, *, state, **kwargs)`` and
   ``ttt_mlp_step(...)``: one streaming token, the arguments of ``ttt_core.ttt_linear_step`` (inputs
   validated, ``state`` always a ``TTTState``), returning ``(o, next TTTState)``. Under ``auto`` a
@@ -120,7 +124,8 @@ def resolve(name: str, op: str, q, **kwargs) -> Backend | str:
     """Pick the implementation for one call: a built-in name ("torch"/"generic") or a Backend.
 
     ``auto`` uses the first registered backend serving q's device type that supports the call; when
-    one serves the device but not the call, it warns once with its reason and uses ``torch``. A
+    one serves the device but not the call, it warns once with its reason (unless the backend's
+    ``warn_on_fallback`` is False) and uses ``torch``. A
     backend asked for by name that cannot run the call raises ValueError with its reason. The answer
     is remembered per call metadata and grad mode (a streaming decoder asks once, not once per
     token).
@@ -159,7 +164,7 @@ def _resolve(name: str, op: str, q, **kwargs) -> Backend | str:
         reason = backend.supports(op, q, **kwargs)
         if reason is None:
             return backend
-        if (backend.name, reason) not in _warned:
+        if getattr(backend, "warn_on_fallback", True) and (backend.name, reason) not in _warned:
             _warned.add((backend.name, reason))
             warnings.warn(
                 f"ttt_core: backend {backend.name!r} cannot run this {op} call ({reason}); "

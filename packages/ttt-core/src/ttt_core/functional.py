@@ -40,7 +40,9 @@ _NEW_OPTIONS = {"reconstruction_target": "residual", "output_residual": True}
 
 
 def _backend_kwargs(math: dict) -> dict:
-    return {n: value for n, value in math.items() if _NEW_OPTIONS.get(n, object()) != value}
+    return {
+        n: value for n, value in math.items() if n not in _NEW_OPTIONS or _NEW_OPTIONS[n] != value
+    }
 
 
 def _dispatch(kind: str | FastModel, weights: dict[str, Tensor], q, k, v, eta, ln_weight, ln_bias,
@@ -57,6 +59,8 @@ def _dispatch(kind: str | FastModel, weights: dict[str, Tensor], q, k, v, eta, l
                      cu_seqlens=cu_seqlens, lengths=lengths, **math)  # fmt: skip
     if form not in ("auto", "dual", "primal"):
         raise ValueError(f"form must be 'auto', 'dual' or 'primal', got {form!r}")
+    if form != "auto" and backend == "auto":
+        backend = "torch"  # a form is the torch backend's option: asking for one picks it
     if cu_seqlens is not None or lengths is not None:
         return _dispatch_varlen(kind, weights, q, k, v, eta, ln_weight, ln_bias,
                                 initial_state=initial_state, output_final_state=output_final_state,
@@ -198,7 +202,8 @@ def ttt_linear(
             list of N batch-1 states) and the final state is a list of N states.
         lengths: [B] real tokens per sample of a right-padded batch; padding never touches the
             real tokens, its outputs are zeros, states are per sample (lists, as for cu_seqlens).
-        form: torch backend only: "dual" (closed form over the mini-batch), "primal" (explicit
+        form: torch backend only (under ``backend="auto"`` a form other than "auto" picks the
+            torch backend): "dual" (closed form over the mini-batch), "primal" (explicit
             per-token weights) or "auto" (dual, primal for single tokens). Same result. The
             Titans dual form runs as one autograd Function with a hand-written backward: it has
             no double backward (``create_graph=True`` raises; use ``form="primal"`` for that).

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import cache
 from types import ModuleType
 
 __all__ = ["extension", "extension_error"]
@@ -14,8 +13,7 @@ _HINT = (
 )
 
 
-@cache
-def _load() -> tuple[ModuleType | None, str | None]:
+def _import() -> tuple[ModuleType | None, str | None]:
     try:
         from ttt_cuda import _C
     except ImportError as err:  # pragma: no cover - depends on the install
@@ -23,14 +21,18 @@ def _load() -> tuple[ModuleType | None, str | None]:
     return _C, None
 
 
+# imported once, with this module: plain module globals, which torch.compile reads as constants
+# when it traces a backend's supports() (a cached function call would warn there)
+_MODULE, _ERROR = _import()
+
+
 def extension() -> ModuleType:
     """The ``_C`` module; raises ImportError saying how to build it when it is missing."""
-    mod, err = _load()
-    if mod is None:
-        raise ImportError(err)
-    return mod
+    if _MODULE is None:
+        raise ImportError(_ERROR)
+    return _MODULE
 
 
 def extension_error() -> str | None:
     """None when the extension imports, else why not (with the install hint)."""
-    return _load()[1]
+    return _ERROR

@@ -1,11 +1,13 @@
 """ttt-cuda's two backends of ttt-core, registered through the ``ttt_core.backends`` entry point:
 
 - ``"cpp"``: the fused C++ path on CPU tensors (parallel over (batch, head) chains on
-  ``torch.get_num_threads()`` threads), by name only (``backend="cpp"``): ``auto`` leaves CPU
-  tensors on ttt-core's torch backend (see the README: the C++ path is faster for the
-  whole-sequence ops and the single-token step, but it does not trace under ``torch.compile``, has
-  no double backward and refuses bf16 and some options, so ``auto`` would change those calls).
-  Its single-token step is one fused C++ call per token and layer (``step.py``).
+  ``torch.get_num_threads()`` threads). ``auto`` picks it for every CPU call it supports (fp32/fp64,
+  and bf16/fp16 computed in fp32); the calls it refuses (TTT-MLP in the Titans form,
+  ``checkpoint_group_size``, a step that needs autograd, a step being traced by ``torch.compile``)
+  run on ttt-core's torch backend without a warning (``warn_on_fallback = False``: on the CPU the
+  torch backend serves every call; ask for ``backend="cpp"`` by name to see the reason). Its
+  backward is first order (a double backward raises: use ``backend="torch"``). Its single-token
+  step is one fused C++ call per token and layer (``step.py``).
 - ``"cuda"``: the CUDA kernels on CUDA tensors (``auto`` picks it there); on CPU tensors it is an
   alias of ``"cpp"``.
 
@@ -13,8 +15,8 @@ ttt-core validates a call and asks ``supports`` before it calls ``ttt_linear`` /
 the single-token ``ttt_linear_step`` / ``ttt_mlp_step``, so these go straight to the ops
 (``linear_call`` / ``mlp_call``) without validating again. Calls a
 backend cannot fuse (TTT-MLP in the Titans form, an unsupported dtype or head dim) are refused in
-``supports`` with the reason: ttt-core then warns once and uses its torch backend under ``auto``,
-or raises when the backend was asked for by name.
+``supports`` with the reason: ttt-core then uses its torch backend under ``auto`` (the ``cuda``
+backend warns once with the reason), or raises when the backend was asked for by name.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ttt_cuda._ext import extension_error
@@ -40,6 +43,15 @@ _REASONS = {
 }
 
 
+def _unsupported_reason(op: str, q: Tensor, **kwargs: Any) -> str | None:
+    err = extension_error()
+    if err is not None:
+        return err
+    if op not in _REASONS:
+        return f"unknown op {op!r}"
+    return _REASONS[op](q, **kwargs)
+
+
 class CudaBackend:
     """Fused TTT-Linear (plain and Titans form) and TTT-MLP: the CUDA kernels on CUDA tensors,
     the C++ path on CPU tensors."""
@@ -49,12 +61,7 @@ class CudaBackend:
 
     def supports(self, op: str, q: Tensor, **kwargs: Any) -> str | None:
         """None when this backend runs ``op`` for these arguments, else the reason."""
-        err = extension_error()
-        if err is not None:
-            return err
-        if op not in _REASONS:
-            return f"unknown op {op!r}"
-        return _REASONS[op](q, **kwargs)
+        return _unsupported_reason(op, q, **kwargs)
 
     def ttt_linear(self, q, k, v, eta, W1, b1, ln_weight, ln_bias, **kwargs: Any):
         """ttt-core's ``ttt_linear`` (validated, supported; ``initial_state`` a TTTState)."""
@@ -74,15 +81,19 @@ class CudaBackend:
 
 
 class CppBackend(CudaBackend):
-    """The fused C++ CPU path: CPU tensors only."""
+    """The fused C++ CPU path: CPU tensors only, ``auto``'s choice on the CPU where it supports
+    the call (the torch backend runs the rest, silently)."""
 
     name = "cpp"
-    device_types: tuple[str, ...] = ()  # by name only: auto keeps CPU calls on the torch backend
+    device_types: tuple[str, ...] = ("cpu",)
+    warn_on_fallback = False
 
     def supports(self, op: str, q: Tensor, **kwargs: Any) -> str | None:
         if q.device.type != "cpu":
             return f"backend 'cpp' runs on CPU tensors, got {q.device.type} (use 'cuda')"
-        return super().supports(op, q, **kwargs)
+        if op.endswith("_step") and torch.compiler.is_compiling():
+            return "the fused CPU step is a plain C++ call, which torch.compile does not trace"
+        return _unsupported_reason(op, q, **kwargs)
 
 
 cuda_backend = CudaBackend()

@@ -7,6 +7,8 @@ offset, token scales, end state) is ``TTTState``'s (ttt-core), called by the ops
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,6 +19,7 @@ from ttt_core.validation import validate
 
 __all__ = [
     "acc_dtype",
+    "cpu_computes_fp32",
     "op_layout",
     "shape_str",
     "start_state",
@@ -25,7 +28,8 @@ __all__ = [
     "validate_call",
 ]
 
-CPU_DTYPES = (torch.float32, torch.float64)
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # low precision: upcast
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CUDA_HEAD_DIMS = (64, 128)
 CUDA_MAX_MINI_BATCH = 64
@@ -34,6 +38,26 @@ CUDA_MAX_MINI_BATCH = 64
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype of the fast-weight state and accumulators: fp32, or fp64 for fp64 inputs (CPU)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def cpu_computes_fp32(call: Callable) -> Callable:
+    """The CPU path's rule for bf16/fp16 inputs, applied to every entry (the ops and the step):
+    the C++ code computes in fp32 (fp64 for fp64 inputs), so a CPU call's low-precision tensors
+    are upcast to fp32 here and o comes back in q's dtype; the state is fp32 either way, as
+    ttt-core's. Autograd flows through the casts (gradients return in the inputs' dtypes). CUDA
+    calls pass through: the kernels read bf16/fp16 themselves. ``call(q, ...) -> (o, state)``."""
+
+    def upcast(t: Any) -> Any:
+        return t.float() if isinstance(t, Tensor) and t.dtype in LOW_PRECISION else t
+
+    @functools.wraps(call)
+    def run(q: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Any]:
+        if q.device.type != "cpu" or q.dtype not in LOW_PRECISION:
+            return call(q, *args, **kwargs)
+        o, state = call(upcast(q), *map(upcast, args), **{n: upcast(a) for n, a in kwargs.items()})
+        return o.to(q.dtype), state
+
+    return run
 
 
 def shape_str(t: Tensor | None) -> str:
@@ -71,7 +95,7 @@ def unsupported_reason(
     b = offset + L if mini_batch_size is None else mini_batch_size
     if q.device.type == "cpu":
         if q.dtype not in CPU_DTYPES:
-            return f"the C++ CPU path takes float32/float64 inputs, got {q.dtype}"
+            return f"the C++ CPU path takes float32/float64/bfloat16/float16 inputs, got {q.dtype}"
     elif q.device.type == "cuda":
         if q.dtype not in CUDA_DTYPES:
             return f"the CUDA kernels take float32/bfloat16/float16 inputs, got {q.dtype}"

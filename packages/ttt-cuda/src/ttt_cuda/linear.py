@@ -21,6 +21,7 @@ from ttt_core.state import TTTState
 from ttt_cuda.common import (
     CUDA_HEAD_DIMS,
     acc_dtype,
+    cpu_computes_fp32,
     op_layout,
     start_state,
     state_layout,
@@ -96,6 +97,7 @@ def fused_ttt_linear(
     return linear_call(q, k, v, eta, W1, b1, ln_weight, ln_bias, **{**kw, "initial_state": state})
 
 
+@cpu_computes_fp32
 def linear_call(q, k, v, eta, W1, b1, ln_weight, ln_bias, *, mini_batch_size, causal, token_scale,
                 momentum, decay, initial_state, output_final_state, eps, **_):  # fmt: skip
     """``fused_ttt_linear`` on validated inputs the op supports, from ``initial_state`` (a

@@ -19,6 +19,7 @@ from torch import Tensor
 from ttt_core.state import TTTState
 from ttt_cuda.common import (
     acc_dtype,
+    cpu_computes_fp32,
     op_layout,
     start_state,
     state_layout,
@@ -112,6 +113,7 @@ def fused_ttt_mlp(
                     **{**kw, "initial_state": state})  # fmt: skip
 
 
+@cpu_computes_fp32
 def mlp_call(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, *, mini_batch_size, causal,
              token_scale, initial_state, output_final_state, eps, **_):  # fmt: skip
     """``fused_ttt_mlp`` on validated inputs the op supports, from ``initial_state`` (a

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ttt_core.state import TensorDict, TTTState
 from ttt_cuda._ext import extension
-from ttt_cuda.common import acc_dtype, unsupported_reason
+from ttt_cuda.common import acc_dtype, cpu_computes_fp32, unsupported_reason
 from ttt_cuda.linear import linear_call, linear_unsupported_reason
 from ttt_cuda.mlp import mlp_call, mlp_unsupported_reason
 from ttt_cuda.ops.launch import rowmajor
@@ -71,6 +71,7 @@ def mlp_step(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, W1: Tensor, b1: Tenso
                     initial_state=state, output_final_state=True, **kwargs)  # fmt: skip
 
 
+@cpu_computes_fp32
 def cpu_step(
     q: Tensor,
     k: Tensor,

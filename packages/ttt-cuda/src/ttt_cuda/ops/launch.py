@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ttt_cuda._ext import extension
 
-__all__ = ["launch", "num_segments", "params", "rowmajor"]
+__all__ = ["first_order_only", "launch", "num_segments", "params", "rowmajor"]
 
 _DTYPE_NAMES = {
     torch.float32: "float32",
@@ -32,6 +32,17 @@ CPU_BLOCK_THREADS = 0
 def rowmajor(t: Tensor) -> Tensor:
     """Last dim contiguous (what the kernels index), copying only when needed."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def first_order_only(op: str) -> None:
+    """Called first by every op's backward: under ``create_graph=True`` (grad mode on inside the
+    backward) it raises instead of returning gradients whose own graph would be missing (the
+    fused backward is a kernel, not a recorded chain of torch ops)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"ttt_cuda's fused {op} has a first-order backward only (no create_graph=True / double "
+            "backward); call ttt-core with backend='torch' for higher-order gradients"
+        )
 
 
 def num_segments(L: int, mini_batch_size: int, offset: int = 0) -> int:

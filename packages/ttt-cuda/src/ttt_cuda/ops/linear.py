@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ttt_cuda.ops.launch import launch, num_segments, params, rowmajor
+from ttt_cuda.ops.launch import first_order_only, launch, num_segments, params, rowmajor
 
 __all__ = ["linear_bwd", "linear_fwd"]
 
@@ -224,6 +224,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dO, dW_end, db_end, dW_starts, db_starts):
+    first_order_only("TTT-Linear")
     q, k, v, eta, W_starts, b_starts, ln_weight, ln_bias, scale, G0, gb0 = ctx.saved_tensors
     B, H, _, D = q.shape
     if dO is None:

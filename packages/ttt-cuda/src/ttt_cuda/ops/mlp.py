@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ttt_cuda.ops.launch import launch, num_segments, params, rowmajor
+from ttt_cuda.ops.launch import first_order_only, launch, num_segments, params, rowmajor
 
 __all__ = ["mlp_bwd", "mlp_fwd"]
 
@@ -216,6 +216,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dO, dW1e, db1e, dW2e, db2e, dW1s, db1s, dW2s, db2s):
+    first_order_only("TTT-MLP")
     q, k, v, eta, W1s, b1s, W2s, b2s, ln_weight, ln_bias, scale, *grad_sum = ctx.saved_tensors
     if dO is None:
         dO = torch.zeros_like(q)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ttt_cuda.ops.launch import launch, num_segments, params, rowmajor
+from ttt_cuda.ops.launch import first_order_only, launch, num_segments, params, rowmajor
 
 __all__ = ["titans_bwd", "titans_fwd"]
 
@@ -199,6 +199,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dO, dW_end, db_end, dS_end, dsb_end, dW_starts, db_starts, _dS, _dsb):
+    first_order_only("Titans TTT-Linear")
     q, k, v, eta, mom, dec, C0, cb0, W_starts, b_starts, S_starts, sb_starts, lnw, lnb = (
         ctx.saved_tensors
     )
