@@ -13,9 +13,10 @@ local attention window) is timed side by side with the same layer converted by t
 Variants: ``moshi`` (plain layer, window 100) and the TTT layer (window 50) per TTT width and
 ttt-core backend, all with the attention's head dim: ``moshi+ttt-full/<backend>`` (TTT heads =
 attention heads, inner width = dim), ``-half`` (heads / 2) and ``-quarter`` (heads / 4, ttt-moshi's
-default width); backends ``torch`` (ttt-core's recurrent step) and ``cpp`` (ttt-cuda's fused C++
-step), both when ttt-cuda is installed. ``--widths`` (default ``quarter``) and ``--backends``
-(default ``torch,cpp``) choose them; ``--dims 1024`` or ``--dims 4096`` one width only, and
+default width); backends ``auto`` (ttt-core's default, what a user gets: ``cpp`` where ttt-cuda is
+installed, else ``torch``), ``torch`` (ttt-core's recurrent step) and ``cpp`` (ttt-cuda's fused C++
+step, needs ttt-cuda). ``--widths`` (default ``quarter``) and ``--backends``
+(default ``auto,torch,cpp``) choose them; ``--dims 1024`` or ``--dims 4096`` one width only, and
 ``--skip-train`` the streaming step only (the dim-4096 layers take ~1.1 GB each, and their
 training gradients as much again).
 
@@ -47,7 +48,7 @@ from moshi.modules.rope import RotaryEmbedding  # noqa: E402
 from moshi.modules.transformer import StreamingTransformerLayer  # noqa: E402
 from moshi.utils.compile import no_compile  # noqa: E402
 
-from ttt_core import TTTConfig  # noqa: E402
+from ttt_core import TTTConfig, available_backends  # noqa: E402
 from ttt_moshi import convert_layer  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "moshi_cpu.json"
@@ -127,7 +128,8 @@ def main() -> None:
     )
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: see output_path)")
     p.add_argument("--widths", default="quarter", help="TTT widths: full,half,quarter")
-    p.add_argument("--backends", default="torch,cpp", help="ttt-core backends of the TTT block")
+    p.add_argument("--backends", default="auto,torch,cpp",
+                   help="ttt-core backends of the TTT block (auto: what a user gets)")  # fmt: skip
     p.add_argument("--dims", default="1024,4096", help="layer widths (full run)")
     p.add_argument("--skip-train", action="store_true", help="the streaming step only")
     args = p.parse_args()
@@ -191,6 +193,8 @@ def main() -> None:
         "quick": args.quick,
         "machine": machine_info(),
         "target": "TTT adds at most 20% to a streaming step",
+        # what backend="auto" (ttt-core's default) runs on CPU tensors here
+        "auto_on_cpu": "cpp" if "cpp" in available_backends() else "torch",
         "results": rows,
         "overhead_vs_moshi": overhead,
         "total_seconds": round(time.perf_counter() - t_start, 1),

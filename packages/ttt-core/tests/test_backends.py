@@ -222,8 +222,10 @@ def test_broken_entry_point_warns_and_is_skipped(monkeypatch):
 
 
 def test_streaming_asks_supports_once_per_metadata_and_registering_asks_again():
-    """A token-by-token stream asks a backend's supports() once per call metadata (here the state's
-    offsets 0, 1, 2: one question each, not one per token), and registering or replacing a backend
+    """A token-by-token stream asks a backend's supports() once per call metadata (here the first
+    token without a state, then the state's offsets 0, 1, 2: one question each, not one per token;
+    the dispatcher keys the answer by the call's arguments as validated), and registering or
+    replacing a backend
     forgets the answers: the next token goes to the new one."""
     from ttt_core import ttt_linear_step
 
@@ -245,7 +247,7 @@ def test_streaming_asks_supports_once_per_metadata_and_registering_asks_again():
             tok = [x[n][:, :, t : t + 1] for n in ("q", "k", "v", "eta")]
             _, state = ttt_linear_step(*tok, *w.values(), *ln.values(), state=state,
                                        mini_batch_size=3)  # fmt: skip
-        assert (first.asked, len(first.steps)) == (3, 7)
+        assert (first.asked, len(first.steps)) == (4, 7)
         second = Counting(refuse=True)
         second.name = "stepping"
         register_backend(second, replace=True)

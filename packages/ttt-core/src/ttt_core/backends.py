@@ -130,12 +130,20 @@ def resolve(name: str, op: str, q, **kwargs) -> Backend | str:
     is remembered per call metadata and grad mode (a streaming decoder asks once, not once per
     token).
     """
+    return resolve_with_key(None if name in BUILTIN else metadata_key(q=q, **kwargs), name, op, q,
+                            **kwargs)  # fmt: skip
+
+
+def resolve_with_key(call_key: tuple | None, name: str, op: str, q, **kwargs) -> Backend | str:
+    """:func:`resolve` given the call's metadata key: ``metadata_key`` of the call's arguments (the
+    dispatcher passes the one it validated the call with: the state it hands the backend and the
+    op are functions of those arguments), or None to ask the backends every time."""
     if name in BUILTIN:
         return name
     _load_entry_points()
     if name == "auto" and not any(q.device.type in b.device_types for b in _registry.values()):
         return "torch"  # no registered backend serves this device: nothing to ask
-    key = metadata_key(q=q, **kwargs)
+    key = call_key
     if key is None:
         return _resolve(name, op, q, **kwargs)
     key = (name, op, torch.is_grad_enabled(), key)  # an inference-only backend may refuse grad

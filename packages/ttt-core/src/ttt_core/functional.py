@@ -25,7 +25,7 @@ from .ops.recurrent import ttt_step
 from .ops.reference import FastModel, ttt_generic
 from .split import run_checkpointed, run_varlen, sequence_bounds
 from .state import TTTState
-from .validation import validate
+from .validation import metadata_key, validate_with_key
 
 __all__ = ["ttt_linear", "ttt_linear_step", "ttt_mlp", "ttt_mlp_step"]
 
@@ -53,10 +53,12 @@ def _dispatch(kind: str | FastModel, weights: dict[str, Tensor], q, k, v, eta, l
     ``kind``: "linear" | "mlp", or a user fast model ``f(params, x)`` (an ``InnerLearner``'s, run by
     the generic backend); ``step``: one streaming token (``ttt_*_step``: the state is returned).
     Variable-length calls (``cu_seqlens``/``lengths``) run every sequence through this road alone."""
-    B, *_ = validate(q=q, k=k, v=v, eta=eta, weights=weights, ln_weight=ln_weight, ln_bias=ln_bias,
-                     initial_state=initial_state, output_final_state=output_final_state,
-                     backend=backend, step=step, checkpoint_group_size=checkpoint_group_size,
-                     cu_seqlens=cu_seqlens, lengths=lengths, **math)  # fmt: skip
+    call = dict(q=q, k=k, v=v, eta=eta, weights=weights, ln_weight=ln_weight, ln_bias=ln_bias,
+                initial_state=initial_state, output_final_state=output_final_state,
+                backend=backend, step=step, checkpoint_group_size=checkpoint_group_size,
+                cu_seqlens=cu_seqlens, lengths=lengths, **math)  # fmt: skip
+    key = metadata_key(**call)  # one key per call: for the checks and the backend choice
+    B, *_ = validate_with_key(key, **call)
     if form not in ("auto", "dual", "primal"):
         raise ValueError(f"form must be 'auto', 'dual' or 'primal', got {form!r}")
     if form != "auto" and backend == "auto":
@@ -76,8 +78,9 @@ def _dispatch(kind: str | FastModel, weights: dict[str, Tensor], q, k, v, eta, l
     extra = (
         {} if checkpoint_group_size is None else {"checkpoint_group_size": checkpoint_group_size}
     )
-    impl = backends.resolve(backend, op, q, initial_state=state,
-                            output_final_state=output_final_state, **math, **extra)  # fmt: skip
+    impl = backends.resolve_with_key(key, backend, op, q, initial_state=state,
+                                     output_final_state=output_final_state, **math,
+                                     **extra)  # fmt: skip
     seq = {"q": q, "k": k, "v": v, "eta": eta, "momentum": math.pop("momentum"),
            "decay": math.pop("decay")}  # fmt: skip
 

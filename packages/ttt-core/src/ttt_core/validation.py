@@ -90,7 +90,12 @@ def validate(**args) -> tuple[int, int, int, int]:
     leading head dim is checked); the keywords of :func:`check_call`. Returns (B, H, L, D).
 
     A call with the metadata of one that passed returns at once (see the module docstring)."""
-    key = metadata_key(**args)
+    return validate_with_key(metadata_key(**args), **args)
+
+
+def validate_with_key(key: tuple | None, **args) -> tuple[int, int, int, int]:
+    """:func:`validate` given ``key = metadata_key(**args)``: the dispatcher computes the call's key
+    once, for these checks and for the backend choice (``backends.resolve_with_key``)."""
     if key is not None and key in _passed:
         return _passed[key]
     shape = check_call(**args)
