@@ -201,7 +201,16 @@ def bench(session: nox.Session) -> None:
         session.install(
             "./packages/ttt-titans[bench]"
         )  # titans-pytorch, the peer it is timed against
+    if (
+        ROOT / "packages/ttt-cuda/pyproject.toml"
+    ).exists():  # the C++ CPU backend, timed beside torch
+        session.install("scikit-build-core", "pybind11", "cmake", "ninja")
+        session.install(
+            "--no-build-isolation", "./packages/ttt-cuda", env={"TTT_ENABLE_CUDA": "OFF"}
+        )
+        present.append("packages/ttt-cuda")
     scripts = {
+        "packages/ttt-cuda": "benchmarks/cpu_backend.py",
         "packages/ttt-core": "benchmarks/core_cpu.py",
         "packages/ttt-gemma": "benchmarks/gemma.py",
         "packages/ttt-titans": "benchmarks/titans.py",

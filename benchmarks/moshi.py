@@ -143,8 +143,11 @@ def main() -> None:
         dims = [int(d) for d in args.dims.split(",")]
         sizes = [s for s in [(1024, 16, 256, 3, 160), (4096, 32, 128, 1, 64)] if s[0] in dims]
         warmup = 16
+    backends = [b for b in args.backends.split(",") if b in ("auto", *available_backends())]
+    if len(backends) < len(args.backends.split(",")):
+        print(f"backends not installed, left out: {set(args.backends.split(',')) - set(backends)}")
     variants = ["moshi"] + [f"moshi+ttt-{w}/{b}" for w in args.widths.split(",")
-                            for b in args.backends.split(",")]  # fmt: skip
+                            for b in backends]  # fmt: skip
     rows = []
     all_steps: dict[int, dict[str, list[float]]] = {}
     t_start = time.perf_counter()
