@@ -82,13 +82,16 @@ def bench_epochs(epochs: int, max_batches: int | None, max_rows: int, backends: 
     for r in runners.values():  # warm-up epoch, untimed
         r.train_epoch()
         r.history.epoch_seconds.clear()
+    cpu: dict[str, list[float]] = {key: [] for key in runners}  # process CPU seconds per epoch
     for _ in range(epochs):
-        for r in runners.values():
+        for key, r in runners.items():
             r.epoch += 1
+            t = time.process_time()
             r.train_epoch()
+            cpu[key].append(time.process_time() - t)
     out = {}
     base_all = runners["baseline"].history.epoch_seconds
-    base_s = statistics.median(base_all)
+    base_s, base_cpu = statistics.median(base_all), statistics.median(cpu["baseline"])
     for key, r in runners.items():
         s = statistics.median(r.history.epoch_seconds)
         per_round = [t / b for t, b in zip(r.history.epoch_seconds, base_all, strict=True)]
@@ -99,6 +102,9 @@ def bench_epochs(epochs: int, max_batches: int | None, max_rows: int, backends: 
             "all_epoch_seconds": r.history.epoch_seconds,
             "ratio_to_baseline": s / base_s,
             "median_ratio_to_baseline_per_round": statistics.median(per_round),
+            "cpu_seconds_per_epoch": statistics.median(cpu[key]),
+            "all_epoch_cpu_seconds": cpu[key],
+            "cpu_ratio_to_baseline": statistics.median(cpu[key]) / base_cpu,
             "batches_per_epoch": min(
                 -(-len(r.train_ds) // r.cfg.train.batch_size),
                 max_batches or 10**9,
@@ -234,7 +240,10 @@ def main() -> None:
     load_start = os.getloadavg()
     epochs_res = bench_epochs(epochs, max_batches, max_rows, a.backend)
     for key, r in epochs_res.items():
-        print(f"{key:>16}: {r['seconds_per_epoch']:.3f} s/epoch ({r['ratio_to_baseline']:.2f}x)")
+        print(
+            f"{key:>17}: {r['seconds_per_epoch']:.3f} s/epoch ({r['ratio_to_baseline']:.2f}x), "
+            f"CPU {r['cpu_seconds_per_epoch']:.3f} s ({r['cpu_ratio_to_baseline']:.2f}x)"
+        )
     mem_res = [] if a.epochs_only else bench_memory(shapes, repeats, slow, a.backend[0])
     try:
         import titans_pytorch
@@ -272,7 +281,9 @@ def main() -> None:
             "call each; medians. Epoch times: one untimed warm-up epoch per mode, median of the "
             "timed epochs, modes interleaved (and memory backends, when several: the keys "
             "mode[backend]); median_ratio_to_baseline_per_round is the median over the rounds "
-            "of each epoch's time over the baseline's epoch of the same round. load_average: os.getloadavg() (the machine has "
+            "of each epoch's time over the baseline's epoch of the same round; cpu_*: the "
+            "process CPU time of each epoch (time.process_time, one torch thread: steadier than "
+            "wall time when other processes share the cores). load_average: os.getloadavg() (the machine has "
             f"{os.cpu_count()} CPUs and is shared; a 1-minute load above that means other "
             "processes competed for the cores during the run)."
         ),
