@@ -4,7 +4,8 @@ titans-pytorch's NeuralMemory, in one process.
 1. Epoch time: ``baseline``, ``simple_ttt`` and ``meta_ttt`` forecasters (same data: the embedded
    Beijing PM2.5 set at its default size, same Titans backbone, same batches) train for ``--epochs`` timed
    epochs each (modes interleaved, one untimed warm-up epoch); median seconds per epoch and the
-   ratio to the baseline.
+   ratio to the baseline. ``--backend`` (config ``memory.backend``, one or several: the memory
+   modes run once per backend, all interleaved in one process; the baseline has no memory).
 2. Memory workload: one forward + backward of a Titans neural memory on x (B, L, C) with an MLP
    memory (depth 2, expansion 4) or a linear one, ``heads`` heads, momentum and forgetting, chunk
    size ``chunk``, fp32:
@@ -23,6 +24,11 @@ Run (about 1-2 minutes on one core)::
 
     python benchmarks/titans.py                 # full run -> benchmarks/results/titans_cpu.json
     python benchmarks/titans.py --quick         # seconds, for checking the script
+    python benchmarks/titans.py --epochs-only --backend torch cpp \
+        --out benchmarks/results/titans_cpu_backends.json   # epochs, the memory on both backends
+
+The memory workload runs its linear rows on the first ``--backend`` and its MLP rows on
+``torch`` (the Titans form of TTT-MLP has no fused path).
 
 ``torch.set_num_threads(1)`` is used for stable figures (``--threads`` to change).
 """
@@ -54,7 +60,9 @@ def _git_rev() -> str | None:
         return None
 
 
-def bench_epochs(epochs: int, max_batches: int | None, max_rows: int) -> dict:
+def bench_epochs(epochs: int, max_batches: int | None, max_rows: int, backends: list[str]) -> dict:
+    """Seconds per epoch of each mode; the memory modes once per ``memory.backend`` in
+    ``backends`` (keys ``mode`` for one backend, ``mode[backend]`` for several)."""
     from ttt_titans.config import load_config
     from ttt_titans.train import Runner, build_splits
 
@@ -63,24 +71,40 @@ def bench_epochs(epochs: int, max_batches: int | None, max_rows: int) -> dict:
         over.append(f"train.max_batches_per_epoch={max_batches}")
     base = load_config("base.yaml", over)
     splits = build_splits(base)
-    runners = {}
-    for mode in ("baseline", "simple_ttt", "meta_ttt"):
-        runners[mode] = Runner(load_config("base.yaml", [*over, f"mode={mode}"]), splits, False)
+    runners = {
+        "baseline": Runner(load_config("base.yaml", [*over, "mode=baseline"]), splits, False)
+    }
+    for backend in backends:
+        for mode in ("simple_ttt", "meta_ttt"):
+            key = mode if len(backends) == 1 else f"{mode}[{backend}]"
+            cfg = load_config("base.yaml", [*over, f"mode={mode}", f"memory.backend={backend}"])
+            runners[key] = Runner(cfg, splits, False)
     for r in runners.values():  # warm-up epoch, untimed
         r.train_epoch()
         r.history.epoch_seconds.clear()
+    cpu: dict[str, list[float]] = {key: [] for key in runners}  # process CPU seconds per epoch
     for _ in range(epochs):
-        for r in runners.values():
+        for key, r in runners.items():
             r.epoch += 1
+            t = time.process_time()
             r.train_epoch()
+            cpu[key].append(time.process_time() - t)
     out = {}
-    base_s = statistics.median(runners["baseline"].history.epoch_seconds)
-    for mode, r in runners.items():
+    base_all = runners["baseline"].history.epoch_seconds
+    base_s, base_cpu = statistics.median(base_all), statistics.median(cpu["baseline"])
+    for key, r in runners.items():
         s = statistics.median(r.history.epoch_seconds)
-        out[mode] = {
+        per_round = [t / b for t, b in zip(r.history.epoch_seconds, base_all, strict=True)]
+        out[key] = {
+            "mode": r.cfg.mode,
+            "memory_backend": None if r.cfg.mode == "baseline" else r.cfg.memory.backend,
             "seconds_per_epoch": s,
             "all_epoch_seconds": r.history.epoch_seconds,
             "ratio_to_baseline": s / base_s,
+            "median_ratio_to_baseline_per_round": statistics.median(per_round),
+            "cpu_seconds_per_epoch": statistics.median(cpu[key]),
+            "all_epoch_cpu_seconds": cpu[key],
+            "cpu_ratio_to_baseline": statistics.median(cpu[key]) / base_cpu,
             "batches_per_epoch": min(
                 -(-len(r.train_ds) // r.cfg.train.batch_size),
                 max_batches or 10**9,
@@ -108,8 +132,9 @@ def _time_interleaved(fns: dict, repeats: int) -> dict[str, float]:
 
 
 def bench_memory(
-    shapes: list[tuple[int, int, int, int, int, str]], repeats: int, slow_repeats: int
-) -> list[dict]:
+    shapes: list[tuple[int, int, int, int, int, str]], repeats: int, slow_repeats: int,
+    backend: str,
+) -> list[dict]:  # fmt: skip
     from ttt_titans.config import MemoryConfig, MetaConfig
     from ttt_titans.memory import NeuralMemory
     from ttt_titans.meta import MetaLearner
@@ -124,7 +149,9 @@ def bench_memory(
     for b, n, c, h, chunk, inner in shapes:
         torch.manual_seed(0)
         x = torch.randn(b, n, c)
-        mem = NeuralMemory(c, MemoryConfig(inner=inner, num_heads=h, chunk=chunk, mlp_ratio=4))
+        mem_backend = backend if inner == "linear" else "torch"  # no fused Titans TTT-MLP
+        cfg = MemoryConfig(inner=inner, num_heads=h, chunk=chunk, mlp_ratio=4, backend=mem_backend)
+        mem = NeuralMemory(c, cfg)
         meta = MetaLearner(c, h, MetaConfig(hidden=c))
 
         def ours(meta=meta, mem=mem, x=x):
@@ -139,6 +166,7 @@ def bench_memory(
             "heads": h,
             "head_dim": c // h,
             "chunk": chunk,
+            "memory_backend": mem_backend,
             "memory_model": (
                 "MLP depth 2, hidden 4*head_dim" if inner == "mlp" else "linear (one matrix)"
             ),
@@ -186,6 +214,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--slow-repeats", type=int, default=3, help="rounds beside the same rule")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--backend", nargs="+", default=["auto"],
+                   choices=("auto", "torch", "generic", "cpp", "cuda"),
+                   help="memory.backend (several: the memory modes run once per backend, "
+                   "interleaved; the memory workload takes the first)")  # fmt: skip
+    p.add_argument("--epochs-only", action="store_true", help="skip the memory workload")
     p.add_argument("--out", default=None, help="JSON path (default: see output_path)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -205,10 +238,13 @@ def main() -> None:
         ]
     t0 = time.perf_counter()
     load_start = os.getloadavg()
-    epochs_res = bench_epochs(epochs, max_batches, max_rows)
-    for mode, r in epochs_res.items():
-        print(f"{mode:>10}: {r['seconds_per_epoch']:.3f} s/epoch ({r['ratio_to_baseline']:.2f}x)")
-    mem_res = bench_memory(shapes, repeats, slow)
+    epochs_res = bench_epochs(epochs, max_batches, max_rows, a.backend)
+    for key, r in epochs_res.items():
+        print(
+            f"{key:>17}: {r['seconds_per_epoch']:.3f} s/epoch ({r['ratio_to_baseline']:.2f}x), "
+            f"CPU {r['cpu_seconds_per_epoch']:.3f} s ({r['cpu_ratio_to_baseline']:.2f}x)"
+        )
+    mem_res = [] if a.epochs_only else bench_memory(shapes, repeats, slow, a.backend[0])
     try:
         import titans_pytorch
 
@@ -222,6 +258,7 @@ def main() -> None:
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "quick": a.quick,
+        "memory_backends": a.backend,
         "machine": machine_info(titans_pytorch=tp_version, git=_git_rev()),
         "epoch_time": epochs_res,
         "memory_workload": mem_res,
@@ -242,7 +279,11 @@ def main() -> None:
             "timed beside ttt_titans over fewer rounds (ttt_titans_ms_beside_same_rule). "
             "Memory workload: ours and theirs timed in alternating rounds after one warm-up "
             "call each; medians. Epoch times: one untimed warm-up epoch per mode, median of the "
-            "timed epochs, modes interleaved. load_average: os.getloadavg() (the machine has "
+            "timed epochs, modes interleaved (and memory backends, when several: the keys "
+            "mode[backend]); median_ratio_to_baseline_per_round is the median over the rounds "
+            "of each epoch's time over the baseline's epoch of the same round; cpu_*: the "
+            "process CPU time of each epoch (time.process_time, one torch thread: steadier than "
+            "wall time when other processes share the cores). load_average: os.getloadavg() (the machine has "
             f"{os.cpu_count()} CPUs and is shared; a 1-minute load above that means other "
             "processes competed for the cores during the run)."
         ),

@@ -59,6 +59,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("end_unscaled", &ttt::LinearParams::end_unscaled)
       .def_readwrite("offset", &ttt::LinearParams::offset)
       .def_readwrite("unbounded", &ttt::LinearParams::unbounded)
+      .def_readwrite("value_target", &ttt::LinearParams::value_target)
+      .def_readwrite("output_residual", &ttt::LinearParams::output_residual)
       .def_readwrite("dtype", &ttt::LinearParams::dtype)
       .def_readwrite("q_sb", &ttt::LinearParams::q_sb)
       .def_readwrite("q_sh", &ttt::LinearParams::q_sh)

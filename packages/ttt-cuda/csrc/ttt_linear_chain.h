@@ -1,11 +1,13 @@
 // The fused TTT-Linear math for one (batch, head) chain, written once for the CPU and the GPU.
 //
 // Per segment of n tokens at in-mini-batch positions off..off+n-1 (start weights W [D, D], b [D];
-// target t_j = v_j - k_j; a segment is a whole mini-batch except where a streaming state cuts one):
+// target t_j = v_j - k_j, or v_j (ttt_options.h); a segment is a whole mini-batch except where a
+// streaming state cuts one):
 //   Z = K W + b,  X = LN(Z) (rstd = 1/sigma),  U = gamma * (gamma * X + beta - T)
 //   G = rstd * (U - mean(U) - X * mean(U * X))          rows: d l_j / d z_j
 //   A_ij = c_ij eta_j, c_ij = s_{off+i} [j <= i] (causal) or 1 (non-causal);  a_j = e * eta_j
-//   P = A * (Q K^T + 1),  Z' = Q W + b - s (Q Gw + gb) - P G,  o = q + LN(Z')  (= q_i W_i + b_i)
+//   P = A * (Q K^T + 1),  Z' = Q W + b - s (Q Gw + gb) - P G  (= q_i W_i + b_i)
+//   o = q + LN(Z'), or LN(Z') without the output residual (ttt_options.h)
 //   W <- W - e Gw - K^T diag(a) G,  b <- b - e gb - a^T G           (the next start weights)
 // Gw, gb: what the earlier tokens of a cut mini-batch read (the state's grad_sum; first segment
 // only, else zero). e = s_{off+n-1} (causal), 1 (non-causal, or an unscaled cut end).
@@ -57,6 +59,7 @@
 
 #include "ttt_products.h"  // mm_acc: the products, tiled on the CPU, strided over threads on the GPU
 #include "ttt_ln_rows.h"   // the row-wise LayerNorm passes
+#include "ttt_options.h"   // the loss target and the output: the options' rules
 
 namespace ttt {
 
@@ -137,8 +140,9 @@ TTT_HD acc_t ld(const void* ptr, int64_t idx) {
 
 // Loads tokens [t0, t0 + n) of chain (bi, hi) and recomputes Z, X, (U), G, P, Z' into the buffers.
 // On return X and Xp hold the normalised rows, rstd / rstdp (if given) their 1/sigma.
-// Rows t0 .. t0+n-1 of this chain's keys K, queries Q and targets T = V - K into n x D scratch
-// tiles (acc_t), read through the strides of q, k, v (every op's params extend LinearParams).
+// Rows t0 .. t0+n-1 of this chain's keys K, queries Q and targets T (V - K, or V: loss_target)
+// into n x D scratch tiles (acc_t), read through the strides of q, k, v (every op's params extend
+// LinearParams): the one place every chain forms the target.
 template <typename scalar_t, typename acc_t>
 TTT_HD void load_kqt(const LinearParams& p, acc_t* K, acc_t* Q, acc_t* T, int D, int bi, int hi,
                      int t0, int n) {
@@ -147,7 +151,8 @@ TTT_HD void load_kqt(const LinearParams& p, acc_t* K, acc_t* Q, acc_t* T, int D,
     const acc_t kv = ld<scalar_t, acc_t>(p.k, bi * p.k_sb + hi * p.k_sh + t * p.k_sl + col);
     K[e] = kv;
     Q[e] = ld<scalar_t, acc_t>(p.q, bi * p.q_sb + hi * p.q_sh + t * p.q_sl + col);
-    T[e] = ld<scalar_t, acc_t>(p.v, bi * p.v_sb + hi * p.v_sh + t * p.v_sl + col) - kv;
+    const acc_t vv = ld<scalar_t, acc_t>(p.v, bi * p.v_sb + hi * p.v_sh + t * p.v_sl + col);
+    T[e] = loss_target<acc_t>(p.value_target, vv, kv);
   }
 }
 
@@ -161,7 +166,7 @@ TTT_HD void chain_recompute(const LinearParams& p, const ChainBuffers<acc_t>& c,
   const acc_t* scale = static_cast<const acc_t*>(p.scale);
   const acc_t* eta = static_cast<const acc_t*>(p.eta) + (static_cast<int64_t>(bi) * p.H + hi) * p.L;
   const acc_t eps = static_cast<acc_t>(p.eps);
-  // load K, Q, T = V - K (rows of this mini-batch) and eta
+  // load K, Q, the targets T (rows of this mini-batch) and eta
   load_kqt<scalar_t, acc_t>(p, c.K, c.Q, c.T, D, bi, hi, t0, n);
   TTT_PAR_FOR(i, n) { c.eta[i] = eta[t0 + i]; }
   TTT_SYNC();
@@ -240,10 +245,11 @@ TTT_HD void linear_fwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
       TTT_PAR_FOR(e, D) { bs[e] = c.bw[e]; }
     }
     chain_recompute<scalar_t, acc_t>(p, c, D, bi, hi, g, false);
-    // o = q + gamma * LN(Z') + beta
+    // o = q + gamma * LN(Z') + beta (or without q: output_row)
     scalar_t* o = static_cast<scalar_t*>(p.o) + (bh * p.L + t0) * D;
     TTT_PAR_FOR2(e, i, col, n, D) {
-      o[e] = static_cast<scalar_t>(c.Q[e] + lnw[col] * c.Xp[e] + lnb[col]);
+      o[e] = static_cast<scalar_t>(output_row<acc_t>(p.output_residual, c.Q[e],
+                                                     lnw[col] * c.Xp[e] + lnb[col]));
     }
     chain_update(p, c, D, bi, hi, g);
   }
@@ -281,7 +287,7 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
     const acc_t* bs = static_cast<const acc_t*>(p.b_starts) + (bh * nmb + mb) * D;
     TTT_PAR_FOR(e, D * D) { c.W[e] = Ws[e]; }
     TTT_PAR_FOR(e, D) { c.bw[e] = bs[e]; }
-    TTT_PAR_FOR2(e, i, col, n, D) {  // dQ starts as dO (the residual o = q + ...)
+    TTT_PAR_FOR2(e, i, col, n, D) {  // dQ holds dO until the output LN's backward has read it
       c.dQ[e] = ld<scalar_t, acc_t>(p.dO, bi * p.do_sb + hi * p.do_sh + (t0 + i) * p.do_sl + col);
       c.dK[e] = 0;
     }
@@ -308,6 +314,8 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
       }
     }
     TTT_SYNC();
+    // dQ: dO through the output residual (o = q + ...), zero without it
+    TTT_PAR_FOR(e, n * D) { c.dQ[e] = output_dq<acc_t>(p.output_residual, c.dQ[e]); }
     // da_j = -(k_j dW_end + db_end) . g_j   (from W_end = W - K^T diag(a) G, b_end = b - a^T G)
     TTT_PAR_FOR(j, n) {
       acc_t s = 0;
@@ -404,10 +412,11 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
     }
     const int64_t row0 = (bh * p.L + t0) * D;
     mm_acc<+1, false, true>(n, D, D, c.DZ, D, c.W, D, c.dK, D);  // dK += dZ W^T
-    TTT_PAR_FOR2(e, i, col, n, D) {  // dk = dK + gamma dU (T = V - K);  dV = -gamma dU
-      const acc_t gdu = lnw[col] * c.U[e];
-      static_cast<scalar_t*>(p.dk)[row0 + e] = static_cast<scalar_t>(c.dK[e] + gdu);
-      static_cast<scalar_t*>(p.dv)[row0 + e] = static_cast<scalar_t>(-gdu);
+    TTT_PAR_FOR2(e, i, col, n, D) {  // dT = -gamma dU = dv; dk = dK + its share through T
+      const acc_t dt = -(lnw[col] * c.U[e]);
+      const acc_t dk = c.dK[e] + loss_target_dk<acc_t>(p.value_target, dt);
+      static_cast<scalar_t*>(p.dk)[row0 + e] = static_cast<scalar_t>(dk);
+      static_cast<scalar_t*>(p.dv)[row0 + e] = static_cast<scalar_t>(dt);
       static_cast<scalar_t*>(p.dq)[row0 + e] = static_cast<scalar_t>(c.dQ[e]);
     }
     mm_acc<+1, true, false>(D, D, n, c.K, D, c.DZ, D, c.dW, D);  // dW += K^T dZ

@@ -44,7 +44,7 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
     const acc_t* G2w = g.G ? static_cast<const acc_t*>(p.G20) + bh * DF : nullptr;
     const acc_t* g2b = g.G ? static_cast<const acc_t*>(p.gb20) + bh * D : nullptr;
     mlp_copy(c, D, F, bh * nseg + s, true, p.W_starts, p.b_starts, p.W2_starts, p.b2_starts);
-    TTT_PAR_FOR2(e, i, col, n, D) {  // dQ starts as dO (the residual o = q + ...)
+    TTT_PAR_FOR2(e, i, col, n, D) {  // dQ holds dO until the output LN's backward has read it
       c.dQ[e] = ld<scalar_t, acc_t>(p.dO, bi * p.do_sb + hi * p.do_sh + (t0 + i) * p.do_sl + col);
     }
     TTT_SYNC();
@@ -78,7 +78,9 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
       }
     }
     TTT_SYNC();
-    // B2: da; layer 2 of the queries: dP2 = -DZ G2^T, dXq2 = DZ W2^T, dG2 = -a XdW2 - P2^T DZ
+    // B2: dQ = dO through the output residual (zero without it); da; layer 2 of the queries:
+    // dP2 = -DZ G2^T, dXq2 = DZ W2^T, dG2 = -a XdW2 - P2^T DZ
+    TTT_PAR_FOR(e, n * D) { c.dQ[e] = output_dq<acc_t>(p.output_residual, c.dQ[e]); }
     TTT_PAR_FOR(j, n) {
       acc_t s = 0;
       for (int f = 0; f < F; ++f) s += c.KdW1[j * F + f] * c.G1[j * F + f];
@@ -172,7 +174,7 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
     // X = LN(Z2): dZ2, and dU over U (as ttt_linear_chain.h)
     ln_loss_grad_bwd_rows(n, D, lnw, c.X, c.G2, c.rstd, c.dG2, c.U, c.dZ2);
     TTT_SYNC();
-    // B8: d gamma, d beta through U; dK += gamma dU, dV = -gamma dU (T = V - K);
+    // B8: d gamma, d beta through U; dv = dT = -gamma dU, dK += its share through T;
     // through Z2 = X2 W2 + b2 and X2 = gelu(Z1): dX2 += dZ2 W2^T, dZ1 += dX2 * gelu'(Z1)
     TTT_PAR_FOR(col, D) {
       acc_t sw = 0, sb = 0;
@@ -185,9 +187,9 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
     }
     const int64_t row0 = (bh * p.L + t0) * D;
     TTT_PAR_FOR2(e, i, col, n, D) {
-      const acc_t gdu = lnw[col] * c.U[e];
-      c.dK[e] += gdu;
-      static_cast<scalar_t*>(p.dv)[row0 + e] = static_cast<scalar_t>(-gdu);
+      const acc_t dt = -(lnw[col] * c.U[e]);
+      c.dK[e] += loss_target_dk<acc_t>(p.value_target, dt);
+      static_cast<scalar_t*>(p.dv)[row0 + e] = static_cast<scalar_t>(dt);
     }
     mm_acc<+1, false, true>(n, F, D, c.dZ2, D, c.W2, D, c.dX2, F);  // dX2 += dZ2 W2^T
     TTT_PAR_FOR(e, n * F) { c.KdW1[e] += c.dX2[e] * c.GP[e]; }

@@ -1,12 +1,13 @@
 // The fused TTT-MLP math for one (batch, head) chain, written once for the CPU and the GPU.
 //
 // Fast model f(x) = gelu_tanh(x W1 + b1) W2 + b2 (W1 [D, F], W2 [F, D]). Per segment of n tokens
-// (start weights W1, b1, W2, b2; target t_j = v_j - k_j; A_ij = c_ij eta_j, a_j = e eta_j as in
-// ttt_linear_chain.h):
+// (start weights W1, b1, W2, b2; target t_j = v_j - k_j or v_j, formed in load_kqt;
+// A_ij = c_ij eta_j, a_j = e eta_j as in ttt_linear_chain.h):
 //   keys:    Z1 = K W1 + b1, X2 = gelu(Z1), Z2 = X2 W2 + b2, G2 = d l / d Z2 (the LN loss, rows)
 //            G1 = (G2 W2^T) * gelu'(Z1)                                   (d l / d Z1)
 //   queries: Zq1 = Q W1 + b1 - [A * (Q K^T + 1)] G1,    Xq2 = gelu(Zq1)
-//            Zq2 = Xq2 W2 + b2 - [A * (Xq2 X2^T + 1)] G2,  o = q + LN(Zq2)
+//            Zq2 = Xq2 W2 + b2 - [A * (Xq2 X2^T + 1)] G2,  o = q + LN(Zq2) (or LN(Zq2):
+//            output_row, ttt_options.h)
 //   end:     W1 -= K^T diag(a) G1, b1 -= a^T G1, W2 -= X2^T diag(a) G2, b2 -= a^T G2
 // (the dual form of ttt-core's scan: query i sees W_i = W_start - s_i sum_{j<=i} eta_j grad l_j).
 // A call that starts inside a mini-batch (offset > 0) carries the state's grad_sum (G1w, g1b,
@@ -250,8 +251,9 @@ TTT_HD void mlp_fwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
     mlp_copy(c, D, F, bh * nseg + s, false, p.W_starts, p.b_starts, p.W2_starts, p.b2_starts);
     mlp_recompute<scalar_t, acc_t>(p, c, D, F, bi, hi, g, false);
     scalar_t* o = static_cast<scalar_t*>(p.o) + (bh * p.L + g.t0) * D;
-    TTT_PAR_FOR2(e, i, col, g.n, D) {  // o = q + gamma * LN(Zq2) + beta
-      o[e] = static_cast<scalar_t>(c.Q[e] + lnw[col] * c.Xp[e] + lnb[col]);
+    TTT_PAR_FOR2(e, i, col, g.n, D) {  // o = q + gamma * LN(Zq2) + beta (or without q)
+      o[e] = static_cast<scalar_t>(output_row<acc_t>(p.output_residual, c.Q[e],
+                                                     lnw[col] * c.Xp[e] + lnb[col]));
     }
     mlp_update(p, c, D, F, bh, g);
   }

@@ -29,6 +29,9 @@ struct LinearParams {
   // with the state's start weights W0/b0 and what its earlier tokens read, G0/gb0 (grad_sum).
   int offset = 0;
   int unbounded = 0;  // mini_batch_size=None: one segment that never completes (b = offset + L)
+  // The options of the semantics (ttt_options.h): the token loss's target and the output.
+  int value_target = 0;     // 1: target v_j (reconstruction_target "value"); 0: v_j - k_j
+  int output_residual = 1;  // 1: o_i = q_i + LN_h(f_{W_i}(q_i)); 0: o_i = LN_h(f_{W_i}(q_i))
 
   // ---- strides (elements) of the [B, H, L, D] inputs; the last dim must be contiguous --------
   int64_t q_sb = 0, q_sh = 0, q_sl = 0;

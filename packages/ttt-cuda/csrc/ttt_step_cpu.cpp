@@ -2,8 +2,9 @@
 // (sample, head), computed start to end by one thread from its inputs alone, so the result is
 // bit-identical whatever the thread count. Built with -ffp-contract=off like the chains: each
 // product and sum rounds alone; the column loops are contiguous and vectorise without reordering.
-// The LayerNorm / LN-loss gradient and gelu are the chains' own (ttt_ln_rows.h, ttt_mlp_chain.h),
-// compiled here in a namespace of this file as the ISA builds compile them in theirs.
+// The LayerNorm / LN-loss gradient, gelu and the options' rules (the loss target, the output) are
+// the chains' own (ttt_ln_rows.h, ttt_mlp_chain.h, ttt_options.h), compiled here in a namespace of
+// this file as the ISA builds compile them in theirs.
 #include <math.h>
 
 #include <cstdint>
@@ -16,7 +17,7 @@
 
 #define TTT_CPU_NS ttt_step_math
 TTT_CPU_ISA_BEGIN
-#include "ttt_mlp_chain.h"  // ln_rows, gelu_tanh
+#include "ttt_mlp_chain.h"  // ln_rows, gelu_tanh, loss_target, output_row
 TTT_CPU_ISA_END
 
 namespace ttt {
@@ -148,7 +149,7 @@ void step_chain(const StepParams& p, acc_t* ws, int bi, int hi) {
   for (int c = 0; c < wide; ++c) zeros[c] = 0;
   const acc_t one = 1;
 
-  for (int d = 0; d < D; ++d) target[d] = p.value_target ? v[d] : v[d] - k[d];
+  for (int d = 0; d < D; ++d) target[d] = chain::loss_target<acc_t>(p.value_target, v[d], k[d]);
   // layer l's weight and bias, every pointer of this chain (TTT-Linear: layer 2 absent, F = 0)
   const auto layer = [&](int l, int rows, int cols) {
     const auto W = [&](const StepWeights& w) { return l == 1 ? w.W1 : w.W2; };
@@ -199,12 +200,12 @@ void step_chain(const StepParams& p, acc_t* ws, int bi, int hi) {
     update_and_apply(p, b2, &one, g, &one, m, a, zeros, discard, y);
   }
 
-  // o = q + LN_h(f_W(q))
+  // o = q + LN_h(f_W(q)), or LN_h(f_W(q)) without the residual
   acc_t* o = mptr<acc_t>(p.o) + at.chain * D;
   chain::ln_rows(1, D, eps, lnw, lnb, out, &rstd, static_cast<const acc_t*>(nullptr),
                  static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr));  // normalised in place
   for (int d = 0; d < D; ++d)
-    o[d] = (p.output_residual ? q[d] : acc_t(0)) + (out[d] * lnw[d] + lnb[d]);
+    o[d] = chain::output_row<acc_t>(p.output_residual, q[d], out[d] * lnw[d] + lnb[d]);
 }
 
 }  // namespace

@@ -39,7 +39,7 @@ TTT_HD void titans_bwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
     titans_copy(c.S, c.sb, p.S_starts, p.sb_starts, D, slot, true);
     if (s == 0) titans_copy(c.Wc, c.bc, p.C0, p.cb0, D, bh, true);
     else titans_copy(c.Wc, c.bc, p.W_starts, p.b_starts, D, slot, true);  // W_0 = P
-    TTT_PAR_FOR2(e, i, col, n, D) {  // dQ starts as dO (the residual)
+    TTT_PAR_FOR2(e, i, col, n, D) {  // dQ holds dO until the output LN's backward has read it
       c.dQ[e] = ld<scalar_t, acc_t>(p.dO, bi * p.do_sb + hi * p.do_sh + (t0 + i) * p.do_sl + col);
     }
     TTT_SYNC();
@@ -70,6 +70,8 @@ TTT_HD void titans_bwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
     // KdW = K dW + db, KdS = K dS + dsb, dK = -(diag(w) G dW^T + diag(u) G dS^T)
     TTT_PAR_FOR2(e, i, col, n, D) { c.KdW[e] = c.db[col], c.KdS[e] = c.dsb[col], c.dK[e] = 0; }
     TTT_SYNC();
+    // dQ: dO through the output residual (o = q + ...), zero without it
+    TTT_PAR_FOR(e, n * D) { c.dQ[e] = output_dq<acc_t>(p.output_residual, c.dQ[e]); }
     mm_acc<+1, false, false>(n, D, D, c.K, D, c.dW, D, c.KdW, D);
     mm_acc<+1, false, false>(n, D, D, c.K, D, c.dS, D, c.KdS, D);
     mm_acc<-1, false, true, kPerRow>(n, D, D, c.G, D, c.dW, D, c.dK, D, c.cw);
@@ -183,9 +185,10 @@ TTT_HD void titans_bwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
     mm_acc<+1, false, true>(n, D, D, c.KdW, D, c.W, D, c.dK, D);  // dK += dZ P^T
     TTT_SYNC();
     TTT_PAR_FOR2(e, i, col, n, D) {
-      const acc_t gdu = lnw[col] * c.U[e];
-      static_cast<scalar_t*>(p.dk)[row * D + e] = static_cast<scalar_t>(c.dK[e] + gdu);
-      static_cast<scalar_t*>(p.dv)[row * D + e] = static_cast<scalar_t>(-gdu);
+      const acc_t dt = -(lnw[col] * c.U[e]);  // dv = dT; dk = dK + its share through T
+      const acc_t dk = c.dK[e] + loss_target_dk<acc_t>(p.value_target, dt);
+      static_cast<scalar_t*>(p.dk)[row * D + e] = static_cast<scalar_t>(dk);
+      static_cast<scalar_t*>(p.dv)[row * D + e] = static_cast<scalar_t>(dt);
       static_cast<scalar_t*>(p.dq)[row * D + e] = static_cast<scalar_t>(c.dQ[e]);
     }
     const acc_t Dl = c.Cx[last + bmax], c0l = c.Cx[last + bmax + 1], ml = c.Mx[last + bmax + 1];

@@ -12,6 +12,7 @@
 // Cx / Mx hold w / s per (row j, source column): steps in columns 0..n-1, W_0 in column bmax,
 // S_0 in column bmax + 1 (row stride NC = bmax + 2). Then, as ttt-core's dual form,
 //   Z'_i = D_i (q_i W_0 + b_0) + c0_i (q_i S_0 + sb_0) - sum_t C_it eta_t (q_i . k_t + 1) g_t.
+// o_i = q_i + LN(Z'_i) (or LN(Z'_i): output_row); the target t_j = v_j - k_j or v_j (load_kqt).
 // Token scale does not apply. When a segment completes, P <- W_last.
 #pragma once
 #include "ttt_linear_chain.h"  // schedule macros, mm_acc, LayerNorm rows
@@ -183,8 +184,9 @@ TTT_HD void titans_fwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
     titans_copy(c.S, c.sb, p.S_starts, p.sb_starts, D, bh * nseg + s, false);
     titans_recompute<scalar_t, acc_t>(p, c, D, bi, hi, g, false);
     scalar_t* o = static_cast<scalar_t*>(p.o) + (bh * p.L + g.t0) * D;
-    TTT_PAR_FOR2(e, i, col, g.n, D) {
-      o[e] = static_cast<scalar_t>(c.Q[e] + lnw[col] * c.Xp[e] + lnb[col]);
+    TTT_PAR_FOR2(e, i, col, g.n, D) {  // o = q + gamma * LN(Z') + beta (or without q)
+      o[e] = static_cast<scalar_t>(output_row<acc_t>(p.output_residual, c.Q[e],
+                                                     lnw[col] * c.Xp[e] + lnb[col]));
     }
     titans_update(p, c, D, g);
   }

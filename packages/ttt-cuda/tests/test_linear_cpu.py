@@ -1,11 +1,19 @@
-"""The C++ CPU path of the fused op against the plain fp64 reference (outputs and every gradient)
-and against finite differences (gradcheck)."""
+"""The C++ CPU path of the fused op against the plain fp64 reference (outputs and every gradient;
+both options of the semantics in every combination) and against finite differences (gradcheck)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from ttt_cuda_reference import make_inputs, reference_ttt_linear, scale_vector
+from ttt_cuda_reference import (
+    OPTIONS,
+    assert_outputs_and_grads_close,
+    make_inputs,
+    options_id,
+    options_kw,
+    reference_ttt_linear,
+    scale_vector,
+)
 
 from ttt_cuda import fused_ttt_linear
 from ttt_cuda.ops import linear_fwd
@@ -85,16 +93,42 @@ def test_initial_and_final_state_gradients_match_reference():
         torch.testing.assert_close(g_, w_, rtol=1e-9, atol=1e-9)
 
 
-GRADCHECK = [(True, False), (False, False), (True, True)]
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("options", OPTIONS, ids=options_id)
+def test_options_match_fp64_reference(options, causal):
+    """reconstruction_target ("residual": v - k, "value": v) and output_residual (o = q + LN(f(q))
+    or LN(f(q))) in every combination: o, the end weights and every gradient (dk changes with the
+    target, dq with the residual) against the fp64 reference (L = 7, b = 3: a shorter last
+    mini-batch)."""
+    B, H, L, D, b = 1, 2, 7, 5, 3
+    x = make_inputs(B, H, L, D, seed=71)
+    W0 = x["W1"].unsqueeze(0).expand(B, H, D, D)
+    b0 = x["b1"].reshape(1, H, D).expand(B, H, D)
+    scale = scale_vector("mean", b)
+    args = (x["q"], x["k"], x["v"], x["eta"], W0, b0, x["ln_weight"], x["ln_bias"])
+    o, W_end, b_end, _, _ = linear_fwd(*args, scale, b, causal, 1e-6, **options_kw(options))
+    ref = reference_ttt_linear(*args, mini_batch_size=b, causal=causal, scale=scale,
+                               **options_kw(options))  # fmt: skip
+    assert_outputs_and_grads_close((o, W_end, b_end), ref, list(x.values()), list(x), 1e-10)
+
+
+GRADCHECK = [  # causal, end_unscaled, (reconstruction_target, output_residual)
+    (True, False, OPTIONS[0]),
+    (False, False, OPTIONS[0]),
+    (True, True, OPTIONS[0]),
+    (True, True, ("value", False)),
+]
 
 
 @pytest.mark.parametrize(
-    "causal,end_unscaled", GRADCHECK, ids=["causal", "noncausal", "causal-cut-state"]
-)
-def test_gradcheck_finite_differences(causal, end_unscaled):
+    "causal,end_unscaled,options", GRADCHECK,
+    ids=["causal", "noncausal", "causal-cut-state", "causal-cut-state-target-value-no-residual"],
+)  # fmt: skip
+def test_gradcheck_finite_differences(causal, end_unscaled, options):
     """The hand-written backward against finite differences of the forward (fp64), through every
     output: o, the end weights and the stored per-mini-batch start weights (L=5, b=2: the last
-    mini-batch is shorter, and with end_unscaled ends without token scale)."""
+    mini-batch is shorter, and with end_unscaled ends without token scale); also with both
+    options off their defaults (target v, no output residual)."""
     B, H, L, D, b = 1, 2, 5, 3, 2
     x = make_inputs(B, H, L, D, seed=5)
     g = torch.Generator().manual_seed(6)
@@ -103,7 +137,8 @@ def test_gradcheck_finite_differences(causal, end_unscaled):
     scale = (0.5 + torch.rand(b, generator=g, dtype=torch.float64)).requires_grad_(causal)
 
     def f(q, k, v, eta, W0, b0, lnw, lnb, scale):
-        return linear_fwd(q, k, v, eta, W0, b0, lnw, lnb, scale, b, causal, 1e-6, end_unscaled)
+        return linear_fwd(q, k, v, eta, W0, b0, lnw, lnb, scale, b, causal, 1e-6, end_unscaled,
+                          **options_kw(options))  # fmt: skip
 
     args = (x["q"], x["k"], x["v"], x["eta"], W0, b0, x["ln_weight"], x["ln_bias"], scale)
     assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6, rtol=1e-5)
@@ -139,17 +174,20 @@ def test_deterministic():
 
 
 BLOCK_CASES = [
-    # B, H, L, D, b, threads
-    (2, 2, 21, 8, 8, 3),
-    (2, 2, 21, 8, 8, 16),
-    (1, 1, 40, 64, 16, 256),  # the kernels' launch: 256 threads, head dim 64
+    # B, H, L, D, b, threads, (reconstruction_target, output_residual)
+    (2, 2, 21, 8, 8, 3, OPTIONS[0]),
+    (2, 2, 21, 8, 8, 16, OPTIONS[0]),
+    (1, 1, 40, 64, 16, 256, OPTIONS[0]),  # the kernels' launch: 256 threads, head dim 64
+    (2, 1, 19, 8, 8, 5, ("value", False)),  # both options off their defaults
 ]
 
 
 @pytest.mark.parametrize(
     "case",
     BLOCK_CASES,
-    ids=[f"B{c[0]}-H{c[1]}-L{c[2]}-D{c[3]}-b{c[4]}-T{c[5]}" for c in BLOCK_CASES],
+    ids=[
+        f"B{c[0]}-H{c[1]}-L{c[2]}-D{c[3]}-b{c[4]}-T{c[5]}-{options_id(c[6])}" for c in BLOCK_CASES
+    ],
 )
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 def test_block_schedule_equals_serial(monkeypatch, case, causal):
@@ -158,13 +196,14 @@ def test_block_schedule_equals_serial(monkeypatch, case, causal):
     (removing one makes this fail)."""
     import ttt_cuda.ops.launch as ops
 
-    B, H, L, D, b, threads = case
+    B, H, L, D, b, threads, options = case
     x = make_inputs(B, H, L, D, dtype=torch.float32, seed=10)
     go = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(0))
 
     def run():
         # causal: also the state cut inside the last mini-batch (L % b != 0), with gradients
-        o, st = fused_ttt_linear(**x, mini_batch_size=b, causal=causal, output_final_state=causal)
+        o, st = fused_ttt_linear(**x, mini_batch_size=b, causal=causal, output_final_state=causal,
+                                 **options_kw(options))  # fmt: skip
         loss = (o * go).sum()
         if causal:
             loss = loss + st.params["W1"].sum() + st.grad_sum["W1"].square().sum()

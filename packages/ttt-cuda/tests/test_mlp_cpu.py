@@ -1,12 +1,22 @@
 """The C++ CPU path of the fused TTT-MLP op against the plain fp64 primal reference (outputs and
-every gradient), finite differences (gradcheck), the CUDA block schedule (bit-equality), and its
-torch.library registration (opcheck, torch.compile)."""
+every gradient; both options of the semantics in every combination), finite differences
+(gradcheck), the CUDA block schedule (bit-equality), and its torch.library registration (opcheck,
+torch.compile)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from ttt_cuda_reference import make_mlp_inputs, mlp_model, reference_ttt, scale_vector
+from ttt_cuda_reference import (
+    OPTIONS,
+    assert_outputs_and_grads_close,
+    make_mlp_inputs,
+    mlp_model,
+    options_id,
+    options_kw,
+    reference_ttt,
+    scale_vector,
+)
 
 from ttt_cuda import fused_ttt_mlp
 from ttt_cuda.ops.mlp import mlp_bwd, mlp_fwd
@@ -71,24 +81,49 @@ def _op_args(B=1, H=2, L=5, D=3, F=4, b=2, causal=True, seed=5):
             scale, b, causal, 1e-6)  # fmt: skip
 
 
+@pytest.mark.parametrize("options", OPTIONS, ids=options_id)
+def test_options_match_fp64_reference(options):
+    """reconstruction_target ("residual": v - k, "value": v) and output_residual (o = q + LN(f(q))
+    or LN(f(q))) in every combination: o, the end weights of both layers and every gradient
+    against the fp64 primal reference (L = 7, b = 3, F = 12)."""
+    B, H, L, D, F, b = 1, 2, 7, 5, 12, 3
+    x = make_mlp_inputs(B, H, L, D, F=F, seed=73)
+    W10, W20 = (x[n].unsqueeze(0).expand(B, *x[n].shape) for n in ("W1", "W2"))
+    b10, b20 = (x[n].reshape(1, H, -1).expand(B, H, -1) for n in ("b1", "b2"))
+    scale = scale_vector("mean", b)
+    seq = (x["q"], x["k"], x["v"], x["eta"])
+    o, *ends = mlp_fwd(*seq, W10, b10, W20, b20, x["ln_weight"], x["ln_bias"], scale, b, True,
+                       1e-6, **options_kw(options))[:5]  # fmt: skip
+    ref, ref_ends = reference_ttt(
+        mlp_model, *seq, {"W1": W10, "b1": b10, "W2": W20, "b2": b20}, x["ln_weight"],
+        x["ln_bias"], mini_batch_size=b, causal=True, scale=scale, **options_kw(options),
+    )  # fmt: skip
+    assert_outputs_and_grads_close((o, *ends), (ref, *ref_ends.values()), list(x.values()), list(x),
+                                   1e-10)  # fmt: skip
+
+
 GRADCHECK = [
-    # causal, end_unscaled, offset (> 0: a start inside a mini-batch with a grad_sum), L, b
-    (True, False, 0, 5, 2),
-    (False, False, 0, 5, 2),
-    (True, True, 0, 5, 2),  # the cut-state end
-    (True, False, 1, 5, 3),  # finishes the cut mini-batch, then more
-    (True, True, 1, 1, 3),  # one token that stays inside the mini-batch
+    # causal, end_unscaled, offset (> 0: a start inside a mini-batch with a grad_sum), L, b,
+    # (reconstruction_target, output_residual)
+    (True, False, 0, 5, 2, OPTIONS[0]),
+    (False, False, 0, 5, 2, OPTIONS[0]),
+    (True, True, 0, 5, 2, OPTIONS[0]),  # the cut-state end
+    (True, False, 1, 5, 3, OPTIONS[0]),  # finishes the cut mini-batch, then more
+    (True, True, 1, 1, 3, OPTIONS[0]),  # one token that stays inside the mini-batch
+    (True, False, 1, 5, 3, ("value", False)),  # both options off their defaults
 ]
 
 
 @pytest.mark.parametrize(
-    "causal,end_unscaled,offset,L,b", GRADCHECK,
-    ids=["causal", "noncausal", "causal-cut-state", "offset-finishes", "offset-one-token"],
+    "causal,end_unscaled,offset,L,b,options", GRADCHECK,
+    ids=["causal", "noncausal", "causal-cut-state", "offset-finishes", "offset-one-token",
+         "offset-finishes-target-value-no-residual"],
 )  # fmt: skip
-def test_gradcheck_finite_differences(causal, end_unscaled, offset, L, b):
+def test_gradcheck_finite_differences(causal, end_unscaled, offset, L, b, options):
     """The hand-written backward against finite differences of the forward (fp64) through every
     output: o, the end weights and the stored start weights of every segment; from a start inside
-    a mini-batch also into the grad_sum of both layers and the token scale through it."""
+    a mini-batch also into the grad_sum of both layers and the token scale through it; also with
+    both options off their defaults (target v, no output residual)."""
     args = _op_args(L=L, b=b, causal=causal)
     tensors, rest = args[:11], args[11:]
     g = torch.Generator().manual_seed(9)
@@ -98,16 +133,23 @@ def test_gradcheck_finite_differences(causal, end_unscaled, offset, L, b):
                     for t in tensors[4:8]]  # fmt: skip
 
     def f(*t):
-        return mlp_fwd(*t[:11], *rest, end_unscaled, offset, False, *t[11:])
+        return mlp_fwd(*t[:11], *rest, end_unscaled, offset, False, *(t[11:] or [None] * 4),
+                       **options_kw(options))  # fmt: skip
 
     assert torch.autograd.gradcheck(f, (*tensors, *grad_sum), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-BLOCK_CASES = [(2, 2, 11, 8, 32, 4, 3), (1, 1, 20, 64, 256, 8, 256)]  # B, H, L, D, F, b, threads
+BLOCK_CASES = [  # B, H, L, D, F, b, threads, (reconstruction_target, output_residual)
+    (2, 2, 11, 8, 32, 4, 3, OPTIONS[0]),
+    (1, 1, 20, 64, 256, 8, 256, OPTIONS[0]),
+    (1, 2, 11, 8, 32, 4, 5, ("value", False)),  # both options off their defaults
+]
 
 
 @pytest.mark.parametrize(
-    "case", BLOCK_CASES, ids=[f"B{c[0]}-H{c[1]}-L{c[2]}-D{c[3]}-F{c[4]}-b{c[5]}-T{c[6]}" for c in BLOCK_CASES]
+    "case", BLOCK_CASES,
+    ids=[f"B{c[0]}-H{c[1]}-L{c[2]}-D{c[3]}-F{c[4]}-b{c[5]}-T{c[6]}-{options_id(c[7])}"
+         for c in BLOCK_CASES],
 )  # fmt: skip
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 def test_block_schedule_equals_serial(monkeypatch, case, causal):
@@ -116,18 +158,19 @@ def test_block_schedule_equals_serial(monkeypatch, case, causal):
     from a state cut inside a mini-batch."""
     import ttt_cuda.ops.launch as ops
 
-    B, H, L, D, F, b, threads = case
+    B, H, L, D, F, b, threads, options = case
     x = make_mlp_inputs(B, H, L, D, F=F, dtype=torch.float32, seed=10)
 
     start = None
     if causal:  # start from a state cut inside a mini-batch (offset 3, grad_sum of both layers)
         _, start = fused_ttt_mlp(**{**x, **{n: x[n][:, :, :3] for n in ("q", "k", "v", "eta")}},
-                                 mini_batch_size=b, output_final_state=True)  # fmt: skip
+                                 mini_batch_size=b, output_final_state=True,
+                                 **options_kw(options))  # fmt: skip
         start = start.map(lambda t: t.detach().requires_grad_())
 
     def run():
         o, st = fused_ttt_mlp(**x, mini_batch_size=b, causal=causal, output_final_state=causal,
-                              initial_state=start)  # fmt: skip
+                              initial_state=start, **options_kw(options))  # fmt: skip
         loss = o.square().sum()
         ins = [x[n] for n in ("q", "k", "v", "eta", "ln_weight", "ln_bias")]
         if causal:

@@ -1,12 +1,20 @@
 """ttt-core's ``ttt_mlp(backend="cuda")`` (the C++ CPU path here) against ttt-core's torch backend:
-outputs and every gradient (W1, b1, W2, b2, LN, eta, token scale) at fp32, rtol 1e-4; streaming
-states at mini-batch boundaries, cut inside one, and one token at a time."""
+outputs and every gradient (W1, b1, W2, b2, LN, eta, token scale) at fp32, rtol 1e-4; both options
+of the semantics in every combination; streaming states at mini-batch boundaries, cut inside one
+(also with the options), and one token at a time."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from ttt_cuda_reference import make_mlp_inputs
+from ttt_cuda_reference import (
+    OPTION_CASES,
+    assert_cpp_matches_torch_one_call,
+    assert_grads_close,
+    make_mlp_inputs,
+    option_case_id,
+    options_kw,
+)
 
 from ttt_core import ttt_mlp
 
@@ -26,12 +34,6 @@ def _id(c):
     return f"B{B}-H{H}-L{L}-D{D}-b{b}-{'causal' if causal else 'noncausal'}-{ts}"
 
 
-def _assert_grads(got, want, names):
-    for name, g, w in zip(names, got, want):
-        atol = 1e-4 * max(1.0, w.abs().max().item())  # as test_vs_core: relative to the scale
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"d{n}: {m}")
-
-
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
 def test_outputs_and_gradients_match_torch_backend(case):
     B, H, L, D, b, causal, ts = case
@@ -48,7 +50,16 @@ def test_outputs_and_gradients_match_torch_backend(case):
     inputs = list(x.values()) + ([token_scale] if ts == "vector" else [])
     got = torch.autograd.grad((o * go).sum(), inputs)
     want = torch.autograd.grad((ref * go).sum(), inputs)
-    _assert_grads(got, want, [*x, "token_scale"])
+    assert_grads_close(got, want, [*x, "token_scale"])
+
+
+@pytest.mark.parametrize("case", OPTION_CASES, ids=option_case_id)
+def test_options_match_torch_backend(case):
+    """reconstruction_target and output_residual (every combination; streamed with cuts inside
+    mini-batches): o, the final state and every gradient equal one torch-backend call."""
+    options, cuts = case
+    x = make_mlp_inputs(1, 2, 19, 6, dtype=torch.float32, seed=74)
+    assert_cpp_matches_torch_one_call(ttt_mlp, x, cuts, mini_batch_size=8, **options_kw(options))
 
 
 def test_streaming_at_mini_batch_boundaries_matches_one_call():
@@ -71,7 +82,7 @@ def test_streaming_at_mini_batch_boundaries_matches_one_call():
     got = torch.autograd.grad(o.square().sum(), list(x.values()))
     ref, _ = ttt_mlp(*x.values(), mini_batch_size=8, backend="torch")
     want = torch.autograd.grad(ref.square().sum(), list(x.values()))
-    _assert_grads(got, want, list(x))
+    assert_grads_close(got, want, list(x))
 
 
 def test_final_state_cut_inside_a_mini_batch_matches_torch_backend():
@@ -98,7 +109,7 @@ def test_final_state_cut_inside_a_mini_batch_matches_torch_backend():
 
     got = torch.autograd.grad(loss(o_c, st_c), list(x.values()))
     want = torch.autograd.grad(loss(o_t, st_t), list(x.values()))
-    _assert_grads(got, want, list(x))
+    assert_grads_close(got, want, list(x))
 
 
 @pytest.mark.parametrize("token_scale", ["mean", "vector"])
@@ -129,7 +140,7 @@ def test_one_token_at_a_time_matches_torch_backend_one_call(token_scale):
     def loss(o, s):
         return o.square().sum() + s.grad_sum["W2"].sum() + s.params["W1"].sum()
 
-    _assert_grads(torch.autograd.grad(loss(o, st), inputs),
+    assert_grads_close(torch.autograd.grad(loss(o, st), inputs),
                   torch.autograd.grad(loss(ref, st_ref), inputs), [*x, "token_scale"])  # fmt: skip
 
 
@@ -150,4 +161,4 @@ def test_whole_sequence_mini_batch_streams_like_the_torch_backend():
     torch.testing.assert_close(st.grad_sum["W2"], st_ref.grad_sum["W2"], rtol=1e-4, atol=1e-4)
     got = torch.autograd.grad(o.square().sum(), list(x.values()))
     want = torch.autograd.grad(ref.square().sum(), list(x.values()))
-    _assert_grads(got, want, list(x))
+    assert_grads_close(got, want, list(x))

@@ -9,7 +9,7 @@ import itertools
 
 import pytest
 import torch
-from ttt_cuda_reference import make_inputs, reference_ttt_linear, scale_vector
+from ttt_cuda_reference import assert_grads_close, make_inputs, reference_ttt_linear, scale_vector
 
 from ttt_core import ttt_linear
 from ttt_cuda.ops import linear_fwd
@@ -27,12 +27,6 @@ def _stream(x, cuts, backend, **kw):
         )
         outs.append(o)
     return torch.cat(outs, dim=2), st
-
-
-def _assert_grads(got, want, names):
-    for name, g, w in zip(names, got, want):
-        atol = 1e-4 * max(1.0, w.abs().max().item())  # as test_vs_core: relative to the scale
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"d{n}: {m}")
 
 
 @pytest.mark.parametrize("token_scale", ["mean", "sum", "vector"])
@@ -61,7 +55,7 @@ def test_one_token_at_a_time_matches_torch_backend_one_call(token_scale):
 
     got = torch.autograd.grad(loss(o, st), inputs)
     want = torch.autograd.grad(loss(ref, st_ref), inputs)
-    _assert_grads(got, want, [*x, "token_scale"])
+    assert_grads_close(got, want, [*x, "token_scale"])
 
 
 CUTS = [
@@ -85,7 +79,7 @@ def test_chunked_with_cuts_inside_mini_batches_matches_torch_backend(case):
     go = torch.randn_like(ref)
     got = torch.autograd.grad((o * go).sum() + st.params["W1"].sum(), list(x.values()))
     want = torch.autograd.grad((o_t * go).sum() + st_t.params["W1"].sum(), list(x.values()))
-    _assert_grads(got, want, list(x))
+    assert_grads_close(got, want, list(x))
 
 
 def test_whole_sequence_mini_batch_streams_like_the_torch_backend():
@@ -99,7 +93,7 @@ def test_whole_sequence_mini_batch_streams_like_the_torch_backend():
     torch.testing.assert_close(st.grad_sum["W1"], st_ref.grad_sum["W1"], rtol=1e-4, atol=1e-4)
     got = torch.autograd.grad(o.square().sum(), list(x.values()))
     want = torch.autograd.grad(ref.square().sum(), list(x.values()))
-    _assert_grads(got, want, list(x))
+    assert_grads_close(got, want, list(x))
 
 
 def test_fp64_chunks_match_the_plain_reference_in_one_call():

@@ -1,25 +1,32 @@
 """TTT-Linear in the Titans form (momentum/decay) through the fused op's C++ CPU path: against
 the plain fp64 per-token reference (1e-10), ttt-core's torch backend (fp32, rtol 1e-4; outputs,
 states and every gradient incl. momentum and decay), finite differences of the op (gradcheck,
-started inside a mini-batch), streaming one token at a time, and the CUDA block schedule."""
+started inside a mini-batch), streaming one token at a time, and the CUDA block schedule; both
+options of the semantics (target v - k or v, output with or without q) in every combination."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from ttt_cuda_reference import make_inputs, make_titans, reference_ttt_titans
+from ttt_cuda_reference import (
+    OPTION_CASES,
+    OPTIONS,
+    assert_cpp_matches_torch_one_call,
+    assert_grads_close,
+    assert_outputs_and_grads_close,
+    make_inputs,
+    make_titans,
+    option_case_id,
+    options_id,
+    options_kw,
+    reference_ttt_titans,
+)
 
 from ttt_core import ttt_linear
 from ttt_cuda import fused_ttt_linear
 from ttt_cuda.ops.titans import titans_bwd, titans_fwd
 
 SEQ = ("q", "k", "v", "eta")
-
-
-def _assert_grads(got, want, names):
-    for name, g, w in zip(names, got, want):
-        atol = 1e-4 * max(1.0, w.abs().max().item())  # as test_vs_core: relative to the scale
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"d{n}: {m}")
 
 
 def test_matches_fp64_reference():
@@ -45,6 +52,37 @@ def test_matches_fp64_reference():
     want = torch.autograd.grad((ref * go).sum() + S_end.sum(), inputs)
     for name, g, w in zip([*x, "momentum", "decay"], got, want):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=options_id)
+def test_options_match_fp64_reference(options):
+    """reconstruction_target ("residual": v - k, "value": v) and output_residual (o = q + LN(f(q))
+    or LN(f(q))) in every combination: o, the end weights and momentum and every gradient (momentum
+    and decay included) against the per-token reference (L = 7, b = 3)."""
+    B, H, L, D, b = 1, 2, 7, 5, 3
+    x = make_inputs(B, H, L, D, seed=75)
+    mom, dec = make_titans(B, H, L, seed=75)
+    W0 = x["W1"].unsqueeze(0).expand(B, H, D, D)
+    b0 = x["b1"].reshape(1, H, D).expand(B, H, D)
+    S0, sb0 = torch.zeros_like(W0), torch.zeros_like(b0)
+    seq = [*(x[n] for n in SEQ), mom, dec]
+    ln = (x["ln_weight"], x["ln_bias"])
+    outs = titans_fwd(*seq, W0, b0, W0, b0, S0, sb0, *ln, b, 1e-6, **options_kw(options))[:5]
+    ref = reference_ttt_titans(*seq, W0, b0, *ln, mini_batch_size=b, **options_kw(options))
+    assert_outputs_and_grads_close(outs, ref, [*x.values(), mom, dec],
+                                   [*x, "momentum", "decay"], 1e-10)  # fmt: skip
+
+
+@pytest.mark.parametrize("case", OPTION_CASES, ids=option_case_id)
+def test_options_match_torch_backend(case):
+    """reconstruction_target and output_residual (every combination; streamed with cuts inside
+    mini-batches): o, the final state (params, momentum, current) and every gradient, momentum and
+    decay included, equal one torch-backend call."""
+    options, cuts = case
+    x = make_inputs(1, 2, 19, 12, dtype=torch.float32, seed=76)
+    mom, dec = make_titans(1, 2, 19, dtype=torch.float32, seed=76)
+    assert_cpp_matches_torch_one_call(ttt_linear, x, cuts, extra={"momentum": mom, "decay": dec},
+                                      mini_batch_size=8, **options_kw(options))  # fmt: skip
 
 
 CASES = [
@@ -86,7 +124,7 @@ def test_matches_torch_backend(case):
     go = torch.randn_like(ref)
     inputs = [*x.values(), *(t for t in tit.values() if t is not None)]
     names = [*x, *(n for n, t in tit.items() if t is not None)]
-    _assert_grads(torch.autograd.grad(loss(o, st), inputs),
+    assert_grads_close(torch.autograd.grad(loss(o, st), inputs),
                   torch.autograd.grad(loss(ref, st_ref), inputs), names)  # fmt: skip
 
 
@@ -112,7 +150,7 @@ def test_one_token_at_a_time_matches_torch_backend_one_call():
     inputs = [*x.values(), mom, dec]
     got = torch.autograd.grad(o.square().sum() + st.momentum["b1"].sum(), inputs)
     want = torch.autograd.grad(ref.square().sum() + st_ref.momentum["b1"].sum(), inputs)
-    _assert_grads(got, want, [*x, "momentum", "decay"])
+    assert_grads_close(got, want, [*x, "momentum", "decay"])
 
 
 def _op_args(B=1, H=2, L=5, D=3, offset=1, seed=64):
@@ -130,22 +168,27 @@ def _op_args(B=1, H=2, L=5, D=3, offset=1, seed=64):
 
 
 @pytest.mark.parametrize(
-    "offset,b", [(0, 2), (1, 3), (2, 3)], ids=["boundary", "offset1", "offset2"]
+    "offset,b,options",
+    [(0, 2, OPTIONS[0]), (1, 3, OPTIONS[0]), (2, 3, OPTIONS[0]), (1, 3, ("value", False))],
+    ids=["boundary", "offset1", "offset2", "offset1-target-value-no-residual"],
 )
-def test_gradcheck_finite_differences(offset, b):
+def test_gradcheck_finite_differences(offset, b, options):
     """The hand-written backward against finite differences (fp64) through o, the end weights and
-    momentum and the stored per-segment start weights; momentum and decay included."""
+    momentum and the stored per-segment start weights; momentum and decay included; also with both
+    options off their defaults (target v, no output residual)."""
     args = _op_args(offset=offset)
 
-    def f(*t):
-        return titans_fwd(*t, b, 1e-6, offset)[:7]  # S_starts/sb_starts are not differentiable
+    def f(*t):  # S_starts/sb_starts are not differentiable
+        return titans_fwd(*t, b, 1e-6, offset, **options_kw(options))[:7]
 
     assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-def test_block_schedule_equals_serial(monkeypatch):
+@pytest.mark.parametrize("options", [OPTIONS[0], ("value", False)], ids=options_id)
+def test_block_schedule_equals_serial(monkeypatch, options):
     """The Titans chain run as a CUDA block runs it (16 threads + barriers) equals the serial run
-    bit for bit, forward and backward, from a state cut inside a mini-batch."""
+    bit for bit, forward and backward, from a state cut inside a mini-batch (with the options at
+    their defaults and both off them)."""
     import ttt_cuda.ops.launch as ops
 
     x = make_inputs(1, 2, 19, 8, dtype=torch.float32, seed=65)
@@ -154,7 +197,7 @@ def test_block_schedule_equals_serial(monkeypatch):
 
     def run():
         outs = titans_fwd(*(x[n] for n in SEQ), mom, dec, *args, x["ln_weight"], x["ln_bias"], 8,
-                          1e-6, 3)  # fmt: skip
+                          1e-6, 3, **options_kw(options))  # fmt: skip
         loss = outs[0].square().sum() + outs[1].sum() + outs[3].sum() + outs[5].sum()
         ins = [*(x[n] for n in (*SEQ, "ln_weight", "ln_bias")), mom, dec, *args]
         return (*outs[:7], *torch.autograd.grad(loss, ins))

@@ -1,6 +1,7 @@
 """ttt-core's ``ttt_linear(backend="cuda")`` (the C++ CPU path here) against ttt-core's torch
-backend: outputs and every gradient at fp32, rtol 1e-4; streaming states at mini-batch
-boundaries (cuts inside a mini-batch: test_streaming.py)."""
+backend: outputs and every gradient at fp32, rtol 1e-4; both options of the semantics in every
+combination; streaming states at mini-batch boundaries (cuts inside a mini-batch:
+test_streaming.py, and here with the options)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ import warnings
 
 import pytest
 import torch
-from ttt_cuda_reference import make_inputs
+from ttt_cuda_reference import (
+    OPTION_CASES,
+    assert_cpp_matches_torch_one_call,
+    make_inputs,
+    option_case_id,
+    options_kw,
+)
 
 import ttt_core
 from ttt_core import ttt_linear
@@ -52,6 +59,16 @@ def test_outputs_and_gradients_match_torch_backend(case):
         # scale-aware: atol relative to the gradient's magnitude (sums over L*B terms)
         atol = 1e-4 * max(1.0, w.abs().max().item())
         torch.testing.assert_close(g, w, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("case", OPTION_CASES, ids=option_case_id)
+def test_options_match_torch_backend(case):
+    """reconstruction_target and output_residual (every combination; streamed with cuts inside
+    mini-batches): o, the final state and every gradient equal one torch-backend call."""
+    options, cuts = case
+    x = make_inputs(2, 2, 19, 12, dtype=torch.float32, seed=72)
+    assert_cpp_matches_torch_one_call(ttt_linear, x, cuts, mini_batch_size=8,
+                                      **options_kw(options))  # fmt: skip
 
 
 def test_streaming_at_mini_batch_boundaries_matches_one_call():

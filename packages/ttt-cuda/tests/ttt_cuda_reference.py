@@ -3,10 +3,14 @@ the fused ops.
 
 Primal form, token by token: every token's gradient comes from ``torch.func.grad`` of the token
 loss (no closed form), W_i is materialised, and the output reads f_{W_i}(q_i). It is slow and
-obviously right; outer gradients flow through it with ordinary autograd.
+obviously right; outer gradients flow through it with ordinary autograd. Both options of the
+semantics are written out here: the loss target (``v - k`` or ``v``) and the output (``q + LN`` or
+``LN`` alone).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import Tensor
@@ -32,6 +36,8 @@ def reference_ttt(
     causal: bool,
     scale: Tensor,  # (b,) token scale s_i (causal)
     eps: float = 1e-6,
+    reconstruction_target: str = "residual",
+    output_residual: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Any fast model, primal form: returns (o [B, H, L, D], end weights {name: (B, H, ...)})."""
     B, H, L, D = q.shape
@@ -39,7 +45,8 @@ def reference_ttt(
 
     def token_loss(P, kj, vj, h):
         pred = layer_norm(fast_model(P, kj), ln_weight[h], ln_bias[h], eps)
-        return 0.5 * ((pred - (vj - kj)) ** 2).sum()
+        target = vj - kj if reconstruction_target == "residual" else vj
+        return 0.5 * ((pred - target) ** 2).sum()
 
     grad = torch.func.grad(token_loss)
     outs, ends = [], {n: [] for n in names}
@@ -58,7 +65,8 @@ def reference_ttt(
                         for n in names
                     }
                     qi = q[bi, h, t0 + i]
-                    rows.append(qi + layer_norm(fast_model(Wi, qi), ln_weight[h], ln_bias[h], eps))
+                    y = layer_norm(fast_model(Wi, qi), ln_weight[h], ln_bias[h], eps)
+                    rows.append(qi + y if output_residual else y)
                 P = Wi  # the last query's weights start the next mini-batch
             outs.append(torch.stack(rows))
             for n in names:
@@ -79,15 +87,17 @@ def mlp_model(P, x):
 
 
 def reference_ttt_linear(q, k, v, eta, W0, b0, ln_weight, ln_bias, *, mini_batch_size, causal,
-                         scale, eps=1e-6):  # fmt: skip
-    """TTT-Linear: W0 (B, H, D, D), b0 (B, H, D). Returns (o, W_end, b_end)."""
+                         scale, eps=1e-6, **options):  # fmt: skip
+    """TTT-Linear: W0 (B, H, D, D), b0 (B, H, D); ``options``: reconstruction_target,
+    output_residual. Returns (o, W_end, b_end)."""
     o, end = reference_ttt(linear_model, q, k, v, eta, {"W": W0, "b": b0}, ln_weight, ln_bias,
-                           mini_batch_size=mini_batch_size, causal=causal, scale=scale, eps=eps)  # fmt: skip
+                           mini_batch_size=mini_batch_size, causal=causal, scale=scale, eps=eps,
+                           **options)  # fmt: skip
     return o, end["W"], end["b"]
 
 
 def reference_ttt_titans(q, k, v, eta, mom, dec, W0, b0, ln_weight, ln_bias, *, mini_batch_size,
-                         eps=1e-6):  # fmt: skip
+                         eps=1e-6, reconstruction_target="residual", output_residual=True):  # fmt: skip
     """Titans-form TTT-Linear, token by token: gradients at the mini-batch's start P,
     S_j = m_j S_{j-1} - eta_j grad_j, W_j = (1 - a_j) W_{j-1} + S_j, o_j from W_j; P <- W at each
     mini-batch end. W0 (B, H, D, D), b0 (B, H, D). Returns (o, W_end, b_end, S_end, sb_end)."""
@@ -96,7 +106,8 @@ def reference_ttt_titans(q, k, v, eta, mom, dec, W0, b0, ln_weight, ln_bias, *, 
 
     def token_loss(P, kj, vj, h):
         pred = layer_norm(linear_model(P, kj), ln_weight[h], ln_bias[h], eps)
-        return 0.5 * ((pred - (vj - kj)) ** 2).sum()
+        target = vj - kj if reconstruction_target == "residual" else vj
+        return 0.5 * ((pred - target) ** 2).sum()
 
     grad = torch.func.grad(token_loss)
     outs, ends = [], {n: [] for n in ("W", "b", "SW", "Sb")}
@@ -113,7 +124,8 @@ def reference_ttt_titans(q, k, v, eta, mom, dec, W0, b0, ln_weight, ln_bias, *, 
                     S = {n: mom[bi, h, t] * S[n] - eta[bi, h, t] * gs[i][n] for n in S}
                     W = {n: (1 - dec[bi, h, t]) * W[n] + S[n] for n in W}
                     qi = q[bi, h, t]
-                    rows.append(qi + layer_norm(linear_model(W, qi), ln_weight[h], ln_bias[h], eps))
+                    y = layer_norm(linear_model(W, qi), ln_weight[h], ln_bias[h], eps)
+                    rows.append(qi + y if output_residual else y)
                 P = dict(W)
             outs.append(torch.stack(rows))
             for name, val in (("W", W["W"]), ("b", W["b"]), ("SW", S["W"]), ("Sb", S["b"])):
@@ -175,3 +187,80 @@ def scale_vector(token_scale, b: int, dtype=torch.float64) -> Tensor:
     if token_scale == "mean":
         return 1.0 / torch.arange(1, b + 1, dtype=dtype)
     return torch.ones(b, dtype=dtype)
+
+
+# Every combination of the two options: (reconstruction_target, output_residual)
+OPTIONS = [("residual", True), ("residual", False), ("value", True), ("value", False)]
+
+
+def options_id(options) -> str:
+    target, residual = options
+    return f"target-{target}-{'residual' if residual else 'no-residual'}"
+
+
+def options_kw(options) -> dict:
+    return dict(zip(("reconstruction_target", "output_residual"), options))
+
+
+# Cases of assert_cpp_matches_torch_one_call with the options: every combination in one call
+# (b = 8, L = 19: the final state is cut inside a mini-batch), and both options off their defaults
+# streamed in chunks cut inside mini-batches. Entries: (options, cuts of the cpp side).
+OPTION_CASES = [*((o, [0, 19]) for o in OPTIONS), (("value", False), [0, 5, 13, 19])]
+
+
+def option_case_id(case) -> str:
+    options, cuts = case
+    return options_id(options) + ("-one-call" if len(cuts) == 2 else f"-cuts-{len(cuts) - 1}")
+
+
+def assert_grads_close(got, want, names):
+    """fp32 gradients against the torch backend's: rtol 1e-4, atol relative to the scale."""
+    for name, g, w in zip(names, got, want):
+        atol = 1e-4 * max(1.0, w.abs().max().item())  # sums over L * B terms
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def assert_cpp_matches_torch_one_call(op, x, cuts, *, extra=None, **kw):
+    """ttt-core's ``op`` (``ttt_linear`` / ``ttt_mlp``) through backend "cpp", in chunks
+    [cuts[i], cuts[i + 1]) that carry the state, against one torch-backend call (fp32, rtol
+    1e-4): o, the final state (offset and every tensor) and every gradient, of ``x``, the
+    ``extra`` per-token tensors (momentum, decay: [B, H, L]) and through the final state."""
+    extra = extra or {}
+    per_token = ("q", "k", "v", "eta")
+    outs, st = [], None
+    for t0, t1 in itertools.pairwise(cuts):
+        part = {**x, **{n: x[n][:, :, t0:t1] for n in per_token}}
+        o, st = op(*part.values(), **{n: t[:, :, t0:t1] for n, t in extra.items()},
+                   backend="cpp", initial_state=st, output_final_state=True, **kw)  # fmt: skip
+        outs.append(o)
+    o = torch.cat(outs, dim=2)
+    ref, st_ref = op(*x.values(), **extra, backend="torch", output_final_state=True, **kw)
+    torch.testing.assert_close(o, ref, rtol=1e-4, atol=1e-4)
+    assert st.offset == st_ref.offset
+    for field in ("params", "grad_sum", "momentum", "current"):
+        got, want = getattr(st, field), getattr(st_ref, field)
+        assert (got is None) == (want is None), field
+        for name in want or {}:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4,
+                                       msg=lambda m, f=field, n=name: f"{f}[{n}]: {m}")  # fmt: skip
+    go = torch.randn_like(ref)
+    inputs = [*x.values(), *extra.values()]
+
+    def loss(o, st):  # o and every tensor of the final state
+        return (o * go).sum() + sum(t.square().sum() for t in st.tensors())
+
+    got = torch.autograd.grad(loss(o, st), inputs)
+    want = torch.autograd.grad(loss(ref, st_ref), inputs)
+    assert_grads_close(got, want, [*x, *extra])
+
+
+def assert_outputs_and_grads_close(got, want, inputs, names, tol):
+    """fp64: the outputs ``got`` against ``want`` (tuples of tensors) at ``tol``, and the gradients
+    of a random weighting of them with respect to ``inputs`` at 10 ``tol``."""
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    weights = [torch.randn_like(t) for t in want]
+    g = torch.autograd.grad(sum((t * w).sum() for t, w in zip(got, weights)), inputs)
+    r = torch.autograd.grad(sum((t * w).sum() for t, w in zip(want, weights)), inputs)
+    for name, a, b in zip(names, g, r):
+        torch.testing.assert_close(a, b, rtol=10 * tol, atol=10 * tol,
+                                   msg=lambda m, n=name: f"d{n}: {m}")  # fmt: skip

@@ -23,6 +23,7 @@ BAD_OVERRIDES = {
     "data.split=[0.5,0.5]": "a list of 3",
     "memory.num_heads=3": "divisible",
     "data.max_rows=0": "int >= 1",
+    "memory.backend=gpu": "'auto', 'torch', 'generic', 'cpp', 'cuda'",
 }
 
 

@@ -68,9 +68,10 @@ def reference_loop(mem, q, k, v, theta, eta, alpha, chunk):
     return torch.stack(out)  # (B, H, L, D)
 
 
-def _setup(inner, chunk, seed=0, B=2, L=11, C=8, H=2):
+def _setup(inner, chunk, seed=0, B=2, L=11, C=8, H=2, backend="auto"):
     torch.manual_seed(seed)
-    cfg = MemoryConfig(inner=inner, num_heads=H, chunk=chunk, mlp_ratio=2, init_std=0.3)
+    cfg = MemoryConfig(inner=inner, num_heads=H, chunk=chunk, mlp_ratio=2, init_std=0.3,
+                       backend=backend)  # fmt: skip
     mem = NeuralMemory(C, cfg).double()
     meta = MetaLearner(C, H, MetaConfig(hidden=8, alpha_init=0.05)).double()
     with torch.no_grad():  # make the rates vary across tokens, and theta large enough to matter
@@ -88,7 +89,28 @@ def _outer(mem, meta):
 @pytest.mark.parametrize("inner", ["linear", "mlp"])
 @pytest.mark.parametrize("chunk", [1, 2, 3, 4, 8, 11, 16], ids=lambda c: f"chunk{c}")
 def test_chunk_parallel_equals_token_loop(inner, chunk):
-    mem, meta, x, feats = _setup(inner, chunk)
+    _check_against_token_loop(inner, chunk, "auto")
+
+
+def test_memory_backend_is_the_one_ttt_core_runs(monkeypatch):
+    """``memory.backend`` is the backend of every ttt-core call of the memory: with "generic"
+    (ttt-core's torch.func path, always installed) it equals the token loop, outputs and outer
+    gradients."""
+    import ttt_titans.memory as memory
+
+    backends, original = [], memory.ttt_linear
+
+    def spy(*args, **kwargs):
+        backends.append(kwargs["backend"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(memory, "ttt_linear", spy)
+    _check_against_token_loop("linear", 3, "generic")
+    assert backends == ["generic"] * 2  # the checked call and the theta = 0 one
+
+
+def _check_against_token_loop(inner, chunk, backend):
+    mem, meta, x, feats = _setup(inner, chunk, backend=backend)
     b, n, _ = x.shape
 
     theta, eta, alpha = meta(feats)

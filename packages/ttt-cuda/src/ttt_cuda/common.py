@@ -73,21 +73,13 @@ def unsupported_reason(
     momentum: Tensor | None = None,
     decay: Tensor | None = None,
     initial_state: Any = None,
-    reconstruction_target: str = "residual",
-    output_residual: bool = True,
     checkpoint_group_size: int | None = None,
-    fuses_output_options: bool = False,
     **_: Any,
 ) -> str | None:
     """None when a fused op computes this call, else why not (metadata only, no value reads).
 
-    ``head_dims``: the head dims the CUDA kernels of the op take (the CPU path takes any);
-    ``fuses_output_options``: the op computes every ``reconstruction_target`` and
-    ``output_residual`` (the CPU step does; the whole-sequence ops take the defaults only)."""
-    if reconstruction_target != "residual" and not fuses_output_options:
-        return f"reconstruction_target={reconstruction_target!r} is not fused (only 'residual')"
-    if not output_residual and not fuses_output_options:
-        return "output_residual=False is not fused (the ops add q to the output)"
+    ``head_dims``: the head dims the CUDA kernels of the op take (the CPU path takes any). Every
+    op fuses both ``reconstruction_target``s and ``output_residual`` either way."""
     if checkpoint_group_size is not None:
         return "checkpoint_group_size is not fused (torch and generic recompute the groups)"
     offset = getattr(initial_state, "offset", 0) if initial_state is not None else 0

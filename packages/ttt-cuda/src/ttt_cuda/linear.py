@@ -3,10 +3,11 @@
 Math (ttt-core's semantics, DESIGN.md): per (sample, head) a fast weight W [D, D], b [D] is trained
 while reading; tokens in mini-batches of b, gradients at the mini-batch's start weights,
 
-    l_j(W) = 0.5 * || LN_h(k_j W + b) - (v_j - k_j) ||^2
+    l_j(W) = 0.5 * || LN_h(k_j W + b) - t_j ||^2,  t_j = v_j - k_j (or v_j: "value" target)
     causal:      W_i = W_start - s_i * sum_{j<=i} eta_j grad l_j(W_start)
     non-causal:  W_i = W_start - sum_j eta_j grad l_j(W_start)
-    o_i = q_i + LN_h(q_i W_i + b_i);  the next mini-batch starts from the last W_i.
+    o_i = q_i + LN_h(q_i W_i + b_i) (or LN_h(...) alone: output_residual=False);  the next
+    mini-batch starts from the last W_i.
 
 With ``momentum``/``decay`` (the Titans form) the call goes to ``ttt_cuda.titans``.
 """
@@ -57,11 +58,13 @@ def fused_ttt_linear(
     initial_state: Any = None,
     output_final_state: bool = False,
     eps: float = 1e-6,
+    reconstruction_target: str = "residual",
+    output_residual: bool = True,
 ) -> tuple[Tensor, Any]:
     """Fused TTT-Linear (C++ on CPU, CUDA kernels on GPU) with ttt-core's ``ttt_linear`` signature.
 
     Args:
-        q, k, v: [B, H, L, D] queries, keys, values (target v - k).
+        q, k, v: [B, H, L, D] queries, keys, values.
         eta: [B, H, L] per-token inner learning rate.
         W1: [H, D, D], b1: [H, 1, D] start fast weights (overridden by ``initial_state``).
         ln_weight, ln_bias: [H, D] per-head LayerNorm of the fast model's output.
@@ -77,6 +80,9 @@ def fused_ttt_linear(
             inside a mini-batch (offset = (offset_in + L) % b, or offset_in + L for b = None),
             params = that mini-batch's start weights and grad_sum = its tokens' summed
             eta_j grad_j, as ttt-core.
+        eps: the LayerNorm epsilon.
+        reconstruction_target: the token loss's target, "residual" ``v - k`` or "value" ``v``.
+        output_residual: ``o = q + LN_h(f(q))`` (True) or ``o = LN_h(f(q))`` (False).
 
     Returns:
         ``(o, state)``: o [B, H, L, D] in q's dtype; state a ``TTTState`` (fp32 params
@@ -87,7 +93,8 @@ def fused_ttt_linear(
     """
     kw = dict(mini_batch_size=mini_batch_size, causal=causal, token_scale=token_scale,
               momentum=momentum, decay=decay, initial_state=initial_state,
-              output_final_state=output_final_state, eps=eps)  # fmt: skip
+              output_final_state=output_final_state, eps=eps,
+              reconstruction_target=reconstruction_target, output_residual=output_residual)  # fmt: skip
     validate_call(q, k, v, eta, {"W1": W1, "b1": b1}, ln_weight, ln_bias, **kw)
     reason = linear_unsupported_reason(q, **kw)
     if reason is not None:
@@ -99,13 +106,15 @@ def fused_ttt_linear(
 
 @cpu_computes_fp32
 def linear_call(q, k, v, eta, W1, b1, ln_weight, ln_bias, *, mini_batch_size, causal, token_scale,
-                momentum, decay, initial_state, output_final_state, eps, **_):  # fmt: skip
+                momentum, decay, initial_state, output_final_state, eps,
+                reconstruction_target="residual", output_residual=True, **_):  # fmt: skip
     """``fused_ttt_linear`` on validated inputs the op supports, from ``initial_state`` (a
     ``TTTState``: the backend's entry, after ttt-core validated the call and asked ``supports``)."""
+    options = (reconstruction_target, output_residual)
     if momentum is not None or decay is not None:  # the Titans form
         return titans_linear(q, k, v, eta, ln_weight, ln_bias, momentum=momentum, decay=decay,
                              state=initial_state, output_final_state=output_final_state,
-                             eps=eps)  # fmt: skip
+                             eps=eps, options=options)  # fmt: skip
     state, L, acc = initial_state, q.shape[2], acc_dtype(q.dtype)
     b = state.block_size(L)  # mini_batch_size, or offset + L for None (one unbounded segment)
     W0, b0 = op_layout(state.params, acc)  # (B, H, D, D), (B, H, D)
@@ -115,7 +124,7 @@ def linear_call(q, k, v, eta, W1, b1, ln_weight, ln_bias, *, mini_batch_size, ca
     cut = bool(output_final_state and end != 0)  # the state ends inside a mini-batch
     o, W_end, b_end, W_starts, b_starts = linear_fwd(
         q, k, v, eta.to(acc), W0, b0, ln_weight.to(acc), ln_bias.to(acc), scale.contiguous(), b,
-        bool(causal), float(eps), cut, state.offset, mini_batch_size is None, G0, gb0,
+        bool(causal), float(eps), cut, state.offset, mini_batch_size is None, G0, gb0, *options,
     )  # fmt: skip
     if not output_final_state:
         return o, None

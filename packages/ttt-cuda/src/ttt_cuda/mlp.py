@@ -4,10 +4,11 @@ Math (ttt-core's semantics, DESIGN.md): per (sample, head) the fast model
 ``f(x) = gelu_tanh(x W1 + b1) W2 + b2`` (W1 [D, F], W2 [F, D], F = 4D) is trained while reading;
 tokens in mini-batches of b, gradients at the mini-batch's start weights,
 
-    l_j(W) = 0.5 * || LN_h(f_W(k_j)) - (v_j - k_j) ||^2
+    l_j(W) = 0.5 * || LN_h(f_W(k_j)) - t_j ||^2,  t_j = v_j - k_j (or v_j: "value" target)
     causal:      W_i = W_start - s_i * sum_{j<=i} eta_j grad l_j(W_start)
     non-causal:  W_i = W_start - sum_j eta_j grad l_j(W_start)
-    o_i = q_i + LN_h(f_{W_i}(q_i));  the next mini-batch starts from the last W_i.
+    o_i = q_i + LN_h(f_{W_i}(q_i)) (or LN_h(...) alone: output_residual=False);  the next
+    mini-batch starts from the last W_i.
 """
 
 from __future__ import annotations
@@ -76,11 +77,13 @@ def fused_ttt_mlp(
     initial_state: Any = None,
     output_final_state: bool = False,
     eps: float = 1e-6,
+    reconstruction_target: str = "residual",
+    output_residual: bool = True,
 ) -> tuple[Tensor, Any]:
     """Fused TTT-MLP (C++ on CPU, CUDA kernels on GPU) with ttt-core's ``ttt_mlp`` signature.
 
     Args:
-        q, k, v: [B, H, L, D] queries, keys, values (target v - k).
+        q, k, v: [B, H, L, D] queries, keys, values.
         eta: [B, H, L] per-token inner learning rate.
         W1: [H, D, F], b1: [H, 1, F], W2: [H, F, D], b2: [H, 1, D] start fast weights
             (overridden by ``initial_state``).
@@ -92,6 +95,9 @@ def fused_ttt_mlp(
             (offset > 0: the call first finishes it from the state's params and grad_sum).
         output_final_state: return the state after the last token (``TTTState``); cut inside
             the last mini-batch when it is incomplete (params = its start, grad_sum), as ttt-core.
+        eps: the LayerNorm epsilon.
+        reconstruction_target: the token loss's target, "residual" ``v - k`` or "value" ``v``.
+        output_residual: ``o = q + LN_h(f(q))`` (True) or ``o = LN_h(f(q))`` (False).
 
     Returns:
         ``(o, state)``: o [B, H, L, D] in q's dtype; state a ``TTTState`` (fp32 params W1
@@ -103,7 +109,8 @@ def fused_ttt_mlp(
     weights = {"W1": W1, "b1": b1, "W2": W2, "b2": b2}
     kw = dict(mini_batch_size=mini_batch_size, causal=causal, token_scale=token_scale,
               momentum=momentum, decay=decay, initial_state=initial_state,
-              output_final_state=output_final_state, eps=eps)  # fmt: skip
+              output_final_state=output_final_state, eps=eps,
+              reconstruction_target=reconstruction_target, output_residual=output_residual)  # fmt: skip
     validate_call(q, k, v, eta, weights, ln_weight, ln_bias, **kw)
     reason = mlp_unsupported_reason(q, W1=W1, **kw)  # F from the state's W1, else from W1
     if reason is not None:
@@ -115,7 +122,8 @@ def fused_ttt_mlp(
 
 @cpu_computes_fp32
 def mlp_call(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, *, mini_batch_size, causal,
-             token_scale, initial_state, output_final_state, eps, **_):  # fmt: skip
+             token_scale, initial_state, output_final_state, eps, reconstruction_target="residual",
+             output_residual=True, **_):  # fmt: skip
     """``fused_ttt_mlp`` on validated inputs the op supports, from ``initial_state`` (a
     ``TTTState``: the backend's entry, after ttt-core validated the call and asked ``supports``)."""
     state, L, acc = initial_state, q.shape[2], acc_dtype(q.dtype)
@@ -127,7 +135,8 @@ def mlp_call(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, *, mini_batch_siz
     cut = bool(output_final_state and end != 0)  # the state ends inside a mini-batch
     o, *rest = mlp_fwd(
         q, k, v, eta.to(acc), *start, ln_weight.to(acc), ln_bias.to(acc), scale.contiguous(), b,
-        bool(causal), float(eps), cut, state.offset, mini_batch_size is None, *grad_sum,
+        bool(causal), float(eps), cut, state.offset, mini_batch_size is None,
+        *(grad_sum or [None] * 4), reconstruction_target, output_residual,
     )  # fmt: skip
     if not output_final_state:
         return o, None

@@ -44,7 +44,7 @@ def step_unsupported_reason(op: str, q: Tensor, **kwargs: Any) -> str | None:
     if torch.is_grad_enabled() and _needs_grad(q, **kwargs):
         return ("the fused CPU step has no autograd (streaming inference): call it under "
                 "torch.no_grad() or use backend='torch' to train through the step")  # fmt: skip
-    return unsupported_reason(q, head_dims=(), fuses_output_options=True, **kwargs)
+    return unsupported_reason(q, head_dims=(), **kwargs)
 
 
 def _needs_grad(q: Tensor, *, initial_state=None, momentum=None, decay=None, token_scale=None,

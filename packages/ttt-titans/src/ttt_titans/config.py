@@ -25,6 +25,9 @@ from ttt_core.typed_config import ConfigError, config_from_dict, config_to_dict,
 
 MODES = ("baseline", "simple_ttt", "meta_ttt")
 BACKBONES = ("lstm", "transformer", "titans")
+# ttt-core backends of the memory's ttt_linear / ttt_mlp call: "auto" (ttt-core picks), "torch",
+# "generic" (torch.func reference), and ttt-cuda's fused "cpp" (CPU) / "cuda" where it is installed
+MEMORY_BACKENDS = ("auto", "torch", "generic", "cpp", "cuda")
 POSITIVE = {"min": 0, "min_exclusive": True}  # metadata: > 0
 UNIT = {"min": 0, "max": 1}  # metadata: in [0, 1]
 
@@ -70,6 +73,7 @@ class MemoryConfig:
     eta: float = field(default=0.9, metadata=UNIT)  # simple_ttt fixed momentum
     alpha: float = field(default=0.001, metadata=UNIT)  # simple_ttt fixed forgetting
     carry: bool = False  # online: carry the memory state along the stream (False: per window)
+    backend: str = ranged("auto", choices=MEMORY_BACKENDS)  # ttt-core backend of the memory
 
 
 @dataclass
@@ -121,8 +125,9 @@ class ExperimentConfig:
         return config_to_dict(self)
 
 
-# keys a resume may change: the name and the machine (always) and, while pretraining, its length
-RESUMABLE_ALWAYS = ("name", "threads", "device")
+# keys a resume may change: the name and the machine (always) and, while pretraining, its length;
+# memory.backend computes the same memory (to float rounding) on whichever backend is installed
+RESUMABLE_ALWAYS = ("name", "threads", "device", "memory.backend")
 RESUMABLE_PRETRAIN = ("train.epochs", "train.patience", "train.max_batches_per_epoch")
 
 

@@ -14,7 +14,8 @@ per-step rule. It is computed by ttt-core's Titans form (``ttt_linear`` / ``ttt_
 gradients are batched and momentum/forgetting are linear recurrences, so one call handles a
 whole window, with ttt-core's options ``reconstruction_target="value"`` (the loss targets ``v``)
 and ``output_residual=False`` (the output is the retrieval ``LN_h(M(q))`` itself). LN_h (weight/bias (H, D)) is a
-learnable outer parameter. q and k are L2-normalised per head (as in Titans).
+learnable outer parameter. q and k are L2-normalised per head (as in Titans). ``memory.backend``
+chooses ttt-core's backend of that call (``"cpp"``: ttt-cuda's fused C++ path on the CPU).
 
 The memory's initial weights (``W1, b1`` (``W2, b2``)) are *buffers*: never in the outer optimiser.
 Across windows the memory's state is a ``ttt_core.TTTState`` carried by the caller.
@@ -93,6 +94,7 @@ class NeuralMemory(nn.Module):
             output_final_state=final,
             reconstruction_target="value",  # l_t targets v_t (Titans), not v_t - k_t
             output_residual=False,  # the read-out is LN_h(M_t(q_t)) alone
+            backend=self.cfg.backend,
         )
 
     def retrieve(

@@ -5,7 +5,8 @@ Layers (flash-linear-attention style): kernel (csrc/) -> this launcher -> the cu
 (``ops/linear.py``, ``ops/mlp.py``, ``ops/titans.py``) -> the public functions (``linear.py``,
 ``mlp.py``, ``titans.py``). One argument order for all ops: per-token inputs
 ``q, k, v, eta[, mom, dec]``, start weights, ``ln_weight, ln_bias[, scale]``, then
-``mini_batch_size[, causal], eps[, end_unscaled], offset, unbounded`` and the grad_sum tensors.
+``mini_batch_size[, causal], eps[, end_unscaled], offset, unbounded``, the grad_sum tensors, then
+the options ``reconstruction_target, output_residual`` (ttt-core's names and defaults).
 """
 
 from __future__ import annotations
@@ -53,16 +54,20 @@ def num_segments(L: int, mini_batch_size: int, offset: int = 0) -> int:
 
 def params(
     kind: str, q, k, v, eta, ln_weight, ln_bias, scale, mini_batch_size, causal, eps,
-    end_unscaled=False, offset=0, unbounded=False,
+    end_unscaled=False, offset=0, unbounded=False, reconstruction_target="residual",
+    output_residual=True,
 ):  # fmt: skip
     """The params struct of ``kind`` ("linear" | "mlp" | "titans") with the fields the ops share:
-    shapes, modes, q/k/v strides and the pointers of the per-token inputs."""
+    shapes, modes, the options (target v - k for "residual", v for "value"; o = q + LN(f(q)) or
+    LN(f(q))), q/k/v strides and the pointers of the per-token inputs."""
     C = extension()
     p = {"linear": C.LinearParams, "mlp": C.MLPParams, "titans": C.TitansParams}[kind]()
     p.B, p.H, p.L, p.D = q.shape
     p.mini_batch_size, p.causal, p.eps = int(mini_batch_size), int(bool(causal)), float(eps)
     p.end_unscaled = int(bool(end_unscaled))
     p.offset, p.unbounded = int(offset), int(bool(unbounded))
+    p.value_target = int(reconstruction_target == "value")
+    p.output_residual = int(bool(output_residual))
     p.dtype = getattr(C.DType, _DTYPE_NAMES[q.dtype])
     p.q_sb, p.q_sh, p.q_sl = q.stride()[:3]
     p.k_sb, p.k_sh, p.k_sl = k.stride()[:3]

@@ -15,7 +15,9 @@ b_starts [B,H,nseg,D])``; the last two are the per-segment start weights the bac
 from. A segment is a mini-batch, except that a call starting inside one (``offset`` > 0, from a
 streaming state with grad_sum ``G0`` [B,H,D,D] / ``gb0`` [B,H,D]) first finishes it:
 nseg = 1 + ceil((L - min(b - offset, L)) / b), i.e. ceil(L / b) at offset 0. Stored:
-nseg * D * (D + 1) floats per chain instead of L * D * (D + 1).
+nseg * D * (D + 1) floats per chain instead of L * D * (D + 1). The options
+``reconstruction_target`` ("residual": target v - k; "value": v) and ``output_residual``
+(o = q + LN(f(q)), or LN(f(q))) are ttt-core's, with its defaults.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def linear_fwd(
     unbounded: bool = False,
     G0: Tensor | None = None,
     gb0: Tensor | None = None,
+    reconstruction_target: str = "residual",
+    output_residual: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fused TTT-Linear forward; see the module docstring for shapes.
 
@@ -69,7 +73,7 @@ def linear_fwd(
     W_starts = W0.new_empty(B, H, nmb, D, D)
     b_starts = b0.new_empty(B, H, nmb, D)
     p = params("linear", q, k, v, eta, ln_weight, ln_bias, scale, mini_batch_size, causal, eps,
-               end_unscaled, offset, unbounded)  # fmt: skip
+               end_unscaled, offset, unbounded, reconstruction_target, output_residual)  # fmt: skip
     if G0 is not None:
         p.G0, p.gb0 = G0.data_ptr(), gb0.data_ptr()
     p.W0, p.b0, p.o = W0.data_ptr(), b0.data_ptr(), o.data_ptr()
@@ -98,6 +102,8 @@ def _(
     unbounded=False,
     G0=None,
     gb0=None,
+    reconstruction_target="residual",
+    output_residual=True,
 ):
     B, H, L, D = q.shape
     nmb = num_segments(L, mini_batch_size, offset)
@@ -135,6 +141,8 @@ def linear_bwd(
     unbounded: bool = False,
     G0: Tensor | None = None,
     gb0: Tensor | None = None,
+    reconstruction_target: str = "residual",
+    output_residual: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fused TTT-Linear backward: recomputes each segment from its start weights.
 
@@ -159,7 +167,7 @@ def linear_bwd(
     else:
         dG0, dgb0 = q.new_empty(0, dtype=acc), q.new_empty(0, dtype=acc)
     p = params("linear", q, k, v, eta, ln_weight, ln_bias, scale, mini_batch_size, causal, eps,
-               end_unscaled, offset, unbounded)  # fmt: skip
+               end_unscaled, offset, unbounded, reconstruction_target, output_residual)  # fmt: skip
     if G0 is not None:
         p.G0, p.gb0 = G0.data_ptr(), gb0.data_ptr()
     if G0 is not None:
@@ -187,6 +195,7 @@ def linear_bwd(
 def _(
     dO, dW_end, db_end, dWs, dbs, q, k, v, eta, W_starts, b_starts, ln_weight, ln_bias, scale,
     mini_batch_size, causal, eps, end_unscaled=False, offset=0, unbounded=False, G0=None, gb0=None,
+    reconstruction_target="residual", output_residual=True,
 ):  # fmt: skip
     B, H, L, D = q.shape
     acc = W_starts.dtype
@@ -209,7 +218,8 @@ def _(
     )
 
 
-_FWD_DEFAULTS = {"end_unscaled": False, "offset": 0, "unbounded": False, "G0": None, "gb0": None}
+_FWD_DEFAULTS = {"end_unscaled": False, "offset": 0, "unbounded": False, "G0": None, "gb0": None,
+                 "reconstruction_target": "residual", "output_residual": True}  # fmt: skip
 _FWD_NAMES = ("q", "k", "v", "eta", "W0", "b0", "ln_weight", "ln_bias", "scale",
               "mini_batch_size", "causal", "eps", *_FWD_DEFAULTS)  # fmt: skip
 
@@ -221,6 +231,7 @@ def _setup_context(ctx, inputs, output):
                           a["ln_bias"], a["scale"], a["G0"], a["gb0"])  # fmt: skip
     ctx.mini_batch_size, ctx.causal, ctx.eps = a["mini_batch_size"], a["causal"], a["eps"]
     ctx.end_unscaled, ctx.offset, ctx.unbounded = a["end_unscaled"], a["offset"], a["unbounded"]
+    ctx.options = (a["reconstruction_target"], a["output_residual"])
 
 
 def _backward(ctx, dO, dW_end, db_end, dW_starts, db_starts):
@@ -258,11 +269,12 @@ def _backward(ctx, dO, dW_end, db_end, dW_starts, db_starts):
         ctx.unbounded,
         G0,
         gb0,
+        *ctx.options,
     )
     if G0 is None:
         dG0 = dgb0 = None
     return (dq, dk, dv, deta, dW0, db0, dlnw, dlnb, dscale, None, None, None, None, None, None,
-            dG0, dgb0)  # fmt: skip
+            dG0, dgb0, None, None)  # fmt: skip
 
 
 linear_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -13,6 +13,7 @@ b2_starts)``: the end weights and the start weights of every segment ([B, H, nse
 which the backward recomputes: nseg * (2 D F + F + D) floats per chain instead of storing every
 token's weights (L * (2 D F + F + D)). A call may start inside a mini-batch (``offset`` > 0) with
 the state's grad_sum ``G10`` [B,H,D,F], ``gb10`` [B,H,F], ``G20`` [B,H,F,D], ``gb20`` [B,H,D].
+``reconstruction_target`` / ``output_residual``: ttt-core's options, as ``ttt::linear_fwd``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def mlp_fwd(
     gb10: Tensor | None = None,
     G20: Tensor | None = None,
     gb20: Tensor | None = None,
+    reconstruction_target: str = "residual",
+    output_residual: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fused TTT-MLP forward; see the module docstring for shapes.
 
@@ -66,7 +69,7 @@ def mlp_fwd(
     ends = [torch.empty_like(t) for t in (W10, b10, W20, b20)]
     starts = [W10.new_empty(B, H, nseg, *t.shape[2:]) for t in (W10, b10, W20, b20)]
     p = params("mlp", q, k, v, eta, ln_weight, ln_bias, scale, mini_batch_size, causal, eps,
-               end_unscaled, offset, unbounded)  # fmt: skip
+               end_unscaled, offset, unbounded, reconstruction_target, output_residual)  # fmt: skip
     p.F = F
     grad_sum = _set_grad_sum(p, G10, gb10, G20, gb20)  # keeps the contiguous copies alive
     p.W0, p.b0, p.W20, p.b20 = W10.data_ptr(), b10.data_ptr(), W20.data_ptr(), b20.data_ptr()
@@ -89,7 +92,8 @@ def _set_grad_sum(p, G10, gb10, G20, gb20):
 
 @mlp_fwd.register_fake
 def _(q, k, v, eta, W10, b10, W20, b20, ln_weight, ln_bias, scale, mini_batch_size, causal, eps,
-      end_unscaled=False, offset=0, unbounded=False, G10=None, gb10=None, G20=None, gb20=None):  # fmt: skip
+      end_unscaled=False, offset=0, unbounded=False, G10=None, gb10=None, G20=None, gb20=None,
+      reconstruction_target="residual", output_residual=True):  # fmt: skip
     B, H, L, D = q.shape
     nseg = num_segments(L, mini_batch_size, offset)
     weights = (W10, b10, W20, b20)
@@ -132,6 +136,8 @@ def mlp_bwd(
     gb10: Tensor | None = None,
     G20: Tensor | None = None,
     gb20: Tensor | None = None,
+    reconstruction_target: str = "residual",
+    output_residual: bool = True,
 ) -> tuple[
     Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
     Tensor, Tensor, Tensor, Tensor,
@@ -155,7 +161,7 @@ def mlp_bwd(
     dlnw, dlnb = (torch.empty(B, H, D, device=q.device, dtype=acc) for _ in range(2))
     dscale = torch.empty(B, H, mini_batch_size, device=q.device, dtype=acc)
     p = params("mlp", q, k, v, eta, ln_weight, ln_bias, scale, mini_batch_size, causal, eps,
-               end_unscaled, offset, unbounded)  # fmt: skip
+               end_unscaled, offset, unbounded, reconstruction_target, output_residual)  # fmt: skip
     p.F = F
     grad_sum = _set_grad_sum(p, G10, gb10, G20, gb20)
     if grad_sum is not None:
@@ -182,7 +188,8 @@ def mlp_bwd(
 @mlp_bwd.register_fake
 def _(dO, dW1_end, db1_end, dW2_end, db2_end, dW1s, db1s, dW2s, db2s, q, k, v, eta, W1_starts,
       b1_starts, W2_starts, b2_starts, ln_weight, ln_bias, scale, mini_batch_size, causal, eps,
-      end_unscaled=False, offset=0, unbounded=False, G10=None, gb10=None, G20=None, gb20=None):  # fmt: skip
+      end_unscaled=False, offset=0, unbounded=False, G10=None, gb10=None, G20=None, gb20=None,
+      reconstruction_target="residual", output_residual=True):  # fmt: skip
     B, H, L, D = q.shape
     acc = W1_starts.dtype
     if G10 is None:
@@ -201,7 +208,8 @@ def _(dO, dW1_end, db1_end, dW2_end, db2_end, dW1s, db1s, dW2s, db2s, q, k, v, e
 
 
 _DEFAULTS = {"end_unscaled": False, "offset": 0, "unbounded": False, "G10": None, "gb10": None,
-             "G20": None, "gb20": None}  # fmt: skip
+             "G20": None, "gb20": None, "reconstruction_target": "residual",
+             "output_residual": True}  # fmt: skip
 _NAMES = ("q", "k", "v", "eta", "W10", "b10", "W20", "b20", "ln_weight", "ln_bias", "scale",
           "mini_batch_size", "causal", "eps", *_DEFAULTS)  # fmt: skip
 
@@ -212,7 +220,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(a["q"], a["k"], a["v"], a["eta"], *starts, a["ln_weight"],
                           a["ln_bias"], a["scale"], a["G10"], a["gb10"], a["G20"], a["gb20"])  # fmt: skip
     ctx.kw = {n: a[n] for n in ("mini_batch_size", "causal", "eps", "end_unscaled", "offset",
-                                "unbounded")}  # fmt: skip
+                                "unbounded", "reconstruction_target", "output_residual")}  # fmt: skip
 
 
 def _backward(ctx, dO, dW1e, db1e, dW2e, db2e, dW1s, db1s, dW2s, db2s):
@@ -237,10 +245,10 @@ def _backward(ctx, dO, dW1e, db1e, dW2e, db2e, dW1s, db1s, dW2s, db2s):
     *grads, dG10, dgb10, dG20, dgb20 = mlp_bwd(
         dO, *d_end, *d_starts, q, k, v, eta, W1s, b1s, W2s, b2s, ln_weight, ln_bias, scale,
         k_["mini_batch_size"], k_["causal"], k_["eps"], k_["end_unscaled"], k_["offset"],
-        k_["unbounded"], *grad_sum,
+        k_["unbounded"], *grad_sum, k_["reconstruction_target"], k_["output_residual"],
     )  # fmt: skip
     d_gs = (None,) * 4 if grad_sum[0] is None else (dG10, dgb10, dG20, dgb20)
-    return (*grads, None, None, None, None, None, None, *d_gs)
+    return (*grads, None, None, None, None, None, None, *d_gs, None, None)
 
 
 mlp_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -13,7 +13,8 @@ with S carried across mini-batches and P <- W at each mini-batch end. Shapes (va
 ``titans_fwd`` returns ``(o, W_end, b_end, S_end, sb_end, W_starts, b_starts, S_starts,
 sb_starts)``: the weights and momentum after the last token and, per segment, P and S at its start
 (the backward recomputes from them: nseg * 2 D (D + 1) floats per chain). S_starts/sb_starts are
-not differentiable outputs.
+not differentiable outputs. ``reconstruction_target`` / ``output_residual``: ttt-core's options, as
+``ttt::linear_fwd``.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ __all__ = ["titans_bwd", "titans_fwd"]
 
 
 def _titans_params(q, k, v, eta, mom, dec, ln_weight, ln_bias, mini_batch_size, eps, offset,
-                   unbounded):  # fmt: skip
+                   unbounded, reconstruction_target, output_residual):  # fmt: skip
     # scale is unused by the Titans form (no token scale): pass any acc tensor's pointer
     p = params("titans", q, k, v, eta, ln_weight, ln_bias, ln_weight, mini_batch_size, True, eps,
-               False, offset, unbounded)  # fmt: skip
+               False, offset, unbounded, reconstruction_target, output_residual)  # fmt: skip
     p.mom, p.dec = mom.data_ptr(), dec.data_ptr()
     return p
 
@@ -55,6 +56,8 @@ def titans_fwd(
     eps: float,
     offset: int = 0,
     unbounded: bool = False,
+    reconstruction_target: str = "residual",
+    output_residual: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fused Titans-form TTT-Linear forward; see the module docstring for shapes.
 
@@ -73,7 +76,7 @@ def titans_fwd(
     W_starts, S_starts = (W0.new_empty(B, H, nseg, D, D) for _ in range(2))
     b_starts, sb_starts = (b0.new_empty(B, H, nseg, D) for _ in range(2))
     p = _titans_params(q, k, v, eta, mom, dec, ln_weight, ln_bias, mini_batch_size, eps, offset,
-                       unbounded)  # fmt: skip
+                       unbounded, reconstruction_target, output_residual)  # fmt: skip
     p.W0, p.b0, p.C0, p.cb0 = W0.data_ptr(), b0.data_ptr(), C0.data_ptr(), cb0.data_ptr()
     p.S0, p.sb0, p.o = S0.data_ptr(), sb0.data_ptr(), o.data_ptr()
     p.W_end, p.b_end, p.S_end, p.sb_end = (t.data_ptr() for t in (W_end, b_end, S_end, sb_end))
@@ -85,7 +88,7 @@ def titans_fwd(
 
 @titans_fwd.register_fake
 def _(q, k, v, eta, mom, dec, W0, b0, C0, cb0, S0, sb0, ln_weight, ln_bias, mini_batch_size, eps,
-      offset=0, unbounded=False):  # fmt: skip
+      offset=0, unbounded=False, reconstruction_target="residual", output_residual=True):  # fmt: skip
     B, H, L, D = q.shape
     nseg = num_segments(L, mini_batch_size, offset)
     return (
@@ -125,6 +128,8 @@ def titans_bwd(
     eps: float,
     offset: int = 0,
     unbounded: bool = False,
+    reconstruction_target: str = "residual",
+    output_residual: bool = True,
 ) -> tuple[
     Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
     Tensor, Tensor, Tensor,
@@ -146,7 +151,7 @@ def titans_bwd(
     dW0, dC0, dS0 = (C0.new_empty(C0.shape) for _ in range(3))
     db0, dcb0, dsb0, dlnw, dlnb = (cb0.new_empty(cb0.shape) for _ in range(5))
     p = _titans_params(q, k, v, eta, mom, dec, ln_weight, ln_bias, mini_batch_size, eps, offset,
-                       unbounded)  # fmt: skip
+                       unbounded, reconstruction_target, output_residual)  # fmt: skip
     if dW_starts is not None and db_starts is not None:
         dW_starts, db_starts = dW_starts.contiguous(), db_starts.contiguous()
         p.dW_starts, p.db_starts = dW_starts.data_ptr(), db_starts.data_ptr()
@@ -184,18 +189,20 @@ def _(dO, dW_end, db_end, dS_end, dsb_end, dWs, dbs, q, k, v, eta, mom, dec, C0,
     )
 
 
+_DEFAULTS = {"offset": 0, "unbounded": False, "reconstruction_target": "residual",
+             "output_residual": True}  # fmt: skip
 _NAMES = ("q", "k", "v", "eta", "mom", "dec", "W0", "b0", "C0", "cb0", "S0", "sb0", "ln_weight",
-          "ln_bias", "mini_batch_size", "eps", "offset", "unbounded")  # fmt: skip
+          "ln_bias", "mini_batch_size", "eps", *_DEFAULTS)  # fmt: skip
 
 
 def _setup_context(ctx, inputs, output):
-    a = {"offset": 0, "unbounded": False, **dict(zip(_NAMES, inputs))}
+    a = {**_DEFAULTS, **dict(zip(_NAMES, inputs))}  # by name (trailing defaults omitted)
     W_starts, b_starts, S_starts, sb_starts = output[5:]
     ctx.mark_non_differentiable(S_starts, sb_starts)
     ctx.save_for_backward(a["q"], a["k"], a["v"], a["eta"], a["mom"], a["dec"], a["C0"], a["cb0"],
                           W_starts, b_starts, S_starts, sb_starts, a["ln_weight"],
                           a["ln_bias"])  # fmt: skip
-    ctx.kw = {n: a[n] for n in ("mini_batch_size", "eps", "offset", "unbounded")}
+    ctx.kw = {n: a[n] for n in ("mini_batch_size", "eps", *_DEFAULTS)}
 
 
 def _backward(ctx, dO, dW_end, db_end, dS_end, dsb_end, dW_starts, db_starts, _dS, _dsb):
@@ -219,10 +226,10 @@ def _backward(ctx, dO, dW_end, db_end, dS_end, dsb_end, dW_starts, db_starts, _d
     kw = ctx.kw
     dq, dk, dv, deta, dmom, ddec, dW0, db0, dC0, dcb0, dS0, dsb0, dlnw, dlnb = titans_bwd(
         dO, *d_end, *d_starts, q, k, v, eta, mom, dec, C0, cb0, W_starts, b_starts, S_starts,
-        sb_starts, lnw, lnb, kw["mini_batch_size"], kw["eps"], kw["offset"], kw["unbounded"],
+        sb_starts, lnw, lnb, kw["mini_batch_size"], kw["eps"], *(kw[n] for n in _DEFAULTS),
     )  # fmt: skip
     return (dq, dk, dv, deta, dmom, ddec, dW0, db0, dC0, dcb0, dS0, dsb0, dlnw, dlnb, None, None,
-            None, None)  # fmt: skip
+            None, None, None, None)  # fmt: skip
 
 
 titans_fwd.register_autograd(_backward, setup_context=_setup_context)
