@@ -30,6 +30,11 @@ def test_opcheck_forward(causal):
     torch.library.opcheck(linear_fwd, _op_args(causal=causal))
     if causal:  # the cut-state variant (L = 10 is not a multiple of b = 4)
         torch.library.opcheck(linear_fwd, (*_op_args(causal=causal), True))
+        # both options off their defaults, as keywords: the schema and the fake impl take them
+        # (their gradients are tested against the references in test_linear_cpu.py)
+        options = {"reconstruction_target": "value", "output_residual": False}
+        torch.library.opcheck(linear_fwd, _op_args(causal=causal), options,
+                              test_utils=("test_schema", "test_faketensor"))  # fmt: skip
 
 
 def test_opcheck_backward():
