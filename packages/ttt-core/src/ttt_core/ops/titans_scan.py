@@ -53,7 +53,7 @@ from torch import Tensor
 from .common import (
     Segment,
     gelu_tanh,
-    gelu_tanh_grad,
+    gelu_tanh_vjp,
     head_view,
     ln_loss_grad,
     segment_products,
@@ -238,7 +238,7 @@ def _key_forward(P: list[Tensor], ka: Tensor, target: Tensor, ln_w: Tensor, ln_b
             X.append(_ones_col(gelu_tanh(z[li])))  # (B, H, n, Dout+1)
     g = [ln_loss_grad(z[-1], target, ln_w, ln_b, eps)]  # (B, H, n, D)
     for li in reversed(range(len(P) - 1)):  # g_l = (g_{l+1} W_{l+1}^T) * gelu'(z_l)
-        g.insert(0, (g[0] @ _t(_weights(P[li + 1]))) * gelu_tanh_grad(z[li]))
+        g.insert(0, gelu_tanh_vjp(g[0] @ _t(_weights(P[li + 1])), z[li]))
     return X, g, z
 
 
@@ -247,11 +247,10 @@ def _key_backward(P, X, g, z, dX, dg, target, ln_w, ln_b, eps):
     [B, H, n, D], dtarget [B, H, n, D], d ln_w, d ln_b [H, D] and dP (per layer)."""
     dg, dz = list(dg), [torch.zeros_like(zl) for zl in z]
     dP = [torch.zeros_like(Pl) for Pl in P]
-    d_gelu = [gelu_tanh_grad(zl) for zl in z[:-1]]  # gelu'(z_l) of the hidden layers
     # the gradient chain, g_l = gp_l * gelu'(z_l) with gp_l = g_{l+1} W_{l+1}^T, from the first layer up
     for li in range(len(P) - 1):
         gp = g[li + 1] @ _t(_weights(P[li + 1]))  # (B, H, n, Dout_l)
-        d_gp = dg[li] * d_gelu[li]
+        d_gp = gelu_tanh_vjp(dg[li], z[li])  # dg_l * gelu'(z_l)
         dz[li] = dz[li] + dg[li] * gp * _gelu_tanh_grad2(z[li])
         dg[li + 1] = dg[li + 1] + d_gp @ _weights(P[li + 1])
         dP[li + 1] = dP[li + 1] + F.pad(_t(d_gp) @ g[li + 1], (0, 0, 0, 1))  # no bias row
@@ -263,7 +262,7 @@ def _key_backward(P, X, g, z, dX, dg, target, ln_w, ln_b, eps):
         dP[li] = dP[li] + _t(X[li]) @ dz[li]
         dXl = dX[li] + dz[li] @ _t(P[li])  # (B, H, n, Din+1)
         if li > 0:
-            dz[li - 1] = dz[li - 1] + dXl[..., :-1] * d_gelu[li - 1]
+            dz[li - 1] = dz[li - 1] + gelu_tanh_vjp(dXl[..., :-1], z[li - 1])
     return dXl[..., :-1], d_target, d_w, d_b, dP
 
 
@@ -325,7 +324,7 @@ def _block_backward(W, S, X, g, cache, co: _Coefs, dy, dWn, dSn):
         dg[li] = dg[li] - _t(att) @ dy
         dh = D * u + c0 * v + dK @ X[li]  # (B, H, n, Din+1)
         if li > 0:  # h = [gelu(y_prev), 1]
-            dy = dh[..., :-1] * gelu_tanh_grad(cache[li - 1][3])
+            dy = gelu_tanh_vjp(dh[..., :-1], cache[li - 1][3])
     inner = lambda a, b: (a * b).sum(dim=(-1, -2))  # <a, b> per (B, H)
     dc = _CoefGrads(
         CE=_sum(d_CE), D=_sum(d_D), c0=_sum(d_c0), wW=_sum(d_wW), wS=_sum(d_wS),
@@ -373,7 +372,7 @@ def _forward(q, k, target, ln_w, ln_b, eta, mom, dec, P, W, S, segs, eps, save=T
     qa, ka = _ones_col(q), _ones_col(k)  # (B, H, L, D+1)
     coefs, groups = {}, []
     for grp in _groups([b for seg in segs for b in _blocks(seg)]):
-        co = _coefs(*(stack_group(x, grp) for x in (eta, mom, dec)))  # [N, B, H, n(, n)]
+        co = _coefs(*(stack_group(x, grp).contiguous() for x in (eta, mom, dec)))  # [N, B, H, n(, n)]
         groups.append((grp, co))
         coefs.update((b, co.block(i)) for i, b in enumerate(grp))
     z, saved = [], []
