@@ -91,15 +91,19 @@ def _weights(Pl: Tensor) -> Tensor:
     return Pl[..., :-1, :]
 
 
-def _gelu_tanh_grad2(x: Tensor) -> Tensor:
-    """gelu_tanh''(x). With gelu(x) = 0.5 x (1 + tanh u), u = C (x + K x^3), u' = C (1 + 3 K x^2):
-    ``gelu' = 0.5 (1 + t) + 0.5 x (1 - t^2) u'`` (t = tanh u), and differentiating once more
-    (``(1 - t^2)' = -2 t (1 - t^2) u'``, ``u'' = 6 C K x``):
-    ``gelu'' = (1 - t^2) (u' - x t u'^2 + 3 C K x^2)``."""
+def _gelu_tanh_grads(x: Tensor) -> tuple[Tensor, Tensor]:
+    """gelu_tanh'(x) and gelu_tanh''(x) from one tanh. With gelu(x) = 0.5 x (1 + t), t = tanh u,
+    u = C (x + K x^3), u' = C (1 + 3 K x^2) and s = 1 - t^2 (tanh' at u):
+    ``gelu' = 0.5 (1 + t) + 0.5 x s u'``, and differentiating once more (``s' = -2 t s u'``,
+    ``u'' = 6 C K x``): ``gelu'' = s (u' - x t u'^2 + 3 C K x^2)``."""
     c, k = _SQRT_2_OVER_PI, _GELU_K
-    t = torch.tanh(c * (x + k * x**3))
-    du = c * (1.0 + 3.0 * k * x * x)
-    return (1.0 - t * t) * (du - x * t * du * du + 3.0 * c * k * x * x)
+    x2 = x * x
+    t = torch.tanh(c * x * (1.0 + k * x2))
+    s = 1.0 - t * t
+    du = c * (1.0 + 3.0 * k * x2)
+    first = 0.5 * (1.0 + t) + 0.5 * x * s * du
+    second = s * (du - x * t * du * du + 3.0 * c * k * x2)
+    return first, second
 
 
 def _ln_loss_grad_vjp(a: Tensor, z: Tensor, g: Tensor, target: Tensor, weight: Tensor,
@@ -245,24 +249,28 @@ def _key_forward(P: list[Tensor], ka: Tensor, target: Tensor, ln_w: Tensor, ln_b
 def _key_backward(P, X, g, z, dX, dg, target, ln_w, ln_b, eps):
     """Backward of :func:`_key_forward` for dX, dg (lists per layer, not modified). Returns dk
     [B, H, n, D], dtarget [B, H, n, D], d ln_w, d ln_b [H, D] and dP (per layer)."""
-    dg, dz = list(dg), [torch.zeros_like(zl) for zl in z]
-    dP = [torch.zeros_like(Pl) for Pl in P]
+    nl = len(P)
+    dg = list(dg)
+    gelu1, dz_chain, dP_chain = {}, {}, {}  # per hidden layer l: gelu'(z_l), the terms through g_l
     # the gradient chain, g_l = gp_l * gelu'(z_l) with gp_l = g_{l+1} W_{l+1}^T, from the first layer up
-    for li in range(len(P) - 1):
+    for li in range(nl - 1):
+        gelu1[li], gelu2 = _gelu_tanh_grads(z[li])  # (B, H, n, Dout_l)
         gp = g[li + 1] @ _t(_weights(P[li + 1]))  # (B, H, n, Dout_l)
-        d_gp = gelu_tanh_vjp(dg[li], z[li])  # dg_l * gelu'(z_l)
-        dz[li] = dz[li] + dg[li] * gp * _gelu_tanh_grad2(z[li])
+        d_gp = dg[li] * gelu1[li]
+        dz_chain[li] = dg[li] * gp * gelu2  # through gelu'(z_l)
         dg[li + 1] = dg[li + 1] + d_gp @ _weights(P[li + 1])
-        dP[li + 1] = dP[li + 1] + F.pad(_t(d_gp) @ g[li + 1], (0, 0, 0, 1))  # no bias row
+        dP_chain[li + 1] = F.pad(_t(d_gp) @ g[li + 1], (0, 0, 0, 1))  # no bias row
     # g_last = ln_loss_grad(z_last, ...)
-    dz_last, d_target, d_w, d_b = _ln_loss_grad_vjp(dg[-1], z[-1], g[-1], target, ln_w, ln_b, eps)
-    dz[-1] = dz[-1] + dz_last
+    dz, d_target, d_w, d_b = _ln_loss_grad_vjp(dg[-1], z[-1], g[-1], target, ln_w, ln_b, eps)
     # the forward chain, z_l = X_l P_l and X_{l+1} = [gelu(z_l), 1], from the last layer down
-    for li in reversed(range(len(P))):
-        dP[li] = dP[li] + _t(X[li]) @ dz[li]
-        dXl = dX[li] + dz[li] @ _t(P[li])  # (B, H, n, Din+1)
+    dP = [None] * nl
+    for li in reversed(range(nl)):  # dz: dL/dz_l
+        dP[li] = _t(X[li]) @ dz
+        if li in dP_chain:
+            dP[li] = dP[li] + dP_chain[li]
+        dXl = dX[li] + dz @ _t(P[li])  # (B, H, n, Din+1)
         if li > 0:
-            dz[li - 1] = dz[li - 1] + gelu_tanh_vjp(dXl[..., :-1], z[li - 1])
+            dz = dz_chain[li - 1] + dXl[..., :-1] * gelu1[li - 1]
     return dXl[..., :-1], d_target, d_w, d_b, dP
 
 
