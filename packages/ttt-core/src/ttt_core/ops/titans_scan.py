@@ -142,18 +142,18 @@ def _ln_loss_grad_vjp(a: Tensor, z: Tensor, g: Tensor, target: Tensor, weight: T
     return d_z, -w * d_dx, d_w, d_b
 
 
-def _segment_products_vjp(mat: Tensor, cum: Tensor, d_mat: Tensor, d_cum: Tensor) -> Tensor:
-    """Backward of ``common.segment_products`` (mat [..., n, n], cum [..., n]) to its x [..., n].
+def _segment_products_vjp(mat: Tensor, cum: Tensor, Q: Tensor, Qc: Tensor) -> Tensor:
+    """Backward of ``common.segment_products`` (mat [..., n, n], cum [..., n]) to its x [..., n],
+    given ``Q = mat^T d_mat`` [..., n, n] and ``Qc = mat^T d_cum`` [..., n] (the caller may have a
+    cheaper product for them than from d_mat).
 
     ``mat_jt = prod_{t<r<=j} x_r`` gives ``d mat_jt / d x_r = mat_{r-1,t} mat_jr`` (t < r <= j) and
     ``cum_j = prod_{r<=j} x_r`` gives ``d cum_j / d x_r = cum_{r-1} mat_jr`` (r <= j), so
-    ``dx_r = sum_t mat_{r-1,t} (mat^T d_mat)_rt + cum_{r-1} (mat^T d_cum)_r`` (no division by x:
-    exact at x = 0); the zeros of mat above its diagonal restrict the sums to t < r <= j."""
-    Q = _t(mat) @ d_mat  # (..., n, n): Q_rt = sum_j mat_jr d_mat_jt
-    mat_prev = F.pad(mat[..., :-1, :], (0, 0, 1, 0))  # mat_{r-1,t}, a zero row at r = 0
+    ``dx_r = sum_t mat_{r-1,t} Q_rt + cum_{r-1} Qc_r`` (no division by x: exact at x = 0); the
+    zeros of mat above its diagonal restrict the sums to t < r <= j, and r = 0 has no mat term."""
+    from_mat = F.pad((mat[..., :-1, :] * Q[..., 1:, :]).sum(dim=-1), (1, 0))  # (..., n)
     cum_prev = F.pad(cum[..., :-1], (1, 0), value=1.0)  # cum_{r-1}, 1 at r = 0
-    from_cum = (_t(mat) @ d_cum.unsqueeze(-1)).squeeze(-1)  # (..., n): sum_j mat_jr d_cum_j
-    return (mat_prev * Q).sum(dim=-1) + cum_prev * from_cum
+    return from_mat + cum_prev * Qc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,18 +213,24 @@ def _add_last(x: Tensor, v: Tensor, dim: int = -1) -> Tensor:
 def _coefs_vjp(co: _Coefs, d: _CoefGrads) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of :func:`_coefs`: dL/d eta, momentum, decay [..., n]."""
     # the carry's coefficients are last entries: wW = CE[-1, :], D_{n-1}, c0_{n-1}, mcum_{n-1}
-    d_CE = _add_last(d.CE, d.wW, dim=-2)
     d_D = _add_last(d.D, d.D_last)
     d_c0 = _add_last(d.c0, d.c0_last)
-    # CE_it = C_it eta_t, wS_t = M_{n-1,t} eta_t
-    d_eta = (d_CE * co.C).sum(dim=-2) + d.wS * co.M[..., -1, :]
-    d_C = d_CE * co.eta.unsqueeze(-2)
-    # C = A M, c0 = A mcum
-    d_M = _add_last(_t(co.A) @ d_C, d.wS * co.eta, dim=-2)
-    d_A = d_C @ _t(co.M) + d_c0.unsqueeze(-1) * co.mcum.unsqueeze(-2)
-    d_mcum = _add_last((_t(co.A) @ d_c0.unsqueeze(-1)).squeeze(-1), d.mcum_last)
-    d_mom = _segment_products_vjp(co.M, co.mcum, d_M, d_mcum)
-    d_dec = -_segment_products_vjp(co.A, co.D, d_A, d_D)  # the products are of 1 - a
+    # CE_it = C_it eta_t (and wW its last row), wS_t = M_{n-1,t} eta_t
+    d_eta = (d.CE * co.C).sum(dim=-2) + d.wW * co.C[..., -1, :] + d.wS * co.M[..., -1, :]
+    d_C = d.CE * co.eta.unsqueeze(-2)  # (..., n, n), a fresh product
+    d_C[..., -1, :] += d.wW * co.eta
+    # C = A M, c0 = A mcum: d_M = A^T d_C, d_mcum = A^T d_c0 (plus S' = mcum_{n-1} S_0 - wS ...),
+    # d_A = d_C M^T + d_c0 mcum^T
+    At_dC = _t(co.A) @ d_C  # (..., n, n)
+    At_dc0 = (_t(co.A) @ d_c0.unsqueeze(-1)).squeeze(-1)  # (..., n)
+    d_M = _add_last(At_dC, d.wS * co.eta, dim=-2)
+    d_mcum = _add_last(At_dc0, d.mcum_last)
+    Mt = _t(co.M)
+    d_mom = _segment_products_vjp(co.M, co.mcum, Mt @ d_M, (Mt @ d_mcum.unsqueeze(-1)).squeeze(-1))
+    # the products' backward for A takes A^T d_A = (A^T d_C) M^T + (A^T d_c0) mcum^T: no d_A
+    At_dA = At_dC @ Mt + At_dc0.unsqueeze(-1) * co.mcum.unsqueeze(-2)
+    At_dD = (_t(co.A) @ d_D.unsqueeze(-1)).squeeze(-1)
+    d_dec = -_segment_products_vjp(co.A, co.D, At_dA, At_dD)  # the products are of 1 - a
     return d_eta, d_mom, d_dec
 
 
