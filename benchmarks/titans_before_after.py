@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 from core_step import NOW, load_ttt_core
-from machine import machine_info, output_path
+from machine import machine_info, output_path, write_json
+from titans import time_rounds
 
 SHAPES = [  # (B, L, C, heads, chunk, inner): benchmarks/titans.py's memory workload
     (64, 48, 32, 2, 16, "linear"),
@@ -87,14 +88,7 @@ def bench_shape(shape, trees, repeats: int) -> dict:
         fns["titans_pytorch"] = theirs
     except ImportError:
         pass
-    for fn in fns.values():
-        fn()  # warm-up
-    ts: dict[str, list[float]] = {name: [] for name in fns}
-    for i in range(repeats):
-        for name in list(fns)[:: 1 if i % 2 == 0 else -1]:
-            t = time.perf_counter()
-            fns[name]()
-            ts[name].append(time.perf_counter() - t)
+    ts = time_rounds(fns, repeats)
     before, after = trees
     ratio = lambda a, b: statistics.median(x / y for x, y in zip(ts[a], ts[b]))
     row = {
@@ -138,12 +132,7 @@ def main() -> None:
         "notes": "speedup_X_vs_Y: median over rounds of Y's time / X's time in the same round.",
         "total_seconds": time.perf_counter() - t0,
     }
-    out = output_path(a.out, a.quick, "titans_cpu_before_after.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    write_json(output_path(a.out, a.quick, "titans_cpu_before_after.json"), result)
 
 
 if __name__ == "__main__":

@@ -386,7 +386,8 @@ def _forward(q, k, target, ln_w, ln_b, eta, mom, dec, P, W, S, segs, eps, save=T
     qa, ka = _ones_col(q), _ones_col(k)  # (B, H, L, D+1)
     coefs, groups = {}, []
     for grp in _groups([b for seg in segs for b in _blocks(seg)]):
-        co = _coefs(*(stack_group(x, grp).contiguous() for x in (eta, mom, dec)))  # [N, B, H, n(, n)]
+        rates = (stack_group(x, grp).contiguous() for x in (eta, mom, dec))  # [N, B, H, n]
+        co = _coefs(*rates)  # [N, B, H, n(, n)]
         groups.append((grp, co))
         coefs.update((b, co.block(i)) for i, b in enumerate(grp))
     z, saved = [], []
