@@ -3,6 +3,7 @@ by the scripts here)."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -43,3 +44,12 @@ def machine_info(**extra) -> dict:
         "threads": torch.get_num_threads(),
         **extra,
     }
+
+
+def write_json(out: Path, doc: dict) -> None:
+    """Write ``doc`` to ``out`` atomically (a run killed mid-write leaves the previous file)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, out)
+    print(f"wrote {out}")

@@ -117,9 +117,9 @@ def bench_epochs(epochs: int, max_batches: int | None, max_rows: int, backends: 
     return out
 
 
-def _time_interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function: one warm-up call each, then ``repeats`` rounds
-    that call every function once, the order alternating between rounds."""
+def time_rounds(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each function in each round: one warm-up call each, then ``repeats``
+    rounds that call every function once, the order alternating between rounds."""
     for fn in fns.values():
         fn()  # warm-up
     ts: dict[str, list[float]] = {name: [] for name in fns}
@@ -128,7 +128,12 @@ def _time_interleaved(fns: dict, repeats: int) -> dict[str, float]:
             t = time.perf_counter()
             fns[name]()
             ts[name].append(time.perf_counter() - t)
-    return {name: statistics.median(v) for name, v in ts.items()}
+    return ts
+
+
+def _time_interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function over :func:`time_rounds`."""
+    return {name: statistics.median(v) for name, v in time_rounds(fns, repeats).items()}
 
 
 def bench_memory(

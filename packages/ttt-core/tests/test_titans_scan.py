@@ -206,3 +206,21 @@ def test_module_keeps_no_state_between_calls():
         for a in n.names
     }
     assert not imported & {"threading", "functools", "lru_cache", "cache", "local"}
+
+
+def test_gelu_derivatives_match_autograd_fp64():
+    """The closed-form gelu_tanh' (aten's fused gelu backward, ``common.gelu_tanh_vjp``) and the
+    key backward's gelu' and gelu'' from one tanh against autograd through F.gelu, in fp64, over
+    the range where the tanh saturates."""
+    import torch.nn.functional as F
+
+    from ttt_core.ops.common import gelu_tanh_vjp
+
+    x = torch.linspace(-7.0, 7.0, 1001, dtype=torch.float64, requires_grad=True)
+    (first,) = torch.autograd.grad(F.gelu(x, approximate="tanh").sum(), x, create_graph=True)
+    (second,) = torch.autograd.grad(first.sum(), x)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+    torch.testing.assert_close(gelu_tanh_vjp(dy, x.detach()), dy * first, rtol=1e-12, atol=1e-14)
+    got_first, got_second = titans_scan._gelu_tanh_grads(x.detach())
+    torch.testing.assert_close(got_first, first, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got_second, second, rtol=1e-12, atol=1e-13)

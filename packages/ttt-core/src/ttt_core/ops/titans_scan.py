@@ -53,7 +53,7 @@ from torch import Tensor
 from .common import (
     Segment,
     gelu_tanh,
-    gelu_tanh_grad,
+    gelu_tanh_vjp,
     head_view,
     ln_loss_grad,
     segment_products,
@@ -91,15 +91,19 @@ def _weights(Pl: Tensor) -> Tensor:
     return Pl[..., :-1, :]
 
 
-def _gelu_tanh_grad2(x: Tensor) -> Tensor:
-    """gelu_tanh''(x). With gelu(x) = 0.5 x (1 + tanh u), u = C (x + K x^3), u' = C (1 + 3 K x^2):
-    ``gelu' = 0.5 (1 + t) + 0.5 x (1 - t^2) u'`` (t = tanh u), and differentiating once more
-    (``(1 - t^2)' = -2 t (1 - t^2) u'``, ``u'' = 6 C K x``):
-    ``gelu'' = (1 - t^2) (u' - x t u'^2 + 3 C K x^2)``."""
+def _gelu_tanh_grads(x: Tensor) -> tuple[Tensor, Tensor]:
+    """gelu_tanh'(x) and gelu_tanh''(x) from one tanh. With gelu(x) = 0.5 x (1 + t), t = tanh u,
+    u = C (x + K x^3), u' = C (1 + 3 K x^2) and s = 1 - t^2 (tanh' at u):
+    ``gelu' = 0.5 (1 + t) + 0.5 x s u'``, and differentiating once more (``s' = -2 t s u'``,
+    ``u'' = 6 C K x``): ``gelu'' = s (u' - x t u'^2 + 3 C K x^2)``."""
     c, k = _SQRT_2_OVER_PI, _GELU_K
-    t = torch.tanh(c * (x + k * x**3))
-    du = c * (1.0 + 3.0 * k * x * x)
-    return (1.0 - t * t) * (du - x * t * du * du + 3.0 * c * k * x * x)
+    x2 = x * x
+    t = torch.tanh(c * x * (1.0 + k * x2))
+    s = 1.0 - t * t
+    du = c * (1.0 + 3.0 * k * x2)
+    first = 0.5 * (1.0 + t) + 0.5 * x * s * du
+    second = s * (du - x * t * du * du + 3.0 * c * k * x2)
+    return first, second
 
 
 def _ln_loss_grad_vjp(a: Tensor, z: Tensor, g: Tensor, target: Tensor, weight: Tensor,
@@ -138,18 +142,18 @@ def _ln_loss_grad_vjp(a: Tensor, z: Tensor, g: Tensor, target: Tensor, weight: T
     return d_z, -w * d_dx, d_w, d_b
 
 
-def _segment_products_vjp(mat: Tensor, cum: Tensor, d_mat: Tensor, d_cum: Tensor) -> Tensor:
-    """Backward of ``common.segment_products`` (mat [..., n, n], cum [..., n]) to its x [..., n].
+def _segment_products_vjp(mat: Tensor, cum: Tensor, Q: Tensor, Qc: Tensor) -> Tensor:
+    """Backward of ``common.segment_products`` (mat [..., n, n], cum [..., n]) to its x [..., n],
+    given ``Q = mat^T d_mat`` [..., n, n] and ``Qc = mat^T d_cum`` [..., n] (the caller may have a
+    cheaper product for them than from d_mat).
 
     ``mat_jt = prod_{t<r<=j} x_r`` gives ``d mat_jt / d x_r = mat_{r-1,t} mat_jr`` (t < r <= j) and
     ``cum_j = prod_{r<=j} x_r`` gives ``d cum_j / d x_r = cum_{r-1} mat_jr`` (r <= j), so
-    ``dx_r = sum_t mat_{r-1,t} (mat^T d_mat)_rt + cum_{r-1} (mat^T d_cum)_r`` (no division by x:
-    exact at x = 0); the zeros of mat above its diagonal restrict the sums to t < r <= j."""
-    Q = _t(mat) @ d_mat  # (..., n, n): Q_rt = sum_j mat_jr d_mat_jt
-    mat_prev = F.pad(mat[..., :-1, :], (0, 0, 1, 0))  # mat_{r-1,t}, a zero row at r = 0
+    ``dx_r = sum_t mat_{r-1,t} Q_rt + cum_{r-1} Qc_r`` (no division by x: exact at x = 0); the
+    zeros of mat above its diagonal restrict the sums to t < r <= j, and r = 0 has no mat term."""
+    from_mat = F.pad((mat[..., :-1, :] * Q[..., 1:, :]).sum(dim=-1), (1, 0))  # (..., n)
     cum_prev = F.pad(cum[..., :-1], (1, 0), value=1.0)  # cum_{r-1}, 1 at r = 0
-    from_cum = (_t(mat) @ d_cum.unsqueeze(-1)).squeeze(-1)  # (..., n): sum_j mat_jr d_cum_j
-    return (mat_prev * Q).sum(dim=-1) + cum_prev * from_cum
+    return from_mat + cum_prev * Qc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,18 +213,24 @@ def _add_last(x: Tensor, v: Tensor, dim: int = -1) -> Tensor:
 def _coefs_vjp(co: _Coefs, d: _CoefGrads) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of :func:`_coefs`: dL/d eta, momentum, decay [..., n]."""
     # the carry's coefficients are last entries: wW = CE[-1, :], D_{n-1}, c0_{n-1}, mcum_{n-1}
-    d_CE = _add_last(d.CE, d.wW, dim=-2)
     d_D = _add_last(d.D, d.D_last)
     d_c0 = _add_last(d.c0, d.c0_last)
-    # CE_it = C_it eta_t, wS_t = M_{n-1,t} eta_t
-    d_eta = (d_CE * co.C).sum(dim=-2) + d.wS * co.M[..., -1, :]
-    d_C = d_CE * co.eta.unsqueeze(-2)
-    # C = A M, c0 = A mcum
-    d_M = _add_last(_t(co.A) @ d_C, d.wS * co.eta, dim=-2)
-    d_A = d_C @ _t(co.M) + d_c0.unsqueeze(-1) * co.mcum.unsqueeze(-2)
-    d_mcum = _add_last((_t(co.A) @ d_c0.unsqueeze(-1)).squeeze(-1), d.mcum_last)
-    d_mom = _segment_products_vjp(co.M, co.mcum, d_M, d_mcum)
-    d_dec = -_segment_products_vjp(co.A, co.D, d_A, d_D)  # the products are of 1 - a
+    # CE_it = C_it eta_t (and wW its last row), wS_t = M_{n-1,t} eta_t
+    d_eta = (d.CE * co.C).sum(dim=-2) + d.wW * co.C[..., -1, :] + d.wS * co.M[..., -1, :]
+    d_C = d.CE * co.eta.unsqueeze(-2)  # (..., n, n), a fresh product
+    d_C[..., -1, :] += d.wW * co.eta
+    # C = A M, c0 = A mcum: d_M = A^T d_C, d_mcum = A^T d_c0 (plus S' = mcum_{n-1} S_0 - wS ...),
+    # d_A = d_C M^T + d_c0 mcum^T
+    At_dC = _t(co.A) @ d_C  # (..., n, n)
+    At_dc0 = (_t(co.A) @ d_c0.unsqueeze(-1)).squeeze(-1)  # (..., n)
+    d_M = _add_last(At_dC, d.wS * co.eta, dim=-2)
+    d_mcum = _add_last(At_dc0, d.mcum_last)
+    Mt = _t(co.M)
+    d_mom = _segment_products_vjp(co.M, co.mcum, Mt @ d_M, (Mt @ d_mcum.unsqueeze(-1)).squeeze(-1))
+    # the products' backward for A takes A^T d_A = (A^T d_C) M^T + (A^T d_c0) mcum^T: no d_A
+    At_dA = At_dC @ Mt + At_dc0.unsqueeze(-1) * co.mcum.unsqueeze(-2)
+    At_dD = (_t(co.A) @ d_D.unsqueeze(-1)).squeeze(-1)
+    d_dec = -_segment_products_vjp(co.A, co.D, At_dA, At_dD)  # the products are of 1 - a
     return d_eta, d_mom, d_dec
 
 
@@ -238,32 +248,35 @@ def _key_forward(P: list[Tensor], ka: Tensor, target: Tensor, ln_w: Tensor, ln_b
             X.append(_ones_col(gelu_tanh(z[li])))  # (B, H, n, Dout+1)
     g = [ln_loss_grad(z[-1], target, ln_w, ln_b, eps)]  # (B, H, n, D)
     for li in reversed(range(len(P) - 1)):  # g_l = (g_{l+1} W_{l+1}^T) * gelu'(z_l)
-        g.insert(0, (g[0] @ _t(_weights(P[li + 1]))) * gelu_tanh_grad(z[li]))
+        g.insert(0, gelu_tanh_vjp(g[0] @ _t(_weights(P[li + 1])), z[li]))
     return X, g, z
 
 
 def _key_backward(P, X, g, z, dX, dg, target, ln_w, ln_b, eps):
     """Backward of :func:`_key_forward` for dX, dg (lists per layer, not modified). Returns dk
     [B, H, n, D], dtarget [B, H, n, D], d ln_w, d ln_b [H, D] and dP (per layer)."""
-    dg, dz = list(dg), [torch.zeros_like(zl) for zl in z]
-    dP = [torch.zeros_like(Pl) for Pl in P]
-    d_gelu = [gelu_tanh_grad(zl) for zl in z[:-1]]  # gelu'(z_l) of the hidden layers
+    nl = len(P)
+    dg = list(dg)
+    gelu1, dz_chain, dP_chain = {}, {}, {}  # per hidden layer l: gelu'(z_l), the terms through g_l
     # the gradient chain, g_l = gp_l * gelu'(z_l) with gp_l = g_{l+1} W_{l+1}^T, from the first layer up
-    for li in range(len(P) - 1):
+    for li in range(nl - 1):
+        gelu1[li], gelu2 = _gelu_tanh_grads(z[li])  # (B, H, n, Dout_l)
         gp = g[li + 1] @ _t(_weights(P[li + 1]))  # (B, H, n, Dout_l)
-        d_gp = dg[li] * d_gelu[li]
-        dz[li] = dz[li] + dg[li] * gp * _gelu_tanh_grad2(z[li])
+        d_gp = dg[li] * gelu1[li]
+        dz_chain[li] = dg[li] * gp * gelu2  # through gelu'(z_l)
         dg[li + 1] = dg[li + 1] + d_gp @ _weights(P[li + 1])
-        dP[li + 1] = dP[li + 1] + F.pad(_t(d_gp) @ g[li + 1], (0, 0, 0, 1))  # no bias row
+        dP_chain[li + 1] = F.pad(_t(d_gp) @ g[li + 1], (0, 0, 0, 1))  # no bias row
     # g_last = ln_loss_grad(z_last, ...)
-    dz_last, d_target, d_w, d_b = _ln_loss_grad_vjp(dg[-1], z[-1], g[-1], target, ln_w, ln_b, eps)
-    dz[-1] = dz[-1] + dz_last
+    dz, d_target, d_w, d_b = _ln_loss_grad_vjp(dg[-1], z[-1], g[-1], target, ln_w, ln_b, eps)
     # the forward chain, z_l = X_l P_l and X_{l+1} = [gelu(z_l), 1], from the last layer down
-    for li in reversed(range(len(P))):
-        dP[li] = dP[li] + _t(X[li]) @ dz[li]
-        dXl = dX[li] + dz[li] @ _t(P[li])  # (B, H, n, Din+1)
+    dP = [None] * nl
+    for li in reversed(range(nl)):  # dz: dL/dz_l
+        dP[li] = _t(X[li]) @ dz
+        if li in dP_chain:
+            dP[li] = dP[li] + dP_chain[li]
+        dXl = dX[li] + dz @ _t(P[li])  # (B, H, n, Din+1)
         if li > 0:
-            dz[li - 1] = dz[li - 1] + dXl[..., :-1] * d_gelu[li - 1]
+            dz = dz_chain[li - 1] + dXl[..., :-1] * gelu1[li - 1]
     return dXl[..., :-1], d_target, d_w, d_b, dP
 
 
@@ -325,7 +338,7 @@ def _block_backward(W, S, X, g, cache, co: _Coefs, dy, dWn, dSn):
         dg[li] = dg[li] - _t(att) @ dy
         dh = D * u + c0 * v + dK @ X[li]  # (B, H, n, Din+1)
         if li > 0:  # h = [gelu(y_prev), 1]
-            dy = dh[..., :-1] * gelu_tanh_grad(cache[li - 1][3])
+            dy = gelu_tanh_vjp(dh[..., :-1], cache[li - 1][3])
     inner = lambda a, b: (a * b).sum(dim=(-1, -2))  # <a, b> per (B, H)
     dc = _CoefGrads(
         CE=_sum(d_CE), D=_sum(d_D), c0=_sum(d_c0), wW=_sum(d_wW), wS=_sum(d_wS),
@@ -373,7 +386,8 @@ def _forward(q, k, target, ln_w, ln_b, eta, mom, dec, P, W, S, segs, eps, save=T
     qa, ka = _ones_col(q), _ones_col(k)  # (B, H, L, D+1)
     coefs, groups = {}, []
     for grp in _groups([b for seg in segs for b in _blocks(seg)]):
-        co = _coefs(*(stack_group(x, grp) for x in (eta, mom, dec)))  # [N, B, H, n(, n)]
+        rates = (stack_group(x, grp).contiguous() for x in (eta, mom, dec))  # [N, B, H, n]
+        co = _coefs(*rates)  # [N, B, H, n(, n)]
         groups.append((grp, co))
         coefs.update((b, co.block(i)) for i, b in enumerate(grp))
     z, saved = [], []
