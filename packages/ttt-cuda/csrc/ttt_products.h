@@ -1,11 +1,12 @@
 // The small-matrix products of a chain, written once for both schedules:
 //
-//   out[i, c] += sum_k a(i, k) b(k, c)     i < n, c < C, k < K, k in increasing order
-//   a(i, k) = +-A[i, k] (or A[k, i] with kTA) times sc[k] (kScale = kPerK) or sc[i] (kPerRow);
-//   b(k, c) = B[k, c] (or B[c, k] with kTB)
+//   out[i, c] +-= sum_k a(i, k) b(k, c)    i < n, c < C, k < K, k in increasing order
+//   a(i, k) = A[i, k] (or A[k, i] with kTA) times sc[k] (kScale = kPerK) or sc[i] (kPerRow);
+//   b(k, c) = B[k, c] (or B[c, k] with kTB); the sign is kSign
 //
 // Each output element is the same sequence of operations on both schedules (start from out, then
-// s = s + a(i, k) * b(k, c) for k = 0, 1, ...), so their results are bit-identical:
+// s = s + a(i, k) * b(k, c), or s - a(i, k) * b(k, c) for kSign < 0, for k = 0, 1, ...), so their
+// results are bit-identical:
 // - GPU (and the CPU block check): TTT_PAR_FOR spreads the elements over the block's threads, the
 //   k loop inside, as the kernels always did;
 // - CPU: register tiles of kMR rows x kNR columns; the k loop runs over a packed panel of B and the
@@ -27,12 +28,18 @@ namespace ttt {
 
 enum MMScale : int { kNoScale = 0, kPerK = 1, kPerRow = 2 };
 
-template <int kSign, bool kTA, int kScale, typename acc_t>
+template <bool kTA, int kScale, typename acc_t>
 TTT_HD acc_t mm_a(const acc_t* A, int lda, const acc_t* sc, int i, int k) {
   acc_t a = kTA ? A[static_cast<int64_t>(k) * lda + i] : A[static_cast<int64_t>(i) * lda + k];
   if (kScale == kPerK) a = a * sc[k];
   if (kScale == kPerRow) a = a * sc[i];
-  return kSign < 0 ? -a : a;
+  return a;
+}
+
+// s + a b, or s - a b for kSign < 0 (the same bits as s + (-a) b: negation is exact)
+template <int kSign, typename T, typename S>
+TTT_HD T mm_step(T s, S a, T b) {
+  return kSign < 0 ? s - a * b : s + a * b;
 }
 
 template <bool kTB, typename acc_t>
@@ -73,8 +80,8 @@ inline void mm_tile(typename Vec<acc_t>::type (&tile)[kMR][kNR / Vec<acc_t>::kLa
     for (int v = 0; v < kNV; ++v)
       __builtin_memcpy(&b[v], bp + static_cast<int64_t>(k) * ldp + v * Vec<acc_t>::kLanes, sizeof(V));
     for (int r = 0; r < kMR; ++r) {
-      const acc_t a = mm_a<kSign, kTA, kScale>(A, lda, sc, ir[r], k0 + k);
-      for (int v = 0; v < kNV; ++v) tile[r][v] = tile[r][v] + a * b[v];
+      const acc_t a = mm_a<kTA, kScale>(A, lda, sc, ir[r], k0 + k);
+      for (int v = 0; v < kNV; ++v) tile[r][v] = mm_step<kSign>(tile[r][v], a, b[v]);
     }
   }
 }
@@ -141,7 +148,7 @@ TTT_HD void mm_acc(int n, int C, int K, const acc_t* A, int lda, const acc_t* B,
     const int i = e / C, c = e % C;
     acc_t s = out[static_cast<int64_t>(i) * ldo + c];
     for (int k = 0; k < K; ++k)
-      s = s + mm_a<kSign, kTA, kScale>(A, lda, sc, i, k) * mm_b<kTB>(B, ldb, k, c);
+      s = mm_step<kSign>(s, mm_a<kTA, kScale>(A, lda, sc, i, k), mm_b<kTB>(B, ldb, k, c));
     out[static_cast<int64_t>(i) * ldo + c] = s;
   }
 #endif
