@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -144,6 +145,7 @@ def main() -> None:
     torch.set_num_threads(1)
     B, H, L, D, b = (2, 4, 256, 32, 16) if args.quick else (2, 4, 2048, 64, 16)
     repeats = 2 if args.quick else args.repeats
+    load_start = os.getloadavg()  # the shared machine's load (1, 5, 15 min), kept in the JSON
     peak = gemm_peak(512 if args.quick else 2048)
     print(f"one-core fp32 GEMM peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
     results: dict = {}
@@ -207,7 +209,11 @@ def main() -> None:
     results[f"linear-step-B{Bs}-H{Hs}-D{Ds}"] = drop_rounds(r)
     print("step", json.dumps(r), flush=True)
     out = {
-        "machine": machine_info(cpu_uses_avx2=bool(extension().cpu_uses_avx2())),
+        "machine": machine_info(
+            cpu_uses_avx2=bool(extension().cpu_uses_avx2()),
+            load_average_start=load_start,
+            load_average_end=os.getloadavg(),
+        ),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "shape": {"B": B, "H": H, "L": L, "D": D, "mini_batch_size": b, "mlp_F": 4 * D},
         "peak_gflop_per_s": peak / 1e9,

@@ -1,11 +1,12 @@
 // The small-matrix products of a chain, written once for both schedules:
 //
-//   out[i, c] += sum_k a(i, k) b(k, c)     i < n, c < C, k < K, k in increasing order
-//   a(i, k) = +-A[i, k] (or A[k, i] with kTA) times sc[k] (kScale = kPerK) or sc[i] (kPerRow);
-//   b(k, c) = B[k, c] (or B[c, k] with kTB)
+//   out[i, c] +-= sum_k a(i, k) b(k, c)    i < n, c < C, k < K, k in increasing order
+//   a(i, k) = A[i, k] (or A[k, i] with kTA) times sc[k] (kScale = kPerK) or sc[i] (kPerRow);
+//   b(k, c) = B[k, c] (or B[c, k] with kTB); the sign is kSign
 //
 // Each output element is the same sequence of operations on both schedules (start from out, then
-// s = s + a(i, k) * b(k, c) for k = 0, 1, ...), so their results are bit-identical:
+// s = s + a(i, k) * b(k, c), or s - a(i, k) * b(k, c) for kSign < 0, for k = 0, 1, ...), so their
+// results are bit-identical:
 // - GPU (and the CPU block check): TTT_PAR_FOR spreads the elements over the block's threads, the
 //   k loop inside, as the kernels always did;
 // - CPU: register tiles of kMR rows x kNR columns; the k loop runs over a packed panel of B and the
@@ -27,12 +28,18 @@ namespace ttt {
 
 enum MMScale : int { kNoScale = 0, kPerK = 1, kPerRow = 2 };
 
-template <int kSign, bool kTA, int kScale, typename acc_t>
+template <bool kTA, int kScale, typename acc_t>
 TTT_HD acc_t mm_a(const acc_t* A, int lda, const acc_t* sc, int i, int k) {
   acc_t a = kTA ? A[static_cast<int64_t>(k) * lda + i] : A[static_cast<int64_t>(i) * lda + k];
   if (kScale == kPerK) a = a * sc[k];
   if (kScale == kPerRow) a = a * sc[i];
-  return kSign < 0 ? -a : a;
+  return a;
+}
+
+// s + a b, or s - a b for kSign < 0 (the same bits as s + (-a) b: negation is exact)
+template <int kSign, typename T, typename S>
+TTT_HD T mm_step(T s, S a, T b) {
+  return kSign < 0 ? s - a * b : s + a * b;
 }
 
 template <bool kTB, typename acc_t>
@@ -58,21 +65,23 @@ constexpr int kNR = 2 * kVecBytes / 4;    // columns per register tile (two fp32
 constexpr int kKC = 64;                   // depth of a packed panel of B
 
 // One register tile of out: rows i0 .. i0+kMR (a row past n reads A's row n-1; the caller does
-// not store it), the kNR columns of the packed panel of B, depth k0 .. k0+nk.
+// not store it), depth k0 .. k0+nk, columns from the kNR-wide rows of `bp` (row k - k0 of the
+// panel at bp + (k - k0) * ldp: B itself where its rows are contiguous, else a packed copy).
 template <int kSign, bool kTA, int kScale, typename acc_t>
 inline void mm_tile(typename Vec<acc_t>::type (&tile)[kMR][kNR / Vec<acc_t>::kLanes], int n, int i0,
-                    int k0, int nk, const acc_t* A, int lda, const acc_t (&panel)[kKC][kNR],
+                    int k0, int nk, const acc_t* A, int lda, const acc_t* bp, int ldp,
                     const acc_t* sc) {
   using V = typename Vec<acc_t>::type;
   constexpr int kNV = kNR / Vec<acc_t>::kLanes;
   int ir[kMR];
   for (int r = 0; r < kMR; ++r) ir[r] = i0 + r < n ? i0 + r : n - 1;
   for (int k = 0; k < nk; ++k) {
-    V b[kNV];
-    __builtin_memcpy(b, panel[k], sizeof(b));
+    V b[kNV];  // one vector load each (a single copy of the whole row stalls on the stack)
+    for (int v = 0; v < kNV; ++v)
+      __builtin_memcpy(&b[v], bp + static_cast<int64_t>(k) * ldp + v * Vec<acc_t>::kLanes, sizeof(V));
     for (int r = 0; r < kMR; ++r) {
-      const acc_t a = mm_a<kSign, kTA, kScale>(A, lda, sc, ir[r], k0 + k);
-      for (int v = 0; v < kNV; ++v) tile[r][v] = tile[r][v] + a * b[v];
+      const acc_t a = mm_a<kTA, kScale>(A, lda, sc, ir[r], k0 + k);
+      for (int v = 0; v < kNV; ++v) tile[r][v] = mm_step<kSign>(tile[r][v], a, b[v]);
     }
   }
 }
@@ -85,22 +94,31 @@ inline void mm_acc_rows(int n, int C, int K, const acc_t* A, int lda, const acc_
   alignas(64) acc_t panel[kKC][kNR];  // B[k0 .. k0+nk, c0 .. c0+nc] packed, zero-padded to kNR
   for (int c0 = 0; c0 < C; c0 += kNR) {
     const int nc = C - c0 < kNR ? C - c0 : kNR;
-    for (int k0 = 0; k0 < K; k0 += kKC) {
-      const int nk = K - k0 < kKC ? K - k0 : kKC;
-      if (!kTB && nc == kNR)  // whole contiguous rows of B: vector copies
+    // whole contiguous rows of B are read in place (the chains' operands fit in L1), the rest
+    // (B^T, an edge) is packed kKC rows at a time
+    const bool in_place = !kTB && nc == kNR;
+    for (int k0 = 0; k0 < K; k0 += in_place ? K : kKC) {
+      const int nk = in_place ? K : (K - k0 < kKC ? K - k0 : kKC);
+      const acc_t* bp = B + static_cast<int64_t>(k0) * ldb + c0;
+      int ldp = ldb;
+      if (!in_place) {
         for (int k = 0; k < nk; ++k)
-          __builtin_memcpy(panel[k], B + static_cast<int64_t>(k0 + k) * ldb + c0, sizeof(panel[k]));
-      else
-        for (int k = 0; k < nk; ++k)
-          for (int c = 0; c < kNR; ++c)
-            panel[k][c] = c < nc ? mm_b<kTB>(B, ldb, k0 + k, c0 + c) : acc_t(0);
+          for (int c = nc; c < kNR; ++c) panel[k][c] = acc_t(0);
+        if (kTB)  // B^T: column c of the panel is a contiguous run of B's row c0 + c
+          for (int c = 0; c < nc; ++c)
+            for (int k = 0; k < nk; ++k) panel[k][c] = B[static_cast<int64_t>(c0 + c) * ldb + k0 + k];
+        else
+          for (int k = 0; k < nk; ++k)
+            for (int c = 0; c < nc; ++c) panel[k][c] = bp[static_cast<int64_t>(k) * ldb + c];
+        bp = &panel[0][0], ldp = kNR;
+      }
       for (int i0 = 0; i0 < n; i0 += kMR) {
         const int ni = n - i0 < kMR ? n - i0 : kMR;
         acc_t* o = out + static_cast<int64_t>(i0) * ldo + c0;
         V tile[kMR][kNV];
         if (ni == kMR && nc == kNR) {  // a whole tile: out's rows in and out directly
           for (int r = 0; r < kMR; ++r) __builtin_memcpy(tile[r], o + static_cast<int64_t>(r) * ldo, sizeof(tile[r]));
-          mm_tile<kSign, kTA, kScale>(tile, n, i0, k0, nk, A, lda, panel, sc);
+          mm_tile<kSign, kTA, kScale>(tile, n, i0, k0, nk, A, lda, bp, ldp, sc);
           for (int r = 0; r < kMR; ++r) __builtin_memcpy(o + static_cast<int64_t>(r) * ldo, tile[r], sizeof(tile[r]));
         } else {  // an edge tile, staged (zero-padded)
           alignas(64) acc_t rows[kMR][kNR];
@@ -108,7 +126,7 @@ inline void mm_acc_rows(int n, int C, int K, const acc_t* A, int lda, const acc_
             for (int c = 0; c < kNR; ++c)
               rows[r][c] = (r < ni && c < nc) ? o[static_cast<int64_t>(r) * ldo + c] : acc_t(0);
           __builtin_memcpy(tile, rows, sizeof(tile));
-          mm_tile<kSign, kTA, kScale>(tile, n, i0, k0, nk, A, lda, panel, sc);
+          mm_tile<kSign, kTA, kScale>(tile, n, i0, k0, nk, A, lda, bp, ldp, sc);
           __builtin_memcpy(rows, tile, sizeof(tile));
           for (int r = 0; r < ni; ++r)
             for (int c = 0; c < nc; ++c) o[static_cast<int64_t>(r) * ldo + c] = rows[r][c];
@@ -130,7 +148,7 @@ TTT_HD void mm_acc(int n, int C, int K, const acc_t* A, int lda, const acc_t* B,
     const int i = e / C, c = e % C;
     acc_t s = out[static_cast<int64_t>(i) * ldo + c];
     for (int k = 0; k < K; ++k)
-      s = s + mm_a<kSign, kTA, kScale>(A, lda, sc, i, k) * mm_b<kTB>(B, ldb, k, c);
+      s = mm_step<kSign>(s, mm_a<kTA, kScale>(A, lda, sc, i, k), mm_b<kTB>(B, ldb, k, c));
     out[static_cast<int64_t>(i) * ldo + c] = s;
   }
 #endif
