@@ -84,15 +84,18 @@ def stream_step_ms(
     """Wall time (ms) of each streaming step (batch 1, one token), per variant.
 
     The variants step in turn (round robin, same inputs), so a load change on a shared machine
-    hits all of them alike.
+    hits all of them alike; the turn's first variant rotates every step, so no variant always
+    follows the same one (each step reads its layer's weights cache-cold after another layer's).
     """
     x = torch.randn(1, warmup + steps, dim)
     times: dict[str, list[float]] = {name: [] for name in layers}
     for layer in layers.values():
         layer.eval()
         layer.streaming_forever(1)
+    names = list(layers)
     for t in range(warmup + steps):
-        for name, layer in layers.items():
+        for name in names[t % len(names) :] + names[: t % len(names)]:
+            layer = layers[name]
             t0 = time.perf_counter()
             layer(x[:, t : t + 1])
             if t >= warmup:
