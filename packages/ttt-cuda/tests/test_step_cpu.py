@@ -180,6 +180,27 @@ def test_cpp_step_refuses_grad_with_the_reason():
         ttt_linear_step(*plain, *(t.detach() for t in w), *ln, backend="cpp")
 
 
+@pytest.mark.parametrize("grad_input", ["k", "ln_weight"])
+def test_auto_leaves_a_step_needing_any_grad_to_torch(grad_input):
+    """Under auto in grad mode a step whose q does not require grad but another input does (here k,
+    or the inner LayerNorm's weight) runs on the torch step, which gives that input its gradient
+    (the C++ step has no autograd: taking it would drop the gradient, or raise)."""
+    seq, w, x = _one_token()
+    ln = {"ln_weight": x["ln_weight"], "ln_bias": x["ln_bias"]}
+    given = {**dict(zip(("q", "k", "v", "eta"), seq)), **ln}
+    leaf = given[grad_input].clone().requires_grad_()
+    args = {**given, grad_input: leaf}
+    o, _ = ttt_linear_step(*(args[n] for n in ("q", "k", "v", "eta")), *w, args["ln_weight"],
+                           args["ln_bias"])  # fmt: skip
+    (g,) = torch.autograd.grad(o.square().sum(), leaf)
+    ref = {**given, grad_input: leaf.detach().clone().requires_grad_()}
+    o_ref, _ = ttt_linear_step(*(ref[n] for n in ("q", "k", "v", "eta")), *w, ref["ln_weight"],
+                               ref["ln_bias"], backend="generic")  # fmt: skip
+    (g_ref,) = torch.autograd.grad(o_ref.square().sum(), ref[grad_input])
+    torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
+
+
 def test_cpp_step_takes_bf16_tokens_in_fp32():
     """bf16 token inputs: the fused step computes the fp32 step of the rounded inputs (o in bf16,
     the next state fp32), as close to the fp32 step as ttt-core's torch step on the same inputs."""

@@ -8,7 +8,8 @@ A backend is any object with
   decided from metadata (shapes, dtypes, devices, requires_grad, grad mode, option values, the
   state's offset): ttt-core remembers the answer per call metadata (``validation.metadata_key``
   and ``torch.is_grad_enabled()``) until a backend is registered or unregistered;
-  op: "ttt_linear", "ttt_mlp", "ttt_linear_step" or "ttt_mlp_step"; kwargs: mini_batch_size, causal,
+  op: "ttt_linear", "ttt_mlp", "ttt_linear_step" or "ttt_mlp_step"; kwargs: the other per-token
+  inputs k, v, eta and ln_weight, ln_bias (e.g. to see which require grad), mini_batch_size, causal,
   token_scale, momentum, decay, eps, reconstruction_target, output_residual, initial_state (always
   a ``TTTState``, fresh or given) and output_final_state. A backend that does not implement an
   option's value (e.g. ``reconstruction_target="value"``) returns the reason; the op itself gets

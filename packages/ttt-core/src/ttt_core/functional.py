@@ -78,7 +78,8 @@ def _dispatch(kind: str | FastModel, weights: dict[str, Tensor], q, k, v, eta, l
     extra = (
         {} if checkpoint_group_size is None else {"checkpoint_group_size": checkpoint_group_size}
     )
-    impl = backends.resolve_with_key(key, backend, op, q, initial_state=state,
+    impl = backends.resolve_with_key(key, backend, op, q, k=k, v=v, eta=eta, ln_weight=ln_weight,
+                                     ln_bias=ln_bias, initial_state=state,
                                      output_final_state=output_final_state, **math,
                                      **extra)  # fmt: skip
     seq = {"q": q, "k": k, "v": v, "eta": eta, "momentum": math.pop("momentum"),

@@ -32,25 +32,33 @@ from ttt_cuda.ops.launch import rowmajor
 
 __all__ = ["linear_step", "mlp_step", "step_unsupported_reason"]
 
+# the step's tensors besides q and the state that could carry a gradient
+_GRAD_INPUTS = ("k", "v", "eta", "ln_weight", "ln_bias", "momentum", "decay", "token_scale")
+
 
 def step_unsupported_reason(op: str, q: Tensor, **kwargs: Any) -> str | None:
     """None when the backend's step runs this ``ttt_linear_step`` / ``ttt_mlp_step`` call, else why
-    not (metadata only). CPU: the fused C++ step (fp32/fp64, TTT-Linear and TTT-MLP, plain and
-    Titans form, both reconstruction targets, with or without the output residual), for inference
-    only; CUDA: what the whole-sequence op takes."""
+    not (metadata only). CPU: the fused C++ step (fp32/fp64, bf16/fp16 computed in fp32;
+    TTT-Linear and TTT-MLP, plain and Titans form, both reconstruction targets, with or without
+    the output residual), for inference only: refused when any input or the state requires grad;
+    CUDA: what the whole-sequence op takes."""
     if q.device.type != "cpu":
         reason = mlp_unsupported_reason if op == "ttt_mlp_step" else linear_unsupported_reason
         return reason(q, **kwargs)
-    if torch.is_grad_enabled() and _needs_grad(q, **kwargs):
-        return ("the fused CPU step has no autograd (streaming inference): call it under "
-                "torch.no_grad() or use backend='torch' to train through the step")  # fmt: skip
+    if torch.is_grad_enabled() and (names := _needing_grad(q, **kwargs)):
+        return (f"{'/'.join(names)} require grad: the fused CPU step has no autograd (streaming "
+                "inference); call it under torch.no_grad() or use backend='torch' to train "
+                "through the step")  # fmt: skip
     return unsupported_reason(q, head_dims=(), **kwargs)
 
 
-def _needs_grad(q: Tensor, *, initial_state=None, momentum=None, decay=None, token_scale=None,
-                **_: Any) -> bool:  # fmt: skip
-    given = [q, momentum, decay, token_scale, *(initial_state.tensors() if initial_state else [])]
-    return any(isinstance(t, Tensor) and t.requires_grad for t in given)
+def _needing_grad(q: Tensor, *, initial_state=None, **kwargs: Any) -> list[str]:
+    """The names of the call's tensors that require grad (the state's as ``initial_state``)."""
+    given = {"q": q, **{n: kwargs.get(n) for n in _GRAD_INPUTS}}
+    names = [n for n, t in given.items() if isinstance(t, Tensor) and t.requires_grad]
+    if initial_state is not None and any(t.requires_grad for t in initial_state.tensors()):
+        names.append("initial_state")
+    return names
 
 
 def linear_step(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, W1: Tensor, b1: Tensor,
@@ -92,12 +100,7 @@ def cpu_step(
     """The fused C++ step on one token: q, k, v [B, H, 1, D], eta (momentum, decay) [B, H, 1],
     ln_weight/ln_bias [H, D], ``state`` holding W1, b1 (, W2, b2) -> (o [B, H, 1, D], next state).
     """
-    if torch.is_grad_enabled() and (ln_weight.requires_grad or ln_bias.requires_grad):
-        raise ValueError(
-            "ln_weight/ln_bias require grad: the fused CPU step has no autograd (streaming "
-            "inference); call it under torch.no_grad() or use backend='torch'"
-        )
-    C = extension()
+    C = extension()  # (a call needing grad was refused by step_unsupported_reason)
     acc = acc_dtype(q.dtype)
     P = {n: _ready(t, acc) for n, t in state.params.items()}
     titans = momentum is not None or decay is not None
