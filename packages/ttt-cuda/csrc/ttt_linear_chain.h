@@ -245,12 +245,9 @@ TTT_HD void linear_fwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
       TTT_PAR_FOR(e, D) { bs[e] = c.bw[e]; }
     }
     chain_recompute<scalar_t, acc_t>(p, c, D, bi, hi, g, false);
-    // o = q + gamma * LN(Z') + beta (or without q: output_row)
+    // o = q + gamma * LN(Z') + beta (or without q)
     scalar_t* o = static_cast<scalar_t*>(p.o) + (bh * p.L + t0) * D;
-    TTT_PAR_FOR2(e, i, col, n, D) {
-      o[e] = static_cast<scalar_t>(output_row<acc_t>(p.output_residual, c.Q[e],
-                                                     lnw[col] * c.Xp[e] + lnb[col]));
-    }
+    output_rows(p.output_residual, n, D, c.Q, c.Xp, lnw, lnb, o);
     chain_update(p, c, D, bi, hi, g);
   }
   TTT_PAR_FOR(e, D * D) { static_cast<acc_t*>(p.W_end)[bh * D * D + e] = c.W[e]; }

@@ -251,10 +251,8 @@ TTT_HD void mlp_fwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
     mlp_copy(c, D, F, bh * nseg + s, false, p.W_starts, p.b_starts, p.W2_starts, p.b2_starts);
     mlp_recompute<scalar_t, acc_t>(p, c, D, F, bi, hi, g, false);
     scalar_t* o = static_cast<scalar_t*>(p.o) + (bh * p.L + g.t0) * D;
-    TTT_PAR_FOR2(e, i, col, g.n, D) {  // o = q + gamma * LN(Zq2) + beta (or without q)
-      o[e] = static_cast<scalar_t>(output_row<acc_t>(p.output_residual, c.Q[e],
-                                                     lnw[col] * c.Xp[e] + lnb[col]));
-    }
+    // o = q + gamma * LN(Zq2) + beta (or without q)
+    output_rows(p.output_residual, g.n, D, c.Q, c.Xp, lnw, lnb, o);
     mlp_update(p, c, D, F, bh, g);
   }
   mlp_copy(c, D, F, bh, false, p.W_end, p.b_end, p.W2_end, p.b2_end);

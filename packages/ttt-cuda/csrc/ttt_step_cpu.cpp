@@ -17,7 +17,7 @@
 
 #define TTT_CPU_NS ttt_step_math
 TTT_CPU_ISA_BEGIN
-#include "ttt_mlp_chain.h"  // ln_rows, gelu_tanh, loss_target, output_row
+#include "ttt_mlp_chain.h"  // ln_rows, gelu_tanh, loss_target, output_rows
 TTT_CPU_ISA_END
 
 namespace ttt {
@@ -204,8 +204,7 @@ void step_chain(const StepParams& p, acc_t* ws, int bi, int hi) {
   acc_t* o = mptr<acc_t>(p.o) + at.chain * D;
   chain::ln_rows(1, D, eps, lnw, lnb, out, &rstd, static_cast<const acc_t*>(nullptr),
                  static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr));  // normalised in place
-  for (int d = 0; d < D; ++d)
-    o[d] = chain::output_row<acc_t>(p.output_residual, q[d], out[d] * lnw[d] + lnb[d]);
+  chain::output_rows(p.output_residual, 1, D, q, out, lnw, lnb, o);
 }
 
 }  // namespace

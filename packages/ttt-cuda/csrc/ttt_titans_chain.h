@@ -184,10 +184,8 @@ TTT_HD void titans_fwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
     titans_copy(c.S, c.sb, p.S_starts, p.sb_starts, D, bh * nseg + s, false);
     titans_recompute<scalar_t, acc_t>(p, c, D, bi, hi, g, false);
     scalar_t* o = static_cast<scalar_t*>(p.o) + (bh * p.L + g.t0) * D;
-    TTT_PAR_FOR2(e, i, col, g.n, D) {  // o = q + gamma * LN(Z') + beta (or without q)
-      o[e] = static_cast<scalar_t>(output_row<acc_t>(p.output_residual, c.Q[e],
-                                                     lnw[col] * c.Xp[e] + lnb[col]));
-    }
+    // o = q + gamma * LN(Z') + beta (or without q)
+    output_rows(p.output_residual, g.n, D, c.Q, c.Xp, lnw, lnb, o);
     titans_update(p, c, D, g);
   }
   titans_copy(c.Wc, c.bc, p.W_end, p.b_end, D, bh, false);
