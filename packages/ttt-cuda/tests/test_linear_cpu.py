@@ -144,6 +144,26 @@ def test_gradcheck_finite_differences(causal, end_unscaled, options):
     assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("used", [(0,), (0, 3), (4,), (1, 2)], ids=["o", "o-W_starts", "b_starts", "end"])
+def test_gradcheck_outputs_the_loss_leaves_out(used):
+    """Outputs the loss does not use reach the backward as None (their zero gradient is not
+    materialised: the start weights are large); the gradient through the used ones still matches
+    finite differences, also when only one of W_starts / b_starts is used."""
+    B, H, L, D, b = 1, 2, 5, 3, 2
+    x = make_inputs(B, H, L, D, seed=8)
+    g = torch.Generator().manual_seed(9)
+    W0 = (torch.randn(B, H, D, D, generator=g, dtype=torch.float64) * 0.3).requires_grad_()
+    b0 = (torch.randn(B, H, D, generator=g, dtype=torch.float64) * 0.1).requires_grad_()
+    scale = scale_vector("mean", b)
+
+    def f(q, k, v, eta, W0, b0):
+        outs = linear_fwd(q, k, v, eta, W0, b0, x["ln_weight"], x["ln_bias"], scale, b, True, 1e-6)
+        return tuple(outs[i] for i in used)
+
+    args = (x["q"], x["k"], x["v"], x["eta"], W0, b0)
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
 def test_float32_matches_float64():
     """fp32 inputs (fp32 state) against the fp64 run of the same op."""
     x = make_inputs(2, 3, 37, 16, seed=7, requires_grad=False)
