@@ -86,6 +86,61 @@ inline void mm_tile(typename Vec<acc_t>::type (&tile)[kMR][kNR / Vec<acc_t>::kLa
   }
 }
 
+// The packed panel of B^T: panel[k][c] = Bt[c, k] for c < nc, k < nk (row stride kNR), element
+// by element; fp32 below moves whole square blocks through registers instead.
+template <typename acc_t>
+inline void pack_transposed(int nc, int nk, const acc_t* Bt, int ldb, acc_t* panel) {
+  for (int c = 0; c < nc; ++c)
+    for (int k = 0; k < nk; ++k) panel[k * kNR + c] = Bt[static_cast<int64_t>(c) * ldb + k];
+}
+
+// An L x L block (L = lanes of one fp32 vector) held as L row vectors, transposed in registers:
+// the usual unpack / in-lane shuffle (/ 128-bit permute) rounds, written with the vector
+// extension. Values are only moved, never computed.
+inline void transpose_block(Vec<float>::type (&r)[Vec<float>::kLanes]) {
+  using V = Vec<float>::type;
+#if defined(__AVX__)
+  V t[8], u[8];
+  for (int j = 0; j < 8; j += 2) {  // t[j] = r[j], r[j+1] interleaved within each 128-bit half
+    t[j] = __builtin_shufflevector(r[j], r[j + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[j + 1] = __builtin_shufflevector(r[j], r[j + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int j = 0; j < 8; j += 4)  // u[j..j+3]: columns (0, 4), (2, 6), (1, 5), (3, 7) of rows j..j+3
+    for (int h = 0; h < 2; ++h) {
+      u[j + h] = __builtin_shufflevector(t[j + h], t[j + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[j + h + 2] = __builtin_shufflevector(t[j + h], t[j + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  const int col[4] = {0, 2, 1, 3};  // which u holds columns c and c + 4
+  for (int c = 0; c < 4; ++c) {     // rows 0-3 from u[.], rows 4-7 from u[. + 4]
+    r[c] = __builtin_shufflevector(u[col[c]], u[col[c] + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[c + 4] = __builtin_shufflevector(u[col[c]], u[col[c] + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+#else
+  const V t0 = __builtin_shufflevector(r[0], r[1], 0, 4, 1, 5), t1 = __builtin_shufflevector(r[0], r[1], 2, 6, 3, 7);
+  const V t2 = __builtin_shufflevector(r[2], r[3], 0, 4, 1, 5), t3 = __builtin_shufflevector(r[2], r[3], 2, 6, 3, 7);
+  r[0] = __builtin_shufflevector(t0, t2, 0, 1, 4, 5), r[1] = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
+  r[2] = __builtin_shufflevector(t1, t3, 0, 1, 4, 5), r[3] = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
+#endif
+}
+
+// fp32: whole L x L blocks through transpose_block (the scalar copy above cost as much as the
+// product it feeds at the chains' sizes), the edges element by element.
+inline void pack_transposed(int nc, int nk, const float* Bt, int ldb, float* panel) {
+  constexpr int L = Vec<float>::kLanes;
+  typedef float VU __attribute__((vector_size(kVecBytes), aligned(4)));  // an unaligned vector
+  const int nc_blocks = nc / L * L, nk_blocks = nk / L * L;
+  for (int c = 0; c < nc_blocks; c += L)
+    for (int k = 0; k < nk_blocks; k += L) {
+      Vec<float>::type r[L];  // rows c .. c+L of Bt, columns k .. k+L
+      for (int j = 0; j < L; ++j) r[j] = *reinterpret_cast<const VU*>(Bt + static_cast<int64_t>(c + j) * ldb + k);
+      transpose_block(r);  // r[j]: panel row k + j, columns c .. c+L
+      for (int j = 0; j < L; ++j) *reinterpret_cast<VU*>(panel + (k + j) * kNR + c) = r[j];
+    }
+  for (int c = 0; c < nc; ++c)
+    for (int k = c < nc_blocks ? nk_blocks : 0; k < nk; ++k)
+      panel[k * kNR + c] = Bt[static_cast<int64_t>(c) * ldb + k];
+}
+
 template <int kSign, bool kTA, bool kTB, int kScale, typename acc_t>
 inline void mm_acc_rows(int n, int C, int K, const acc_t* A, int lda, const acc_t* B, int ldb,
                         acc_t* out, int ldo, const acc_t* sc) {
@@ -105,8 +160,7 @@ inline void mm_acc_rows(int n, int C, int K, const acc_t* A, int lda, const acc_
         for (int k = 0; k < nk; ++k)
           for (int c = nc; c < kNR; ++c) panel[k][c] = acc_t(0);
         if (kTB)  // B^T: column c of the panel is a contiguous run of B's row c0 + c
-          for (int c = 0; c < nc; ++c)
-            for (int k = 0; k < nk; ++k) panel[k][c] = B[static_cast<int64_t>(c0 + c) * ldb + k0 + k];
+          pack_transposed(nc, nk, B + static_cast<int64_t>(c0) * ldb + k0, ldb, &panel[0][0]);
         else
           for (int k = 0; k < nk; ++k)
             for (int c = 0; c < nc; ++c) panel[k][c] = bp[static_cast<int64_t>(k) * ldb + c];

@@ -199,6 +199,7 @@ BLOCK_CASES = [
     (2, 2, 21, 8, 8, 16, OPTIONS[0]),
     (1, 1, 40, 64, 16, 256, OPTIONS[0]),  # the kernels' launch: 256 threads, head dim 64
     (2, 1, 19, 8, 8, 5, ("value", False)),  # both options off their defaults
+    (1, 2, 13, 12, 5, 4, OPTIONS[0]),  # D=12, b=5: fp32 panels of B^T in 8x8 blocks plus edges
 ]
 
 

@@ -143,6 +143,7 @@ BLOCK_CASES = [  # B, H, L, D, F, b, threads, (reconstruction_target, output_res
     (2, 2, 11, 8, 32, 4, 3, OPTIONS[0]),
     (1, 1, 20, 64, 256, 8, 256, OPTIONS[0]),
     (1, 2, 11, 8, 32, 4, 5, ("value", False)),  # both options off their defaults
+    (1, 1, 13, 12, 20, 5, 3, OPTIONS[0]),  # D=12, F=20: fp32 panels of B^T in blocks plus edges
 ]
 
 
