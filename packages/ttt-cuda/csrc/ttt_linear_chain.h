@@ -67,7 +67,7 @@ namespace ttt {
 template <typename acc_t>
 struct ChainBuffers {
   acc_t *W, *bw;                                   // [D, D], [D] current start weights
-  acc_t *K, *Q, *T, *X, *G, *Xp, *P, *QG, *eta, *a, *rstd;  // forward (QG = Q Gw + gb)
+  acc_t *K, *Q, *T, *X, *G, *Xp, *S, *P, *QG, *eta, *a, *rstd;  // forward (S = Q K^T, QG = Q Gw + gb)
   acc_t *U, *DZ, *dQ, *dK, *KdW, *dP, *rstdp, *da, *red;     // backward only
   acc_t *dW, *db, *dlnw, *dlnb, *dscale;               // backward accumulators
 };
@@ -84,7 +84,7 @@ TTT_HD int64_t carve_chain(acc_t* base, int D, int bmax, bool bwd, ChainBuffers<
   take(&c->W, static_cast<int64_t>(D) * D);
   take(&c->bw, D);
   take(&c->K, nD), take(&c->Q, nD), take(&c->T, nD), take(&c->X, nD), take(&c->G, nD);
-  take(&c->Xp, nD), take(&c->P, nn), take(&c->QG, nD), take(&c->eta, bmax), take(&c->a, bmax);
+  take(&c->Xp, nD), take(&c->S, nn), take(&c->P, nn), take(&c->QG, nD), take(&c->eta, bmax), take(&c->a, bmax);
   take(&c->rstd, bmax);
   if (bwd) {
     take(&c->U, nD), take(&c->DZ, nD), take(&c->dQ, nD), take(&c->dK, nD), take(&c->KdW, nD);
@@ -178,12 +178,12 @@ TTT_HD void chain_recompute(const LinearParams& p, const ChainBuffers<acc_t>& c,
   TTT_SYNC();
   // rows: X = LN(Z), G = d l / d z (and U for the backward)
   ln_rows(n, D, eps, lnw, lnb, c.X, c.rstd, c.T, c.G, bwd ? c.U : nullptr);
-  // P = A * (Q K^T + 1)
-  TTT_PAR_FOR(e, n * n) { c.P[e] = 0; }
-  mm_acc<+1, false, true>(n, n, D, c.Q, D, c.K, D, c.P, n);  // Q K^T
+  // S = Q K^T (kept: the backward reads it again), P = A * (S + 1)
+  TTT_PAR_FOR(e, n * n) { c.S[e] = 0; }
+  mm_acc<+1, false, true>(n, n, D, c.Q, D, c.K, D, c.S, n);
   TTT_PAR_FOR2(e, i, j, n, n) {
     const acc_t cf = coef(p, scale, g, i, j);
-    c.P[e] = cf != acc_t(0) ? cf * c.eta[j] * (c.P[e] + acc_t(1)) : acc_t(0);
+    c.P[e] = cf != acc_t(0) ? cf * c.eta[j] * (c.S[e] + acc_t(1)) : acc_t(0);
   }
   if (g.G) {  // QG = Q Gw + gb (the state's grad_sum seen by every query of the segment)
     const acc_t* Gw = static_cast<const acc_t*>(p.G0) + bh * D * D;
@@ -356,10 +356,8 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
       else
         mm_acc<-1, false, true>(n, D, D, c.DZ, D, Gw, D, c.dQ, D);
     }
-    // through P = A * (Q K^T + 1), A_ij = c_ij eta_j and a_j = c_{n-1,j} eta_j; Q K^T is
-    // recomputed over P (read for the last time by dG above)
-    TTT_PAR_FOR(e, n * n) { c.P[e] = 0; }
-    mm_acc<+1, false, true>(n, n, D, c.Q, D, c.K, D, c.P, n);
+    // through P = A * (S + 1), S = Q K^T (as chain_recompute left it), A_ij = c_ij eta_j and
+    // a_j = c_{n-1,j} eta_j
     TTT_SYNC();
     acc_t* deta = static_cast<acc_t*>(p.deta) + bh * p.L + t0;
     TTT_PAR_FOR(j, n) {
@@ -367,14 +365,14 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
       for (int i = 0; i < n; ++i) {
         const acc_t cf = coef(p, scale, g, i, j);
         if (cf == acc_t(0)) continue;
-        s += c.dP[i * n + j] * (c.P[i * n + j] + acc_t(1)) * cf;
+        s += c.dP[i * n + j] * (c.S[i * n + j] + acc_t(1)) * cf;
       }
       deta[j] = s;
     }
     if (p.causal) {
       TTT_PAR_FOR(i, n) {
         acc_t s = 0;
-        for (int j = 0; j <= i; ++j) s += c.dP[i * n + j] * (c.P[i * n + j] + acc_t(1)) * c.eta[j];
+        for (int j = 0; j <= i; ++j) s += c.dP[i * n + j] * (c.S[i * n + j] + acc_t(1)) * c.eta[j];
         if (g.G) {  // Z' -= s_i (q_i Gw + gb)
           for (int col = 0; col < D; ++col) s -= c.QG[i * D + col] * c.DZ[i * D + col];
         }
@@ -387,7 +385,7 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
       }
     }
     TTT_SYNC();
-    TTT_PAR_FOR2(e, i, j, n, n) {  // dS = dP * A, the gradient of Q K^T (stored over P)
+    TTT_PAR_FOR2(e, i, j, n, n) {  // dS = dP * A, the gradient of S (stored over P, read by dG above)
       c.P[e] = c.dP[e] * coef(p, scale, g, i, j) * c.eta[j];
     }
     TTT_SYNC();

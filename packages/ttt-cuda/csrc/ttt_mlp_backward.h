@@ -121,12 +121,9 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
         mm_acc<-1, false, true>(n, D, F, c.dXq2, F, G1w, F, c.dQ, D);
     }
     TTT_SYNC();
-    // B5: through P1 = A * (Q K^T + 1); dA = dP1 * (Q K^T + 1) + dP2 * (Xq2 X2^T + 1) over dP2
-    // (Q K^T and Xq2 X2^T recomputed over P1 and P2, read for the last time in B4);
+    // B5: through P1 = A * (S1 + 1); dA = dP1 * (S1 + 1) + dP2 * (S2 + 1) over dP2 (S1 = Q K^T,
+    // S2 = Xq2 X2^T as mlp_recompute left them);
     // through G1 = H1 * gelu'(Z1): dZ1 = dG1 * H1 * gelu''(Z1) (over KdW1), dH1 = dG1 * GP
-    TTT_PAR_FOR(e, n * n) { c.P1[e] = 0, c.P2[e] = 0; }
-    mm_acc<+1, false, true>(n, n, D, c.Q, D, c.K, D, c.P1, n);
-    mm_acc<+1, false, true>(n, n, F, c.Xq2, F, c.X2, F, c.P2, n);
     TTT_PAR_FOR(e, n * F) {
       const acc_t dg1 = c.dG1[e];
       c.KdW1[e] = dg1 * c.H1[e] * gelu_tanh(c.Z1[e]).d2;
@@ -136,7 +133,7 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
     TTT_PAR_FOR2(e, i, j, n, n) {  // dA over dP2; dS1 = dP1 * A over dP1
       const acc_t cf = coef(p, scale, g, i, j);
       const acc_t dp1 = c.dP1[e];
-      c.dP2[e] = cf != acc_t(0) ? dp1 * (c.P1[e] + acc_t(1)) + c.dP2[e] * (c.P2[e] + acc_t(1))
+      c.dP2[e] = cf != acc_t(0) ? dp1 * (c.S1[e] + acc_t(1)) + c.dP2[e] * (c.S2[e] + acc_t(1))
                                 : acc_t(0);
       c.dP1[e] = dp1 * cf * c.eta[j];
     }
