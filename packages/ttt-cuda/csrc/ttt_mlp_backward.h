@@ -211,8 +211,9 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
       else
         mm_acc<-1, true, false>(D, F, n, c.Q, D, c.dXq2, F, dG1w, F);
     }
-    mm_acc<+1, true, false>(D, F, n, c.Q, D, c.dXq2, F, c.dW1, F);  // dW1 += Q^T dZq1
-    mm_acc<+1, true, false>(D, F, n, c.K, D, c.KdW1, F, c.dW1, F);  // dW1 += K^T dZ1
+    mm_acc_terms<+1, true>(D, F, {MMTerm<acc_t>{n, c.Q, D, c.dXq2, F},   // dW1 += Q^T dZq1
+                                  MMTerm<acc_t>{n, c.K, D, c.KdW1, F}},  //      + K^T dZ1
+                           c.dW1, F);
     TTT_PAR_FOR(f, F) {
       acc_t s = 0, sg = 0;
       for (int i = 0; i < n; ++i) {
@@ -229,9 +230,10 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
       else
         mm_acc<-1, true, false>(F, D, n, c.Xq2, F, c.DZ, D, dG2w, D);
     }
-    mm_acc<+1, true, false>(F, D, n, c.Xq2, F, c.DZ, D, c.dW2, D);  // dW2 += Xq2^T DZ
-    mm_acc<+1, true, false>(F, D, n, c.dG1, F, c.G2, D, c.dW2, D);  // + dH1^T G2
-    mm_acc<+1, true, false>(F, D, n, c.X2, F, c.dZ2, D, c.dW2, D);  // + X2^T dZ2
+    mm_acc_terms<+1, true>(F, D, {MMTerm<acc_t>{n, c.Xq2, F, c.DZ, D},  // dW2 += Xq2^T DZ
+                                  MMTerm<acc_t>{n, c.dG1, F, c.G2, D},  //      + dH1^T G2
+                                  MMTerm<acc_t>{n, c.X2, F, c.dZ2, D}},  //     + X2^T dZ2
+                           c.dW2, D);
     TTT_PAR_FOR(d, D) {
       acc_t s = 0, sg = 0;
       for (int i = 0; i < n; ++i) {

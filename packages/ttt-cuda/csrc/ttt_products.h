@@ -67,8 +67,34 @@ constexpr int kKC = 64;                   // depth of a packed panel of B
 // One register tile of out: rows i0 .. i0+kMR (a row past n reads A's row n-1; the caller does
 // not store it), depth k0 .. k0+nk, columns from the kNR-wide rows of `bp` (row k - k0 of the
 // panel at bp + (k - k0) * ldp: B itself where its rows are contiguous, else a packed copy).
+// The register tile: kMR rows of kNR columns, as vectors.
+template <typename acc_t>
+using Tile = typename Vec<acc_t>::type[kMR][kNR / Vec<acc_t>::kLanes];
+
+// body(tile) on the tile of `out` at o (ni <= kMR rows, nc <= kNR columns, row stride ldo): a
+// whole tile is read from and written back to out's rows directly, an edge tile staged
+// (zero-padded; only its ni x nc elements are written back).
+template <typename acc_t, typename Body>
+inline __attribute__((always_inline)) void on_out_tile(acc_t* o, int ldo, int ni, int nc, Body body) {
+  Tile<acc_t> tile;
+  if (ni == kMR && nc == kNR) {
+    for (int r = 0; r < kMR; ++r) __builtin_memcpy(tile[r], o + static_cast<int64_t>(r) * ldo, sizeof(tile[r]));
+    body(tile);
+    for (int r = 0; r < kMR; ++r) __builtin_memcpy(o + static_cast<int64_t>(r) * ldo, tile[r], sizeof(tile[r]));
+    return;
+  }
+  alignas(64) acc_t rows[kMR][kNR];
+  for (int r = 0; r < kMR; ++r)
+    for (int c = 0; c < kNR; ++c) rows[r][c] = (r < ni && c < nc) ? o[static_cast<int64_t>(r) * ldo + c] : acc_t(0);
+  __builtin_memcpy(tile, rows, sizeof(tile));
+  body(tile);
+  __builtin_memcpy(rows, tile, sizeof(tile));
+  for (int r = 0; r < ni; ++r)
+    for (int c = 0; c < nc; ++c) o[static_cast<int64_t>(r) * ldo + c] = rows[r][c];
+}
+
 template <int kSign, bool kTA, int kScale, typename acc_t>
-inline void mm_tile(typename Vec<acc_t>::type (&tile)[kMR][kNR / Vec<acc_t>::kLanes], int n, int i0,
+inline void mm_tile(Tile<acc_t>& tile, int n, int i0,
                     int k0, int nk, const acc_t* A, int lda, const acc_t* bp, int ldp,
                     const acc_t* sc) {
   using V = typename Vec<acc_t>::type;
@@ -144,8 +170,6 @@ inline void pack_transposed(int nc, int nk, const float* Bt, int ldb, float* pan
 template <int kSign, bool kTA, bool kTB, int kScale, typename acc_t>
 inline void mm_acc_rows(int n, int C, int K, const acc_t* A, int lda, const acc_t* B, int ldb,
                         acc_t* out, int ldo, const acc_t* sc) {
-  using V = typename Vec<acc_t>::type;
-  constexpr int kNV = kNR / Vec<acc_t>::kLanes;  // vectors per tile row
   alignas(64) acc_t panel[kKC][kNR];  // B[k0 .. k0+nk, c0 .. c0+nc] packed, zero-padded to kNR
   for (int c0 = 0; c0 < C; c0 += kNR) {
     const int nc = C - c0 < kNR ? C - c0 : kNR;
@@ -166,26 +190,11 @@ inline void mm_acc_rows(int n, int C, int K, const acc_t* A, int lda, const acc_
             for (int c = 0; c < nc; ++c) panel[k][c] = bp[static_cast<int64_t>(k) * ldb + c];
         bp = &panel[0][0], ldp = kNR;
       }
-      for (int i0 = 0; i0 < n; i0 += kMR) {
-        const int ni = n - i0 < kMR ? n - i0 : kMR;
-        acc_t* o = out + static_cast<int64_t>(i0) * ldo + c0;
-        V tile[kMR][kNV];
-        if (ni == kMR && nc == kNR) {  // a whole tile: out's rows in and out directly
-          for (int r = 0; r < kMR; ++r) __builtin_memcpy(tile[r], o + static_cast<int64_t>(r) * ldo, sizeof(tile[r]));
-          mm_tile<kSign, kTA, kScale>(tile, n, i0, k0, nk, A, lda, bp, ldp, sc);
-          for (int r = 0; r < kMR; ++r) __builtin_memcpy(o + static_cast<int64_t>(r) * ldo, tile[r], sizeof(tile[r]));
-        } else {  // an edge tile, staged (zero-padded)
-          alignas(64) acc_t rows[kMR][kNR];
-          for (int r = 0; r < kMR; ++r)
-            for (int c = 0; c < kNR; ++c)
-              rows[r][c] = (r < ni && c < nc) ? o[static_cast<int64_t>(r) * ldo + c] : acc_t(0);
-          __builtin_memcpy(tile, rows, sizeof(tile));
-          mm_tile<kSign, kTA, kScale>(tile, n, i0, k0, nk, A, lda, bp, ldp, sc);
-          __builtin_memcpy(rows, tile, sizeof(tile));
-          for (int r = 0; r < ni; ++r)
-            for (int c = 0; c < nc; ++c) o[static_cast<int64_t>(r) * ldo + c] = rows[r][c];
-        }
-      }
+      for (int i0 = 0; i0 < n; i0 += kMR)
+        on_out_tile(out + static_cast<int64_t>(i0) * ldo + c0, ldo, n - i0 < kMR ? n - i0 : kMR, nc,
+                    [&](Tile<acc_t>& tile) {
+                      mm_tile<kSign, kTA, kScale>(tile, n, i0, k0, nk, A, lda, bp, ldp, sc);
+                    });
     }
   }
 }
@@ -203,6 +212,54 @@ TTT_HD void mm_acc(int n, int C, int K, const acc_t* A, int lda, const acc_t* B,
     acc_t s = out[static_cast<int64_t>(i) * ldo + c];
     for (int k = 0; k < K; ++k)
       s = mm_step<kSign>(s, mm_a<kTA, kScale>(A, lda, sc, i, k), mm_b<kTB>(B, ldb, k, c));
+    out[static_cast<int64_t>(i) * ldo + c] = s;
+  }
+#endif
+}
+
+// One term of mm_acc_terms: a(i, k) = A[i, k] (A[k, i] with kTA), row stride lda; b(k, c) =
+// B[k, c], row stride ldb; k < K.
+template <typename acc_t>
+struct MMTerm {
+  int K;
+  const acc_t* A;
+  int lda;
+  const acc_t* B;
+  int ldb;
+};
+
+// out[i, c] +-= sum over the terms, in order, of sum_k a_t(i, k) b_t(k, c): each element sees
+// the operations of one mm_acc per term, one term after the other (so the same bits, on both
+// schedules), but on the CPU each register tile of out is read and written once for all the
+// terms instead of once per term (it matters where out is large and K small: TTT-MLP's dW2 +=
+// three n-deep products). out must not overlap any A or B.
+template <int kSign, bool kTA, int kTerms, typename acc_t>
+TTT_HD void mm_acc_terms(int n, int C, const MMTerm<acc_t> (&t)[kTerms], acc_t* out, int ldo) {
+#if TTT_ROW_SCHEDULE
+  for (int c0 = 0; c0 < C; c0 += kNR) {
+    const int nc = C - c0 < kNR ? C - c0 : kNR;
+    if (nc < kNR) {  // an edge block of columns (B packed there): term after term
+      for (int j = 0; j < kTerms; ++j)
+        mm_acc_rows<kSign, kTA, false, kNoScale>(n, nc, t[j].K, t[j].A, t[j].lda, t[j].B + c0, t[j].ldb,
+                                                 out + c0, ldo, static_cast<const acc_t*>(nullptr));
+      continue;
+    }
+    for (int i0 = 0; i0 < n; i0 += kMR)
+      on_out_tile(out + static_cast<int64_t>(i0) * ldo + c0, ldo, n - i0 < kMR ? n - i0 : kMR, nc,
+                  [&](Tile<acc_t>& tile) {
+                    for (int j = 0; j < kTerms; ++j)  // B's rows in place, as mm_acc_rows reads them
+                      mm_tile<kSign, kTA, kNoScale>(tile, n, i0, 0, t[j].K, t[j].A, t[j].lda, t[j].B + c0,
+                                                    t[j].ldb, static_cast<const acc_t*>(nullptr));
+                  });
+  }
+#else
+  TTT_PAR_FOR(e, n * C) {
+    const int i = e / C, c = e % C;
+    acc_t s = out[static_cast<int64_t>(i) * ldo + c];
+    for (int j = 0; j < kTerms; ++j)
+      for (int k = 0; k < t[j].K; ++k)
+        s = mm_step<kSign>(s, mm_a<kTA, kNoScale>(t[j].A, t[j].lda, static_cast<const acc_t*>(nullptr), i, k),
+                           mm_b<false>(t[j].B, t[j].ldb, k, c));
     out[static_cast<int64_t>(i) * ldo + c] = s;
   }
 #endif
