@@ -170,6 +170,25 @@ inline void pack_transposed(int nc, int nk, const float* Bt, int ldb, float* pan
 template <int kSign, bool kTA, bool kTB, int kScale, typename acc_t>
 inline void mm_acc_rows(int n, int C, int K, const acc_t* A, int lda, const acc_t* B, int ldb,
                         acc_t* out, int ldo, const acc_t* sc) {
+  constexpr int kScaledElems = 4096;  // the scaled rows of A formed at a time (16 KB of fp32)
+  if constexpr (kScale != kNoScale) {
+    if (K > 0 && K * kMR <= kScaledElems) {
+      // A scaled product: a(i, k) (A's element times its scale, the same multiply) formed once per
+      // element into rows of `as`, then the unscaled product on them -- instead of once per
+      // column block of the output inside the tile, where the scalar multiplies crowded the
+      // vector ones. Same values, same sums: the same bits.
+      const int rows = kScaledElems / K / kMR * kMR;
+      alignas(64) acc_t as[kScaledElems];
+      for (int i0 = 0; i0 < n; i0 += rows) {
+        const int ni = n - i0 < rows ? n - i0 : rows;
+        for (int i = 0; i < ni; ++i)
+          for (int k = 0; k < K; ++k) as[i * K + k] = mm_a<kTA, kScale>(A, lda, sc, i0 + i, k);
+        mm_acc_rows<kSign, false, kTB, kNoScale>(ni, C, K, as, K, B, ldb, out + static_cast<int64_t>(i0) * ldo,
+                                                 ldo, sc);
+      }
+      return;
+    }
+  }
   alignas(64) acc_t panel[kKC][kNR];  // B[k0 .. k0+nk, c0 .. c0+nc] packed, zero-padded to kNR
   for (int c0 = 0; c0 < C; c0 += kNR) {
     const int nc = C - c0 < kNR ? C - c0 : kNR;
