@@ -292,15 +292,9 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
     chain_recompute<scalar_t, acc_t>(p, c, D, bi, hi, g, true);
     // output LN: DZ = d/dZ' of gamma * LN(Z') + beta
     ln_out_bwd_rows(n, D, lnw, c.Xp, c.rstdp, c.dQ, c.DZ);
-    TTT_PAR_FOR(col, D) {  // d gamma, d beta of the output LN
-      acc_t sw = 0, sb = 0;
-      for (int i = 0; i < n; ++i) {
-        sw += c.dQ[i * D + col] * c.Xp[i * D + col];
-        sb += c.dQ[i * D + col];
-      }
-      c.dlnw[col] += sw;
-      c.dlnb[col] += sb;
-    }
+    // d gamma, d beta of the output LN
+    add_col_sums(n, D, c.dlnw, [&](int i, int col) { return c.dQ[i * D + col] * c.Xp[i * D + col]; });
+    add_col_sums(n, D, c.dlnb, [&](int i, int col) { return c.dQ[i * D + col]; });
     TTT_PAR_FOR(e, n * D) { c.KdW[e] = 0; }
     mm_acc<+1, false, false>(n, D, D, c.K, D, c.dW, D, c.KdW, D);  // KdW = K dW_end
     if (g.G && !g.unscaled_end && p.causal) {  // <Gw, dW_end> + <gb, db_end> per column
@@ -340,15 +334,15 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
         mm_acc<-1, true, false>(D, D, n, c.Q, D, c.DZ, D, dGw, D);
     }
     mm_acc<+1, true, false>(D, D, n, c.Q, D, c.DZ, D, c.dW, D);  // dW += Q^T DZ
-    TTT_PAR_FOR(col, D) {
-      acc_t s = 0, sg = 0;
-      for (int i = 0; i < n; ++i) {
-        s += c.DZ[i * D + col];
-        if (dgb != nullptr) sg += row_scale(p, scale, g, i) * c.DZ[i * D + col];
+    if (dgb != nullptr) {  // dgb = -e db_end - sum_i s_i DZ_i (db not yet moved)
+      TTT_PAR_FOR(col, D) {
+        acc_t sg = 0;
+        for (int i = 0; i < n; ++i) sg += row_scale(p, scale, g, i) * c.DZ[i * D + col];
+        dgb[col] = -e_end * c.db[col] - sg;
       }
-      if (dgb != nullptr) dgb[col] = -e_end * c.db[col] - sg;
-      c.db[col] += s;
+      TTT_SYNC();
     }
+    add_col_sums(n, D, c.db, [&](int i, int col) { return c.DZ[i * D + col]; });  // db += sum DZ
     mm_acc<+1, false, true>(n, D, D, c.DZ, D, c.W, D, c.dQ, D);  // dQ += DZ W^T
     if (Gw != nullptr) {                                           // dQ -= diag(s) DZ Gw^T
       if (p.causal)
@@ -415,11 +409,7 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
       static_cast<scalar_t*>(p.dq)[row0 + e] = static_cast<scalar_t>(c.dQ[e]);
     }
     mm_acc<+1, true, false>(D, D, n, c.K, D, c.DZ, D, c.dW, D);  // dW += K^T dZ
-    TTT_PAR_FOR(col, D) {
-      acc_t s = 0;
-      for (int i = 0; i < n; ++i) s += c.DZ[i * D + col];
-      c.db[col] += s;
-    }
+    add_col_sums(n, D, c.db, [&](int i, int col) { return c.DZ[i * D + col]; });  // db += sum dZ
     TTT_SYNC();
     if (p.dW_starts != nullptr) {  // W_starts[mb] is an output too: its gradient joins dW_start
       const acc_t* dWs = static_cast<const acc_t*>(p.dW_starts) + (bh * nmb + mb) * D * D;

@@ -219,6 +219,31 @@ inline void mm_acc_rows(int n, int C, int K, const acc_t* A, int lda, const acc_
 }
 #endif
 
+// acc[col] += sum_i term(i, col) for col < C, i < n: each column's sum starts at 0 and adds the
+// rows in order i = 0, 1, ..., then joins acc (the same bits on both schedules). GPU: a thread
+// per column; CPU: rows outer, a chunk of columns inner (a vector loop; column by column it is a
+// chain of dependent adds).
+template <typename acc_t, typename Term>
+TTT_HD void add_col_sums(int n, int C, acc_t* acc, Term term) {
+#if TTT_ROW_SCHEDULE
+  constexpr int kCols = 64;
+  for (int c0 = 0; c0 < C; c0 += kCols) {
+    const int nc = C - c0 < kCols ? C - c0 : kCols;
+    acc_t s[kCols];
+    for (int c = 0; c < nc; ++c) s[c] = acc_t(0);
+    for (int i = 0; i < n; ++i)
+      for (int c = 0; c < nc; ++c) s[c] += term(i, c0 + c);
+    for (int c = 0; c < nc; ++c) acc[c0 + c] += s[c];
+  }
+#else
+  TTT_PAR_FOR(col, C) {
+    acc_t s = 0;
+    for (int i = 0; i < n; ++i) s += term(i, col);
+    acc[col] += s;
+  }
+#endif
+}
+
 // out[i, c] += sum_k a(i, k) b(k, c) (see the top of this file). out must not overlap A or B.
 template <int kSign, bool kTA, bool kTB, int kScale = kNoScale, typename acc_t>
 TTT_HD void mm_acc(int n, int C, int K, const acc_t* A, int lda, const acc_t* B, int ldb,
