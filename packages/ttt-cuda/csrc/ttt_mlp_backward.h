@@ -52,11 +52,8 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
 
     // B1: output LN (DZ = d/dZq2); the end update against the carried dW_end (not yet moved)
     ln_out_bwd_rows(n, D, lnw, c.Xp, c.rstdp, c.dQ, c.DZ);
-    TTT_PAR_FOR(col, D) {
-      acc_t sw = 0, sb = 0;
-      for (int i = 0; i < n; ++i) sw += c.dQ[i * D + col] * c.Xp[i * D + col], sb += c.dQ[i * D + col];
-      c.dlnw[col] += sw, c.dlnb[col] += sb;
-    }
+    add_col_sums(n, D, c.dlnw, [&](int i, int col) { return c.dQ[i * D + col] * c.Xp[i * D + col]; });
+    add_col_sums(n, D, c.dlnb, [&](int i, int col) { return c.dQ[i * D + col]; });
     // KdW1 = K dW1_end + db1_end;  dX2 = -diag(a) G2 dW2_end^T
     TTT_PAR_FOR2(e, i, col, n, F) { c.KdW1[e] = c.db1[col], c.dX2[e] = 0; }
     mm_acc<+1, false, false>(n, F, D, c.K, D, c.dW1, F, c.KdW1, F);
@@ -214,15 +211,15 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
     mm_acc_terms<+1, true>(D, F, {MMTerm<acc_t>{n, c.Q, D, c.dXq2, F},   // dW1 += Q^T dZq1
                                   MMTerm<acc_t>{n, c.K, D, c.KdW1, F}},  //      + K^T dZ1
                            c.dW1, F);
-    TTT_PAR_FOR(f, F) {
-      acc_t s = 0, sg = 0;
-      for (int i = 0; i < n; ++i) {
-        s += c.dXq2[i * F + f] + c.KdW1[i * F + f];
-        if (dg1b != nullptr) sg += row_scale(p, scale, g, i) * c.dXq2[i * F + f];
+    if (dg1b != nullptr) {  // d g1b = -e db1_end - sum_i s_i dZq1_i (db1 not yet moved)
+      TTT_PAR_FOR(f, F) {
+        acc_t sg = 0;
+        for (int i = 0; i < n; ++i) sg += row_scale(p, scale, g, i) * c.dXq2[i * F + f];
+        dg1b[f] = -e_end * c.db1[f] - sg;
       }
-      if (dg1b != nullptr) dg1b[f] = -e_end * c.db1[f] - sg;
-      c.db1[f] += s;
+      TTT_SYNC();
     }
+    add_col_sums(n, F, c.db1, [&](int i, int f) { return c.dXq2[i * F + f] + c.KdW1[i * F + f]; });
     if (dG2w != nullptr) {
       TTT_PAR_FOR(e, F * D) { dG2w[e] = -e_end * c.dW2[e]; }
       if (p.causal)
@@ -234,15 +231,15 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
                                   MMTerm<acc_t>{n, c.dG1, F, c.G2, D},  //      + dH1^T G2
                                   MMTerm<acc_t>{n, c.X2, F, c.dZ2, D}},  //     + X2^T dZ2
                            c.dW2, D);
-    TTT_PAR_FOR(d, D) {
-      acc_t s = 0, sg = 0;
-      for (int i = 0; i < n; ++i) {
-        s += c.DZ[i * D + d] + c.dZ2[i * D + d];
-        if (dg2b != nullptr) sg += row_scale(p, scale, g, i) * c.DZ[i * D + d];
+    if (dg2b != nullptr) {  // d g2b = -e db2_end - sum_i s_i DZ_i
+      TTT_PAR_FOR(d, D) {
+        acc_t sg = 0;
+        for (int i = 0; i < n; ++i) sg += row_scale(p, scale, g, i) * c.DZ[i * D + d];
+        dg2b[d] = -e_end * c.db2[d] - sg;
       }
-      if (dg2b != nullptr) dg2b[d] = -e_end * c.db2[d] - sg;
-      c.db2[d] += s;
+      TTT_SYNC();
     }
+    add_col_sums(n, D, c.db2, [&](int i, int d) { return c.DZ[i * D + d] + c.dZ2[i * D + d]; });
     TTT_SYNC();
     if (p.dW_starts != nullptr) {  // the stored start weights are outputs too
       const int64_t slot = bh * nseg + s;
