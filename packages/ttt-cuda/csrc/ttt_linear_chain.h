@@ -133,6 +133,19 @@ TTT_HD acc_t end_coef(const LinearParams& p, const acc_t* scale, const Segment& 
   return g.unscaled_end ? acc_t(1) : row_scale(p, scale, g, g.n - 1);
 }
 
+// The gradient of the state's grad_sum bias in a cut segment's backward, before db joins this
+// segment's sum: dgb[col] = -e db_end[col] - sum_i s_i X[i, col] (X: the rows [n, C] through
+// which each query read it).
+template <typename acc_t>
+TTT_HD void grad_sum_bias_grad(const LinearParams& p, const acc_t* scale, const Segment& g,
+                               acc_t e_end, int C, const acc_t* X, const acc_t* db, acc_t* dgb) {
+  TTT_PAR_FOR(col, C) {
+    acc_t sg = 0;
+    for (int i = 0; i < g.n; ++i) sg += row_scale(p, scale, g, i) * X[i * C + col];
+    dgb[col] = -e_end * db[col] - sg;
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 TTT_HD acc_t ld(const void* ptr, int64_t idx) {
   return static_cast<acc_t>(static_cast<const scalar_t*>(ptr)[idx]);
@@ -334,12 +347,8 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
         mm_acc<-1, true, false>(D, D, n, c.Q, D, c.DZ, D, dGw, D);
     }
     mm_acc<+1, true, false>(D, D, n, c.Q, D, c.DZ, D, c.dW, D);  // dW += Q^T DZ
-    if (dgb != nullptr) {  // dgb = -e db_end - sum_i s_i DZ_i (db not yet moved)
-      TTT_PAR_FOR(col, D) {
-        acc_t sg = 0;
-        for (int i = 0; i < n; ++i) sg += row_scale(p, scale, g, i) * c.DZ[i * D + col];
-        dgb[col] = -e_end * c.db[col] - sg;
-      }
+    if (dgb != nullptr) {
+      grad_sum_bias_grad(p, scale, g, e_end, D, c.DZ, c.db, dgb);
       TTT_SYNC();
     }
     add_col_sums(n, D, c.db, [&](int i, int col) { return c.DZ[i * D + col]; });  // db += sum DZ

@@ -211,12 +211,8 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
     mm_acc_terms<+1, true>(D, F, {MMTerm<acc_t>{n, c.Q, D, c.dXq2, F},   // dW1 += Q^T dZq1
                                   MMTerm<acc_t>{n, c.K, D, c.KdW1, F}},  //      + K^T dZ1
                            c.dW1, F);
-    if (dg1b != nullptr) {  // d g1b = -e db1_end - sum_i s_i dZq1_i (db1 not yet moved)
-      TTT_PAR_FOR(f, F) {
-        acc_t sg = 0;
-        for (int i = 0; i < n; ++i) sg += row_scale(p, scale, g, i) * c.dXq2[i * F + f];
-        dg1b[f] = -e_end * c.db1[f] - sg;
-      }
+    if (dg1b != nullptr) {
+      grad_sum_bias_grad(p, scale, g, e_end, F, c.dXq2, c.db1, dg1b);
       TTT_SYNC();
     }
     add_col_sums(n, F, c.db1, [&](int i, int f) { return c.dXq2[i * F + f] + c.KdW1[i * F + f]; });
@@ -231,12 +227,8 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
                                   MMTerm<acc_t>{n, c.dG1, F, c.G2, D},  //      + dH1^T G2
                                   MMTerm<acc_t>{n, c.X2, F, c.dZ2, D}},  //     + X2^T dZ2
                            c.dW2, D);
-    if (dg2b != nullptr) {  // d g2b = -e db2_end - sum_i s_i DZ_i
-      TTT_PAR_FOR(d, D) {
-        acc_t sg = 0;
-        for (int i = 0; i < n; ++i) sg += row_scale(p, scale, g, i) * c.DZ[i * D + d];
-        dg2b[d] = -e_end * c.db2[d] - sg;
-      }
+    if (dg2b != nullptr) {
+      grad_sum_bias_grad(p, scale, g, e_end, D, c.DZ, c.db2, dg2b);
       TTT_SYNC();
     }
     add_col_sums(n, D, c.db2, [&](int i, int d) { return c.DZ[i * D + d] + c.dZ2[i * D + d]; });
