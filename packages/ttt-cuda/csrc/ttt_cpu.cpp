@@ -1,6 +1,9 @@
 // The CPU entry points of all three ops: argument checks, the scratch size, the instruction set
 // (AVX2 where the CPU has it and the build carries it, else the portable build: the same bits),
 // and the (batch, head) chains spread over `threads` threads (ttt_cpu_chains.h).
+#include <sys/mman.h>
+
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -58,6 +61,37 @@ void check_common(const LinearParams& p, const char* op, bool causal_only) {
     throw std::invalid_argument(std::string("ttt ") + op + " (cpu): dtype must be float32 or float64");
 }
 
+// The large outputs a call writes once, front to back (the forward's per-segment start weights:
+// nseg copies of the weights, and o; the backward's dq, dk, dv), are fresh torch allocations
+// each call, so the chains' first touch page-faults every 4 KB of them: for TTT-MLP at B=2, H=4,
+// L=2048, D=64 that is 134 MB of start weights per forward. Asking for transparent huge pages
+// (Linux; the kernel's default "madvise" mode grants them only on request) makes that one fault
+// per 2 MB. A hint only: no result depends on it, and where it is refused nothing changes.
+void advise_huge_pages(const void* ptr, int64_t elems, DType dtype) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kPage = 4096;
+  const int64_t bytes = elems * (dtype == DType::kFloat64 ? 8 : 4);
+  if (ptr == nullptr || bytes < (int64_t{2} << 20)) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + kPage - 1) & ~(kPage - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + bytes) & ~(kPage - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)ptr, (void)elems, (void)dtype;
+#endif
+}
+
+// advise_huge_pages for the forward's o and start weights W_starts [B, H, nseg, D, Dw] (Dw = D,
+// or F for TTT-MLP's layer 1), or the backward's dq, dk, dv: [B, H, L, D] each.
+void advise_outputs(const LinearParams& p, bool backward, int64_t Dw) {
+  const int64_t BHLD = static_cast<int64_t>(p.B) * p.H * p.L * p.D;
+  if (backward) {
+    for (const void* t : {p.dq, p.dk, p.dv}) advise_huge_pages(t, BHLD, p.dtype);
+    return;
+  }
+  advise_huge_pages(p.o, BHLD, p.dtype);
+  advise_huge_pages(p.W_starts, static_cast<int64_t>(p.B) * p.H * p.num_segments() * p.D * Dw, p.dtype);
+}
+
 template <typename Params>
 void run(const Params& p, ChainFn<Params> chain, int64_t elems, double flops_per_chain,
          int threads, bool backward) {
@@ -71,11 +105,13 @@ void run(const Params& p, ChainFn<Params> chain, int64_t elems, double flops_per
 
 void linear_fwd_cpu(const LinearParams& p, int threads) {
   check_common(p, "linear", false);
+  advise_outputs(p, false, p.D);
   run(p, TTT_CPU_CHAIN(linear_chain),
       linear_workspace_elems(p.D, p.mini_batch_size, false), 8.0 * p.L * p.D * p.D, threads, false);
 }
 void linear_bwd_cpu(const LinearParams& p, int threads) {
   check_common(p, "linear", false);
+  advise_outputs(p, true, p.D);
   run(p, TTT_CPU_CHAIN(linear_chain),
       linear_workspace_elems(p.D, p.mini_batch_size, true), 20.0 * p.L * p.D * p.D, threads, true);
 }
@@ -85,6 +121,8 @@ void mlp_fwd_cpu(const MLPParams& p, int threads) {
   if (p.F < 1) throw std::invalid_argument("ttt mlp (cpu): bad shape parameters");
   if ((p.G0 == nullptr) != (p.G20 == nullptr))
     throw std::invalid_argument("ttt mlp (cpu): grad_sum needs both layers (G0 and G20)");
+  advise_outputs(p, false, p.F);
+  advise_huge_pages(p.W2_starts, static_cast<int64_t>(p.B) * p.H * p.num_segments() * p.F * p.D, p.dtype);
   run(p, TTT_CPU_CHAIN(mlp_chain),
       mlp_workspace_elems(p.D, p.F, p.mini_batch_size, false), 16.0 * p.L * p.D * p.F, threads,
       false);
@@ -94,18 +132,22 @@ void mlp_bwd_cpu(const MLPParams& p, int threads) {
   if (p.F < 1) throw std::invalid_argument("ttt mlp (cpu): bad shape parameters");
   if ((p.G0 == nullptr) != (p.G20 == nullptr))
     throw std::invalid_argument("ttt mlp (cpu): grad_sum needs both layers (G0 and G20)");
+  advise_outputs(p, true, p.F);
   run(p, TTT_CPU_CHAIN(mlp_chain),
       mlp_workspace_elems(p.D, p.F, p.mini_batch_size, true), 40.0 * p.L * p.D * p.F, threads, true);
 }
 
 void titans_fwd_cpu(const TitansParams& p, int threads) {
   check_common(p, "titans", true);
+  advise_outputs(p, false, p.D);
+  advise_huge_pages(p.S_starts, static_cast<int64_t>(p.B) * p.H * p.num_segments() * p.D * p.D, p.dtype);
   run(p, TTT_CPU_CHAIN(titans_chain),
       titans_workspace_elems(p.D, p.mini_batch_size, false), 10.0 * p.L * p.D * p.D, threads,
       false);
 }
 void titans_bwd_cpu(const TitansParams& p, int threads) {
   check_common(p, "titans", true);
+  advise_outputs(p, true, p.D);
   run(p, TTT_CPU_CHAIN(titans_chain),
       titans_workspace_elems(p.D, p.mini_batch_size, true), 25.0 * p.L * p.D * p.D, threads, true);
 }

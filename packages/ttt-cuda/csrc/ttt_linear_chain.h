@@ -67,7 +67,7 @@ namespace ttt {
 template <typename acc_t>
 struct ChainBuffers {
   acc_t *W, *bw;                                   // [D, D], [D] current start weights
-  acc_t *K, *Q, *T, *X, *G, *Xp, *P, *QG, *eta, *a, *rstd;  // forward (QG = Q Gw + gb)
+  acc_t *K, *Q, *T, *X, *G, *Xp, *S, *P, *QG, *eta, *a, *rstd;  // forward (S = Q K^T, QG = Q Gw + gb)
   acc_t *U, *DZ, *dQ, *dK, *KdW, *dP, *rstdp, *da, *red;     // backward only
   acc_t *dW, *db, *dlnw, *dlnb, *dscale;               // backward accumulators
 };
@@ -84,7 +84,7 @@ TTT_HD int64_t carve_chain(acc_t* base, int D, int bmax, bool bwd, ChainBuffers<
   take(&c->W, static_cast<int64_t>(D) * D);
   take(&c->bw, D);
   take(&c->K, nD), take(&c->Q, nD), take(&c->T, nD), take(&c->X, nD), take(&c->G, nD);
-  take(&c->Xp, nD), take(&c->P, nn), take(&c->QG, nD), take(&c->eta, bmax), take(&c->a, bmax);
+  take(&c->Xp, nD), take(&c->S, nn), take(&c->P, nn), take(&c->QG, nD), take(&c->eta, bmax), take(&c->a, bmax);
   take(&c->rstd, bmax);
   if (bwd) {
     take(&c->U, nD), take(&c->DZ, nD), take(&c->dQ, nD), take(&c->dK, nD), take(&c->KdW, nD);
@@ -133,6 +133,19 @@ TTT_HD acc_t end_coef(const LinearParams& p, const acc_t* scale, const Segment& 
   return g.unscaled_end ? acc_t(1) : row_scale(p, scale, g, g.n - 1);
 }
 
+// The gradient of the state's grad_sum bias in a cut segment's backward, before db joins this
+// segment's sum: dgb[col] = -e db_end[col] - sum_i s_i X[i, col] (X: the rows [n, C] through
+// which each query read it).
+template <typename acc_t>
+TTT_HD void grad_sum_bias_grad(const LinearParams& p, const acc_t* scale, const Segment& g,
+                               acc_t e_end, int C, const acc_t* X, const acc_t* db, acc_t* dgb) {
+  TTT_PAR_FOR(col, C) {
+    acc_t sg = 0;
+    for (int i = 0; i < g.n; ++i) sg += row_scale(p, scale, g, i) * X[i * C + col];
+    dgb[col] = -e_end * db[col] - sg;
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 TTT_HD acc_t ld(const void* ptr, int64_t idx) {
   return static_cast<acc_t>(static_cast<const scalar_t*>(ptr)[idx]);
@@ -178,12 +191,12 @@ TTT_HD void chain_recompute(const LinearParams& p, const ChainBuffers<acc_t>& c,
   TTT_SYNC();
   // rows: X = LN(Z), G = d l / d z (and U for the backward)
   ln_rows(n, D, eps, lnw, lnb, c.X, c.rstd, c.T, c.G, bwd ? c.U : nullptr);
-  // P = A * (Q K^T + 1)
-  TTT_PAR_FOR(e, n * n) { c.P[e] = 0; }
-  mm_acc<+1, false, true>(n, n, D, c.Q, D, c.K, D, c.P, n);  // Q K^T
+  // S = Q K^T (kept: the backward reads it again), P = A * (S + 1)
+  TTT_PAR_FOR(e, n * n) { c.S[e] = 0; }
+  mm_acc<+1, false, true>(n, n, D, c.Q, D, c.K, D, c.S, n);
   TTT_PAR_FOR2(e, i, j, n, n) {
     const acc_t cf = coef(p, scale, g, i, j);
-    c.P[e] = cf != acc_t(0) ? cf * c.eta[j] * (c.P[e] + acc_t(1)) : acc_t(0);
+    c.P[e] = cf != acc_t(0) ? cf * c.eta[j] * (c.S[e] + acc_t(1)) : acc_t(0);
   }
   if (g.G) {  // QG = Q Gw + gb (the state's grad_sum seen by every query of the segment)
     const acc_t* Gw = static_cast<const acc_t*>(p.G0) + bh * D * D;
@@ -292,15 +305,9 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
     chain_recompute<scalar_t, acc_t>(p, c, D, bi, hi, g, true);
     // output LN: DZ = d/dZ' of gamma * LN(Z') + beta
     ln_out_bwd_rows(n, D, lnw, c.Xp, c.rstdp, c.dQ, c.DZ);
-    TTT_PAR_FOR(col, D) {  // d gamma, d beta of the output LN
-      acc_t sw = 0, sb = 0;
-      for (int i = 0; i < n; ++i) {
-        sw += c.dQ[i * D + col] * c.Xp[i * D + col];
-        sb += c.dQ[i * D + col];
-      }
-      c.dlnw[col] += sw;
-      c.dlnb[col] += sb;
-    }
+    // d gamma, d beta of the output LN
+    add_col_sums(n, D, c.dlnw, [&](int i, int col) { return c.dQ[i * D + col] * c.Xp[i * D + col]; });
+    add_col_sums(n, D, c.dlnb, [&](int i, int col) { return c.dQ[i * D + col]; });
     TTT_PAR_FOR(e, n * D) { c.KdW[e] = 0; }
     mm_acc<+1, false, false>(n, D, D, c.K, D, c.dW, D, c.KdW, D);  // KdW = K dW_end
     if (g.G && !g.unscaled_end && p.causal) {  // <Gw, dW_end> + <gb, db_end> per column
@@ -340,15 +347,11 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
         mm_acc<-1, true, false>(D, D, n, c.Q, D, c.DZ, D, dGw, D);
     }
     mm_acc<+1, true, false>(D, D, n, c.Q, D, c.DZ, D, c.dW, D);  // dW += Q^T DZ
-    TTT_PAR_FOR(col, D) {
-      acc_t s = 0, sg = 0;
-      for (int i = 0; i < n; ++i) {
-        s += c.DZ[i * D + col];
-        if (dgb != nullptr) sg += row_scale(p, scale, g, i) * c.DZ[i * D + col];
-      }
-      if (dgb != nullptr) dgb[col] = -e_end * c.db[col] - sg;
-      c.db[col] += s;
+    if (dgb != nullptr) {
+      grad_sum_bias_grad(p, scale, g, e_end, D, c.DZ, c.db, dgb);
+      TTT_SYNC();
     }
+    add_col_sums(n, D, c.db, [&](int i, int col) { return c.DZ[i * D + col]; });  // db += sum DZ
     mm_acc<+1, false, true>(n, D, D, c.DZ, D, c.W, D, c.dQ, D);  // dQ += DZ W^T
     if (Gw != nullptr) {                                           // dQ -= diag(s) DZ Gw^T
       if (p.causal)
@@ -356,10 +359,8 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
       else
         mm_acc<-1, false, true>(n, D, D, c.DZ, D, Gw, D, c.dQ, D);
     }
-    // through P = A * (Q K^T + 1), A_ij = c_ij eta_j and a_j = c_{n-1,j} eta_j; Q K^T is
-    // recomputed over P (read for the last time by dG above)
-    TTT_PAR_FOR(e, n * n) { c.P[e] = 0; }
-    mm_acc<+1, false, true>(n, n, D, c.Q, D, c.K, D, c.P, n);
+    // through P = A * (S + 1), S = Q K^T (as chain_recompute left it), A_ij = c_ij eta_j and
+    // a_j = c_{n-1,j} eta_j
     TTT_SYNC();
     acc_t* deta = static_cast<acc_t*>(p.deta) + bh * p.L + t0;
     TTT_PAR_FOR(j, n) {
@@ -367,14 +368,14 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
       for (int i = 0; i < n; ++i) {
         const acc_t cf = coef(p, scale, g, i, j);
         if (cf == acc_t(0)) continue;
-        s += c.dP[i * n + j] * (c.P[i * n + j] + acc_t(1)) * cf;
+        s += c.dP[i * n + j] * (c.S[i * n + j] + acc_t(1)) * cf;
       }
       deta[j] = s;
     }
     if (p.causal) {
       TTT_PAR_FOR(i, n) {
         acc_t s = 0;
-        for (int j = 0; j <= i; ++j) s += c.dP[i * n + j] * (c.P[i * n + j] + acc_t(1)) * c.eta[j];
+        for (int j = 0; j <= i; ++j) s += c.dP[i * n + j] * (c.S[i * n + j] + acc_t(1)) * c.eta[j];
         if (g.G) {  // Z' -= s_i (q_i Gw + gb)
           for (int col = 0; col < D; ++col) s -= c.QG[i * D + col] * c.DZ[i * D + col];
         }
@@ -387,7 +388,7 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
       }
     }
     TTT_SYNC();
-    TTT_PAR_FOR2(e, i, j, n, n) {  // dS = dP * A, the gradient of Q K^T (stored over P)
+    TTT_PAR_FOR2(e, i, j, n, n) {  // dS = dP * A, the gradient of S (stored over P, read by dG above)
       c.P[e] = c.dP[e] * coef(p, scale, g, i, j) * c.eta[j];
     }
     TTT_SYNC();
@@ -417,11 +418,7 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
       static_cast<scalar_t*>(p.dq)[row0 + e] = static_cast<scalar_t>(c.dQ[e]);
     }
     mm_acc<+1, true, false>(D, D, n, c.K, D, c.DZ, D, c.dW, D);  // dW += K^T dZ
-    TTT_PAR_FOR(col, D) {
-      acc_t s = 0;
-      for (int i = 0; i < n; ++i) s += c.DZ[i * D + col];
-      c.db[col] += s;
-    }
+    add_col_sums(n, D, c.db, [&](int i, int col) { return c.DZ[i * D + col]; });  // db += sum dZ
     TTT_SYNC();
     if (p.dW_starts != nullptr) {  // W_starts[mb] is an output too: its gradient joins dW_start
       const acc_t* dWs = static_cast<const acc_t*>(p.dW_starts) + (bh * nmb + mb) * D * D;

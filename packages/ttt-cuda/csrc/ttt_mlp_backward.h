@@ -52,11 +52,8 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
 
     // B1: output LN (DZ = d/dZq2); the end update against the carried dW_end (not yet moved)
     ln_out_bwd_rows(n, D, lnw, c.Xp, c.rstdp, c.dQ, c.DZ);
-    TTT_PAR_FOR(col, D) {
-      acc_t sw = 0, sb = 0;
-      for (int i = 0; i < n; ++i) sw += c.dQ[i * D + col] * c.Xp[i * D + col], sb += c.dQ[i * D + col];
-      c.dlnw[col] += sw, c.dlnb[col] += sb;
-    }
+    add_col_sums(n, D, c.dlnw, [&](int i, int col) { return c.dQ[i * D + col] * c.Xp[i * D + col]; });
+    add_col_sums(n, D, c.dlnb, [&](int i, int col) { return c.dQ[i * D + col]; });
     // KdW1 = K dW1_end + db1_end;  dX2 = -diag(a) G2 dW2_end^T
     TTT_PAR_FOR2(e, i, col, n, F) { c.KdW1[e] = c.db1[col], c.dX2[e] = 0; }
     mm_acc<+1, false, false>(n, F, D, c.K, D, c.dW1, F, c.KdW1, F);
@@ -121,12 +118,9 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
         mm_acc<-1, false, true>(n, D, F, c.dXq2, F, G1w, F, c.dQ, D);
     }
     TTT_SYNC();
-    // B5: through P1 = A * (Q K^T + 1); dA = dP1 * (Q K^T + 1) + dP2 * (Xq2 X2^T + 1) over dP2
-    // (Q K^T and Xq2 X2^T recomputed over P1 and P2, read for the last time in B4);
+    // B5: through P1 = A * (S1 + 1); dA = dP1 * (S1 + 1) + dP2 * (S2 + 1) over dP2 (S1 = Q K^T,
+    // S2 = Xq2 X2^T as mlp_recompute left them);
     // through G1 = H1 * gelu'(Z1): dZ1 = dG1 * H1 * gelu''(Z1) (over KdW1), dH1 = dG1 * GP
-    TTT_PAR_FOR(e, n * n) { c.P1[e] = 0, c.P2[e] = 0; }
-    mm_acc<+1, false, true>(n, n, D, c.Q, D, c.K, D, c.P1, n);
-    mm_acc<+1, false, true>(n, n, F, c.Xq2, F, c.X2, F, c.P2, n);
     TTT_PAR_FOR(e, n * F) {
       const acc_t dg1 = c.dG1[e];
       c.KdW1[e] = dg1 * c.H1[e] * gelu_tanh(c.Z1[e]).d2;
@@ -136,7 +130,7 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
     TTT_PAR_FOR2(e, i, j, n, n) {  // dA over dP2; dS1 = dP1 * A over dP1
       const acc_t cf = coef(p, scale, g, i, j);
       const acc_t dp1 = c.dP1[e];
-      c.dP2[e] = cf != acc_t(0) ? dp1 * (c.P1[e] + acc_t(1)) + c.dP2[e] * (c.P2[e] + acc_t(1))
+      c.dP2[e] = cf != acc_t(0) ? dp1 * (c.S1[e] + acc_t(1)) + c.dP2[e] * (c.S2[e] + acc_t(1))
                                 : acc_t(0);
       c.dP1[e] = dp1 * cf * c.eta[j];
     }
@@ -214,17 +208,14 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
       else
         mm_acc<-1, true, false>(D, F, n, c.Q, D, c.dXq2, F, dG1w, F);
     }
-    mm_acc<+1, true, false>(D, F, n, c.Q, D, c.dXq2, F, c.dW1, F);  // dW1 += Q^T dZq1
-    mm_acc<+1, true, false>(D, F, n, c.K, D, c.KdW1, F, c.dW1, F);  // dW1 += K^T dZ1
-    TTT_PAR_FOR(f, F) {
-      acc_t s = 0, sg = 0;
-      for (int i = 0; i < n; ++i) {
-        s += c.dXq2[i * F + f] + c.KdW1[i * F + f];
-        if (dg1b != nullptr) sg += row_scale(p, scale, g, i) * c.dXq2[i * F + f];
-      }
-      if (dg1b != nullptr) dg1b[f] = -e_end * c.db1[f] - sg;
-      c.db1[f] += s;
+    mm_acc_terms<+1, true>(D, F, {MMTerm<acc_t>{n, c.Q, D, c.dXq2, F},   // dW1 += Q^T dZq1
+                                  MMTerm<acc_t>{n, c.K, D, c.KdW1, F}},  //      + K^T dZ1
+                           c.dW1, F);
+    if (dg1b != nullptr) {
+      grad_sum_bias_grad(p, scale, g, e_end, F, c.dXq2, c.db1, dg1b);
+      TTT_SYNC();
     }
+    add_col_sums(n, F, c.db1, [&](int i, int f) { return c.dXq2[i * F + f] + c.KdW1[i * F + f]; });
     if (dG2w != nullptr) {
       TTT_PAR_FOR(e, F * D) { dG2w[e] = -e_end * c.dW2[e]; }
       if (p.causal)
@@ -232,18 +223,15 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
       else
         mm_acc<-1, true, false>(F, D, n, c.Xq2, F, c.DZ, D, dG2w, D);
     }
-    mm_acc<+1, true, false>(F, D, n, c.Xq2, F, c.DZ, D, c.dW2, D);  // dW2 += Xq2^T DZ
-    mm_acc<+1, true, false>(F, D, n, c.dG1, F, c.G2, D, c.dW2, D);  // + dH1^T G2
-    mm_acc<+1, true, false>(F, D, n, c.X2, F, c.dZ2, D, c.dW2, D);  // + X2^T dZ2
-    TTT_PAR_FOR(d, D) {
-      acc_t s = 0, sg = 0;
-      for (int i = 0; i < n; ++i) {
-        s += c.DZ[i * D + d] + c.dZ2[i * D + d];
-        if (dg2b != nullptr) sg += row_scale(p, scale, g, i) * c.DZ[i * D + d];
-      }
-      if (dg2b != nullptr) dg2b[d] = -e_end * c.db2[d] - sg;
-      c.db2[d] += s;
+    mm_acc_terms<+1, true>(F, D, {MMTerm<acc_t>{n, c.Xq2, F, c.DZ, D},  // dW2 += Xq2^T DZ
+                                  MMTerm<acc_t>{n, c.dG1, F, c.G2, D},  //      + dH1^T G2
+                                  MMTerm<acc_t>{n, c.X2, F, c.dZ2, D}},  //     + X2^T dZ2
+                           c.dW2, D);
+    if (dg2b != nullptr) {
+      grad_sum_bias_grad(p, scale, g, e_end, D, c.DZ, c.db2, dg2b);
+      TTT_SYNC();
     }
+    add_col_sums(n, D, c.db2, [&](int i, int d) { return c.DZ[i * D + d] + c.dZ2[i * D + d]; });
     TTT_SYNC();
     if (p.dW_starts != nullptr) {  // the stored start weights are outputs too
       const int64_t slot = bh * nseg + s;

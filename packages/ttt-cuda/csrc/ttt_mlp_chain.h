@@ -69,7 +69,7 @@ struct MLPBuffers {
   acc_t *W1, *b1, *W2, *b2;                                       // [D,F] [F] [F,D] [D]
   acc_t *K, *Q, *T, *X, *G2, *Xp;                                 // [n, D]
   acc_t *Z1, *X2, *GP, *G1, *Zq1, *Xq2;                           // [n, F]
-  acc_t *P1, *P2, *eta, *a, *rstd, *rstdp;                        // [n, n], [n]
+  acc_t *S1, *S2, *P1, *P2, *eta, *a, *rstd, *rstdp;              // [n, n], [n]
   acc_t *QG1, *XqG2, *red1, *red2;  // grad_sum terms: [n, F], [n, D]; bwd partials [F], [D]
   acc_t *U, *H1, *DZ, *dZ2, *dQ, *dK, *dG2, *XdW2;                // backward [n, D] / H1 [n, F]
   acc_t *dG1, *dX2, *dXq2, *KdW1, *dP1, *dP2, *da;                // backward [n, F] / [n, n] / [n]
@@ -88,7 +88,7 @@ TTT_HD int64_t carve_mlp(acc_t* base, int D, int F, int bmax, bool bwd, MLPBuffe
   take(&c->W1, DF), take(&c->b1, F), take(&c->W2, DF), take(&c->b2, D);
   take(&c->K, nD), take(&c->Q, nD), take(&c->T, nD), take(&c->X, nD), take(&c->G2, nD);
   take(&c->Xp, nD), take(&c->Z1, nF), take(&c->X2, nF), take(&c->GP, nF), take(&c->G1, nF);
-  take(&c->Zq1, nF), take(&c->Xq2, nF), take(&c->P1, nn), take(&c->P2, nn), take(&c->eta, bmax);
+  take(&c->Zq1, nF), take(&c->Xq2, nF), take(&c->S1, nn), take(&c->S2, nn), take(&c->P1, nn), take(&c->P2, nn), take(&c->eta, bmax);
   take(&c->a, bmax), take(&c->rstd, bmax), take(&c->rstdp, bmax), take(&c->QG1, nF);
   take(&c->XqG2, nD);
   if (bwd) {
@@ -126,12 +126,12 @@ TTT_HD void mlp_recompute(const MLPParams& p, const MLPBuffers<acc_t>& c, int D,
     const Gelu<acc_t> gl = gelu_tanh(c.Z1[e]);
     c.X2[e] = gl.g, c.GP[e] = gl.d1;
   }
-  // P1 = A * (Q K^T + 1)
-  TTT_PAR_FOR(e, n * n) { c.P1[e] = 0; }
-  mm_acc<+1, false, true>(n, n, D, c.Q, D, c.K, D, c.P1, n);
+  // S1 = Q K^T (kept for the backward), P1 = A * (S1 + 1)
+  TTT_PAR_FOR(e, n * n) { c.S1[e] = 0; }
+  mm_acc<+1, false, true>(n, n, D, c.Q, D, c.K, D, c.S1, n);
   TTT_PAR_FOR2(e, i, j, n, n) {
     const acc_t cf = coef(p, scale, g, i, j);
-    c.P1[e] = cf != acc_t(0) ? cf * c.eta[j] * (c.P1[e] + acc_t(1)) : acc_t(0);
+    c.P1[e] = cf != acc_t(0) ? cf * c.eta[j] * (c.S1[e] + acc_t(1)) : acc_t(0);
   }
   if (g.G) {  // QG1 = Q G1w + g1b (layer 1's grad_sum seen by every query)
     const acc_t* Gw = static_cast<const acc_t*>(p.G0) + bh * D * F;
@@ -162,12 +162,12 @@ TTT_HD void mlp_recompute(const MLPParams& p, const MLPBuffers<acc_t>& c, int D,
   }
   TTT_PAR_FOR(e, n * F) { c.Xq2[e] = gelu_tanh(c.Zq1[e]).g; }  // a plain loop: it vectorises
   TTT_SYNC();
-  // P2 = A * (Xq2 X2^T + 1)
-  TTT_PAR_FOR(e, n * n) { c.P2[e] = 0; }
-  mm_acc<+1, false, true>(n, n, F, c.Xq2, F, c.X2, F, c.P2, n);
+  // S2 = Xq2 X2^T (kept for the backward), P2 = A * (S2 + 1)
+  TTT_PAR_FOR(e, n * n) { c.S2[e] = 0; }
+  mm_acc<+1, false, true>(n, n, F, c.Xq2, F, c.X2, F, c.S2, n);
   TTT_PAR_FOR2(e, i, j, n, n) {
     const acc_t cf = coef(p, scale, g, i, j);
-    c.P2[e] = cf != acc_t(0) ? cf * c.eta[j] * (c.P2[e] + acc_t(1)) : acc_t(0);
+    c.P2[e] = cf != acc_t(0) ? cf * c.eta[j] * (c.S2[e] + acc_t(1)) : acc_t(0);
   }
   if (g.G) {  // XqG2 = Xq2 G2w + g2b (layer 2's grad_sum)
     const acc_t* Gw = static_cast<const acc_t*>(p.G20) + bh * F * D;

@@ -71,13 +71,19 @@ def test_matches_fp64_reference(case):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9, msg=lambda m, n=name: f"d{n}: {m}")
 
 
+def start_weights(B, H, D, g):
+    """Per-sample fp64 start weights W0 [B, H, D, D], b0 [B, H, D] that require grad."""
+    W0 = (torch.randn(B, H, D, D, generator=g, dtype=torch.float64) * 0.3).requires_grad_()
+    b0 = (torch.randn(B, H, D, generator=g, dtype=torch.float64) * 0.1).requires_grad_()
+    return W0, b0
+
+
 def test_initial_and_final_state_gradients_match_reference():
     """Per-sample start weights in, end weights out: both carry gradients."""
     B, H, L, D, b = 2, 2, 8, 5, 4
     x = make_inputs(B, H, L, D, seed=3)
     g = torch.Generator().manual_seed(4)
-    W0 = (torch.randn(B, H, D, D, generator=g, dtype=torch.float64) * 0.3).requires_grad_()
-    b0 = (torch.randn(B, H, D, generator=g, dtype=torch.float64) * 0.1).requires_grad_()
+    W0, b0 = start_weights(B, H, D, g)
     scale = scale_vector("mean", b)
     args = (x["q"], x["k"], x["v"], x["eta"], W0, b0, x["ln_weight"], x["ln_bias"])
     o, W_end, b_end, W_starts, _ = linear_fwd(*args, scale, b, True, 1e-6)
@@ -132,8 +138,7 @@ def test_gradcheck_finite_differences(causal, end_unscaled, options):
     B, H, L, D, b = 1, 2, 5, 3, 2
     x = make_inputs(B, H, L, D, seed=5)
     g = torch.Generator().manual_seed(6)
-    W0 = (torch.randn(B, H, D, D, generator=g, dtype=torch.float64) * 0.3).requires_grad_()
-    b0 = (torch.randn(B, H, D, generator=g, dtype=torch.float64) * 0.1).requires_grad_()
+    W0, b0 = start_weights(B, H, D, g)
     scale = (0.5 + torch.rand(b, generator=g, dtype=torch.float64)).requires_grad_(causal)
 
     def f(q, k, v, eta, W0, b0, lnw, lnb, scale):
@@ -141,6 +146,26 @@ def test_gradcheck_finite_differences(causal, end_unscaled, options):
                           **options_kw(options))  # fmt: skip
 
     args = (x["q"], x["k"], x["v"], x["eta"], W0, b0, x["ln_weight"], x["ln_bias"], scale)
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "used", [(0,), (0, 3), (4,), (1, 2)], ids=["o", "o-W_starts", "b_starts", "end"]
+)
+def test_gradcheck_outputs_the_loss_leaves_out(used):
+    """Outputs the loss does not use reach the backward as None (their zero gradient is not
+    materialised: the start weights are large); the gradient through the used ones still matches
+    finite differences, also when only one of W_starts / b_starts is used."""
+    B, H, L, D, b = 1, 2, 5, 3, 2
+    x = make_inputs(B, H, L, D, seed=8)
+    W0, b0 = start_weights(B, H, D, torch.Generator().manual_seed(9))
+    scale = scale_vector("mean", b)
+
+    def f(q, k, v, eta, W0, b0):
+        outs = linear_fwd(q, k, v, eta, W0, b0, x["ln_weight"], x["ln_bias"], scale, b, True, 1e-6)
+        return tuple(outs[i] for i in used)
+
+    args = (x["q"], x["k"], x["v"], x["eta"], W0, b0)
     assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
@@ -179,6 +204,7 @@ BLOCK_CASES = [
     (2, 2, 21, 8, 8, 16, OPTIONS[0]),
     (1, 1, 40, 64, 16, 256, OPTIONS[0]),  # the kernels' launch: 256 threads, head dim 64
     (2, 1, 19, 8, 8, 5, ("value", False)),  # both options off their defaults
+    (1, 2, 13, 12, 5, 4, OPTIONS[0]),  # D=12, b=5: fp32 panels of B^T in 8x8 blocks plus edges
 ]
 
 

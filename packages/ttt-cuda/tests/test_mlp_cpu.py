@@ -143,6 +143,8 @@ BLOCK_CASES = [  # B, H, L, D, F, b, threads, (reconstruction_target, output_res
     (2, 2, 11, 8, 32, 4, 3, OPTIONS[0]),
     (1, 1, 20, 64, 256, 8, 256, OPTIONS[0]),
     (1, 2, 11, 8, 32, 4, 5, ("value", False)),  # both options off their defaults
+    (1, 1, 13, 12, 20, 5, 3, OPTIONS[0]),  # D=12, F=20: fp32 panels of B^T in blocks plus edges
+    (1, 1, 45, 16, 272, 20, 3, OPTIONS[0]),  # F=272, b=20: scaled products in two blocks of rows
 ]
 
 

@@ -227,6 +227,9 @@ _FWD_NAMES = ("q", "k", "v", "eta", "W0", "b0", "ln_weight", "ln_bias", "scale",
 def _setup_context(ctx, inputs, output):
     a = {**_FWD_DEFAULTS, **dict(zip(_FWD_NAMES, inputs))}  # by name (trailing defaults omitted)
     _, _, _, W_starts, b_starts = output
+    # an output the loss does not use gets None, not a materialised zero gradient: the per-segment
+    # start weights are large (nseg copies of the weights) and rarely used
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(a["q"], a["k"], a["v"], a["eta"], W_starts, b_starts, a["ln_weight"],
                           a["ln_bias"], a["scale"], a["G0"], a["gb0"])  # fmt: skip
     ctx.mini_batch_size, ctx.causal, ctx.eps = a["mini_batch_size"], a["causal"], a["eps"]
@@ -244,8 +247,9 @@ def _backward(ctx, dO, dW_end, db_end, dW_starts, db_starts):
         dW_end = W_starts.new_zeros(B, H, D, D)
     if db_end is None:
         db_end = b_starts.new_zeros(B, H, D)
-    if dW_starts is None or db_starts is None:
-        dW_starts = db_starts = None
+    if dW_starts is not None or db_starts is not None:  # one of them used: the other is zero
+        dW_starts = torch.zeros_like(W_starts) if dW_starts is None else dW_starts
+        db_starts = torch.zeros_like(b_starts) if db_starts is None else db_starts
     dq, dk, dv, deta, dW0, db0, dlnw, dlnb, dscale, dG0, dgb0 = linear_bwd(
         dO,
         dW_end,

@@ -217,6 +217,9 @@ _NAMES = ("q", "k", "v", "eta", "W10", "b10", "W20", "b20", "ln_weight", "ln_bia
 def _setup_context(ctx, inputs, output):
     a = {**_DEFAULTS, **dict(zip(_NAMES, inputs))}  # by name (trailing defaults omitted)
     starts = output[5:]
+    # an output the loss does not use gets None, not a materialised zero gradient: the per-segment
+    # start weights are large (nseg copies of the weights) and rarely used
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(a["q"], a["k"], a["v"], a["eta"], *starts, a["ln_weight"],
                           a["ln_bias"], a["scale"], a["G10"], a["gb10"], a["G20"], a["gb20"])  # fmt: skip
     ctx.kw = {n: a[n] for n in ("mini_batch_size", "causal", "eps", "end_unscaled", "offset",

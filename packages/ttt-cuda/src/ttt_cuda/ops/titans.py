@@ -198,6 +198,9 @@ _NAMES = ("q", "k", "v", "eta", "mom", "dec", "W0", "b0", "C0", "cb0", "S0", "sb
 def _setup_context(ctx, inputs, output):
     a = {**_DEFAULTS, **dict(zip(_NAMES, inputs))}  # by name (trailing defaults omitted)
     W_starts, b_starts, S_starts, sb_starts = output[5:]
+    # an output the loss does not use gets None, not a materialised zero gradient: the per-segment
+    # start weights are large (nseg copies of the weights) and rarely used
+    ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(S_starts, sb_starts)
     ctx.save_for_backward(a["q"], a["k"], a["v"], a["eta"], a["mom"], a["dec"], a["C0"], a["cb0"],
                           W_starts, b_starts, S_starts, sb_starts, a["ln_weight"],
