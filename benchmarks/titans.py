@@ -154,7 +154,7 @@ def bench_memory(
     for b, n, c, h, chunk, inner in shapes:
         torch.manual_seed(0)
         x = torch.randn(b, n, c)
-        mem_backend = backend if inner == "linear" else "torch"  # no fused Titans TTT-MLP
+        mem_backend = backend
         cfg = MemoryConfig(inner=inner, num_heads=h, chunk=chunk, mlp_ratio=4, backend=mem_backend)
         mem = NeuralMemory(c, cfg)
         meta = MetaLearner(c, h, MetaConfig(hidden=c))

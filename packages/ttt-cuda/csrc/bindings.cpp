@@ -191,6 +191,13 @@ PYBIND11_MODULE(_C, m) {
   TTT_PTR_PROPERTY_OF(titans_mlp, ttt::TitansMLPParams, dcb20, void);
   TTT_PTR_PROPERTY_OF(titans_mlp, ttt::TitansMLPParams, dS20, void);
   TTT_PTR_PROPERTY_OF(titans_mlp, ttt::TitansMLPParams, dsb20, void);
+  TTT_PTR_PROPERTY_OF(titans_mlp, ttt::TitansMLPParams, C_starts, void);
+  TTT_PTR_PROPERTY_OF(titans_mlp, ttt::TitansMLPParams, cb_starts, void);
+  TTT_PTR_PROPERTY_OF(titans_mlp, ttt::TitansMLPParams, C2_starts, void);
+  TTT_PTR_PROPERTY_OF(titans_mlp, ttt::TitansMLPParams, cb2_starts, void);
+  m.def("titans_mlp_num_blocks", &ttt::titans_mlp_num_blocks, py::arg("L"),
+        py::arg("mini_batch_size"), py::arg("offset"), py::arg("unbounded"),
+        "Blocks of a Titans-form TTT-MLP call (the op's per-block starts).");
   m.def("titans_mlp_workspace_elems", &ttt::titans_mlp_workspace_elems, py::arg("D"), py::arg("F"),
         py::arg("mini_batch_size"), py::arg("backward"));
   m.def("titans_mlp_fwd_cpu", &ttt::titans_mlp_fwd_cpu, py::arg("params"), py::arg("threads"),

@@ -24,7 +24,13 @@ int64_t mlp_workspace_elems(int D, int F, int mini_batch_size, bool backward) {
 
 int64_t titans_mlp_workspace_elems(int D, int F, int mini_batch_size, bool backward) {
   TitansMLPBuffers<float> c;
-  return carve_titans_mlp<float>(nullptr, D, F, mini_batch_size, backward, &c);
+  return carve_titans_mlp<float>(nullptr, D, F, titans_mlp_block(mini_batch_size), backward, &c);
+}
+
+int titans_mlp_num_blocks(int L, int mini_batch_size, int offset, bool unbounded) {
+  LinearParams p;
+  p.L = L, p.mini_batch_size = mini_batch_size, p.offset = offset, p.unbounded = unbounded;
+  return titans_mlp_count_blocks(p);
 }
 
 int64_t titans_workspace_elems(int D, int mini_batch_size, bool backward) {

@@ -147,7 +147,14 @@ struct TitansParams : LinearParams, TitansFields {};
 
 // TTT-MLP in the Titans form: MLPParams (layer 1 W0/b0, layer 2 W20/b20 as P, their W_end /
 // W_starts / dW*), the Titans fields of layer 1 and these of layer 2 [F, D] / [D].
+// A mini-batch is read in blocks of at most titans_mlp_block(mini_batch_size) tokens (the chain's
+// n x n tiles stay small); the per-block starts hold P (W_starts.., MLPParams), W (C_starts..)
+// and S (S_starts.., S2_starts..) at each block start, [B, H, nblk, ...].
 struct TitansMLPParams : MLPParams, TitansFields {
+  void* C_starts = nullptr;         // [B, H, nblk, D, F] acc: layer 1's W at each block start
+  void* cb_starts = nullptr;        // [B, H, nblk, F] acc
+  void* C2_starts = nullptr;        // [B, H, nblk, F, D] acc
+  void* cb2_starts = nullptr;       // [B, H, nblk, D] acc
   const void* C20 = nullptr;        // [B, H, F, D] acc: layer 2's weights W at the start
   const void* cb20 = nullptr;       // [B, H, D] acc
   const void* S20 = nullptr;        // [B, H, F, D] acc: layer 2's momentum at the start
@@ -169,6 +176,8 @@ int64_t linear_workspace_elems(int D, int mini_batch_size, bool backward);
 int64_t titans_workspace_elems(int D, int mini_batch_size, bool backward);
 int64_t mlp_workspace_elems(int D, int F, int mini_batch_size, bool backward);
 int64_t titans_mlp_workspace_elems(int D, int F, int mini_batch_size, bool backward);
+// The Titans-form TTT-MLP's blocks of a call (the op's [B, H, nblk, ...] starts).
+int titans_mlp_num_blocks(int L, int mini_batch_size, int offset, bool unbounded);
 
 // Whether the CPU entry points run the AVX2 build of the chains (x86-64 builds with TTT_CPU_AVX2
 // on a CPU that has AVX2; the results are the same bits either way).

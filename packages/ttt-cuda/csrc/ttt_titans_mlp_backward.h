@@ -1,6 +1,8 @@
-// Backward of the Titans-form TTT-MLP chain (ttt_titans_mlp_chain.h). Segments in reverse, each
-// recomputed from its stored P and S_0; carries dW (d/d each layer's weights after the segment, in
-// m.dW1..m.db2) and dS (d/d its momentum). Per segment, with dY2 = the output LN's backward:
+// Backward of the Titans-form TTT-MLP chain (ttt_titans_mlp_chain.h). Blocks in reverse, each
+// recomputed from its stored P, W_0 and S_0; carries dW (d/d each layer's weights after the block,
+// in m.dW1..m.db2), dS (d/d its momentum) and dP (d/d the gradient point after it); where a block
+// completes its mini-batch, P after it is W after it: dW += dP, dP <- 0. Per block, with dY2 =
+// the output LN's backward:
 //   end update (per layer, against the carries):  XdW = X dW + db, XdS = X dS + dsb,
 //     dX -= diag(cw) g dW^T + diag(cu) g dS^T,  dg = -(cw XdW + cu XdS),
 //     d cw_t = -XdW_t . g_t, d cu_t = -XdS_t . g_t;  D_last, c0_last, m get <W_0, dW>, <S_0, dW>,
@@ -8,8 +10,8 @@
 //   reads (titans_read_bwd, layer 2 with dY2, then layer 1 with dY1 = dh2 * gelu'(Y1))
 //   coefficients: titans_coefs_bwd (ttt_titans_backward.h) -> dmom, ddec
 //   key pass at P: through G1 = H1 * gelu'(Z1), H1 = G2 P2^T, G2 = lnloss(Z2), Z2 = X2 P2 + pb2,
-//     X2 = gelu(Z1), Z1 = K P1 + pb1 -> dk, dv, d LN, dP (which joins dW: W_0 = P after a
-//     completed segment; the first segment's W_0 is the input C0, its P the input W0)
+//     X2 = gelu(Z1), Z1 = K P1 + pb1 -> dk, dv, d LN, dP
+// The first block's W_0, P and S_0 are the inputs C0.., W0.., S0..: dC0 = dW, dW0 = dP, dS0 = dS.
 #pragma once
 #include "ttt_titans_backward.h"   // titans_coefs_bwd
 #include "ttt_titans_mlp_chain.h"
@@ -101,11 +103,24 @@ TTT_HD void titans_carry_dots(const TitansLayer<acc_t>& l, const acc_t* dW, cons
   }
 }
 
+// carry += dP, dP <- 0 (count elements).
+template <typename acc_t>
+TTT_HD void titans_join_carry(int64_t count, acc_t* dP, acc_t* carry) {
+  TTT_PAR_FOR(e, count) { carry[e] += dP[e], dP[e] = 0; }
+}
+
+// acc += src's slot (count elements each).
+template <typename acc_t>
+TTT_HD void titans_add_slot(int64_t count, acc_t* acc, const void* src, int64_t slot) {
+  const acc_t* s = static_cast<const acc_t*>(src) + slot * count;
+  TTT_PAR_FOR(e, count) { acc[e] += s[e]; }
+}
+
 template <typename scalar_t, typename acc_t>
 TTT_HD void titans_mlp_bwd_chain(const TitansMLPParams& p, acc_t* ws, int D, int F, int bi,
                                  int hi) {
   TitansMLPBuffers<acc_t> c;
-  const int bmax = p.mini_batch_size, NC = bmax + 2, R = F + D;
+  const int bmax = titans_mlp_block(p.mini_batch_size), NC = bmax + 2, R = F + D;
   carve_titans_mlp<acc_t>(ws, D, F, bmax, true, &c);
   const MLPBuffers<acc_t>& m = c.m;
   const int64_t bh = static_cast<int64_t>(bi) * p.H + hi, DF = static_cast<int64_t>(D) * F;
@@ -116,22 +131,20 @@ TTT_HD void titans_mlp_bwd_chain(const TitansMLPParams& p, acc_t* ws, int D, int
   titans_load_or_zero(m.dW2, p.dW2_end, DF, bh), titans_load_or_zero(m.db2, p.db2_end, D, bh);
   titans_load_or_zero(c.dS1, p.dS_end, DF, bh), titans_load_or_zero(c.dsb1, p.dsb_end, F, bh);
   titans_load_or_zero(c.dS2, p.dS2_end, DF, bh), titans_load_or_zero(c.dsb2, p.dsb2_end, D, bh);
-  TTT_PAR_FOR(d, D) { m.dlnw[d] = 0, m.dlnb[d] = 0; }
-  const int nseg = p.num_segments();
-  for (int s = nseg - 1; s >= 0; --s) {
-    const Segment g = segment(p, s);
+  TTT_PAR_FOR(e, DF) { c.dP1[e] = 0, c.dP2[e] = 0; }
+  TTT_PAR_FOR(f, F) { c.dpb1[f] = 0; }
+  TTT_PAR_FOR(d, D) { c.dpb2[d] = 0, m.dlnw[d] = 0, m.dlnb[d] = 0; }
+  TTT_SYNC();
+  const int nblk = titans_mlp_count_blocks(p);
+  for (int b = nblk - 1; b >= 0; --b) {
+    const Segment g = titans_mlp_block_at(p, b);
     const int t0 = g.t0, n = g.n, last = (n - 1) * NC;
-    const int64_t slot = bh * nseg + s, row = bh * p.L + t0;
+    const int64_t row = bh * p.L + t0, slot = bh * nblk + b;
     acc_t* deta = static_cast<acc_t*>(p.deta) + row;
-    mlp_copy(m, D, F, slot, true, p.W_starts, p.b_starts, p.W2_starts, p.b2_starts);  // P
-    titans_copy(c.S1, c.sb1, p.S_starts, p.sb_starts, D, F, slot, true);
-    titans_copy(c.S2, c.sb2, p.S2_starts, p.sb2_starts, F, D, slot, true);
-    if (s == 0) {  // the input's current weights
-      titans_copy(c.W1c, c.b1c, p.C0, p.cb0, D, F, bh, true);
-      titans_copy(c.W2c, c.b2c, p.C20, p.cb20, F, D, bh, true);
-    } else {  // W_0 = P
-      titans_copy(c.W1c, c.b1c, p.W_starts, p.b_starts, D, F, slot, true);
-      titans_copy(c.W2c, c.b2c, p.W2_starts, p.b2_starts, F, D, slot, true);
+    titans_mlp_copy_starts(p, c, D, F, slot, true);  // P, W_0, S_0
+    if (g.completes) {  // P after this block is W after it
+      titans_join_carry(DF, c.dP1, m.dW1), titans_join_carry<acc_t>(F, c.dpb1, m.db1);
+      titans_join_carry(DF, c.dP2, m.dW2), titans_join_carry<acc_t>(D, c.dpb2, m.db2);
     }
     TTT_PAR_FOR2(e, i, col, n, D) {  // dQ holds dO until the output LN's backward has read it
       m.dQ[e] = ld<scalar_t, acc_t>(p.dO, bi * p.do_sb + hi * p.do_sh + (t0 + i) * p.do_sl + col);
@@ -257,44 +270,32 @@ TTT_HD void titans_mlp_bwd_chain(const TitansMLPParams& p, acc_t* ws, int D, int
       static_cast<scalar_t*>(p.dq)[row * D + e] = static_cast<scalar_t>(m.dQ[e]);
     }
     TTT_SYNC();
-    if (s == 0) {  // the start's W_0 is the input C0 (its P is W0): d W_0 leaves the carry
-      titans_copy(m.dW1, m.db1, p.dC0, p.dcb0, D, F, bh, false);
-      titans_copy(m.dW2, m.db2, p.dC20, p.dcb20, F, D, bh, false);
-      TTT_SYNC();
-      TTT_PAR_FOR(e, D * F) { m.dW1[e] = 0, m.dW2[e] = 0; }
-      TTT_PAR_FOR(f, F) { m.db1[f] = 0; }
-      TTT_PAR_FOR(d, D) { m.db2[d] = 0; }
-      TTT_SYNC();
-    }
-    // B8: d P joins the carry: dW1 += K^T dZ1, dW2 += dH1^T G2 + X2^T dZ2 (and the biases), plus
-    // the stored P's own gradient
-    mm_acc<+1, true, false>(D, F, n, m.K, D, m.KdW1, F, m.dW1, F);
-    mm_acc<+1, true, false>(F, D, n, m.dG1, F, m.G2, D, m.dW2, D);
-    mm_acc<+1, true, false>(F, D, n, m.X2, F, m.dZ2, D, m.dW2, D);
+    // B8: the key pass's d P joins P's carry: dP1 += K^T dZ1, dP2 += dH1^T G2 + X2^T dZ2 (and
+    // the biases), plus the stored P's own gradient
+    mm_acc<+1, true, false>(D, F, n, m.K, D, m.KdW1, F, c.dP1, F);
+    mm_acc<+1, true, false>(F, D, n, m.dG1, F, m.G2, D, c.dP2, D);
+    mm_acc<+1, true, false>(F, D, n, m.X2, F, m.dZ2, D, c.dP2, D);
     TTT_PAR_FOR(f, F) {
       acc_t sum = 0;
       for (int i = 0; i < n; ++i) sum += m.KdW1[i * F + f];
-      m.db1[f] += sum;
+      c.dpb1[f] += sum;
     }
     TTT_PAR_FOR(d, D) {
       acc_t sum = 0;
       for (int i = 0; i < n; ++i) sum += m.dZ2[i * D + d];
-      m.db2[d] += sum;
+      c.dpb2[d] += sum;
     }
     TTT_SYNC();
     if (p.dW_starts != nullptr) {
-      const acc_t* dW1s = static_cast<const acc_t*>(p.dW_starts) + slot * DF;
-      const acc_t* db1s = static_cast<const acc_t*>(p.db_starts) + slot * F;
-      const acc_t* dW2s = static_cast<const acc_t*>(p.dW2_starts) + slot * DF;
-      const acc_t* db2s = static_cast<const acc_t*>(p.db2_starts) + slot * D;
-      TTT_PAR_FOR(e, D * F) { m.dW1[e] += dW1s[e], m.dW2[e] += dW2s[e]; }
-      TTT_PAR_FOR(f, F) { m.db1[f] += db1s[f]; }
-      TTT_PAR_FOR(d, D) { m.db2[d] += db2s[d]; }
+      titans_add_slot(DF, c.dP1, p.dW_starts, slot), titans_add_slot(F, c.dpb1, p.db_starts, slot);
+      titans_add_slot(DF, c.dP2, p.dW2_starts, slot), titans_add_slot(D, c.dpb2, p.db2_starts, slot);
       TTT_SYNC();
     }
   }
-  titans_copy(m.dW1, m.db1, p.dW0, p.db0, D, F, bh, false);
-  titans_copy(m.dW2, m.db2, p.dW20, p.db20, F, D, bh, false);
+  titans_copy(m.dW1, m.db1, p.dC0, p.dcb0, D, F, bh, false);
+  titans_copy(m.dW2, m.db2, p.dC20, p.dcb20, F, D, bh, false);
+  titans_copy(c.dP1, c.dpb1, p.dW0, p.db0, D, F, bh, false);
+  titans_copy(c.dP2, c.dpb2, p.dW20, p.db20, F, D, bh, false);
   titans_copy(c.dS1, c.dsb1, p.dS0, p.dsb0, D, F, bh, false);
   titans_copy(c.dS2, c.dsb2, p.dS20, p.dsb20, F, D, bh, false);
   TTT_PAR_FOR(d, D) {
