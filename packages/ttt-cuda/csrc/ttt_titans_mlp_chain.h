@@ -25,7 +25,7 @@
 
 namespace ttt {
 
-constexpr int kTitansMLPBlock = 16;  // tokens per block at most
+constexpr int kTitansMLPBlock = 32;  // tokens per block at most
 
 // Tokens per block (and the chain's tile rows): the mini-batch, at most kTitansMLPBlock.
 TTT_HD int titans_mlp_block(int mini_batch_size) {

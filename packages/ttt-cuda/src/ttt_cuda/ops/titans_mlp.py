@@ -15,7 +15,7 @@ with S carried across mini-batches and P <- W at each mini-batch end. Shapes (va
 
 ``titans_mlp_fwd`` returns ``(o, *W_end, *S_end, *P_starts, *S_starts, *C_starts)``, each group
 of four in the order (W1, b1, W2, b2): the weights and momentum after the last token and, per block
-([B, H, nblk, ...]: each mini-batch segment read in blocks of at most 16 tokens, the C++ chain's
+([B, H, nblk, ...]: each mini-batch segment read in blocks of at most 32 tokens, the C++ chain's
 rule, ``titans_mlp_num_blocks``), P, S and W at its start (the backward recomputes from them).
 S_starts and C_starts are not differentiable outputs. ``reconstruction_target`` /
 ``output_residual``: ttt-core's options.
