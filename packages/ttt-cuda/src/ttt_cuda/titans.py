@@ -36,7 +36,10 @@ def titans_call(q, k, v, eta, ln_weight, ln_bias, *, momentum, decay, state: Any
     dec = zeros if decay is None else decay.to(acc)
     P = op_layout(state.params, acc)  # per weight: W (B, H, Din, Dout), b (B, H, Dout)
     C = P if state.current is None else op_layout(state.current, acc)
-    S = [torch.zeros_like(t) for t in P] if state.momentum is None else op_layout(state.momentum, acc)
+    if state.momentum is None:  # S starts at zero
+        S = [torch.zeros_like(t) for t in P]
+    else:
+        S = op_layout(state.momentum, acc)
     fwd = titans_fwd if nw == 2 else titans_mlp_fwd
     o, *rest = fwd(
         q, k, v, eta.to(acc), mom, dec, *P, *C, *S, ln_weight.to(acc), ln_bias.to(acc),

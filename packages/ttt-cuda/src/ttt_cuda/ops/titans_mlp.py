@@ -31,6 +31,7 @@ from ttt_cuda.ops.launch import first_order_only, launch, params, rowmajor
 
 __all__ = ["titans_mlp_bwd", "titans_mlp_fwd"]
 
+
 def _titans_mlp_params(q, k, v, eta, mom, dec, ln_weight, ln_bias, F, mini_batch_size, eps,
                        offset, unbounded, reconstruction_target, output_residual):  # fmt: skip
     # scale is unused by the Titans form (no token scale): pass any acc tensor's pointer
