@@ -132,6 +132,23 @@ TTT_HD void ln_loss_grad_bwd_rows(int n, int D, const acc_t* lnw, const acc_t* x
   for_row_groups(n, LnLossGradBwdRows<acc_t>{D, lnw, x, G, rstd, dG, U, dZ});
 }
 
+// d gamma, d beta of the LN loss through U = gamma (gamma X + beta - T), from dU (what
+// ln_loss_grad_bwd_rows leaves over U), accumulated per column over the n rows in order:
+//   d gamma += sum_i dU_i (2 gamma X_i + beta - T_i),  d beta += sum_i dU_i gamma
+template <typename acc_t>
+TTT_HD void ln_loss_param_grads(int n, int D, const acc_t* lnw, const acc_t* lnb, const acc_t* X,
+                                const acc_t* T, const acc_t* dU, acc_t* dlnw, acc_t* dlnb) {
+  TTT_PAR_FOR(col, D) {
+    acc_t sw = 0, sb = 0;
+    for (int i = 0; i < n; ++i) {
+      const int e = i * D + col;
+      sw += dU[e] * (acc_t(2) * lnw[col] * X[e] + lnb[col] - T[e]);
+      sb += dU[e] * lnw[col];
+    }
+    dlnw[col] += sw, dlnb[col] += sb;
+  }
+}
+
 // Backward of the output LN: DZ = d/dZ' of gamma * LN(Z') + beta for upstream dO (rows of x =
 // LN(Z') normalised, rstd their 1/sigma).
 template <typename acc_t>

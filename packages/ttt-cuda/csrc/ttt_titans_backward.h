@@ -185,15 +185,7 @@ TTT_HD void titans_bwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
     // B6: LN params through U; dk, dv, dq; the weight gradients of this segment join the carries:
     //   d W_0 = sum_i D_i q_i^T DZ_i + D_last dW,  d P = K^T dZ (+ the stored P's gradient),
     //   d S_0 = sum_i c0_i q_i^T DZ_i + c0_last dW + m dS
-    TTT_PAR_FOR(col, D) {
-      acc_t sw = 0, sb = 0;
-      for (int i = 0; i < n; ++i) {
-        const int e = i * D + col;
-        sw += c.U[e] * (acc_t(2) * lnw[col] * c.X[e] + lnb[col] - c.T[e]);
-        sb += c.U[e] * lnw[col];
-      }
-      c.dlnw[col] += sw, c.dlnb[col] += sb;
-    }
+    ln_loss_param_grads(n, D, lnw, lnb, c.X, c.T, c.U, c.dlnw, c.dlnb);
     mm_acc<+1, false, true>(n, D, D, c.KdW, D, c.W, D, c.dK, D);  // dK += dZ P^T
     TTT_SYNC();
     TTT_PAR_FOR2(e, i, col, n, D) {

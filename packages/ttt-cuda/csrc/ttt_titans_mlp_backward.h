@@ -247,15 +247,7 @@ TTT_HD void titans_mlp_bwd_chain(const TitansMLPParams& p, acc_t* ws, int D, int
     TTT_SYNC();
     // B7: d gamma, d beta through U; dv = dT = -gamma dU, dK += its share through T; through
     // Z2 = X2 P2 + pb2 and X2 = gelu(Z1): dX2 += dZ2 P2^T, dZ1 += dX2 * gelu'(Z1)
-    TTT_PAR_FOR(col, D) {
-      acc_t sw = 0, sb = 0;
-      for (int i = 0; i < n; ++i) {
-        const int e = i * D + col;
-        sw += m.U[e] * (acc_t(2) * lnw[col] * m.X[e] + lnb[col] - m.T[e]);
-        sb += m.U[e] * lnw[col];
-      }
-      m.dlnw[col] += sw, m.dlnb[col] += sb;
-    }
+    ln_loss_param_grads(n, D, lnw, lnb, m.X, m.T, m.U, m.dlnw, m.dlnb);
     TTT_PAR_FOR2(e, i, col, n, D) {
       const acc_t dt = -(lnw[col] * m.U[e]);
       m.dK[e] += loss_target_dk<acc_t>(p.value_target, dt);

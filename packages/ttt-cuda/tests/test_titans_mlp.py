@@ -14,6 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from ttt_cuda_reference import (
     OPTION_CASES,
     OPTIONS,
+    assert_block_schedule_equals_serial,
     assert_cpp_matches_torch_one_call,
     assert_grads_close,
     assert_outputs_and_grads_close,
@@ -179,8 +180,6 @@ def test_gradcheck_finite_differences(offset, b, options):
 def test_block_schedule_equals_serial(monkeypatch):
     """The chain run as a CUDA block runs it (16 threads + barriers) equals the serial run bit for
     bit, forward and backward, from a state cut inside a mini-batch."""
-    import ttt_cuda.ops.launch as ops
-
     args = [t.detach().float().requires_grad_() for t in _op_args(L=11, D=5, F=9, offset=3)]
 
     def run():
@@ -188,10 +187,7 @@ def test_block_schedule_equals_serial(monkeypatch):
         loss = outs[0].square().sum() + outs[1].sum() + outs[6].sum() + outs[9].sum()
         return (*outs, *torch.autograd.grad(loss, args))
 
-    serial = run()
-    monkeypatch.setattr(ops, "CPU_BLOCK_THREADS", 16)
-    for got, want in zip(run(), serial):
-        assert torch.equal(got, want)
+    assert_block_schedule_equals_serial(monkeypatch, run)
 
 
 def test_opcheck():

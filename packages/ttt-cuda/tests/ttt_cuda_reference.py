@@ -273,3 +273,15 @@ def assert_outputs_and_grads_close(got, want, inputs, names, tol):
     for name, a, b in zip(names, g, r):
         torch.testing.assert_close(a, b, rtol=10 * tol, atol=10 * tol,
                                    msg=lambda m, n=name: f"d{n}: {m}")  # fmt: skip
+
+
+def assert_block_schedule_equals_serial(monkeypatch, run, threads=16):
+    """``run()`` (a tuple of tensors: outputs and gradients) run as a CUDA block runs the chains
+    (``threads`` threads per chain + barriers, ``CPU_BLOCK_THREADS``) equals the serial run bit
+    for bit."""
+    import ttt_cuda.ops.launch as ops
+
+    serial = run()
+    monkeypatch.setattr(ops, "CPU_BLOCK_THREADS", threads)
+    for got, want in zip(run(), serial, strict=True):
+        assert torch.equal(got, want)
