@@ -145,7 +145,7 @@ TTT_HD void titans_layer_update(const TitansLayer<acc_t>& l, int n, acc_t Dl, ac
 template <typename scalar_t, typename acc_t>
 TTT_HD void titans_recompute(const TitansParams& p, const TitansBuffers<acc_t>& c, int D, int bi,
                              int hi, const Segment& g, bool bwd) {
-  const int t0 = g.t0, n = g.n, bmax = p.mini_batch_size, NC = bmax + 2;
+  const int t0 = g.t0, n = g.n, bmax = p.mini_batch_size;
   const int64_t row = (static_cast<int64_t>(bi) * p.H + hi) * p.L + t0;
   const acc_t* lnw = static_cast<const acc_t*>(p.ln_w) + static_cast<int64_t>(hi) * D;
   const acc_t* lnb = static_cast<const acc_t*>(p.ln_b) + static_cast<int64_t>(hi) * D;
