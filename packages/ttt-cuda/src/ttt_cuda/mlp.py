@@ -9,6 +9,9 @@ tokens in mini-batches of b, gradients at the mini-batch's start weights,
     non-causal:  W_i = W_start - sum_j eta_j grad l_j(W_start)
     o_i = q_i + LN_h(f_{W_i}(q_i)) (or LN_h(...) alone: output_residual=False);  the next
     mini-batch starts from the last W_i.
+
+With ``momentum``/``decay`` (the Titans form, CPU tensors) the call goes to ``ttt_cuda.titans``
+(the ``ttt::titans_mlp_fwd`` op).
 """
 
 from __future__ import annotations
@@ -93,6 +96,8 @@ def fused_ttt_mlp(
         mini_batch_size: b (None: the whole sequence is one mini-batch).
         causal: query i sees W_i (True) or the mini-batch's end weights (False).
         token_scale: "mean", "sum" or a [b] tensor (differentiable).
+        momentum, decay: [B, H, L] Titans momentum m_j and decay a_j (causal, CPU tensors;
+            either may be None = zeros); token_scale does not apply then.
         initial_state: a ``ttt_core.TTTState`` to start from, also one cut inside a mini-batch
             (offset > 0: the call first finishes it from the state's params and grad_sum).
         output_final_state: return the state after the last token (``TTTState``); cut inside
