@@ -66,7 +66,7 @@ CASES = [
     (2, 2, 37, 12, 48, 16, "both"),  # D not a multiple of 16, F = 4D, L % b != 0
     (1, 2, 45, 10, 23, 8, "both"),  # another F
     (1, 2, 70, 8, 32, 64, "both"),  # a mini-batch longer than the chain's blocks (32)
-    (1, 1, 29, 6, 24, None, "both"),  # the whole sequence one mini-batch
+    (1, 1, 45, 6, 24, None, "both"),  # the whole sequence one mini-batch (two blocks)
     (2, 1, 20, 8, 32, 4, "momentum"),
     (1, 2, 21, 8, 32, 8, "decay"),
 ]
