@@ -208,6 +208,9 @@ def _setup_context(ctx, inputs, output):
     a = {**_DEFAULTS, **dict(zip(_NAMES, inputs))}  # by name (trailing defaults omitted)
     starts = output[9:21]  # P, S, W at each block start
     ctx.mark_non_differentiable(*starts[4:])
+    # outputs nobody differentiates (the per-block starts, mostly) reach _backward as None, not as
+    # zero-filled tensors: _backward passes None for the starts' gradients when all are None
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(*(a[n] for n in ("q", "k", "v", "eta", "mom", "dec")), *starts,
                           a["ln_weight"], a["ln_bias"])  # fmt: skip
     ctx.kw = {n: a[n] for n in ("mini_batch_size", "eps", *_DEFAULTS)}
