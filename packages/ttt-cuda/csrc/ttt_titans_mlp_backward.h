@@ -32,11 +32,8 @@ TTT_HD void titans_read_bwd(const TitansLayer<acc_t>& l, int n, int bmax, const 
                             acc_t* dW, acc_t* db, acc_t* dS, acc_t* dsb, acc_t* dDv, acc_t* dc0,
                             acc_t* dCx, acc_t* deta) {
   const int NC = bmax + 2, Din = l.Din, Dout = l.Dout;
-  TTT_PAR_FOR(i, n) {
-    acc_t dd = 0, dc = 0;
-    for (int d = 0; d < Dout; ++d) dd += l.QW[i * Dout + d] * dY[i * Dout + d], dc += l.QS[i * Dout + d] * dY[i * Dout + d];
-    dDv[i] += dd, dc0[i] += dc;
-  }
+  row_dots(n, Dout, l.QW, dY, dDv, true);
+  row_dots(n, Dout, l.QS, dY, dc0, true);
   TTT_PAR_FOR(e, n * n) { dPm[e] = 0; }
   mm_acc<-1, false, true>(n, n, Dout, dY, Dout, l.g, Dout, dPm, n);
   TTT_SYNC();
@@ -189,11 +186,11 @@ TTT_HD void titans_mlp_bwd_chain(const TitansMLPParams& p, acc_t* ws, int D, int
     // B2: dQ = dO through the output residual; d cw, d cu; deta's end-update terms; dg1 = -(cw
     // KdW1 + cu KdS1), dg2 = -(cw XdW2 + cu XdS2) (over dG1, dG2); zeroed accumulators
     TTT_PAR_FOR(e, n * D) { m.dQ[e] = output_dq<acc_t>(p.output_residual, m.dQ[e]); }
+    row_dots(n, F, m.KdW1, m.G1, c.dw, false), row_dots(n, D, m.XdW2, m.G2, c.dw, true);
+    row_dots(n, F, c.KdS1, m.G1, c.du, false), row_dots(n, D, c.XdS2, m.G2, c.du, true);
+    TTT_SYNC();
     TTT_PAR_FOR(i, n) {
-      acc_t w = 0, u = 0;
-      for (int f = 0; f < F; ++f) w += m.KdW1[i * F + f] * m.G1[i * F + f], u += c.KdS1[i * F + f] * m.G1[i * F + f];
-      for (int d = 0; d < D; ++d) w += m.XdW2[i * D + d] * m.G2[i * D + d], u += c.XdS2[i * D + d] * m.G2[i * D + d];
-      c.dw[i] = -w, c.du[i] = -u, c.dDv[i] = 0, c.dc0[i] = 0;
+      c.dw[i] = -c.dw[i], c.du[i] = -c.du[i], c.dDv[i] = 0, c.dc0[i] = 0;
       deta[i] = c.dw[i] * c.Cx[last + i] + c.du[i] * c.Mx[last + i];
     }
     TTT_PAR_FOR2(e, i, col, n, F) { m.dG1[e] = -(c.cw[i] * m.KdW1[e] + c.cu[i] * c.KdS1[e]), m.dXq2[e] = 0; }
