@@ -11,9 +11,10 @@
 //   (X_1 = K, X_2 = X2) and gradients g_l (G1, G2) with its W_0 (Wc_l) and S_0 (S_l), titans_read:
 //     Y_l = D_i (h_l Wc_l + bc_l) + c0_i (h_l S_l + sb_l) - [C * eta * (h_l X_l^T + 1)] g_l
 //   o = q + LN(Y2) (or LN(Y2): output_row)
-//   end, per layer (titans_layer_update): Wc_l <- D_last Wc_l + c0_last S_l - X_l^T diag(C_last eta) g_l,
-//                    S_l <- m S_l - X_l^T diag(M eta) g_l (biases alike); P <- Wc when the segment
-//                    completes its mini-batch.
+//   end, per layer (titans_layer_update):
+//     Wc_l <- D_last Wc_l + c0_last S_l - X_l^T diag(C_last eta) g_l,
+//     S_l <- m S_l - X_l^T diag(M eta) g_l (biases alike); P <- Wc when the segment completes its
+//     mini-batch.
 // Blocks: a segment longer than kTitansMLPBlock tokens is read in blocks of that many that carry
 // (W_0, S_0) from one to the next while every gradient stays at P (exactly as a streaming cut
 // inside a mini-batch; ttt-core's torch backend does the same with its BLOCK): the n x n tiles
