@@ -138,8 +138,10 @@ def _time_interleaved(fns: dict, repeats: int) -> dict[str, float]:
 
 def bench_memory(
     shapes: list[tuple[int, int, int, int, int, str]], repeats: int, slow_repeats: int,
-    backend: str,
+    backends: list[str],
 ) -> list[dict]:  # fmt: skip
+    """The memory workload per shape: ours on ``backends[0]`` (key ``ttt_titans``) and on each
+    further backend (``ttt_titans_<backend>``) timed with titans-pytorch in the same rounds."""
     from ttt_titans.config import MemoryConfig, MetaConfig
     from ttt_titans.memory import NeuralMemory
     from ttt_titans.meta import MetaLearner
@@ -154,15 +156,21 @@ def bench_memory(
     for b, n, c, h, chunk, inner in shapes:
         torch.manual_seed(0)
         x = torch.randn(b, n, c)
-        mem_backend = backend if inner == "linear" else "torch"  # no fused Titans TTT-MLP
-        cfg = MemoryConfig(inner=inner, num_heads=h, chunk=chunk, mlp_ratio=4, backend=mem_backend)
-        mem = NeuralMemory(c, cfg)
-        meta = MetaLearner(c, h, MetaConfig(hidden=c))
+        mem_backend = backends[0]
+        ours_by_backend = {}
+        for be in backends:
+            torch.manual_seed(1)  # the same weights on every backend
+            cfg = MemoryConfig(inner=inner, num_heads=h, chunk=chunk, mlp_ratio=4, backend=be)
+            mem = NeuralMemory(c, cfg)
+            meta = MetaLearner(c, h, MetaConfig(hidden=c))
 
-        def ours(meta=meta, mem=mem, x=x):
-            th, et, al = meta(x)
-            out, _ = mem(x, th, et, al)
-            out.sum().backward()
+            def ours(meta=meta, mem=mem, x=x):
+                th, et, al = meta(x)
+                out, _ = mem(x, th, et, al)
+                out.sum().backward()
+
+            ours_by_backend[be] = ours
+        ours = ours_by_backend[mem_backend]
 
         row = {
             "B": b,
@@ -177,6 +185,7 @@ def bench_memory(
             ),
         }
         fns = {"ttt_titans": ours}
+        fns.update((f"ttt_titans_{be}", fn) for be, fn in list(ours_by_backend.items())[1:])
         slow = {"ttt_titans": ours}
         if titans_pytorch is not None:
             for group, key, extra in (
@@ -203,6 +212,8 @@ def bench_memory(
             row["ttt_titans_ms_beside_same_rule"] = 1e3 * ms["ttt_titans"]
             for key in ("titans_pytorch", "titans_pytorch_chunk_start"):
                 row[f"speedup_vs_{key}"] = row[f"{key}_ms"] / row["ttt_titans_ms"]
+                for be in backends[1:]:
+                    row[f"{be}_speedup_vs_{key}"] = row[f"{key}_ms"] / row[f"ttt_titans_{be}_ms"]
             row["speedup_vs_titans_pytorch_same_rule"] = (
                 row["titans_pytorch_same_rule_ms"] / row["ttt_titans_ms_beside_same_rule"]
             )
@@ -222,8 +233,10 @@ def main() -> None:
     p.add_argument("--backend", nargs="+", default=["auto"],
                    choices=("auto", "torch", "generic", "cpp", "cuda"),
                    help="memory.backend (several: the memory modes run once per backend, "
-                   "interleaved; the memory workload takes the first)")  # fmt: skip
+                   "interleaved; the memory workload times ours on each in the same rounds, the "
+                   "first as ttt_titans)")  # fmt: skip
     p.add_argument("--epochs-only", action="store_true", help="skip the memory workload")
+    p.add_argument("--memory-only", action="store_true", help="skip the training epochs")
     p.add_argument("--out", default=None, help="JSON path (default: see output_path)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -243,13 +256,13 @@ def main() -> None:
         ]
     t0 = time.perf_counter()
     load_start = os.getloadavg()
-    epochs_res = bench_epochs(epochs, max_batches, max_rows, a.backend)
+    epochs_res = {} if a.memory_only else bench_epochs(epochs, max_batches, max_rows, a.backend)
     for key, r in epochs_res.items():
         print(
             f"{key:>17}: {r['seconds_per_epoch']:.3f} s/epoch ({r['ratio_to_baseline']:.2f}x), "
             f"CPU {r['cpu_seconds_per_epoch']:.3f} s ({r['cpu_ratio_to_baseline']:.2f}x)"
         )
-    mem_res = [] if a.epochs_only else bench_memory(shapes, repeats, slow, a.backend[0])
+    mem_res = [] if a.epochs_only else bench_memory(shapes, repeats, slow, a.backend)
     try:
         import titans_pytorch
 
@@ -283,7 +296,8 @@ def main() -> None:
             "rule: a surprise and a weight set per token, committed after every chunk; it is "
             "timed beside ttt_titans over fewer rounds (ttt_titans_ms_beside_same_rule). "
             "Memory workload: ours and theirs timed in alternating rounds after one warm-up "
-            "call each; medians. Epoch times: one untimed warm-up epoch per mode, median of the "
+            "call each; medians; with several backends, ours on each further backend in the "
+            "same rounds (ttt_titans_<backend>_ms, <backend>_speedup_vs_*). Epoch times: one untimed warm-up epoch per mode, median of the "
             "timed epochs, modes interleaved (and memory backends, when several: the keys "
             "mode[backend]); median_ratio_to_baseline_per_round is the median over the rounds "
             "of each epoch's time over the baseline's epoch of the same round; cpu_*: the "

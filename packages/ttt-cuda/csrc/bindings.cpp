@@ -28,6 +28,19 @@ void check_cuda(const char* err) {
       #name, [](const S& p) { return reinterpret_cast<std::uintptr_t>(p.name); },           \
       [](S& p, std::uintptr_t v) { p.name = as_ptr<T>(v); })
 
+// The Titans fields (ttt::TitansFields) of a params class.
+#define TTT_TITANS_FIELDS(cls, S)                                                        \
+  TTT_PTR_PROPERTY_OF(cls, S, mom, const void), TTT_PTR_PROPERTY_OF(cls, S, dec, const void); \
+  TTT_PTR_PROPERTY_OF(cls, S, C0, const void), TTT_PTR_PROPERTY_OF(cls, S, cb0, const void);  \
+  TTT_PTR_PROPERTY_OF(cls, S, S0, const void), TTT_PTR_PROPERTY_OF(cls, S, sb0, const void);  \
+  TTT_PTR_PROPERTY_OF(cls, S, S_end, void), TTT_PTR_PROPERTY_OF(cls, S, sb_end, void);        \
+  TTT_PTR_PROPERTY_OF(cls, S, S_starts, void), TTT_PTR_PROPERTY_OF(cls, S, sb_starts, void);  \
+  TTT_PTR_PROPERTY_OF(cls, S, dS_end, const void);                                         \
+  TTT_PTR_PROPERTY_OF(cls, S, dsb_end, const void);                                        \
+  TTT_PTR_PROPERTY_OF(cls, S, dC0, void), TTT_PTR_PROPERTY_OF(cls, S, dcb0, void);            \
+  TTT_PTR_PROPERTY_OF(cls, S, dS0, void), TTT_PTR_PROPERTY_OF(cls, S, dsb0, void);            \
+  TTT_PTR_PROPERTY_OF(cls, S, dmom, void), TTT_PTR_PROPERTY_OF(cls, S, ddec, void)
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ttt-cuda extension: fused TTT-Linear / TTT-MLP forward+backward (C++ CPU and CUDA).";
 #ifdef TTT_WITH_CUDA
@@ -146,24 +159,7 @@ PYBIND11_MODULE(_C, m) {
   // Titans-form TTT-Linear: the LinearParams fields plus momentum/decay and the extra state
   py::class_<ttt::TitansParams, ttt::LinearParams> titans(m, "TitansParams");
   titans.def(py::init<>());
-  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, mom, const void);
-  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, dec, const void);
-  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, C0, const void);
-  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, cb0, const void);
-  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, S0, const void);
-  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, sb0, const void);
-  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, S_end, void);
-  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, sb_end, void);
-  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, S_starts, void);
-  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, sb_starts, void);
-  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, dS_end, const void);
-  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, dsb_end, const void);
-  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, dC0, void);
-  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, dcb0, void);
-  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, dS0, void);
-  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, dsb0, void);
-  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, dmom, void);
-  TTT_PTR_PROPERTY_OF(titans, ttt::TitansParams, ddec, void);
+  TTT_TITANS_FIELDS(titans, ttt::TitansParams);
   m.def("titans_workspace_elems", &ttt::titans_workspace_elems, py::arg("D"),
         py::arg("mini_batch_size"), py::arg("backward"));
   m.def("titans_fwd_cpu", &ttt::titans_fwd_cpu, py::arg("params"), py::arg("threads"),
@@ -176,6 +172,40 @@ PYBIND11_MODULE(_C, m) {
   m.def("titans_bwd_cuda", [](const ttt::TitansParams& p) { check_cuda(ttt::titans_bwd_cuda(p)); });
   m.def("titans_scratch_in_shared", &ttt::titans_scratch_in_shared, py::arg("params"),
         py::arg("backward"), "CUDA: the scratch fits in shared memory (else give a workspace).");
+
+  // Titans-form TTT-MLP: the MLPParams fields (P), the Titans fields of layer 1 and layer 2's
+  py::class_<ttt::TitansMLPParams, ttt::MLPParams> titans_mlp(m, "TitansMLPParams");
+  titans_mlp.def(py::init<>());
+  TTT_TITANS_FIELDS(titans_mlp, ttt::TitansMLPParams);
+  TTT_PTR_PROPERTY_OF(titans_mlp, ttt::TitansMLPParams, C20, const void);
+  TTT_PTR_PROPERTY_OF(titans_mlp, ttt::TitansMLPParams, cb20, const void);
+  TTT_PTR_PROPERTY_OF(titans_mlp, ttt::TitansMLPParams, S20, const void);
+  TTT_PTR_PROPERTY_OF(titans_mlp, ttt::TitansMLPParams, sb20, const void);
+  TTT_PTR_PROPERTY_OF(titans_mlp, ttt::TitansMLPParams, S2_end, void);
+  TTT_PTR_PROPERTY_OF(titans_mlp, ttt::TitansMLPParams, sb2_end, void);
+  TTT_PTR_PROPERTY_OF(titans_mlp, ttt::TitansMLPParams, S2_starts, void);
+  TTT_PTR_PROPERTY_OF(titans_mlp, ttt::TitansMLPParams, sb2_starts, void);
+  TTT_PTR_PROPERTY_OF(titans_mlp, ttt::TitansMLPParams, dS2_end, const void);
+  TTT_PTR_PROPERTY_OF(titans_mlp, ttt::TitansMLPParams, dsb2_end, const void);
+  TTT_PTR_PROPERTY_OF(titans_mlp, ttt::TitansMLPParams, dC20, void);
+  TTT_PTR_PROPERTY_OF(titans_mlp, ttt::TitansMLPParams, dcb20, void);
+  TTT_PTR_PROPERTY_OF(titans_mlp, ttt::TitansMLPParams, dS20, void);
+  TTT_PTR_PROPERTY_OF(titans_mlp, ttt::TitansMLPParams, dsb20, void);
+  TTT_PTR_PROPERTY_OF(titans_mlp, ttt::TitansMLPParams, C_starts, void);
+  TTT_PTR_PROPERTY_OF(titans_mlp, ttt::TitansMLPParams, cb_starts, void);
+  TTT_PTR_PROPERTY_OF(titans_mlp, ttt::TitansMLPParams, C2_starts, void);
+  TTT_PTR_PROPERTY_OF(titans_mlp, ttt::TitansMLPParams, cb2_starts, void);
+  m.def("titans_mlp_num_blocks", &ttt::titans_mlp_num_blocks, py::arg("L"),
+        py::arg("mini_batch_size"), py::arg("offset"), py::arg("unbounded"),
+        "Blocks of a Titans-form TTT-MLP call (the op's per-block starts).");
+  m.def("titans_mlp_workspace_elems", &ttt::titans_mlp_workspace_elems, py::arg("D"), py::arg("F"),
+        py::arg("mini_batch_size"), py::arg("backward"));
+  m.def("titans_mlp_fwd_cpu", &ttt::titans_mlp_fwd_cpu, py::arg("params"), py::arg("threads"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("titans_mlp_bwd_cpu", &ttt::titans_mlp_bwd_cpu, py::arg("params"), py::arg("threads"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("titans_mlp_cpu_block", &ttt::titans_mlp_cpu_block, py::arg("params"), py::arg("backward"),
+        py::arg("threads"), py::call_guard<py::gil_scoped_release>());
 
   m.def("cpu_uses_avx2", &ttt::cpu_uses_avx2,
         "Whether the CPU path runs its AVX2 build (same results as the portable build).");

@@ -1,4 +1,4 @@
-// The CPU entry points of all three ops: argument checks, the scratch size, the instruction set
+// The CPU entry points of all the ops: argument checks, the scratch size, the instruction set
 // (AVX2 where the CPU has it and the build carries it, else the portable build: the same bits),
 // and the (batch, head) chains spread over `threads` threads (ttt_cpu_chains.h).
 #include <sys/mman.h>
@@ -11,6 +11,7 @@
 #include "ttt_cpu_isa.h"
 #include "ttt_mlp_chain.h"
 #include "ttt_titans_chain.h"
+#include "ttt_titans_mlp_chain.h"
 
 namespace ttt {
 
@@ -22,6 +23,17 @@ int64_t linear_workspace_elems(int D, int mini_batch_size, bool backward) {
 int64_t mlp_workspace_elems(int D, int F, int mini_batch_size, bool backward) {
   MLPBuffers<float> c;
   return carve_mlp<float>(nullptr, D, F, mini_batch_size, backward, &c);
+}
+
+int64_t titans_mlp_workspace_elems(int D, int F, int mini_batch_size, bool backward) {
+  TitansMLPBuffers<float> c;
+  return carve_titans_mlp<float>(nullptr, D, F, titans_mlp_block(mini_batch_size), backward, &c);
+}
+
+int titans_mlp_num_blocks(int L, int mini_batch_size, int offset, bool unbounded) {
+  LinearParams p;
+  p.L = L, p.mini_batch_size = mini_batch_size, p.offset = offset, p.unbounded = unbounded;
+  return titans_mlp_count_blocks(p);
 }
 
 int64_t titans_workspace_elems(int D, int mini_batch_size, bool backward) {
@@ -135,6 +147,21 @@ void mlp_bwd_cpu(const MLPParams& p, int threads) {
   advise_outputs(p, true, p.F);
   run(p, TTT_CPU_CHAIN(mlp_chain),
       mlp_workspace_elems(p.D, p.F, p.mini_batch_size, true), 40.0 * p.L * p.D * p.F, threads, true);
+}
+
+void titans_mlp_fwd_cpu(const TitansMLPParams& p, int threads) {
+  check_common(p, "titans_mlp", true);
+  if (p.F < 1) throw std::invalid_argument("ttt titans_mlp (cpu): bad shape parameters");
+  run(p, TTT_CPU_CHAIN(titans_mlp_chain),
+      titans_mlp_workspace_elems(p.D, p.F, p.mini_batch_size, false), 20.0 * p.L * p.D * p.F,
+      threads, false);
+}
+void titans_mlp_bwd_cpu(const TitansMLPParams& p, int threads) {
+  check_common(p, "titans_mlp", true);
+  if (p.F < 1) throw std::invalid_argument("ttt titans_mlp (cpu): bad shape parameters");
+  run(p, TTT_CPU_CHAIN(titans_mlp_chain),
+      titans_mlp_workspace_elems(p.D, p.F, p.mini_batch_size, true), 50.0 * p.L * p.D * p.F,
+      threads, true);
 }
 
 void titans_fwd_cpu(const TitansParams& p, int threads) {

@@ -1,5 +1,5 @@
 // A CPU check of the GPU kernels' phase structure: the chain math of ttt_linear_chain.h and
-// ttt_mlp_chain.h (and ttt_titans_chain.h) run by T real threads per chain, with TTT_PAR_FOR strided over them (random
+// ttt_mlp_chain.h (and the Titans chains) run by T real threads per chain, with TTT_PAR_FOR strided over them (random
 // yields to shuffle their interleaving) and TTT_SYNC a barrier, exactly as the CUDA block runs it. Every output element is
 // computed by one thread in a fixed order, so the result must equal the serial run bit for bit;
 // a missing __syncthreads (a read of a value another thread writes in the same phase) shows up as
@@ -52,12 +52,14 @@ using ::ttt::DType;
 using ::ttt::LinearParams;
 using ::ttt::MLPParams;
 using ::ttt::TitansParams;
+using ::ttt::TitansMLPParams;
 }  // namespace ttt
 
 #define TTT_EMULATE_BLOCK
 #include "ttt_linear_chain.h"
 #include "ttt_mlp_chain.h"
 #include "ttt_titans_chain.h"
+#include "ttt_titans_mlp_chain.h"
 
 }  // namespace ttt_block
 
@@ -114,6 +116,17 @@ void titans_block(const TitansParams& p, bool backward, int threads) {
       ttt_block::ttt::titans_fwd_chain<acc_t, acc_t>(p, ws, p.D, bi, hi);
   });
 }
+
+template <typename acc_t>
+void titans_mlp_block(const TitansMLPParams& p, bool backward, int threads) {
+  const int64_t elems = titans_mlp_workspace_elems(p.D, p.F, p.mini_batch_size, backward);
+  run_block<acc_t>(p, elems, threads, [&](acc_t* ws, int bi, int hi) {
+    if (backward)
+      ttt_block::ttt::titans_mlp_bwd_chain<acc_t, acc_t>(p, ws, p.D, p.F, bi, hi);
+    else
+      ttt_block::ttt::titans_mlp_fwd_chain<acc_t, acc_t>(p, ws, p.D, p.F, bi, hi);
+  });
+}
 }  // namespace
 
 void linear_cpu_block(const LinearParams& p, bool backward, int threads) {
@@ -140,6 +153,15 @@ void titans_cpu_block(const TitansParams& p, bool backward, int threads) {
     case DType::kFloat32: return titans_block<float>(p, backward, threads);
     case DType::kFloat64: return titans_block<double>(p, backward, threads);
     default: throw std::invalid_argument("ttt titans (cpu): dtype must be float32 or float64");
+  }
+}
+
+void titans_mlp_cpu_block(const TitansMLPParams& p, bool backward, int threads) {
+  if (threads < 1) throw std::invalid_argument("threads must be >= 1");
+  switch (p.dtype) {
+    case DType::kFloat32: return titans_mlp_block<float>(p, backward, threads);
+    case DType::kFloat64: return titans_mlp_block<double>(p, backward, threads);
+    default: throw std::invalid_argument("ttt titans_mlp (cpu): dtype must be float32 or float64");
   }
 }
 

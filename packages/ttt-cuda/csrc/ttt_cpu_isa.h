@@ -14,6 +14,8 @@
   void linear_chain(const ::ttt::LinearParams& p, void* ws, int bi, int hi, bool backward); \
   void mlp_chain(const ::ttt::MLPParams& p, void* ws, int bi, int hi, bool backward);       \
   void titans_chain(const ::ttt::TitansParams& p, void* ws, int bi, int hi, bool backward); \
+  void titans_mlp_chain(const ::ttt::TitansMLPParams& p, void* ws, int bi, int hi,          \
+                        bool backward);                                                     \
   }
 
 TTT_DECLARE_CPU_CHAINS(ttt_cpu_base)
@@ -28,11 +30,12 @@ TTT_DECLARE_CPU_CHAINS(ttt_cpu_avx2)
   using ::ttt::LinearParams;        \
   using ::ttt::MLPParams;           \
   using ::ttt::TitansParams;        \
+  using ::ttt::TitansMLPParams;     \
   }
 #define TTT_CPU_ISA_END }
 
 // Calls chain(ws) with the scratch typed as the acc type of `dtype` (double for float64 inputs,
-// float for float32): the one dtype switch of the three ops' chain entry points.
+// float for float32): the one dtype switch of the ops' chain entry points.
 template <typename Chain>
 inline void with_acc_type(::ttt::DType dtype, void* ws, Chain chain) {
   if (dtype == ::ttt::DType::kFloat64)

@@ -132,6 +132,49 @@ TTT_HD void ln_loss_grad_bwd_rows(int n, int D, const acc_t* lnw, const acc_t* x
   for_row_groups(n, LnLossGradBwdRows<acc_t>{D, lnw, x, G, rstd, dG, U, dZ});
 }
 
+// out[i] = (out[i] if accumulate, else 0) + sum_c A[i, c] B[i, c] for the n rows of two [n, C]
+// tiles, each row's terms added in order of c; on the CPU kRowGroup rows side by side, so their
+// add chains overlap (the same bits as one row at a time).
+template <typename acc_t>
+struct RowDots {
+  int C;
+  const acc_t *A, *B;
+  acc_t* out;
+  bool accumulate;
+
+  template <int R>
+  TTT_HD void run(int i0) const {
+    acc_t s[R];
+    for (int r = 0; r < R; ++r) s[r] = accumulate ? out[i0 + r] : acc_t(0);
+    const int64_t o = static_cast<int64_t>(i0) * C;
+    for (int c = 0; c < C; ++c)
+      for (int r = 0; r < R; ++r) s[r] += A[o + r * C + c] * B[o + r * C + c];
+    for (int r = 0; r < R; ++r) out[i0 + r] = s[r];
+  }
+};
+
+template <typename acc_t>
+TTT_HD void row_dots(int n, int C, const acc_t* A, const acc_t* B, acc_t* out, bool accumulate) {
+  for_row_groups(n, RowDots<acc_t>{C, A, B, out, accumulate});
+}
+
+// d gamma, d beta of the LN loss through U = gamma (gamma X + beta - T), from dU (what
+// ln_loss_grad_bwd_rows leaves over U), accumulated per column over the n rows in order:
+//   d gamma += sum_i dU_i (2 gamma X_i + beta - T_i),  d beta += sum_i dU_i gamma
+template <typename acc_t>
+TTT_HD void ln_loss_param_grads(int n, int D, const acc_t* lnw, const acc_t* lnb, const acc_t* X,
+                                const acc_t* T, const acc_t* dU, acc_t* dlnw, acc_t* dlnb) {
+  TTT_PAR_FOR(col, D) {
+    acc_t sw = 0, sb = 0;
+    for (int i = 0; i < n; ++i) {
+      const int e = i * D + col;
+      sw += dU[e] * (acc_t(2) * lnw[col] * X[e] + lnb[col] - T[e]);
+      sb += dU[e] * lnw[col];
+    }
+    dlnw[col] += sw, dlnb[col] += sb;
+  }
+}
+
 // Backward of the output LN: DZ = d/dZ' of gamma * LN(Z') + beta for upstream dO (rows of x =
 // LN(Z') normalised, rstd their 1/sigma).
 template <typename acc_t>

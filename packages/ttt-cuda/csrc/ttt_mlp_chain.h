@@ -103,6 +103,34 @@ TTT_HD int64_t carve_mlp(acc_t* base, int D, int F, int bmax, bool bwd, MLPBuffe
   return off;
 }
 
+// The key pass of a segment at the start weights in c (K and T loaded): Z1 = K W1 + b1,
+// X2 = gelu(Z1), GP = gelu'(Z1), Z2 = X2 W2 + b2 normalised into X, G2 = dl/dZ2 (U with bwd),
+// G1 = (G2 W2^T) * gelu'(Z1) (H1 = G2 W2^T kept with bwd). Also the Titans form's key pass.
+template <typename acc_t>
+TTT_HD void mlp_keys(const MLPBuffers<acc_t>& c, int n, int D, int F, acc_t eps, const acc_t* lnw,
+                     const acc_t* lnb, bool bwd) {
+  TTT_PAR_FOR2(e, i, col, n, F) { c.Z1[e] = c.b1[col]; }
+  mm_acc<+1, false, false>(n, F, D, c.K, D, c.W1, F, c.Z1, F);
+  TTT_PAR_FOR(e, n * F) {
+    const Gelu<acc_t> gl = gelu_tanh(c.Z1[e]);
+    c.X2[e] = gl.g, c.GP[e] = gl.d1;
+  }
+  TTT_SYNC();
+  TTT_PAR_FOR2(e, i, col, n, D) { c.X[e] = c.b2[col]; }  // Z2 = X2 W2 + b2 (into X)
+  mm_acc<+1, false, false>(n, D, F, c.X2, F, c.W2, D, c.X, D);
+  TTT_SYNC();
+  ln_rows(n, D, eps, lnw, lnb, c.X, c.rstd, c.T, c.G2, bwd ? c.U : nullptr);  // G2 = dl/dZ2
+  TTT_SYNC();
+  // G1 = (G2 W2^T) * gelu'(Z1)  (H1 = G2 W2^T kept for the backward)
+  TTT_PAR_FOR(e, n * F) { c.G1[e] = 0; }
+  mm_acc<+1, false, true>(n, F, D, c.G2, D, c.W2, D, c.G1, F);
+  TTT_PAR_FOR(e, n * F) {
+    if (bwd) c.H1[e] = c.G1[e];
+    c.G1[e] = c.G1[e] * c.GP[e];
+  }
+  TTT_SYNC();
+}
+
 // Loads the segment's tokens and recomputes every forward tile from the start weights in c.
 template <typename scalar_t, typename acc_t>
 TTT_HD void mlp_recompute(const MLPParams& p, const MLPBuffers<acc_t>& c, int D, int F, int bi,
@@ -119,13 +147,7 @@ TTT_HD void mlp_recompute(const MLPParams& p, const MLPBuffers<acc_t>& c, int D,
   TTT_SYNC();
   const acc_t e_end = end_coef(p, scale, g);
   TTT_PAR_FOR(j, n) { c.a[j] = e_end * c.eta[j]; }
-  // Z1 = K W1 + b1, X2 = gelu(Z1), GP = gelu'(Z1)
-  TTT_PAR_FOR2(e, i, col, n, F) { c.Z1[e] = c.b1[col]; }
-  mm_acc<+1, false, false>(n, F, D, c.K, D, c.W1, F, c.Z1, F);
-  TTT_PAR_FOR(e, n * F) {
-    const Gelu<acc_t> gl = gelu_tanh(c.Z1[e]);
-    c.X2[e] = gl.g, c.GP[e] = gl.d1;
-  }
+  mlp_keys(c, n, D, F, eps, lnw, lnb, bwd);
   // S1 = Q K^T (kept for the backward), P1 = A * (S1 + 1)
   TTT_PAR_FOR(e, n * n) { c.S1[e] = 0; }
   mm_acc<+1, false, true>(n, n, D, c.Q, D, c.K, D, c.S1, n);
@@ -138,19 +160,6 @@ TTT_HD void mlp_recompute(const MLPParams& p, const MLPBuffers<acc_t>& c, int D,
     const acc_t* gb = static_cast<const acc_t*>(p.gb0) + bh * F;
     TTT_PAR_FOR2(e, i, col, n, F) { c.QG1[e] = gb[col]; }
     mm_acc<+1, false, false>(n, F, D, c.Q, D, Gw, F, c.QG1, F);
-  }
-  TTT_SYNC();
-  TTT_PAR_FOR2(e, i, col, n, D) { c.X[e] = c.b2[col]; }  // Z2 = X2 W2 + b2 (into X)
-  mm_acc<+1, false, false>(n, D, F, c.X2, F, c.W2, D, c.X, D);
-  TTT_SYNC();
-  ln_rows(n, D, eps, lnw, lnb, c.X, c.rstd, c.T, c.G2, bwd ? c.U : nullptr);  // G2 = dl/dZ2
-  TTT_SYNC();
-  // G1 = (G2 W2^T) * gelu'(Z1)  (H1 = G2 W2^T kept for the backward)
-  TTT_PAR_FOR(e, n * F) { c.G1[e] = 0; }
-  mm_acc<+1, false, true>(n, F, D, c.G2, D, c.W2, D, c.G1, F);
-  TTT_PAR_FOR(e, n * F) {
-    if (bwd) c.H1[e] = c.G1[e];
-    c.G1[e] = c.G1[e] * c.GP[e];
   }
   TTT_SYNC();
   // Zq1 = Q W1 + b1 - P1 G1 - s QG1, Xq2 = gelu(Zq1)

@@ -116,35 +116,68 @@ struct MLPParams : LinearParams {
   void* dgb20 = nullptr;           // [B, H, D] acc
 };
 
-// TTT-Linear in the Titans form (causal): per token j of a segment, gradients at the segment's
-// gradient point P (W0/b0 above, then each completed segment's end), momentum S and weights W:
+// The Titans form (causal): per token j of a segment, gradients at the segment's gradient point P
+// (W0/b0, then each completed segment's end), momentum S and weights W:
 //   S_j = m_j S_{j-1} - eta_j grad l_j(P),  W_j = (1 - a_j) W_{j-1} + S_j,  o_j from W_j.
-// W_end/b_end are the weights after the last token, W_starts/b_starts each segment's P.
-struct TitansParams : LinearParams {
+// W_end/b_end are the weights after the last token, W_starts/b_starts each segment's P. These
+// fields are layer 1's (the linear model's only layer); TitansMLPParams adds layer 2's.
+struct TitansFields {
   const void* mom = nullptr;        // [B, H, L] acc: momentum m_j
   const void* dec = nullptr;        // [B, H, L] acc: decay a_j
-  const void* C0 = nullptr;         // [B, H, D, D] acc: weights W at the start (= W0 at offset 0)
-  const void* cb0 = nullptr;        // [B, H, D] acc
-  const void* S0 = nullptr;         // [B, H, D, D] acc: momentum at the start
-  const void* sb0 = nullptr;        // [B, H, D] acc
-  void* S_end = nullptr;            // [B, H, D, D] acc: momentum after the last token
-  void* sb_end = nullptr;           // [B, H, D] acc
-  void* S_starts = nullptr;         // [B, H, nseg, D, D] acc: momentum at each segment start
-  void* sb_starts = nullptr;        // [B, H, nseg, D] acc
-  const void* dS_end = nullptr;     // [B, H, D, D] acc or null (zero)
-  const void* dsb_end = nullptr;    // [B, H, D] acc or null
-  void* dC0 = nullptr;              // [B, H, D, D] acc
-  void* dcb0 = nullptr;             // [B, H, D] acc
-  void* dS0 = nullptr;              // [B, H, D, D] acc
-  void* dsb0 = nullptr;             // [B, H, D] acc
+  const void* C0 = nullptr;         // [B, H, Din, Dout] acc: weights W at the start (= W0 at offset 0)
+  const void* cb0 = nullptr;        // [B, H, Dout] acc
+  const void* S0 = nullptr;         // [B, H, Din, Dout] acc: momentum at the start
+  const void* sb0 = nullptr;        // [B, H, Dout] acc
+  void* S_end = nullptr;            // [B, H, Din, Dout] acc: momentum after the last token
+  void* sb_end = nullptr;           // [B, H, Dout] acc
+  void* S_starts = nullptr;         // [B, H, nseg, Din, Dout] acc: momentum at each segment start
+  void* sb_starts = nullptr;        // [B, H, nseg, Dout] acc
+  const void* dS_end = nullptr;     // [B, H, Din, Dout] acc or null (zero)
+  const void* dsb_end = nullptr;    // [B, H, Dout] acc or null
+  void* dC0 = nullptr;              // [B, H, Din, Dout] acc
+  void* dcb0 = nullptr;             // [B, H, Dout] acc
+  void* dS0 = nullptr;              // [B, H, Din, Dout] acc
+  void* dsb0 = nullptr;             // [B, H, Dout] acc
   void* dmom = nullptr;             // [B, H, L] acc
   void* ddec = nullptr;             // [B, H, L] acc
+};
+
+// TTT-Linear in the Titans form: W0/b0 [D, D] / [D] and the Titans fields of its one layer.
+struct TitansParams : LinearParams, TitansFields {};
+
+// TTT-MLP in the Titans form: MLPParams (layer 1 W0/b0, layer 2 W20/b20 as P, their W_end /
+// W_starts / dW*), the Titans fields of layer 1 and these of layer 2 [F, D] / [D].
+// A mini-batch is read in blocks of at most titans_mlp_block(mini_batch_size) tokens (the chain's
+// n x n tiles stay small); the per-block starts hold P (W_starts.., MLPParams), W (C_starts..)
+// and S (S_starts.., S2_starts..) at each block start, [B, H, nblk, ...].
+struct TitansMLPParams : MLPParams, TitansFields {
+  void* C_starts = nullptr;         // [B, H, nblk, D, F] acc: layer 1's W at each block start
+  void* cb_starts = nullptr;        // [B, H, nblk, F] acc
+  void* C2_starts = nullptr;        // [B, H, nblk, F, D] acc
+  void* cb2_starts = nullptr;       // [B, H, nblk, D] acc
+  const void* C20 = nullptr;        // [B, H, F, D] acc: layer 2's weights W at the start
+  const void* cb20 = nullptr;       // [B, H, D] acc
+  const void* S20 = nullptr;        // [B, H, F, D] acc: layer 2's momentum at the start
+  const void* sb20 = nullptr;       // [B, H, D] acc
+  void* S2_end = nullptr;           // [B, H, F, D] acc
+  void* sb2_end = nullptr;          // [B, H, D] acc
+  void* S2_starts = nullptr;        // [B, H, nseg, F, D] acc
+  void* sb2_starts = nullptr;       // [B, H, nseg, D] acc
+  const void* dS2_end = nullptr;    // [B, H, F, D] acc or null (zero)
+  const void* dsb2_end = nullptr;   // [B, H, D] acc or null
+  void* dC20 = nullptr;             // [B, H, F, D] acc
+  void* dcb20 = nullptr;            // [B, H, D] acc
+  void* dS20 = nullptr;             // [B, H, F, D] acc
+  void* dsb20 = nullptr;            // [B, H, D] acc
 };
 
 // Scratch elements (acc type) one (batch, head) chain needs; the same layout on CPU and GPU.
 int64_t linear_workspace_elems(int D, int mini_batch_size, bool backward);
 int64_t titans_workspace_elems(int D, int mini_batch_size, bool backward);
 int64_t mlp_workspace_elems(int D, int F, int mini_batch_size, bool backward);
+int64_t titans_mlp_workspace_elems(int D, int F, int mini_batch_size, bool backward);
+// The Titans-form TTT-MLP's blocks of a call (the op's [B, H, nblk, ...] starts).
+int titans_mlp_num_blocks(int L, int mini_batch_size, int offset, bool unbounded);
 
 // Whether the CPU entry points run the AVX2 build of the chains (x86-64 builds with TTT_CPU_AVX2
 // on a CPU that has AVX2; the results are the same bits either way).
@@ -183,5 +216,11 @@ void titans_bwd_cpu(const TitansParams& p, int threads);
 void titans_cpu_block(const TitansParams& p, bool backward, int threads);
 const char* titans_fwd_cuda(const TitansParams& p);
 const char* titans_bwd_cuda(const TitansParams& p);
+
+// Titans-form TTT-MLP: the C++ CPU path (float32 / float64) and its block-schedule check; no
+// CUDA kernel (the CUDA backend refuses the call).
+void titans_mlp_fwd_cpu(const TitansMLPParams& p, int threads);
+void titans_mlp_bwd_cpu(const TitansMLPParams& p, int threads);
+void titans_mlp_cpu_block(const TitansMLPParams& p, bool backward, int threads);
 
 }  // namespace ttt

@@ -7,6 +7,44 @@
 
 namespace ttt {
 
+// Backward of titans_coefs: from dCx, the gradient of every Cx entry (w_j of each source), and
+// dMl [NC], that of each source's last s (M_t, m), the per-token dmom, ddec [n] (written). Runs
+// each source's recurrence s_j = m_j s_{j-1}, w_j = (1 - a_j) w_{j-1} + s_j in reverse; cA, cM
+// [n, NC] hold the per-(token, source) partials, summed per token in a fixed order.
+template <typename acc_t>
+TTT_HD void titans_coefs_bwd(int n, int bmax, const acc_t* m, const acc_t* dec, const acc_t* Cx,
+                             const acc_t* Mx, const acc_t* dCx, const acc_t* dMl, acc_t* cA,
+                             acc_t* cM, acc_t* dmom, acc_t* ddec) {
+  const int NC = bmax + 2;
+  TTT_PAR_FOR(ci, n + 2) {
+    const int col = titans_col(ci, n, bmax), j0 = ci < n ? ci : 0;
+    const acc_t w_init = ci == n ? acc_t(1) : acc_t(0), s_init = ci == n + 1 ? acc_t(1) : acc_t(0);
+    for (int j = 0; j < n; ++j) cA[j * NC + col] = 0, cM[j * NC + col] = 0;
+    acc_t gw = 0, gs = 0;  // (1 - a_{j+1}) adj(w_{j+1}), m_{j+1} adj(s_{j+1})
+    for (int j = n - 1; j >= j0; --j) {
+      if (ci < n && j == j0) break;  // w_t = s_t = 1: constants
+      const acc_t aw = dCx[j * NC + col] + gw;
+      const acc_t as = gs + aw + (j == n - 1 ? dMl[col] : acc_t(0));
+      const acc_t w_prev = j > 0 ? Cx[(j - 1) * NC + col] : w_init;
+      const acc_t s_prev = j > 0 ? Mx[(j - 1) * NC + col] : s_init;
+      cA[j * NC + col] = -aw * w_prev;  // w_j = (1 - a_j) w_{j-1} + s_j
+      cM[j * NC + col] = as * s_prev;   // s_j = m_j s_{j-1}
+      gw = (acc_t(1) - dec[j]) * aw;
+      gs = m[j] * as;
+    }
+  }
+  TTT_SYNC();
+  TTT_PAR_FOR(j, n) {
+    acc_t sa = 0, sm = 0;
+    for (int ci = 0; ci < n + 2; ++ci) {
+      const int col = titans_col(ci, n, bmax);
+      sa += cA[j * NC + col], sm += cM[j * NC + col];
+    }
+    ddec[j] = sa;
+    dmom[j] = sm;
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 TTT_HD void titans_bwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, int hi) {
   TitansBuffers<acc_t> c;
@@ -35,10 +73,10 @@ TTT_HD void titans_bwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
     const Segment g = segment(p, s);
     const int t0 = g.t0, n = g.n, last = (n - 1) * NC;
     const int64_t slot = bh * nseg + s, row = bh * p.L + t0;
-    titans_copy(c.W, c.bw, p.W_starts, p.b_starts, D, slot, true);
-    titans_copy(c.S, c.sb, p.S_starts, p.sb_starts, D, slot, true);
-    if (s == 0) titans_copy(c.Wc, c.bc, p.C0, p.cb0, D, bh, true);
-    else titans_copy(c.Wc, c.bc, p.W_starts, p.b_starts, D, slot, true);  // W_0 = P
+    titans_copy(c.W, c.bw, p.W_starts, p.b_starts, D, D, slot, true);
+    titans_copy(c.S, c.sb, p.S_starts, p.sb_starts, D, D, slot, true);
+    if (s == 0) titans_copy(c.Wc, c.bc, p.C0, p.cb0, D, D, bh, true);
+    else titans_copy(c.Wc, c.bc, p.W_starts, p.b_starts, D, D, slot, true);  // W_0 = P
     TTT_PAR_FOR2(e, i, col, n, D) {  // dQ holds dO until the output LN's backward has read it
       c.dQ[e] = ld<scalar_t, acc_t>(p.dO, bi * p.do_sb + hi * p.do_sh + (t0 + i) * p.do_sl + col);
     }
@@ -132,40 +170,14 @@ TTT_HD void titans_bwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
     mm_acc<+1, false, true, kPerRow>(n, D, D, c.DZ, D, c.Wc, D, c.dQ, D, c.cD);  // + diag(D) DZ W_0^T
     mm_acc<+1, false, true, kPerRow>(n, D, D, c.DZ, D, c.S, D, c.dQ, D, c.cS);   // + diag(c0) DZ S_0^T
     TTT_SYNC();
-    // B4: the scalar recurrences in reverse, per source: d/da_j and d/dm_j partials (cA, cM);
-    // dSqk = dPm * C * eta over Pm
-    TTT_PAR_FOR(ci, n + 2) {
-      const int col = titans_col(ci, n, bmax), j0 = ci < n ? ci : 0;
-      const acc_t w_init = ci == n ? acc_t(1) : acc_t(0), s_init = ci == n + 1 ? acc_t(1) : acc_t(0);
-      for (int j = 0; j < n; ++j) c.cA[j * NC + col] = 0, c.cM[j * NC + col] = 0;
-      acc_t gw = 0, gs = 0;  // (1 - a_{j+1}) adj(w_{j+1}), m_{j+1} adj(s_{j+1})
-      for (int j = n - 1; j >= j0; --j) {
-        if (ci < n && j == j0) break;  // w_t = s_t = 1: constants
-        const acc_t aw = c.dCx[j * NC + col] + gw;
-        const acc_t as = gs + aw + (j == n - 1 ? c.dMl[col] : acc_t(0));
-        const acc_t w_prev = j > 0 ? c.Cx[(j - 1) * NC + col] : w_init;
-        const acc_t s_prev = j > 0 ? c.Mx[(j - 1) * NC + col] : s_init;
-        c.cA[j * NC + col] = -aw * w_prev;  // w_j = (1 - a_j) w_{j-1} + s_j
-        c.cM[j * NC + col] = as * s_prev;   // s_j = m_j s_{j-1}
-        gw = (acc_t(1) - c.dec[j]) * aw;
-        gs = c.m[j] * as;
-      }
-    }
+    // B4: the scalar recurrences in reverse: ddecay, dmomentum; dSqk = dPm * C * eta over Pm
+    titans_coefs_bwd(n, bmax, c.m, c.dec, c.Cx, c.Mx, c.dCx, c.dMl, c.cA, c.cM,
+                     static_cast<acc_t*>(p.dmom) + row, static_cast<acc_t*>(p.ddec) + row);
     TTT_PAR_FOR2(e, i, t, n, n) {
       c.Pm[e] = c.dPm[e] * c.Cx[i * NC + t] * c.eta[t];
     }
     TTT_SYNC();
-    // B5: ddecay, dmomentum; dQ += dSqk K, dK += dSqk^T Q; rows through G = dl/dZ at P:
-    // dZ (over KdW) and dU (over U)
-    TTT_PAR_FOR(j, n) {
-      acc_t sa = 0, sm = 0;
-      for (int ci = 0; ci < n + 2; ++ci) {
-        const int col = titans_col(ci, n, bmax);
-        sa += c.cA[j * NC + col], sm += c.cM[j * NC + col];
-      }
-      static_cast<acc_t*>(p.ddec)[row + j] = sa;
-      static_cast<acc_t*>(p.dmom)[row + j] = sm;
-    }
+    // B5: dQ += dSqk K, dK += dSqk^T Q; rows through G = dl/dZ at P: dZ (over KdW) and dU (over U)
     mm_acc<+1, false, false>(n, D, n, c.Pm, n, c.K, D, c.dQ, D);  // dQ += dSqk K
     mm_acc<+1, true, false>(n, D, n, c.Pm, n, c.Q, D, c.dK, D);   // dK += dSqk^T Q
     ln_loss_grad_bwd_rows(n, D, lnw, c.X, c.G, c.rstd, c.dG, c.U, c.KdW);
@@ -173,15 +185,7 @@ TTT_HD void titans_bwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
     // B6: LN params through U; dk, dv, dq; the weight gradients of this segment join the carries:
     //   d W_0 = sum_i D_i q_i^T DZ_i + D_last dW,  d P = K^T dZ (+ the stored P's gradient),
     //   d S_0 = sum_i c0_i q_i^T DZ_i + c0_last dW + m dS
-    TTT_PAR_FOR(col, D) {
-      acc_t sw = 0, sb = 0;
-      for (int i = 0; i < n; ++i) {
-        const int e = i * D + col;
-        sw += c.U[e] * (acc_t(2) * lnw[col] * c.X[e] + lnb[col] - c.T[e]);
-        sb += c.U[e] * lnw[col];
-      }
-      c.dlnw[col] += sw, c.dlnb[col] += sb;
-    }
+    ln_loss_param_grads(n, D, lnw, lnb, c.X, c.T, c.U, c.dlnw, c.dlnb);
     mm_acc<+1, false, true>(n, D, D, c.KdW, D, c.W, D, c.dK, D);  // dK += dZ P^T
     TTT_SYNC();
     TTT_PAR_FOR2(e, i, col, n, D) {
@@ -232,8 +236,8 @@ TTT_HD void titans_bwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
       TTT_SYNC();
     }
   }
-  titans_copy(c.dW, c.db, p.dW0, p.db0, D, bh, false);
-  titans_copy(c.dS, c.dsb, p.dS0, p.dsb0, D, bh, false);
+  titans_copy(c.dW, c.db, p.dW0, p.db0, D, D, bh, false);
+  titans_copy(c.dS, c.dsb, p.dS0, p.dsb0, D, D, bh, false);
   TTT_PAR_FOR(d, D) {
     static_cast<acc_t*>(p.dln_w)[bh * D + d] = c.dlnw[d];
     static_cast<acc_t*>(p.dln_b)[bh * D + d] = c.dlnb[d];

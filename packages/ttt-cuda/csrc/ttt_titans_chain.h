@@ -62,11 +62,90 @@ TTT_HD int64_t carve_titans(acc_t* base, int D, int bmax, bool bwd, TitansBuffer
 // Column of source index ci in Cx / Mx: steps 0..n-1, then W_0 (bmax) and S_0 (bmax + 1).
 TTT_HD int titans_col(int ci, int n, int bmax) { return ci < n ? ci : bmax + (ci - n); }
 
+// The scalar recurrence of every source (the header comment): Cx / Mx [n, NC] hold w / s per row
+// j and source column (titans_col), from the segment's momentum m and decay dec [n].
+template <typename acc_t>
+TTT_HD void titans_coefs(int n, int bmax, const acc_t* m, const acc_t* dec, acc_t* Cx, acc_t* Mx) {
+  const int NC = bmax + 2;
+  TTT_PAR_FOR(ci, n + 2) {
+    const int col = titans_col(ci, n, bmax), j0 = ci < n ? ci : 0;
+    acc_t w = ci == n ? acc_t(1) : acc_t(0), s = ci == n + 1 ? acc_t(1) : acc_t(0);
+    for (int j = 0; j < n; ++j) {
+      if (j < j0) {
+        w = 0, s = 0;
+      } else if (ci < n && j == j0) {
+        w = 1, s = 1;
+      } else {
+        s = m[j] * s;
+        w = (acc_t(1) - dec[j]) * w + s;
+      }
+      Cx[j * NC + col] = w, Mx[j * NC + col] = s;
+    }
+  }
+  TTT_SYNC();
+}
+
+// One fast layer of a segment, y = x W + b with Din inputs and Dout outputs: the queries' inputs
+// h [n, Din], the keys' inputs X [n, Din] and output gradients g [n, Dout] at P, the weights W_0
+// (Wc [Din, Dout], bc [Dout]) and momentum S_0 (S, sb) at the segment start, and the read's
+// tiles QW, QS [n, Dout], Pm [n, n].
+template <typename acc_t>
+struct TitansLayer {
+  int Din, Dout;
+  const acc_t *h, *X, *g;
+  acc_t *Wc, *bc, *S, *sb;
+  acc_t *QW, *QS, *Pm;
+};
+
+// The read of a layer (the dual form of h_i W_i): QW = h W_0 + b_0, QS = h S_0 + sb_0,
+// Pm = C * eta * (h X^T + 1) (lower triangle), y = D_i QW + c0_i QS - Pm g  [n, Dout].
+template <typename acc_t>
+TTT_HD void titans_read(const TitansLayer<acc_t>& l, int n, int bmax, const acc_t* Cx,
+                        const acc_t* eta, acc_t* y) {
+  const int NC = bmax + 2, Din = l.Din, Dout = l.Dout;
+  TTT_PAR_FOR2(e, i, col, n, Dout) { l.QW[e] = l.bc[col], l.QS[e] = l.sb[col]; }
+  mm_acc<+1, false, false>(n, Dout, Din, l.h, Din, l.Wc, Dout, l.QW, Dout);
+  mm_acc<+1, false, false>(n, Dout, Din, l.h, Din, l.S, Dout, l.QS, Dout);
+  TTT_PAR_FOR(e, n * n) { l.Pm[e] = 0; }
+  mm_acc<+1, false, true>(n, n, Din, l.h, Din, l.X, Din, l.Pm, n);
+  TTT_PAR_FOR2(e, i, t, n, n) {
+    l.Pm[e] = t <= i ? Cx[i * NC + t] * eta[t] * (l.Pm[e] + acc_t(1)) : acc_t(0);
+  }
+  TTT_SYNC();
+  TTT_PAR_FOR2(e, i, col, n, Dout) {  // Pm is zero above the diagonal
+    y[e] = Cx[i * NC + bmax] * l.QW[e] + Cx[i * NC + bmax + 1] * l.QS[e];
+  }
+  mm_acc<-1, false, false>(n, Dout, n, l.Pm, n, l.g, Dout, y, Dout);
+  TTT_SYNC();
+}
+
+// The end update of a layer: W_0 <- Dl W_0 + c0l S_0 - X^T diag(cw) g, S_0 <- ml S_0 -
+// X^T diag(cu) g (biases alike), with cw_t = C_last,t eta_t, cu_t = M_t eta_t [n].
+template <typename acc_t>
+TTT_HD void titans_layer_update(const TitansLayer<acc_t>& l, int n, acc_t Dl, acc_t c0l, acc_t ml,
+                                const acc_t* cw, const acc_t* cu) {
+  const int Din = l.Din, Dout = l.Dout, nw = Din * Dout;
+  TTT_PAR_FOR(e, nw + Dout) {  // the start terms, then the steps' sums below
+    const bool bias = e >= nw;
+    const int col = bias ? e - nw : e;
+    acc_t& w = bias ? l.bc[col] : l.Wc[e];
+    acc_t& s = bias ? l.sb[col] : l.S[e];
+    w = Dl * w + c0l * s;
+    s = ml * s;
+  }
+  TTT_SYNC();
+  mm_acc<-1, true, false, kPerK>(Din, Dout, n, l.X, Din, l.g, Dout, l.Wc, Dout, cw);
+  mm_acc<-1, true, false, kPerK>(Din, Dout, n, l.X, Din, l.g, Dout, l.S, Dout, cu);
+  mm_acc<-1, true, false>(1, Dout, n, cw, 1, l.g, Dout, l.bc, Dout);
+  mm_acc<-1, true, false>(1, Dout, n, cu, 1, l.g, Dout, l.sb, Dout);
+  TTT_SYNC();
+}
+
 // Loads the segment and recomputes Cx, Mx, X, G (U), QW, QS, Pm, Xp from P, W_0 and S_0 in c.
 template <typename scalar_t, typename acc_t>
 TTT_HD void titans_recompute(const TitansParams& p, const TitansBuffers<acc_t>& c, int D, int bi,
                              int hi, const Segment& g, bool bwd) {
-  const int t0 = g.t0, n = g.n, bmax = p.mini_batch_size, NC = bmax + 2;
+  const int t0 = g.t0, n = g.n, bmax = p.mini_batch_size;
   const int64_t row = (static_cast<int64_t>(bi) * p.H + hi) * p.L + t0;
   const acc_t* lnw = static_cast<const acc_t*>(p.ln_w) + static_cast<int64_t>(hi) * D;
   const acc_t* lnb = static_cast<const acc_t*>(p.ln_b) + static_cast<int64_t>(hi) * D;
@@ -77,41 +156,16 @@ TTT_HD void titans_recompute(const TitansParams& p, const TitansBuffers<acc_t>& 
     c.dec[i] = static_cast<const acc_t*>(p.dec)[row + i];
   }
   TTT_SYNC();
-  TTT_PAR_FOR(ci, n + 2) {  // the scalar recurrence of every source
-    const int col = titans_col(ci, n, bmax), j0 = ci < n ? ci : 0;
-    acc_t w = ci == n ? acc_t(1) : acc_t(0), s = ci == n + 1 ? acc_t(1) : acc_t(0);
-    for (int j = 0; j < n; ++j) {
-      if (j < j0) {
-        w = 0, s = 0;
-      } else if (ci < n && j == j0) {
-        w = 1, s = 1;
-      } else {
-        s = c.m[j] * s;
-        w = (acc_t(1) - c.dec[j]) * w + s;
-      }
-      c.Cx[j * NC + col] = w, c.Mx[j * NC + col] = s;
-    }
-  }
-  // Z = K P + b (into X), QW = Q W_0 + b_0, QS = Q S_0 + sb_0
-  TTT_PAR_FOR2(e, i, col, n, D) { c.X[e] = c.bw[col], c.QW[e] = c.bc[col], c.QS[e] = c.sb[col]; }
+  titans_coefs(n, bmax, c.m, c.dec, c.Cx, c.Mx);
+  // Z = K P + b (into X), G = d l / d Z
+  TTT_PAR_FOR2(e, i, col, n, D) { c.X[e] = c.bw[col]; }
   mm_acc<+1, false, false>(n, D, D, c.K, D, c.W, D, c.X, D);
-  mm_acc<+1, false, false>(n, D, D, c.Q, D, c.Wc, D, c.QW, D);
-  mm_acc<+1, false, false>(n, D, D, c.Q, D, c.S, D, c.QS, D);
   TTT_SYNC();
   ln_rows(n, D, static_cast<acc_t>(p.eps), lnw, lnb, c.X, c.rstd, c.T, c.G, bwd ? c.U : nullptr);
-  // Pm = C * eta * (Q K^T + 1), lower triangle
-  TTT_PAR_FOR(e, n * n) { c.Pm[e] = 0; }
-  mm_acc<+1, false, true>(n, n, D, c.Q, D, c.K, D, c.Pm, n);
-  TTT_PAR_FOR2(e, i, t, n, n) {
-    c.Pm[e] = t <= i ? c.Cx[i * NC + t] * c.eta[t] * (c.Pm[e] + acc_t(1)) : acc_t(0);
-  }
   TTT_SYNC();
-  // Z' = D_i QW + c0_i QS - Pm G (Pm is zero above the diagonal)
-  TTT_PAR_FOR2(e, i, col, n, D) {
-    c.Xp[e] = c.Cx[i * NC + bmax] * c.QW[e] + c.Cx[i * NC + bmax + 1] * c.QS[e];
-  }
-  mm_acc<-1, false, false>(n, D, n, c.Pm, n, c.G, D, c.Xp, D);
-  TTT_SYNC();
+  // Z' = D_i (Q W_0 + b_0) + c0_i (Q S_0 + sb_0) - Pm G
+  const TitansLayer<acc_t> layer{D, D, c.Q, c.K, c.G, c.Wc, c.bc, c.S, c.sb, c.QW, c.QS, c.Pm};
+  titans_read(layer, n, bmax, c.Cx, c.eta, c.Xp);
   ln_rows<acc_t>(n, D, static_cast<acc_t>(p.eps), lnw, lnb, c.Xp, c.rstdp, nullptr, nullptr,
                  nullptr);
   TTT_SYNC();
@@ -128,20 +182,8 @@ TTT_HD void titans_update(const TitansParams& p, const TitansBuffers<acc_t>& c, 
   acc_t* cw = c.Pm;
   acc_t* cu = c.Pm + n;
   TTT_PAR_FOR(t, n) { cw[t] = c.Cx[last + t] * c.eta[t], cu[t] = c.Mx[last + t] * c.eta[t]; }
-  TTT_PAR_FOR(e, D * D + D) {  // the start terms, then the steps' sums below
-    const bool bias = e >= D * D;
-    const int col = bias ? e - D * D : e;
-    acc_t& w = bias ? c.bc[col] : c.Wc[e];
-    acc_t& s = bias ? c.sb[col] : c.S[e];
-    w = Dl * w + c0l * s;
-    s = ml * s;
-  }
-  TTT_SYNC();
-  mm_acc<-1, true, false, kPerK>(D, D, n, c.K, D, c.G, D, c.Wc, D, cw);  // - K^T diag(cw) G
-  mm_acc<-1, true, false, kPerK>(D, D, n, c.K, D, c.G, D, c.S, D, cu);   // - K^T diag(cu) G
-  mm_acc<-1, true, false>(1, D, n, cw, 1, c.G, D, c.bc, D);              // - cw^T G
-  mm_acc<-1, true, false>(1, D, n, cu, 1, c.G, D, c.sb, D);              // - cu^T G
-  TTT_SYNC();
+  const TitansLayer<acc_t> layer{D, D, c.Q, c.K, c.G, c.Wc, c.bc, c.S, c.sb, c.QW, c.QS, c.Pm};
+  titans_layer_update(layer, n, Dl, c0l, ml, cw, cu);
   if (g.completes) {
     TTT_PAR_FOR(e, D * D + D) {
       if (e < D * D) c.W[e] = c.Wc[e];
@@ -151,15 +193,16 @@ TTT_HD void titans_update(const TitansParams& p, const TitansBuffers<acc_t>& c, 
   }
 }
 
-// Copies a [D, D] + [D] pair between buffers and a [B, H, (nseg,) ...] tensor slot.
+// Copies a [Din, Dout] + [Dout] pair between buffers and a [B, H, (nseg,) ...] tensor slot.
 template <typename acc_t>
-TTT_HD void titans_copy(acc_t* W, acc_t* b, const void* Wt, const void* bt, int D, int64_t slot,
-                        bool to_buffers) {
-  acc_t* wt = const_cast<acc_t*>(static_cast<const acc_t*>(Wt)) + slot * D * D;
-  acc_t* vt = const_cast<acc_t*>(static_cast<const acc_t*>(bt)) + slot * D;
-  TTT_PAR_FOR(e, D * D + D) {
-    acc_t& buf = e < D * D ? W[e] : b[e - D * D];
-    acc_t& ten = e < D * D ? wt[e] : vt[e - D * D];
+TTT_HD void titans_copy(acc_t* W, acc_t* b, const void* Wt, const void* bt, int Din, int Dout,
+                        int64_t slot, bool to_buffers) {
+  const int64_t nw = static_cast<int64_t>(Din) * Dout;
+  acc_t* wt = const_cast<acc_t*>(static_cast<const acc_t*>(Wt)) + slot * nw;
+  acc_t* vt = const_cast<acc_t*>(static_cast<const acc_t*>(bt)) + slot * Dout;
+  TTT_PAR_FOR(e, nw + Dout) {
+    acc_t& buf = e < nw ? W[e] : b[e - nw];
+    acc_t& ten = e < nw ? wt[e] : vt[e - nw];
     if (to_buffers) buf = ten;
     else ten = buf;
   }
@@ -173,23 +216,23 @@ TTT_HD void titans_fwd_chain(const TitansParams& p, acc_t* ws, int D, int bi, in
   const int64_t bh = static_cast<int64_t>(bi) * p.H + hi;
   const acc_t* lnw = static_cast<const acc_t*>(p.ln_w) + static_cast<int64_t>(hi) * D;
   const acc_t* lnb = static_cast<const acc_t*>(p.ln_b) + static_cast<int64_t>(hi) * D;
-  titans_copy(c.W, c.bw, p.W0, p.b0, D, bh, true);
-  titans_copy(c.Wc, c.bc, p.C0, p.cb0, D, bh, true);
-  titans_copy(c.S, c.sb, p.S0, p.sb0, D, bh, true);
+  titans_copy(c.W, c.bw, p.W0, p.b0, D, D, bh, true);
+  titans_copy(c.Wc, c.bc, p.C0, p.cb0, D, D, bh, true);
+  titans_copy(c.S, c.sb, p.S0, p.sb0, D, D, bh, true);
   TTT_SYNC();
   const int nseg = p.num_segments();
   for (int s = 0; s < nseg; ++s) {
     const Segment g = segment(p, s);
-    titans_copy(c.W, c.bw, p.W_starts, p.b_starts, D, bh * nseg + s, false);
-    titans_copy(c.S, c.sb, p.S_starts, p.sb_starts, D, bh * nseg + s, false);
+    titans_copy(c.W, c.bw, p.W_starts, p.b_starts, D, D, bh * nseg + s, false);
+    titans_copy(c.S, c.sb, p.S_starts, p.sb_starts, D, D, bh * nseg + s, false);
     titans_recompute<scalar_t, acc_t>(p, c, D, bi, hi, g, false);
     scalar_t* o = static_cast<scalar_t*>(p.o) + (bh * p.L + g.t0) * D;
     // o = q + gamma * LN(Z') + beta (or without q)
     output_rows(p.output_residual, g.n, D, c.Q, c.Xp, lnw, lnb, o);
     titans_update(p, c, D, g);
   }
-  titans_copy(c.Wc, c.bc, p.W_end, p.b_end, D, bh, false);
-  titans_copy(c.S, c.sb, p.S_end, p.sb_end, D, bh, false);
+  titans_copy(c.Wc, c.bc, p.W_end, p.b_end, D, D, bh, false);
+  titans_copy(c.S, c.sb, p.S_end, p.sb_end, D, D, bh, false);
 }
 
 }  // namespace ttt

@@ -26,10 +26,19 @@ def _titans(x):
     return _linear(x, momentum=mom, decay=dec)
 
 
+def _titans_mlp(x):
+    mom, dec = make_titans(B, H, L, dtype=torch.float32, seed=7)
+    return _mlp(x, momentum=mom, decay=dec)
+
+
 OPS = {
     "linear": (_linear, lambda: make_inputs(B, H, L, D, dtype=torch.float32, seed=3)),
     "mlp": (_mlp, lambda: make_mlp_inputs(B, H, L, D, F=2 * D, dtype=torch.float32, seed=4)),
     "titans": (_titans, lambda: make_inputs(B, H, L, D, dtype=torch.float32, seed=6)),
+    "titans_mlp": (
+        _titans_mlp,
+        lambda: make_mlp_inputs(B, H, L, D, F=2 * D, dtype=torch.float32, seed=8),
+    ),
 }
 
 

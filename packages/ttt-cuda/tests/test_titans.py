@@ -11,6 +11,7 @@ import torch
 from ttt_cuda_reference import (
     OPTION_CASES,
     OPTIONS,
+    assert_block_schedule_equals_serial,
     assert_cpp_matches_torch_one_call,
     assert_grads_close,
     assert_outputs_and_grads_close,
@@ -189,8 +190,6 @@ def test_block_schedule_equals_serial(monkeypatch, options):
     """The Titans chain run as a CUDA block runs it (16 threads + barriers) equals the serial run
     bit for bit, forward and backward, from a state cut inside a mini-batch (with the options at
     their defaults and both off them)."""
-    import ttt_cuda.ops.launch as ops
-
     x = make_inputs(1, 2, 19, 8, dtype=torch.float32, seed=65)
     mom, dec = make_titans(1, 2, 19, dtype=torch.float32, seed=65)
     args = [t.detach().float().requires_grad_() for t in _op_args(L=19, D=8, offset=3)[6:12]]
@@ -202,10 +201,7 @@ def test_block_schedule_equals_serial(monkeypatch, options):
         ins = [*(x[n] for n in (*SEQ, "ln_weight", "ln_bias")), mom, dec, *args]
         return (*outs[:7], *torch.autograd.grad(loss, ins))
 
-    serial = run()
-    monkeypatch.setattr(ops, "CPU_BLOCK_THREADS", 16)
-    for got, want in zip(run(), serial):
-        assert torch.equal(got, want)
+    assert_block_schedule_equals_serial(monkeypatch, run)
 
 
 def test_opcheck():

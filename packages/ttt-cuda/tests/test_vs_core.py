@@ -144,7 +144,7 @@ def test_backends_registered_through_entry_point():
         assert backend.supports("ttt_mlp", q, mini_batch_size=4, causal=True) is None
         assert backend.supports("ttt_linear", q, momentum=torch.zeros(1, 1, 4)) is None  # Titans
         assert backend.supports("ttt_linear", q.bfloat16()) is None  # computed in fp32
-        assert "Titans" in backend.supports("ttt_mlp", q, momentum=torch.zeros(1, 1, 4))
+        assert backend.supports("ttt_mlp", q, momentum=torch.zeros(1, 1, 4)) is None  # C++ path
         assert "checkpoint_group_size" in backend.supports("ttt_linear", q, checkpoint_group_size=2)
     assert "CPU tensors" in cpp.supports("ttt_linear", torch.zeros(1, 1, 4, 64, device="meta"))
 
@@ -164,7 +164,7 @@ def test_auto_on_cpu_runs_the_cpp_path():
 
 
 def test_cpp_refusal_runs_torch_silently_under_auto_and_raises_by_name():
-    """A call "cpp" refuses (TTT-MLP in the Titans form): auto runs the torch backend without a
+    """A call "cpp" refuses (checkpoint_group_size): auto runs the torch backend without a
     warning (bit-identical to it); asking for "cpp" by name raises ValueError with the reason."""
     from ttt_core import ttt_mlp
 
@@ -176,13 +176,14 @@ def test_cpp_refusal_runs_torch_silently_under_auto_and_raises_by_name():
          0.3 * torch.randn(H, F, D, generator=g), torch.zeros(H, 1, D)]  # fmt: skip
     ln = [torch.ones(H, D), torch.zeros(H, D)]
     args = (q, k, v, eta, *w, *ln)
-    ref, _ = ttt_mlp(*args, momentum=mom, mini_batch_size=4, backend="torch")
+    kw = dict(momentum=mom, mini_batch_size=4, checkpoint_group_size=2)
+    ref, _ = ttt_mlp(*args, **kw, backend="torch")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        o, _ = ttt_mlp(*args, momentum=mom, mini_batch_size=4, backend="auto")
+        o, _ = ttt_mlp(*args, **kw, backend="auto")
     assert torch.equal(o, ref)
-    with pytest.raises(ValueError, match=r"backend 'cpp' cannot run .*Titans form"):
-        ttt_mlp(*args, momentum=mom, mini_batch_size=4, backend="cpp")
+    with pytest.raises(ValueError, match=r"backend 'cpp' cannot run .*checkpoint_group_size"):
+        ttt_mlp(*args, **kw, backend="cpp")
 
 
 @pytest.mark.parametrize("titans", [False, True], ids=["plain", "titans"])

@@ -96,21 +96,22 @@ def reference_ttt_linear(q, k, v, eta, W0, b0, ln_weight, ln_bias, *, mini_batch
     return o, end["W"], end["b"]
 
 
-def reference_ttt_titans(q, k, v, eta, mom, dec, W0, b0, ln_weight, ln_bias, *, mini_batch_size,
-                         eps=1e-6, reconstruction_target="residual", output_residual=True):  # fmt: skip
-    """Titans-form TTT-Linear, token by token: gradients at the mini-batch's start P,
+def reference_titans(fast_model, q, k, v, eta, mom, dec, params0, ln_weight, ln_bias, *,
+                     mini_batch_size, eps=1e-6, reconstruction_target="residual",
+                     output_residual=True):  # fmt: skip
+    """Titans form of any fast model, token by token: gradients at the mini-batch's start P,
     S_j = m_j S_{j-1} - eta_j grad_j, W_j = (1 - a_j) W_{j-1} + S_j, o_j from W_j; P <- W at each
-    mini-batch end. W0 (B, H, D, D), b0 (B, H, D). Returns (o, W_end, b_end, S_end, sb_end)."""
+    mini-batch end. params0: name -> (B, H, ...) start weights. Returns (o [B, H, L, D], end
+    weights {name: (B, H, ...)}, end momentum {name: (B, H, ...)})."""
     B, H, L, D = q.shape
-    params0 = {"W": W0, "b": b0}
 
     def token_loss(P, kj, vj, h):
-        pred = layer_norm(linear_model(P, kj), ln_weight[h], ln_bias[h], eps)
+        pred = layer_norm(fast_model(P, kj), ln_weight[h], ln_bias[h], eps)
         target = vj - kj if reconstruction_target == "residual" else vj
         return 0.5 * ((pred - target) ** 2).sum()
 
     grad = torch.func.grad(token_loss)
-    outs, ends = [], {n: [] for n in ("W", "b", "SW", "Sb")}
+    outs, W_ends, S_ends = [], {n: [] for n in params0}, {n: [] for n in params0}
     for bi in range(B):
         for h in range(H):
             P = {n: params0[n][bi, h] for n in params0}
@@ -124,16 +125,24 @@ def reference_ttt_titans(q, k, v, eta, mom, dec, W0, b0, ln_weight, ln_bias, *, 
                     S = {n: mom[bi, h, t] * S[n] - eta[bi, h, t] * gs[i][n] for n in S}
                     W = {n: (1 - dec[bi, h, t]) * W[n] + S[n] for n in W}
                     qi = q[bi, h, t]
-                    y = layer_norm(linear_model(W, qi), ln_weight[h], ln_bias[h], eps)
+                    y = layer_norm(fast_model(W, qi), ln_weight[h], ln_bias[h], eps)
                     rows.append(qi + y if output_residual else y)
                 P = dict(W)
             outs.append(torch.stack(rows))
-            for name, val in (("W", W["W"]), ("b", W["b"]), ("SW", S["W"]), ("Sb", S["b"])):
-                ends[name].append(val)
+            for n in params0:
+                W_ends[n].append(W[n])
+                S_ends[n].append(S[n])
     o = torch.stack(outs).reshape(B, H, L, D)
-    W_end, b_end = (torch.stack(ends[n]).reshape(B, H, *ends[n][0].shape) for n in ("W", "b"))
-    S_end, sb_end = (torch.stack(ends[n]).reshape(B, H, *ends[n][0].shape) for n in ("SW", "Sb"))
-    return o, W_end, b_end, S_end, sb_end
+    stack = lambda d: {n: torch.stack(d[n]).reshape(params0[n].shape) for n in params0}
+    return o, stack(W_ends), stack(S_ends)
+
+
+def reference_ttt_titans(q, k, v, eta, mom, dec, W0, b0, ln_weight, ln_bias, **kw):
+    """Titans-form TTT-Linear (:func:`reference_titans`): W0 (B, H, D, D), b0 (B, H, D).
+    Returns (o, W_end, b_end, S_end, sb_end)."""
+    o, W, S = reference_titans(linear_model, q, k, v, eta, mom, dec, {"W": W0, "b": b0},
+                               ln_weight, ln_bias, **kw)  # fmt: skip
+    return o, W["W"], W["b"], S["W"], S["b"]
 
 
 def make_titans(B, H, L, *, dtype=torch.float64, seed=0, requires_grad=True):
@@ -264,3 +273,15 @@ def assert_outputs_and_grads_close(got, want, inputs, names, tol):
     for name, a, b in zip(names, g, r):
         torch.testing.assert_close(a, b, rtol=10 * tol, atol=10 * tol,
                                    msg=lambda m, n=name: f"d{n}: {m}")  # fmt: skip
+
+
+def assert_block_schedule_equals_serial(monkeypatch, run, threads=16):
+    """``run()`` (a tuple of tensors: outputs and gradients) run as a CUDA block runs the chains
+    (``threads`` threads per chain + barriers, ``CPU_BLOCK_THREADS``) equals the serial run bit
+    for bit."""
+    import ttt_cuda.ops.launch as ops
+
+    serial = run()
+    monkeypatch.setattr(ops, "CPU_BLOCK_THREADS", threads)
+    for got, want in zip(run(), serial, strict=True):
+        assert torch.equal(got, want)

@@ -2,8 +2,8 @@
 
 - ``"cpp"``: the fused C++ path on CPU tensors (parallel over (batch, head) chains on
   ``torch.get_num_threads()`` threads). ``auto`` picks it for every CPU call it supports (fp32/fp64,
-  and bf16/fp16 computed in fp32); the calls it refuses (TTT-MLP in the Titans form,
-  ``checkpoint_group_size``, a step that needs autograd, a step being traced by ``torch.compile``)
+  and bf16/fp16 computed in fp32; TTT-Linear and TTT-MLP, plain and Titans form); the calls it
+  refuses (``checkpoint_group_size``, a step that needs autograd, a step being traced by ``torch.compile``)
   run on ttt-core's torch backend without a warning (``warn_on_fallback = False``: on the CPU the
   torch backend serves every call; ask for ``backend="cpp"`` by name to see the reason). Its
   backward is first order (a double backward raises: use ``backend="torch"``). Its single-token
@@ -14,7 +14,7 @@
 ttt-core validates a call and asks ``supports`` before it calls ``ttt_linear`` / ``ttt_mlp`` or
 the single-token ``ttt_linear_step`` / ``ttt_mlp_step``, so these go straight to the ops
 (``linear_call`` / ``mlp_call``) without validating again. Calls a
-backend cannot fuse (TTT-MLP in the Titans form, an unsupported dtype or head dim) are refused in
+backend cannot fuse (on CUDA TTT-MLP in the Titans form, an unsupported dtype or head dim) are refused in
 ``supports`` with the reason: ttt-core then uses its torch backend under ``auto`` (the ``cuda``
 backend warns once with the reason), or raises when the backend was asked for by name.
 """
@@ -53,8 +53,8 @@ def _unsupported_reason(op: str, q: Tensor, **kwargs: Any) -> str | None:
 
 
 class CudaBackend:
-    """Fused TTT-Linear (plain and Titans form) and TTT-MLP: the CUDA kernels on CUDA tensors,
-    the C++ path on CPU tensors."""
+    """Fused TTT-Linear and TTT-MLP, plain and Titans form: the CUDA kernels on CUDA tensors (no
+    Titans TTT-MLP kernel), the C++ path on CPU tensors."""
 
     name = "cuda"
     device_types: tuple[str, ...] = ("cuda",)

@@ -30,7 +30,7 @@ from ttt_cuda.common import (
     validate_call,
 )
 from ttt_cuda.ops.linear import linear_fwd
-from ttt_cuda.titans import titans_linear
+from ttt_cuda.titans import titans_call
 
 __all__ = ["fused_ttt_linear", "linear_call", "linear_unsupported_reason"]
 
@@ -112,9 +112,9 @@ def linear_call(q, k, v, eta, W1, b1, ln_weight, ln_bias, *, mini_batch_size, ca
     ``TTTState``: the backend's entry, after ttt-core validated the call and asked ``supports``)."""
     options = (reconstruction_target, output_residual)
     if momentum is not None or decay is not None:  # the Titans form
-        return titans_linear(q, k, v, eta, ln_weight, ln_bias, momentum=momentum, decay=decay,
-                             state=initial_state, output_final_state=output_final_state,
-                             eps=eps, options=options)  # fmt: skip
+        return titans_call(q, k, v, eta, ln_weight, ln_bias, momentum=momentum, decay=decay,
+                           state=initial_state, output_final_state=output_final_state,
+                           eps=eps, options=options)  # fmt: skip
     state, L, acc = initial_state, q.shape[2], acc_dtype(q.dtype)
     b = state.block_size(L)  # mini_batch_size, or offset + L for None (one unbounded segment)
     W0, b0 = op_layout(state.params, acc)  # (B, H, D, D), (B, H, D)

@@ -9,6 +9,9 @@ tokens in mini-batches of b, gradients at the mini-batch's start weights,
     non-causal:  W_i = W_start - sum_j eta_j grad l_j(W_start)
     o_i = q_i + LN_h(f_{W_i}(q_i)) (or LN_h(...) alone: output_residual=False);  the next
     mini-batch starts from the last W_i.
+
+With ``momentum``/``decay`` (the Titans form, CPU tensors) the call goes to ``ttt_cuda.titans``
+(the ``ttt::titans_mlp_fwd`` op).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ttt_cuda.common import (
     validate_call,
 )
 from ttt_cuda.ops.mlp import mlp_fwd
+from ttt_cuda.titans import titans_call
 
 __all__ = ["fused_ttt_mlp", "mlp_call", "mlp_unsupported_reason"]
 
@@ -40,8 +44,9 @@ def mlp_unsupported_reason(
 ) -> str | None:
     """None when the fused MLP op computes this call, else why not (metadata only). F is read
     from the state's W1, else from ``W1`` [H, D, F]."""
-    if kwargs.get("momentum") is not None or kwargs.get("decay") is not None:
-        return "TTT-MLP in the Titans form (momentum/decay) is not fused"
+    titans = kwargs.get("momentum") is not None or kwargs.get("decay") is not None
+    if titans and q.device.type == "cuda":
+        return "TTT-MLP in the Titans form (momentum/decay) has no CUDA kernel (the C++ CPU path fuses it)"
     reason = unsupported_reason(
         q, initial_state=initial_state, head_dims=CUDA_MLP_SHAPE[:1], **kwargs
     )
@@ -91,6 +96,8 @@ def fused_ttt_mlp(
         mini_batch_size: b (None: the whole sequence is one mini-batch).
         causal: query i sees W_i (True) or the mini-batch's end weights (False).
         token_scale: "mean", "sum" or a [b] tensor (differentiable).
+        momentum, decay: [B, H, L] Titans momentum m_j and decay a_j (causal, CPU tensors;
+            either may be None = zeros); token_scale does not apply then.
         initial_state: a ``ttt_core.TTTState`` to start from, also one cut inside a mini-batch
             (offset > 0: the call first finishes it from the state's params and grad_sum).
         output_final_state: return the state after the last token (``TTTState``); cut inside
@@ -122,10 +129,14 @@ def fused_ttt_mlp(
 
 @cpu_computes_fp32
 def mlp_call(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, *, mini_batch_size, causal,
-             token_scale, initial_state, output_final_state, eps, reconstruction_target="residual",
-             output_residual=True, **_):  # fmt: skip
+             token_scale, initial_state, output_final_state, eps, momentum=None, decay=None,
+             reconstruction_target="residual", output_residual=True, **_):  # fmt: skip
     """``fused_ttt_mlp`` on validated inputs the op supports, from ``initial_state`` (a
     ``TTTState``: the backend's entry, after ttt-core validated the call and asked ``supports``)."""
+    if momentum is not None or decay is not None:  # the Titans form (CPU)
+        return titans_call(q, k, v, eta, ln_weight, ln_bias, momentum=momentum, decay=decay,
+                           state=initial_state, output_final_state=output_final_state, eps=eps,
+                           options=(reconstruction_target, output_residual))  # fmt: skip
     state, L, acc = initial_state, q.shape[2], acc_dtype(q.dtype)
     b = state.block_size(L)  # mini_batch_size, or offset + L for None (one unbounded segment)
     start = op_layout(state.params, acc)  # (B, H, D, F), (B, H, F), (B, H, F, D), (B, H, D)

@@ -57,11 +57,13 @@ def params(
     end_unscaled=False, offset=0, unbounded=False, reconstruction_target="residual",
     output_residual=True,
 ):  # fmt: skip
-    """The params struct of ``kind`` ("linear" | "mlp" | "titans") with the fields the ops share:
+    """The params struct of ``kind`` ("linear" | "mlp" | "titans" | "titans_mlp") with the fields the ops share:
     shapes, modes, the options (target v - k for "residual", v for "value"; o = q + LN(f(q)) or
     LN(f(q))), q/k/v strides and the pointers of the per-token inputs."""
     C = extension()
-    p = {"linear": C.LinearParams, "mlp": C.MLPParams, "titans": C.TitansParams}[kind]()
+    kinds = {"linear": C.LinearParams, "mlp": C.MLPParams, "titans": C.TitansParams,
+             "titans_mlp": C.TitansMLPParams}  # fmt: skip
+    p = kinds[kind]()
     p.B, p.H, p.L, p.D = q.shape
     p.mini_batch_size, p.causal, p.eps = int(mini_batch_size), int(bool(causal)), float(eps)
     p.end_unscaled = int(bool(end_unscaled))
@@ -78,7 +80,8 @@ def params(
 
 
 def launch(kind: str, p, device: torch.device, backward: bool) -> None:
-    """Runs the CPU or CUDA entry point of ``kind`` ("linear" | "mlp" | "titans") on the current
+    """Runs the CPU or CUDA entry point of ``kind`` ("linear" | "mlp" | "titans" | "titans_mlp",
+    the last on the CPU only) on the current
     stream (no host synchronisation). On the CPU the (batch, head) chains are spread over
     ``torch.get_num_threads()`` threads, one thread per chain (the result does not depend on it)."""
     C = extension()
@@ -90,6 +93,8 @@ def launch(kind: str, p, device: torch.device, backward: bool) -> None:
         return
     if device.type != "cuda":
         raise ValueError(f"ttt_cuda: tensors must be on CPU or CUDA, got {device}")
+    if kind == "titans_mlp":  # the backends refuse it on CUDA tensors (supports says so)
+        raise ValueError("ttt_cuda: the Titans-form TTT-MLP runs on CPU tensors only")
     if not C.WITH_CUDA:
         raise RuntimeError(
             "ttt_cuda was built without CUDA (TTT_ENABLE_CUDA=OFF or no nvcc): reinstall it with "
