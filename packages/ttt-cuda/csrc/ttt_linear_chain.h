@@ -398,16 +398,7 @@ TTT_HD void linear_bwd_chain(const LinearParams& p, acc_t* ws, int D, int bi, in
     // X = LN(Z). Writes dZ over DZ and dU over U (dG is in KdW).
     ln_loss_grad_bwd_rows(n, D, lnw, c.X, c.G, c.rstd, c.KdW, c.U, c.DZ);
     TTT_SYNC();
-    TTT_PAR_FOR(col, D) {  // d gamma, d beta through U
-      acc_t sw = 0, sb = 0;
-      for (int i = 0; i < n; ++i) {
-        const int e = i * D + col;
-        sw += c.U[e] * (acc_t(2) * lnw[col] * c.X[e] + lnb[col] - c.T[e]);
-        sb += c.U[e] * lnw[col];
-      }
-      c.dlnw[col] += sw;
-      c.dlnb[col] += sb;
-    }
+    ln_loss_param_grads(n, D, lnw, lnb, c.X, c.T, c.U, c.dlnw, c.dlnb);  // d gamma, d beta through U
     const int64_t row0 = (bh * p.L + t0) * D;
     mm_acc<+1, false, true>(n, D, D, c.DZ, D, c.W, D, c.dK, D);  // dK += dZ W^T
     TTT_PAR_FOR2(e, i, col, n, D) {  // dT = -gamma dU = dv; dk = dK + its share through T

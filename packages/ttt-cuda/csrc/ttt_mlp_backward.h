@@ -170,15 +170,7 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
     TTT_SYNC();
     // B8: d gamma, d beta through U; dv = dT = -gamma dU, dK += its share through T;
     // through Z2 = X2 W2 + b2 and X2 = gelu(Z1): dX2 += dZ2 W2^T, dZ1 += dX2 * gelu'(Z1)
-    TTT_PAR_FOR(col, D) {
-      acc_t sw = 0, sb = 0;
-      for (int i = 0; i < n; ++i) {
-        const int e = i * D + col;
-        sw += c.U[e] * (acc_t(2) * lnw[col] * c.X[e] + lnb[col] - c.T[e]);
-        sb += c.U[e] * lnw[col];
-      }
-      c.dlnw[col] += sw, c.dlnb[col] += sb;
-    }
+    ln_loss_param_grads(n, D, lnw, lnb, c.X, c.T, c.U, c.dlnw, c.dlnb);
     const int64_t row0 = (bh * p.L + t0) * D;
     TTT_PAR_FOR2(e, i, col, n, D) {
       const acc_t dt = -(lnw[col] * c.U[e]);

@@ -165,11 +165,8 @@ TTT_HD void titans_mlp_bwd_chain(const TitansMLPParams& p, acc_t* ws, int D, int
     // KdW1 = K dW1 + db1, KdS1 = K dS1 + dsb1, XdW2 = X2 dW2 + db2, XdS2 = X2 dS2 + dsb2;
     // dK = -(diag(cw) G1 dW1^T + diag(cu) G1 dS1^T), dX2 = -(diag(cw) G2 dW2^T + diag(cu) G2 dS2^T)
     ln_out_bwd_rows(n, D, lnw, m.Xp, m.rstdp, m.dQ, m.DZ);
-    TTT_PAR_FOR(col, D) {
-      acc_t sw = 0, sb = 0;
-      for (int i = 0; i < n; ++i) sw += m.dQ[i * D + col] * m.Xp[i * D + col], sb += m.dQ[i * D + col];
-      m.dlnw[col] += sw, m.dlnb[col] += sb;
-    }
+    add_col_sums(n, D, m.dlnw, [&](int i, int col) { return m.dQ[i * D + col] * m.Xp[i * D + col]; });
+    add_col_sums(n, D, m.dlnb, [&](int i, int col) { return m.dQ[i * D + col]; });
     TTT_PAR_FOR2(e, i, col, n, F) { m.KdW1[e] = m.db1[col], c.KdS1[e] = c.dsb1[col], m.dX2[e] = 0; }
     TTT_PAR_FOR2(e, i, col, n, D) { m.XdW2[e] = m.db2[col], c.XdS2[e] = c.dsb2[col], m.dK[e] = 0; }
     mm_acc<+1, false, false>(n, F, D, m.K, D, m.dW1, F, m.KdW1, F);

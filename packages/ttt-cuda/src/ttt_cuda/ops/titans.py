@@ -27,10 +27,12 @@ from ttt_cuda.ops.launch import first_order_only, launch, num_segments, params, 
 __all__ = ["titans_bwd", "titans_fwd"]
 
 
-def _titans_params(q, k, v, eta, mom, dec, ln_weight, ln_bias, mini_batch_size, eps, offset,
-                   unbounded, reconstruction_target, output_residual):  # fmt: skip
+def titans_params(q, k, v, eta, mom, dec, ln_weight, ln_bias, mini_batch_size, eps, offset,
+                  unbounded, reconstruction_target, output_residual, kind="titans"):  # fmt: skip
+    """The launch params of a Titans-form op (``kind``: "titans" or "titans_mlp"): the shared
+    fields plus the momentum and decay pointers."""
     # scale is unused by the Titans form (no token scale): pass any acc tensor's pointer
-    p = params("titans", q, k, v, eta, ln_weight, ln_bias, ln_weight, mini_batch_size, True, eps,
+    p = params(kind, q, k, v, eta, ln_weight, ln_bias, ln_weight, mini_batch_size, True, eps,
                False, offset, unbounded, reconstruction_target, output_residual)  # fmt: skip
     p.mom, p.dec = mom.data_ptr(), dec.data_ptr()
     return p
@@ -75,7 +77,7 @@ def titans_fwd(
     W_end, b_end, S_end, sb_end = (torch.empty_like(t) for t in (W0, b0, S0, sb0))
     W_starts, S_starts = (W0.new_empty(B, H, nseg, D, D) for _ in range(2))
     b_starts, sb_starts = (b0.new_empty(B, H, nseg, D) for _ in range(2))
-    p = _titans_params(q, k, v, eta, mom, dec, ln_weight, ln_bias, mini_batch_size, eps, offset,
+    p = titans_params(q, k, v, eta, mom, dec, ln_weight, ln_bias, mini_batch_size, eps, offset,
                        unbounded, reconstruction_target, output_residual)  # fmt: skip
     p.W0, p.b0, p.C0, p.cb0 = W0.data_ptr(), b0.data_ptr(), C0.data_ptr(), cb0.data_ptr()
     p.S0, p.sb0, p.o = S0.data_ptr(), sb0.data_ptr(), o.data_ptr()
@@ -150,7 +152,7 @@ def titans_bwd(
     deta, dmom, ddec = (torch.empty(B, H, L, device=q.device, dtype=acc) for _ in range(3))
     dW0, dC0, dS0 = (C0.new_empty(C0.shape) for _ in range(3))
     db0, dcb0, dsb0, dlnw, dlnb = (cb0.new_empty(cb0.shape) for _ in range(5))
-    p = _titans_params(q, k, v, eta, mom, dec, ln_weight, ln_bias, mini_batch_size, eps, offset,
+    p = titans_params(q, k, v, eta, mom, dec, ln_weight, ln_bias, mini_batch_size, eps, offset,
                        unbounded, reconstruction_target, output_residual)  # fmt: skip
     if dW_starts is not None and db_starts is not None:
         dW_starts, db_starts = dW_starts.contiguous(), db_starts.contiguous()

@@ -27,18 +27,17 @@ import torch
 from torch import Tensor
 
 from ttt_cuda._ext import extension
-from ttt_cuda.ops.launch import first_order_only, launch, params, rowmajor
+from ttt_cuda.ops.launch import first_order_only, launch, rowmajor
+from ttt_cuda.ops.titans import titans_params
 
 __all__ = ["titans_mlp_bwd", "titans_mlp_fwd"]
 
 
 def _titans_mlp_params(q, k, v, eta, mom, dec, ln_weight, ln_bias, F, mini_batch_size, eps,
                        offset, unbounded, reconstruction_target, output_residual):  # fmt: skip
-    # scale is unused by the Titans form (no token scale): pass any acc tensor's pointer
-    p = params("titans_mlp", q, k, v, eta, ln_weight, ln_bias, ln_weight, mini_batch_size, True,
-               eps, False, offset, unbounded, reconstruction_target, output_residual)  # fmt: skip
+    p = titans_params(q, k, v, eta, mom, dec, ln_weight, ln_bias, mini_batch_size, eps, offset,
+                      unbounded, reconstruction_target, output_residual, kind="titans_mlp")  # fmt: skip
     p.F = F
-    p.mom, p.dec = mom.data_ptr(), dec.data_ptr()
     return p
 
 
