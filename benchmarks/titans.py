@@ -27,8 +27,8 @@ Run (about 1-2 minutes on one core)::
     python benchmarks/titans.py --epochs-only --backend torch cpp \
         --out benchmarks/results/titans_cpu_backends.json   # epochs, the memory on both backends
 
-The memory workload runs its linear rows on the first ``--backend`` and its MLP rows on
-``torch`` (the Titans form of TTT-MLP has no fused path).
+The memory workload runs every row, linear and MLP memory, on the first ``--backend`` (key
+``ttt_titans``) and on each further one (``ttt_titans_<backend>``) in the same rounds.
 
 ``torch.set_num_threads(1)`` is used for stable figures (``--threads`` to change).
 """
