@@ -246,4 +246,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("ttt_step_cpu", &ttt::ttt_step_cpu, py::arg("params"), py::arg("threads"),
         py::call_guard<py::gil_scoped_release>(),
         "One streaming token of TTT-Linear / TTT-MLP (plain or Titans form) on the CPU.");
+
+  // the whole TTTLayer step around it (CPU): LayerStepParams (ttt_step_cpu.h) and its entry point
+  py::class_<ttt::LayerStepParams> layer_step(m, "LayerStepParams");
+  layer_step.def(py::init<>());
+#define TTT_LAYER_FIELD(name) layer_step.def_readwrite(#name, &ttt::LayerStepParams::name)
+  TTT_LAYER_FIELD(C), TTT_LAYER_FIELD(n_rates), TTT_LAYER_FIELD(eta_scale);
+  TTT_LAYER_FIELD(post_eps), TTT_LAYER_FIELD(x), TTT_LAYER_FIELD(in_w), TTT_LAYER_FIELD(in_b);
+  TTT_LAYER_FIELD(rate_bias), TTT_LAYER_FIELD(post_w), TTT_LAYER_FIELD(post_b);
+  TTT_LAYER_FIELD(out_w), TTT_LAYER_FIELD(out_b), TTT_LAYER_FIELD(gate), TTT_LAYER_FIELD(y);
+#undef TTT_LAYER_FIELD
+  m.def("ttt_layer_step_cpu", &ttt::ttt_layer_step_cpu, py::arg("layer"), py::arg("step"),
+        py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+        "One streaming token of a whole TTTLayer (projections, step, post-norm, gate) on the CPU.");
 }

@@ -4,11 +4,15 @@
 // product and sum rounds alone; the column loops are contiguous and vectorise without reordering.
 // The LayerNorm / LN-loss gradient, gelu and the options' rules (the loss target, the output) are
 // the chains' own (ttt_ln_rows.h, ttt_mlp_chain.h, ttt_options.h), compiled here in a namespace of
-// this file as the ISA builds compile them in theirs.
+// this file as the ISA builds compile them in theirs. The layer step (ttt_layer_step_cpu) wraps the
+// step in the TTTLayer's projections, rates, post-norm and gate.
 #include <math.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <utility>
+#include <vector>
 
 #include "ttt_cpu_chains.h"
 #include "ttt_cpu_isa.h"
@@ -220,6 +224,100 @@ void ttt_step_cpu(const StepParams& p, int threads) {
   else
     for_each_chain<float>(p.B, p.H, ws_elems, threads, flops,
                           [&](float* ws, int bi, int hi) { step_chain<float>(p, ws, bi, hi); });
+}
+
+namespace {
+
+// y[b, n] = bias[n] + sum_c W[n, c] x[b, c] (no bias: 0 +): x [B, cols], W [rows, cols] ->
+// y [B, rows]. Blocks of rows spread over the threads; every output is one dot in a fixed order.
+template <typename acc_t>
+void matvec_rows(int B, int rows, int cols, const acc_t* x, const acc_t* W, const acc_t* bias,
+                 acc_t* y, int threads) {
+  constexpr int kBlock = 64;
+  const int blocks = (rows + kBlock - 1) / kBlock;
+  const double work = 2.0 * kBlock * cols * B;
+  for_each_chain<acc_t>(1, blocks, 0, threads, work, [&](acc_t*, int, int blk) {
+    const int end = std::min(rows, (blk + 1) * kBlock);
+    for (int n = blk * kBlock; n < end; ++n) {
+      const acc_t* w = W + static_cast<int64_t>(n) * cols;
+      for (int b = 0; b < B; ++b) {
+        const acc_t s = dot(cols, w, x + static_cast<int64_t>(b) * cols);
+        y[static_cast<int64_t>(b) * rows + n] = bias != nullptr ? bias[n] + s : s;
+      }
+    }
+  });
+}
+
+// Rows of x [B, n] normalised in place: (x - mean) / sqrt(var + eps) * w + b (biased variance).
+template <typename acc_t>
+void layer_norm_rows(int B, int n, acc_t eps, const acc_t* w, const acc_t* b, acc_t* x) {
+  for (int r = 0; r < B; ++r) {
+    acc_t* row = x + static_cast<int64_t>(r) * n;
+    acc_t mean = 0, var = 0;
+    for (int i = 0; i < n; ++i) mean += row[i];
+    mean /= n;
+    for (int i = 0; i < n; ++i) var += (row[i] - mean) * (row[i] - mean);
+    const acc_t rstd = 1 / std::sqrt(var / n + eps);
+    for (int i = 0; i < n; ++i) row[i] = (row[i] - mean) * rstd * w[i] + b[i];
+  }
+}
+
+template <typename acc_t>
+void layer_step(const LayerStepParams& lp, StepParams p, int threads) {
+  const int B = p.B, H = p.H, Wd = p.H * p.D, C = lp.C;
+  const int n_rates = lp.n_rates * H;
+  const int N = 3 * Wd + n_rates;
+  std::vector<acc_t> z(static_cast<size_t>(B) * N);        // [B, N] q | k | v | rate logits
+  std::vector<acc_t> rates(static_cast<size_t>(B) * n_rates);  // [B, n_rates H]
+  std::vector<acc_t> o(static_cast<size_t>(B) * Wd);        // [B, W] the step's output
+  matvec_rows(B, N, C, cptr<acc_t>(lp.x), cptr<acc_t>(lp.in_w), static_cast<const acc_t*>(nullptr),
+              z.data(), threads);
+  const acc_t* in_b = lp.in_b != 0 ? cptr<acc_t>(lp.in_b) : nullptr;
+  const acc_t* rate_bias = cptr<acc_t>(lp.rate_bias);
+  const acc_t eta_scale = static_cast<acc_t>(lp.eta_scale);
+  for (int b = 0; b < B; ++b) {
+    acc_t* zb = z.data() + static_cast<size_t>(b) * N;
+    if (in_b != nullptr)
+      for (int i = 0; i < 3 * Wd; ++i) zb[i] = in_b[i] + zb[i];
+    for (int r = 0; r < n_rates; ++r) {
+      const acc_t s = 1 / (1 + std::exp(-(rate_bias[r] + zb[3 * Wd + r])));  // sigmoid
+      rates[static_cast<size_t>(b) * n_rates + r] = r < H ? s * eta_scale : s;  // eta | m | a
+    }
+  }
+  // the step's token inputs: views of z ([B, H, 1, D] with strides N over B, D over H) and rates
+  const auto base = reinterpret_cast<std::uintptr_t>(z.data());
+  p.q = base, p.k = base + Wd * sizeof(acc_t), p.v = base + 2 * Wd * sizeof(acc_t);
+  p.q_sb = p.k_sb = p.v_sb = N;
+  p.q_sh = p.k_sh = p.v_sh = p.D;
+  const auto at = [&](int first) { return reinterpret_cast<std::uintptr_t>(rates.data() + first); };
+  p.eta = at(0), p.eta_sb = n_rates, p.eta_sh = 1;
+  if (lp.n_rates == 3) {
+    p.momentum = at(H), p.m_sb = n_rates, p.m_sh = 1;
+    p.decay = at(2 * H), p.a_sb = n_rates, p.a_sh = 1;
+  }
+  p.o = reinterpret_cast<std::uintptr_t>(o.data());
+  ttt_step_cpu(p, threads);
+  if (lp.post_w != 0)
+    layer_norm_rows(B, Wd, static_cast<acc_t>(lp.post_eps), cptr<acc_t>(lp.post_w),
+                    cptr<acc_t>(lp.post_b), o.data());
+  acc_t* y = mptr<acc_t>(lp.y);
+  matvec_rows(B, C, Wd, o.data(), cptr<acc_t>(lp.out_w),
+              lp.out_b != 0 ? cptr<acc_t>(lp.out_b) : static_cast<const acc_t*>(nullptr), y,
+              threads);
+  if (lp.gate != 0) {
+    const acc_t* alpha = cptr<acc_t>(lp.gate);
+    for (int b = 0; b < B; ++b)
+      for (int c = 0; c < C; ++c) y[static_cast<int64_t>(b) * C + c] *= std::tanh(alpha[c]);
+  }
+}
+
+}  // namespace
+
+void ttt_layer_step_cpu(const LayerStepParams& lp, const StepParams& step, int threads) {
+  if (step.float64)
+    layer_step<double>(lp, step, threads);
+  else
+    layer_step<float>(lp, step, threads);
 }
 
 }  // namespace ttt

@@ -47,4 +47,34 @@ struct StepParams {
 // Runs every (sample, head) chain, on up to `threads` threads (the result does not depend on it).
 void ttt_step_cpu(const StepParams& p, int threads);
 
+// The whole single-token step of a ttt-core TTTLayer (ttt_core/layer.py) around the step above,
+// for x [B, C] (the layer's input of one token per sample), W = H D, N = 3 W + n_rates H:
+//   z   = x W_in^T + b_in                             [B, N]: q | k | v | rate logits
+//         (b_in: the q/k/v bias [3 W], or none, then the rate bias [n_rates H])
+//   eta = eta_scale sigmoid(z_lr)                     [B, H] (Titans: momentum = sigmoid(z_m),
+//         decay = sigmoid(z_a), [B, H] each)
+//   o   = the step on q, k, v [B, H, 1, D] (StepParams' state and options)     [B, W]
+//   y   = tanh(alpha) * (post_norm(o) W_out^T + b_out)                         [B, C]
+// post_norm: a LayerNorm over W (weight, bias, eps) or none; the tanh gate and b_out optional.
+struct LayerStepParams {
+  int C = 0;               // model width
+  int n_rates = 1;         // 1 (lr) or 3 (lr | momentum | decay)
+  double eta_scale = 1.0;  // base_lr / D
+  double post_eps = 1e-6;
+  std::uintptr_t x = 0;          // [B, C] contiguous
+  std::uintptr_t in_w = 0;       // [N, C] contiguous
+  std::uintptr_t in_b = 0;       // [3 W]; 0: no q/k/v bias
+  std::uintptr_t rate_bias = 0;  // [n_rates H]
+  std::uintptr_t post_w = 0, post_b = 0;  // [W] each; 0: no post norm
+  std::uintptr_t out_w = 0;               // [C, W] contiguous
+  std::uintptr_t out_b = 0;               // [C]; 0: no bias
+  std::uintptr_t gate = 0;                // alpha [C]; 0: no gate
+  std::uintptr_t y = 0;                   // out: [B, C] contiguous
+};
+
+// `step` holds the state, the options and B, H, D, F; its per-token inputs (q, k, v, eta,
+// momentum, decay and their strides) and o are set here from the projection. The result does not
+// depend on `threads`.
+void ttt_layer_step_cpu(const LayerStepParams& lp, const StepParams& step, int threads);
+
 }  // namespace ttt

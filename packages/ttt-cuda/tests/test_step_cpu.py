@@ -101,11 +101,13 @@ def test_cpp_step_matches_torch_step_and_fp64_reference(kind, variant, dtype):
 @pytest.mark.parametrize("inner", ["linear", "mlp"])
 def test_layer_stream_through_cpp_equals_whole_sequence(inner):
     """TTTLayer with backend "cpp", one token per call, equals the layer's whole-sequence forward
-    (torch backend); the cpp backend receives every token's step."""
+    (torch backend); the cpp backend receives every token's step. Grad mode stays on with frozen
+    parameters: the step (nothing requires grad) is fused, the whole-layer step (inference under
+    no_grad only, test_layer_step.py) is not."""
     torch.manual_seed(0)
     cfg = TTTConfig(hidden_size=30, num_heads=2, head_dim=15, inner=inner, mini_batch_size=5,
                     backend="cpp")  # fmt: skip
-    layer = TTTLayer(cfg).eval()
+    layer = TTTLayer(cfg).eval().requires_grad_(False)
     whole = TTTLayer(TTTConfig(**{**cfg.__dict__, "backend": "torch"})).eval()
     whole.load_state_dict(layer.state_dict())
     x = torch.randn(2, 13, 30)
@@ -117,10 +119,10 @@ def test_layer_stream_through_cpp_equals_whole_sequence(inner):
     try:
         with torch.no_grad():
             y_ref, _ = whole(x)
-            state, ys = None, []
-            for t in range(x.shape[1]):
-                y, state = layer(x[:, t : t + 1], state)
-                ys.append(y)
+        state, ys = None, []
+        for t in range(x.shape[1]):
+            y, state = layer(x[:, t : t + 1], state)
+            ys.append(y)
     finally:
         delattr(backend, op)
     assert len(calls) == x.shape[1]

@@ -24,7 +24,14 @@ A backend is any object with
 - optionally ``ttt_linear_step(q, k, v, eta, W1, b1, ln_weight, ln_bias, *, state, **kwargs)`` and
   ``ttt_mlp_step(...)``: one streaming token, the arguments of ``ttt_core.ttt_linear_step`` (inputs
   validated, ``state`` always a ``TTTState``), returning ``(o, next TTTState)``. Under ``auto`` a
-  backend without the method is skipped (the torch backend serves the step).
+  backend without the method is skipped (the torch backend serves the step),
+- optionally ``ttt_layer_step(layer, x, *, state, mini_batch_size, token_scale, backend,
+  reconstruction_target, output_residual)``: a whole ``TTTLayer``'s single streaming token (its
+  projections, the step, post-norm, gate and output projection in one call) for x [B, 1, C] from a
+  validated ``TTTState``, returning ``(y [B, 1, C], next TTTState)``; ``supports("ttt_layer_step",
+  x, layer=layer)`` decides from the layer's config, its tensors' metadata and the grad mode. A
+  layer whose backend has no such method or refuses takes its ordinary road (see
+  :func:`layer_step_backend`).
 
 An entry point may name the backend object itself or a zero-argument callable returning it.
 """
@@ -153,6 +160,28 @@ def resolve_with_key(call_key: tuple | None, name: str, op: str, q, **kwargs) ->
             del _resolved[next(iter(_resolved))]  # the oldest
         _resolved[key] = _resolve(name, op, q, **kwargs)
     return _resolved[key]
+
+
+def layer_step_backend(name: str, x, **kwargs) -> Backend | None:
+    """The backend whose ``ttt_layer_step`` runs this whole-layer single-token call, or None: the
+    layer then takes its ordinary road (projections, the step through the dispatch, output), where
+    ``name`` is resolved as for any op. ``auto``: the first registered backend serving x's device
+    that has the method and supports the call; a name: that backend when it does. Asked every call
+    (the answer depends on the layer's options and the grad mode; a few attribute reads)."""
+    if name in BUILTIN:
+        return None
+    _load_entry_points()
+    if name == "auto":
+        found = [b for b in _registry.values() if x.device.type in b.device_types]
+    else:
+        found = [get_backend(name)]
+    for backend in found:
+        if (
+            hasattr(backend, "ttt_layer_step")
+            and backend.supports("ttt_layer_step", x, **kwargs) is None
+        ):
+            return backend
+    return None
 
 
 def _resolve(name: str, op: str, q, **kwargs) -> Backend | str:

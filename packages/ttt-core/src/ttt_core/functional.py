@@ -9,7 +9,6 @@ generic backend runs the reference (:mod:`.ops.reference`); a registered backend
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Literal
@@ -69,11 +68,7 @@ def _dispatch(kind: str | FastModel, weights: dict[str, Tensor], q, k, v, eta, l
                                 backend=backend, form=form, cu_seqlens=cu_seqlens, lengths=lengths,
                                 checkpoint_group_size=checkpoint_group_size, **math)  # fmt: skip
     b = math["mini_batch_size"]
-    state = initial_state
-    if state is None:
-        state = TTTState.from_params(weights, B, b, compute_dtype(q.dtype))
-    elif state.mini_batch_size != b:  # at a mini-batch boundary (validated): continue with this b
-        state = dataclasses.replace(state, mini_batch_size=b)
+    state = TTTState.start(initial_state, weights, B, b, compute_dtype(q.dtype))
     op = f"ttt_{kind if isinstance(kind, str) else 'custom'}" + ("_step" if step else "")
     extra = (
         {} if checkpoint_group_size is None else {"checkpoint_group_size": checkpoint_group_size}

@@ -22,9 +22,10 @@ from torch.func import vmap
 from . import backends
 from .config import TTTConfig
 from .learners import InnerLearner, LinearLearner, MLPLearner
-from .ops.common import layer_norm_heads, reconstruction
+from .ops.common import compute_dtype, layer_norm_heads, reconstruction
 from .split import sequence_bounds
 from .state import TTTState
+from .validation import check_layer_step_state
 
 __all__ = ["TTTLayer"]
 
@@ -146,15 +147,33 @@ class TTTLayer(nn.Module):
                                       output_final_state=stream, causal=c.causal, form=form,
                                       checkpoint_group_size=c.checkpoint_group_size, **extra,
                                       **varlen, **self._inner_kwargs())  # fmt: skip
+        self._check_finite(new_state)
+        return o, new_state
+
+    def _check_finite(self, new_state: TTTState | list[TTTState] | None) -> None:
+        """``check_finite_state``: raise when a carried state turned NaN/Inf."""
         states = new_state if isinstance(new_state, list) else [new_state]
-        if c.check_finite_state and any(
+        if self.config.check_finite_state and any(
             s is not None and not bool(s.is_finite().all()) for s in states
         ):
             raise FloatingPointError(
                 "TTTLayer: the carried fast-weight state became non-finite (NaN/Inf); lower base_lr "
                 "or check the inputs (TTTConfig.check_finite_state=True raised this)"
             )
-        return o, new_state
+
+    def _fused_step(self, backend, x: Tensor, state: TTTState | None):
+        """One streaming token x [B, 1, C] through ``backend.ttt_layer_step``: the projections, the
+        step, the post-norm, gate and output projection in one call (see ``backends``). The state
+        is checked and started as the ordinary road's dispatch does it."""
+        c = self.config
+        weights = self.inner.fast_params()
+        b = c.mini_batch_size
+        if state is not None:
+            check_layer_step_state(state, weights, x, b, c.titans)
+        state = TTTState.start(state, weights, x.shape[0], b, compute_dtype(x.dtype))
+        y, new_state = backend.ttt_layer_step(self, x, state=state, **self._inner_kwargs())
+        self._check_finite(new_state)
+        return y, new_state
 
     def _merge(self, o: Tensor) -> Tensor:  # [B, H, L, D] -> [B, L, H*D]
         B, H, L, D = o.shape
@@ -192,6 +211,10 @@ class TTTLayer(nn.Module):
                              f"{list(x.shape)}")  # fmt: skip
         varlen = {n: t for n, t in (("lengths", lengths), ("cu_seqlens", cu_seqlens))
                   if t is not None}  # fmt: skip
+        if stream and x.shape[1] == 1 and not varlen:  # one streaming token: a fused layer step?
+            fused = backends.layer_step_backend(c.backend, x, layer=self)
+            if fused is not None:
+                return self._fused_step(fused, x, state)
         parts = self.project(x)
         inputs = self.inner_inputs(x, parts)
         o, new_state = self._run_inner(inputs, state, stream, varlen)

@@ -22,7 +22,7 @@ bookkeeping from the state it starts from::
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -87,6 +87,23 @@ class TTTState:
             },
             mini_batch_size=mini_batch_size,
         )
+
+    @staticmethod
+    def start(
+        state: TTTState | None,
+        params: TensorDict,
+        batch: int,
+        mini_batch_size: int | None,
+        dtype=torch.float32,
+    ) -> TTTState:
+        """The state a call starts from: ``state`` (validated) continued with the call's
+        ``mini_batch_size`` (a state at a mini-batch boundary may change b), or, when None, the
+        weights ``params`` per sample (:meth:`from_params`)."""
+        if state is None:
+            return TTTState.from_params(params, batch, mini_batch_size, dtype)
+        if state.mini_batch_size != mini_batch_size:
+            return replace(state, mini_batch_size=mini_batch_size)
+        return state
 
     def block_size(self, length: int) -> int:
         """Tokens per mini-batch for a call of ``length`` tokens from this state: b, or (b None)

@@ -100,10 +100,28 @@ def validate_with_key(key: tuple | None, **args) -> tuple[int, int, int, int]:
         return _passed[key]
     shape = check_call(**args)
     if key is not None:
-        if len(_passed) >= MAX_REMEMBERED:
-            del _passed[next(iter(_passed))]  # the oldest
-        _passed[key] = shape
+        _remember(key, shape)
     return shape
+
+
+def check_layer_step_state(state, weights: dict[str, Tensor], x: Tensor, mini_batch_size,
+                           titans: bool) -> None:  # fmt: skip
+    """:func:`check_state` for a whole layer's single-token step (a backend's ``ttt_layer_step``):
+    x [B, 1, C] stands for q (its batch, dtype and device). Remembered per metadata as
+    :func:`validate` is (a streaming decoder checks each offset's state once)."""
+    key = metadata_key(layer_step_state=state, weights=weights, x=x,
+                       mini_batch_size=mini_batch_size, titans=titans)  # fmt: skip
+    if key is not None and key in _passed:
+        return
+    check_state(state, weights, x, mini_batch_size, titans, name="state")
+    if key is not None:
+        _remember(key, (x.shape[0], 0, 1, 0))
+
+
+def _remember(key: tuple, shape: tuple[int, int, int, int]) -> None:
+    if len(_passed) >= MAX_REMEMBERED:
+        del _passed[next(iter(_passed))]  # the oldest
+    _passed[key] = shape
 
 
 def check_call(

@@ -7,7 +7,9 @@
   run on ttt-core's torch backend without a warning (``warn_on_fallback = False``: on the CPU the
   torch backend serves every call; ask for ``backend="cpp"`` by name to see the reason). Its
   backward is first order (a double backward raises: use ``backend="torch"``). Its single-token
-  step is one fused C++ call per token and layer (``step.py``).
+  step is one fused C++ call per token and layer (``step.py``); under ``torch.no_grad()`` a
+  ``TTTLayer``'s whole streaming token (projections, step, post-norm, gate) is one C++ call
+  (``layer_step.py``).
 - ``"cuda"``: the CUDA kernels on CUDA tensors (``auto`` picks it there); on CPU tensors it is an
   alias of ``"cpp"``.
 
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ttt_cuda._ext import extension_error
+from ttt_cuda.layer_step import layer_step, layer_step_unsupported_reason
 from ttt_cuda.linear import linear_call, linear_unsupported_reason
 from ttt_cuda.mlp import mlp_call, mlp_unsupported_reason
 from ttt_cuda.step import linear_step, mlp_step, step_unsupported_reason
@@ -40,6 +43,8 @@ _REASONS = {
     # the fused C++ step on CPU tensors, the op on one token on CUDA tensors
     "ttt_linear_step": partial(step_unsupported_reason, "ttt_linear_step"),
     "ttt_mlp_step": partial(step_unsupported_reason, "ttt_mlp_step"),
+    # a whole TTTLayer's streaming token in one C++ call (CPU tensors, inference)
+    "ttt_layer_step": layer_step_unsupported_reason,
 }
 
 
@@ -78,6 +83,10 @@ class CudaBackend:
     def ttt_mlp_step(self, q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, **kwargs: Any):
         """ttt-core's single-token TTT-MLP step -> (o [B, H, 1, D], state)."""
         return mlp_step(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, **kwargs)
+
+    def ttt_layer_step(self, layer, x, **kwargs: Any):
+        """A whole TTTLayer's streaming token x [B, 1, C] (``state`` a TTTState) -> (y, state)."""
+        return layer_step(layer, x, **kwargs)
 
 
 class CppBackend(CudaBackend):

@@ -1,12 +1,11 @@
 """What the public functions of the three ops (``linear``, ``mlp``, ``titans``) share, written once:
-the dtype rule, the support check, the one validation call, the start state, and the layout change
+the dtype rule, the support check, the one validation call and the layout change
 between a ``TTTState``'s tensors and the ops'. The streaming bookkeeping itself (block size, end
 offset, token scales, end state) is ``TTTState``'s (ttt-core), called by the ops' functions.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +13,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ttt_core.state import TTTState
 from ttt_core.validation import validate
 
 __all__ = [
@@ -22,7 +20,6 @@ __all__ = [
     "cpu_computes_fp32",
     "op_layout",
     "shape_str",
-    "start_state",
     "state_layout",
     "unsupported_reason",
     "validate_call",
@@ -119,16 +116,6 @@ def validate_call(q, k, v, eta, weights, ln_weight, ln_bias, *, causal, initial_
         q=q, k=k, v=v, eta=eta, weights=weights, ln_weight=ln_weight, ln_bias=ln_bias,
         causal=causal, initial_state=initial_state if causal else None, backend="cuda", **kw,
     )  # fmt: skip
-
-
-def start_state(initial_state, weights: dict[str, Tensor], B: int, mini_batch_size, acc):
-    """The ``TTTState`` a direct call starts from, as ttt-core hands one to a backend: the given
-    state (continued with this call's ``mini_batch_size``, validated) or the weights per sample."""
-    if initial_state is None:
-        return TTTState.from_params(weights, B, mini_batch_size, acc)
-    if initial_state.mini_batch_size != mini_batch_size:
-        return dataclasses.replace(initial_state, mini_batch_size=mini_batch_size)
-    return initial_state
 
 
 def op_layout(d: dict[str, Tensor], acc: torch.dtype) -> list[Tensor]:

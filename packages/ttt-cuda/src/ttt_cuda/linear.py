@@ -24,7 +24,6 @@ from ttt_cuda.common import (
     acc_dtype,
     cpu_computes_fp32,
     op_layout,
-    start_state,
     state_layout,
     unsupported_reason,
     validate_call,
@@ -99,7 +98,7 @@ def fused_ttt_linear(
     reason = linear_unsupported_reason(q, **kw)
     if reason is not None:
         raise ValueError(f"fused_ttt_linear does not support this call: {reason}")
-    state = start_state(initial_state, {"W1": W1, "b1": b1}, q.shape[0], mini_batch_size,
+    state = TTTState.start(initial_state, {"W1": W1, "b1": b1}, q.shape[0], mini_batch_size,
                         acc_dtype(q.dtype))  # fmt: skip
     return linear_call(q, k, v, eta, W1, b1, ln_weight, ln_bias, **{**kw, "initial_state": state})
 

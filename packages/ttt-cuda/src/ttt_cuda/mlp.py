@@ -25,7 +25,6 @@ from ttt_cuda.common import (
     acc_dtype,
     cpu_computes_fp32,
     op_layout,
-    start_state,
     state_layout,
     unsupported_reason,
     validate_call,
@@ -122,7 +121,7 @@ def fused_ttt_mlp(
     reason = mlp_unsupported_reason(q, W1=W1, **kw)  # F from the state's W1, else from W1
     if reason is not None:
         raise ValueError(f"fused_ttt_mlp does not support this call: {reason}")
-    state = start_state(initial_state, weights, q.shape[0], mini_batch_size, acc_dtype(q.dtype))
+    state = TTTState.start(initial_state, weights, q.shape[0], mini_batch_size, acc_dtype(q.dtype))
     return mlp_call(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias,
                     **{**kw, "initial_state": state})  # fmt: skip
 

@@ -18,6 +18,7 @@ TTTState)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from ttt_cuda.linear import linear_call, linear_unsupported_reason
 from ttt_cuda.mlp import mlp_call, mlp_unsupported_reason
 from ttt_cuda.ops.launch import rowmajor
 
-__all__ = ["linear_step", "mlp_step", "step_unsupported_reason"]
+__all__ = ["linear_step", "mlp_step", "run_step", "step_unsupported_reason"]
 
 # the step's tensors besides q and the state that could carry a gradient
 _GRAD_INPUTS = ("k", "v", "eta", "ln_weight", "ln_bias", "momentum", "decay", "token_scale")
@@ -89,49 +90,70 @@ def cpu_step(
     ln_bias: Tensor,
     *,
     state: TTTState,
-    token_scale: str | Tensor = "mean",
     momentum: Tensor | None = None,
     decay: Tensor | None = None,
-    eps: float = 1e-6,
-    reconstruction_target: str = "residual",
-    output_residual: bool = True,
-    **_: Any,
+    **options: Any,
 ) -> tuple[Tensor, TTTState]:
     """The fused C++ step on one token: q, k, v [B, H, 1, D], eta (momentum, decay) [B, H, 1],
     ln_weight/ln_bias [H, D], ``state`` holding W1, b1 (, W2, b2) -> (o [B, H, 1, D], next state).
-    """
+    ``options``: token_scale, eps, reconstruction_target, output_residual (see `run_step`)."""
     C = extension()  # (a call needing grad was refused by step_unsupported_reason)
     acc = acc_dtype(q.dtype)
-    P = {n: _ready(t, acc) for n, t in state.params.items()}
-    titans = momentum is not None or decay is not None
-    completes = state.end_offset(1) == 0  # this token ends the mini-batch
     B, H, _, D = q.shape
     p = C.StepParams()
-    p.B, p.H, p.D = B, H, D
-    p.F = P["W1"].shape[-1] if "W2" in P else 0
-    p.float64, p.titans, p.eps = acc == torch.float64, titans, float(eps)
-    p.value_target, p.output_residual = reconstruction_target == "value", bool(output_residual)
     q, k, v, eta = _rows(q, acc), _rows(k, acc), _rows(v, acc), _ready(eta, acc)
     p.q, p.k, p.v, p.eta = q.data_ptr(), k.data_ptr(), v.data_ptr(), eta.data_ptr()
     p.q_sb, p.q_sh = q.stride()[:2]
     p.k_sb, p.k_sh = k.stride()[:2]
     p.v_sb, p.v_sh = v.stride()[:2]
     p.eta_sb, p.eta_sh = eta.stride()[:2]
+    m = None if momentum is None else _ready(momentum, acc)  # (B, H, 1); None: 0
+    a = None if decay is None else _ready(decay, acc)
+    if m is not None:
+        p.momentum, (p.m_sb, p.m_sh) = m.data_ptr(), m.stride()[:2]
+    if a is not None:
+        p.decay, (p.a_sb, p.a_sh) = a.data_ptr(), a.stride()[:2]
+    o = torch.empty(B, H, 1, D, dtype=acc)
+    p.o = o.data_ptr()
+    titans = momentum is not None or decay is not None
+    threads = torch.get_num_threads()
+    new_state = run_step(p, state, acc, ln_weight, ln_bias, titans=titans,
+                         launch=lambda p: C.ttt_step_cpu(p, threads), **options)  # fmt: skip
+    return o, new_state
+
+
+def run_step(
+    p,
+    state: TTTState,
+    acc: torch.dtype,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    *,
+    titans: bool,
+    launch: Callable[[Any], None],
+    token_scale: str | Tensor = "mean",
+    eps: float = 1e-6,
+    reconstruction_target: str = "residual",
+    output_residual: bool = True,
+    **_: Any,
+) -> TTTState:
+    """Sets the StepParams ``p``'s state, options and outputs from ``state`` (the token's inputs
+    and o are the caller's), runs ``launch(p)`` (the C++ call: the step, or the layer step around
+    it) and returns the next state. The tensors whose pointers ``p`` holds live here until then."""
+    C = extension()
+    P = {n: _ready(t, acc) for n, t in state.params.items()}
+    completes = state.end_offset(1) == 0  # this token ends the mini-batch
+    p.B, p.H, p.D = P["W1"].shape[:3]
+    p.F = P["W1"].shape[-1] if "W2" in P else 0
+    p.float64, p.titans, p.eps = acc == torch.float64, titans, float(eps)
+    p.value_target, p.output_residual = reconstruction_target == "value", bool(output_residual)
     ln_weight, ln_bias = _ready(ln_weight, acc), _ready(ln_bias, acc)
     p.ln_w, p.ln_b = ln_weight.data_ptr(), ln_bias.data_ptr()
     p.params = _pointers(C, P)
-    o = torch.empty(B, H, 1, D, dtype=acc)
-    p.o = o.data_ptr()
     # the token's weights W, kept when they become state (Titans, or the mini-batch's end)
     W = {n: torch.empty_like(t) for n, t in P.items()} if titans or completes else None
     p.weights_out = _pointers(C, W)
     if titans:  # carry: the momentum S (zeros at the start); current: C (P at a boundary)
-        m = None if momentum is None else _ready(momentum, acc)  # (B, H, 1); None: 0
-        a = None if decay is None else _ready(decay, acc)
-        if m is not None:
-            p.momentum, (p.m_sb, p.m_sh) = m.data_ptr(), m.stride()[:2]
-        if a is not None:
-            p.decay, (p.a_sb, p.a_sh) = a.data_ptr(), a.stride()[:2]
         current = _ready_dict(state.current, acc)
         p.current = _pointers(C, current)
         carry = _ready_dict(state.momentum, acc)
@@ -141,11 +163,11 @@ def cpu_step(
         carry = _ready_dict(state.grad_sum, acc)
         carry_out = None if completes else {n: torch.empty_like(t) for n, t in P.items()}  # G'
     p.carry, p.carry_out = _pointers(C, carry), _pointers(C, carry_out)
-    C.ttt_step_cpu(p, torch.get_num_threads())
+    launch(p)
     params = W if completes else P  # the next mini-batch starts from W
     if titans:
-        return o, state.advance(1, params=params, momentum=carry_out, current=W)
-    return o, state.advance(1, params=params, grad_sum=carry_out)
+        return state.advance(1, params=params, momentum=carry_out, current=W)
+    return state.advance(1, params=params, grad_sum=carry_out)
 
 
 def _ready(t: Tensor, acc: torch.dtype) -> Tensor:
