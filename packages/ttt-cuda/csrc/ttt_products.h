@@ -71,16 +71,31 @@ constexpr int kKC = 64;                   // depth of a packed panel of B
 template <typename acc_t>
 using Tile = typename Vec<acc_t>::type[kMR][kNR / Vec<acc_t>::kLanes];
 
-// body(tile) on the tile of `out` at o (ni <= kMR rows, nc <= kNR columns, row stride ldo): a
-// whole tile is read from and written back to out's rows directly, an edge tile staged
-// (zero-padded; only its ni x nc elements are written back).
+// body(tile) on the tile of `out` at o (ni <= kMR rows, nc <= kNR columns, row stride ldo): a tile
+// of whole vectors (nc = kNR) is read from and written back to out's rows one vector at a time
+// (rows past ni read as zero and are not written back); an edge block of columns is staged,
+// zero-padded, and only its ni x nc elements are written back. One vector load / store each: a
+// whole row's copy into the tile went through the stack in 16-byte pieces that the product's
+// vector loads could not forward from, a stall per vector (as much as the product itself for the
+// n-deep products: the end updates, the weight-gradient carries).
 template <typename acc_t, typename Body>
 inline __attribute__((always_inline)) void on_out_tile(acc_t* o, int ldo, int ni, int nc, Body body) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int kLanes = Vec<acc_t>::kLanes, kNV = kNR / kLanes;
   Tile<acc_t> tile;
-  if (ni == kMR && nc == kNR) {
-    for (int r = 0; r < kMR; ++r) __builtin_memcpy(tile[r], o + static_cast<int64_t>(r) * ldo, sizeof(tile[r]));
+  if (nc == kNR) {
+    for (int r = 0; r < kMR; ++r)
+      for (int v = 0; v < kNV; ++v) {
+        V x = {};
+        if (r < ni) __builtin_memcpy(&x, o + static_cast<int64_t>(r) * ldo + v * kLanes, sizeof(V));
+        tile[r][v] = x;
+      }
     body(tile);
-    for (int r = 0; r < kMR; ++r) __builtin_memcpy(o + static_cast<int64_t>(r) * ldo, tile[r], sizeof(tile[r]));
+    for (int r = 0; r < ni; ++r)
+      for (int v = 0; v < kNV; ++v) {
+        const V x = tile[r][v];
+        __builtin_memcpy(o + static_cast<int64_t>(r) * ldo + v * kLanes, &x, sizeof(V));
+      }
     return;
   }
   alignas(64) acc_t rows[kMR][kNR];
