@@ -1,5 +1,6 @@
 // The CPU entry points of all the ops: argument checks, the scratch size, the instruction set
-// (AVX2 where the CPU has it and the build carries it, else the portable build: the same bits),
+// (the widest of AVX-512F, AVX2 and the portable build that the build carries and the CPU has:
+// the same bits),
 // and the (batch, head) chains spread over `threads` threads (ttt_cpu_chains.h).
 #include <sys/mman.h>
 
@@ -41,8 +42,9 @@ int64_t titans_workspace_elems(int D, int mini_batch_size, bool backward) {
   return carve_titans<float>(nullptr, D, mini_batch_size, backward, &c);
 }
 
-// Whether the CPU entry points run the AVX2 build.
-bool cpu_uses_avx2() {
+namespace {
+// Whether this build carries the AVX2 / AVX-512F chains and the CPU runs them.
+bool has_avx2_build() {
 #if defined(TTT_CPU_HAVE_AVX2)
   static const bool yes = __builtin_cpu_supports("avx2");
   return yes;
@@ -50,13 +52,31 @@ bool cpu_uses_avx2() {
   return false;
 #endif
 }
-
-// The chain function of the best instruction set this build carries and this CPU runs.
-#if defined(TTT_CPU_HAVE_AVX2)
-#define TTT_CPU_CHAIN(name) (cpu_uses_avx2() ? ttt_cpu_avx2::name : ttt_cpu_base::name)
+bool has_avx512_build() {
+#if defined(TTT_CPU_HAVE_AVX512)
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
 #else
-#define TTT_CPU_CHAIN(name) (ttt_cpu_base::name)
+  return false;
 #endif
+}
+}  // namespace
+
+// Whether the CPU entry points run a build with AVX2 or wider (the AVX2 or the AVX-512F build).
+bool cpu_uses_avx2() { return has_avx2_build() || has_avx512_build(); }
+
+// The chain function of the widest instruction set this build carries and this CPU runs.
+#if defined(TTT_CPU_HAVE_AVX512)
+#define TTT_CPU_IF_AVX512(name, other) (has_avx512_build() ? ttt_cpu_avx512::name : (other))
+#else
+#define TTT_CPU_IF_AVX512(name, other) (other)
+#endif
+#if defined(TTT_CPU_HAVE_AVX2)
+#define TTT_CPU_IF_AVX2(name, other) (has_avx2_build() ? ttt_cpu_avx2::name : (other))
+#else
+#define TTT_CPU_IF_AVX2(name, other) (other)
+#endif
+#define TTT_CPU_CHAIN(name) TTT_CPU_IF_AVX512(name, TTT_CPU_IF_AVX2(name, ttt_cpu_base::name))
 
 namespace {
 template <typename Params>

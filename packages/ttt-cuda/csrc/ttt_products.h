@@ -48,7 +48,9 @@ TTT_HD acc_t mm_b(const acc_t* B, int ldb, int k, int c) {
 }
 
 #if TTT_ROW_SCHEDULE
-#if defined(__AVX__)
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;  // one AVX-512 register
+#elif defined(__AVX__)
 constexpr int kVecBytes = 32;  // one AVX register
 #else
 constexpr int kVecBytes = 16;  // one SSE register
@@ -62,6 +64,11 @@ struct Vec {
 };
 constexpr int kMR = 4;                    // rows per register tile
 constexpr int kNR = 2 * kVecBytes / 4;    // columns per register tile (two fp32 vectors)
+// The transposing pack's blocks: L x L with L the lanes of one fp32 vector of at most 32 bytes
+// (AVX-512 builds pack with the AVX 8 x 8 block: the panel's row stride is kNR either way).
+constexpr int kPackBytes = kVecBytes < 32 ? kVecBytes : 32;
+typedef float PackVec __attribute__((vector_size(kPackBytes)));
+constexpr int kPackLanes = kPackBytes / 4;
 constexpr int kKC = 64;                   // depth of a packed panel of B
 
 // One register tile of out: rows i0 .. i0+kMR (a row past n reads A's row n-1; the caller does
@@ -71,41 +78,55 @@ constexpr int kKC = 64;                   // depth of a packed panel of B
 template <typename acc_t>
 using Tile = typename Vec<acc_t>::type[kMR][kNR / Vec<acc_t>::kLanes];
 
-// body(tile) on the tile of `out` at o (ni <= kMR rows, nc <= kNR columns, row stride ldo): a tile
-// of whole vectors (nc = kNR) is read from and written back to out's rows one vector at a time
-// (rows past ni read as zero and are not written back); an edge block of columns is staged,
-// zero-padded, and only its ni x nc elements are written back. One vector load / store each: a
-// whole row's copy into the tile went through the stack in 16-byte pieces that the product's
-// vector loads could not forward from, a stall per vector (as much as the product itself for the
-// n-deep products: the end updates, the weight-gradient carries).
+// body(tile) on the tile of `out` at o (ni <= kMR rows, nc <= kNR columns, row stride ldo), read
+// from and written back to out one vector at a time: a whole tile straight, an edge tile lane by
+// lane where a vector runs past nc, zero past ni / nc, and only its ni x nc elements written
+// back. (A whole row's copy into the tile went through the stack in 16-byte pieces that the
+// product's vector loads could not forward from: a stall per vector, as much as the product itself
+// for the n-deep products, the end updates and weight-gradient carries.)
 template <typename acc_t, typename Body>
 inline __attribute__((always_inline)) void on_out_tile(acc_t* o, int ldo, int ni, int nc, Body body) {
   using V = typename Vec<acc_t>::type;
   constexpr int kLanes = Vec<acc_t>::kLanes, kNV = kNR / kLanes;
   Tile<acc_t> tile;
-  if (nc == kNR) {
+  auto at = [&](int r, int v) { return o + static_cast<int64_t>(r) * ldo + v * kLanes; };
+  if (ni == kMR && nc == kNR) {
     for (int r = 0; r < kMR; ++r)
       for (int v = 0; v < kNV; ++v) {
-        V x = {};
-        if (r < ni) __builtin_memcpy(&x, o + static_cast<int64_t>(r) * ldo + v * kLanes, sizeof(V));
+        V x;
+        __builtin_memcpy(&x, at(r, v), sizeof(V));
         tile[r][v] = x;
       }
     body(tile);
-    for (int r = 0; r < ni; ++r)
+    for (int r = 0; r < kMR; ++r)
       for (int v = 0; v < kNV; ++v) {
         const V x = tile[r][v];
-        __builtin_memcpy(o + static_cast<int64_t>(r) * ldo + v * kLanes, &x, sizeof(V));
+        __builtin_memcpy(at(r, v), &x, sizeof(V));
       }
     return;
   }
-  alignas(64) acc_t rows[kMR][kNR];
+  auto lanes = [&](int r, int v) {  // the lanes of vector (r, v) inside out
+    const int m = nc - v * kLanes;
+    return r >= ni || m <= 0 ? 0 : (m < kLanes ? m : kLanes);
+  };
   for (int r = 0; r < kMR; ++r)
-    for (int c = 0; c < kNR; ++c) rows[r][c] = (r < ni && c < nc) ? o[static_cast<int64_t>(r) * ldo + c] : acc_t(0);
-  __builtin_memcpy(tile, rows, sizeof(tile));
+    for (int v = 0; v < kNV; ++v) {
+      V x = {};
+      const int m = lanes(r, v);
+      if (m == kLanes) __builtin_memcpy(&x, at(r, v), sizeof(V));
+      else
+        for (int l = 0; l < m; ++l) x[l] = at(r, v)[l];
+      tile[r][v] = x;
+    }
   body(tile);
-  __builtin_memcpy(rows, tile, sizeof(tile));
   for (int r = 0; r < ni; ++r)
-    for (int c = 0; c < nc; ++c) o[static_cast<int64_t>(r) * ldo + c] = rows[r][c];
+    for (int v = 0; v < kNV; ++v) {
+      const V x = tile[r][v];
+      const int m = lanes(r, v);
+      if (m == kLanes) __builtin_memcpy(at(r, v), &x, sizeof(V));
+      else
+        for (int l = 0; l < m; ++l) at(r, v)[l] = x[l];
+    }
 }
 
 template <int kSign, bool kTA, int kScale, typename acc_t>
@@ -138,8 +159,8 @@ inline void pack_transposed(int nc, int nk, const acc_t* Bt, int ldb, acc_t* pan
 // An L x L block (L = lanes of one fp32 vector) held as L row vectors, transposed in registers:
 // the usual unpack / in-lane shuffle (/ 128-bit permute) rounds, written with the vector
 // extension. Values are only moved, never computed.
-inline void transpose_block(Vec<float>::type (&r)[Vec<float>::kLanes]) {
-  using V = Vec<float>::type;
+inline void transpose_block(PackVec (&r)[kPackLanes]) {
+  using V = PackVec;
 #if defined(__AVX__)
   V t[8], u[8];
   for (int j = 0; j < 8; j += 2) {  // t[j] = r[j], r[j+1] interleaved within each 128-bit half
@@ -167,12 +188,12 @@ inline void transpose_block(Vec<float>::type (&r)[Vec<float>::kLanes]) {
 // fp32: whole L x L blocks through transpose_block (the scalar copy above cost as much as the
 // product it feeds at the chains' sizes), the edges element by element.
 inline void pack_transposed(int nc, int nk, const float* Bt, int ldb, float* panel) {
-  constexpr int L = Vec<float>::kLanes;
-  typedef float VU __attribute__((vector_size(kVecBytes), aligned(4)));  // an unaligned vector
+  constexpr int L = kPackLanes;
+  typedef float VU __attribute__((vector_size(kPackBytes), aligned(4)));  // an unaligned vector
   const int nc_blocks = nc / L * L, nk_blocks = nk / L * L;
   for (int c = 0; c < nc_blocks; c += L)
     for (int k = 0; k < nk_blocks; k += L) {
-      Vec<float>::type r[L];  // rows c .. c+L of Bt, columns k .. k+L
+      PackVec r[L];  // rows c .. c+L of Bt, columns k .. k+L
       for (int j = 0; j < L; ++j) r[j] = *reinterpret_cast<const VU*>(Bt + static_cast<int64_t>(c + j) * ldb + k);
       transpose_block(r);  // r[j]: panel row k + j, columns c .. c+L
       for (int j = 0; j < L; ++j) *reinterpret_cast<VU*>(panel + (k + j) * kNR + c) = r[j];
