@@ -44,22 +44,16 @@ int64_t titans_workspace_elems(int D, int mini_batch_size, bool backward) {
 
 namespace {
 // Whether this build carries the AVX2 / AVX-512F chains and the CPU runs them.
-bool has_avx2_build() {
 #if defined(TTT_CPU_HAVE_AVX2)
-  static const bool yes = __builtin_cpu_supports("avx2");
-  return yes;
+bool has_avx2_build() { static const bool yes = __builtin_cpu_supports("avx2"); return yes; }
 #else
-  return false;
+bool has_avx2_build() { return false; }
 #endif
-}
-bool has_avx512_build() {
 #if defined(TTT_CPU_HAVE_AVX512)
-  static const bool yes = __builtin_cpu_supports("avx512f");
-  return yes;
+bool has_avx512_build() { static const bool yes = __builtin_cpu_supports("avx512f"); return yes; }
 #else
-  return false;
+bool has_avx512_build() { return false; }
 #endif
-}
 }  // namespace
 
 // Whether the CPU entry points run a build with AVX2 or wider (the AVX2 or the AVX-512F build).
