@@ -1,10 +1,10 @@
 // The CPU entry points of all the ops: argument checks, the scratch size, the instruction set
-// (the widest of AVX-512F, AVX2 and the portable build that the build carries and the CPU has:
-// the same bits),
+// (AVX2 where the CPU has it and the build carries it, else the portable build: the same bits),
 // and the (batch, head) chains spread over `threads` threads (ttt_cpu_chains.h).
 #include <sys/mman.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -43,34 +43,38 @@ int64_t titans_workspace_elems(int D, int mini_batch_size, bool backward) {
 }
 
 namespace {
-// Whether this build carries the AVX2 / AVX-512F chains and the CPU runs them.
-#if defined(TTT_CPU_HAVE_AVX2)
-bool has_avx2_build() { static const bool yes = __builtin_cpu_supports("avx2"); return yes; }
-#else
-bool has_avx2_build() { return false; }
-#endif
-#if defined(TTT_CPU_HAVE_AVX512)
-bool has_avx512_build() { static const bool yes = __builtin_cpu_supports("avx512f"); return yes; }
-#else
-bool has_avx512_build() { return false; }
-#endif
+// Whether the entry points may run the AVX2 build: the environment variable TTT_CPU_ISA ("base"
+// or "avx2"; unset: "avx2") caps the build they pick, so that the same call can be run on each
+// build and compared bit for bit (tests/test_cpu_threads.py).
+bool avx2_allowed() {
+  static const bool allowed = [] {
+    const char* v = std::getenv("TTT_CPU_ISA");
+    const std::string isa = v == nullptr ? "avx2" : v;
+    if (isa != "base" && isa != "avx2")
+      throw std::invalid_argument("TTT_CPU_ISA must be base or avx2 (or unset), got '" + isa + "'");
+    return isa == "avx2";
+  }();
+  return allowed;
+}
 }  // namespace
 
-// Whether the CPU entry points run a build with AVX2 or wider (the AVX2 or the AVX-512F build).
-bool cpu_uses_avx2() { return has_avx2_build() || has_avx512_build(); }
-
-// The chain function of the widest instruction set this build carries and this CPU runs.
-#if defined(TTT_CPU_HAVE_AVX512)
-#define TTT_CPU_IF_AVX512(name, other) (has_avx512_build() ? ttt_cpu_avx512::name : (other))
-#else
-#define TTT_CPU_IF_AVX512(name, other) (other)
-#endif
+// Whether the CPU entry points run the AVX2 build.
+bool cpu_uses_avx2() {
 #if defined(TTT_CPU_HAVE_AVX2)
-#define TTT_CPU_IF_AVX2(name, other) (has_avx2_build() ? ttt_cpu_avx2::name : (other))
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes && avx2_allowed();
 #else
-#define TTT_CPU_IF_AVX2(name, other) (other)
+  return false;
 #endif
-#define TTT_CPU_CHAIN(name) TTT_CPU_IF_AVX512(name, TTT_CPU_IF_AVX2(name, ttt_cpu_base::name))
+}
+
+// The chain function of the best instruction set this build carries, this CPU runs and
+// TTT_CPU_ISA allows.
+#if defined(TTT_CPU_HAVE_AVX2)
+#define TTT_CPU_CHAIN(name) (cpu_uses_avx2() ? ttt_cpu_avx2::name : ttt_cpu_base::name)
+#else
+#define TTT_CPU_CHAIN(name) (ttt_cpu_base::name)
+#endif
 
 namespace {
 template <typename Params>

@@ -1,8 +1,7 @@
 // The CPU chain entry points, built once per instruction set: each ttt_<op>_cpu.cpp is compiled
 // with TTT_CPU_NS = ttt_cpu_base (the portable x86-64 / any-CPU build) and, where CMake enables
-// them, again with TTT_CPU_NS = ttt_cpu_avx2 (-mavx2) and ttt_cpu_avx512 (-mavx512f); ttt_cpu.cpp
-// picks one at run time. They give the same bits (ttt_products.h: vector lanes round as scalar
-// code, no contraction).
+// it, again with TTT_CPU_NS = ttt_cpu_avx2 (-mavx2); ttt_cpu.cpp picks one at run time. The two
+// give the same bits (ttt_products.h: vector lanes round as scalar code, no contraction).
 // Declarations only: the ISA builds contain the chain math and nothing else (no standard-library
 // templates whose AVX2 copies the linker could pick for the portable build).
 #pragma once
@@ -21,7 +20,6 @@
 
 TTT_DECLARE_CPU_CHAINS(ttt_cpu_base)
 TTT_DECLARE_CPU_CHAINS(ttt_cpu_avx2)
-TTT_DECLARE_CPU_CHAINS(ttt_cpu_avx512)
 
 // Opens the ISA build's namespace around a chain header (the header then defines
 // TTT_CPU_NS::ttt::..., distinct symbols per ISA).

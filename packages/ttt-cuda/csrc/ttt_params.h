@@ -179,8 +179,8 @@ int64_t titans_mlp_workspace_elems(int D, int F, int mini_batch_size, bool backw
 // The Titans-form TTT-MLP's blocks of a call (the op's [B, H, nblk, ...] starts).
 int titans_mlp_num_blocks(int L, int mini_batch_size, int offset, bool unbounded);
 
-// Whether the CPU entry points run a build of the chains with AVX2 or wider (x86-64 builds with
-// TTT_CPU_AVX2 / TTT_CPU_AVX512 on a CPU that has it; the results are the same bits either way).
+// Whether the CPU entry points run the AVX2 build of the chains (x86-64 builds with TTT_CPU_AVX2
+// on a CPU that has AVX2; the results are the same bits either way).
 bool cpu_uses_avx2();
 
 // C++ CPU implementation (float32 / float64 inputs; acc type = input type): the (batch, head)

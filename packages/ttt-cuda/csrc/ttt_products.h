@@ -48,9 +48,7 @@ TTT_HD acc_t mm_b(const acc_t* B, int ldb, int k, int c) {
 }
 
 #if TTT_ROW_SCHEDULE
-#if defined(__AVX512F__)
-constexpr int kVecBytes = 64;  // one AVX-512 register
-#elif defined(__AVX__)
+#if defined(__AVX__)
 constexpr int kVecBytes = 32;  // one AVX register
 #else
 constexpr int kVecBytes = 16;  // one SSE register
@@ -64,11 +62,6 @@ struct Vec {
 };
 constexpr int kMR = 4;                    // rows per register tile
 constexpr int kNR = 2 * kVecBytes / 4;    // columns per register tile (two fp32 vectors)
-// The transposing pack's blocks: L x L with L the lanes of one fp32 vector of at most 32 bytes
-// (AVX-512 builds pack with the AVX 8 x 8 block: the panel's row stride is kNR either way).
-constexpr int kPackBytes = kVecBytes < 32 ? kVecBytes : 32;
-typedef float PackVec __attribute__((vector_size(kPackBytes)));
-constexpr int kPackLanes = kPackBytes / 4;
 constexpr int kKC = 64;                   // depth of a packed panel of B
 
 // One register tile of out: rows i0 .. i0+kMR (a row past n reads A's row n-1; the caller does
@@ -159,8 +152,8 @@ inline void pack_transposed(int nc, int nk, const acc_t* Bt, int ldb, acc_t* pan
 // An L x L block (L = lanes of one fp32 vector) held as L row vectors, transposed in registers:
 // the usual unpack / in-lane shuffle (/ 128-bit permute) rounds, written with the vector
 // extension. Values are only moved, never computed.
-inline void transpose_block(PackVec (&r)[kPackLanes]) {
-  using V = PackVec;
+inline void transpose_block(Vec<float>::type (&r)[Vec<float>::kLanes]) {
+  using V = Vec<float>::type;
 #if defined(__AVX__)
   V t[8], u[8];
   for (int j = 0; j < 8; j += 2) {  // t[j] = r[j], r[j+1] interleaved within each 128-bit half
@@ -188,12 +181,12 @@ inline void transpose_block(PackVec (&r)[kPackLanes]) {
 // fp32: whole L x L blocks through transpose_block (the scalar copy above cost as much as the
 // product it feeds at the chains' sizes), the edges element by element.
 inline void pack_transposed(int nc, int nk, const float* Bt, int ldb, float* panel) {
-  constexpr int L = kPackLanes;
-  typedef float VU __attribute__((vector_size(kPackBytes), aligned(4)));  // an unaligned vector
+  constexpr int L = Vec<float>::kLanes;
+  typedef float VU __attribute__((vector_size(kVecBytes), aligned(4)));  // an unaligned vector
   const int nc_blocks = nc / L * L, nk_blocks = nk / L * L;
   for (int c = 0; c < nc_blocks; c += L)
     for (int k = 0; k < nk_blocks; k += L) {
-      PackVec r[L];  // rows c .. c+L of Bt, columns k .. k+L
+      Vec<float>::type r[L];  // rows c .. c+L of Bt, columns k .. k+L
       for (int j = 0; j < L; ++j) r[j] = *reinterpret_cast<const VU*>(Bt + static_cast<int64_t>(c + j) * ldb + k);
       transpose_block(r);  // r[j]: panel row k + j, columns c .. c+L
       for (int j = 0; j < L; ++j) *reinterpret_cast<VU*>(panel + (k + j) * kNR + c) = r[j];
