@@ -4,6 +4,7 @@
 #include <sys/mman.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -41,17 +42,34 @@ int64_t titans_workspace_elems(int D, int mini_batch_size, bool backward) {
   return carve_titans<float>(nullptr, D, mini_batch_size, backward, &c);
 }
 
+namespace {
+// Whether the entry points may run the AVX2 build: the environment variable TTT_CPU_ISA ("base"
+// or "avx2"; unset: "avx2") caps the build they pick, so that the same call can be run on each
+// build and compared bit for bit (tests/test_cpu_threads.py).
+bool avx2_allowed() {
+  static const bool allowed = [] {
+    const char* v = std::getenv("TTT_CPU_ISA");
+    const std::string isa = v == nullptr ? "avx2" : v;
+    if (isa != "base" && isa != "avx2")
+      throw std::invalid_argument("TTT_CPU_ISA must be base or avx2 (or unset), got '" + isa + "'");
+    return isa == "avx2";
+  }();
+  return allowed;
+}
+}  // namespace
+
 // Whether the CPU entry points run the AVX2 build.
 bool cpu_uses_avx2() {
 #if defined(TTT_CPU_HAVE_AVX2)
   static const bool yes = __builtin_cpu_supports("avx2");
-  return yes;
+  return yes && avx2_allowed();
 #else
   return false;
 #endif
 }
 
-// The chain function of the best instruction set this build carries and this CPU runs.
+// The chain function of the best instruction set this build carries, this CPU runs and
+// TTT_CPU_ISA allows.
 #if defined(TTT_CPU_HAVE_AVX2)
 #define TTT_CPU_CHAIN(name) (cpu_uses_avx2() ? ttt_cpu_avx2::name : ttt_cpu_base::name)
 #else

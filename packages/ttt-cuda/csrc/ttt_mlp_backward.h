@@ -43,7 +43,8 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
     const acc_t* g1b = g.G ? static_cast<const acc_t*>(p.gb0) + bh * F : nullptr;
     const acc_t* G2w = g.G ? static_cast<const acc_t*>(p.G20) + bh * DF : nullptr;
     const acc_t* g2b = g.G ? static_cast<const acc_t*>(p.gb20) + bh * D : nullptr;
-    mlp_copy(c, D, F, bh * nseg + s, true, p.W_starts, p.b_starts, p.W2_starts, p.b2_starts);
+    const int64_t slot = bh * nseg + s;
+    mlp_copy(c, D, F, slot, true, p.W_starts, p.b_starts, p.W2_starts, p.b2_starts);
     TTT_PAR_FOR2(e, i, col, n, D) {  // dQ holds dO until the output LN's backward has read it
       c.dQ[e] = ld<scalar_t, acc_t>(p.dO, bi * p.do_sb + hi * p.do_sh + (t0 + i) * p.do_sl + col);
     }
@@ -78,12 +79,10 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
     // B2: dQ = dO through the output residual (zero without it); da; layer 2 of the queries:
     // dP2 = -DZ G2^T, dXq2 = DZ W2^T, dG2 = -a XdW2 - P2^T DZ
     TTT_PAR_FOR(e, n * D) { c.dQ[e] = output_dq<acc_t>(p.output_residual, c.dQ[e]); }
-    TTT_PAR_FOR(j, n) {
-      acc_t s = 0;
-      for (int f = 0; f < F; ++f) s += c.KdW1[j * F + f] * c.G1[j * F + f];
-      for (int d = 0; d < D; ++d) s += c.XdW2[j * D + d] * c.G2[j * D + d];
-      c.da[j] = -s;
-    }
+    row_dots(n, F, c.KdW1, c.G1, c.da, false);  // da = -(rows of KdW1 . G1 + XdW2 . G2)
+    row_dots(n, D, c.XdW2, c.G2, c.da, true);
+    TTT_SYNC();
+    TTT_PAR_FOR(j, n) { c.da[j] = -c.da[j]; }
     TTT_PAR_FOR(e, n * n) { c.dP2[e] = 0; }
     mm_acc<-1, false, true>(n, n, D, c.DZ, D, c.G2, D, c.dP2, n);
     TTT_PAR_FOR(e, n * F) { c.dXq2[e] = 0; }
@@ -103,7 +102,7 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
     TTT_SYNC();
     mm_acc<+1, false, false>(n, F, n, c.dP1, n, c.X2, F, c.dXq2, F);
     mm_acc<+1, true, false>(n, F, n, c.dP1, n, c.Xq2, F, c.dX2, F);
-    TTT_PAR_FOR(e, n * F) { c.dXq2[e] = c.dXq2[e] * gelu_tanh(c.Zq1[e]).d1; }
+    TTT_PAR_FOR(e, n * F) { c.dXq2[e] = c.dXq2[e] * c.GPq[e]; }  // GPq = gelu'(Zq1)
     TTT_SYNC();
     // B4: layer 1 of the queries: dP1 = -dZq1 G1^T, dG1 = -a KdW1 - P1^T dZq1, dQ += dZq1 W1^T
     TTT_PAR_FOR(e, n * n) { c.dP1[e] = 0; }
@@ -123,7 +122,7 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
     // through G1 = H1 * gelu'(Z1): dZ1 = dG1 * H1 * gelu''(Z1) (over KdW1), dH1 = dG1 * GP
     TTT_PAR_FOR(e, n * F) {
       const acc_t dg1 = c.dG1[e];
-      c.KdW1[e] = dg1 * c.H1[e] * gelu_tanh(c.Z1[e]).d2;
+      c.KdW1[e] = dg1 * c.H1[e] * c.GPP[e];  // GPP = gelu''(Z1)
       c.dG1[e] = dg1 * c.GP[e];
     }
     TTT_SYNC();
@@ -226,7 +225,6 @@ TTT_HD void mlp_bwd_chain(const MLPParams& p, acc_t* ws, int D, int F, int bi, i
     add_col_sums(n, D, c.db2, [&](int i, int d) { return c.DZ[i * D + d] + c.dZ2[i * D + d]; });
     TTT_SYNC();
     if (p.dW_starts != nullptr) {  // the stored start weights are outputs too
-      const int64_t slot = bh * nseg + s;
       const acc_t* dW1s = static_cast<const acc_t*>(p.dW_starts) + slot * DF;
       const acc_t* db1s = static_cast<const acc_t*>(p.db_starts) + slot * F;
       const acc_t* dW2s = static_cast<const acc_t*>(p.dW2_starts) + slot * DF;

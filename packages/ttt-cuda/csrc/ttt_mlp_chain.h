@@ -63,12 +63,27 @@ TTT_HD Gelu<acc_t> gelu_tanh(acc_t x) {
   return r;
 }
 
+// The elementwise gelu pass over m values of z: g = gelu(z), and with kDerivs >= 1 d1 = gelu'(z),
+// with kDerivs = 2 d2 = gelu''(z) (one tanh per value). The tiles are distinct (__restrict__), so
+// the CPU loop vectorises without a run-time overlap check, whatever surrounds the call.
+template <int kDerivs, typename acc_t>
+TTT_HD void gelu_pass(int m, const acc_t* __restrict__ z, acc_t* __restrict__ g,
+                      acc_t* __restrict__ d1, acc_t* __restrict__ d2) {
+  TTT_PAR_FOR(e, m) {
+    const Gelu<acc_t> gl = gelu_tanh(z[e]);
+    g[e] = gl.g;
+    if (kDerivs >= 1) d1[e] = gl.d1;
+    if (kDerivs >= 2) d2[e] = gl.d2;
+  }
+}
+
 // Scratch of one chain (n <= bmax rows): weights, forward tiles, backward tiles and accumulators.
 template <typename acc_t>
 struct MLPBuffers {
   acc_t *W1, *b1, *W2, *b2;                                       // [D,F] [F] [F,D] [D]
   acc_t *K, *Q, *T, *X, *G2, *Xp;                                 // [n, D]
   acc_t *Z1, *X2, *GP, *G1, *Zq1, *Xq2;                           // [n, F]
+  acc_t *GPP, *GPq;  // backward [n, F]: gelu''(Z1), gelu'(Zq1), from the recompute's gelu passes
   acc_t *S1, *S2, *P1, *P2, *eta, *a, *rstd, *rstdp;              // [n, n], [n]
   acc_t *QG1, *XqG2, *red1, *red2;  // grad_sum terms: [n, F], [n, D]; bwd partials [F], [D]
   acc_t *U, *H1, *DZ, *dZ2, *dQ, *dK, *dG2, *XdW2;                // backward [n, D] / H1 [n, F]
@@ -92,7 +107,7 @@ TTT_HD int64_t carve_mlp(acc_t* base, int D, int F, int bmax, bool bwd, MLPBuffe
   take(&c->a, bmax), take(&c->rstd, bmax), take(&c->rstdp, bmax), take(&c->QG1, nF);
   take(&c->XqG2, nD);
   if (bwd) {
-    take(&c->red1, F), take(&c->red2, D);
+    take(&c->red1, F), take(&c->red2, D), take(&c->GPP, nF), take(&c->GPq, nF);
     take(&c->U, nD), take(&c->H1, nF), take(&c->DZ, nD), take(&c->dZ2, nD), take(&c->dQ, nD);
     take(&c->dK, nD), take(&c->dG2, nD), take(&c->XdW2, nD), take(&c->dG1, nF);
     take(&c->dX2, nF), take(&c->dXq2, nF), take(&c->KdW1, nF), take(&c->dP1, nn);
@@ -105,16 +120,17 @@ TTT_HD int64_t carve_mlp(acc_t* base, int D, int F, int bmax, bool bwd, MLPBuffe
 
 // The key pass of a segment at the start weights in c (K and T loaded): Z1 = K W1 + b1,
 // X2 = gelu(Z1), GP = gelu'(Z1), Z2 = X2 W2 + b2 normalised into X, G2 = dl/dZ2 (U with bwd),
-// G1 = (G2 W2^T) * gelu'(Z1) (H1 = G2 W2^T kept with bwd). Also the Titans form's key pass.
+// G1 = (G2 W2^T) * gelu'(Z1) (H1 = G2 W2^T and GPP = gelu''(Z1) kept with bwd: the backward
+// reads them instead of evaluating the tanh again). Also the Titans form's key pass.
 template <typename acc_t>
 TTT_HD void mlp_keys(const MLPBuffers<acc_t>& c, int n, int D, int F, acc_t eps, const acc_t* lnw,
                      const acc_t* lnb, bool bwd) {
   TTT_PAR_FOR2(e, i, col, n, F) { c.Z1[e] = c.b1[col]; }
   mm_acc<+1, false, false>(n, F, D, c.K, D, c.W1, F, c.Z1, F);
-  TTT_PAR_FOR(e, n * F) {
-    const Gelu<acc_t> gl = gelu_tanh(c.Z1[e]);
-    c.X2[e] = gl.g, c.GP[e] = gl.d1;
-  }
+  if (bwd)
+    gelu_pass<2>(n * F, c.Z1, c.X2, c.GP, c.GPP);
+  else
+    gelu_pass<1>(n * F, c.Z1, c.X2, c.GP, static_cast<acc_t*>(nullptr));
   TTT_SYNC();
   TTT_PAR_FOR2(e, i, col, n, D) { c.X[e] = c.b2[col]; }  // Z2 = X2 W2 + b2 (into X)
   mm_acc<+1, false, false>(n, D, F, c.X2, F, c.W2, D, c.X, D);
@@ -129,6 +145,16 @@ TTT_HD void mlp_keys(const MLPBuffers<acc_t>& c, int n, int D, int F, acc_t eps,
     c.G1[e] = c.G1[e] * c.GP[e];
   }
   TTT_SYNC();
+}
+
+// Xq2 = gelu(Zq1) (the queries' hidden rows); with bwd also GPq = gelu'(Zq1) for the backward.
+// Also the Titans form's.
+template <typename acc_t>
+TTT_HD void mlp_query_gelu(const MLPBuffers<acc_t>& c, int n, int F, bool bwd) {
+  if (bwd)
+    gelu_pass<1>(n * F, c.Zq1, c.Xq2, c.GPq, static_cast<acc_t*>(nullptr));
+  else
+    gelu_pass<0>(n * F, c.Zq1, c.Xq2, static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr));
 }
 
 // Loads the segment's tokens and recomputes every forward tile from the start weights in c.
@@ -169,7 +195,7 @@ TTT_HD void mlp_recompute(const MLPParams& p, const MLPBuffers<acc_t>& c, int D,
   if (g.G) {
     TTT_PAR_FOR2(e, i, col, n, F) { c.Zq1[e] -= row_scale(p, scale, g, i) * c.QG1[e]; }
   }
-  TTT_PAR_FOR(e, n * F) { c.Xq2[e] = gelu_tanh(c.Zq1[e]).g; }  // a plain loop: it vectorises
+  mlp_query_gelu(c, n, F, bwd);
   TTT_SYNC();
   // S2 = Xq2 X2^T (kept for the backward), P2 = A * (S2 + 1)
   TTT_PAR_FOR(e, n * n) { c.S2[e] = 0; }

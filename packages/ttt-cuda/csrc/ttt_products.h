@@ -71,26 +71,55 @@ constexpr int kKC = 64;                   // depth of a packed panel of B
 template <typename acc_t>
 using Tile = typename Vec<acc_t>::type[kMR][kNR / Vec<acc_t>::kLanes];
 
-// body(tile) on the tile of `out` at o (ni <= kMR rows, nc <= kNR columns, row stride ldo): a
-// whole tile is read from and written back to out's rows directly, an edge tile staged
-// (zero-padded; only its ni x nc elements are written back).
+// body(tile) on the tile of `out` at o (ni <= kMR rows, nc <= kNR columns, row stride ldo), read
+// from and written back to out one vector at a time: a whole tile straight, an edge tile lane by
+// lane where a vector runs past nc, zero past ni / nc, and only its ni x nc elements written
+// back. (A whole row's copy into the tile went through the stack in 16-byte pieces that the
+// product's vector loads could not forward from: a stall per vector, as much as the product itself
+// for the n-deep products, the end updates and weight-gradient carries.)
 template <typename acc_t, typename Body>
 inline __attribute__((always_inline)) void on_out_tile(acc_t* o, int ldo, int ni, int nc, Body body) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int kLanes = Vec<acc_t>::kLanes, kNV = kNR / kLanes;
   Tile<acc_t> tile;
+  auto at = [&](int r, int v) { return o + static_cast<int64_t>(r) * ldo + v * kLanes; };
   if (ni == kMR && nc == kNR) {
-    for (int r = 0; r < kMR; ++r) __builtin_memcpy(tile[r], o + static_cast<int64_t>(r) * ldo, sizeof(tile[r]));
+    for (int r = 0; r < kMR; ++r)
+      for (int v = 0; v < kNV; ++v) {
+        V x;
+        __builtin_memcpy(&x, at(r, v), sizeof(V));
+        tile[r][v] = x;
+      }
     body(tile);
-    for (int r = 0; r < kMR; ++r) __builtin_memcpy(o + static_cast<int64_t>(r) * ldo, tile[r], sizeof(tile[r]));
+    for (int r = 0; r < kMR; ++r)
+      for (int v = 0; v < kNV; ++v) {
+        const V x = tile[r][v];
+        __builtin_memcpy(at(r, v), &x, sizeof(V));
+      }
     return;
   }
-  alignas(64) acc_t rows[kMR][kNR];
+  auto lanes = [&](int r, int v) {  // the lanes of vector (r, v) inside out
+    const int m = nc - v * kLanes;
+    return r >= ni || m <= 0 ? 0 : (m < kLanes ? m : kLanes);
+  };
   for (int r = 0; r < kMR; ++r)
-    for (int c = 0; c < kNR; ++c) rows[r][c] = (r < ni && c < nc) ? o[static_cast<int64_t>(r) * ldo + c] : acc_t(0);
-  __builtin_memcpy(tile, rows, sizeof(tile));
+    for (int v = 0; v < kNV; ++v) {
+      V x = {};
+      const int m = lanes(r, v);
+      if (m == kLanes) __builtin_memcpy(&x, at(r, v), sizeof(V));
+      else
+        for (int l = 0; l < m; ++l) x[l] = at(r, v)[l];
+      tile[r][v] = x;
+    }
   body(tile);
-  __builtin_memcpy(rows, tile, sizeof(tile));
   for (int r = 0; r < ni; ++r)
-    for (int c = 0; c < nc; ++c) o[static_cast<int64_t>(r) * ldo + c] = rows[r][c];
+    for (int v = 0; v < kNV; ++v) {
+      const V x = tile[r][v];
+      const int m = lanes(r, v);
+      if (m == kLanes) __builtin_memcpy(at(r, v), &x, sizeof(V));
+      else
+        for (int l = 0; l < m; ++l) at(r, v)[l] = x[l];
+    }
 }
 
 template <int kSign, bool kTA, int kScale, typename acc_t>

@@ -203,7 +203,7 @@ TTT_HD void titans_mlp_bwd_chain(const TitansMLPParams& p, acc_t* ws, int D, int
     // B3: layer 2's read with dY2 = DZ (dh2 into dXq2); dY1 = dXq2 * gelu'(Y1), in place
     titans_read_bwd(l2, n, bmax, c.Cx, m.eta, c.HX2, m.DZ, c.cD, c.cS, c.dPm2, m.dXq2, m.dX2,
                     m.dG2, m.dW2, m.db2, c.dS2, c.dsb2, c.dDv, c.dc0, c.dCx, deta);
-    TTT_PAR_FOR(e, n * F) { m.dXq2[e] = m.dXq2[e] * gelu_tanh(m.Zq1[e]).d1; }
+    TTT_PAR_FOR(e, n * F) { m.dXq2[e] = m.dXq2[e] * m.GPq[e]; }  // GPq = gelu'(Y1)
     TTT_SYNC();
     // B4: layer 1's read with dY1 (dh1 into dQ, dX1 into dK)
     titans_read_bwd(l1, n, bmax, c.Cx, m.eta, c.HX1, m.dXq2, c.cD, c.cS, c.dPm1, m.dQ, m.dK,
@@ -230,7 +230,7 @@ TTT_HD void titans_mlp_bwd_chain(const TitansMLPParams& p, acc_t* ws, int D, int
     // KdW1), dH1 = dG1 * GP (over dG1); through H1 = G2 P2^T: dG2 += dH1 P2
     TTT_PAR_FOR(e, n * F) {
       const acc_t dg1 = m.dG1[e];
-      m.KdW1[e] = dg1 * m.H1[e] * gelu_tanh(m.Z1[e]).d2;
+      m.KdW1[e] = dg1 * m.H1[e] * m.GPP[e];  // GPP = gelu''(Z1)
       m.dG1[e] = dg1 * m.GP[e];
     }
     TTT_SYNC();

@@ -140,7 +140,7 @@ TTT_HD void titans_mlp_recompute(const TitansMLPParams& p, const TitansMLPBuffer
   titans_coefs(n, bmax, c.mom, c.dec, c.Cx, c.Mx);
   mlp_keys(c.m, n, D, F, eps, lnw, lnb, bwd);
   titans_read(titans_mlp_layer1(c, D, F), n, bmax, c.Cx, c.m.eta, c.m.Zq1);  // Y1 (n, F)
-  TTT_PAR_FOR(e, n * F) { c.m.Xq2[e] = gelu_tanh(c.m.Zq1[e]).g; }
+  mlp_query_gelu(c.m, n, F, bwd);
   TTT_SYNC();
   titans_read(titans_mlp_layer2(c, D, F), n, bmax, c.Cx, c.m.eta, c.m.Xp);  // Y2 (n, D)
   ln_rows<acc_t>(n, D, eps, lnw, lnb, c.m.Xp, c.m.rstdp, nullptr, nullptr, nullptr);
