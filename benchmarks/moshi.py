@@ -15,8 +15,8 @@ Variants: ``moshi`` (plain layer, window 100) and the TTT layer (window 50) per 
 ttt-core backend, all with the attention's head dim: ``moshi+ttt-full/<backend>`` (TTT heads =
 attention heads, inner width = dim), ``-half`` (heads / 2) and ``-quarter`` (heads / 4, ttt-moshi's
 default width); backends ``auto`` (ttt-core's default, what a user gets: ``cpp`` where ttt-cuda is
-installed, else ``torch``), ``torch`` (ttt-core's recurrent step) and ``cpp`` (ttt-cuda's fused C++
-step, needs ttt-cuda). ``--widths`` (default ``quarter``) and ``--backends``
+installed, else ``torch``), ``torch`` (ttt-core's recurrent step) and ``cpp`` (ttt-cuda: under
+no_grad the layer's whole token is one C++ call, projections and gate included; needs ttt-cuda). ``--widths`` (default ``quarter``) and ``--backends``
 (default ``auto,torch,cpp``) choose them; ``--dims 1024`` or ``--dims 4096`` one width only, and
 ``--skip-train`` the streaming step only (the dim-4096 layers take ~1.1 GB each, and their
 training gradients as much again).
