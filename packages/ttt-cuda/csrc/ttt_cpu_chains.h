@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -28,7 +29,13 @@ void for_each_chain(int B, int H, int64_t workspace_elems, int threads, double w
       chain(ws.data(), static_cast<int>(c / H), static_cast<int>(c % H));
   };
   std::vector<std::thread> pool;
-  for (int64_t t = 1; t < n; ++t) pool.emplace_back(worker);
+  for (int64_t t = 1; t < n; ++t) {
+    try {
+      pool.emplace_back(worker);
+    } catch (const std::system_error&) {  // no thread to be had (EAGAIN): fewer, the same bits
+      break;                              // (unwinding past the started ones would terminate)
+    }
+  }
   worker();
   for (auto& th : pool) th.join();
 }
