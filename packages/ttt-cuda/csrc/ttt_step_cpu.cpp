@@ -248,17 +248,16 @@ void matvec_rows(int B, int rows, int cols, const acc_t* x, const acc_t* W, cons
   });
 }
 
-// Rows of x [B, n] normalised in place: (x - mean) / sqrt(var + eps) * w + b (biased variance).
+// Rows of x [B, n] normalised in place by the chains' LayerNorm rows (ttt_ln_rows.h: (x - mean)
+// rstd, biased variance), then the affine w, b [n]. rstd: scratch [B].
 template <typename acc_t>
-void layer_norm_rows(int B, int n, acc_t eps, const acc_t* w, const acc_t* b, acc_t* x) {
+void layer_norm_rows(int B, int n, acc_t eps, const acc_t* w, const acc_t* b, acc_t* x,
+                     acc_t* rstd) {
+  chain::ln_rows(B, n, eps, w, b, x, rstd, static_cast<const acc_t*>(nullptr),
+                 static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr));
   for (int r = 0; r < B; ++r) {
     acc_t* row = x + static_cast<int64_t>(r) * n;
-    acc_t mean = 0, var = 0;
-    for (int i = 0; i < n; ++i) mean += row[i];
-    mean /= n;
-    for (int i = 0; i < n; ++i) var += (row[i] - mean) * (row[i] - mean);
-    const acc_t rstd = 1 / std::sqrt(var / n + eps);
-    for (int i = 0; i < n; ++i) row[i] = (row[i] - mean) * rstd * w[i] + b[i];
+    for (int i = 0; i < n; ++i) row[i] = row[i] * w[i] + b[i];
   }
 }
 
@@ -297,9 +296,11 @@ void layer_step(const LayerStepParams& lp, StepParams p, int threads) {
   }
   p.o = reinterpret_cast<std::uintptr_t>(o.data());
   ttt_step_cpu(p, threads);
-  if (lp.post_w != 0)
+  if (lp.post_w != 0) {
+    std::vector<acc_t> rstd(B);
     layer_norm_rows(B, Wd, static_cast<acc_t>(lp.post_eps), cptr<acc_t>(lp.post_w),
-                    cptr<acc_t>(lp.post_b), o.data());
+                    cptr<acc_t>(lp.post_b), o.data(), rstd.data());
+  }
   acc_t* y = mptr<acc_t>(lp.y);
   matvec_rows(B, C, Wd, o.data(), cptr<acc_t>(lp.out_w),
               lp.out_b != 0 ? cptr<acc_t>(lp.out_b) : static_cast<const acc_t*>(nullptr), y,

@@ -24,7 +24,7 @@ from torch import Tensor
 from ttt_core.learners import LinearLearner, MLPLearner
 from ttt_core.state import TTTState
 from ttt_cuda._ext import extension
-from ttt_cuda.step import run_step
+from ttt_cuda.step import _ready, run_step
 
 __all__ = ["layer_step", "layer_step_unsupported_reason"]
 
@@ -47,7 +47,7 @@ def _tensors(layer, dtype: torch.dtype) -> dict[str, Tensor | None]:
         "ln_weight": layer.inner.ln_weight,  # (H, D)
         "ln_bias": layer.inner.ln_bias,
     }
-    return {n: None if t is None else t.to(dtype).contiguous() for n, t in tensors.items()}
+    return {n: None if t is None else _ready(t, dtype) for n, t in tensors.items()}
 
 
 def layer_step_unsupported_reason(x: Tensor, *, layer, **_: Any) -> str | None:
