@@ -203,3 +203,34 @@ def test_target_norm_affine_is_a_learnable_per_head_affine(target):
         y.square().sum(), [layer.target_norm_weight, layer.target_norm_bias]
     )
     assert gw.abs().max() > 0 and gb.abs().max() > 0
+
+
+@pytest.mark.parametrize("name", ["linear", "titans", "bidirectional", "noncausal-whole"])
+def test_pre_norm_and_residual_are_the_block_around_the_layer(name):
+    """``forward(x, pre_norm=n, residual=True)`` is ``x + TTT(n(x))`` composed by hand, whole
+    sequences and streamed in pieces, and gradients reach the norm's weight."""
+    layer = _layer(**VARIANTS[name])
+    norm = torch.nn.RMSNorm(24, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.add_(0.3 * torch.randn(24))
+    x = torch.randn(2, 13, 24)
+    y, _ = layer(x, pre_norm=norm, residual=True)
+    torch.testing.assert_close(y, x + layer(norm(x))[0], rtol=0, atol=0)
+    y_plain, _ = layer(x, pre_norm=norm)
+    torch.testing.assert_close(y_plain, layer(norm(x))[0], rtol=0, atol=0)
+    if layer.config.causal and not layer.config.bidirectional:
+        outs, state = [], None
+        for a, b in [(0, 3), (3, 4), (4, 13)]:
+            yi, state = layer(x[:, a:b], state=state, pre_norm=norm, residual=True)
+            outs.append(yi)
+        torch.testing.assert_close(torch.cat(outs, 1), y, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0
+
+
+def test_pre_norm_and_residual_are_checked():
+    layer, x = _layer(), torch.randn(1, 5, 24)
+    with pytest.raises(TypeError, match="pre_norm must be a module"):
+        layer(x, pre_norm="rms")
+    with pytest.raises(TypeError, match="residual must be a bool"):
+        layer(x, residual=1)

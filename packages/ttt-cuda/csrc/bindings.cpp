@@ -17,6 +17,69 @@ T* as_ptr(std::uintptr_t v) {
   return reinterpret_cast<T*>(v);
 }
 
+// Reads the fields of a params struct from a dict {name: value}: every key must name a field (a
+// misspelt one raises instead of leaving its field at the default).
+class FieldReader {
+ public:
+  explicit FieldReader(const py::dict& d, const char* what) : d_(d), what_(what) {}
+  template <typename T>
+  void operator()(const char* name, T& field) {
+    PyObject* v = PyDict_GetItemString(d_.ptr(), name);  // borrowed; null when absent
+    if (v == nullptr) return;
+    field = py::cast<T>(py::handle(v));
+    ++found_;
+  }
+  void operator()(const char* name, ttt::StepWeights& w) {  // a tuple of pointers W1, b1 (, W2, b2)
+    PyObject* v = PyDict_GetItemString(d_.ptr(), name);
+    if (v == nullptr) return;
+    const auto t = py::cast<py::tuple>(py::handle(v));
+    if (t.size() > 4) throw std::invalid_argument(std::string(what_) + "." + name + ": > 4 weights");
+    std::uintptr_t* out[4] = {&w.W1, &w.b1, &w.W2, &w.b2};
+    for (size_t i = 0; i < t.size(); ++i) *out[i] = t[i].cast<std::uintptr_t>();
+    ++found_;
+  }
+  void done() const {
+    if (static_cast<py::ssize_t>(found_) != PyDict_Size(d_.ptr()))
+      throw std::invalid_argument(std::string(what_) + ": a key that names no field");
+  }
+
+ private:
+  const py::dict& d_;
+  const char* what_;
+  size_t found_ = 0;
+};
+
+ttt::StepParams step_params(const py::dict& d) {
+  ttt::StepParams p;
+  FieldReader f(d, "StepParams");
+  f("B", p.B), f("H", p.H), f("D", p.D), f("F", p.F);
+  f("float64", p.float64), f("titans", p.titans), f("value_target", p.value_target);
+  f("output_residual", p.output_residual), f("eps", p.eps), f("scale", p.scale);
+  f("q", p.q), f("k", p.k), f("v", p.v), f("eta", p.eta), f("momentum", p.momentum);
+  f("decay", p.decay);
+  f("q_sb", p.q_sb), f("q_sh", p.q_sh), f("k_sb", p.k_sb), f("k_sh", p.k_sh);
+  f("v_sb", p.v_sb), f("v_sh", p.v_sh), f("eta_sb", p.eta_sb), f("eta_sh", p.eta_sh);
+  f("m_sb", p.m_sb), f("m_sh", p.m_sh), f("a_sb", p.a_sb), f("a_sh", p.a_sh);
+  f("ln_w", p.ln_w), f("ln_b", p.ln_b), f("params", p.params), f("carry", p.carry);
+  f("current", p.current), f("o", p.o), f("weights_out", p.weights_out);
+  f("carry_out", p.carry_out);
+  f.done();
+  return p;
+}
+
+ttt::LayerStepParams layer_step_params(const py::dict& d) {
+  ttt::LayerStepParams lp;
+  FieldReader f(d, "LayerStepParams");
+  f("C", lp.C), f("n_rates", lp.n_rates), f("eta_scale", lp.eta_scale);
+  f("post_eps", lp.post_eps), f("pre_norm", lp.pre_norm), f("pre_eps", lp.pre_eps);
+  f("residual", lp.residual), f("x", lp.x), f("pre_w", lp.pre_w), f("in_w", lp.in_w);
+  f("in_b", lp.in_b);
+  f("rate_bias", lp.rate_bias), f("post_w", lp.post_w), f("post_b", lp.post_b);
+  f("out_w", lp.out_w), f("out_b", lp.out_b), f("gate", lp.gate), f("y", lp.y);
+  f.done();
+  return lp;
+}
+
 void check_cuda(const char* err) {
   if (err != nullptr && err[0] != '\0') throw std::runtime_error(std::string("ttt_cuda: ") + err);
 }
@@ -224,39 +287,28 @@ PYBIND11_MODULE(_C, m) {
   m.def("linear_scratch_in_shared", &ttt::linear_scratch_in_shared, py::arg("params"),
         py::arg("backward"), "CUDA: the scratch fits in shared memory (else give a workspace).");
 
-  // the fused single-token streaming step (CPU): StepParams (ttt_step_cpu.h) and its entry point
-  py::class_<ttt::StepWeights>(m, "StepWeights")
-      .def(py::init<std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t>(),
-           py::arg("W1") = 0, py::arg("b1") = 0, py::arg("W2") = 0, py::arg("b2") = 0);
-  py::class_<ttt::StepParams> step(m, "StepParams");
-  step.def(py::init<>());
-#define TTT_STEP_FIELD(name) step.def_readwrite(#name, &ttt::StepParams::name)
-  TTT_STEP_FIELD(B), TTT_STEP_FIELD(H), TTT_STEP_FIELD(D), TTT_STEP_FIELD(F);
-  TTT_STEP_FIELD(float64), TTT_STEP_FIELD(titans), TTT_STEP_FIELD(value_target);
-  TTT_STEP_FIELD(output_residual), TTT_STEP_FIELD(eps), TTT_STEP_FIELD(scale);
-  TTT_STEP_FIELD(q), TTT_STEP_FIELD(k), TTT_STEP_FIELD(v), TTT_STEP_FIELD(eta);
-  TTT_STEP_FIELD(momentum), TTT_STEP_FIELD(decay);
-  TTT_STEP_FIELD(q_sb), TTT_STEP_FIELD(q_sh), TTT_STEP_FIELD(k_sb), TTT_STEP_FIELD(k_sh);
-  TTT_STEP_FIELD(v_sb), TTT_STEP_FIELD(v_sh), TTT_STEP_FIELD(eta_sb), TTT_STEP_FIELD(eta_sh);
-  TTT_STEP_FIELD(m_sb), TTT_STEP_FIELD(m_sh), TTT_STEP_FIELD(a_sb), TTT_STEP_FIELD(a_sh);
-  TTT_STEP_FIELD(ln_w), TTT_STEP_FIELD(ln_b), TTT_STEP_FIELD(params), TTT_STEP_FIELD(carry);
-  TTT_STEP_FIELD(current), TTT_STEP_FIELD(o), TTT_STEP_FIELD(weights_out);
-  TTT_STEP_FIELD(carry_out);
-#undef TTT_STEP_FIELD
-  m.def("ttt_step_cpu", &ttt::ttt_step_cpu, py::arg("params"), py::arg("threads"),
-        py::call_guard<py::gil_scoped_release>(),
-        "One streaming token of TTT-Linear / TTT-MLP (plain or Titans form) on the CPU.");
-
-  // the whole TTTLayer step around it (CPU): LayerStepParams (ttt_step_cpu.h) and its entry point
-  py::class_<ttt::LayerStepParams> layer_step(m, "LayerStepParams");
-  layer_step.def(py::init<>());
-#define TTT_LAYER_FIELD(name) layer_step.def_readwrite(#name, &ttt::LayerStepParams::name)
-  TTT_LAYER_FIELD(C), TTT_LAYER_FIELD(n_rates), TTT_LAYER_FIELD(eta_scale);
-  TTT_LAYER_FIELD(post_eps), TTT_LAYER_FIELD(x), TTT_LAYER_FIELD(in_w), TTT_LAYER_FIELD(in_b);
-  TTT_LAYER_FIELD(rate_bias), TTT_LAYER_FIELD(post_w), TTT_LAYER_FIELD(post_b);
-  TTT_LAYER_FIELD(out_w), TTT_LAYER_FIELD(out_b), TTT_LAYER_FIELD(gate), TTT_LAYER_FIELD(y);
-#undef TTT_LAYER_FIELD
-  m.def("ttt_layer_step_cpu", &ttt::ttt_layer_step_cpu, py::arg("layer"), py::arg("step"),
-        py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
-        "One streaming token of a whole TTTLayer (projections, step, post-norm, gate) on the CPU.");
+  // the fused single-token streaming step (CPU) and the whole TTTLayer step around it: their
+  // fields (StepParams, LayerStepParams in ttt_step_cpu.h) come in one dict per struct, read once
+  // (a token's call costs one Python->C++ crossing, not one per field)
+  m.def(
+      "ttt_step_cpu",
+      [](const py::dict& step, int threads) {
+        const ttt::StepParams p = step_params(step);
+        py::gil_scoped_release release;
+        ttt::ttt_step_cpu(p, threads);
+      },
+      py::arg("step"), py::arg("threads"),
+      "One streaming token of TTT-Linear / TTT-MLP (plain or Titans form) on the CPU; `step`: "
+      "StepParams' fields by name (weights: tuples of pointers W1, b1, W2, b2).");
+  m.def(
+      "ttt_layer_step_cpu",
+      [](const py::dict& layer, const py::dict& step, int threads) {
+        const ttt::LayerStepParams lp = layer_step_params(layer);
+        const ttt::StepParams p = step_params(step);
+        py::gil_scoped_release release;
+        ttt::ttt_layer_step_cpu(lp, p, threads);
+      },
+      py::arg("layer"), py::arg("step"), py::arg("threads"),
+      "One streaming token of a whole TTTLayer (projections, step, post-norm, gate) on the CPU; "
+      "`layer`: LayerStepParams' fields by name, `step`: the step's state and options.");
 }

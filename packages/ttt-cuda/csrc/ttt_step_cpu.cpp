@@ -261,6 +261,18 @@ void layer_norm_rows(int B, int n, acc_t eps, const acc_t* w, const acc_t* b, ac
   }
 }
 
+// Rows of x [B, n] scaled by their inverse root mean square, then by w [n] (none: 1):
+// h = x rsqrt(mean(x^2) + eps) w.
+template <typename acc_t>
+void rms_norm_rows(int B, int n, acc_t eps, const acc_t* w, const acc_t* x, acc_t* h) {
+  for (int r = 0; r < B; ++r) {
+    const acc_t* xr = x + static_cast<int64_t>(r) * n;
+    acc_t* hr = h + static_cast<int64_t>(r) * n;
+    const acc_t rstd = 1 / std::sqrt(dot(n, xr, xr) / n + eps);
+    for (int i = 0; i < n; ++i) hr[i] = w != nullptr ? xr[i] * rstd * w[i] : xr[i] * rstd;
+  }
+}
+
 template <typename acc_t>
 void layer_step(const LayerStepParams& lp, StepParams p, int threads) {
   const int B = p.B, H = p.H, Wd = p.H * p.D, C = lp.C;
@@ -269,8 +281,16 @@ void layer_step(const LayerStepParams& lp, StepParams p, int threads) {
   std::vector<acc_t> z(static_cast<size_t>(B) * N);        // [B, N] q | k | v | rate logits
   std::vector<acc_t> rates(static_cast<size_t>(B) * n_rates);  // [B, n_rates H]
   std::vector<acc_t> o(static_cast<size_t>(B) * Wd);        // [B, W] the step's output
-  matvec_rows(B, N, C, cptr<acc_t>(lp.x), cptr<acc_t>(lp.in_w), static_cast<const acc_t*>(nullptr),
-              z.data(), threads);
+  const acc_t* x = cptr<acc_t>(lp.x);
+  std::vector<acc_t> h;  // [B, C] the pre-normed x
+  if (lp.pre_norm) {
+    h.resize(static_cast<size_t>(B) * C);
+    rms_norm_rows(B, C, static_cast<acc_t>(lp.pre_eps),
+                  lp.pre_w != 0 ? cptr<acc_t>(lp.pre_w) : static_cast<const acc_t*>(nullptr), x,
+                  h.data());
+  }
+  matvec_rows(B, N, C, lp.pre_norm ? h.data() : x, cptr<acc_t>(lp.in_w),
+              static_cast<const acc_t*>(nullptr), z.data(), threads);
   const acc_t* in_b = lp.in_b != 0 ? cptr<acc_t>(lp.in_b) : nullptr;
   const acc_t* rate_bias = cptr<acc_t>(lp.rate_bias);
   const acc_t eta_scale = static_cast<acc_t>(lp.eta_scale);
@@ -310,6 +330,8 @@ void layer_step(const LayerStepParams& lp, StepParams p, int threads) {
     for (int b = 0; b < B; ++b)
       for (int c = 0; c < C; ++c) y[static_cast<int64_t>(b) * C + c] *= std::tanh(alpha[c]);
   }
+  if (lp.residual)
+    for (int64_t i = 0; i < static_cast<int64_t>(B) * C; ++i) y[i] = x[i] + y[i];
 }
 
 }  // namespace

@@ -49,19 +49,24 @@ void ttt_step_cpu(const StepParams& p, int threads);
 
 // The whole single-token step of a ttt-core TTTLayer (ttt_core/layer.py) around the step above,
 // for x [B, C] (the layer's input of one token per sample), W = H D, N = 3 W + n_rates H:
-//   z   = x W_in^T + b_in                             [B, N]: q | k | v | rate logits
+//   h   = x rsqrt(mean(x^2) + pre_eps) pre_w           [B, C] (the block's RMS pre-norm, or h = x)
+//   z   = h W_in^T + b_in                             [B, N]: q | k | v | rate logits
 //         (b_in: the q/k/v bias [3 W], or none, then the rate bias [n_rates H])
 //   eta = eta_scale sigmoid(z_lr)                     [B, H] (Titans: momentum = sigmoid(z_m),
 //         decay = sigmoid(z_a), [B, H] each)
 //   o   = the step on q, k, v [B, H, 1, D] (StepParams' state and options)     [B, W]
-//   y   = tanh(alpha) * (post_norm(o) W_out^T + b_out)                         [B, C]
+//   y   = tanh(alpha) * (post_norm(o) W_out^T + b_out)  (+ x: the block's residual)  [B, C]
 // post_norm: a LayerNorm over W (weight, bias, eps) or none; the tanh gate and b_out optional.
 struct LayerStepParams {
   int C = 0;               // model width
   int n_rates = 1;         // 1 (lr) or 3 (lr | momentum | decay)
   double eta_scale = 1.0;  // base_lr / D
   double post_eps = 1e-6;
+  bool pre_norm = false;   // the RMS pre-norm of x (pre_w: its weight [C]; 0: none, scale 1)
+  double pre_eps = 1e-6;
+  bool residual = false;         // y += x
   std::uintptr_t x = 0;          // [B, C] contiguous
+  std::uintptr_t pre_w = 0;      // [C]; 0: no weight
   std::uintptr_t in_w = 0;       // [N, C] contiguous
   std::uintptr_t in_b = 0;       // [3 W]; 0: no q/k/v bias
   std::uintptr_t rate_bias = 0;  // [n_rates H]

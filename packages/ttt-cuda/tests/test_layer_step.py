@@ -177,3 +177,93 @@ def test_check_finite_state_on_the_fused_road(fused_calls):
         with pytest.raises(FloatingPointError, match="non-finite"):
             layer(x[:, 2:3], state=poisoned)
     assert fused_calls[0] == 1
+
+
+class _AlphaRMSNorm(torch.nn.Module):
+    """An RMS norm that states its weight and eps through ``rms_norm_params`` (the protocol
+    ttt-moshi's TTTRMSNorm follows; its scale ``alpha`` is [1, 1, C] like Moshi's)."""
+
+    def __init__(self, eps: float, declines: bool = False) -> None:
+        super().__init__()
+        self.alpha = torch.nn.Parameter(1.0 + 0.3 * torch.randn(1, 1, C))
+        self.eps, self.declines = eps, declines
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (self.alpha * torch.rsqrt(torch.mean(x * x, dim=2, keepdim=True) + self.eps))
+
+    def rms_norm_params(self, x: torch.Tensor):
+        if self.declines or x.dtype != self.alpha.dtype:
+            return None
+        return self.alpha, self.eps  # [1, 1, C]: C elements
+
+
+PRE_NORMS = {
+    "rmsnorm-affine": lambda: torch.nn.RMSNorm(C, eps=1e-5),
+    "rmsnorm-default-eps": lambda: torch.nn.RMSNorm(C),
+    "rmsnorm-no-weight": lambda: torch.nn.RMSNorm(C, eps=1e-3, elementwise_affine=False),
+    "rms-norm-params": lambda: _AlphaRMSNorm(1e-6),
+    "none": lambda: None,
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "no-residual"])
+@pytest.mark.parametrize("norm", list(PRE_NORMS))
+@pytest.mark.parametrize("case", ["linear-sum-tanh", "mlp-titans-bias"])
+def test_layer_step_with_the_block_matches_the_ordinary_road(case, norm, residual, dtype,
+                                                            fused_calls):  # fmt: skip
+    """``TTTLayer.forward(pre_norm=..., residual=...)``: the fused step computes the RMS pre-norm
+    and the residual in its C++ call; the torch-backend twin applies the norm module and adds x
+    (its ordinary road), token by token from a state cut inside a mini-batch; and the block equals
+    ``x + TTT(pre_norm(x))`` composed by hand over the whole sequence."""
+    layer, twin, x = _layers(CASES[case], dtype)
+    torch.manual_seed(11)
+    pre_norm = PRE_NORMS[norm]()
+    if pre_norm is not None:
+        pre_norm = pre_norm.to(dtype)
+        with torch.no_grad():
+            for p in pre_norm.parameters():
+                p.add_(0.2 * torch.randn_like(p))
+    block = dict(pre_norm=pre_norm, residual=residual)
+    with torch.no_grad():
+        h = x if pre_norm is None else pre_norm(x)
+        whole, _ = twin(h)
+        whole = x + whole if residual else whole
+        _, st = twin(x[:, :PREFIX], **block)
+        st_ref = st
+        for i in range(PREFIX, L):
+            y, st = layer(x[:, i : i + 1], state=st, **block)
+            y_ref, st_ref = twin(x[:, i : i + 1], state=st_ref, **block)
+            torch.testing.assert_close(y, y_ref, **TOL[dtype], msg=f"token {i}")
+            torch.testing.assert_close(y, whole[:, i : i + 1], **TOL[dtype], msg=f"token {i}")
+    assert fused_calls[0] == L - PREFIX
+    got, want = _state_tensors(st), _state_tensors(st_ref)
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], **TOL[dtype], msg=name)
+
+
+REFUSED_NORMS = {  # a pre-norm the fused step does not compute: the ordinary road runs it
+    "layernorm": lambda: torch.nn.LayerNorm(C),
+    "rmsnorm-over-two-dims": lambda: torch.nn.RMSNorm((1, C)),
+    "rms-norm-params-declines": lambda: _AlphaRMSNorm(1e-6, declines=True),
+    "rmsnorm-other-dtype": lambda: torch.nn.RMSNorm(C).double(),
+}
+
+
+@pytest.mark.parametrize("norm", list(REFUSED_NORMS))
+def test_unfused_pre_norms_take_the_ordinary_road(norm, fused_calls):
+    layer, twin, x = _layers(CASES["linear-sum-tanh"], torch.float32)
+    pre_norm = REFUSED_NORMS[norm]()
+    with torch.no_grad():
+        reason = ttt_cuda.backend.cpp_backend.supports("ttt_layer_step", x[:, :1], layer=layer,
+                                                       pre_norm=pre_norm, residual=True)  # fmt: skip
+    assert reason is not None and "pre_norm" in reason
+    if norm in ("rmsnorm-over-two-dims", "rmsnorm-other-dtype"):
+        return  # the ordinary road: what the norm module does with them (torch's checks)
+    st = st_ref = None
+    with torch.no_grad():
+        for i in range(6):
+            y, st = layer(x[:, i : i + 1], state=st, pre_norm=pre_norm, residual=True)
+            y_ref, st_ref = twin(x[:, i : i + 1], state=st_ref, pre_norm=pre_norm, residual=True)
+            torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
+    assert fused_calls[0] == 0

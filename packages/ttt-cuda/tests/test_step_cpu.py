@@ -215,3 +215,18 @@ def test_cpp_step_takes_bf16_tokens_in_fp32():
     assert o.dtype == torch.bfloat16 and state.grad_sum["W1"].dtype == torch.float32
     err, err_torch = (o.float() - ref).abs().max(), (o_torch.float() - ref).abs().max()
     assert err <= 1.5 * err_torch + torch.finfo(torch.bfloat16).eps * ref.abs().max()
+
+
+def test_cpp_step_fields_by_name_refuse_a_misspelt_one():
+    """The step's C++ entry reads its fields from a dict by name: a key naming no field raises
+    (it would otherwise leave that field at its default), as does a weights tuple over 4."""
+    from ttt_cuda._ext import extension
+
+    C = extension()
+    with pytest.raises(ValueError, match="StepParams: a key that names no field"):
+        C.ttt_step_cpu({"B": 0, "ouput_residual": True}, 1)
+    with pytest.raises(ValueError, match="LayerStepParams: a key that names no field"):
+        C.ttt_layer_step_cpu({"C": 0, "in_weight": 0}, {"B": 0}, 1)
+    with pytest.raises(ValueError, match="params: > 4 weights"):
+        C.ttt_step_cpu({"B": 0, "params": (0, 0, 0, 0, 0)}, 1)
+    C.ttt_step_cpu({"B": 0, "H": 0}, 1)  # known fields only, no chains: runs and returns

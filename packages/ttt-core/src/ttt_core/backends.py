@@ -25,12 +25,14 @@ A backend is any object with
   ``ttt_mlp_step(...)``: one streaming token, the arguments of ``ttt_core.ttt_linear_step`` (inputs
   validated, ``state`` always a ``TTTState``), returning ``(o, next TTTState)``. Under ``auto`` a
   backend without the method is skipped (the torch backend serves the step),
-- optionally ``ttt_layer_step(layer, x, *, state, mini_batch_size, token_scale, backend,
-  reconstruction_target, output_residual)``: a whole ``TTTLayer``'s single streaming token (its
-  projections, the step, post-norm, gate and output projection in one call) for x [B, 1, C] from a
-  validated ``TTTState``, returning ``(y [B, 1, C], next TTTState)``; ``supports("ttt_layer_step",
-  x, layer=layer)`` decides from the layer's config, its tensors' metadata and the grad mode. A
-  layer whose backend has no such method or refuses takes its ordinary road (see
+- optionally ``ttt_layer_step(layer, x, *, state, pre_norm, residual, mini_batch_size,
+  token_scale, backend, reconstruction_target, output_residual)``: a whole ``TTTLayer``'s single
+  streaming token (the block's pre-norm, the projections, the step, post-norm, gate, output
+  projection and the block's residual in one call: ``TTTLayer.forward``'s ``pre_norm`` and
+  ``residual``) for x [B, 1, C] from a validated ``TTTState``, returning ``(y [B, 1, C], next
+  TTTState)``; ``supports("ttt_layer_step", x, layer=layer, pre_norm=..., residual=...)`` decides
+  from the layer's config, the pre-norm, the tensors' metadata and the grad mode. A layer whose
+  backend has no such method or refuses takes its ordinary road (see
   :func:`layer_step_backend`).
 
 An entry point may name the backend object itself or a zero-argument callable returning it.
@@ -171,13 +173,12 @@ def layer_step_backend(name: str, x, **kwargs) -> Backend | None:
     if name in BUILTIN:
         return None
     _load_entry_points()
-    if name == "auto":
-        found = [b for b in _registry.values() if x.device.type in b.device_types]
-    else:
-        found = [get_backend(name)]
-    for backend in found:
+    auto = name == "auto"
+    device = x.device.type
+    for backend in _registry.values() if auto else (get_backend(name),):
         if (
-            hasattr(backend, "ttt_layer_step")
+            (not auto or device in backend.device_types)
+            and hasattr(backend, "ttt_layer_step")
             and backend.supports("ttt_layer_step", x, **kwargs) is None
         ):
             return backend

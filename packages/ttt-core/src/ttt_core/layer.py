@@ -25,7 +25,7 @@ from .learners import InnerLearner, LinearLearner, MLPLearner
 from .ops.common import compute_dtype, layer_norm_heads, reconstruction
 from .split import sequence_bounds
 from .state import TTTState
-from .validation import check_layer_step_state
+from .validation import check_state
 
 __all__ = ["TTTLayer"]
 
@@ -161,17 +161,18 @@ class TTTLayer(nn.Module):
                 "or check the inputs (TTTConfig.check_finite_state=True raised this)"
             )
 
-    def _fused_step(self, backend, x: Tensor, state: TTTState | None):
-        """One streaming token x [B, 1, C] through ``backend.ttt_layer_step``: the projections, the
-        step, the post-norm, gate and output projection in one call (see ``backends``). The state
-        is checked and started as the ordinary road's dispatch does it."""
+    def _fused_step(self, backend, x: Tensor, state: TTTState | None, block: dict):
+        """One streaming token x [B, 1, C] through ``backend.ttt_layer_step``: the pre-norm, the
+        projections, the step, the post-norm, gate, output projection and residual in one call
+        (see ``backends``; ``block``: forward's pre_norm and residual). The state is checked and
+        started as the ordinary road's dispatch does it."""
         c = self.config
         weights = self.inner.fast_params()
         b = c.mini_batch_size
         if state is not None:
-            check_layer_step_state(state, weights, x, b, c.titans)
+            check_state(state, weights, x, b, c.titans, name="state")  # x stands for q
         state = TTTState.start(state, weights, x.shape[0], b, compute_dtype(x.dtype))
-        y, new_state = backend.ttt_layer_step(self, x, state=state, **self._inner_kwargs())
+        y, new_state = backend.ttt_layer_step(self, x, state=state, **block, **self._inner_kwargs())
         self._check_finite(new_state)
         return y, new_state
 
@@ -188,6 +189,8 @@ class TTTLayer(nn.Module):
         *,
         lengths: Tensor | list[int] | None = None,
         cu_seqlens: Tensor | list[int] | None = None,
+        pre_norm: nn.Module | None = None,
+        residual: bool = False,
     ) -> tuple[Tensor, TTTState | list[TTTState] | None]:
         """x [B, L, C] -> (y [B, L, C], state). The state (causal, one-directional layers) lets the
         next call continue the sequence exactly; it is None otherwise.
@@ -196,7 +199,13 @@ class TTTLayer(nn.Module):
         of each sample of a right-padded x (padding never reaches a real token); ``cu_seqlens``
         [N + 1], the offsets of N sequences packed in x [1, T, C]. Every sequence runs alone from
         its own state: ``state`` and the returned state are lists, one ``TTTState`` per sequence
-        (batch 1). Bidirectional layers reverse each sequence within its own tokens."""
+        (batch 1). Bidirectional layers reverse each sequence within its own tokens.
+
+        The block around the layer, ``x + TTT(pre_norm(x))`` (a transformer's pre-norm residual
+        block): ``pre_norm`` a module applied to x first (e.g. the host model's RMSNorm), and
+        ``residual`` adds x to the output. Passed here rather than applied around the call, they
+        are part of a backend's fused single-token step (ttt-cuda's CPU layer step fuses an RMS
+        norm: see ``backends``)."""
         c = self.config
         if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != c.hidden_size:
             shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -209,14 +218,20 @@ class TTTLayer(nn.Module):
         if cu_seqlens is not None and x.shape[0] != 1:
             raise ValueError(f"cu_seqlens packs sequences along L: x must be [1, T, C], got "
                              f"{list(x.shape)}")  # fmt: skip
+        if pre_norm is not None and not callable(pre_norm):
+            raise TypeError(f"pre_norm must be a module (x -> x), got {type(pre_norm).__name__}")
+        if not isinstance(residual, bool):
+            raise TypeError(f"residual must be a bool, got {type(residual).__name__}")
         varlen = {n: t for n, t in (("lengths", lengths), ("cu_seqlens", cu_seqlens))
                   if t is not None}  # fmt: skip
         if stream and x.shape[1] == 1 and not varlen:  # one streaming token: a fused layer step?
-            fused = backends.layer_step_backend(c.backend, x, layer=self)
+            block = {"pre_norm": pre_norm, "residual": residual}
+            fused = backends.layer_step_backend(c.backend, x, layer=self, **block)
             if fused is not None:
-                return self._fused_step(fused, x, state)
-        parts = self.project(x)
-        inputs = self.inner_inputs(x, parts)
+                return self._fused_step(fused, x, state, block)
+        h = x if pre_norm is None else pre_norm(x)  # (B, L, C)
+        parts = self.project(h)
+        inputs = self.inner_inputs(h, parts)
         o, new_state = self._run_inner(inputs, state, stream, varlen)
         o = self._merge(o)  # (B, L, H*D)
         y = self.post_norm(o)
@@ -231,6 +246,8 @@ class TTTLayer(nn.Module):
             o_rev, _ = self._run_inner(rev, None, False, varlen)
             y_rev = self.o_proj(self.post_norm(self._merge(reverse(o_rev, order))))
             y = y + torch.tanh(self.reverse_alpha) * y_rev
+        if residual:
+            y = x.to(y) + y
         return y, new_state
 
     @torch.no_grad()

@@ -104,20 +104,6 @@ def validate_with_key(key: tuple | None, **args) -> tuple[int, int, int, int]:
     return shape
 
 
-def check_layer_step_state(state, weights: dict[str, Tensor], x: Tensor, mini_batch_size,
-                           titans: bool) -> None:  # fmt: skip
-    """:func:`check_state` for a whole layer's single-token step (a backend's ``ttt_layer_step``):
-    x [B, 1, C] stands for q (its batch, dtype and device). Remembered per metadata as
-    :func:`validate` is (a streaming decoder checks each offset's state once)."""
-    key = metadata_key(layer_step_state=state, weights=weights, x=x,
-                       mini_batch_size=mini_batch_size, titans=titans)  # fmt: skip
-    if key is not None and key in _passed:
-        return
-    check_state(state, weights, x, mini_batch_size, titans, name="state")
-    if key is not None:
-        _remember(key, (x.shape[0], 0, 1, 0))
-
-
 def _remember(key: tuple, shape: tuple[int, int, int, int]) -> None:
     if len(_passed) >= MAX_REMEMBERED:
         del _passed[next(iter(_passed))]  # the oldest
@@ -324,30 +310,26 @@ def check_state(state, weights: dict[str, Tensor], q: Tensor, mini_batch_size, t
     (an int in [0, b)), the same b inside a mini-batch and the same form (plain / Titans)."""
     if not isinstance(state, TTTState):
         raise TypeError(f"{name} must be a TTTState, got {type(state).__name__}")
-    if set(state.params) != set(weights):
+    if not isinstance(state.params, dict) or state.params.keys() != weights.keys():
         raise ValueError(
             f"{name} holds fast weights {sorted(state.params)} but this op uses {sorted(weights)}"
         )
-    B, dtype = q.shape[0], compute_dtype(q.dtype)
-    for field in ("params", "grad_sum", "momentum", "current"):
-        d = getattr(state, field)
+    B, dtype, device = q.shape[0], compute_dtype(q.dtype), q.device
+    fields = (state.params, state.grad_sum, state.momentum, state.current)
+    for field, d in zip(("params", "grad_sum", "momentum", "current"), fields):
         if d is None:
             continue
-        if not isinstance(d, dict) or set(d) != set(weights):
+        if not isinstance(d, dict) or d.keys() != weights.keys():
             raise ValueError(f"{name}.{field} must hold the fast weights {sorted(weights)}")
-        for n, t in d.items():
-            where = f"{name}.{field}[{n!r}]"
-            _tensor(where, t)
+        for n, t in d.items():  # the messages are formatted only for a tensor that fails
             want = (B, *weights[n].shape)
-            if tuple(t.shape) != want:
-                raise ValueError(f"{where} must have shape {list(want)}, got {_shape(t)}")
-            if t.dtype != dtype:
-                raise TypeError(
-                    f"{where} has dtype {t.dtype}; the state of a {q.dtype} call is {dtype} "
-                    f"(fp32 for fp32/bf16/fp16 inputs, fp64 for fp64): convert it with .to({dtype})"
-                )
-            if t.device != q.device:
-                raise ValueError(f"{where} is on {t.device} but q is on {q.device}: use .to()")
+            if (
+                not isinstance(t, Tensor)
+                or t.shape != want
+                or t.dtype != dtype
+                or t.device != device
+            ):
+                _state_tensor_error(f"{name}.{field}[{n!r}]", t, want, q, dtype)
     b, off = state.mini_batch_size, state.offset
     if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
         raise ValueError(f"{name}.mini_batch_size must be an int >= 1 or None, got {b!r}")
@@ -360,6 +342,19 @@ def check_state(state, weights: dict[str, Tensor], q: Tensor, mini_batch_size, t
             f"mini_batch_size={b}, got {mini_batch_size}"
         )
     _check_form(state, titans, name)
+
+
+def _state_tensor_error(where: str, t, want: tuple, q: Tensor, dtype: torch.dtype) -> None:
+    """Raise the error of a state tensor ``where`` whose type, shape, dtype or device is wrong."""
+    _tensor(where, t)
+    if tuple(t.shape) != want:
+        raise ValueError(f"{where} must have shape {list(want)}, got {_shape(t)}")
+    if t.dtype != dtype:
+        raise TypeError(
+            f"{where} has dtype {t.dtype}; the state of a {q.dtype} call is {dtype} "
+            f"(fp32 for fp32/bf16/fp16 inputs, fp64 for fp64): convert it with .to({dtype})"
+        )
+    raise ValueError(f"{where} is on {t.device} but q is on {q.device}: use .to()")
 
 
 def _check_form(state: TTTState, titans: bool, name: str) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ttt_cuda._ext import extension_error
@@ -100,8 +99,6 @@ class CppBackend(CudaBackend):
     def supports(self, op: str, q: Tensor, **kwargs: Any) -> str | None:
         if q.device.type != "cpu":
             return f"backend 'cpp' runs on CPU tensors, got {q.device.type} (use 'cuda')"
-        if op.endswith("_step") and torch.compiler.is_compiling():
-            return "the fused CPU step is a plain C++ call, which torch.compile does not trace"
         return _unsupported_reason(op, q, **kwargs)
 
 

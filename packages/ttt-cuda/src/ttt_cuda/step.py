@@ -46,6 +46,8 @@ def step_unsupported_reason(op: str, q: Tensor, **kwargs: Any) -> str | None:
     if q.device.type != "cpu":
         reason = mlp_unsupported_reason if op == "ttt_mlp_step" else linear_unsupported_reason
         return reason(q, **kwargs)
+    if torch.compiler.is_compiling():
+        return "the fused CPU step is a plain C++ call, which torch.compile does not trace"
     if torch.is_grad_enabled() and (names := _needing_grad(q, **kwargs)):
         return (f"{'/'.join(names)} require grad: the fused CPU step has no autograd (streaming "
                 "inference); call it under torch.no_grad() or use backend='torch' to train "
@@ -100,70 +102,68 @@ def cpu_step(
     C = extension()  # (a call needing grad was refused by step_unsupported_reason)
     acc = acc_dtype(q.dtype)
     B, H, _, D = q.shape
-    p = C.StepParams()
     q, k, v, eta = _rows(q, acc), _rows(k, acc), _rows(v, acc), _ready(eta, acc)
-    p.q, p.k, p.v, p.eta = q.data_ptr(), k.data_ptr(), v.data_ptr(), eta.data_ptr()
-    p.q_sb, p.q_sh = q.stride()[:2]
-    p.k_sb, p.k_sh = k.stride()[:2]
-    p.v_sb, p.v_sh = v.stride()[:2]
-    p.eta_sb, p.eta_sh = eta.stride()[:2]
-    m = None if momentum is None else _ready(momentum, acc)  # (B, H, 1); None: 0
-    a = None if decay is None else _ready(decay, acc)
-    if m is not None:
-        p.momentum, (p.m_sb, p.m_sh) = m.data_ptr(), m.stride()[:2]
-    if a is not None:
-        p.decay, (p.a_sb, p.a_sh) = a.data_ptr(), a.stride()[:2]
     o = torch.empty(B, H, 1, D, dtype=acc)
-    p.o = o.data_ptr()
+    fields = {"q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "eta": eta.data_ptr(),
+              "o": o.data_ptr()}  # fmt: skip
+    fields["q_sb"], fields["q_sh"] = q.stride()[:2]
+    fields["k_sb"], fields["k_sh"] = k.stride()[:2]
+    fields["v_sb"], fields["v_sh"] = v.stride()[:2]
+    fields["eta_sb"], fields["eta_sh"] = eta.stride()[:2]
+    if momentum is not None:  # (B, H, 1); absent: 0
+        m = _ready(momentum, acc)
+        fields["momentum"], (fields["m_sb"], fields["m_sh"]) = m.data_ptr(), m.stride()[:2]
+    if decay is not None:
+        a = _ready(decay, acc)
+        fields["decay"], (fields["a_sb"], fields["a_sh"]) = a.data_ptr(), a.stride()[:2]
     titans = momentum is not None or decay is not None
     threads = torch.get_num_threads()
-    new_state = run_step(p, state, acc, ln_weight, ln_bias, titans=titans,
-                         launch=lambda p: C.ttt_step_cpu(p, threads), **options)  # fmt: skip
+    new_state = run_step(fields, state, acc, ln_weight, ln_bias, titans=titans,
+                         launch=lambda step: C.ttt_step_cpu(step, threads), **options)  # fmt: skip
     return o, new_state
 
 
 def run_step(
-    p,
+    fields: dict[str, Any],
     state: TTTState,
     acc: torch.dtype,
     ln_weight: Tensor,
     ln_bias: Tensor,
     *,
     titans: bool,
-    launch: Callable[[Any], None],
+    launch: Callable[[dict[str, Any]], None],
     token_scale: str | Tensor = "mean",
     eps: float = 1e-6,
     reconstruction_target: str = "residual",
     output_residual: bool = True,
     **_: Any,
 ) -> TTTState:
-    """Sets the StepParams ``p``'s state, options and outputs from ``state`` (the token's inputs
-    and o are the caller's), runs ``launch(p)`` (the C++ call: the step, or the layer step around
-    it) and returns the next state. The tensors whose pointers ``p`` holds live here until then."""
-    C = extension()
+    """Adds the step's state, options and state outputs to ``fields`` (StepParams' fields by name,
+    ``csrc/ttt_step_cpu.h``; the token's inputs and o are the caller's), runs ``launch(fields)``
+    (the C++ call: the step, or the layer step around it) and returns the next state. The tensors
+    whose pointers ``fields`` holds live here until then."""
     P = {n: _ready(t, acc) for n, t in state.params.items()}
     completes = state.end_offset(1) == 0  # this token ends the mini-batch
-    p.B, p.H, p.D = P["W1"].shape[:3]
-    p.F = P["W1"].shape[-1] if "W2" in P else 0
-    p.float64, p.titans, p.eps = acc == torch.float64, titans, float(eps)
-    p.value_target, p.output_residual = reconstruction_target == "value", bool(output_residual)
+    W1 = P["W1"]  # (B, H, D, F)
     ln_weight, ln_bias = _ready(ln_weight, acc), _ready(ln_bias, acc)
-    p.ln_w, p.ln_b = ln_weight.data_ptr(), ln_bias.data_ptr()
-    p.params = _pointers(C, P)
     # the token's weights W, kept when they become state (Titans, or the mini-batch's end)
     W = {n: torch.empty_like(t) for n, t in P.items()} if titans or completes else None
-    p.weights_out = _pointers(C, W)
+    fields.update(B=W1.shape[0], H=W1.shape[1], D=W1.shape[2], F=W1.shape[3] if "W2" in P else 0,
+                  float64=acc == torch.float64, titans=titans, eps=float(eps),
+                  value_target=reconstruction_target == "value",
+                  output_residual=bool(output_residual), ln_w=ln_weight.data_ptr(),
+                  ln_b=ln_bias.data_ptr(), params=_pointers(P), weights_out=_pointers(W))  # fmt: skip
     if titans:  # carry: the momentum S (zeros at the start); current: C (P at a boundary)
         current = _ready_dict(state.current, acc)
-        p.current = _pointers(C, current)
+        fields["current"] = _pointers(current)
         carry = _ready_dict(state.momentum, acc)
         carry_out = {n: torch.empty_like(t) for n, t in P.items()}  # S'
     else:  # carry: grad_sum G (zeros at the start), dropped when the token ends the mini-batch
-        p.scale = float(TTTState.token_scale_at(token_scale, state.offset))
+        fields["scale"] = float(TTTState.token_scale_at(token_scale, state.offset))
         carry = _ready_dict(state.grad_sum, acc)
         carry_out = None if completes else {n: torch.empty_like(t) for n, t in P.items()}  # G'
-    p.carry, p.carry_out = _pointers(C, carry), _pointers(C, carry_out)
-    launch(p)
+    fields["carry"], fields["carry_out"] = _pointers(carry), _pointers(carry_out)
+    launch(fields)
     params = W if completes else P  # the next mini-batch starts from W
     if titans:
         return state.advance(1, params=params, momentum=carry_out, current=W)
@@ -185,6 +185,6 @@ def _rows(t: Tensor, acc: torch.dtype) -> Tensor:
     return rowmajor(t if t.dtype == acc else t.to(acc))
 
 
-def _pointers(C, d: TensorDict | None):
-    """A fast-weight dict's data pointers in layer order (W1, b1, W2, b2); absent ones 0."""
-    return C.StepWeights(*(t.data_ptr() for t in d.values())) if d is not None else C.StepWeights()
+def _pointers(d: TensorDict | None) -> tuple[int, ...]:
+    """A fast-weight dict's data pointers in layer order (W1, b1, W2, b2); () when absent."""
+    return () if d is None else tuple(t.data_ptr() for t in d.values())

@@ -93,6 +93,14 @@ class TTTRMSNorm(RMSNorm):
             raise ValueError(f"RMSNorm expects x [B, T, C], got {list(x.shape)}")
         return x * (a * torch.rsqrt(torch.mean(x * x, dim=2, keepdim=True) + self.eps))
 
+    def rms_norm_params(self, x: Tensor) -> tuple[Tensor, float] | None:
+        """(weight ``alpha`` [1, 1, C], eps) of this norm for x, for a fused step that computes it
+        itself (ttt-core's ``TTTLayer.forward(pre_norm=...)``); None when x takes Moshi's path."""
+        a = self.alpha
+        if x.dtype != a.dtype or (self.dtype is not None and self.dtype != x.dtype):
+            return None
+        return a, float(self.eps)
+
 
 def _fresh_norm(norm: nn.Module) -> nn.Module:
     """A copy of a Moshi norm module (RMSNorm / LayerNorm) with scale 1 and bias 0 (an RMSNorm
@@ -171,15 +179,20 @@ class TTTStreamingTransformerLayer(StreamingTransformerLayer):
         )
 
     def _ttt_block(self, x: Tensor) -> Tensor:
-        """x [B, T, C] -> x + gate * TTT(norm_ttt(x)), carrying the fast weights when streaming."""
-        h = self.norm_ttt(x)  # (B, T, C)
+        """x [B, T, C] -> x + gate * TTT(norm_ttt(x)), carrying the fast weights when streaming.
+
+        Streaming, the norm and the residual are handed to the TTT layer (``pre_norm``,
+        ``residual``: the same ops on its ordinary road), so that a fused single-token step
+        includes them; a whole sequence applies them here (the TTT layer's input and output are
+        then the block's, as `memory_probe`'s hooks read them)."""
         state = self._streaming_state
         if state is None:
-            y, _ = self.ttt(h)
-        else:
-            assert isinstance(state, _TTTLayerState)
-            y, state.ttt_state = self.ttt(h, state=self._start_ttt_state(state))
-        return x.to(y) + y
+            y, _ = self.ttt(self.norm_ttt(x))  # (B, T, C)
+            return x.to(y) + y
+        assert isinstance(state, _TTTLayerState)
+        y, state.ttt_state = self.ttt(x, state=self._start_ttt_state(state),
+                                      pre_norm=self.norm_ttt, residual=True)  # fmt: skip
+        return y
 
     def forward(self, x: Tensor, cross_attention_src: Tensor | None = None) -> Tensor:
         with ExitStack() as stack:
