@@ -229,22 +229,29 @@ void ttt_step_cpu(const StepParams& p, int threads) {
 namespace {
 
 // y[b, n] = bias[n] + sum_c W[n, c] x[b, c] (no bias: 0 +): x [B, cols], W [rows, cols] ->
-// y [B, rows]. Blocks of rows spread over the threads; every output is one dot in a fixed order.
+// y [B, rows]. Every output is one dot in a fixed order. The rows go in blocks over the threads;
+// a single-token step reads W cold from memory, and several streams of pages in flight read it
+// faster than one: each chain reads up to 4 blocks a quarter of the matrix apart in turns, row by
+// row (Moshi layer, dim 1024, 1 thread: the TTT block's step ~20 us faster than block by block).
 template <typename acc_t>
 void matvec_rows(int B, int rows, int cols, const acc_t* x, const acc_t* W, const acc_t* bias,
                  acc_t* y, int threads) {
   constexpr int kBlock = 64;
   const int blocks = (rows + kBlock - 1) / kBlock;
-  const double work = 2.0 * kBlock * cols * B;
-  for_each_chain<acc_t>(1, blocks, 0, threads, work, [&](acc_t*, int, int blk) {
-    const int end = std::min(rows, (blk + 1) * kBlock);
-    for (int n = blk * kBlock; n < end; ++n) {
-      const acc_t* w = W + static_cast<int64_t>(n) * cols;
-      for (int b = 0; b < B; ++b) {
-        const acc_t s = dot(cols, w, x + static_cast<int64_t>(b) * cols);
-        y[static_cast<int64_t>(b) * rows + n] = bias != nullptr ? bias[n] + s : s;
+  const int streams = std::clamp(blocks / std::max(threads, 1), 1, 4);  // blocks per chain
+  const int chains = (blocks + streams - 1) / streams;  // chain i: blocks i, i + chains, ...
+  const double work = 2.0 * streams * kBlock * cols * B;
+  for_each_chain<acc_t>(1, chains, 0, threads, work, [&](acc_t*, int, int i) {
+    for (int j = 0; j < kBlock; ++j)
+      for (int k = 0; k < streams; ++k) {
+        const int n = (i + k * chains) * kBlock + j;
+        if (n >= rows) continue;
+        const acc_t* w = W + static_cast<int64_t>(n) * cols;
+        for (int b = 0; b < B; ++b) {
+          const acc_t s = dot(cols, w, x + static_cast<int64_t>(b) * cols);
+          y[static_cast<int64_t>(b) * rows + n] = bias != nullptr ? bias[n] + s : s;
+        }
       }
-    }
   });
 }
 
