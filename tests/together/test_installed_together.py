@@ -64,3 +64,47 @@ def test_moshi_patch_and_forward():
         before = lm.forward_text(codes)[1]
         patch_lm(lm, [1], ttt_config_for(lm, mini_batch_size=4, gate_init=0.0))
         assert torch.equal(lm.forward_text(codes)[1], before)
+
+
+def test_moshi_streaming_runs_the_fused_block_step(monkeypatch):
+    """ttt-moshi beside ttt-cuda: a patched Moshi LM streaming token by token under no_grad runs
+    each TTT block's token (its RMS pre-norm, the TTT layer, the gate and the residual) as one C++
+    call, and gives the logits of one whole-sequence forward (the chunked form)."""
+    from moshi.models.lm import LMModel
+
+    import ttt_cuda.backend
+    from ttt_moshi import TTTStreamingTransformerLayer, patch_lm, ttt_config_for
+
+    calls = [0]
+    real = ttt_cuda.backend.layer_step
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ttt_cuda.backend, "layer_step", counted)
+    torch.manual_seed(0)
+    lm = LMModel(
+        delays=[0], n_q=0, dep_q=0, card=16, text_card=32, dim=32, num_heads=4, num_layers=2,
+        hidden_scale=2, causal=True, context=16, gating="silu", norm="rms_norm_f32",
+        positional_embedding="rope",
+    ).eval()  # fmt: skip
+    patch_lm(lm, [0, 1], ttt_config_for(lm, mini_batch_size=4, gate_init=0.5))
+    with torch.no_grad():
+        for layer in lm.transformer.layers:  # a norm weight off 1, so that it is read
+            layer.norm_ttt.alpha.mul_(1.0 + 0.3 * torch.randn_like(layer.norm_ttt.alpha))
+    codes = torch.randint(0, 32, (2, 1, 11))
+    with torch.no_grad():
+        _, full = lm.forward_text(codes)  # (B, 1, T, Vt)
+        outs = []
+        with lm.streaming(2):
+            for t in range(11):
+                outs.append(lm.forward_text(codes[:, :, t : t + 1])[1])
+    assert calls[0] == 2 * 11  # two TTT layers, every token fused
+    torch.testing.assert_close(torch.cat(outs, dim=2), full, atol=2e-5, rtol=0)
+    with torch.no_grad():  # the TTT blocks' share is far above that tolerance
+        for layer in lm.transformer.layers:
+            assert isinstance(layer, TTTStreamingTransformerLayer)
+            layer.ttt.gate_alpha.zero_()
+        _, no_ttt = lm.forward_text(codes)
+    assert (no_ttt - full).abs().max() > 100 * 2e-5
