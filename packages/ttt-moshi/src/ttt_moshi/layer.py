@@ -85,21 +85,22 @@ class TTTRMSNorm(RMSNorm):
     Moshi's path.
     """
 
+    def _takes_moshis_path(self, x: Tensor) -> bool:
+        """x's dtype differs from the norm's compute dtype (Moshi's casts then apply)."""
+        return x.dtype != self.alpha.dtype or (self.dtype is not None and self.dtype != x.dtype)
+
     def forward(self, x: Tensor) -> Tensor:
-        a = self.alpha
-        if x.dtype != a.dtype or (self.dtype is not None and self.dtype != x.dtype):
+        if self._takes_moshis_path(x):
             return super().forward(x)
         if x.dim() != 3:
             raise ValueError(f"RMSNorm expects x [B, T, C], got {list(x.shape)}")
+        a = self.alpha
         return x * (a * torch.rsqrt(torch.mean(x * x, dim=2, keepdim=True) + self.eps))
 
     def rms_norm_params(self, x: Tensor) -> tuple[Tensor, float] | None:
         """(weight ``alpha`` [1, 1, C], eps) of this norm for x, for a fused step that computes it
         itself (ttt-core's ``TTTLayer.forward(pre_norm=...)``); None when x takes Moshi's path."""
-        a = self.alpha
-        if x.dtype != a.dtype or (self.dtype is not None and self.dtype != x.dtype):
-            return None
-        return a, float(self.eps)
+        return None if self._takes_moshis_path(x) else (self.alpha, float(self.eps))
 
 
 def _fresh_norm(norm: nn.Module) -> nn.Module:
