@@ -15,9 +15,9 @@ than fp32/fp64, autocast, an option it does not fuse (the gelu gate, q/k L2 norm
 target), a fast model of the user's own, a pre-norm other than an RMS norm, a traced call.
 
 The pre-norm is fused when it is a ``torch.nn.RMSNorm`` over C, or a module that states its RMS
-norm for this x through ``rms_norm_params(x) -> (weight or None, eps)`` (a weight of C elements,
-e.g. [C] or [1, 1, C]; None: not for this x;
-e.g. ttt-moshi's ``TTTRMSNorm``): its forward must then compute ``x * rsqrt(mean(x^2) + eps) *
+norm for this x through ``rms_norm_params(x) -> (weight or None, eps)``, or None when it does not
+compute one for this x (ttt-moshi's ``TTTRMSNorm`` does: its weight ``alpha`` [1, 1, C]; any
+weight of C elements works). Its forward must then compute ``x * rsqrt(mean(x^2) + eps) *
 weight`` over the last dim.
 """
 
@@ -121,7 +121,7 @@ def layer_step(layer, x: Tensor, *, state: TTTState, pre_norm=None, residual: bo
         if weight is not None:
             t["pre_w"] = _ready(weight, x.dtype)  # C elements
     B = x.shape[0]
-    x = _ready(x, x.dtype)  # (B, 1, C) contiguous: the C++ call reads it as (B, C)
+    x = x.contiguous()  # (B, 1, C): the C++ call reads it as (B, C)
     y = torch.empty(B, 1, c.hidden_size, dtype=x.dtype)
     fields = {n: v.data_ptr() for n, v in t.items()}  # LayerStepParams' fields by name
     fields.update(C=c.hidden_size, n_rates=3 if c.titans else 1, eta_scale=c.base_lr / c.head_dim,
