@@ -7,6 +7,7 @@ A short smoke run, not the packages' own tests (their sessions run those, one ve
 from __future__ import annotations
 
 import importlib.metadata as md
+from unittest import mock
 
 import pytest
 import torch
@@ -47,18 +48,24 @@ def test_integration_imports(package):
     assert module.__all__
 
 
-def test_moshi_patch_and_forward():
+def _small_moshi_lm():
+    """A 2-layer Moshi text LM (dim 32, RMSNorm f32, attention window 16), seeded, in eval mode."""
     from moshi.models.lm import LMModel
-    from moshi.utils.compile import no_compile
-
-    from ttt_moshi import patch_lm, ttt_config_for
 
     torch.manual_seed(0)
-    lm = LMModel(
+    return LMModel(
         delays=[0], n_q=0, dep_q=0, card=16, text_card=32, dim=32, num_heads=4, num_layers=2,
         hidden_scale=2, causal=True, context=16, gating="silu", norm="rms_norm_f32",
         positional_embedding="rope",
     ).eval()  # fmt: skip
+
+
+def test_moshi_patch_and_forward():
+    from moshi.utils.compile import no_compile
+
+    from ttt_moshi import patch_lm, ttt_config_for
+
+    lm = _small_moshi_lm()
     codes = torch.randint(0, 32, (1, 1, 9))
     with torch.no_grad(), no_compile():
         before = lm.forward_text(codes)[1]
@@ -66,29 +73,15 @@ def test_moshi_patch_and_forward():
         assert torch.equal(lm.forward_text(codes)[1], before)
 
 
-def test_moshi_streaming_runs_the_fused_block_step(monkeypatch):
+def test_moshi_streaming_runs_the_fused_block_step():
     """ttt-moshi beside ttt-cuda: a patched Moshi LM streaming token by token under no_grad runs
     each TTT block's token (its RMS pre-norm, the TTT layer, the gate and the residual) as one C++
     call, and gives the logits of one whole-sequence forward (the chunked form)."""
-    from moshi.models.lm import LMModel
-
     import ttt_cuda.backend
     from ttt_moshi import TTTStreamingTransformerLayer, patch_lm, ttt_config_for
 
-    calls = [0]
-    real = ttt_cuda.backend.layer_step
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ttt_cuda.backend, "layer_step", counted)
-    torch.manual_seed(0)
-    lm = LMModel(
-        delays=[0], n_q=0, dep_q=0, card=16, text_card=32, dim=32, num_heads=4, num_layers=2,
-        hidden_scale=2, causal=True, context=16, gating="silu", norm="rms_norm_f32",
-        positional_embedding="rope",
-    ).eval()  # fmt: skip
+    fused = mock.patch.object(ttt_cuda.backend, "layer_step", wraps=ttt_cuda.backend.layer_step)
+    lm = _small_moshi_lm()
     patch_lm(lm, [0, 1], ttt_config_for(lm, mini_batch_size=4, gate_init=0.5))
     with torch.no_grad():
         for layer in lm.transformer.layers:  # a norm weight off 1, so that it is read
@@ -97,10 +90,10 @@ def test_moshi_streaming_runs_the_fused_block_step(monkeypatch):
     with torch.no_grad():
         _, full = lm.forward_text(codes)  # (B, 1, T, Vt)
         outs = []
-        with lm.streaming(2):
+        with lm.streaming(2), fused as calls:
             for t in range(11):
                 outs.append(lm.forward_text(codes[:, :, t : t + 1])[1])
-    assert calls[0] == 2 * 11  # two TTT layers, every token fused
+    assert calls.call_count == 2 * 11  # two TTT layers, every token fused
     torch.testing.assert_close(torch.cat(outs, dim=2), full, atol=2e-5, rtol=0)
     with torch.no_grad():  # the TTT blocks' share is far above that tolerance
         for layer in lm.transformer.layers:
