@@ -252,7 +252,7 @@ def main() -> None:
     plan = [
         (op, L, n) for op in args.ops for L in lengths for n in impls[op] if n != "torch-compile"
     ]
-    plan += [(op, L, "torch-compile") for op in args.ops for L in lengths]
+    plan += [(op, L, "torch-compile") for L in lengths for op in args.ops]  # the short L first
     for op, L, impl_name in plan:
         row = {"op": op, "L": L, "impl": impl_name}
         elapsed = time.monotonic() - t0

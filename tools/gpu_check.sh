@@ -36,6 +36,7 @@ BUILD_S=${TTT_CHECK_BUILD_S:-300}  # the build's own limit (16 cores: ~2-3 min f
 ONLY=${TTT_CHECK_ONLY:-}           # e.g. "env install build bench": run only these steps
 TMPD=${TTT_CHECK_TMP:-/tmp/ttt_check}
 WHEELS=${TTT_WHEELS:-$ROOT/tools/wheels}
+PREBUILT=${TTT_PREBUILT:-$ROOT/tools/prebuilt}  # optional: ttt_cuda-*.whl built for this GPU
 SITE_PURE=$TMPD/site_pure  # ttt-core + integrations + carried wheels
 SITE_CUDA=$TMPD/site_cuda  # ttt-cuda (built here)
 T0=$(date +%s)
@@ -44,7 +45,7 @@ SUMMARY=$OUT/summary.txt
 rm -rf "$TMPD" && mkdir -p "$SITE_PURE" "$SITE_CUDA"
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
-export OUT ROOT PY TMPD WHEELS SITE_PURE SITE_CUDA
+export OUT ROOT PY TMPD WHEELS PREBUILT SITE_PURE SITE_CUDA
 
 log() { echo "[gpu_check +$(($(date +%s) - T0))s] $*"; }
 left() { echo $((BUDGET - ($(date +%s) - T0))); }
@@ -93,11 +94,13 @@ run_step() {
 skip_step() { record "$1" "SKIPPED: $2" 0; }
 
 # pytest_args NAME [PER_TEST_S]: the workspace config, JUnit XML, -v (a step stopped by its time
-# limit writes no XML: its log still names every test it finished), a per-test limit if available.
+# limit writes no XML: its log still names every test it finished), a per-test limit if available,
+# pytest-benchmark off (the image has it; beside xdist it warns, and our warnings are errors).
 pytest_args() {
   local extra=()
   "$PY" -c "import pytest_timeout" 2>/dev/null && extra=(--timeout="${2:-150}")
-  echo -c pyproject.toml --rootdir . -p no:cacheprovider -v --junitxml="$OUT/$1.xml" "${extra[@]}"
+  echo -c pyproject.toml --rootdir . -p no:cacheprovider -p no:benchmark -v \
+    --junitxml="$OUT/$1.xml" "${extra[@]}"
 }
 
 # ---- env ------------------------------------------------------------------------------------
@@ -121,9 +124,9 @@ EOF
 }
 export -f env_report
 run_step env 60 env_report
-CC=$("$PY" -c "import torch; c = torch.cuda.get_device_capability(0) if torch.cuda.is_available() else None; print(f'{c[0]}{c[1]}' if c else '')" 2>/dev/null)
-export CC
-if [ -n "$CC" ]; then log "GPU: compute capability $CC"; else log "no GPU: device steps are skipped"; fi
+GPU_CC=$("$PY" -c "import torch; c = torch.cuda.get_device_capability(0) if torch.cuda.is_available() else None; print(f'{c[0]}{c[1]}' if c else '')" 2>/dev/null)
+export GPU_CC  # not CC: that names the C compiler to inductor and Triton
+if [ -n "$GPU_CC" ]; then log "GPU: compute capability $GPU_CC"; else log "no GPU: device steps are skipped"; fi
 
 # ---- install (offline) ------------------------------------------------------------------------
 install_pure() {
@@ -143,13 +146,32 @@ run_step install 120 install_pure
 export PYTHONPATH=$SITE_PURE${PYTHONPATH:+:$PYTHONPATH}
 
 # ---- build ttt-cuda (background) while the packages' device tests run -------------------------
-if [ -n "$CC" ]; then  # exported: ttt-cuda's tests check the build carries these architectures
-  export TTT_ENABLE_CUDA=ON TTT_CUDA_ARCHITECTURES="${CC}-real"
+if [ -n "$GPU_CC" ]; then  # exported: ttt-cuda's tests check the build carries these architectures
+  export TTT_ENABLE_CUDA=ON TTT_CUDA_ARCHITECTURES="${GPU_CC}-real"
 else
   export TTT_ENABLE_CUDA=OFF  # the CPU build: what a machine without a GPU can check
 fi
 build_cuda() {
   echo "TTT_ENABLE_CUDA=$TTT_ENABLE_CUDA TTT_CUDA_ARCHITECTURES=${TTT_CUDA_ARCHITECTURES:-}"
+  # A wheel built beforehand for this Python and this GPU's architecture (tools/prebuilt/, see
+  # tools/build_cuda_wheel.sh) saves the build's minutes; it must import and carry sm_<cc>,
+  # else the script builds from source as usual.
+  local tag whl
+  tag=$("$PY" -c "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')")
+  whl=$(compgen -G "$PREBUILT/ttt_cuda-*-$tag-*.whl" | head -1)
+  if [ -n "$GPU_CC" ] && [ -n "$whl" ]; then
+    echo "prebuilt wheel: $whl"
+    if "$PY" -m pip install --no-deps --no-compile --target "$SITE_CUDA" "$whl" &&
+      PYTHONPATH=$SITE_CUDA${PYTHONPATH:+:$PYTHONPATH} "$PY" -c "
+import ttt_cuda._C as C
+assert C.WITH_CUDA, 'built without CUDA'
+assert '$GPU_CC' in C.CUDA_ARCHITECTURES, C.CUDA_ARCHITECTURES
+print('prebuilt ttt-cuda imports; architectures', C.CUDA_ARCHITECTURES)"; then
+      return 0
+    fi
+    echo "prebuilt wheel unusable here: building from source"
+    rm -rf "${SITE_CUDA:?}"/*
+  fi
   CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$PY" -m pip install -v --no-deps --no-build-isolation \
     --no-compile --target "$SITE_CUDA" -Cbuild-dir="$TMPD/build" ./packages/ttt-cuda
 }
@@ -157,14 +179,19 @@ export -f build_cuda pytest_args
 run_step build "$BUILD_S" build_cuda &
 BUILD_PID=$!
 
-package_tests() {  # NAME DIR: that package's tests on the device (the switch)
-  OMP_NUM_THREADS=2 TTT_TEST_DEVICE=cuda TTT_REQUIRE_GPU=1 "$PY" -m pytest $(pytest_args "$1") "$2"
+package_tests() {  # NAME DIR [WORKERS]: that package's tests on the device (the switch)
+  local par=()
+  [ "${3:-1}" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null && par=(-n "$3")
+  OMP_NUM_THREADS=2 TTT_TEST_DEVICE=cuda TTT_REQUIRE_GPU=1 "$PY" -m pytest $(pytest_args "$1") \
+    "${par[@]}" "$2"
 }
 export -f package_tests
 PKG_PIDS=()
 for pkg in core gemma titans moshi; do
-  if [ -n "$CC" ]; then
-    run_step "$pkg" 240 package_tests "$pkg" "packages/ttt-$pkg/tests" &
+  if [ -n "$GPU_CC" ]; then
+    workers=1
+    [ "$pkg" = core ] && workers=4  # the longest (~140 s alone): four pytest-xdist workers
+    run_step "$pkg" 240 package_tests "$pkg" "packages/ttt-$pkg/tests" "$workers" &
   else  # no GPU: the switch must skip every test with its reason (checked by the dry run)
     run_step "$pkg" 240 env TTT_TEST_DEVICE=cuda "$PY" -m pytest $(pytest_args "$pkg") -rs \
       "packages/ttt-$pkg/tests" &
@@ -179,7 +206,7 @@ log "ttt-cuda built with CUDA: $BUILT"
 # ---- ttt-cuda's tests (launch-blocking) beside the sanitizer runs ------------------------------
 cuda_tests() {
   local require=0
-  [ -n "$CC" ] && require=1
+  [ -n "$GPU_CC" ] && require=1
   local t=packages/ttt-cuda/tests  # the device tests + the build's registration (CI runs the rest)
   CUDA_LAUNCH_BLOCKING=1 TTT_REQUIRE_GPU=$require "$PY" -m pytest $(pytest_args cuda) -rs \
     $t/test_gpu.py $t/test_gpu_mlp.py $t/test_gpu_titans.py $t/test_registration.py

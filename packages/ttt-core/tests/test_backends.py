@@ -8,6 +8,7 @@ from importlib.metadata import EntryPoint
 import pytest
 import torch
 from conftest import call, make_inputs
+from ttt_test_device import DEVICE
 
 from ttt_core import available_backends, register_backend
 from ttt_core.backends import resolve, unregister_backend
@@ -25,10 +26,11 @@ def only_the_tests_backends(monkeypatch):
 
 
 class RecordingBackend:
-    """A backend that serves CPU tensors by delegating to the torch backend and counting calls."""
+    """A backend that serves the tests' device (CPU, or CUDA under the device switch) by delegating
+    to the torch backend and counting calls."""
 
     name = "recording"
-    device_types = ("cpu",)
+    device_types = (DEVICE,)
 
     def __init__(self, max_len):
         self.max_len, self.calls = max_len, 0
@@ -177,7 +179,7 @@ def test_a_backend_may_fall_back_without_warning(recording):
 
 
 def test_auto_ignores_backends_for_other_devices(recording):
-    recording.device_types = ("cuda",)
+    recording.device_types = ("cuda",) if DEVICE == "cpu" else ("cpu",)
     x, *_ = make_inputs("linear", L=4)
     assert resolve("auto", "ttt_linear", x["q"]) == "torch"
 

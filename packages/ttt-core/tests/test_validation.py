@@ -47,8 +47,12 @@ def _args(x, w, ln):
             r"ln_weight must have shape \[H=3, D=4\]",
         ),
         (lambda a: a.__setitem__(0, a[0].long()), TypeError, "q must be a floating-point tensor"),
-        (lambda a: a.__setitem__(3, a[3].numpy()), TypeError, "eta must be a torch.Tensor"),
-        (lambda a: a.__setitem__(1, a[1].to("meta")), ValueError, "k is on meta but q is on cpu"),
+        (lambda a: a.__setitem__(3, a[3].cpu().numpy()), TypeError, "eta must be a torch.Tensor"),
+        (
+            lambda a: a.__setitem__(1, a[1].to("meta")),
+            ValueError,
+            "k is on meta but q is on (cpu|cuda)",
+        ),
         (lambda a: a.__setitem__(0, a[0][:, :, :0]), ValueError, "at least one token"),
     ],
     ids=[

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import make_lm, random_codes
 from moshi.models.lm import LMGen
+from moshi.utils.compile import no_cuda_graph
 
 from ttt_moshi import TTTStreamingTransformerLayer, patch_lm, ttt_config_for
 
@@ -86,7 +87,7 @@ def test_lmgen_steps_match_one_transformer_pass():
 
     h = lm.transformer.register_forward_hook(record)
     gen = LMGen(lm, use_sampling=False)
-    with torch.no_grad(), gen.streaming(2):
+    with torch.no_grad(), gen.streaming(2), no_cuda_graph():  # graphs: see the next test
         for _ in range(13):
             gen.step(torch.zeros(2, 0, 1, dtype=torch.long))
     h.remove()
@@ -94,6 +95,17 @@ def test_lmgen_steps_match_one_transformer_pass():
     with torch.no_grad():
         full = lm.transformer(x)
     torch.testing.assert_close(torch.cat(outputs, dim=1), full, atol=ATOL, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="LMGen captures CUDA graphs on CUDA only")
+def test_lmgen_cuda_graph_capture_is_refused_with_the_way_out():
+    """On CUDA, LMGen captures its step in a CUDA graph, which would replay one token's TTT update
+    for every later token: the capture is refused, naming the switch that turns graphs off."""
+    lm = _patched(mbs=4).cuda()
+    gen = LMGen(lm, use_sampling=False)
+    with torch.no_grad(), gen.streaming(1), pytest.raises(RuntimeError, match="NO_CUDA_GRAPH=1"):
+        for _ in range(3):  # the first step runs eagerly (warm-up), the second is captured
+            gen.step(torch.zeros(1, 0, 1, dtype=torch.long, device="cuda"))
 
 
 def test_reset_streaming_makes_sequences_independent():

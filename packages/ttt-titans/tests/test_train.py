@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from ttt_titans.cli import main
-from ttt_titans.train import Runner
+from ttt_titans.train import Runner, _loader_order
 
 
 @pytest.mark.parametrize(
@@ -155,3 +156,18 @@ def test_resume_mid_pretraining_matches_uninterrupted(tiny_cfg, tmp_path, mode, 
     assert a.history.val_loss == b.history.val_loss
     for (n, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert torch.equal(x, y), n
+
+
+@pytest.mark.parametrize("n, batch_size, shuffle", [(37, 8, True), (16, 4, True), (10, 3, False)])
+def test_batch_order_is_the_data_loaders_whatever_the_default_device(n, batch_size, shuffle):
+    """Pretraining batches come in DataLoader(shuffle, generator)'s order, drawn on the CPU even
+    where a user made another device the default (DataLoader itself then refuses its CPU
+    generator; "meta" stands in for CUDA here)."""
+    want = [
+        b.tolist()
+        for b in DataLoader(list(range(n)), batch_size=batch_size, shuffle=shuffle,
+                            generator=torch.Generator().manual_seed(5))
+    ]  # fmt: skip
+    with torch.device("meta"):
+        got = _loader_order(n, batch_size, shuffle, torch.Generator().manual_seed(5))
+    assert got == want

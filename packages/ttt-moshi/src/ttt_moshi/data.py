@@ -191,8 +191,13 @@ class TokenShards:
         g = torch.Generator().manual_seed(seed)
         per_epoch = len(self) // batch_size
         epoch = 0
+        n, cpu = len(self), torch.device("cpu")  # the windows' device, whatever the default device
         while epochs is None or epoch < epochs:
-            order = torch.randperm(len(self), generator=g) if shuffle else torch.arange(len(self))
+            order = (
+                torch.randperm(n, generator=g, device=cpu)
+                if shuffle
+                else torch.arange(n, device=cpu)
+            )
             for b in range(per_epoch):
                 if epoch * per_epoch + b >= start:
                     yield self.windows[order[b * batch_size : (b + 1) * batch_size]]

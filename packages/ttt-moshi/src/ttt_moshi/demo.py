@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             assert trainer.eval_data is not None
             g = torch.Generator().manual_seed(123)
             n_eval = len(trainer.eval_data) if args.eval_windows <= 0 else args.eval_windows
-            idx = torch.randperm(len(trainer.eval_data), generator=g)[:n_eval]
+            idx = torch.randperm(len(trainer.eval_data), generator=g, device="cpu")[:n_eval]
             eval_windows = trainer.eval_data.windows[idx]  # (N, 1, T)
         t0 = time.perf_counter()
         token_loss = text_token_losses(trainer.lm, eval_windows)  # (N, T): text only

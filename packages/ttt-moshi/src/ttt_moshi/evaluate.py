@@ -47,8 +47,8 @@ def per_position_loss(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     was_training = lm.training
     lm.eval()
-    total = torch.zeros(windows.shape[-1], dtype=torch.float64)
-    count = torch.zeros(windows.shape[-1], dtype=torch.float64)
+    total = torch.zeros(windows.shape[-1], dtype=torch.float64, device="cpu")  # host-side sums
+    count = torch.zeros(windows.shape[-1], dtype=torch.float64, device="cpu")
     starts = range(0, windows.shape[0], batch_size)
     for s in tqdm(starts, desc="eval", disable=not progress, leave=False):
         sums, n = token_losses(lm, windows[s : s + batch_size]).per_position()
@@ -94,7 +94,7 @@ def streaming_per_position_loss(
         delayed[:, :, 1:],
     )  # targets[:, k, s] = codes[:, k, s - d_k]
     n_cb = 1 + (lm.dep_q if lm.depformer is not None else 0)  # text + depformer codebooks
-    ce = torch.zeros(B, n_cb, T, dtype=torch.float64)  # on the delayed axis
+    ce = torch.zeros(B, n_cb, T, dtype=torch.float64, device=codes.device)  # on the delayed axis
     with ExitStack() as stack:
         if codes.device.type != "cuda":
             stack.enter_context(no_compile())
@@ -111,8 +111,9 @@ def streaming_per_position_loss(
             if on_step is not None:
                 on_step(min(s + chunk, T))
     lm.train(was_training)
-    sums = torch.zeros(T, dtype=torch.float64)
-    counts = torch.zeros(T, dtype=torch.float64)
+    ce, codes = ce.cpu(), codes.cpu()  # the sums below are returned as numpy arrays
+    sums = torch.zeros(T, dtype=torch.float64, device="cpu")
+    counts = torch.zeros(T, dtype=torch.float64, device="cpu")
     for k in range(n_cb):
         cb = 0 if k == 0 else lm.audio_offset + k - 1  # codebook index in codes
         d = lm.delays[cb]

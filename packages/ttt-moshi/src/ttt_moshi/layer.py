@@ -75,6 +75,16 @@ class _TTTLayerState(_LayerState):
         super().set_exec_mask(exec_mask)
 
 
+# The streaming TTT state advances in Python (a new `TTTState` per call, its mini-batch offset a
+# Python int), so a CUDA graph captured over a step would replay the captured token's update for
+# every later token. Moshi's `LMGen` captures its step on CUDA unless told not to.
+_NO_GRAPH_CAPTURE = (
+    "a TTT layer's streaming step cannot be captured in a CUDA graph (its fast-weight state "
+    "advances outside the graph); run Moshi's LMGen with CUDA graphs off: "
+    "`with moshi.utils.compile.no_cuda_graph(): ...` or the environment variable NO_CUDA_GRAPH=1"
+)
+
+
 class TTTRMSNorm(RMSNorm):
     """Moshi's `RMSNorm` (same parameter ``alpha`` [1, 1, C], same result) in fewer ops.
 
@@ -191,6 +201,8 @@ class TTTStreamingTransformerLayer(StreamingTransformerLayer):
             y, _ = self.ttt(self.norm_ttt(x))  # (B, T, C)
             return x.to(y) + y
         assert isinstance(state, _TTTLayerState)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(_NO_GRAPH_CAPTURE)
         y, state.ttt_state = self.ttt(x, state=self._start_ttt_state(state),
                                       pre_norm=self.norm_ttt, residual=True)  # fmt: skip
         return y

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ttt_core import TTTState
@@ -119,7 +118,9 @@ class Runner:
                 yield torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
             return
         g = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.epoch)
-        yield from DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g)
+        for idx in _loader_order(len(ds), batch_size, shuffle, g):
+            items = [ds[i] for i in idx]
+            yield torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
 
     def _n_batches(self, ds: WindowDataset, batch_size: int) -> int:
         if self.streaming:
@@ -349,3 +350,16 @@ class Runner:
         "config", "model", "opt", "phase", "epoch", "online_step", "best_val", "bad_epochs",
         "best_state", "mem_state", "history", "rng",
     )  # fmt: skip
+
+
+def _loader_order(n: int, batch_size: int, shuffle: bool, g: torch.Generator) -> list[list[int]]:
+    """The window indices of each batch, in the order ``DataLoader(ds, batch_size, shuffle,
+    generator=g)`` gives them (it draws one int64 from ``g`` for its worker seed, then
+    ``randperm(n)``), drawn on the CPU whatever torch's default device is (DataLoader draws on
+    the default device, which refuses a CPU generator when a user made CUDA the default)."""
+    if shuffle:
+        torch.empty((), dtype=torch.int64, device="cpu").random_(generator=g)
+        order = torch.randperm(n, generator=g, device="cpu").tolist()
+    else:
+        order = list(range(n))
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
