@@ -66,7 +66,7 @@ SHARED_CASES = [("linear", 64, 16, 20, "torch.float32"), ("titans", 64, 16, 20, 
 
 def _script(cases) -> str:
     listed = ", ".join(f"({op!r}, {D}, {b}, {L}, {dt})" for op, D, b, L, dt in cases)
-    return f"CASES = [{listed}]\n" + _SCRIPT
+    return f"import torch\nCASES = [{listed}]\n" + _SCRIPT  # the dtypes name torch
 
 
 @pytest.mark.parametrize("op", list(MEMCHECK_CASES))

@@ -1,5 +1,7 @@
 """The real prefix: PaliGemma on transformers' modules, openpi's image preprocessing and prompt."""
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -39,7 +41,9 @@ def test_prefix_kv_equals_transformers_gemma_model_with_a_cache():
     assert pad.all() and embs.shape[1] == 2 * (PREFIX.image_size // PREFIX.patch_size) ** 2 + 5
     lm = prefix.paligemma.model.language_model
     cache = DynamicCache(config=lm.config)
-    lm(inputs_embeds=embs, cache=cache, use_cache=True)
+    # the cache argument's name: `cache` in recent transformers 5.x, `past_key_values` before
+    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    lm(inputs_embeds=embs, use_cache=True, **{name: cache})
     for i in range(PREFIX.depth):
         torch.testing.assert_close(kv.keys[i], cache.layers[i].keys, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(kv.values[i], cache.layers[i].values, rtol=1e-5, atol=1e-5)

@@ -39,7 +39,7 @@ def test_preprocessing_matches_openpi_resize_with_pad(shape):
     # openpi's box: int(H / ratio) x int(W / ratio) at ((28 - h) // 2, (28 - w) // 2); black outside
     ratio = max(shape[1] / 28, shape[0] / 28)
     h, w = int(shape[0] / ratio), int(shape[1] / ratio)
-    box = torch.zeros(28, 28, dtype=torch.bool)
+    box = torch.zeros(28, 28, dtype=torch.bool, device="cpu")  # beside ours (CPU images)
     box[(28 - h) // 2 : (28 - h) // 2 + h, (28 - w) // 2 : (28 - w) // 2 + w] = True
     assert torch.equal(ours[~box], torch.full_like(ours[~box], -1.0))
     assert (ours[box] > -1).any(-1).all()  # every pixel of the box is image (none is all black)

@@ -58,8 +58,8 @@ def test_streaming_evaluation_equals_the_full_sequence():
     with torch.no_grad():
         ref_sums, ref_n = token_losses(lm.eval(), codes).per_position()
     sums, n = streaming_per_position_loss(lm, codes)
-    np.testing.assert_array_equal(n, ref_n.numpy())
-    np.testing.assert_allclose(sums, ref_sums.double().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(n, ref_n.cpu().numpy())
+    np.testing.assert_allclose(sums, ref_sums.double().cpu().numpy(), rtol=1e-5, atol=1e-6)
 
 
 def _state_bytes(lm) -> int:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from conftest import TINY_KWARGS, random_codes
 
@@ -27,6 +28,10 @@ def _lines(path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.endswith("}")]
 
 
+@pytest.mark.cpu_only(
+    "the killed runs are subprocesses (on the CPU: the device switch does not reach them), "
+    "compared with a reference run in this process"
+)
 def test_kill_9_loop_resumes_exactly(tmp_path):
     shard = save_shard(tmp_path / "train.npz", random_codes(6, 40, seed=5))
     cfg = {

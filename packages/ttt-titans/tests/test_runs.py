@@ -130,6 +130,10 @@ def test_truncated_checkpoint_names_the_file(tmp_path, tiny_overrides, capsys):
     assert "checkpoint.pt' is truncated or corrupt" in capsys.readouterr().err
 
 
+@pytest.mark.cpu_only(
+    "a run killed in a subprocess (on the CPU: the device switch does not reach it) is resumed in "
+    "this process and compared with a run here"
+)
 def test_kill_during_a_checkpoint_write_then_resume(tmp_path, tiny_overrides):
     """SIGKILL while the second checkpoint is written (temp file complete, not yet renamed):
     --resume sweeps the orphan temp file and finishes exactly as an uninterrupted run."""

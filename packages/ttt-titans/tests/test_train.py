@@ -163,11 +163,12 @@ def test_batch_order_is_the_data_loaders_whatever_the_default_device(n, batch_si
     """Pretraining batches come in DataLoader(shuffle, generator)'s order, drawn on the CPU even
     where a user made another device the default (DataLoader itself then refuses its CPU
     generator; "meta" stands in for CUDA here)."""
-    want = [
-        b.tolist()
-        for b in DataLoader(list(range(n)), batch_size=batch_size, shuffle=shuffle,
-                            generator=torch.Generator().manual_seed(5))
-    ]  # fmt: skip
+    with torch.device("cpu"):  # DataLoader draws on the default device (the switch's: CUDA)
+        want = [
+            b.tolist()
+            for b in DataLoader(list(range(n)), batch_size=batch_size, shuffle=shuffle,
+                                generator=torch.Generator().manual_seed(5))
+        ]  # fmt: skip
     with torch.device("meta"):
         got = _loader_order(n, batch_size, shuffle, torch.Generator().manual_seed(5))
     assert got == want

@@ -122,9 +122,9 @@ class Evaluator:
                                       self.norms[True][0].normalize(test.states), tokenizer,
                                       PROMPT_TOKENS, VLM["image_size"])  # fmt: skip
         gen = torch.Generator().manual_seed(seed)
-        self.noise = torch.randn(actions.shape, generator=gen)
-        self.t = flow_time(actions.shape[0], beta, generator=gen)
-        self.start = torch.randn(actions.shape, generator=gen)
+        self.noise = torch.randn(actions.shape, generator=gen, device="cpu")
+        self.t = flow_time(actions.shape[0], beta, device="cpu", generator=gen)
+        self.start = torch.randn(actions.shape, generator=gen, device="cpu")
 
     def live(self, obs: np.ndarray, whole: bool) -> tuple:
         """A policy's inputs for simulator observations [N, 10] (the camera rendered live)."""
@@ -161,7 +161,7 @@ def ttt_gate_magnitude(model) -> float | None:
     from .layer import TTTBranch
 
     policy, c = model.policy, model.policy.config
-    t = torch.linspace(0.001, 1.0, 11)
+    t = torch.linspace(0.001, 1.0, 11, device=next(policy.parameters()).device)
     cond = policy.time_condition(sincos_time_embedding(t, c.width, c.min_period, c.max_period))
     gates = [m.norm.dense(cond)[:, 2 * c.width :].abs().mean()  # the gate third of [scale, shift, gate]
              for m in policy.modules() if isinstance(m, TTTBranch) and m.norm.dense is not None]  # fmt: skip

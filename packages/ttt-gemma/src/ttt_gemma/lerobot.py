@@ -67,7 +67,7 @@ class Normalizer:
         if mode not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {mode!r}")
         if mode == "none":
-            return cls(mode, torch.zeros(dim), torch.ones(dim))
+            return cls(mode, torch.zeros(dim, device="cpu"), torch.ones(dim, device="cpu"))
         need = ("mean", "std") if mode == "zscore" else ("q01", "q99")
         entry = stats.get(key)
         if not isinstance(entry, dict) or any(n not in entry for n in need):
@@ -76,7 +76,7 @@ class Normalizer:
                 f"{sorted(entry) if isinstance(entry, dict) else None}"
                 + ("; use normalization: zscore" if mode == "quantile" else "")
             )
-        a, b = (torch.tensor(np.asarray(entry[n], dtype=np.float64).reshape(-1)) for n in need)
+        a, b = (torch.from_numpy(np.asarray(entry[n], dtype=np.float64).reshape(-1)) for n in need)
         if (
             a.shape != (dim,)
             or b.shape != (dim,)
@@ -92,12 +92,13 @@ class Normalizer:
 
     def normalize(self, x: Tensor) -> Tensor:
         """x [..., F] -> normalised [..., F] (quantile: shifted by one more, to [-1, 1])."""
-        y = (x - self.offset) / self.scale
+        y = (x - self.offset.to(x.device)) / self.scale.to(x.device)
         return y - 1.0 if self.mode == "quantile" else y
 
     def unnormalize(self, y: Tensor) -> Tensor:
         """The inverse of :meth:`normalize`."""
-        return ((y + 1.0) if self.mode == "quantile" else y) * self.scale + self.offset
+        offset, scale = self.offset.to(y.device), self.scale.to(y.device)
+        return ((y + 1.0) if self.mode == "quantile" else y) * scale + offset
 
 
 @dataclass
@@ -137,7 +138,7 @@ class LeRobotFrames:
         """Frames t with t + horizon within their episode: [M] long (a sample's state frame)."""
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
-        starts = [torch.arange(int(s), int(s) + int(n) - horizon + 1)
+        starts = [torch.arange(int(s), int(s) + int(n) - horizon + 1, device="cpu")
                   for s, n in zip(self.episode_starts, self.episode_lengths) if n >= horizon]  # fmt: skip
         if not starts:
             longest = int(self.episode_lengths.max())
@@ -146,7 +147,7 @@ class LeRobotFrames:
 
     def chunks(self, frames: Tensor, horizon: int) -> tuple[Tensor, Tensor]:
         """(states [M, S], action chunks [M, horizon, A]) for the start frames ``frames`` [M]."""
-        idx = frames[:, None] + torch.arange(horizon)  # (M, horizon)
+        idx = frames[:, None] + torch.arange(horizon, device=frames.device)  # (M, horizon)
         return self.states[frames], self.actions[idx]
 
     def normalizers(self, mode: str) -> tuple[Normalizer, Normalizer]:
@@ -278,10 +279,10 @@ def read_lerobot(
                video_frames(root, info, key, list(range(len(episodes))), timestamps)
                for key in image_keys}  # fmt: skip
     n_frames = sum(lengths)
-    return LeRobotFrames(root, torch.cat(states), torch.cat(actions), torch.tensor(starts),
-                         torch.tensor(lengths), float(info.get("fps", 0)), stats, state_key,
+    return LeRobotFrames(root, torch.cat(states), torch.cat(actions), torch.tensor(starts, device="cpu"),
+                         torch.tensor(lengths, device="cpu"), float(info.get("fps", 0)), stats, state_key,
                          action_key, cameras,
-                         torch.cat(task_index) if tasks else torch.zeros(n_frames, dtype=torch.long),
+                         torch.cat(task_index) if tasks else torch.zeros(n_frames, dtype=torch.long, device="cpu"),
                          task_names)  # fmt: skip
 
 

@@ -50,10 +50,10 @@ def pi05_observation(cameras: dict[str, Tensor], tasks: list[str], states: Tenso
     for slot in IMAGE_SLOTS:
         if slot in cameras:
             images.append(preprocess_images(cameras[slot], image_size))  # (B, 3, S, S)
-            masks.append(torch.ones(B, dtype=torch.bool))
+            masks.append(torch.ones(B, dtype=torch.bool, device=states.device))
         else:  # openpi: a black image, masked
-            images.append(torch.full((B, 3, image_size, image_size), -1.0))
-            masks.append(torch.zeros(B, dtype=torch.bool))
+            images.append(torch.full((B, 3, image_size, image_size), -1.0, device=states.device))
+            masks.append(torch.zeros(B, dtype=torch.bool, device=states.device))
     prompts = [state_prompt(task, state) for task, state in zip(tasks, states.numpy())]
     tokens, token_masks = tokenize(tokenizer, prompts, max_token_len)
     return torch.stack(images, dim=1), torch.stack(masks, dim=1), tokens, token_masks

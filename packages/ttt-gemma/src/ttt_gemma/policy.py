@@ -43,9 +43,9 @@ def flow_time(batch: int, beta: tuple[float, float], device=None, generator=None
     if b == 1.0:
         t = torch.rand(batch, generator=generator, device=device).pow(1.0 / a)
     else:
-        t = torch.distributions.Beta(torch.tensor(float(a)), torch.tensor(float(b))).sample(
-            (batch,)
-        )
+        t = torch.distributions.Beta(
+            torch.tensor(float(a), device="cpu"), torch.tensor(float(b), device="cpu")
+        ).sample((batch,))
     return t.to(device) * 0.999 + 0.001
 
 

@@ -182,10 +182,11 @@ class Batches:
     def draw(self, batch: int, policy) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """A global batch: start frames [B], action chunks [B, H, A], noise [B, H, A], t [B]."""
         g = self.generator
-        frames = self.starts[torch.randint(len(self.starts), (batch,), generator=g)]  # (B,)
-        chunk = frames[:, None] + torch.arange(self.horizon)  # (B, H)
-        noise = torch.randn(batch, self.horizon, self.action_dim, generator=g)
-        t = policy.sample_time(batch, generator=g).float()
+        cpu = torch.device("cpu")  # drawn beside the data, whatever the default device
+        frames = self.starts[torch.randint(len(self.starts), (batch,), generator=g, device=cpu)]
+        chunk = frames[:, None] + torch.arange(self.horizon, device=cpu)  # (B, H)
+        noise = torch.randn(batch, self.horizon, self.action_dim, generator=g, device=cpu)
+        t = policy.sample_time(batch, device=cpu, generator=g).float()
         return frames, self.actions[chunk], noise, t
 
     def observe(self, frames: Tensor) -> tuple[Tensor, ...]:

@@ -23,7 +23,7 @@ from moshi.utils.compile import no_compile
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .losses import token_losses
+from .losses import on_model_device, token_losses
 from .patch import transformer_of
 
 __all__ = [
@@ -84,6 +84,7 @@ def streaming_per_position_loss(
         raise ValueError(f"codes must be [B, {lm.num_codebooks}, T], got {tuple(codes.shape)}")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
+    codes = on_model_device(lm, codes)
     B, _, T = codes.shape
     was_training = lm.training
     lm.eval()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from moshi.models.lm import LMModel
 from moshi.models.lm_utils import _delay_sequence, _undelay_sequence
 from moshi.utils.compile import no_compile
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = ["LossWeights", "TokenLosses", "combine_sums", "token_losses"]
 
@@ -121,10 +121,17 @@ def lm_logits(lm: LMModel, codes: Tensor) -> tuple[Tensor, Tensor, Tensor | None
     return text_logits, text_mask, None, None
 
 
+def on_model_device(lm: nn.Module, codes: Tensor) -> Tensor:
+    """``codes`` on ``lm``'s device (a dataset's windows live on the CPU)."""
+    return codes.to(next(lm.parameters()).device)
+
+
 def token_losses(lm: LMModel, codes: Tensor) -> TokenLosses:
-    """Per-token CE of ``lm`` on ``codes`` [B, K, T] (teacher forcing, one forward pass)."""
+    """Per-token CE of ``lm`` on ``codes`` [B, K, T] (teacher forcing, one forward pass; the
+    losses are on ``lm``'s device)."""
     if codes.dim() != 3:
         raise ValueError(f"codes must be [B, K, T], got shape {tuple(codes.shape)}")
+    codes = on_model_device(lm, codes)
     with ExitStack() as stack:
         if (
             codes.device.type != "cuda"

@@ -267,7 +267,7 @@ class WindowDataset(Dataset):
                 f"array of {len(arr)} rows is shorter than one window (lookback + horizon = "
                 f"{lookback + horizon})"
             )
-        self.data = torch.as_tensor(arr, dtype=torch.float32)  # (T, V)
+        self.data = torch.as_tensor(arr, dtype=torch.float32, device="cpu")  # (T, V)
         self.lookback, self.horizon, self.stride = lookback, horizon, stride
         self.in_idx = list(range(arr.shape[1])) if in_idx is None else list(in_idx)
         self.target_idx = target_idx % arr.shape[1]
