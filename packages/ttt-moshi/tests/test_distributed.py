@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 
 import pytest
 import torch
@@ -64,14 +65,25 @@ def _worker(rank: int, world: int, init_file: str, cfg: dict, out: str) -> None:
 
 
 def _spawn(world: int, tmp_path, cfg: dict) -> None:
-    """Run `_worker` in ``world`` processes; fail (and stop them) after TIMEOUT_S."""
-    ctx = mp.start_processes(
-        _worker,
-        args=(world, str(tmp_path / "init"), cfg, str(tmp_path)),
-        nprocs=world,
-        join=False,
-        start_method="spawn",
-    )
+    """Run `_worker` in ``world`` processes on the CPU; fail (and stop them) after TIMEOUT_S.
+
+    The processes see no GPU: a trainer puts the model it builds on a visible GPU, and FSDP2 over
+    gloo on CUDA tensors killed a process (SIGSEGV on an H200)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # inherited by the spawned processes only
+    try:
+        ctx = mp.start_processes(
+            _worker,
+            args=(world, str(tmp_path / "init"), cfg, str(tmp_path)),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
+        )
+    finally:
+        if visible is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
     deadline = datetime.datetime.now() + datetime.timedelta(seconds=TIMEOUT_S)
     while not ctx.join(timeout=5):
         if datetime.datetime.now() > deadline:
@@ -107,8 +119,8 @@ def _losses(run) -> list[float]:
 
 
 @pytest.mark.cpu_only(
-    "two gloo processes on the CPU against one run in this process: the device switch does not "
-    "reach spawned processes, and weights drawn on the GPU differ from the CPU's"
+    "two gloo processes on the CPU (gloo is the CPU backend; one GPU cannot hold two NCCL ranks) "
+    "against one run in this process, whose weights the switch would draw on the GPU"
 )
 @pytest.mark.parametrize("parallelism", ["fsdp", "ddp"])
 def test_two_processes_equal_one_on_the_whole_batch(tmp_path, parallelism):

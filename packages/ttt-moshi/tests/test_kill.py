@@ -29,8 +29,9 @@ def _lines(path) -> list[dict]:
 
 
 @pytest.mark.cpu_only(
-    "the killed runs are subprocesses (on the CPU: the device switch does not reach them), "
-    "compared with a reference run in this process"
+    "the killed runs are subprocesses, out of the switch's reach (weights drawn on the CPU, moshi's "
+    "kernels compiled on CUDA), compared bit for bit with a run in this process (weights drawn on "
+    "the GPU, no compile)"
 )
 def test_kill_9_loop_resumes_exactly(tmp_path):
     shard = save_shard(tmp_path / "train.npz", random_codes(6, 40, seed=5))

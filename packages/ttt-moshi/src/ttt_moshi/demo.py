@@ -42,6 +42,7 @@ from .evaluate import (
     streaming_per_position_loss,
 )
 from .layer import TTTStreamingTransformerLayer
+from .losses import on_model_device
 from .memory_probe import (
     category_differences,
     category_losses,
@@ -294,6 +295,7 @@ def _streaming_check(lm: torch.nn.Module, codes: torch.Tensor) -> float:
     """Max |logits| difference between step-by-step streaming and one forward pass."""
     from moshi.utils.compile import no_compile
 
+    codes = on_model_device(lm, codes)  # the eval windows live on the CPU
     lm.eval()
     with no_compile():
         _, full = lm.forward_text(codes)
