@@ -132,7 +132,13 @@ if [ -n "$GPU_CC" ]; then log "GPU: compute capability $GPU_CC"; else log "no GP
 install_pure() {
   set -e
   if compgen -G "$WHEELS/*.whl" >/dev/null; then
-    "$PY" -m pip install --no-deps --no-compile --target "$SITE_PURE" "$WHEELS"/*.whl
+    "$PY" -m pip install --no-deps --no-compile --target "$SITE_PURE" "$WHEELS"/*-none-any.whl
+    local w  # binary wheels (PyAV) are for the GPU machine's Python: elsewhere (a dry run) skipped
+    for w in "$WHEELS"/*.whl; do
+      [[ $w == *-none-any.whl ]] && continue
+      "$PY" -m pip install --no-deps --no-compile --target "$SITE_PURE" "$w" ||
+        echo "skipped $(basename "$w"): not for this Python or platform"
+    done
   else
     echo "no carried wheels in $WHEELS (bash tools/fetch_wheels.sh): continuing without them"
   fi

@@ -267,3 +267,22 @@ def test_unfused_pre_norms_take_the_ordinary_road(norm, fused_calls):
             y_ref, st_ref = twin(x[:, i : i + 1], state=st_ref, pre_norm=pre_norm, residual=True)
             torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
     assert fused_calls[0] == 0
+
+
+def test_layer_step_ignores_the_default_device(fused_calls):
+    """The fused step's outputs live beside its inputs, not on torch's default device: a user who
+    made another device the default ("meta" stands in for CUDA) still gets the CPU step's numbers
+    (the C++ code writes through the outputs' pointers)."""
+    layer, _, x = _layers(CASES["linear-titans"], torch.float32)
+    runs = []
+    for default in ("cpu", "meta"):
+        st, ys = None, []
+        with torch.no_grad(), torch.device(default):
+            for i in range(5):
+                y, st = layer(x[:, i : i + 1], state=st)
+                ys.append(y)
+        runs.append((torch.cat(ys, 1), _state_tensors(st)))
+    assert fused_calls[0] == 10
+    (want, want_state), (got, got_state) = runs
+    assert got.device.type == "cpu" and torch.equal(got, want)
+    assert all(torch.equal(t, want_state[n]) for n, t in got_state.items())

@@ -230,3 +230,23 @@ def test_cpp_step_fields_by_name_refuse_a_misspelt_one():
     with pytest.raises(ValueError, match="params: > 4 weights"):
         C.ttt_step_cpu({"B": 0, "params": (0, 0, 0, 0, 0)}, 1)
     C.ttt_step_cpu({"B": 0, "H": 0}, 1)  # known fields only, no chains: runs and returns
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_cpp_step_ignores_the_default_device(kind):
+    """The step's output is made beside its inputs, not on torch's default device ("meta" stands
+    in for a user's CUDA default): the C++ code writes through its pointer."""
+    if kind == "mlp":
+        x = make_mlp_inputs(2, 2, 3, 8, dtype=torch.float32, seed=37, requires_grad=False)
+    else:
+        x = make_inputs(2, 2, 3, 8, dtype=torch.float32, seed=37, requires_grad=False)
+    op, step = (ttt_mlp, ttt_mlp_step) if kind == "mlp" else (ttt_linear, ttt_linear_step)
+    seq = [x.pop(n) for n in ("q", "k", "v", "eta")]
+    w = list(x.values())
+    _, state = op(*(t[:, :, :2] for t in seq), *w, mini_batch_size=4, output_final_state=True,
+                  backend="torch")  # fmt: skip
+    token = [t[:, :, 2:3] for t in seq]
+    want, _ = step(*token, *w, state=state, mini_batch_size=4, backend="cpp")
+    with torch.device("meta"):
+        got, _ = step(*token, *w, state=state, mini_batch_size=4, backend="cpp")
+    assert got.device.type == "cpu" and torch.equal(got, want)

@@ -122,7 +122,7 @@ def layer_step(layer, x: Tensor, *, state: TTTState, pre_norm=None, residual: bo
             t["pre_w"] = _ready(weight, x.dtype)  # C elements
     B = x.shape[0]
     x = x.contiguous()  # (B, 1, C): the C++ call reads it as (B, C)
-    y = torch.empty(B, 1, c.hidden_size, dtype=x.dtype)
+    y = torch.empty(B, 1, c.hidden_size, dtype=x.dtype, device=x.device)
     fields = {n: v.data_ptr() for n, v in t.items()}  # LayerStepParams' fields by name
     fields.update(C=c.hidden_size, n_rates=3 if c.titans else 1, eta_scale=c.base_lr / c.head_dim,
                   x=x.data_ptr(), y=y.data_ptr())  # fmt: skip

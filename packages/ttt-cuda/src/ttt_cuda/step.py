@@ -103,7 +103,7 @@ def cpu_step(
     acc = acc_dtype(q.dtype)
     B, H, _, D = q.shape
     q, k, v, eta = _rows(q, acc), _rows(k, acc), _rows(v, acc), _ready(eta, acc)
-    o = torch.empty(B, H, 1, D, dtype=acc)
+    o = torch.empty(B, H, 1, D, dtype=acc, device=q.device)
     fields = {"q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "eta": eta.data_ptr(),
               "o": o.data_ptr()}  # fmt: skip
     fields["q_sb"], fields["q_sh"] = q.stride()[:2]
