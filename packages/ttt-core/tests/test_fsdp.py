@@ -13,15 +13,19 @@ from test_ddp import TinyModel, _data, _free_port, single_process
 
 
 def _worker(rank, world, port, out_path):
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
+    # a CPU mesh, named: fully_shard's default mesh takes the machine's accelerator, which on a
+    # machine with a GPU moved the shards to cuda:0 while the data stayed on the CPU
+    mesh = init_device_mesh("cpu", (world,))
     model = TinyModel()
     for layer in (model.ttt1, model.ttt2):
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     x, y = _data()
     shard = slice(rank * 2, rank * 2 + 2)
     loss = ((model(x[shard]) - y[shard]) ** 2).mean()
@@ -36,8 +40,9 @@ def _worker(rank, world, port, out_path):
 
 
 @pytest.mark.cpu_only(
-    "FSDP2 over two gloo CPU processes: on a CUDA machine fully_shard places the shards on the GPU "
-    "(one GPU cannot hold two ranks' NCCL groups), while the inputs here stay on the CPU"
+    "FSDP2 over two gloo processes on the CPU against one process: the spawned workers do not run "
+    "under the device switch (their model and data are on the CPU), and the in-process reference "
+    "would draw its weights on the GPU (other numbers than the workers')"
 )
 def test_fsdp2_loss_and_gradients_equal_single_process(tmp_path):
     out = tmp_path / "fsdp.pt"

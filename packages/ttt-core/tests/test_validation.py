@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 from conftest import call, make_inputs
+from ttt_test_device import DEVICE
 
 from ttt_core import TTTConfig, TTTLayer, ttt_linear, ttt_mlp
 
@@ -51,7 +52,7 @@ def _args(x, w, ln):
         (
             lambda a: a.__setitem__(1, a[1].to("meta")),
             ValueError,
-            "k is on meta but q is on (cpu|cuda)",
+            f"k is on meta but q is on {DEVICE}",  # cpu, or cuda(:0) under the switch
         ),
         (lambda a: a.__setitem__(0, a[0][:, :, :0]), ValueError, "at least one token"),
     ],

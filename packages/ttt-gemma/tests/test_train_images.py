@@ -4,7 +4,6 @@ malformed image columns and unknown cameras by name."""
 
 import json
 
-import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -198,6 +197,8 @@ def test_image_of_the_wrong_size_is_refused(tmp_path, image_dataset):
 
 def write_video(path, frames: np.ndarray, fps: int) -> None:
     """[n, H, W, 3] uint8 frames as an H.264 mp4 (lerobot's layout, yuv444p: small images)."""
+    import av  # the video tests' dependency (ttt-gemma[test]): without it they fail, not the module
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=fps)
@@ -233,6 +234,8 @@ def video_dataset(tmp_path_factory, image_dataset):
 
 
 def test_video_frames_are_the_frames_at_their_timestamps(video_dataset):
+    import av
+
     root, data = video_dataset
     frames = read_lerobot(root, image_keys=["observation.images.top"])
     key = "observation.images.top"
