@@ -129,6 +129,21 @@ def test_layer_stream_through_cpp_equals_whole_sequence(inner):
     torch.testing.assert_close(torch.cat(ys, dim=1), y_ref, rtol=1e-5, atol=1e-5)
 
 
+def _third_token(kind: str, B: int, H: int, D: int, seed: int):
+    """(the op's step, the third token's q, k, v, eta [B, H, 1, .], the fast weights and LN params,
+    the torch backend's state after the first two tokens) for TTT-Linear or TTT-MLP, fp32."""
+    if kind == "mlp":
+        x = make_mlp_inputs(B, H, 3, D, dtype=torch.float32, seed=seed, requires_grad=False)
+    else:
+        x = make_inputs(B, H, 3, D, dtype=torch.float32, seed=seed, requires_grad=False)
+    op, step = (ttt_mlp, ttt_mlp_step) if kind == "mlp" else (ttt_linear, ttt_linear_step)
+    seq = [x.pop(n) for n in ("q", "k", "v", "eta")]
+    w = list(x.values())
+    _, state = op(*(t[:, :, :2] for t in seq), *w, mini_batch_size=4, output_final_state=True,
+                  backend="torch")  # fmt: skip
+    return step, [t[:, :, 2:3] for t in seq], w, state
+
+
 @pytest.mark.parametrize(
     ("kind", "Bt", "Ht", "Dt"),
     [("linear", 11, 15, 64), ("mlp", 9, 8, 32)],
@@ -137,16 +152,7 @@ def test_layer_stream_through_cpp_equals_whole_sequence(inner):
 def test_cpp_step_bit_identical_for_1_and_2_threads(kind, Bt, Ht, Dt):
     """Shapes with enough work per call that the step runs its chains on two threads (the runner
     keeps calls under ~2 MFLOP per thread on the calling thread)."""
-    if kind == "mlp":
-        x = make_mlp_inputs(Bt, Ht, 3, Dt, dtype=torch.float32, seed=34, requires_grad=False)
-    else:
-        x = make_inputs(Bt, Ht, 3, Dt, dtype=torch.float32, seed=35, requires_grad=False)
-    op, step = (ttt_mlp, ttt_mlp_step) if kind == "mlp" else (ttt_linear, ttt_linear_step)
-    seq = [x.pop(n) for n in ("q", "k", "v", "eta")]
-    w = list(x.values())
-    _, state = op(*(t[:, :, :2] for t in seq), *w, mini_batch_size=4, output_final_state=True,
-                  backend="torch")  # fmt: skip
-    token = [t[:, :, 2:3] for t in seq]
+    step, token, w, state = _third_token(kind, Bt, Ht, Dt, seed=34 if kind == "mlp" else 35)
     results = []
     before = torch.get_num_threads()
     try:
@@ -236,16 +242,7 @@ def test_cpp_step_fields_by_name_refuse_a_misspelt_one():
 def test_cpp_step_ignores_the_default_device(kind):
     """The step's output is made beside its inputs, not on torch's default device ("meta" stands
     in for a user's CUDA default): the C++ code writes through its pointer."""
-    if kind == "mlp":
-        x = make_mlp_inputs(2, 2, 3, 8, dtype=torch.float32, seed=37, requires_grad=False)
-    else:
-        x = make_inputs(2, 2, 3, 8, dtype=torch.float32, seed=37, requires_grad=False)
-    op, step = (ttt_mlp, ttt_mlp_step) if kind == "mlp" else (ttt_linear, ttt_linear_step)
-    seq = [x.pop(n) for n in ("q", "k", "v", "eta")]
-    w = list(x.values())
-    _, state = op(*(t[:, :, :2] for t in seq), *w, mini_batch_size=4, output_final_state=True,
-                  backend="torch")  # fmt: skip
-    token = [t[:, :, 2:3] for t in seq]
+    step, token, w, state = _third_token(kind, 2, 2, 8, seed=37)
     want, _ = step(*token, *w, state=state, mini_batch_size=4, backend="cpp")
     with torch.device("meta"):
         got, _ = step(*token, *w, state=state, mini_batch_size=4, backend="cpp")

@@ -172,3 +172,23 @@ def test_batch_order_is_the_data_loaders_whatever_the_default_device(n, batch_si
     with torch.device("meta"):
         got = _loader_order(n, batch_size, shuffle, torch.Generator().manual_seed(5))
     assert got == want
+
+
+@pytest.mark.parametrize("mode, carry", [("meta_ttt", False), ("simple_ttt", True)])
+def test_a_run_is_the_same_whatever_the_default_device(tiny_cfg, mode, carry):
+    """A runner builds its model on the CPU (weights from the CPU generator), keeps its windows
+    and batch order there and computes on ``device``: a user's default device ("meta" stands in
+    for CUDA; a factory that followed it would fail or give no numbers) changes nothing."""
+    cfg = tiny_cfg(mode, "train.epochs=1", f"memory.carry={str(carry).lower()}")
+    runs = []
+    for default in ("cpu", "meta"):
+        with torch.device(default):
+            r = Runner(cfg, progress=False)
+            r.pretrain()
+            r.online(max_steps=3)
+        runs.append(r)
+    a, b = runs
+    assert a.history.train_loss == b.history.train_loss
+    assert a.history.online_pred == b.history.online_pred
+    for (n, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert x.device.type == "cpu" and torch.equal(x, y), n

@@ -77,7 +77,11 @@ class Runner:
                     "so every step of the stream is written to the memory"
                 )
         target_in = s.in_idx.index(s.target_idx)
-        self.model = ContinualForecaster(cfg, len(s.in_idx), target_in).to(cfg.device)
+        # Built on the CPU (its initial weights drawn from the CPU generator seeded above) and then
+        # moved: the same weights on every cfg.device and whatever torch's default device is.
+        with torch.device("cpu"):
+            model = ContinualForecaster(cfg, len(s.in_idx), target_in)
+        self.model = model.to(cfg.device)
         kw = dict(in_idx=s.in_idx, target_idx=s.target_idx)
         self.train_ds = WindowDataset(s.train, d.lookback, d.horizon, d.train_stride, **kw)
         self.val_ds = WindowDataset(s.val, d.lookback, d.horizon, 1, **kw)
@@ -117,7 +121,7 @@ class Runner:
                 items = [ds[b * per + i] for b in range(n_streams)]
                 yield torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
             return
-        g = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.epoch)
+        g = torch.Generator(device="cpu").manual_seed(self.cfg.seed * 1000 + self.epoch)
         for idx in _loader_order(len(ds), batch_size, shuffle, g):
             items = [ds[i] for i in idx]
             yield torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
