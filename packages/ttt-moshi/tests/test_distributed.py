@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -69,9 +70,7 @@ def _spawn(world: int, tmp_path, cfg: dict) -> None:
 
     The processes see no GPU: a trainer puts the model it builds on a visible GPU, and FSDP2 over
     gloo on CUDA tensors killed a process (SIGSEGV on an H200)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # inherited by the spawned processes only
-    try:
+    with mock.patch.dict(os.environ, CUDA_VISIBLE_DEVICES=""):  # inherited by the spawned only
         ctx = mp.start_processes(
             _worker,
             args=(world, str(tmp_path / "init"), cfg, str(tmp_path)),
@@ -79,11 +78,6 @@ def _spawn(world: int, tmp_path, cfg: dict) -> None:
             join=False,
             start_method="spawn",
         )
-    finally:
-        if visible is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = visible
     deadline = datetime.datetime.now() + datetime.timedelta(seconds=TIMEOUT_S)
     while not ctx.join(timeout=5):
         if datetime.datetime.now() > deadline:

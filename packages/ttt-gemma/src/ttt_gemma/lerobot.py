@@ -278,12 +278,12 @@ def read_lerobot(
     cameras = {key: encoded[key] if key in encoded else
                video_frames(root, info, key, list(range(len(episodes))), timestamps)
                for key in image_keys}  # fmt: skip
-    n_frames = sum(lengths)
-    return LeRobotFrames(root, torch.cat(states), torch.cat(actions), torch.tensor(starts, device="cpu"),
-                         torch.tensor(lengths, device="cpu"), float(info.get("fps", 0)), stats, state_key,
-                         action_key, cameras,
-                         torch.cat(task_index) if tasks else torch.zeros(n_frames, dtype=torch.long, device="cpu"),
-                         task_names)  # fmt: skip
+    n_frames, cpu = sum(lengths), torch.device("cpu")  # the frames' device, whatever the default
+    no_tasks = torch.zeros(n_frames, dtype=torch.long, device=cpu)
+    return LeRobotFrames(root, torch.cat(states), torch.cat(actions),
+                         torch.tensor(starts, device=cpu), torch.tensor(lengths, device=cpu),
+                         float(info.get("fps", 0)), stats, state_key, action_key, cameras,
+                         torch.cat(task_index) if tasks else no_tasks, task_names)  # fmt: skip
 
 
 def _check_camera_features(root: Path, features: dict, image_keys) -> None:

@@ -117,12 +117,11 @@ class Runner:
         if self.streaming:
             n_streams = min(batch_size, len(ds))
             per = len(ds) // n_streams
-            for i in range(per):
-                items = [ds[b * per + i] for b in range(n_streams)]
-                yield torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
-            return
-        g = torch.Generator(device="cpu").manual_seed(self.cfg.seed * 1000 + self.epoch)
-        for idx in _loader_order(len(ds), batch_size, shuffle, g):
+            batches = [[b * per + i for b in range(n_streams)] for i in range(per)]
+        else:
+            g = torch.Generator(device="cpu").manual_seed(self.cfg.seed * 1000 + self.epoch)
+            batches = _loader_order(len(ds), batch_size, shuffle, g)
+        for idx in batches:  # window indices of one batch
             items = [ds[i] for i in idx]
             yield torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
 
