@@ -263,8 +263,11 @@ void matvec_rows(int B, int rows, int cols, const acc_t* x, const acc_t* W, cons
                  acc_t* y, int threads) {
   constexpr int kBlock = 64, kStreams = 8;
   const int blocks = (rows + kBlock - 1) / kBlock;
-  const int streams = std::clamp(blocks / std::max(threads, 1), 1, kStreams);  // blocks per chain
-  const int chains = (blocks + streams - 1) / streams;  // chain i: blocks i, i + chains, ...
+  // as many chains as threads, or a multiple of it (each thread gets the same number of blocks),
+  // and up to kStreams blocks per chain: chain i reads blocks i, i + chains, ...
+  const int t = std::max(threads, 1);
+  const int chains = std::min(blocks, t * ((blocks + t * kStreams - 1) / (t * kStreams)));
+  const int streams = (blocks + chains - 1) / chains;
   const double work = 2.0 * streams * kBlock * cols * B;
   for_each_chain<acc_t>(1, chains, 0, threads, work, [&](acc_t*, int, int i) {
     for (int j = 0; j < kBlock; ++j) {
