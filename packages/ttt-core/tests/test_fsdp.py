@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_ddp import TinyModel, _data, _free_port, single_process
+from test_ddp import TinyModel, _data, _free_port, end_worker, single_process
 
 
 def _worker(rank, world, port, out_path):
@@ -37,6 +37,7 @@ def _worker(rank, world, port, out_path):
         torch.save({"loss": total / world, "grads": grads}, out_path)
     dist.barrier()
     dist.destroy_process_group()
+    end_worker()
 
 
 @pytest.mark.cpu_only(
