@@ -54,8 +54,8 @@ def _worker(rank, world, port, out_path):
 def end_worker():
     """End a worker that finished its work (results saved, process group destroyed) at once:
     ``os._exit(0)`` skips the interpreter's teardown, where gloo's threads once aborted a run whose
-    work had passed ("terminate called without an active exception", SIGABRT, torch 2.13: once
-    in a dozen CI runs). A worker that raises never gets here: mp.spawn reports its traceback."""
+    work had passed ("terminate called without an active exception", SIGABRT, torch 2.13; not
+    reproduced since). A worker that raises never gets here: mp.spawn reports its traceback."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

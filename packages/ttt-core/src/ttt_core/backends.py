@@ -174,7 +174,7 @@ def layer_step_backend(name: str, x, **kwargs) -> Backend | None:
         return None
     _load_entry_points()
     auto = name == "auto"
-    device = x.device.type if auto else None
+    device = x.device.type
     for backend in _registry.values() if auto else (get_backend(name),):
         if (
             (not auto or device in backend.device_types)

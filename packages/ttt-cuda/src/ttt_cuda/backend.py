@@ -97,7 +97,7 @@ class CppBackend(CudaBackend):
     warn_on_fallback = False
 
     def supports(self, op: str, q: Tensor, **kwargs: Any) -> str | None:
-        if not q.is_cpu:
+        if q.device.type != "cpu":
             return f"backend 'cpp' runs on CPU tensors, got {q.device.type} (use 'cuda')"
         return _unsupported_reason(op, q, **kwargs)
 

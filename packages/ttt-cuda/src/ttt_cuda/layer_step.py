@@ -77,7 +77,7 @@ def layer_step_unsupported_reason(x: Tensor, *, layer, pre_norm=None, **_: Any) 
     ordinary road's projections read them (it takes x in the in_proj's dtype)."""
     if torch.is_grad_enabled():
         return "the fused layer step has no autograd: it runs under torch.no_grad() (inference)"
-    if not x.is_cpu:
+    if x.device.type != "cpu":
         return f"the fused layer step runs on CPU tensors, got {x.device.type}"
     if torch.is_autocast_enabled("cpu"):
         return "under autocast the ordinary road computes the projections in the autocast dtype"
