@@ -66,6 +66,12 @@ def test_resume_refuses_changes_it_cannot_make(tmp_path, tiny_overrides, capsys)
     cmd = ["run", "--out", str(out), "--resume", "--no-progress"]
     assert main([*cmd, "mode=baseline"]) == 2  # overrides on the run's own config, same rule
     assert "mode: run has 'meta_ttt', requested 'baseline'" in capsys.readouterr().err
+    # a nested override on the run's own config is compared with the saved value, not written
+    # into it first (apply_overrides copies every section)
+    assert main([*cmd, "train.online_lr=0.5", "memory.carry=true"]) == 2
+    err = capsys.readouterr().err
+    assert "memory.carry: run has False, requested True" in err and "train.online_lr" in err
+    assert "online_lr: 0.5" not in (out / "config.yaml").read_text()
     assert main([*cmd, "threads=2"]) == 0  # the machine may change
     assert "resume: threads: 1 -> 2" in capsys.readouterr().err
     assert _metrics(out)["mse"] == m["mse"]

@@ -13,6 +13,7 @@ The YAML files shipped in ``ttt_titans/configs`` (package data) are ``base.yaml`
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -160,12 +161,14 @@ def _resolve(path: str | Path) -> Path:
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
+    """base with over's keys merged in, section by section: a new dict sharing no section with
+    either input (an edit of the result, e.g. an override, never reaches a saved config)."""
+    out = copy.deepcopy(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:
-            out[key] = value
+            out[key] = copy.deepcopy(value)
     return out
 
 

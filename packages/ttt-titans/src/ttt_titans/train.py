@@ -344,7 +344,9 @@ class Runner:
         r.opt.load_state_dict(ck["opt"])
         r.epoch, r.online_step = ck["epoch"], ck["online_step"]
         r.best_val, r.bad_epochs = ck["best_val"], ck["bad_epochs"]
-        r.best_state, r.mem_state = ck["best_state"], ck["mem_state"]
+        r.best_state = ck["best_state"]  # (loaded into the model on cfg.device when used)
+        # the carried memory state: loaded on the CPU, used on cfg.device
+        r.mem_state = None if ck["mem_state"] is None else ck["mem_state"].to(cfg.device)
         r.history = History(**ck["history"])
         torch.set_rng_state(ck["rng"])
         return r
