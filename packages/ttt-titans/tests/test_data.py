@@ -58,6 +58,10 @@ def test_load_gzip(tmp_path):
 
 MALFORMED = {
     "no-date-column": ("time,OT\n1,2.0\n", r"has no 'date' column"),
+    "repeated-column": (
+        "date,OT,OT\n2016-01-01,1.0,2.0\n",
+        r"column names repeat in the header: \['OT'\]",
+    ),
     "non-numeric": (
         "date,HUFL,OT\n2016-01-01,1.0,2.0\n2016-01-02,abc,3.0\n",
         r"line 3, column 'HUFL': non-numeric value 'abc'",

@@ -105,6 +105,9 @@ def load_ett_csv(path: str | Path, target: str = "OT", min_rows: int = 1) -> Ser
                 f"data file {str(p)!r} has no 'date' column (header: {header}); the ETT format "
                 "needs a 'date' column followed by numeric columns"
             )
+        repeated = sorted({h for h in header if header.count(h) > 1})
+        if repeated:
+            raise ValueError(f"data file {str(p)!r}: column names repeat in the header: {repeated}")
         date_col = header.index("date")
         columns = [h for i, h in enumerate(header) if i != date_col]
         if not columns:
