@@ -55,6 +55,7 @@ def _args(x, w, ln):
             f"k is on meta but q is on {DEVICE}",  # cpu, or cuda(:0) under the switch
         ),
         (lambda a: a.__setitem__(0, a[0][:, :, :0]), ValueError, "at least one token"),
+        (lambda a: a.__setitem__(0, a[0][..., :0]), ValueError, "head dim D >= 1"),
     ],
     ids=[
         "rank",
@@ -68,6 +69,7 @@ def _args(x, w, ln):
         "numpy-eta",
         "device-mix",
         "empty",
+        "no-head-dim",
     ],
 )
 def test_bad_tensors(lin, mutate, exc, match):
@@ -96,6 +98,7 @@ def test_bad_tensors(lin, mutate, exc, match):
         (dict(causal=False, momentum="m"), ValueError, "need causal=True"),
         (dict(causal=False, output_final_state=True), ValueError, "non-causal TTT cannot stream"),
         (dict(causal=1), TypeError, "causal must be a bool"),
+        (dict(output_final_state="no"), TypeError, "output_final_state must be a bool"),
         (dict(eps=0.0), ValueError, "eps must be a positive number"),
         (dict(backend="nope"), ValueError, "unknown backend 'nope'"),
         (dict(form="both"), ValueError, "form must be"),

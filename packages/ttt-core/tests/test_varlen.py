@@ -97,8 +97,9 @@ def test_padding_changes_nothing(causal):
         (dict(lengths=[3]), r"lengths must hold B=1 ints in \[1, L=9\]"),
         (dict(lengths=[0]), r"lengths must hold B=1 ints in \[1, L=9\]"),
         (dict(lengths=[9], cu_seqlens=[0, 9]), "not both"),
+        (dict(lengths=torch.tensor([True])), "1-D integer tensor"),  # not lengths [1]
     ],
-    ids=["empty-sequence", "wrong-total", "float", "lengths-count", "length-zero", "both"],
+    ids=["empty-sequence", "wrong-total", "float", "lengths-count", "length-zero", "both", "bool"],
 )
 def test_bad_varlen(kw, match):
     x, w, ln, _ = make_inputs("linear", B=1, L=9)

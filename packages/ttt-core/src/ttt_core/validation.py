@@ -142,6 +142,12 @@ def check_call(
     B, H, L, D = q.shape
     if L < 1:
         raise ValueError(f"q must hold at least one token (L >= 1), got shape {_shape(q)}")
+    if D < 1:
+        raise ValueError(f"q must have a head dim D >= 1, got shape {_shape(q)}")
+    if not isinstance(output_final_state, bool):
+        raise TypeError(
+            f"output_final_state must be a bool, got {type(output_final_state).__name__}"
+        )
     if step and (
         checkpoint_group_size is not None or cu_seqlens is not None or lengths is not None
     ):
@@ -205,7 +211,7 @@ def check_call(
 def _index_list(name: str, x) -> list[int]:
     """A 1-D integer tensor or sequence of ints as a list (host read of a small index tensor)."""
     if isinstance(x, Tensor):
-        if x.ndim != 1 or x.is_floating_point() or x.is_complex():
+        if x.ndim != 1 or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
             raise TypeError(f"{name} must be a 1-D integer tensor or a list of ints, got {x.dtype} "
                             f"{_shape(x)}")  # fmt: skip
         return x.tolist()
