@@ -28,7 +28,9 @@ struct LinearParams {
   // `offset`; the first segment holds the min(b - offset, L) tokens that finish that mini-batch,
   // with the state's start weights W0/b0 and what its earlier tokens read, G0/gb0 (grad_sum).
   int offset = 0;
-  int unbounded = 0;  // mini_batch_size=None: one segment that never completes (b = offset + L)
+  // 1: the call ends inside its first mini-batch (b None, or b > offset + L): one segment that
+  // never completes, mini_batch_size = offset + L (the scratch is sized by it)
+  int unbounded = 0;
   // The options of the semantics (ttt_options.h): the token loss's target and the output.
   int value_target = 0;     // 1: target v_j (reconstruction_target "value"); 0: v_j - k_j
   int output_residual = 1;  // 1: o_i = q_i + LN_h(f_{W_i}(q_i)); 0: o_i = LN_h(f_{W_i}(q_i))

@@ -7,10 +7,10 @@ import os
 
 import pytest
 import torch
-from ttt_cuda_reference import make_inputs
+from ttt_cuda_reference import make_inputs, make_mlp_inputs
 
 import ttt_cuda
-from ttt_cuda import fused_ttt_linear
+from ttt_cuda import fused_ttt_linear, fused_ttt_mlp
 from ttt_cuda._ext import extension
 from ttt_cuda.ops import linear_bwd, linear_fwd
 
@@ -144,3 +144,18 @@ def test_bad_keywords():
         fused_ttt_linear(**x, mini_batch_size=4, token_scale=torch.ones(3))
     with pytest.raises(ValueError, match="non-causal TTT cannot stream"):
         fused_ttt_linear(**x, causal=False, output_final_state=True)
+
+
+@pytest.mark.parametrize("fused", [fused_ttt_linear, fused_ttt_mlp], ids=["linear", "mlp"])
+@pytest.mark.parametrize("cut", [4, 6], ids=["at-boundary", "inside-mini-batch"])
+def test_non_causal_call_refuses_a_streaming_state(fused, cut):
+    """As ``ttt_linear``: a non-causal call given an initial_state raises (DESIGN: non-causal TTT
+    cannot stream), whether the state sits at a mini-batch boundary or inside one."""
+    x = (make_mlp_inputs if fused is fused_ttt_mlp else make_inputs)(
+        1, 2, 8, 4, dtype=torch.float32, requires_grad=False
+    )
+    head = {**x, **{n: x[n][:, :, :cut] for n in ("q", "k", "v", "eta")}}
+    _, state = fused(**head, mini_batch_size=4, output_final_state=True)
+    assert state.offset == cut % 4
+    with pytest.raises(ValueError, match="non-causal TTT cannot stream"):
+        fused(**x, mini_batch_size=4, causal=False, initial_state=state)

@@ -9,9 +9,17 @@ import itertools
 
 import pytest
 import torch
-from ttt_cuda_reference import assert_grads_close, make_inputs, reference_ttt_linear, scale_vector
+from ttt_cuda_reference import (
+    assert_cpp_matches_torch_one_call,
+    assert_grads_close,
+    make_inputs,
+    make_mlp_inputs,
+    make_titans,
+    reference_ttt_linear,
+    scale_vector,
+)
 
-from ttt_core import ttt_linear
+from ttt_core import ttt_linear, ttt_mlp
 from ttt_cuda.ops import linear_fwd
 
 SEQ = ("q", "k", "v", "eta")
@@ -94,6 +102,24 @@ def test_whole_sequence_mini_batch_streams_like_the_torch_backend():
     got = torch.autograd.grad(o.square().sum(), list(x.values()))
     want = torch.autograd.grad(ref.square().sum(), list(x.values()))
     assert_grads_close(got, want, list(x))
+
+
+@pytest.mark.parametrize("form", ["linear", "mlp", "titans", "titans_mlp"])
+def test_mini_batch_beyond_the_call_is_one_segment(form):
+    """mini_batch_size 2**20 on 9 tokens in two chunks (a cut at 4): the calls end inside their
+    first mini-batch, one segment each that does not complete. The C++ scratch is sized by the
+    positions a call reaches (offset + L), not by b (b^2 floats per chain would be 4 TiB and
+    raise MemoryError): o, the final state and every gradient equal one torch-backend call."""
+    b = 2**20
+    mlp = form in ("mlp", "titans_mlp")
+    make = make_mlp_inputs if mlp else make_inputs
+    x = make(1, 2, 9, 8, dtype=torch.float32, seed=35)
+    extra = None
+    if form.startswith("titans"):
+        mom, dec = make_titans(1, 2, 9, dtype=torch.float32, seed=35)
+        extra = {"momentum": mom, "decay": dec}
+    op = ttt_mlp if mlp else ttt_linear
+    assert_cpp_matches_torch_one_call(op, x, [0, 4, 9], extra=extra, mini_batch_size=b)
 
 
 def test_fp64_chunks_match_the_plain_reference_in_one_call():

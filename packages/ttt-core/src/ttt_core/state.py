@@ -105,10 +105,17 @@ class TTTState:
             return replace(state, mini_batch_size=mini_batch_size)
         return state
 
+    def ends_inside(self, length: int) -> bool:
+        """Whether a call of ``length`` tokens from this state ends inside the mini-batch it starts
+        in, without completing it (b None, or offset + length < b): the call is then one segment
+        of offset + length positions that does not complete."""
+        return self.mini_batch_size is None or self.offset + length < self.mini_batch_size
+
     def block_size(self, length: int) -> int:
-        """Tokens per mini-batch for a call of ``length`` tokens from this state: b, or (b None)
-        the offset plus the call's length (one unbounded mini-batch)."""
-        if self.mini_batch_size is None:
+        """In-mini-batch positions a call of ``length`` tokens from this state reaches: b, or the
+        offset plus the call's length when it ends inside its first mini-batch (:meth:`ends_inside`;
+        a b far beyond the call's tokens then costs no scratch)."""
+        if self.ends_inside(length):
             return self.offset + length
         return self.mini_batch_size
 

@@ -109,12 +109,11 @@ def unsupported_reason(
 
 def validate_call(q, k, v, eta, weights, ln_weight, ln_bias, *, causal, initial_state, **kw):
     """ttt-core's checks for a direct call of a public function (the backend path is validated by
-    ttt-core itself): shapes/dtypes/devices named per argument, mode conflicts. ttt-core hands a
-    backend every call's start state, non-causal ones included (the start weights per sample), so
-    only a causal call's state is checked as a streaming state."""
+    ttt-core itself): shapes/dtypes/devices named per argument, mode conflicts (a non-causal call
+    given an ``initial_state`` raises, as ``ttt_linear``: non-causal TTT cannot stream)."""
     validate(
         q=q, k=k, v=v, eta=eta, weights=weights, ln_weight=ln_weight, ln_bias=ln_bias,
-        causal=causal, initial_state=initial_state if causal else None, backend="cuda", **kw,
+        causal=causal, initial_state=initial_state, backend="cuda", **kw,
     )  # fmt: skip
 
 

@@ -115,7 +115,7 @@ def linear_call(q, k, v, eta, W1, b1, ln_weight, ln_bias, *, mini_batch_size, ca
                            state=initial_state, output_final_state=output_final_state,
                            eps=eps, options=options)  # fmt: skip
     state, L, acc = initial_state, q.shape[2], acc_dtype(q.dtype)
-    b = state.block_size(L)  # mini_batch_size, or offset + L for None (one unbounded segment)
+    b = state.block_size(L)  # mini_batch_size, or offset + L (b None or past L: one segment)
     W0, b0 = op_layout(state.params, acc)  # (B, H, D, D), (B, H, D)
     G0, gb0 = op_layout(state.grad_sum, acc) if state.offset > 0 else (None, None)
     scale = TTTState.token_scales(token_scale, 0, b, device=q.device, dtype=acc, causal=causal)
@@ -123,7 +123,7 @@ def linear_call(q, k, v, eta, W1, b1, ln_weight, ln_bias, *, mini_batch_size, ca
     cut = bool(output_final_state and end != 0)  # the state ends inside a mini-batch
     o, W_end, b_end, W_starts, b_starts = linear_fwd(
         q, k, v, eta.to(acc), W0, b0, ln_weight.to(acc), ln_bias.to(acc), scale.contiguous(), b,
-        bool(causal), float(eps), cut, state.offset, mini_batch_size is None, G0, gb0, *options,
+        bool(causal), float(eps), cut, state.offset, state.ends_inside(L), G0, gb0, *options,
     )  # fmt: skip
     if not output_final_state:
         return o, None

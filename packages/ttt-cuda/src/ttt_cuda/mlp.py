@@ -137,7 +137,7 @@ def mlp_call(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, *, mini_batch_siz
                            state=initial_state, output_final_state=output_final_state, eps=eps,
                            options=(reconstruction_target, output_residual))  # fmt: skip
     state, L, acc = initial_state, q.shape[2], acc_dtype(q.dtype)
-    b = state.block_size(L)  # mini_batch_size, or offset + L for None (one unbounded segment)
+    b = state.block_size(L)  # mini_batch_size, or offset + L (b None or past L: one segment)
     start = op_layout(state.params, acc)  # (B, H, D, F), (B, H, F), (B, H, F, D), (B, H, D)
     grad_sum = op_layout(state.grad_sum, acc) if state.offset > 0 else []
     scale = TTTState.token_scales(token_scale, 0, b, device=q.device, dtype=acc, causal=causal)
@@ -145,7 +145,7 @@ def mlp_call(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, *, mini_batch_siz
     cut = bool(output_final_state and end != 0)  # the state ends inside a mini-batch
     o, *rest = mlp_fwd(
         q, k, v, eta.to(acc), *start, ln_weight.to(acc), ln_bias.to(acc), scale.contiguous(), b,
-        bool(causal), float(eps), cut, state.offset, mini_batch_size is None,
+        bool(causal), float(eps), cut, state.offset, state.ends_inside(L),
         *(grad_sum or [None] * 4), reconstruction_target, output_residual,
     )  # fmt: skip
     if not output_final_state:

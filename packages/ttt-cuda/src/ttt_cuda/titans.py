@@ -43,7 +43,7 @@ def titans_call(q, k, v, eta, ln_weight, ln_bias, *, momentum, decay, state: Any
     fwd = titans_fwd if nw == 2 else titans_mlp_fwd
     o, *rest = fwd(
         q, k, v, eta.to(acc), mom, dec, *P, *C, *S, ln_weight.to(acc), ln_bias.to(acc),
-        state.block_size(L), float(eps), state.offset, state.mini_batch_size is None, *options,
+        state.block_size(L), float(eps), state.offset, state.ends_inside(L), *options,
     )  # fmt: skip
     if not output_final_state:
         return o, None

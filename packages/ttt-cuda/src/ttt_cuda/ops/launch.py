@@ -6,7 +6,9 @@ Layers (flash-linear-attention style): kernel (csrc/) -> this launcher -> the cu
 ``mlp.py``, ``titans.py``). One argument order for all ops: per-token inputs
 ``q, k, v, eta[, mom, dec]``, start weights, ``ln_weight, ln_bias[, scale]``, then
 ``mini_batch_size[, causal], eps[, end_unscaled], offset, unbounded``, the grad_sum tensors, then
-the options ``reconstruction_target, output_residual`` (ttt-core's names and defaults).
+the options ``reconstruction_target, output_residual`` (ttt-core's names and defaults). Every op
+first calls ``check_contract``: the shapes, dtypes and devices the kernels read, before any pointer
+is taken.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch import Tensor
 
 from ttt_cuda._ext import extension
 
-__all__ = ["first_order_only", "launch", "num_segments", "params", "rowmajor"]
+__all__ = ["check_contract", "first_order_only", "launch", "num_segments", "params", "rowmajor"]
 
 _DTYPE_NAMES = {
     torch.float32: "float32",
@@ -46,8 +48,55 @@ def first_order_only(op: str) -> None:
         )
 
 
+def check_contract(
+    op: str,
+    q: Tensor,
+    token: dict[str, Tensor],
+    acc: dict[str, tuple[Tensor | None, str]],
+    **dims: int,
+) -> None:
+    """The kernels' reading contract, checked first by every op (not by the fake impls) before
+    any pointer is taken: ``q`` is [B, H, L, D] in a kernel dtype; the per-token tensors
+    ``token`` ({name: tensor}: k, v, dO) have q's shape and dtype; each of ``acc`` ({name:
+    (tensor, shape)}, the shape a string of dim names such as ``"B H nseg D D"``: B, H, L, D
+    from q, the others from ``dims``) has that shape and the accumulation dtype (fp64 for fp64
+    q, else fp32); all are on q's device. None (an optional tensor not given) is skipped.
+
+    Raises ValueError (shape, device) or TypeError (dtype) naming ``ttt::<op>`` and the
+    argument, expected vs got. The semantics (values, modes) are the public functions' to check.
+    """
+    where = f"ttt::{op}"
+    if q.dim() != 4:
+        raise ValueError(f"{where}: q must be 4-D [B, H, L, D], got shape {list(q.shape)}")
+    if q.dtype not in _DTYPE_NAMES:
+        raise TypeError(f"{where}: q must be one of {', '.join(_DTYPE_NAMES.values())}, got "
+                        f"{q.dtype}")  # fmt: skip
+    B, H, L, D = q.shape
+    sizes = {"B": B, "H": H, "L": L, "D": D, **dims}
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc_rule = "the accumulation dtype: fp64 for fp64 q, else fp32"
+    expected = {name: (t, "B H L D", q.dtype, "q's dtype") for name, t in token.items()}
+    expected.update({name: (t, shape, acc_dtype, acc_rule) for name, (t, shape) in acc.items()})
+    for name, (t, shape, dtype, rule) in expected.items():
+        if t is None:
+            continue
+        want = [sizes[d] for d in shape.split()]
+        if list(t.shape) != want:
+            named = ", ".join(f"{d}={n}" for d, n in zip(shape.split(), want))
+            raise ValueError(f"{where}: {name} must have shape [{named}], got {list(t.shape)}")
+        if t.dtype != dtype:
+            raise TypeError(f"{where}: {name} must be {dtype} ({rule}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{where}: {name} must be on q's device {q.device}, got {t.device}")
+
+
 def num_segments(L: int, mini_batch_size: int, offset: int = 0) -> int:
     """Segments of a call of L tokens starting at in-mini-batch position ``offset``."""
+    if mini_batch_size < 1 or not 0 <= offset < mini_batch_size:
+        raise ValueError(
+            "ttt: mini_batch_size must be >= 1 and offset in [0, mini_batch_size), got "
+            f"mini_batch_size={mini_batch_size}, offset={offset}"
+        )
     first = min(mini_batch_size - offset, L)
     return 1 + (L - first + mini_batch_size - 1) // mini_batch_size
 

@@ -3,7 +3,8 @@
 
 Layers (flash-linear-attention style): kernel (csrc/) -> launcher (``ops/launch.py``: fills the
 params struct with pointers, strides and the stream) -> these custom ops -> the public function in
-``ttt_cuda.linear``, which validates inputs. The ops assume validated inputs:
+``ttt_cuda.linear``, which validates user input with ttt-core's messages. The ops check the
+kernels' contract (``check_contract``: the shapes below, dtypes, q's device), not the semantics:
 
     q, k, v   [B, H, L, D]  fp32/fp64 (CPU) or fp32/bf16/fp16 (CUDA); last dim contiguous
     eta       [B, H, L]     acc dtype (fp32; fp64 for fp64 inputs)
@@ -25,7 +26,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ttt_cuda.ops.launch import first_order_only, launch, num_segments, params, rowmajor
+from ttt_cuda.ops.launch import (
+    check_contract,
+    first_order_only,
+    launch,
+    num_segments,
+    params,
+    rowmajor,
+)
 
 __all__ = ["linear_bwd", "linear_fwd"]
 
@@ -58,9 +66,15 @@ def linear_fwd(
     grad_j`` instead of the token-scaled update, so ``W_starts[:, :, -1] - W_end`` is the streaming
     state's ``grad_sum`` for a sequence cut inside a mini-batch. ``offset`` (causal): token 0 sits
     at that in-mini-batch position, and ``G0``/``gb0`` hold what the mini-batch's earlier tokens
-    read (a state's grad_sum). ``unbounded``: mini_batch_size=None (``mini_batch_size`` is then
-    offset + L, the one segment never completes). ``scale`` is indexed by in-mini-batch position.
+    read (a state's grad_sum). ``unbounded``: the call ends inside its first mini-batch (b None,
+    or b > offset + L; ``mini_batch_size`` is then offset + L, the one segment never completes).
+    ``scale`` is indexed by in-mini-batch position.
     """
+    check_contract("linear_fwd", q, {"k": k, "v": v}, {
+        "eta": (eta, "B H L"), "W0": (W0, "B H D D"), "b0": (b0, "B H D"),
+        "ln_weight": (ln_weight, "H D"), "ln_bias": (ln_bias, "H D"), "scale": (scale, "b"),
+        "G0": (G0, "B H D D"), "gb0": (gb0, "B H D"),
+    }, b=mini_batch_size)  # fmt: skip
     q, k, v = rowmajor(q), rowmajor(k), rowmajor(v)
     eta, W0, b0 = eta.contiguous(), W0.contiguous(), b0.contiguous()
     ln_weight, ln_bias, scale = ln_weight.contiguous(), ln_bias.contiguous(), scale.contiguous()
@@ -150,6 +164,14 @@ def linear_bwd(
     shapes of the forward's inputs (dG0/dgb0 empty [0] when G0 is None); dln_* and dscale are
     reduced over the batch here (fixed order, deterministic).
     """
+    check_contract("linear_bwd", q, {"k": k, "v": v, "dO": dO}, {
+        "dW_end": (dW_end, "B H D D"), "db_end": (db_end, "B H D"),
+        "dW_starts": (dW_starts, "B H nseg D D"), "db_starts": (db_starts, "B H nseg D"),
+        "eta": (eta, "B H L"), "W_starts": (W_starts, "B H nseg D D"),
+        "b_starts": (b_starts, "B H nseg D"), "ln_weight": (ln_weight, "H D"),
+        "ln_bias": (ln_bias, "H D"), "scale": (scale, "b"),
+        "G0": (G0, "B H D D"), "gb0": (gb0, "B H D"),
+    }, b=mini_batch_size, nseg=num_segments(q.shape[2], mini_batch_size, offset))  # fmt: skip
     q, k, v, dO = rowmajor(q), rowmajor(k), rowmajor(v), rowmajor(dO)
     eta, W_starts, b_starts = eta.contiguous(), W_starts.contiguous(), b_starts.contiguous()
     dW_end, db_end = dW_end.contiguous(), db_end.contiguous()

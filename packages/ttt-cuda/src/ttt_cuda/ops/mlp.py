@@ -1,7 +1,9 @@
 """The fused TTT-MLP ops as ``torch.library`` custom ops: ``ttt::mlp_fwd`` and ``ttt::mlp_bwd``,
 each with a fake implementation, and autograd linking the two (as ``ops/linear.py`` for TTT-Linear).
 
-Fast model ``f(x) = gelu_tanh(x W1 + b1) W2 + b2``. The ops assume validated inputs:
+Fast model ``f(x) = gelu_tanh(x W1 + b1) W2 + b2``. The ops check the kernels' contract
+(``check_contract``: the shapes below, dtypes, q's device), not the semantics (the public
+function ``ttt_cuda.mlp`` validates user input with ttt-core's messages):
 
     q, k, v   [B, H, L, D]  fp32/fp64 (CPU) or fp32/bf16/fp16 (CUDA, D = 64, F = 256)
     eta       [B, H, L]     acc dtype (fp32; fp64 for fp64 inputs)
@@ -21,7 +23,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ttt_cuda.ops.launch import first_order_only, launch, num_segments, params, rowmajor
+from ttt_cuda.ops.launch import (
+    check_contract,
+    first_order_only,
+    launch,
+    num_segments,
+    params,
+    rowmajor,
+)
 
 __all__ = ["mlp_bwd", "mlp_fwd"]
 
@@ -55,10 +64,18 @@ def mlp_fwd(
     """Fused TTT-MLP forward; see the module docstring for shapes.
 
     ``end_unscaled``: an incomplete last mini-batch ends with ``W_start - sum_j eta_j grad_j``
-    (its grad_sum is then start - end); ``unbounded``: mini_batch_size=None (b = L, never
-    completes; ``mini_batch_size`` is then offset + L). ``offset``/``G*``: a start inside a
-    mini-batch, as ``ttt::linear_fwd``.
+    (its grad_sum is then start - end); ``unbounded``: the call ends inside its first mini-batch
+    (b None, or b > offset + L: never completes; ``mini_batch_size`` is then offset + L).
+    ``offset``/``G*``: a start inside a mini-batch, as ``ttt::linear_fwd``.
     """
+    check_contract("mlp_fwd", q, {"k": k, "v": v}, {
+        "eta": (eta, "B H L"),
+        "W10": (W10, "B H D F"), "b10": (b10, "B H F"),
+        "W20": (W20, "B H F D"), "b20": (b20, "B H D"),
+        "ln_weight": (ln_weight, "H D"), "ln_bias": (ln_bias, "H D"), "scale": (scale, "b"),
+        "G10": (G10, "B H D F"), "gb10": (gb10, "B H F"),
+        "G20": (G20, "B H F D"), "gb20": (gb20, "B H D"),
+    }, b=mini_batch_size, F=W10.shape[-1])  # fmt: skip
     q, k, v = rowmajor(q), rowmajor(k), rowmajor(v)
     eta, ln_weight, ln_bias, scale = (t.contiguous() for t in (eta, ln_weight, ln_bias, scale))
     W10, b10, W20, b20 = (t.contiguous() for t in (W10, b10, W20, b20))
@@ -148,6 +165,19 @@ def mlp_bwd(
     dgb10, dG20, dgb20)``; the last four are empty [0] without a grad_sum; dln_* and dscale are
     reduced over the batch here (fixed order, deterministic).
     """
+    check_contract("mlp_bwd", q, {"k": k, "v": v, "dO": dO}, {
+        "dW1_end": (dW1_end, "B H D F"), "db1_end": (db1_end, "B H F"),
+        "dW2_end": (dW2_end, "B H F D"), "db2_end": (db2_end, "B H D"),
+        "dW1_starts": (dW1_starts, "B H nseg D F"), "db1_starts": (db1_starts, "B H nseg F"),
+        "dW2_starts": (dW2_starts, "B H nseg F D"), "db2_starts": (db2_starts, "B H nseg D"),
+        "eta": (eta, "B H L"),
+        "W1_starts": (W1_starts, "B H nseg D F"), "b1_starts": (b1_starts, "B H nseg F"),
+        "W2_starts": (W2_starts, "B H nseg F D"), "b2_starts": (b2_starts, "B H nseg D"),
+        "ln_weight": (ln_weight, "H D"), "ln_bias": (ln_bias, "H D"), "scale": (scale, "b"),
+        "G10": (G10, "B H D F"), "gb10": (gb10, "B H F"),
+        "G20": (G20, "B H F D"), "gb20": (gb20, "B H D"),
+    }, b=mini_batch_size, F=W1_starts.shape[-1],
+       nseg=num_segments(q.shape[2], mini_batch_size, offset))  # fmt: skip
     q, k, v, dO = rowmajor(q), rowmajor(k), rowmajor(v), rowmajor(dO)
     eta, ln_weight, ln_bias, scale = (t.contiguous() for t in (eta, ln_weight, ln_bias, scale))
     starts = [t.contiguous() for t in (W1_starts, b1_starts, W2_starts, b2_starts)]

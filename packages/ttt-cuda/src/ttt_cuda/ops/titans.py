@@ -5,10 +5,13 @@ Rule (ttt-core's Titans form, causal): per token j, gradients at the mini-batch'
 
     S_j = m_j S_{j-1} - eta_j grad l_j(P),   W_j = (1 - a_j) W_{j-1} + S_j,   o_j from W_j
 
-with S carried across mini-batches and P <- W at each mini-batch end. Shapes (validated inputs):
+with S carried across mini-batches and P <- W at each mini-batch end. Shapes (the ops check
+them, the dtypes and q's device: ``check_contract``; the public function ``ttt_cuda.titans``
+validates user input with ttt-core's messages):
 
     q, k, v [B, H, L, D]; eta, mom, dec [B, H, L] acc dtype
     W0, C0, S0 [B, H, D, D] acc: the state's P, current weights W and momentum S; b0, cb0, sb0 [B, H, D]
+    ln_weight, ln_bias [H, D] acc
 
 ``titans_fwd`` returns ``(o, W_end, b_end, S_end, sb_end, W_starts, b_starts, S_starts,
 sb_starts)``: the weights and momentum after the last token and, per segment, P and S at its start
@@ -22,7 +25,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ttt_cuda.ops.launch import first_order_only, launch, num_segments, params, rowmajor
+from ttt_cuda.ops.launch import (
+    check_contract,
+    first_order_only,
+    launch,
+    num_segments,
+    params,
+    rowmajor,
+)
 
 __all__ = ["titans_bwd", "titans_fwd"]
 
@@ -64,9 +74,16 @@ def titans_fwd(
     """Fused Titans-form TTT-Linear forward; see the module docstring for shapes.
 
     ``offset``: in-mini-batch position of token 0 (a state cut inside a mini-batch: P = W0, the
-    current weights C0 may differ). ``unbounded``: mini_batch_size=None (``mini_batch_size`` is
-    then offset + L and the one segment never completes).
+    current weights C0 may differ). ``unbounded``: the call ends inside its first mini-batch (b
+    None, or b > offset + L; ``mini_batch_size`` is then offset + L, the one segment never
+    completes).
     """
+    check_contract("titans_fwd", q, {"k": k, "v": v}, {
+        "eta": (eta, "B H L"), "mom": (mom, "B H L"), "dec": (dec, "B H L"),
+        "W0": (W0, "B H D D"), "b0": (b0, "B H D"), "C0": (C0, "B H D D"), "cb0": (cb0, "B H D"),
+        "S0": (S0, "B H D D"), "sb0": (sb0, "B H D"),
+        "ln_weight": (ln_weight, "H D"), "ln_bias": (ln_bias, "H D"),
+    })  # fmt: skip
     q, k, v = rowmajor(q), rowmajor(k), rowmajor(v)
     eta, mom, dec = eta.contiguous(), mom.contiguous(), dec.contiguous()
     W0, b0, C0, cb0, S0, sb0 = (t.contiguous() for t in (W0, b0, C0, cb0, S0, sb0))
@@ -141,6 +158,16 @@ def titans_bwd(
     Returns ``(dq, dk, dv, deta, dmom, ddec, dW0, db0, dC0, dcb0, dS0, dsb0, dln_weight,
     dln_bias)``; dln_* are reduced over the batch here (fixed order, deterministic).
     """
+    check_contract("titans_bwd", q, {"k": k, "v": v, "dO": dO}, {
+        "dW_end": (dW_end, "B H D D"), "db_end": (db_end, "B H D"),
+        "dS_end": (dS_end, "B H D D"), "dsb_end": (dsb_end, "B H D"),
+        "dW_starts": (dW_starts, "B H nseg D D"), "db_starts": (db_starts, "B H nseg D"),
+        "eta": (eta, "B H L"), "mom": (mom, "B H L"), "dec": (dec, "B H L"),
+        "C0": (C0, "B H D D"), "cb0": (cb0, "B H D"),
+        "W_starts": (W_starts, "B H nseg D D"), "b_starts": (b_starts, "B H nseg D"),
+        "S_starts": (S_starts, "B H nseg D D"), "sb_starts": (sb_starts, "B H nseg D"),
+        "ln_weight": (ln_weight, "H D"), "ln_bias": (ln_bias, "H D"),
+    }, nseg=num_segments(q.shape[2], mini_batch_size, offset))  # fmt: skip
     q, k, v, dO = rowmajor(q), rowmajor(k), rowmajor(v), rowmajor(dO)
     eta, mom, dec = eta.contiguous(), mom.contiguous(), dec.contiguous()
     C0, cb0, ln_weight, ln_bias = (t.contiguous() for t in (C0, cb0, ln_weight, ln_bias))

@@ -7,11 +7,14 @@ per token j, gradients at the mini-batch's start weights P,
 
     S_j = m_j S_{j-1} - eta_j grad l_j(P),   W_j = (1 - a_j) W_{j-1} + S_j,   o_j from W_j
 
-with S carried across mini-batches and P <- W at each mini-batch end. Shapes (validated inputs):
+with S carried across mini-batches and P <- W at each mini-batch end. Shapes (the ops check
+them, the dtypes and q's device: ``check_contract``; the public function ``ttt_cuda.titans``
+validates user input with ttt-core's messages):
 
     q, k, v [B, H, L, D] fp32/fp64; eta, mom, dec [B, H, L] acc dtype
     P = (W10 [B, H, D, F], b10 [B, H, F], W20 [B, H, F, D], b20 [B, H, D]): the gradient point;
     C = (C10, cb10, C20, cb20): the current weights W; S = (S10, sb10, S20, sb20): the momentum
+    (C and S in P's shapes, all acc dtype); ln_weight, ln_bias [H, D] acc
 
 ``titans_mlp_fwd`` returns ``(o, *W_end, *S_end, *P_starts, *S_starts, *C_starts)``, each group
 of four in the order (W1, b1, W2, b2): the weights and momentum after the last token and, per block
@@ -27,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ttt_cuda._ext import extension
-from ttt_cuda.ops.launch import first_order_only, launch, rowmajor
+from ttt_cuda.ops.launch import check_contract, first_order_only, launch, num_segments, rowmajor
 from ttt_cuda.ops.titans import titans_params
 
 __all__ = ["titans_mlp_bwd", "titans_mlp_fwd"]
@@ -71,6 +74,7 @@ BwdOut = tuple[(Tensor,) * 20]
 
 def num_blocks(L: int, mini_batch_size: int, offset: int, unbounded: bool) -> int:
     """Blocks of a call: the C++ chain's rule (``titans_mlp_num_blocks``)."""
+    num_segments(L, mini_batch_size, offset)  # raises first on a mini_batch_size the C++ divides by
     return extension().titans_mlp_num_blocks(L, mini_batch_size, offset, unbounded)
 
 
@@ -91,9 +95,20 @@ def titans_mlp_fwd(
     """Fused Titans-form TTT-MLP forward; see the module docstring for shapes.
 
     ``offset``: in-mini-batch position of token 0 (a state cut inside a mini-batch: P = W10.., the
-    current weights C10.. may differ). ``unbounded``: mini_batch_size=None (``mini_batch_size``
-    is then offset + L and the one segment never completes).
+    current weights C10.. may differ). ``unbounded``: the call ends inside its first mini-batch
+    (b None, or b > offset + L; ``mini_batch_size`` is then offset + L, the one segment never
+    completes).
     """
+    check_contract("titans_mlp_fwd", q, {"k": k, "v": v}, {
+        "eta": (eta, "B H L"), "mom": (mom, "B H L"), "dec": (dec, "B H L"),
+        "W10": (W10, "B H D F"), "b10": (b10, "B H F"),
+        "W20": (W20, "B H F D"), "b20": (b20, "B H D"),
+        "C10": (C10, "B H D F"), "cb10": (cb10, "B H F"),
+        "C20": (C20, "B H F D"), "cb20": (cb20, "B H D"),
+        "S10": (S10, "B H D F"), "sb10": (sb10, "B H F"),
+        "S20": (S20, "B H F D"), "sb20": (sb20, "B H D"),
+        "ln_weight": (ln_weight, "H D"), "ln_bias": (ln_bias, "H D"),
+    }, F=W10.shape[-1])  # fmt: skip
     q, k, v = rowmajor(q), rowmajor(k), rowmajor(v)
     eta, mom, dec = eta.contiguous(), mom.contiguous(), dec.contiguous()
     P = [t.contiguous() for t in (W10, b10, W20, b20)]
@@ -148,6 +163,23 @@ def titans_mlp_bwd(
     the gradients of the inputs P, C, S, four each); dln_* are reduced over the batch here (fixed
     order, deterministic).
     """
+    check_contract("titans_mlp_bwd", q, {"k": k, "v": v, "dO": dO}, {
+        "dW1_end": (dW1_end, "B H D F"), "db1_end": (db1_end, "B H F"),
+        "dW2_end": (dW2_end, "B H F D"), "db2_end": (db2_end, "B H D"),
+        "dS1_end": (dS1_end, "B H D F"), "dsb1_end": (dsb1_end, "B H F"),
+        "dS2_end": (dS2_end, "B H F D"), "dsb2_end": (dsb2_end, "B H D"),
+        "dW1_starts": (dW1_starts, "B H nblk D F"), "db1_starts": (db1_starts, "B H nblk F"),
+        "dW2_starts": (dW2_starts, "B H nblk F D"), "db2_starts": (db2_starts, "B H nblk D"),
+        "eta": (eta, "B H L"), "mom": (mom, "B H L"), "dec": (dec, "B H L"),
+        "W1_starts": (W1_starts, "B H nblk D F"), "b1_starts": (b1_starts, "B H nblk F"),
+        "W2_starts": (W2_starts, "B H nblk F D"), "b2_starts": (b2_starts, "B H nblk D"),
+        "S1_starts": (S1_starts, "B H nblk D F"), "sb1_starts": (sb1_starts, "B H nblk F"),
+        "S2_starts": (S2_starts, "B H nblk F D"), "sb2_starts": (sb2_starts, "B H nblk D"),
+        "C1_starts": (C1_starts, "B H nblk D F"), "cb1_starts": (cb1_starts, "B H nblk F"),
+        "C2_starts": (C2_starts, "B H nblk F D"), "cb2_starts": (cb2_starts, "B H nblk D"),
+        "ln_weight": (ln_weight, "H D"), "ln_bias": (ln_bias, "H D"),
+    }, F=dW1_end.shape[-1],
+       nblk=num_blocks(q.shape[2], mini_batch_size, offset, unbounded))  # fmt: skip
     q, k, v, dO = rowmajor(q), rowmajor(k), rowmajor(v), rowmajor(dO)
     eta, mom, dec = eta.contiguous(), mom.contiguous(), dec.contiguous()
     P_starts = [t.contiguous() for t in (W1_starts, b1_starts, W2_starts, b2_starts)]
