@@ -34,7 +34,7 @@ def test_episodes_are_the_experts_actions_on_its_observations():
     assert not np.allclose(eps[0]["observation.state"], eps[1]["observation.state"])
 
 
-def test_demo_trains_through_the_cli_and_writes_outputs(tmp_path):
+def test_demo_trains_through_the_cli_and_writes_outputs(tmp_path, capsys):
     args = ["--out", str(tmp_path), "--steps", "3", "--camera-steps", "3", "--batch", "8",
             "--train-episodes", "4",
             "--test-episodes", "2", "--closed-loop-episodes", "2"]  # fmt: skip
@@ -61,8 +61,32 @@ def test_demo_trains_through_the_cli_and_writes_outputs(tmp_path):
         run = tmp_path / "runs" / folder
         assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
         assert (run / "model.safetensors").is_file() and (run / "checkpoint.pt").is_file()
-    with pytest.raises(ValueError, match="--overwrite"):  # an earlier demo is never mixed in
+    with pytest.raises(SystemExit) as exit_:  # an earlier demo is never mixed in
         main(args)
+    assert exit_.value.code == 2 and "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--train-episodes", "0", "must be >= 1, got 0"),
+        ("--threads", "0", "must be >= 1, got 0"),
+        ("--horizon", "0", f"must be in [1, {EPISODE_STEPS}], got 0"),
+        ("--horizon", str(EPISODE_STEPS + 1), f"must be in [1, {EPISODE_STEPS}]"),
+        ("--steps", "0", "must be >= 1, got 0"),
+        ("--steps", "x", "invalid int value: 'x'"),
+        ("--lr", "-1", "must be > 0, got -1"),
+    ],
+)
+def test_bad_demo_arguments_are_usage_errors(tmp_path, capsys, flag, value, message):
+    """Refused by the argument parser (one line, exit status 2) before anything is collected or
+    written."""
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(out), flag, value])
+    assert exit_.value.code == 2
+    assert f"error: argument {flag}: {message}" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_camera_image_shows_the_arm_reaching_the_target():

@@ -101,6 +101,65 @@ def test_run_folder_and_config_errors(tmp_path, dataset, capsys):
     assert "typo.yaml" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "typo",
+    [("data: {root: ", "data: {root: /no/such/dataset-"), ("action_dim: 4", "action_dim: 2")],
+    ids=["data.root", "action_dim"],
+)
+def test_a_run_that_fails_its_checks_leaves_nothing_in_the_way(tmp_path, dataset, capsys, typo):
+    """The input checks (dataset, batches, model) run before the run folder gets its config: the
+    corrected command starts the run without a flag, and --overwrite keeps the old run until the
+    new config has passed them."""
+    good = write_config(tmp_path, dataset, "r")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(good.read_text().replace(*typo))
+    run = tmp_path / "runs" / "r"
+    assert main(["train", "--config", str(bad), "--no-progress"]) == 2
+    assert sorted(p.name for p in run.iterdir()) == [".ttt-run"]  # the marker only
+    assert main(["train", "--config", str(good), "--no-progress", "--stop-at", "1"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--config", str(bad), "--no-progress", "--overwrite"]) == 2
+    assert (run / "checkpoint.pt").is_file() and len(losses(run)) == 1  # the old run, intact
+    assert main(["train", "--config", str(good), "--no-progress", "--resume"]) == 0
+    assert len(losses(run)) == 6
+
+
+def test_resume_without_a_checkpoint_says_to_overwrite(tmp_path, dataset, capsys):
+    cfg = write_config(tmp_path, dataset, "r")
+    assert main(["train", "--config", str(cfg), "--no-progress", "--stop-at", "1"]) == 0
+    run = tmp_path / "runs" / "r"
+    (run / "checkpoint.pt").unlink()  # as if it had stopped before its first checkpoint
+    capsys.readouterr()
+    assert main(["train", "--config", str(cfg), "--no-progress", "--resume"]) == 2
+    assert "no checkpoint.pt" in capsys.readouterr().err
+    assert main(["train", "--config", str(cfg), "--no-progress", "--overwrite"]) == 0
+
+
+def test_resume_with_another_configs_checkpoint_is_one_error(tmp_path, dataset, capsys):
+    narrow = write_config(tmp_path, dataset, "narrow")
+    wide = tmp_path / "wide.yaml"
+    wide.write_text(narrow.read_text().replace("width: 32", "width: 48").replace("narrow", "wide"))
+    for cfg in (narrow, wide):
+        assert main(["train", "--config", str(cfg), "--no-progress", "--stop-at", "1"]) == 0
+    runs = tmp_path / "runs"
+    (runs / "narrow" / "checkpoint.pt").write_bytes((runs / "wide" / "checkpoint.pt").read_bytes())
+    capsys.readouterr()
+    assert main(["train", "--config", str(narrow), "--no-progress", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(runs / "narrow" / "checkpoint.pt") in err
+    assert "shape mismatch" in err and "file (144, 48), model (96, 32)" in err
+    assert len(losses(runs / "narrow")) == 1  # nothing was changed
+
+
+def test_resume_past_stop_at_says_where_the_run_is(tmp_path, dataset, capsys):
+    cfg = write_config(tmp_path, dataset, "r")
+    assert main(["train", "--config", str(cfg), "--no-progress", "--stop-at", "4"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--config", str(cfg), "--no-progress", "--resume", "--stop-at", "2"]) == 0
+    assert "already at step 4 of 6 (--stop-at 2): nothing to train" in capsys.readouterr().out
+    assert len(losses(tmp_path / "runs" / "r")) == 4
+
+
 def test_guard_skips_a_non_finite_step():
     layer = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(layer.parameters(), lr=0.1)

@@ -37,6 +37,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ttt_core.runfiles import TMP_SUFFIX
+
 NAMINGS = ("openpi", "lerobot")
 _EXPERT = "paligemma_with_expert.gemma_expert."
 _HEAD_NAMES = (
@@ -211,13 +213,12 @@ def _read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
         raise ValueError(f"{os.fspath(path)!r} is not a readable safetensors file: {err}") from err
 
 
-def _check_then_copy(
-    policy: torch.nn.Module, tensors: dict[str, Tensor], source: str, may_miss=()
+def check_tensors(
+    own: dict[str, Tensor], tensors: dict[str, Tensor], source: str, may_miss=()
 ) -> None:
-    """Copy ``tensors`` into ``policy`` by name after checking them all: every parameter/buffer
-    except ``may_miss`` present, nothing unexpected, every shape equal. Raises ValueError naming
-    ``source`` before anything is written, so a failed load leaves the policy unchanged."""
-    own = policy.state_dict()
+    """Check that ``tensors`` fit a module's state dict ``own``: every name except ``may_miss``
+    present, nothing unexpected, every shape equal. Raises one ValueError naming ``source`` and the
+    first mismatches (names, shapes)."""
     missing = sorted(set(own) - set(tensors) - set(may_miss))
     unexpected = sorted(set(tensors) - set(own))
     if missing or unexpected:
@@ -229,23 +230,55 @@ def _check_then_copy(
     wrong = [f"{n}: file {tuple(t.shape)}, model {tuple(own[n].shape)}"
              for n, t in tensors.items() if t.shape != own[n].shape]  # fmt: skip
     if wrong:
-        raise ValueError(f"{source}: shape mismatch in {len(wrong)} tensor(s): {wrong[:8]}")
+        more = "..." if len(wrong) > 3 else ""
+        raise ValueError(f"{source}: shape mismatch in {len(wrong)} tensor(s): {wrong[:3]}{more}")
+
+
+def _check_then_copy(
+    policy: torch.nn.Module, tensors: dict[str, Tensor], source: str, may_miss=()
+) -> None:
+    """Copy ``tensors`` into ``policy`` by name after checking them all (:func:`check_tensors`):
+    a file that does not fit raises ValueError naming ``source`` before anything is written, so a
+    failed load leaves the policy unchanged."""
+    own = policy.state_dict()
+    check_tensors(own, tensors, source, may_miss)
     with torch.no_grad():
         for name, t in tensors.items():
             own[name].copy_(t)
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict | None = None) -> None:
+    """``save_file`` to a temp file beside ``path``, fsync it, ``os.replace`` it onto ``path`` and
+    fsync the folder, as ``ttt_core.runfiles.atomic_save`` does for ``torch.save`` (which has no
+    variant for a file another library writes): readers see the old file or the whole new one, and
+    the temp file is removed on any error."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename durable (POSIX); a no-op where a folder cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_pi05(policy: torch.nn.Module, path: str | os.PathLike, naming: str = "openpi") -> None:

@@ -40,6 +40,7 @@ from .pi05_inputs import Pi05Observations, pi05_observation
 from .policy import flow_time, sincos_time_embedding
 from .reacher import (
     CAMERA,
+    EPISODE_STEPS,
     OBS_DIM,
     closed_loop_distance,
     collect_episodes,
@@ -187,27 +188,60 @@ def plot(curves: dict[str, list[float]], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _int_in(minimum: int, maximum: int | None = None):
+    """An argparse type: an int in [minimum, maximum]; anything else is a usage error (exit 2)."""
+
+    def parse(text: str) -> int:
+        value = int(text)  # not an int: argparse's "invalid int value"
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite float > 0."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+_positive_float.__name__ = "float"
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    count = _int_in(1)
     p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
-    p.add_argument("--steps", type=int, default=300, help="training steps per state policy")
-    p.add_argument("--camera-steps", type=int, default=150,
+    p.add_argument("--steps", type=count, default=300, help="training steps per state policy")
+    p.add_argument("--camera-steps", type=count, default=150,
                    help="training steps per whole pi0.5 policy (each ~2.5x a state step)")  # fmt: skip
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--horizon", type=int, default=16, help="actions per chunk")
-    p.add_argument("--train-episodes", type=int, default=150)
-    p.add_argument("--test-episodes", type=int, default=10)
-    p.add_argument("--closed-loop-episodes", type=int, default=25)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadiest)")
-    args = p.parse_args(argv)
-    if min(args.steps, args.camera_steps, args.batch) < 1:
-        raise ValueError("--steps, --camera-steps and --batch must be >= 1")
-    torch.set_num_threads(args.threads)
+    p.add_argument("--batch", type=count, default=32)
+    p.add_argument("--lr", type=_positive_float, default=2e-3)
+    p.add_argument("--horizon", type=_int_in(1, EPISODE_STEPS), default=16,
+                   help=f"actions per chunk (at most an episode's {EPISODE_STEPS})")  # fmt: skip
+    p.add_argument("--train-episodes", type=count, default=150)
+    p.add_argument("--test-episodes", type=count, default=10)
+    p.add_argument("--closed-loop-episodes", type=count, default=25)
+    p.add_argument("--seed", type=_int_in(0), default=0)
+    p.add_argument("--threads", type=count, default=1, help="torch CPU threads (1: steadiest)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = parser()
+    args = p.parse_args(argv)  # bad values exit here (status 2), before any work
     out = Path(args.out).absolute()
-    out = prepare_run_dir(out.parent, out.name, resume=False, overwrite=args.overwrite)
+    try:
+        out = prepare_run_dir(out.parent, out.name, resume=False, overwrite=args.overwrite)
+    except ValueError as err:  # an earlier demo there (pass --overwrite), or not a run folder
+        p.error(f"argument --out: {err}")
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     for folder, episodes, seed in (("dataset", args.train_episodes, args.seed),
                                    ("test_dataset", args.test_episodes, args.seed + 50_000)):  # fmt: skip

@@ -13,7 +13,10 @@ The run folder (``run.root/run.name``, see ``ttt_core.runfiles.prepare_run_dir``
 ``config.yaml``, ``checkpoint.pt`` (model, optimizer, schedule, step, generator: resuming gives
 the same next steps as an uninterrupted run), ``metrics.jsonl`` (one record per step, with a
 record per TTT layer every ``log_every`` steps: mean |gate|, inner loss before/after the update,
-gradient norm), ``model.safetensors`` (the trained policy) and ``plots.png``.
+gradient norm), ``model.safetensors`` (the trained policy) and ``plots.png``. The inputs (dataset,
+batches, policy, and on ``--resume`` the checkpoint against the config) are checked before any of
+these is written: a new run refused there leaves only ttt-core's marker, so the corrected command
+starts it again without a flag.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from ttt_core.runfiles import (
     truncate_jsonl,
 )
 
-from .checkpoint import load_pi05, save_checkpoint
+from .checkpoint import check_tensors, load_pi05, save_checkpoint
 from .diagnostics import TTTDiagnostics, plot_metrics
 from .lerobot import LeRobotFrames, read_lerobot
 from .paligemma import Pi05Policy
@@ -225,6 +228,58 @@ def _check_resume_config(run: Path, cfg: TrainRunConfig) -> None:
         )
 
 
+def _check_resumable(run: Path) -> None:
+    """``--resume`` of a run that stopped before its first checkpoint: say how to start it again
+    (``prepare_run_dir``'s "start it without --resume" would be refused, the folder not empty)."""
+    if run.is_dir() and (run / "config.yaml").is_file() and not (run / "checkpoint.pt").exists():
+        raise ValueError(
+            f"nothing to resume in {str(run)!r}: it has no checkpoint.pt (the run stopped before "
+            "its first checkpoint, train.ckpt_every); start it again with --overwrite"
+        )
+
+
+_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "skipped", "generator")
+
+
+def _read_checkpoint(path: Path, model: nn.Module) -> dict:
+    """The run's ``checkpoint.pt``, checked against ``model`` (the unwrapped policy) before
+    anything is loaded: a file of another config (e.g. copied from another run) raises one
+    ValueError naming it and the first tensors that do not fit."""
+    ck = safe_load(path)
+    entries = list(ck) if isinstance(ck, dict) else []
+    if any(k not in entries for k in _CHECKPOINT_KEYS) or not isinstance(ck["model"], dict):
+        raise ValueError(
+            f"checkpoint {str(path)!r} is not a ttt-gemma train checkpoint: it needs the "
+            f"entries {list(_CHECKPOINT_KEYS)}, it has {entries}"
+        )
+    try:
+        check_tensors(model.state_dict(), ck["model"], f"checkpoint {str(path)!r}")
+    except ValueError as err:
+        raise ValueError(
+            f"{err}; it was not written by this run's config ({path.parent / 'config.yaml'})"
+        ) from None
+    return ck
+
+
+def _load_checkpoint(path: Path, ck: dict, model: nn.Module, optimizer, scheduler,
+                     batches: Batches) -> None:  # fmt: skip
+    """Load a checked :func:`_read_checkpoint` into the (wrapped) model, the optimizer, the
+    schedule and the batch generator; what still does not fit raises ValueError naming ``path``."""
+    set_model_state_dict(model, ck["model"], options=_FULL)
+    try:
+        # parameters that never had a gradient (the stand-in encoder's last layer past its K/V
+        # projections) have no AdamW state in the file nor in an uninterrupted run
+        set_optimizer_state_dict(model, optimizer, ck["optimizer"], options=_OPTIM_LOAD)
+        scheduler.load_state_dict(ck["scheduler"])
+        batches.generator.set_state(ck["generator"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(
+            f"checkpoint {str(path)!r}: its optimizer, schedule or generator state does not fit "
+            f"this run ({type(err).__name__}: {first})"
+        ) from err
+
+
 def train(cfg: TrainRunConfig, *, resume: bool = False, overwrite: bool = False,
           stop_at: int | None = None, progress: bool = True) -> Path:  # fmt: skip
     """Run (or resume) the training described by ``cfg``; returns the run folder.
@@ -239,18 +294,21 @@ def train(cfg: TrainRunConfig, *, resume: bool = False, overwrite: bool = False,
             f"train.batch_size ({cfg.train.batch_size}) must be divisible by the {world} processes"
         )
     run = Path(cfg.run.root) / cfg.run.name
-    if rank == 0:
-        run = prepare_run_dir(cfg.run.root, cfg.run.name, resume=resume, overwrite=overwrite,
+    if rank == 0 and not overwrite:  # a wrong flag is refused before the (slow) input checks
+        if resume:
+            _check_resumable(run)
+        run = prepare_run_dir(cfg.run.root, cfg.run.name, resume=resume, overwrite=False,
                               checkpoints="checkpoint.pt")  # fmt: skip
         if resume:
             _check_resume_config(run, cfg)
-        else:
-            atomic_write_text(run / "config.yaml", config_to_yaml(cfg))
     if dist.is_initialized():
         dist.barrier()
+    # the input checks: until they pass, a new run's folder holds only prepare_run_dir's marker
+    # (which counts as empty), so the corrected command starts it again without a flag
     frames = read_frames(cfg)
     batches = Batches(frames, cfg)
     plain = build_model(cfg, frames)
+    checkpoint = _read_checkpoint(run / "checkpoint.pt", plain) if resume else None
     model = wrap(plain, cfg.train.parallel, world, device)
     params = [p for p in model.parameters() if p.requires_grad]
     tc = cfg.train
@@ -259,22 +317,26 @@ def train(cfg: TrainRunConfig, *, resume: bool = False, overwrite: bool = False,
         optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.steps)
     )
     start, skipped = 0, 0
-    if resume:
-        ck = safe_load(run / "checkpoint.pt")
-        set_model_state_dict(model, ck["model"], options=_FULL)
-        # parameters that never had a gradient (the stand-in encoder's last layer past its K/V
-        # projections) have no AdamW state in the file nor in an uninterrupted run
-        set_optimizer_state_dict(model, optimizer, ck["optimizer"], options=_OPTIM_LOAD)
-        scheduler.load_state_dict(ck["scheduler"])
-        batches.generator.set_state(ck["generator"])
-        start, skipped = ck["step"], ck["skipped"]
-        if rank == 0:
+    if checkpoint is not None:
+        _load_checkpoint(run / "checkpoint.pt", checkpoint, model, optimizer, scheduler, batches)
+        start, skipped = checkpoint["step"], checkpoint["skipped"]
+    if rank == 0:
+        if resume:
             truncate_jsonl(run / "metrics.jsonl", start)
+        else:
+            if overwrite:  # the old run is replaced only now, by a config that passed the checks
+                run = prepare_run_dir(cfg.run.root, cfg.run.name, resume=False, overwrite=True)
+            atomic_write_text(run / "config.yaml", config_to_yaml(cfg))
+    if dist.is_initialized():
+        dist.barrier()
     diagnostics = TTTDiagnostics(plain.policy.expert)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=tc.precision == "autocast_bf16")
     local = tc.batch_size // world
     mine = slice(rank * local, (rank + 1) * local)
     last = min(tc.steps, stop_at) if stop_at is not None else tc.steps
+    if rank == 0 and start >= last:  # a resumed run never goes back: say that nothing is left
+        asked = f" (--stop-at {stop_at})" if stop_at is not None and stop_at < tc.steps else ""
+        print(f"{run} is already at step {start} of {tc.steps}{asked}: nothing to train")
     bar = tqdm(range(start + 1, last + 1), desc=f"train {cfg.run.name}", initial=start,
                total=tc.steps, disable=not progress or rank != 0)  # fmt: skip
     for step in bar:
