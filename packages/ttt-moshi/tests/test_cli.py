@@ -52,9 +52,10 @@ def test_finetune_cli(tmp_path, capsys):
         ("max_norm: -1", "config key 'max_norm'"),
         ("optim: {lr_max: 1}", "'optim.lr_max': unknown key"),
         ("a: [", "is not valid YAML"),
+        ("ttt: {layers: [7]}", "config key 'ttt.layers': holds 7; the model has 3 layers"),
     ],
     ids=["lr-negative", "bool-string", "ckpt-negative", "batch-zero", "mini-batch-float",
-         "clip-negative", "unknown-key", "bad-yaml"],
+         "clip-negative", "unknown-key", "bad-yaml", "ttt-layer-out-of-range"],
 )  # fmt: skip
 def test_cli_bad_config_is_one_line(tmp_path, capsys, text, match):
     base = f"model: {{lm_kwargs: {json.dumps(TINY_KWARGS)}}}\nttt: {{layers: [1]}}\n"
@@ -102,3 +103,42 @@ def test_demo_runs_and_writes_summary(tmp_path):
     assert list(long["loss_by_context"]) == ["0-48", "48-96", "96-192"]
     assert sorted(map(int, long["resident_mb_at_step"])) == [48, 96, 192]  # JSON keys
     assert np.isfinite(long["slope_per_doubling_beyond_training_length"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--heads", "3"], "argument --heads: must divide --dim 64 into heads of an even size"),
+        (["--dim", "32", "--heads", "32"], "argument --heads: must divide --dim 32"),
+        (["--layers", "1", "--quick"], "argument --layers: must be >= 2, got 1"),
+        (["--long-factor", "0"], "argument --long-factor: must be >= 2, got 0"),
+        (["--seq-len", "1"], "argument --seq-len: must be >= 46 (the attention reach of 4 layers"),
+        (["--steps", "10"], "argument --steps: must be >= 11"),
+        (["--eval-windows", "1"], "argument --eval-windows: must be 0 (all) or >= 2"),
+        (["--lr", "0"], "argument --lr: must be > 0"),
+        (["--seq-len", "30000"], "argument --long-factor: --long-factor x --seq-len = 240000"),
+    ],
+    ids=["heads-not-dividing", "odd-head-dim", "one-layer", "long-factor-zero", "seq-len-short",
+         "steps-few", "one-eval-window", "lr-zero", "long-past-held-out"],
+)  # fmt: skip
+def test_demo_bad_arguments_exit_2_before_any_work(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        demo_main(["--out", str(tmp_path / "demo"), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ttt-moshi-demo: error: ") and message in err[-1], err
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_runs_at_the_smallest_accepted_sizes(tmp_path):
+    # 2 layers, --window 8: contexts 8 and 4, reach 7 + 3 = 10 steps, so --seq-len 12 is the minimum
+    demo_main([
+        "--out", str(tmp_path), "--steps", "11", "--seq-len", "12", "--window", "8", "--dim", "32",
+        "--layers", "2", "--batch-size", "2", "--eval-windows", "2", "--long-factor", "2",
+        "--long-sequences", "1", "--probe-windows", "2",
+    ])  # fmt: skip
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    ttt = summary["variants"]["moshi + TTT-Linear"]
+    assert ttt["attention_receptive_field"] == 10 and ttt["long_context"]["length"] == 24
+    assert np.isfinite(ttt["slope_per_doubling_beyond_receptive_field"])
+    assert (tmp_path / "long_context_loss.png").stat().st_size > 0  # smoothing wider than 24

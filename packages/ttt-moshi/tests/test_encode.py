@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import wave
 
@@ -63,18 +64,35 @@ def mimi_files(tmp_path):
     return weights, tmp_path / "mimi.json", cfg
 
 
-def test_encode_writes_shards_that_load_and_train(tmp_path, mimi_files, capsys):
+def _train_tokenizer(tmp_path) -> str:
+    """A small SentencePiece model (``tok.model``) knowing the test transcripts' words."""
+    import sentencepiece
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["hello there general kenobi", "the quick brown fox"] * 50))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "tok"), vocab_size=24,
+        minloglevel=2, user_defined_symbols=[],
+    )  # fmt: skip
+    return str(tmp_path / "tok.model")
+
+
+def test_encode_writes_shards_that_load_and_train(tmp_path, mimi_files, caplog):
     weights, cfg_path, cfg = mimi_files
     wavs = [tmp_path / f"a{i}.wav" for i in range(2)]
     for i, w in enumerate(wavs):
         _write_wav(w, _tone(3.3 + i, channels=1, seed=i))
     out = tmp_path / "train.npz"
-    cli_main([
-        "encode", *map(str, wavs), "--out", str(out), "--mimi-weights", str(weights),
-        "--mimi-config", str(cfg_path), "--num-codebooks", "2",
-    ])  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="ttt_moshi.encode"):
+        cli_main([
+            "encode", *map(str, wavs), "--out", str(out), "--mimi-weights", str(weights),
+            "--mimi-config", str(cfg_path), "--num-codebooks", "2",
+        ])  # fmt: skip
     codes = load_shard(out)  # (N, 1 + 2, T)
     assert codes.shape == (2, 3, math.ceil(3.3 * 12.5))  # the shorter file's frames (padded)
+    # the longer file is cut (54 -> 42 frames): one warning naming it and the seconds dropped
+    [cut] = [r.getMessage() for r in caplog.records]
+    assert "a1.wav" in cut and "12 frames = 0.96 s dropped" in cut and "a0.wav" in cut
     assert (codes[:, 0] == 3).all()  # no transcript: the text padding id
     mimi = load_mimi(weights, cfg, num_codebooks=2)
     from ttt_moshi.encode import read_wav
@@ -98,12 +116,7 @@ def test_stereo_and_transcript(tmp_path, mimi_files):
     import sentencepiece
 
     weights, _, cfg = mimi_files
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(["hello there general kenobi", "the quick brown fox"] * 50))
-    sentencepiece.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(tmp_path / "tok"), vocab_size=24,
-        minloglevel=2, user_defined_symbols=[],
-    )  # fmt: skip
+    _train_tokenizer(tmp_path)
     _write_wav(tmp_path / "s.wav", _tone(2.0, channels=2, seed=3))
     (tmp_path / "s.json").write_text(
         json.dumps(
@@ -148,3 +161,31 @@ def test_encode_errors_name_the_file(tmp_path, mimi_files, capsys):
         load_mimi(weights, json.loads(cfg_path.read_text()), num_codebooks=8)
     with pytest.raises(ValueError, match="alignments need a tokenizer"):
         text_stream(10, 12.5, 3, 0, [["a", [0, 1]]])
+
+
+def test_word_at_the_end_goes_to_the_last_frame_and_a_later_one_is_refused():
+    tokenize = lambda word: [5, 6]
+    # 0.8 s * 12.5 Hz = frame 10 of 10 (0..9): a rounded alignment at the end -> the last frame
+    text = text_stream(10, 12.5, 3, 0, [["end", [0.8, 0.85]]], tokenize)
+    np.testing.assert_array_equal(text, [3] * 8 + [0, 5])
+    late = r"alignments\[1\] \('late'\) starts at 0\.9 s, past the end of the audio \(10 frames"
+    with pytest.raises(ValueError, match=late):
+        text_stream(10, 12.5, 3, 0, [["a", [0.0, 0.1]], ["late", [0.9, 1.0]]], tokenize)
+
+
+def test_transcript_of_another_file_names_it(tmp_path, mimi_files, capsys):
+    weights, cfg_path, _ = mimi_files
+    _write_wav(tmp_path / "a.wav", _tone(1.0, 1, 0))  # 13 frames
+    (tmp_path / "a.json").write_text(
+        json.dumps({"alignments": [["hello", [0.2, 0.4]], ["there", [5.0, 5.3]]]})
+    )
+    with pytest.raises(SystemExit):
+        cli_main([
+            "encode", str(tmp_path / "a.wav"), "--out", str(tmp_path / "a.npz"),
+            "--mimi-weights", str(weights), "--mimi-config", str(cfg_path), "--num-codebooks", "2",
+            "--transcripts", str(tmp_path / "a.json"), "--tokenizer", _train_tokenizer(tmp_path),
+        ])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ttt-moshi encode: error: transcript '") and len(err.splitlines()) == 1
+    assert "a.json' of '" in err and "alignments[1] ('there') starts at 5 s" in err
+    assert "(13 frames = 1.04 s)" in err and not (tmp_path / "a.npz").exists()

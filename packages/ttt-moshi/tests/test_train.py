@@ -207,6 +207,15 @@ def test_run_dir_policy(config, tmp_path):
         Trainer(config.replace(run_dir=str(tmp_path / "new")), progress=False, resume=True)
 
 
+def test_ttt_layers_past_the_models_layers_name_the_key(config):
+    # ttt.layers [0, 2] against a given 2-layer model (the config's lm_kwargs say 3 layers)
+    out_of_range = r"'ttt\.layers': holds 2; the model has 2 layers \(indices 0\.\.1\)"
+    with pytest.raises(ValueError, match=out_of_range):
+        Trainer(config, lm=make_lm(num_layers=2), progress=False)
+    with pytest.raises(ValueError, match=r"'ttt\.layers': has duplicates: \[1, 1\]"):
+        FinetuneConfig.from_dict({**config.to_dict(), "ttt": {"layers": [1, 1]}})
+
+
 def test_ckpt_freq_keeps_newest_and_eval_freq_logs(config, tmp_path):
     shard = config.data.train_data
     cfg = config.replace(ckpt_freq=2, num_ckpt_keep=2, eval_freq=5)

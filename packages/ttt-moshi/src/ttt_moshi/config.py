@@ -108,6 +108,18 @@ class TTTSection:
     layers: list[int] = ranged(default_factory=list, min=0)  # noqa: RUF009 - layers with TTT
     config: dict[str, Any] = field(default_factory=dict)  # TTTConfig fields (see ttt_config)
 
+    def check_layers(self, num_layers: int) -> None:
+        """ConfigError naming ``ttt.layers`` unless it holds distinct indices of a model with
+        ``num_layers`` layers."""
+        for i in self.layers:
+            if i >= num_layers:
+                raise ConfigError(
+                    "ttt.layers",
+                    f"holds {i}; the model has {num_layers} layers (indices 0..{num_layers - 1})",
+                )
+        if len(set(self.layers)) != len(self.layers):
+            raise ConfigError("ttt.layers", f"has duplicates: {self.layers}")
+
     def ttt_config(self, dim: int, num_heads: int) -> TTTConfig:
         """The blocks' `TTTConfig` for a model of width ``dim`` with ``num_heads`` attention heads
         (see `ttt_block_config`); errors name ``ttt.config.<field>``."""
@@ -197,6 +209,8 @@ class FinetuneConfig:
                 "false leaves nothing to train: set ttt.layers, lora.enable or train_modules",
             )
         kw = self.model.lm_kwargs
+        if "num_layers" in kw:
+            self.ttt.check_layers(int(kw["num_layers"]))
         if "dim" in kw and "num_heads" in kw and self.ttt.layers:
             self.ttt.ttt_config(int(kw["dim"]), int(kw["num_heads"]))  # errors at load time
 

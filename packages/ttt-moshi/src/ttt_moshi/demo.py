@@ -60,6 +60,8 @@ DATA_SOURCE = (
     "PSF license), UTF-8 bytes as Moshi text tokens"
 )
 
+PCT_START = 0.1  # the learning rate's warm-up: this fraction of --steps
+
 
 def corpus_bytes() -> np.ndarray:
     """The help-topic texts, sorted by topic name, as uint8 tokens [N]."""
@@ -77,6 +79,66 @@ def lm_kwargs(dim: int, layers: int, heads: int) -> dict[str, Any]:
         gating="silu", norm="rms_norm_f32", positional_embedding="rope", max_period=10000,
         existing_text_padding_id=3,
     )  # fmt: skip
+
+
+def demo_ttt_layers(layers: int) -> list[int]:
+    """The layers the TTT variant converts: every second one from layer 1 (none with 1 layer)."""
+    return list(range(1, layers, 2))
+
+
+def attention_contexts(window: int, layers: int) -> list[int]:
+    """Each layer's attention window (both variants): ``window // 2`` on the TTT layers."""
+    ttt = demo_ttt_layers(layers)
+    return [window // 2 if i in ttt else window for i in range(layers)]
+
+
+def _at_least(minimum: int) -> Any:
+    """An argparse ``type``: an int >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The checks between arguments, before any work (``p.error``: exit status 2)."""
+    if args.dim % args.heads or (args.dim // args.heads) % 2:
+        p.error(
+            f"argument --heads: must divide --dim {args.dim} into heads of an even size "
+            f"(rotary embeddings), got {args.heads}"
+        )
+    if args.steps * PCT_START <= 1 or (1 - PCT_START) * args.steps <= 1:
+        p.error(
+            f"argument --steps: must be >= {int(1 / PCT_START) + 1} (the warm-up, "
+            f"{PCT_START:.0%} of the steps, needs more than one), got {args.steps}"
+        )
+    if args.eval_windows == 1:
+        p.error(
+            "argument --eval-windows: must be 0 (all) or >= 2 (the inner-loss control reads "
+            "another window), got 1"
+        )
+    if args.lr <= 0:
+        p.error(f"argument --lr: must be > 0, got {args.lr}")
+    reach = sum(c - 1 for c in attention_contexts(args.window, args.layers))
+    if args.seq_len < reach + 2:
+        p.error(
+            f"argument --seq-len: must be >= {reach + 2} (the attention reach of "
+            f"{args.layers} layers with --window {args.window}, {reach} steps, + 2: the loss is "
+            f"measured beyond it), got {args.seq_len}"
+        )
+    held = int(len(corpus_bytes()) * 0.2)
+    if args.long_factor * args.seq_len > held:
+        p.error(
+            f"argument --long-factor: --long-factor x --seq-len = {args.long_factor * args.seq_len}"
+            f" steps is longer than the held-out text ({held} bytes)"
+        )
 
 
 def _write_shards(
@@ -97,17 +159,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tokens = corpus_bytes()
     train_path, eval_path = _write_shards(out, tokens, args.seq_len, 0.2)
     kwargs = lm_kwargs(args.dim, args.layers, args.heads)
-    ttt_layers = list(range(1, args.layers, 2))
+    ttt_layers = demo_ttt_layers(args.layers)
     window = args.window
     base = {
         "data": {"train_data": [str(train_path)], "eval_data": [str(eval_path)]},
         "duration_sec": args.seq_len / 12.5, "batch_size": args.batch_size,
         "max_steps": args.steps, "max_norm": 1.0, "log_freq": 25, "seed": args.seed,
-        "optim": {"lr": args.lr, "weight_decay": 0.1, "pct_start": 0.1},
+        "optim": {"lr": args.lr, "weight_decay": 0.1, "pct_start": PCT_START},
         "model": {"lm_kwargs": kwargs},
         # every layer attends `window` steps; the TTT variant's TTT layers attend window // 2
-        "attention_context": {i: (window // 2 if i in ttt_layers else window)
-                              for i in range(args.layers)},
+        "attention_context": dict(enumerate(attention_contexts(window, args.layers))),
         "ttt_attention_context": None,
     }  # fmt: skip
     variants = {
@@ -403,26 +464,35 @@ def _differences_line(diffs: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="ttt-moshi-demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--window", type=int, default=16, help="attention window of non-TTT layers")
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--steps", type=_at_least(1), default=150)
+    p.add_argument("--batch-size", type=_at_least(1), default=8)
+    p.add_argument("--seq-len", type=_at_least(1), default=256, help="training window (bytes)")
+    p.add_argument(
+        "--window", type=_at_least(2), default=16, help="attention window of non-TTT layers"
+    )
+    p.add_argument("--dim", type=_at_least(2), default=64)
+    p.add_argument("--heads", type=_at_least(1), default=4, help="must divide --dim")
+    p.add_argument(
+        "--layers", type=_at_least(2), default=4, help="TTT on every second layer from layer 1"
+    )
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--eval-windows", type=int, default=0, help="held-out windows (0: all)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--long-factor", type=int, default=8, help="long-context eval: x seq-len")
-    p.add_argument("--long-sequences", type=int, default=4, help="long held-out sequences")
-    p.add_argument("--probe-windows", type=int, default=32, help="windows for gates/inner loss")
+    p.add_argument("--eval-windows", type=_at_least(0), default=0, help="held-out windows (0: all)")
+    p.add_argument("--threads", type=_at_least(1), default=1, help="torch intra-op threads")
+    p.add_argument("--seed", type=_at_least(0), default=0)
+    p.add_argument(
+        "--long-factor", type=_at_least(2), default=8, help="long-context eval: x seq-len"
+    )
+    p.add_argument("--long-sequences", type=_at_least(1), default=4, help="long held-out sequences")
+    p.add_argument(
+        "--probe-windows", type=_at_least(2), default=32, help="windows for gates/inner loss"
+    )
     p.add_argument("--quick", action="store_true", help="a few steps, to check the pipeline")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.eval_windows = 20, 8
+    _check_args(p, args)
     summary = run(args)
     for name, rec in summary["variants"].items():
         print(f"{name:28s} eval loss {rec['eval_loss_mean']:.4f} (inside window "

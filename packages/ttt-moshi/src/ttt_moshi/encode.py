@@ -14,12 +14,15 @@ The text stream without a transcript is the text padding id at every step. A tra
 in moshi-finetune's form, ``{"alignments": [[word, [start_s, end_s]], ...]}``, tokenized with a
 local SentencePiece model: a word's tokens are written from the frame of its start time on (later
 if the previous word's tokens still run), the frame before a word gets the end-of-padding id, and
-every other frame the padding id.
+every other frame the padding id. A word may start up to one frame past the last frame (alignments
+round): it goes to the last frame; a word starting later is an error (the transcript of another
+file?). Recordings cut to the shortest lose more than a frame: a warning names the file and seconds.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import wave
 from collections.abc import Sequence
@@ -36,6 +39,8 @@ from ttt_core.runfiles import reading
 from .data import save_shard
 
 __all__ = ["encode_wavs", "load_mimi", "read_wav", "text_stream"]
+
+log = logging.getLogger(__name__)
 
 
 def load_mimi(
@@ -82,7 +87,11 @@ def text_stream(
     alignments: Sequence[Sequence[Any]] = (),
     tokenize: Any = None,
 ) -> np.ndarray:
-    """The text codebook [num_frames] for word alignments ``[[word, [start_s, end_s]], ...]``."""
+    """The text codebook [num_frames] for word alignments ``[[word, [start_s, end_s]], ...]``.
+
+    A word starting in the frame just after the last (``num_frames``: a rounded alignment at the
+    audio's end) is written from the last frame; one starting later raises ValueError.
+    """
     out = np.full(num_frames, padding_id, dtype=np.int64)
     if alignments and tokenize is None:
         raise ValueError("alignments need a tokenizer")
@@ -95,7 +104,16 @@ def text_stream(
             raise ValueError(
                 f"alignments[{i}] must be [word, [start_s, end_s]], got {item!r}"
             ) from None
-        frame = max(int(start * frame_rate), free)
+        first = int(start * frame_rate)
+        if first >= num_frames:
+            if first > num_frames or num_frames == 0:
+                raise ValueError(
+                    f"alignments[{i}] ({str(word)!r}) starts at {start:g} s, past the end of the "
+                    f"audio ({num_frames} frames = {num_frames / frame_rate:g} s): is it the "
+                    "transcript of another file?"
+                )
+            first = num_frames - 1  # within one frame of the end: the last frame
+        frame = max(first, free)
         if free <= frame - 1 and out[frame - 1] == padding_id:  # a padding frame before it
             out[frame - 1] = end_padding_id
         for token in tokenize(str(word)):
@@ -156,14 +174,24 @@ def encode_wavs(
         if transcript is not None:
             with reading(transcript, "transcript"):
                 alignments = json.loads(Path(transcript).read_text(encoding="utf-8"))["alignments"]
-        text = text_stream(
-            T, mimi.frame_rate, padding_id, end_padding_id, alignments, tokenize
-        )  # (T,)
+        try:
+            text = text_stream(T, mimi.frame_rate, padding_id, end_padding_id, alignments, tokenize)
+        except ValueError as e:
+            raise ValueError(f"transcript {str(transcript)!r} of {str(wav)!r}: {e}") from None
         codes = np.concatenate([text[None], audio_codes.reshape(C * n, T).numpy()], axis=0)
         recordings.append(codes.astype(np.int64))
     if len({r.shape[0] for r in recordings}) != 1:
         raise ValueError("all wav files of one shard must have the same number of channels")
-    T = min(r.shape[1] for r in recordings)
+    lengths = [r.shape[1] for r in recordings]
+    T = min(lengths)
+    shortest = wavs[lengths.index(T)]
+    for wav, length in zip(wavs, lengths):
+        if length - T > 1:  # a frame or less: rounding of lengths that are the same
+            log.warning(
+                "encode: cut %r to the shortest recording of the shard (%r): %d frames = %.2f s "
+                "dropped (write one shard per file to keep every frame)",
+                str(wav), str(shortest), length - T, (length - T) / mimi.frame_rate,
+            )  # fmt: skip
     return save_shard(out, np.stack([r[:, :T] for r in recordings]))
 
 

@@ -157,7 +157,9 @@ def loss_slope(
 
 
 def smooth(curve: np.ndarray, width: int) -> np.ndarray:
-    """Centered moving average (edges use the available points)."""
+    """Centered moving average (edges use the available points); as long as ``curve`` (a width
+    past its length is cut to it)."""
+    width = min(width, len(curve))
     if width <= 1:
         return np.asarray(curve, dtype=np.float64)
     kernel = np.ones(width)

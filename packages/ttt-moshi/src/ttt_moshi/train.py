@@ -199,7 +199,9 @@ class Trainer:
     def _patch(self) -> None:
         """TTT blocks and attention windows, LoRA, parameter dtype, gradient checkpointing."""
         c = self.config
-        attn = transformer_of(self.lm).layers[0].self_attn
+        layers = transformer_of(self.lm).layers
+        c.ttt.check_layers(len(layers))  # the model's own count (lm given, or no lm_kwargs)
+        attn = layers[0].self_attn
         ttt = c.ttt.ttt_config(int(attn.embed_dim), int(attn.num_heads))
         patch_lm(
             self.lm,
