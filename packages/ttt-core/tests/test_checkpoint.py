@@ -94,5 +94,7 @@ def test_bad_checkpoint_group_size():
     x, w, ln, _ = make_inputs("linear", L=5)
     with pytest.raises(ValueError, match="checkpoint_group_size must be >= 1"):
         call("linear", x, w, ln, checkpoint_group_size=0)
-    with pytest.raises(ValueError, match="checkpoint_group_size must be an int"):
+    with pytest.raises(
+        ValueError, match=r"TTTConfig\.checkpoint_group_size must be a positive int"
+    ):
         TTTConfig(hidden_size=8, num_heads=2, checkpoint_group_size=1.5)

@@ -153,6 +153,15 @@ def test_mlp_shapes_are_named(lin):
             "learnable",
         ),
         (dict(hidden_size=0, num_heads=4), "hidden_size must be a positive int"),
+        # a YAML/CLI string would switch a feature on, whatever it says
+        (dict(hidden_size=32, num_heads=4, titans="false"), "TTTConfig.titans must be a bool"),
+        (dict(hidden_size=32, num_heads=4, causal=0), "TTTConfig.causal must be a bool"),
+        (dict(hidden_size=32, num_heads=4, head_dim=True), "head_dim must be a positive int"),
+        (dict(hidden_size=32, num_heads=4, head_dim=2.5), "head_dim must be a positive int"),
+        (dict(hidden_size=32, num_heads=4, mini_batch_size="16"), "mini_batch_size must be a"),
+        (dict(hidden_size=32, num_heads=4, base_lr=float("nan")), "base_lr must be a finite"),
+        (dict(hidden_size=32, num_heads=4, ln_eps=0.0), r"ln_eps must be > 0"),
+        (dict(hidden_size=32, num_heads=4, init_std=-1.0), r"init_std must be >= 0"),
     ],
 )
 def test_bad_config(kw, match):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .ops.common import RECONSTRUCTION_TARGETS
@@ -11,6 +12,9 @@ __all__ = ["TTTConfig"]
 INNER = ("linear", "mlp")
 GATES = ("none", "gelu", "tanh_alpha")
 TOKEN_SCALES = ("mean", "sum", "learnable")
+_BOOL_FIELDS = ("causal", "titans", "qk_l2_norm", "normalize_target", "target_norm_affine",
+                "output_residual", "bidirectional", "post_norm", "use_dual_form", "bias",
+                "check_finite_state")  # fmt: skip
 
 
 @dataclass
@@ -54,10 +58,28 @@ class TTTConfig:
     check_finite_state: bool = False
 
     def __post_init__(self) -> None:
+        """Every field checked by type and range; errors name the field (``TTTConfig.<name>``).
+        Bool fields take bools only (a YAML/CLI string "false" would otherwise switch one on)."""
         for name in ("hidden_size", "num_heads", "mlp_ratio"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TTTConfig.{name} must be a positive int, got {value!r}")
+            _check_count(name, getattr(self, name))
+        for name in ("head_dim", "mini_batch_size", "checkpoint_group_size"):
+            if getattr(self, name) is not None:
+                _check_count(name, getattr(self, name))
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TTTConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        _check_number("base_lr", self.base_lr, "> 0", lambda v: v > 0)
+        _check_number("ln_eps", self.ln_eps, "> 0", lambda v: v > 0)
+        _check_number("init_std", self.init_std, ">= 0", lambda v: v >= 0)
+        _check_number("gate_init", self.gate_init)
+        for name, choices in (("inner", INNER), ("gate", GATES), ("token_scale", TOKEN_SCALES),
+                              ("reconstruction_target", RECONSTRUCTION_TARGETS)):  # fmt: skip
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"TTTConfig.{name} must be one of {choices}, got {getattr(self, name)!r}"
+                )
+        if not isinstance(self.backend, str):
+            raise ValueError(f"TTTConfig.backend must be a backend name, got {self.backend!r}")
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise ValueError(
@@ -65,40 +87,30 @@ class TTTConfig:
                     f"num_heads={self.num_heads}; set head_dim explicitly"
                 )
             self.head_dim = self.hidden_size // self.num_heads
-        elif self.head_dim < 1:
-            raise ValueError(f"TTTConfig.head_dim must be >= 1, got {self.head_dim}")
-        if self.inner not in INNER:
-            raise ValueError(f"TTTConfig.inner must be one of {INNER}, got {self.inner!r}")
-        if self.gate not in GATES:
-            raise ValueError(f"TTTConfig.gate must be one of {GATES}, got {self.gate!r}")
-        if self.token_scale not in TOKEN_SCALES:
-            raise ValueError(
-                f"TTTConfig.token_scale must be one of {TOKEN_SCALES}, got {self.token_scale!r}"
-            )
-        if self.mini_batch_size is not None and self.mini_batch_size < 1:
-            raise ValueError(
-                f"TTTConfig.mini_batch_size must be >= 1 or None, got {self.mini_batch_size}"
-            )
         if self.token_scale == "learnable" and self.mini_batch_size is None:
             raise ValueError("TTTConfig.token_scale='learnable' needs a finite mini_batch_size")
         if self.titans and not self.causal:
             raise ValueError("TTTConfig.titans=True (momentum/decay) needs causal=True")
-        if self.reconstruction_target not in RECONSTRUCTION_TARGETS:
-            raise ValueError(
-                f"TTTConfig.reconstruction_target must be one of {RECONSTRUCTION_TARGETS}, "
-                f"got {self.reconstruction_target!r}"
-            )
         if self.target_norm_affine and not self.normalize_target:
             raise ValueError("TTTConfig.target_norm_affine=True needs normalize_target=True")
-        g = self.checkpoint_group_size
-        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
-            raise ValueError(
-                f"TTTConfig.checkpoint_group_size must be an int >= 1 or None, got {g!r}"
-            )
-        if self.base_lr <= 0:
-            raise ValueError(f"TTTConfig.base_lr must be > 0, got {self.base_lr}")
 
     @property
     def inner_width(self) -> int:
         """H * D, the width of the heads' concatenated output."""
         return self.num_heads * self.head_dim
+
+
+def _check_count(name: str, value) -> None:
+    """A positive int (not a bool), else ValueError naming ``TTTConfig.<name>``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"TTTConfig.{name} must be a positive int, got {value!r}")
+
+
+def _check_number(name: str, value, rule: str = "", ok=None) -> None:
+    """A finite int or float (not a bool) for which ``ok(value)`` holds (if given), else
+    ValueError naming ``TTTConfig.<name>`` and ``rule``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        what = f"a finite number {rule}".rstrip()
+        raise ValueError(f"TTTConfig.{name} must be {what}, got {value!r}")
+    if ok is not None and not ok(value):
+        raise ValueError(f"TTTConfig.{name} must be {rule}, got {value!r}")
