@@ -269,6 +269,90 @@ def test_unfused_pre_norms_take_the_ordinary_road(norm, fused_calls):
     assert fused_calls[0] == 0
 
 
+class _OffsetRMSNorm(torch.nn.RMSNorm):
+    """Gemma's RMS norm, ``* (1 + weight)``: an RMSNorm subclass whose forward is not RMSNorm's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.rms_norm(x, self.normalized_shape, None, self.eps) * (
+            1.0 + self.weight
+        )
+
+
+class _LoRALinear(torch.nn.Linear):
+    """A Linear subclass with a low-rank term added in its forward (what LoRA wrappers do)."""
+
+    def __init__(self, base: torch.nn.Linear) -> None:
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None)
+        self.load_state_dict(base.state_dict())
+        self.a = torch.nn.Parameter(0.3 * torch.randn(2, base.in_features))
+        self.b = torch.nn.Parameter(0.3 * torch.randn(base.out_features, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + x @ self.a.T @ self.b.T
+
+
+def _double_output(module, args, out):
+    return 2 * out
+
+
+def _lora_o_proj(layer):
+    torch.manual_seed(9)  # the same low-rank term on both layers
+    layer.o_proj = _LoRALinear(layer.o_proj)
+
+
+UNPLAIN = {  # (what is changed on both layers, the pre-norm): the layer step must decline
+    "o-proj-subclass": (_lora_o_proj, None),
+    "o-proj-hook": (lambda layer: layer.o_proj.register_forward_hook(_double_output), None),
+    "post-norm-hook": (lambda layer: layer.post_norm.register_forward_hook(_double_output), None),
+    "pre-norm-subclass": (lambda layer: None, lambda: _OffsetRMSNorm(C)),
+    "pre-norm-hook": (lambda layer: None, lambda: _hooked(torch.nn.RMSNorm(C))),
+    "rms-norm-params-hook": (lambda layer: None, lambda: _hooked(_AlphaRMSNorm(1e-6))),
+}
+
+
+def _hooked(module):
+    module.register_forward_hook(_double_output)
+    return module
+
+
+@pytest.mark.parametrize("case", list(UNPLAIN))
+def test_modules_the_step_would_not_call_take_the_ordinary_road(case, fused_calls):
+    """The layer step computes o_proj, post_norm and the pre-norm from their tensors: a subclass
+    (LoRA, Gemma's ``1 + w`` norm) or a forward hook would be skipped without a word. Such a
+    call is declined with the reason and runs the ordinary road: the same outputs as the
+    torch-backend twin changed alike."""
+    change, make_norm = UNPLAIN[case]
+    layer, twin, x = _layers(CASES["linear-sum-tanh"], torch.float32)
+    change(layer)
+    change(twin)
+    pre_norm = None if make_norm is None else make_norm()
+    with torch.no_grad():
+        reason = ttt_cuda.backend.cpp_backend.supports("ttt_layer_step", x[:, :1], layer=layer,
+                                                       pre_norm=pre_norm, residual=True)  # fmt: skip
+        assert reason is not None
+        st = st_ref = None
+        for i in range(6):
+            y, st = layer(x[:, i : i + 1], state=st, pre_norm=pre_norm, residual=True)
+            y_ref, st_ref = twin(x[:, i : i + 1], state=st_ref, pre_norm=pre_norm, residual=True)
+            torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
+    assert fused_calls[0] == 0
+
+
+def test_a_global_forward_hook_takes_the_ordinary_road(fused_calls):
+    """A global forward hook runs around every module call of the ordinary road: declined."""
+    layer, _, x = _layers(CASES["linear"], torch.float32)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.append(type(m).__name__)
+    )
+    try:
+        with torch.no_grad():
+            layer(x[:, :1])
+    finally:
+        handle.remove()
+    assert fused_calls[0] == 0 and "Linear" in seen  # o_proj ran as a module
+
+
 def test_layer_step_ignores_the_default_device(fused_calls):
     """The fused step's outputs live beside its inputs, not on torch's default device: a user who
     made another device the default ("meta" stands in for CUDA) still gets the CPU step's numbers

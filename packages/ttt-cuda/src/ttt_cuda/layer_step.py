@@ -12,7 +12,10 @@ does them all (``csrc/ttt_step_cpu.cpp``: ``ttt_layer_step_cpu``). For x [B, 1, 
 ttt-core's ``TTTLayer.forward`` asks for it (``backends.layer_step_backend``) on one streaming token
 and takes its ordinary road when it is refused: grad mode on (it has no autograd), a dtype other
 than fp32/fp64, autocast, an option it does not fuse (the gelu gate, q/k L2 norm, the normalised
-target), a fast model of the user's own, a pre-norm other than an RMS norm, a traced call.
+target), a fast model of the user's own, a pre-norm other than an RMS norm, a traced call, and an
+``o_proj``, ``post_norm`` or pre-norm that is a subclass (a LoRA linear, Gemma's ``1 + w`` norm)
+or has forward hooks: the step computes them from their tensors and would skip what their own
+forward adds (``in_proj`` is read as a weight on both roads).
 
 The pre-norm is fused when it is a ``torch.nn.RMSNorm`` over C, or a module that states its RMS
 norm for this x through ``rms_norm_params(x) -> (weight or None, eps)``, or None when it does not
@@ -42,7 +45,7 @@ def _tensors(layer, dtype: torch.dtype) -> dict[str, Tensor]:
     """The layer's tensors the fused step reads, by LayerStepParams field (``ttt_step_cpu.h``),
     contiguous in ``dtype`` (themselves when they already are); absent ones left out."""
     o_proj, post = layer.o_proj, layer.post_norm
-    post = post if isinstance(post, torch.nn.LayerNorm) else None
+    post = post if type(post) is torch.nn.LayerNorm else None
     tensors = {
         "in_w": layer.in_proj.weight,  # (3W + rH, C)
         "in_b": layer.in_bias,  # (3W,) or None
@@ -56,16 +59,29 @@ def _tensors(layer, dtype: torch.dtype) -> dict[str, Tensor]:
     return {n: _ready(t, dtype) for n, t in tensors.items() if t is not None}
 
 
+def _runs_as(module, cls: type) -> bool:
+    """Whether calling ``module`` computes what the layer step computes from its tensors: it is
+    exactly a ``cls`` (a subclass may override forward: a LoRA linear, a Gemma-style ``1 + w``
+    norm) and no forward hook runs around it (its own or a global one)."""
+    nn = torch.nn.modules.module
+    hooked = nn._global_forward_hooks or nn._global_forward_pre_hooks
+    return type(module) is cls and not (
+        hooked or module._forward_hooks or module._forward_pre_hooks
+    )
+
+
 def _rms_norm(pre_norm, x: Tensor) -> tuple[Tensor | None, float] | None:
     """(weight [C] or None, eps) of an RMS pre-norm the layer step computes for x, else None."""
     C = x.shape[-1]
-    if isinstance(pre_norm, torch.nn.RMSNorm):
+    if _runs_as(pre_norm, torch.nn.RMSNorm):
         if tuple(pre_norm.normalized_shape) != (C,):
             return None
         eps = pre_norm.eps if pre_norm.eps is not None else torch.finfo(x.dtype).eps
         return pre_norm.weight, float(eps)
     params = getattr(pre_norm, "rms_norm_params", None)
-    found = None if params is None else params(x)
+    if params is None or not _runs_as(pre_norm, type(pre_norm)):  # (a hook on it)
+        return None
+    found = params(x)
     if found is None or (found[0] is not None and found[0].numel() != C):
         return None
     return found[0], float(found[1])
@@ -95,10 +111,13 @@ def layer_step_unsupported_reason(x: Tensor, *, layer, pre_norm=None, **_: Any) 
     if type(layer.inner) not in (LinearLearner, MLPLearner):
         return f"the fast model {type(layer.inner).__name__} is not TTT-Linear or TTT-MLP"
     post = layer.post_norm
-    if not isinstance(post, torch.nn.Identity) and not (
-        isinstance(post, torch.nn.LayerNorm) and post.weight is not None
+    if not _runs_as(post, torch.nn.Identity) and not (
+        _runs_as(post, torch.nn.LayerNorm) and post.weight is not None
     ):
-        return "post_norm is neither an affine LayerNorm nor Identity"
+        return "post_norm is neither an affine LayerNorm nor Identity (or has forward hooks)"
+    if not _runs_as(layer.o_proj, torch.nn.Linear):
+        return (f"o_proj is a {type(layer.o_proj).__name__} or has forward hooks: the layer step "
+                "computes a plain torch.nn.Linear")  # fmt: skip
     if pre_norm is not None:
         norm = _rms_norm(pre_norm, x)
         if norm is None or (norm[0] is not None and norm[0].dtype != x.dtype):
