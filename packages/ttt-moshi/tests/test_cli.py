@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import TINY_KWARGS, random_codes
 
-from ttt_moshi import load_checkpoint, save_shard, ttt_layer_indices
+from ttt_moshi import cli, load_checkpoint, save_shard, ttt_layer_indices
 from ttt_moshi.demo import corpus_bytes
 from ttt_moshi.demo import main as demo_main
 from ttt_moshi.finetune import main as finetune_main
@@ -142,3 +142,16 @@ def test_demo_runs_at_the_smallest_accepted_sizes(tmp_path):
     assert ttt["attention_receptive_field"] == 10 and ttt["long_context"]["length"] == 24
     assert np.isfinite(ttt["slope_per_doubling_beyond_receptive_field"])
     assert (tmp_path / "long_context_loss.png").stat().st_size > 0  # smoothing wider than 24
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_top_level_help_exits_0_and_unknown_command_2(flag, capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main([flag])
+    assert (
+        done.value.code == 0
+        and "usage: ttt-moshi {encode,finetune,demo}" in capsys.readouterr().out
+    )
+    with pytest.raises(SystemExit) as done:
+        cli.main(["nonsense"])
+    assert done.value.code == 2 and "usage: ttt-moshi" in capsys.readouterr().err

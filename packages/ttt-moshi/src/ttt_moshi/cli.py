@@ -11,10 +11,16 @@ COMMANDS = {
 }
 
 
+USAGE = f"usage: ttt-moshi {{{','.join(COMMANDS)}}} [-h] ...  (ttt-moshi COMMAND -h: its options)"
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):  # asked for: the usage on stdout, status 0
+        print(f"{USAGE}\n\n{__doc__.strip()}")
+        raise SystemExit(0)
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: ttt-moshi {{{','.join(COMMANDS)}}} [-h] ...", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         raise SystemExit(2)
     import importlib
 
