@@ -16,7 +16,11 @@ import os
 from pathlib import Path
 
 import nox
-import tomllib  # Python >= 3.11 runs nox here
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (the packages allow it): nox itself depends on tomli
+    import tomli as tomllib
 
 nox.needs_version = ">=2024.3.2"
 nox.options.default_venv_backend = "virtualenv"
@@ -195,7 +199,8 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Side-by-side CPU benchmarks; JSON figures land in benchmarks/results/."""
+    """Side-by-side CPU benchmarks; JSON figures land in benchmarks/results/ (over the recorded
+    ones). ``nox -s bench -- moshi --threads 1``: one script with its own flags."""
     present = _install_present_packages(session)
     if "packages/ttt-titans" in present:
         session.install(
@@ -216,6 +221,16 @@ def bench(session: nox.Session) -> None:
         "packages/ttt-titans": "benchmarks/titans.py",
         "packages/ttt-moshi": "benchmarks/moshi.py",
     }
-    for p in present:
-        if (ROOT / scripts[p]).exists():
-            session.run("python", scripts[p], *session.posargs)
+    runnable = [scripts[p] for p in present if (ROOT / scripts[p]).exists()]
+    if not session.posargs:  # every script with its own defaults
+        for script in runnable:
+            session.run("python", script)
+        return
+    # `nox -s bench -- NAME [ARGS...]`: benchmarks/NAME.py alone with ARGS (the scripts' flags
+    # differ: one set of flags cannot go to all of them)
+    name, *args = session.posargs
+    script = f"benchmarks/{name.removesuffix('.py')}.py"
+    if script not in runnable:
+        session.error(f"nox -s bench -- NAME [ARGS...]: NAME is one of "
+                      f"{[Path(s).stem for s in runnable]}, got {name!r}")  # fmt: skip
+    session.run("python", script, *args)

@@ -11,7 +11,8 @@ TTT-MLP, 1 thread (2 threads are erratic on shared 2-core machines):
 
 Gradient checkpointing (``checkpoint_group_size``): forward+backward of the torch backend at B=2,
 H=4, D=64, b=16, L=8192, without it and with groups of G mini-batches, time and peak memory (the
-process's peak RSS increase over the inputs, each configuration in a fresh process).
+process's peak RSS increase over the inputs in one call after the timed ones, by Linux VmHWM
+reset before it; each configuration in a fresh process).
 
 Run: ``python benchmarks/core_cpu.py`` (writes benchmarks/results/core_cpu.json; ``--quick`` for a
 smoke run; ``--checkpoint-only`` for the checkpointing rows alone, written to
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from machine import machine_info, output_path
+from machine import machine_info, output_path, reset_peak_rss, rss_mib, trim_heap
 
 from ttt_core import ttt_linear, ttt_mlp
 
@@ -245,9 +246,12 @@ def measure_interleaved(fns, inputs, backward, repeat):
 
 
 def _checkpoint_child(kind, L, group, repeat, queue):
-    """One checkpointing configuration in a fresh process: (median seconds, peak RSS increase MB)."""
-    import resource
+    """One checkpointing configuration in a fresh process: (median seconds, peak RSS increase MB).
 
+    The peak is that of one more forward+backward after the timed ones (so the first call's one-time
+    costs, library pages and lazy initialisation, are left out): VmHWM, reset just before it
+    (``reset_peak_rss``), minus the RSS then. A lifetime high-water mark such as ``ru_maxrss``
+    would hide any peak below the process's earlier ones."""
     torch.set_num_threads(1)
     inputs = make(kind, 2, 4, L, 64)
     fn = ttt_linear if kind == "linear" else ttt_mlp
@@ -255,10 +259,13 @@ def _checkpoint_child(kind, L, group, repeat, queue):
     def run(x, eta, w, ln):
         return fn(*x, eta, *w.values(), *ln, mini_batch_size=16, checkpoint_group_size=group)[0]
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, a high-water mark
     sec = measure(run, inputs, True, repeat)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put((sec, (peak - base) / 1024))
+    once = timer(run, inputs, True)
+    trim_heap()
+    base = rss_mib("VmRSS")
+    reset_peak_rss()
+    once()
+    queue.put((sec, rss_mib("VmHWM") - base))
 
 
 def checkpoint_rows(L, groups, repeat):

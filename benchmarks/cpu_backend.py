@@ -16,8 +16,9 @@ process CPU time (which another process's load does not inflate for a 1-thread c
 FLOPs: the matmul FLOPs of the same call in ttt-core's torch backend, counted by
 ``torch.utils.flop_counter.FlopCounterMode`` (an independent count of the dual form's work; the
 fused path does the same products). Peak: one core's fp32 FLOP/s as reached by a large GEMM
-(``torch.mm`` of 2048 x 2048 fp32, 1 thread, best of 5 by process CPU time), so "fraction of peak" is against what
-the machine's BLAS reaches on one core.
+(``torch.mm`` of 2048 x 2048 fp32, 512 x 512 with ``--quick``; 1 thread, best of 5 by process CPU
+time; the JSON's ``peak_method`` says what was run), so "fraction of peak" is against what the
+machine's BLAS reaches on one core.
 
 Run: ``python benchmarks/cpu_backend.py`` (writes benchmarks/results/cpu_backend.json; ``--quick``
 for a smoke run, written under benchmarks/results/quick/).
@@ -40,11 +41,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from ttt_core import ttt_linear, ttt_linear_step, ttt_mlp
 
 
-def gemm_peak(n: int = 2048) -> float:
-    """FLOP/s of one fp32 n x n GEMM on one thread, by process CPU time (best of 5)."""
+def gemm_peak(n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of one fp32 n x n GEMM on one thread, by process CPU time (best of ``reps``)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     best = float("inf")
-    for _ in range(6):
+    for _ in range(reps):
         t = time.process_time()
         torch.mm(a, b)
         best = min(best, time.process_time() - t)
@@ -146,7 +147,8 @@ def main() -> None:
     B, H, L, D, b = (2, 4, 256, 32, 16) if args.quick else (2, 4, 2048, 64, 16)
     repeats = 2 if args.quick else args.repeats
     load_start = os.getloadavg()  # the shared machine's load (1, 5, 15 min), kept in the JSON
-    peak = gemm_peak(512 if args.quick else 2048)
+    peak_n, peak_reps = (512 if args.quick else 2048), 5
+    peak = gemm_peak(peak_n, peak_reps)
     print(f"one-core fp32 GEMM peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
     results: dict = {}
     for op, backward in (("linear", True), ("linear", False), ("mlp", True), ("titans", True)):
@@ -217,7 +219,8 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "shape": {"B": B, "H": H, "L": L, "D": D, "mini_batch_size": b, "mlp_F": 4 * D},
         "peak_gflop_per_s": peak / 1e9,
-        "peak_method": "torch.mm fp32 2048x2048, 1 thread, best of 5 by process CPU time",
+        "peak_method": f"torch.mm fp32 {peak_n}x{peak_n}, 1 thread, best of {peak_reps} by process"
+        " CPU time",
         "flop_method": "torch.utils.flop_counter on ttt-core's torch backend, same call",
         "repeats": repeats,
         "results": results,

@@ -9,8 +9,9 @@ GPU-only: on a machine without CUDA (or a ttt-cuda built without nvcc) it prints
     python benchmarks/cuda.py --ops mlp       # only TTT-MLP (F = 4D = 256)
     python benchmarks/cuda.py --deadline-s 200 --out DIR/cuda.json   # what tools/gpu_check.sh runs
 
-Writes ``benchmarks/results/cuda_<device>.json`` (or ``--out``): the machine, the exact command,
-the GPU's peaks (measured in this run: device-to-device copy and an 8192^3 bf16 matmul; and the
+Writes ``benchmarks/results/cuda_<device>.json`` (with ``--quick``, a smoke run:
+``benchmarks/results/quick/cuda_<device>.json``; or ``--out``): the machine, the exact command, the
+GPU's peaks (measured in this run: device-to-device copy and an 8192^3 bf16 matmul; and the
 datasheet's, by device name), and per (op, L, impl) forward and forward+backward milliseconds with
 achieved GB/s and TFLOP/s and their share of both peaks. The file is rewritten after every row, and
 the compiled torch backend (slow to compile) runs last, so a run stopped by its time limit keeps

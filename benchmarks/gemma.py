@@ -35,17 +35,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import gc
 import json
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
-from machine import machine_info, output_path
+from machine import machine_info, output_path, reset_peak_rss, rss_mib, trim_heap
 from tqdm.auto import tqdm
 
 from ttt_core.runfiles import atomic_write_text
@@ -57,37 +54,13 @@ from ttt_gemma import (
 )
 
 
-def _rss_mb(field: str) -> float:
-    """VmRSS / VmHWM of this process in MiB (Linux); NaN elsewhere."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-def _reset_peak() -> None:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def _trim() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc), so RSS deltas are tight."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def _timed(fn, warmup: int, reps: int, desc: str) -> tuple[list[float], float]:
     """Run fn warmup + reps times; return the timed durations and the peak RSS increase (MiB)
     over the level before the first call (so a training step's peak includes the gradients and
     the AdamW state that the first step allocates, and the activations)."""
-    _trim()
-    base = _rss_mb("VmRSS")
-    _reset_peak()
+    trim_heap()
+    base = rss_mib("VmRSS")
+    reset_peak_rss()
     for _ in range(warmup):
         fn()
     times = []
@@ -95,7 +68,7 @@ def _timed(fn, warmup: int, reps: int, desc: str) -> tuple[list[float], float]:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return times, _rss_mb("VmHWM") - base
+    return times, rss_mib("VmHWM") - base
 
 
 # the TTT branches timed against the base expert: name -> TTTOptions changes (None: no TTT)
@@ -224,7 +197,7 @@ def timing_phase(cfgs: dict, prefix, actions, noise, args) -> tuple[dict, list[f
             donor = FlowMatchingPolicy(cfg)
             branches[name] = [layer.ttt for layer in donor.expert.layers]
             del donor
-            _trim()
+            trim_heap()
         else:
             branches[name] = None
     params = list(host.parameters())
@@ -333,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for name, cfg in cfgs.items():
         results[name] = memory_phase(cfg, prefix, actions, noise)
-        _trim()  # the variant's model and optimiser are gone before the next one
+        trim_heap()  # the variant's model and optimiser are gone before the next one
     timings, loads = timing_phase(cfgs, prefix, actions, noise, args)
     for name, t in timings.items():
         results[name].update(t)

@@ -1,8 +1,11 @@
-"""What every benchmark records about the machine it ran on, and where it writes its JSON (shared
-by the scripts here)."""
+"""What every benchmark records about the machine it ran on, where it writes its JSON, and how it
+reads the process's resident memory (shared by the scripts here)."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -53,3 +56,30 @@ def write_json(out: Path, doc: dict) -> None:
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, out)
     print(f"wrote {out}")
+
+
+def rss_mib(field: str = "VmRSS") -> float:
+    """``field`` of /proc/self/status in MiB: VmRSS (resident now) or VmHWM (the peak since the
+    process started or since the last ``reset_peak_rss``); NaN where there is no /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs), so that
+    ``rss_mib("VmHWM")`` is the peak from here on; a no-op where that is not possible.
+    (``getrusage``'s ``ru_maxrss`` is the same peak but can never be reset.)"""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def trim_heap() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc), so RSS deltas are tight."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

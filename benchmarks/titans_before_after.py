@@ -114,10 +114,12 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="3 rounds, to check the script")
     p.add_argument("--out", default=None, help="JSON path (default: see output_path)")
     a = p.parse_args()
+    if a.label in ("after", "titans_pytorch"):
+        p.error(f"--label {a.label!r}: that name is taken by another variant; choose another")
     torch.set_num_threads(a.threads)
     before = load_ttt_core(a.before)
     after = load_ttt_core(NOW)  # ttt_titans (imported below) binds this checkout's ttt_core
-    trees = {f"{a.label}": before, "after": after}
+    trees = {a.label: before, "after": after}
     shapes = SHAPES if a.only is None else [SHAPES[a.only]]
     t0, load_start = time.perf_counter(), os.getloadavg()
     rows = []
