@@ -168,8 +168,9 @@ def _losses(history):
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(config, tmp_path):
-    """Stop after 4 steps, resume in a new Trainer: the next losses, the final weights and the
-    metrics log are those of one uninterrupted run (optimizer, schedule, RNG, data position)."""
+    """Stop after 4 steps, move the run folder, resume in a new Trainer: the next losses, the final
+    weights and the metrics log are those of one uninterrupted run (optimizer, schedule, RNG, data
+    position)."""
     whole = Trainer(config.replace(run_dir=str(tmp_path / "whole")), progress=False)
     whole.fit()
     cut = config.replace(run_dir=str(tmp_path / "cut"))
@@ -178,7 +179,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(config, tmp_path):
     assert (first.run_dir / "step000004.pt").exists() and not (first.run_dir / "final.pt").exists()
     with (first.run_dir / "metrics.jsonl").open("a") as f:
         f.write('{"step": 4, "loss": 9.0}\n{"step": 5, "lo')  # a step past the checkpoint + torn
-    second = Trainer(cut, progress=False, resume=True)
+    moved = first.run_dir.rename(tmp_path / "moved")  # a run folder may move: run_dir may change
+    second = Trainer(cut.replace(run_dir=str(moved)), progress=False, resume=True)
     assert second.step == 4
     second.fit()
     assert _losses(second.history) == _losses(whole.history)[4:]  # bit for bit

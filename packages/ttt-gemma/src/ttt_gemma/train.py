@@ -21,6 +21,7 @@ starts it again without a flag.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -217,8 +218,10 @@ def save_run(run: Path, model, optimizer, scheduler, batches: Batches, step: int
 
 
 def _check_resume_config(run: Path, cfg: TrainRunConfig) -> None:
-    """``--resume`` continues the run's own config; a different ``--config`` is refused."""
+    """``--resume`` continues the run's own config; a different ``--config`` is refused. Where the
+    run folder is (``run.root``, ``run.name``) may change: a run moved or renamed resumes."""
     saved = config_from_yaml_text((run / "config.yaml").read_text(), str(run / "config.yaml"))
+    saved = dataclasses.replace(saved, run=cfg.run)
     if saved != cfg:
         mine, theirs = config_to_yaml(cfg).splitlines(), config_to_yaml(saved).splitlines()
         diff = [a.strip() for a, b in zip(mine, theirs) if a != b][:5]

@@ -63,10 +63,11 @@ __all__ = ["RESUMABLE_KEYS", "Trainer", "TrainingDiverged", "latest_checkpoint"]
 
 log = logging.getLogger("ttt_moshi.train")
 
-# config keys a resumed run may change; any other difference from the run's config is refused
+# config keys a resumed run may change (run_dir: a run moved or renamed resumes from where it is
+# now); any other difference from the run's config is refused
 RESUMABLE_KEYS = frozenset(
     {"log_freq", "eval_freq", "eval_batches", "ckpt_freq", "num_ckpt_keep", "max_bad_steps"}
-    | {"overwrite_run_dir", "data.eval_data"}
+    | {"overwrite_run_dir", "data.eval_data", "run_dir"}
 )
 _STEP_FILE = re.compile(r"step(\d+)\.pt")
 
