@@ -189,3 +189,17 @@ def test_transcript_of_another_file_names_it(tmp_path, mimi_files, capsys):
     assert err.startswith("ttt-moshi encode: error: transcript '") and len(err.splitlines()) == 1
     assert "a.json' of '" in err and "alignments[1] ('there') starts at 5 s" in err
     assert "(13 frames = 1.04 s)" in err and not (tmp_path / "a.npz").exists()
+
+
+def test_transcript_without_alignments_names_it(tmp_path, mimi_files, capsys):
+    weights, cfg_path, _ = mimi_files
+    _write_wav(tmp_path / "a.wav", _tone(1.0, 1, 0))
+    (tmp_path / "a.json").write_text(json.dumps({"words": []}))  # not moshi-finetune's form
+    with pytest.raises(SystemExit):
+        cli_main([
+            "encode", str(tmp_path / "a.wav"), "--out", str(tmp_path / "a.npz"),
+            "--mimi-weights", str(weights), "--mimi-config", str(cfg_path), "--num-codebooks", "2",
+            "--transcripts", str(tmp_path / "a.json"), "--tokenizer", _train_tokenizer(tmp_path),
+        ])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "a.json' of '" in err and '{"alignments":' in err

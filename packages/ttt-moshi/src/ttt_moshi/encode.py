@@ -173,7 +173,11 @@ def encode_wavs(
         alignments = []
         if transcript is not None:
             with reading(transcript, "transcript"):
-                alignments = json.loads(Path(transcript).read_text(encoding="utf-8"))["alignments"]
+                data = json.loads(Path(transcript).read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or not isinstance(data.get("alignments"), list):
+                raise ValueError(f"transcript {str(transcript)!r} of {str(wav)!r} must be a JSON "
+                                 'object {"alignments": [[word, [start_s, end_s]], ...]}')  # fmt: skip
+            alignments = data["alignments"]
         try:
             text = text_stream(T, mimi.frame_rate, padding_id, end_padding_id, alignments, tokenize)
         except ValueError as e:
