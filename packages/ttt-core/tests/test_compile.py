@@ -13,6 +13,20 @@ SCRIPT = textwrap.dedent(
     import torch
     from ttt_core import TTTConfig, TTTLayer
 
+
+    def check_whole_sequence(comp, layer, x):
+        \"\"\"comp(x) (compiled first, before any eager call of this layer) equals layer(x),
+        outputs and every parameter's gradient; returns the eager output.\"\"\"
+        y, _ = comp(x)
+        g = torch.autograd.grad(y.square().sum(), list(layer.parameters()))
+        y_ref, _ = layer(x)
+        g_ref = torch.autograd.grad(y_ref.square().sum(), list(layer.parameters()))
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(g, g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        return y_ref
+
+
     # the streaming step specializes on the state's in-mini-batch offset: one graph per offset
     torch._dynamo.config.recompile_limit = 32
     torch.manual_seed(0)
@@ -20,13 +34,7 @@ SCRIPT = textwrap.dedent(
         layer = TTTLayer(TTTConfig(hidden_size=15, num_heads=3, mini_batch_size=4, **cfg))
         x = torch.randn(2, 6, 15)
         comp = torch.compile(layer, backend="aot_eager", fullgraph=True)
-        y, _ = comp(x)  # compiled first, before any eager call in this process
-        g = torch.autograd.grad(y.square().sum(), list(layer.parameters()))
-        y_ref, _ = layer(x)
-        g_ref = torch.autograd.grad(y_ref.square().sum(), list(layer.parameters()))
-        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-        for a, b in zip(g, g_ref):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        y_ref = check_whole_sequence(comp, layer, x)
         outs, state = [], None
         for t in range(6):
             yt, state = comp(x[:, t : t + 1], state)
@@ -37,14 +45,7 @@ SCRIPT = textwrap.dedent(
     # fullgraph the compiled layer equals eager, forward and backward
     layer = TTTLayer(TTTConfig(hidden_size=15, num_heads=3, mini_batch_size=4,
                                checkpoint_group_size=1))  # fmt: skip
-    x = torch.randn(2, 9, 15)
-    y, _ = torch.compile(layer, backend="aot_eager")(x)
-    g = torch.autograd.grad(y.square().sum(), list(layer.parameters()))
-    y_ref, _ = layer(x)
-    g_ref = torch.autograd.grad(y_ref.square().sum(), list(layer.parameters()))
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    for a, b in zip(g, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    check_whole_sequence(torch.compile(layer, backend="aot_eager"), layer, torch.randn(2, 9, 15))
     print("ok")
     """
 )

@@ -19,6 +19,7 @@ import torch
 from ttt_core.runfiles import (
     RUN_MARKER,
     append_jsonl,
+    atomic_path,
     atomic_save,
     atomic_write_text,
     prepare_run_dir,
@@ -149,6 +150,20 @@ def test_atomic_writes_remove_the_temp_file_on_error(tmp_path):
         atomic_save({"f": lambda x: x}, path)  # not picklable: fails mid-write
     assert path.read_text() == "old"
     assert _tmp_files(tmp_path) == []
+
+
+def test_atomic_path_for_a_writer_that_takes_a_file_name(tmp_path):
+    """atomic_path: the block writes the temp file by name; the target appears whole at the end,
+    and an error inside the block leaves the old target and no temp file."""
+    path = tmp_path / "w.bin"
+    with atomic_path(path) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.endswith(".tmp") and not path.exists()
+        tmp.write_bytes(b"new")
+    assert path.read_bytes() == b"new" and _tmp_files(tmp_path) == []
+    with pytest.raises(ValueError, match="writer failed"), atomic_path(path) as tmp:
+        tmp.write_bytes(b"half")
+        raise ValueError("writer failed")
+    assert path.read_bytes() == b"new" and _tmp_files(tmp_path) == []
 
 
 def test_kill_during_a_write_leaves_a_tmp_that_is_swept(tmp_path):

@@ -173,6 +173,16 @@ def test_word_at_the_end_goes_to_the_last_frame_and_a_later_one_is_refused():
         text_stream(10, 12.5, 3, 0, [["a", [0.0, 0.1]], ["late", [0.9, 1.0]]], tokenize)
 
 
+def _encode_with_transcript(tmp_path, weights, cfg_path):
+    """``ttt-moshi encode a.wav --transcripts a.json`` in tmp_path (2 codebooks, a fresh
+    tokenizer)."""
+    cli_main([
+        "encode", str(tmp_path / "a.wav"), "--out", str(tmp_path / "a.npz"),
+        "--mimi-weights", str(weights), "--mimi-config", str(cfg_path), "--num-codebooks", "2",
+        "--transcripts", str(tmp_path / "a.json"), "--tokenizer", _train_tokenizer(tmp_path),
+    ])  # fmt: skip
+
+
 def test_transcript_of_another_file_names_it(tmp_path, mimi_files, capsys):
     weights, cfg_path, _ = mimi_files
     _write_wav(tmp_path / "a.wav", _tone(1.0, 1, 0))  # 13 frames
@@ -180,11 +190,7 @@ def test_transcript_of_another_file_names_it(tmp_path, mimi_files, capsys):
         json.dumps({"alignments": [["hello", [0.2, 0.4]], ["there", [5.0, 5.3]]]})
     )
     with pytest.raises(SystemExit):
-        cli_main([
-            "encode", str(tmp_path / "a.wav"), "--out", str(tmp_path / "a.npz"),
-            "--mimi-weights", str(weights), "--mimi-config", str(cfg_path), "--num-codebooks", "2",
-            "--transcripts", str(tmp_path / "a.json"), "--tokenizer", _train_tokenizer(tmp_path),
-        ])  # fmt: skip
+        _encode_with_transcript(tmp_path, weights, cfg_path)
     err = capsys.readouterr().err.strip()
     assert err.startswith("ttt-moshi encode: error: transcript '") and len(err.splitlines()) == 1
     assert "a.json' of '" in err and "alignments[1] ('there') starts at 5 s" in err
@@ -196,10 +202,6 @@ def test_transcript_without_alignments_names_it(tmp_path, mimi_files, capsys):
     _write_wav(tmp_path / "a.wav", _tone(1.0, 1, 0))
     (tmp_path / "a.json").write_text(json.dumps({"words": []}))  # not moshi-finetune's form
     with pytest.raises(SystemExit):
-        cli_main([
-            "encode", str(tmp_path / "a.wav"), "--out", str(tmp_path / "a.npz"),
-            "--mimi-weights", str(weights), "--mimi-config", str(cfg_path), "--num-codebooks", "2",
-            "--transcripts", str(tmp_path / "a.json"), "--tokenizer", _train_tokenizer(tmp_path),
-        ])  # fmt: skip
+        _encode_with_transcript(tmp_path, weights, cfg_path)
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "a.json' of '" in err and '{"alignments":' in err

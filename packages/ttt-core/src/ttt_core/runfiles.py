@@ -43,6 +43,7 @@ __all__ = [
     "RUN_MARKER",
     "TMP_SUFFIX",
     "append_jsonl",
+    "atomic_path",
     "atomic_save",
     "atomic_write_text",
     "prepare_run_dir",
@@ -59,14 +60,19 @@ SAFE_CLASSES: tuple[type, ...] = (TTTState,)  # ttt-core's own classes a checkpo
 
 # ------------------------------------------------------------------------------- atomic writes
 @contextlib.contextmanager
-def _atomic_open(path: Path, mode: str) -> Iterator[IO[Any]]:
-    """Yield a temp file beside ``path``; on success fsync it and ``os.replace`` it onto ``path``."""
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temp file beside ``path`` (``.<name>.<random>.tmp``) for a writer that takes a file name
+    (e.g. safetensors' ``save_file``): when the block ends, the file is fsynced and
+    ``os.replace``-d onto ``path`` and the folder fsynced, so readers see the old file or the
+    whole new one; on any error (a full disk included) it is removed and ``path`` left untouched.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as fh:
-            yield fh
-            fh.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -74,6 +80,13 @@ def _atomic_open(path: Path, mode: str) -> Iterator[IO[Any]]:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def _atomic_open(path: Path, mode: str) -> Iterator[IO[Any]]:
+    """Yield the file of :func:`atomic_path`, open in ``mode``."""
+    with atomic_path(path) as tmp, open(tmp, mode) as fh:
+        yield fh
 
 
 def _fsync_dir(folder: Path) -> None:

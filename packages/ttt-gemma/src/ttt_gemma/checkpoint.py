@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ttt_core.runfiles import TMP_SUFFIX
+from ttt_core.runfiles import atomic_path
 
 NAMINGS = ("openpi", "lerobot")
 _EXPERT = "paligemma_with_expert.gemma_expert."
@@ -248,37 +247,10 @@ def _check_then_copy(
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict | None = None) -> None:
-    """``save_file`` to a temp file beside ``path``, fsync it, ``os.replace`` it onto ``path`` and
-    fsync the folder, as ``ttt_core.runfiles.atomic_save`` does for ``torch.save`` (which has no
-    variant for a file another library writes): readers see the old file or the whole new one, and
-    the temp file is removed on any error."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    os.close(fd)
-    try:
+    """``save_file`` through ``ttt_core.runfiles.atomic_path``: readers see the old file or the
+    whole new one (temp file fsynced, renamed, folder fsynced; removed on any error)."""
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable (POSIX); a no-op where a folder cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_pi05(policy: torch.nn.Module, path: str | os.PathLike, naming: str = "openpi") -> None:
