@@ -63,8 +63,8 @@ def _runs_as(module, cls: type) -> bool:
     """Whether calling ``module`` computes what the layer step computes from its tensors: it is
     exactly a ``cls`` (a subclass may override forward: a LoRA linear, a Gemma-style ``1 + w``
     norm) and no forward hook runs around it (its own or a global one)."""
-    nn = torch.nn.modules.module
-    hooked = nn._global_forward_hooks or nn._global_forward_pre_hooks
+    module_py = torch.nn.modules.module  # where torch keeps the global hooks
+    hooked = module_py._global_forward_hooks or module_py._global_forward_pre_hooks
     return type(module) is cls and not (
         hooked or module._forward_hooks or module._forward_pre_hooks
     )
