@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ttt_cuda._ext import extension
+from ttt_cuda.common import acc_dtype
 
 __all__ = ["check_contract", "first_order_only", "launch", "num_segments", "params", "rowmajor"]
 
@@ -73,10 +74,10 @@ def check_contract(
                         f"{q.dtype}")  # fmt: skip
     B, H, L, D = q.shape
     sizes = {"B": B, "H": H, "L": L, "D": D, **dims}
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     acc_rule = "the accumulation dtype: fp64 for fp64 q, else fp32"
     expected = {name: (t, "B H L D", q.dtype, "q's dtype") for name, t in token.items()}
-    expected.update({name: (t, shape, acc_dtype, acc_rule) for name, (t, shape) in acc.items()})
+    expected.update({name: (t, shape, acc_dtype(q.dtype), acc_rule)
+                     for name, (t, shape) in acc.items()})  # fmt: skip
     for name, (t, shape, dtype, rule) in expected.items():
         if t is None:
             continue
