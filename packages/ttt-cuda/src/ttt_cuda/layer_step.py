@@ -62,12 +62,15 @@ def _tensors(layer, dtype: torch.dtype) -> dict[str, Tensor]:
 def _runs_as(module, cls: type) -> bool:
     """Whether calling ``module`` computes what the layer step computes from its tensors: it is
     exactly a ``cls`` (a subclass may override forward: a LoRA linear, a Gemma-style ``1 + w``
-    norm) and no forward hook runs around it (its own or a global one)."""
+    norm) and has no forward hook of its own (global hooks: :func:`_global_forward_hooks`)."""
+    return type(module) is cls and not (module._forward_hooks or module._forward_pre_hooks)
+
+
+def _global_forward_hooks() -> bool:
+    """Whether a global forward hook is registered: it runs around every module call of the
+    ordinary road (o_proj, post_norm, the pre-norm), which the layer step does not make."""
     module_py = torch.nn.modules.module  # where torch keeps the global hooks
-    hooked = module_py._global_forward_hooks or module_py._global_forward_pre_hooks
-    return type(module) is cls and not (
-        hooked or module._forward_hooks or module._forward_pre_hooks
-    )
+    return bool(module_py._global_forward_hooks or module_py._global_forward_pre_hooks)
 
 
 def _rms_norm(pre_norm, x: Tensor) -> tuple[Tensor | None, float] | None:
@@ -110,6 +113,8 @@ def layer_step_unsupported_reason(x: Tensor, *, layer, pre_norm=None, **_: Any) 
         return f"{', '.join(unfused)} not fused in the layer step"
     if type(layer.inner) not in (LinearLearner, MLPLearner):
         return f"the fast model {type(layer.inner).__name__} is not TTT-Linear or TTT-MLP"
+    if _global_forward_hooks():
+        return "a global forward hook is registered: the ordinary road runs it around each module"
     post = layer.post_norm
     if not _runs_as(post, torch.nn.Identity) and not (
         _runs_as(post, torch.nn.LayerNorm) and post.weight is not None
