@@ -32,6 +32,9 @@ int64_t titans_mlp_workspace_elems(int D, int F, int mini_batch_size, bool backw
 }
 
 int titans_mlp_num_blocks(int L, int mini_batch_size, int offset, bool unbounded) {
+  if (mini_batch_size < 1 || offset < 0 || offset >= mini_batch_size)  // the count divides by it
+    throw std::invalid_argument(
+        "ttt titans_mlp (cpu): mini_batch_size must be >= 1 and offset in [0, mini_batch_size)");
   LinearParams p;
   p.L = L, p.mini_batch_size = mini_batch_size, p.offset = offset, p.unbounded = unbounded;
   return titans_mlp_count_blocks(p);

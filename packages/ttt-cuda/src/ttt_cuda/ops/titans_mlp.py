@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ttt_cuda._ext import extension
-from ttt_cuda.ops.launch import check_contract, first_order_only, launch, num_segments, rowmajor
+from ttt_cuda.ops.launch import check_contract, first_order_only, launch, rowmajor
 from ttt_cuda.ops.titans import titans_params
 
 __all__ = ["titans_mlp_bwd", "titans_mlp_fwd"]
@@ -74,7 +74,6 @@ BwdOut = tuple[(Tensor,) * 20]
 
 def num_blocks(L: int, mini_batch_size: int, offset: int, unbounded: bool) -> int:
     """Blocks of a call: the C++ chain's rule (``titans_mlp_num_blocks``)."""
-    num_segments(L, mini_batch_size, offset)  # raises first on a mini_batch_size the C++ divides by
     return extension().titans_mlp_num_blocks(L, mini_batch_size, offset, unbounded)
 
 
